@@ -1,0 +1,5 @@
+import sys
+
+from treeopt.cli import main
+
+sys.exit(main())
