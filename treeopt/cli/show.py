@@ -1,0 +1,74 @@
+"""``treeopt show``: summarise a tree, print it in other tools' formats, or draw it.
+
+The tree is a growmap file (.pt from treeopt or Sequoia, or .json) or any shape spec
+(chain:8, kary:2x3, chains:4x5, specinfer:1,1,3,1, mc_sim_7b_63, greedy:64 with --profile, ...).
+Always prints one summary line (size, depth, width, leaves, and F = expected tokens per step
+when a profile is given).
+
+examples:
+  treeopt show growmaps/best.pt --profile profiles/sequoia-reference.json --out tree.png
+  treeopt show mc_sim_7b_63 --format parents
+  treeopt show growmaps/best.pt --format choices      # paste into Medusa/EAGLE configs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from treeopt.cli import UserError
+
+FORMATS = ("summary", "choices", "parents", "paths", "successors")
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "show", help="summarise, print or draw a tree (growmap file or shape spec)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("tree", metavar="GROWMAP",
+                        help="growmap file (.pt/.json) or shape spec such as chain:8")
+    parser.add_argument("--out", metavar="PATH",
+                        help="draw the tree to PATH: .png, .svg, .pdf, or .dot (graphviz text)")
+    parser.add_argument("--profile", metavar="PROFILE",
+                        help="acceptance profile (.json or Sequoia .pt): adds F to the summary "
+                             "and colours nodes by the probability of being reached")
+    parser.add_argument("--title", help="title line for the picture (default: the tree's name)")
+    parser.add_argument("--format", choices=FORMATS, default="summary",
+                        help="also print the tree: choices = Medusa/EAGLE rank paths (0-based), "
+                             "parents = parent array, paths = one node per line with depth, "
+                             "rank path and P(reached), successors = Sequoia's Successors "
+                             "(default: summary only)")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from treeopt.profile import Profile
+    from treeopt.shapes import describe, from_name
+    from treeopt.viz import draw_tree, tree_summary
+
+    profile = Profile.load(args.profile) if args.profile else None
+    tree = from_name(args.tree, profile)
+    name = describe(args.tree)
+    print(f"{name}: {tree_summary(tree, profile)}")
+    if args.format == "choices":
+        print(json.dumps(tree.to_choices()))
+    elif args.format == "parents":
+        print(json.dumps(tree.to_parents()))
+    elif args.format == "successors":
+        print(json.dumps(tree.to_successors()))
+    elif args.format == "paths":
+        probs = tree.path_probs(profile.table()) if profile is not None else None
+        header = f"{'node':>5} {'depth':>5}  path"
+        print(header + ("  P(reached)" if probs is not None else ""))
+        paths = [()] + tree.to_paths()
+        for n, path in enumerate(paths):
+            line = f"{n:>5} {tree.depths[n]:>5}  {list(path)}"
+            print(line + (f"  {probs[n]:.6f}" if probs is not None else ""))
+    if args.out:
+        suffix = args.out.lower().rsplit(".", 1)[-1]
+        if f".{suffix}" not in (".png", ".svg", ".pdf", ".dot"):
+            raise UserError(f"--out {args.out}: use a .png, .svg, .pdf or .dot file")
+        path = draw_tree(tree, args.out, profile=profile, title=args.title or name)
+        print(f"wrote {path}")
+    return 0

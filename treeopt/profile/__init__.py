@@ -1,0 +1,15 @@
+"""Acceptance and latency profiles of a draft/target pair on given hardware.
+
+``treeopt.profile`` re-exports the Profile type (``model.py``); the measuring code lives in
+``acceptance.py`` and ``latency.py`` and is imported only where it is used.
+"""
+
+from treeopt.profile.model import (
+    Latency,
+    LatencyCurve,
+    Profile,
+    ProfileError,
+    wilson_interval,
+)
+
+__all__ = ["Latency", "LatencyCurve", "Profile", "ProfileError", "wilson_interval"]

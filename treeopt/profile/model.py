@@ -1,0 +1,549 @@
+"""The Profile type: what a draft/target pair accepts (by sibling rank, optionally by depth)
+and what the hardware costs (forward time by tokens processed at once).
+
+Acceptance (Sequoia's vector): ``p[k-1]`` = probability that the k-th sibling is the one the
+verifier accepts (earlier siblings rejected). The events are exclusive, so ``sum(p) <= 1`` and
+``none = 1 - sum(p)``. A depth-aware profile keeps one such row per depth of the PARENT node
+(``by_depth[d][k-1]``). Raw counts are kept when known so runs can be merged by adding counts.
+
+File formats: treeopt's JSON (see :meth:`Profile.save`) and Sequoia's acceptance-vector ``.pt``
+(a 1-D tensor laid out ``[0, p1..pW, none]``).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+TOLERANCE = 1e-6
+JSON_FORMAT = "treeopt-profile"
+JSON_VERSION = 1
+
+
+class ProfileError(ValueError):
+    """A profile that is malformed or inconsistent; the one-line message names the field."""
+
+
+# ---------------------------------------------------------------------------- latency
+@dataclass(frozen=True)
+class LatencyCurve:
+    """Forward time in ms by number of tokens processed at once.
+
+    ``curve(n)`` interpolates piecewise-linearly between measured points, stays flat below
+    the first point and extrapolates linearly from the last two points above the last one.
+    ``spread_ms`` (optional) is a per-point spread (e.g. interquartile range) of the timings.
+    """
+
+    tokens: list[int]
+    ms: list[float]
+    spread_ms: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        tokens = _as_list(self.tokens, "tokens")
+        ms = _as_list(self.ms, "ms")
+        if not tokens:
+            raise ProfileError("latency curve 'tokens' is empty; give at least one point")
+        if len(ms) != len(tokens):
+            raise ProfileError(f"latency curve has {len(tokens)} 'tokens' but {len(ms)} 'ms'")
+        for i, t in enumerate(tokens):
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or t != int(t) or t < 1:
+                raise ProfileError(f"latency 'tokens[{i}]' = {t!r} must be a positive integer")
+        tokens = [int(t) for t in tokens]
+        for i in range(1, len(tokens)):
+            if tokens[i] <= tokens[i - 1]:
+                raise ProfileError(f"latency 'tokens' must increase strictly, but tokens[{i}] = "
+                                   f"{tokens[i]} follows {tokens[i - 1]}")
+        ms = [_number(x, f"latency 'ms[{i}]'") for i, x in enumerate(ms)]
+        for i, x in enumerate(ms):
+            if x <= 0:
+                raise ProfileError(f"latency 'ms[{i}]' = {x} must be positive")
+        spread = self.spread_ms
+        if spread is not None:
+            spread = [_number(x, f"latency 'spread_ms[{i}]'")
+                      for i, x in enumerate(_as_list(spread, "spread_ms"))]
+            if len(spread) != len(tokens):
+                raise ProfileError(f"latency 'spread_ms' has {len(spread)} entries, "
+                                   f"'tokens' has {len(tokens)}")
+            if any(x < 0 for x in spread):
+                raise ProfileError("latency 'spread_ms' entries must be non-negative")
+        object.__setattr__(self, "tokens", tokens)
+        object.__setattr__(self, "ms", ms)
+        object.__setattr__(self, "spread_ms", spread)
+
+    def __call__(self, n: float) -> float:
+        t, y = self.tokens, self.ms
+        if n <= t[0] or len(t) == 1:
+            return y[0] if n <= t[0] else y[-1]
+        if n >= t[-1]:
+            slope = (y[-1] - y[-2]) / (t[-1] - t[-2])
+            return y[-1] + slope * (n - t[-1])
+        i = bisect.bisect_right(t, n)
+        x0, x1, y0, y1 = t[i - 1], t[i], y[i - 1], y[i]
+        return y0 + (y1 - y0) * (n - x0) / (x1 - x0)
+
+    def to_dict(self) -> dict:
+        d: dict[str, Any] = {"tokens": list(self.tokens), "ms": list(self.ms)}
+        if self.spread_ms is not None:
+            d["spread_ms"] = list(self.spread_ms)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "latency") -> "LatencyCurve":
+        if not isinstance(d, dict):
+            raise ProfileError(f"'{where}' must be an object with 'tokens' and 'ms'")
+        unknown = set(d) - {"tokens", "ms", "spread_ms"}
+        if unknown:
+            raise ProfileError(f"'{where}' has unknown field(s) {sorted(unknown)}")
+        if "tokens" not in d or "ms" not in d:
+            raise ProfileError(f"'{where}' needs both 'tokens' and 'ms'")
+        try:
+            return cls(d["tokens"], d["ms"], d.get("spread_ms"))
+        except ProfileError as exc:
+            raise ProfileError(f"'{where}': {exc}") from None
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Measured forward times: the target's (verification) and optionally the draft's.
+    ``context`` is the prefix length the timings were taken at."""
+
+    target: LatencyCurve
+    draft: LatencyCurve | None = None
+    context: int | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.target, LatencyCurve):
+            raise ProfileError("latency 'target' must be a LatencyCurve")
+        if self.draft is not None and not isinstance(self.draft, LatencyCurve):
+            raise ProfileError("latency 'draft' must be a LatencyCurve or None")
+        if self.context is not None and (isinstance(self.context, bool)
+                                         or not isinstance(self.context, int)
+                                         or self.context < 0):
+            raise ProfileError(f"latency 'context' = {self.context!r} must be a "
+                               "non-negative integer")
+        if not isinstance(self.meta, dict):
+            raise ProfileError("latency 'meta' must be a dict")
+
+    def to_dict(self) -> dict:
+        d: dict[str, Any] = {}
+        if self.context is not None:
+            d["context"] = self.context
+        d["meta"] = dict(self.meta)
+        d["target"] = self.target.to_dict()
+        if self.draft is not None:
+            d["draft"] = self.draft.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "Latency":
+        if not isinstance(d, dict):
+            raise ProfileError("'latency' must be an object with a 'target' curve")
+        unknown = set(d) - {"context", "meta", "target", "draft"}
+        if unknown:
+            raise ProfileError(f"'latency' has unknown field(s) {sorted(unknown)}")
+        if "target" not in d:
+            raise ProfileError("'latency' needs a 'target' curve")
+        target = LatencyCurve.from_dict(d["target"], "latency.target")
+        draft = (LatencyCurve.from_dict(d["draft"], "latency.draft")
+                 if d.get("draft") is not None else None)
+        return cls(target, draft, d.get("context"), dict(d.get("meta") or {}))
+
+
+# ---------------------------------------------------------------------------- profile
+@dataclass(frozen=True)
+class Profile:
+    """Acceptance by sibling rank (``p``, optionally ``by_depth``), raw counts when known,
+    latency when measured, and provenance in ``meta``.
+
+    p:            [W] floats, ``p[k-1]`` = P(rank k accepted); ``sum(p) <= 1``.
+    by_depth:     [D][W] floats, row d for a parent at depth d (rows past the end reuse the
+                  last one), or None.
+    counts:       [W] ints, how often rank k was the accepted one; ``none_count``: how often
+                  none was. ``p == counts / (sum(counts) + none_count)``.
+    depth_counts: [D][W] ints and ``depth_none`` [D] ints, the same per depth.
+    """
+
+    p: list[float]
+    by_depth: list[list[float]] | None = None
+    counts: list[int] | None = None
+    none_count: int | None = None
+    depth_counts: list[list[int]] | None = None
+    depth_none: list[int] | None = None
+    latency: Latency | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        p = _prob_row(self.p, "acceptance.p")
+        object.__setattr__(self, "p", p)
+        width = len(p)
+        if self.by_depth is not None:
+            rows = _as_list(self.by_depth, "acceptance.by_depth")
+            if not rows:
+                raise ProfileError("'acceptance.by_depth' is empty; omit it or give one row "
+                                   "per depth")
+            rows = [_prob_row(r, f"acceptance.by_depth[{d}].p") for d, r in enumerate(rows)]
+            for d, r in enumerate(rows):
+                if len(r) != width:
+                    raise ProfileError(f"'acceptance.by_depth[{d}].p' has {len(r)} entries but "
+                                       f"'acceptance.p' has {width} (ragged by_depth)")
+            object.__setattr__(self, "by_depth", rows)
+        if (self.counts is None) != (self.none_count is None):
+            raise ProfileError("'acceptance.counts' and 'acceptance.none_count' come together; "
+                               "give both or neither")
+        if self.counts is not None:
+            counts = _count_row(self.counts, "acceptance.counts")
+            none_count = _count(self.none_count, "acceptance.none_count")
+            if len(counts) != width:
+                raise ProfileError(f"'acceptance.counts' has {len(counts)} entries but "
+                                   f"'acceptance.p' has {width}")
+            _check_matches(p, counts, none_count, "acceptance")
+            object.__setattr__(self, "counts", counts)
+            object.__setattr__(self, "none_count", none_count)
+        if (self.depth_counts is None) != (self.depth_none is None):
+            raise ProfileError("'depth_counts' and 'depth_none' come together; give both or "
+                               "neither")
+        if self.depth_counts is not None:
+            if self.by_depth is None:
+                raise ProfileError("depth counts given without 'acceptance.by_depth'")
+            dc = [_count_row(r, f"acceptance.by_depth[{d}].counts")
+                  for d, r in enumerate(_as_list(self.depth_counts, "depth_counts"))]
+            dn = [_count(x, f"acceptance.by_depth[{d}].none_count")
+                  for d, x in enumerate(_as_list(self.depth_none, "depth_none"))]
+            if len(dc) != len(self.by_depth) or len(dn) != len(self.by_depth):
+                raise ProfileError(f"depth counts cover {len(dc)} depths (none counts {len(dn)})"
+                                   f" but 'acceptance.by_depth' has {len(self.by_depth)} rows")
+            for d, (row, c, n) in enumerate(zip(self.by_depth, dc, dn)):
+                if len(c) != width:
+                    raise ProfileError(f"'acceptance.by_depth[{d}].counts' has {len(c)} entries "
+                                       f"but 'acceptance.p' has {width}")
+                _check_matches(row, c, n, f"acceptance.by_depth[{d}]")
+            object.__setattr__(self, "depth_counts", dc)
+            object.__setattr__(self, "depth_none", dn)
+        if self.latency is not None and not isinstance(self.latency, Latency):
+            raise ProfileError("'latency' must be a Latency or None")
+        if not isinstance(self.meta, dict):
+            raise ProfileError("'meta' must be a dict")
+
+    # ------------------------------------------------------------------ views
+    @property
+    def none(self) -> float:
+        """Probability that no sibling is accepted: ``1 - sum(p)``."""
+        return max(0.0, 1.0 - math.fsum(self.p))
+
+    @property
+    def width(self) -> int:
+        """Number of ranks measured (W)."""
+        return len(self.p)
+
+    @property
+    def depth_aware(self) -> bool:
+        return self.by_depth is not None
+
+    def table(self, depth_aware: bool = True) -> list[list[float]]:
+        """2-D ``[depth][rank-1]`` table for ``Tree.expected_tokens`` and the DP: the
+        per-depth rows if present (and ``depth_aware``), else the single row ``[p]``."""
+        if depth_aware and self.by_depth is not None:
+            return [list(r) for r in self.by_depth]
+        return [list(self.p)]
+
+    def ci95(self, depth: int | None = None) -> list[tuple[float, float]]:
+        """95 % Wilson score interval for each ``p[k-1]`` (or ``by_depth[depth]``), from the
+        raw counts. Raises :class:`ProfileError` when the profile has no counts."""
+        if depth is None:
+            if self.counts is None:
+                raise ProfileError("this profile has no raw counts, so no confidence interval; "
+                                   "profile with treeopt to keep counts")
+            counts, total = self.counts, sum(self.counts) + self.none_count
+        else:
+            if self.depth_counts is None:
+                raise ProfileError("this profile has no per-depth counts")
+            if not 0 <= depth < len(self.depth_counts):
+                raise ProfileError(f"depth {depth} outside 0..{len(self.depth_counts) - 1}")
+            counts = self.depth_counts[depth]
+            total = sum(counts) + self.depth_none[depth]
+        return [wilson_interval(c, total) for c in counts]
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_counts(cls, counts: Sequence[int], none_count: int,
+                    depth_counts: Sequence[Sequence[int]] | None = None,
+                    depth_none: Sequence[int] | None = None, meta: dict | None = None,
+                    latency: Latency | None = None) -> "Profile":
+        """Profile with ``p = counts / (sum(counts) + none_count)`` (the same per depth)."""
+        counts = _count_row(counts, "acceptance.counts")
+        none_count = _count(none_count, "acceptance.none_count")
+        p = _p_from_counts(counts, none_count, "acceptance")
+        by_depth = None
+        if depth_counts is not None:
+            if depth_none is None:
+                raise ProfileError("'depth_counts' given without 'depth_none'")
+            depth_counts = [_count_row(r, f"acceptance.by_depth[{d}].counts")
+                            for d, r in enumerate(depth_counts)]
+            depth_none = [_count(x, f"acceptance.by_depth[{d}].none_count")
+                          for d, x in enumerate(depth_none)]
+            if len(depth_none) != len(depth_counts):
+                raise ProfileError(f"'depth_none' has {len(depth_none)} entries but "
+                                   f"'depth_counts' has {len(depth_counts)} rows")
+            by_depth = [_p_from_counts(c, n, f"acceptance.by_depth[{d}]")
+                        for d, (c, n) in enumerate(zip(depth_counts, depth_none))]
+        return cls(p, by_depth, counts, none_count,
+                   depth_counts=depth_counts, depth_none=depth_none,
+                   latency=latency, meta=dict(meta or {}))
+
+    def merge(self, other: "Profile") -> "Profile":
+        """Pool two profiles of the same pair by adding raw counts (both need counts and the
+        same width). Per-depth counts are pooled depth by depth when both have them and
+        dropped otherwise. Latency is kept from ``self`` (else ``other``)."""
+        if self.counts is None or other.counts is None:
+            which = "first" if self.counts is None else "second"
+            raise ProfileError(f"cannot merge: the {which} profile has no raw counts "
+                               "(only counted profiles can be pooled)")
+        if self.width != other.width:
+            raise ProfileError(f"cannot merge profiles of width {self.width} and "
+                               f"{other.width}; profile both with the same width")
+        counts = [a + b for a, b in zip(self.counts, other.counts)]
+        none_count = self.none_count + other.none_count
+        depth_counts = depth_none = None
+        if self.depth_counts is not None and other.depth_counts is not None:
+            n = max(len(self.depth_counts), len(other.depth_counts))
+            zero = [0] * self.width
+            depth_counts, depth_none = [], []
+            for d in range(n):
+                a = self.depth_counts[d] if d < len(self.depth_counts) else zero
+                b = other.depth_counts[d] if d < len(other.depth_counts) else zero
+                an = self.depth_none[d] if d < len(self.depth_none) else 0
+                bn = other.depth_none[d] if d < len(other.depth_none) else 0
+                depth_counts.append([x + y for x, y in zip(a, b)])
+                depth_none.append(an + bn)
+        meta = {"description": "merged profile (counts added)",
+                "merged_from": [dict(self.meta), dict(other.meta)]}
+        return Profile.from_counts(counts, none_count, depth_counts, depth_none, meta=meta,
+                                   latency=self.latency or other.latency)
+
+    # ------------------------------------------------------------------ files
+    def to_dict(self) -> dict:
+        acc: dict[str, Any] = {"p": list(self.p)}
+        if self.counts is not None:
+            acc["counts"] = list(self.counts)
+            acc["none_count"] = self.none_count
+        if self.by_depth is not None:
+            rows = []
+            for d, row in enumerate(self.by_depth):
+                r: dict[str, Any] = {"p": list(row)}
+                if self.depth_counts is not None:
+                    r["counts"] = list(self.depth_counts[d])
+                    r["none_count"] = self.depth_none[d]
+                rows.append(r)
+            acc["by_depth"] = rows
+        d: dict[str, Any] = {"format": JSON_FORMAT, "version": JSON_VERSION,
+                             "meta": dict(self.meta), "acceptance": acc}
+        if self.latency is not None:
+            d["latency"] = self.latency.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "Profile":
+        if not isinstance(d, dict):
+            raise ProfileError(f"expected a JSON object, got {type(d).__name__}")
+        if d.get("format") != JSON_FORMAT:
+            raise ProfileError(f"'format' is {d.get('format')!r}, expected {JSON_FORMAT!r}")
+        if d.get("version") != JSON_VERSION:
+            raise ProfileError(f"unsupported profile 'version' {d.get('version')!r} "
+                               f"(this treeopt reads {JSON_VERSION})")
+        acc = d.get("acceptance")
+        if not isinstance(acc, dict) or "p" not in acc:
+            raise ProfileError("'acceptance' must be an object with at least 'p'")
+        unknown = set(acc) - {"p", "counts", "none_count", "by_depth"}
+        if unknown:
+            raise ProfileError(f"'acceptance' has unknown field(s) {sorted(unknown)}")
+        meta = d.get("meta", {})
+        if not isinstance(meta, dict):
+            raise ProfileError("'meta' must be an object")
+        by_depth = depth_counts = depth_none = None
+        if acc.get("by_depth") is not None:
+            rows = acc["by_depth"]
+            if not isinstance(rows, list):
+                raise ProfileError("'acceptance.by_depth' must be a list of {\"p\": [...]} rows")
+            by_depth = []
+            for i, r in enumerate(rows):
+                if not isinstance(r, dict) or "p" not in r:
+                    raise ProfileError(f"'acceptance.by_depth[{i}]' must be an object with 'p'")
+                by_depth.append(r["p"])
+            has = ["counts" in r for r in rows]
+            if any(has) and not all(has):
+                raise ProfileError("'acceptance.by_depth' rows must all have 'counts' or none")
+            if rows and all(has):
+                depth_counts = [r["counts"] for r in rows]
+                depth_none = [r.get("none_count") for r in rows]
+        latency = Latency.from_dict(d["latency"]) if d.get("latency") is not None else None
+        return cls(acc["p"], by_depth, acc.get("counts"), acc.get("none_count"),
+                   depth_counts, depth_none, latency, dict(meta))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Profile":
+        """Read a treeopt JSON profile or a Sequoia acceptance-vector ``.pt``
+        (1-D tensor ``[0, p1..pW, none]``)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ProfileError(f"{path}: no such profile file")
+        try:
+            if path.suffix.lower() in (".pt", ".pth"):
+                return _load_sequoia_vector(path)
+            try:
+                d = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise ProfileError(f"not valid JSON ({str(exc).splitlines()[0]})") from None
+            return cls.from_dict(d)
+        except ProfileError as exc:
+            raise ProfileError(f"{path}: {exc}") from None
+
+    def save(self, path: str | Path) -> Path:
+        """Write treeopt JSON (``.json``), or Sequoia's acceptance vector (``.pt``: the
+        1-D float tensor ``[0, p1..pW, none]``; counts, depth rows and latency are lost)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix.lower() in (".pt", ".pth"):
+            import torch
+
+            torch.save(torch.tensor([0.0, *self.p, self.none], dtype=torch.float32), path)
+        elif path.suffix.lower() == ".json":
+            path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        else:
+            raise ProfileError(f"{path}: unknown profile extension {path.suffix!r}; "
+                               "use .json (or .pt for Sequoia's vector)")
+        return path
+
+    def summary(self, ranks: int = 4) -> str:
+        """One line: width, depth rows, the first ranks, none, latency points."""
+        head = " ".join(f"{x:.3f}" for x in self.p[:ranks])
+        more = " ..." if self.width > ranks else ""
+        parts = [f"W={self.width}", f"p=[{head}{more}]", f"none={self.none:.3f}"]
+        if self.by_depth is not None:
+            parts.append(f"{len(self.by_depth)} depth rows")
+        if self.counts is not None:
+            parts.append(f"{sum(self.counts) + self.none_count} samples")
+        if self.latency is not None:
+            parts.append(f"latency {len(self.latency.target.tokens)} points")
+        return ", ".join(parts)
+
+
+def wilson_interval(successes: int, total: int, z: float = 1.959963984540054
+                    ) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (95 % by default)."""
+    if total <= 0:
+        return (0.0, 1.0)
+    phat = successes / total
+    denom = 1 + z * z / total
+    centre = (phat + z * z / (2 * total)) / denom
+    half = z * math.sqrt(phat * (1 - phat) / total + z * z / (4 * total * total)) / denom
+    lo = 0.0 if successes == 0 else max(0.0, centre - half)
+    hi = 1.0 if successes == total else min(1.0, centre + half)
+    return (lo, hi)
+
+
+# ---------------------------------------------------------------------------- helpers
+def _load_sequoia_vector(path: Path) -> Profile:
+    import pickle
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            v = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ProfileError("refused to load: the file holds objects other than plain data "
+                           "and tensors") from None
+    except Exception as exc:
+        raise ProfileError(f"not a readable torch file ({str(exc).strip().splitlines()[0]})"
+                           if str(exc).strip() else "not a readable torch file") from None
+    if not isinstance(v, torch.Tensor) or v.dim() != 1 or not v.is_floating_point():
+        what = (f"{v.dtype} tensor of shape {tuple(v.shape)}" if isinstance(v, torch.Tensor)
+                else type(v).__name__)
+        raise ProfileError(f"expected Sequoia's acceptance vector (1-D float tensor "
+                           f"[0, p1..pW, none]), got {what}")
+    if v.numel() < 3:
+        raise ProfileError(f"acceptance vector has {v.numel()} entries; need [0, p1.., none]")
+    values = [float(x) for x in v.tolist()]
+    if abs(values[0]) > TOLERANCE:
+        raise ProfileError(f"acceptance vector must start with 0 (Sequoia layout [0, p1..pW, "
+                           f"none]), got {values[0]}")
+    p, none = values[1:-1], values[-1]
+    if not 0 <= none <= 1 or abs(math.fsum(p) + none - 1) > 1e-3:
+        raise ProfileError(f"acceptance vector's last entry (none = {none:.5f}) is not "
+                           f"1 - sum(p) = {1 - math.fsum(p):.5f}")
+    meta = {"source": "Sequoia acceptance-vector .pt", "file": path.name,
+            "description": "acceptance vector imported from Sequoia's format"}
+    return Profile(p, meta=meta)
+
+
+def _as_list(x: Any, name: str) -> list:
+    if hasattr(x, "tolist") and not isinstance(x, (list, tuple)):
+        x = x.tolist()
+    if not isinstance(x, (list, tuple)):
+        raise ProfileError(f"'{name}' must be a list, got {type(x).__name__}")
+    return list(x)
+
+
+def _number(x: Any, name: str) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise ProfileError(f"{name} must be a number, got {type(x).__name__}")
+    x = float(x)
+    if not math.isfinite(x):
+        raise ProfileError(f"{name} is {x}; must be finite")
+    return x
+
+
+def _prob_row(row: Any, name: str) -> list[float]:
+    values = _as_list(row, name)
+    if not values:
+        raise ProfileError(f"'{name}' is empty; give at least p1")
+    out = []
+    for i, x in enumerate(values):
+        x = _number(x, f"'{name}[{i}]'")
+        if x < 0:
+            raise ProfileError(f"'{name}[{i}]' = {x} is negative; probabilities lie in [0, 1]")
+        if x > 1:
+            raise ProfileError(f"'{name}[{i}]' = {x} exceeds 1; probabilities lie in [0, 1]")
+        out.append(x)
+    total = math.fsum(out)
+    if total > 1 + TOLERANCE:
+        raise ProfileError(f"'{name}' sums to {total:.6f} > 1; ranks are exclusive events "
+                           "(p[k] = P(rank k is the accepted one)), not cumulative")
+    return out
+
+
+def _count(x: Any, name: str) -> int:
+    if hasattr(x, "item") and not isinstance(x, (int, float)):
+        x = x.item()
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or x != int(x) or x < 0:
+        raise ProfileError(f"'{name}' = {x!r} must be a non-negative integer count")
+    return int(x)
+
+
+def _count_row(row: Any, name: str) -> list[int]:
+    values = _as_list(row, name)
+    if not values:
+        raise ProfileError(f"'{name}' is empty")
+    return [_count(x, f"{name}[{i}]") for i, x in enumerate(values)]
+
+
+def _p_from_counts(counts: list[int], none_count: int, name: str) -> list[float]:
+    total = sum(counts) + none_count
+    if total == 0:
+        raise ProfileError(f"'{name}' has no samples (all counts are 0)")
+    return [c / total for c in counts]
+
+
+def _check_matches(p: list[float], counts: list[int], none_count: int, name: str) -> None:
+    want = _p_from_counts(counts, none_count, name)
+    for k, (a, b) in enumerate(zip(p, want)):
+        if abs(a - b) > TOLERANCE:
+            raise ProfileError(f"'{name}.p[{k}]' = {a} disagrees with its counts "
+                               f"({counts[k]}/{sum(counts) + none_count} = {b:.6f})")

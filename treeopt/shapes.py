@@ -1,0 +1,267 @@
+"""Baseline tree shapes and named presets, and the CLI's shape-spec parser.
+
+Every function returns a :class:`~treeopt.tree.Tree` (breadth-first ids, consecutive siblings,
+the i-th child of a node is the draft's i-th choice there).
+
+Spec strings (:func:`from_name`)::
+
+    chain:8                     a chain of 8 nodes (7 drafted tokens, depth 7)
+    kary:2x3                    full 2-ary tree of depth 3 (15 nodes)
+    chains:4x5                  4 independent chains of 5 tokens (SpecInfer-style K x L, 21 nodes)
+    specinfer:1,1,3,1,1,1,1,1   SpecInfer expansion config: every node at level i gets e[i] children
+    greedy:64                   Medusa-style greedy: 64 nodes by path probability (needs a profile)
+    greedy:64x4                 the same within depth 4
+    dp:64 / dp:64x8             exact DP optimum, at most 64 nodes, depth <= 8 (needs a profile)
+    paths:[[0],[1],[0,0]]       Medusa/EAGLE rank paths (0-based)
+    parents:[-1,0,0,1]          a parent array
+    mc_sim_7b_63                a named preset (see PRESETS)
+    growmaps/x.pt               a growmap file (.pt or .json)
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from treeopt.tree import Tree, TreeError, as_depth_table
+
+
+class ShapeError(ValueError):
+    """An unknown or malformed shape spec (one-line message)."""
+
+
+# ---------------------------------------------------------------------------- shapes
+def chain(n: int) -> Tree:
+    """A chain of ``n`` nodes (root included): ``n - 1`` drafted tokens, depth ``n - 1``."""
+    _positive(n, "chain size", minimum=1)
+    return Tree(tuple([-1] + list(range(n - 1))))
+
+
+def kary(k: int, depth: int) -> Tree:
+    """Full ``k``-ary tree of the given depth: ``(k**(depth+1) - 1) / (k - 1)`` nodes."""
+    _positive(k, "k", minimum=1)
+    _positive(depth, "depth", minimum=0)
+    return specinfer([k] * depth) if depth else Tree((-1,))
+
+
+def independent_chains(k: int, length: int) -> Tree:
+    """``k`` independent chains of ``length`` drafted tokens each (SpecInfer-style K x L):
+    the root has ``k`` children (ranks 1..k) and each continues as a chain of rank-1 nodes.
+    Size ``1 + k * length``, depth ``length``."""
+    _positive(k, "k", minimum=1)
+    _positive(length, "length", minimum=1)
+    parents = [-1] + [0] * k
+    for level in range(1, length):
+        first = 1 + (level - 1) * k
+        parents += list(range(first, first + k))
+    return Tree(tuple(parents))
+
+
+def specinfer(expansion: Sequence[int]) -> Tree:
+    """SpecInfer's expansion config ``<e0, e1, ...>``: every node at depth i gets ``e[i]``
+    children. ``specinfer([1, 1, 3, 1])`` is a 2-token chain that fans out to 3 and continues
+    each branch one token."""
+    expansion = list(expansion)
+    if not expansion:
+        raise ShapeError("specinfer expansion is empty; give at least one level, e.g. 1,1,3")
+    for i, e in enumerate(expansion):
+        _positive(e, f"expansion[{i}]", minimum=1)
+    parents = [-1]
+    level = [0]
+    for e in expansion:
+        nxt = []
+        for node in level:
+            for _ in range(e):
+                nxt.append(len(parents))
+                parents.append(node)
+        level = nxt
+        if len(parents) > 1 << 15:
+            raise ShapeError(f"specinfer {expansion} has over {1 << 15} nodes; too large")
+    return Tree(tuple(parents))
+
+
+def top_path_product(p: Sequence[float] | Sequence[Sequence[float]], size: int,
+                     max_depth: int | None = None) -> Tree:
+    """Medusa's greedy construction: starting from the root, repeatedly add the candidate
+    node with the highest path probability (product of ``p`` along its rank path); the
+    candidates are each node's first child and its next sibling rank.
+
+    ``p`` is a rank profile (1-D) or depth-aware (2-D, row d for a parent at depth d); ties go
+    to the shallower, then lexicographically smaller rank path. When every row of ``p`` is
+    non-increasing in rank the result is optimal (the top path probabilities always form a
+    valid tree), so it cross-checks the exact DP; otherwise it is just a baseline."""
+    _positive(size, "size", minimum=1)
+    if max_depth is not None:
+        _positive(max_depth, "max_depth", minimum=0)
+    table = as_depth_table(p)
+
+    def rank_prob(depth: int, rank: int) -> float:
+        row = table[min(depth, len(table) - 1)]
+        return row[rank - 1] if rank <= len(row) else 0.0
+
+    heap: list[tuple[float, int, tuple[int, ...], float, float]] = []
+
+    def offer(parent_path: tuple[int, ...], parent_prob: float, rank: int) -> None:
+        if max_depth is not None and len(parent_path) >= max_depth:
+            return
+        q = parent_prob * rank_prob(len(parent_path), rank)
+        path = parent_path + (rank - 1,)
+        heapq.heappush(heap, (-q, len(path), path, q, parent_prob))
+
+    paths: list[tuple[int, ...]] = []
+    offer((), 1.0, 1)
+    while len(paths) + 1 < size and heap:
+        _, _, path, q, parent_prob = heapq.heappop(heap)
+        paths.append(path)
+        offer(path, q, 1)
+        offer(path[:-1], parent_prob, path[-1] + 2)
+    if len(paths) + 1 < size:
+        raise ShapeError(f"cannot place {size} nodes within depth {max_depth}")
+    return Tree.from_paths(paths)
+
+
+# ---------------------------------------------------------------------------- presets
+@dataclass(frozen=True)
+class Preset:
+    """A named published tree: Medusa/EAGLE-style 0-based rank paths plus attribution."""
+
+    name: str
+    paths: tuple[tuple[int, ...], ...]
+    source: str
+    description: str
+
+    def tree(self) -> Tree:
+        return Tree.from_paths(self.paths)
+
+
+_MC_SIM_7B_63 = [
+    [0], [0, 0], [1], [0, 1], [2], [0, 0, 0], [1, 0], [0, 2], [3], [0, 3], [4], [0, 4], [2, 0],
+    [0, 5], [0, 0, 1], [5], [0, 6], [6], [0, 7], [0, 1, 0], [1, 1], [7], [0, 8], [0, 0, 2],
+    [3, 0], [0, 9], [8], [9], [1, 0, 0], [0, 2, 0], [1, 2], [0, 0, 3], [4, 0], [2, 1],
+    [0, 0, 4], [0, 0, 5], [0, 0, 0, 0], [0, 1, 1], [0, 0, 6], [0, 3, 0], [5, 0], [1, 3],
+    [0, 0, 7], [0, 0, 8], [0, 0, 9], [6, 0], [0, 4, 0], [1, 4], [7, 0], [0, 1, 2], [2, 0, 0],
+    [3, 1], [2, 2], [8, 0], [0, 5, 0], [1, 5], [1, 0, 1], [0, 2, 1], [9, 0], [0, 6, 0],
+    [0, 0, 0, 1], [1, 6], [0, 7, 0],
+]
+
+PRESETS: dict[str, Preset] = {
+    "mc_sim_7b_63": Preset(
+        "mc_sim_7b_63", tuple(tuple(x) for x in _MC_SIM_7B_63),
+        source="Medusa (FasterDecoding/Medusa, medusa/model/medusa_choices.py, Apache-2.0)",
+        description="Medusa's default 64-node tree for Vicuna-7B (63 drafted tokens, depth 4), "
+                    "also EAGLE's default choices",
+    ),
+    "sequoia-example-8": Preset(
+        "sequoia-example-8", ((0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0)),
+        source="treeopt design notes (growmap example)",
+        description="8 nodes: roots [[0],[1,2,3],[4,5,6],[7]]",
+    ),
+}
+PRESETS["medusa-63"] = PRESETS["mc_sim_7b_63"]
+
+
+# ---------------------------------------------------------------------------- specs
+SPEC_HELP = ("chain:N, kary:KxD, chains:KxL, specinfer:E1,E2,..., greedy:N[xD], dp:N[xD], "
+             "paths:[[0],[1],[0,0]], parents:[-1,0,0], a preset name "
+             f"({', '.join(sorted(PRESETS))}) or a growmap file (.pt/.json)")
+
+
+def from_name(spec: str, profile=None) -> Tree:
+    """Parse a shape spec (see the module docstring). ``greedy:`` and ``dp:`` need
+    ``profile`` (a :class:`~treeopt.profile.Profile` or a rank table)."""
+    spec = spec.strip()
+    kind, sep, arg = spec.partition(":")
+    kind = kind.lower()
+    try:
+        if sep and kind == "chain":
+            return chain(_int(arg, spec))
+        if sep and kind in ("kary", "k-ary"):
+            k, d = _pair(arg, spec)
+            return kary(k, d)
+        if sep and kind in ("chains", "kxl"):
+            k, length = _pair(arg, spec)
+            return independent_chains(k, length)
+        if sep and kind == "specinfer":
+            return specinfer([_int(x, spec) for x in arg.split(",")])
+        if sep and kind == "greedy":
+            n, d = _size_depth(arg, spec)
+            return top_path_product(_table(profile, spec), n, max_depth=d)
+        if sep and kind == "dp":
+            n, d = _size_depth(arg, spec)
+            return _dp_tree(_table(profile, spec), n, d, spec)
+        if sep and kind == "paths":
+            return Tree.from_paths(_json_list(arg, spec))
+        if sep and kind == "parents":
+            return Tree.from_parents(_json_list(arg, spec))
+    except TreeError as exc:
+        raise ShapeError(f"shape {spec!r}: {exc}") from None
+    if spec in PRESETS:
+        return PRESETS[spec].tree()
+    path = Path(spec)
+    if path.suffix.lower() in (".pt", ".pth", ".json") or path.is_file():
+        from treeopt.growmap import load_growmap
+
+        return load_growmap(path)[0]
+    raise ShapeError(f"unknown shape {spec!r}; use {SPEC_HELP}")
+
+
+def describe(spec: str) -> str:
+    """Short display name for a spec (file paths shortened to their name)."""
+    path = Path(spec)
+    return path.name if path.suffix.lower() in (".pt", ".pth", ".json") else spec
+
+
+def _table(profile, spec: str) -> list[list[float]]:
+    if profile is None:
+        raise ShapeError(f"shape {spec!r} needs an acceptance profile (--profile)")
+    if hasattr(profile, "table"):
+        return profile.table()
+    return as_depth_table(profile)
+
+
+def _dp_tree(table: list[list[float]], n: int, depth: int | None, spec: str) -> Tree:
+    try:
+        from treeopt.search.dp import solve
+    except ImportError:
+        raise ShapeError(f"shape {spec!r}: the DP search is not available in this install"
+                         ) from None
+    levels = depth + 1 if depth is not None else n  # the DP counts levels, root included
+    return solve(table, n, levels).tree(n, levels, at_most=True)
+
+
+def _int(text: str, spec: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ShapeError(f"shape {spec!r}: {text.strip()!r} is not an integer") from None
+
+
+def _pair(arg: str, spec: str) -> tuple[int, int]:
+    parts = arg.lower().split("x")
+    if len(parts) != 2:
+        raise ShapeError(f"shape {spec!r}: expected two numbers like 4x5")
+    return _int(parts[0], spec), _int(parts[1], spec)
+
+
+def _size_depth(arg: str, spec: str) -> tuple[int, int | None]:
+    if "x" in arg.lower():
+        return _pair(arg, spec)
+    return _int(arg, spec), None
+
+
+def _json_list(arg: str, spec: str) -> list:
+    try:
+        value = json.loads(arg)
+    except json.JSONDecodeError:
+        raise ShapeError(f"shape {spec!r}: not a JSON list") from None
+    if not isinstance(value, list):
+        raise ShapeError(f"shape {spec!r}: not a JSON list")
+    return value
+
+
+def _positive(x, name: str, minimum: int) -> None:
+    if isinstance(x, bool) or not isinstance(x, int) or x < minimum:
+        raise ShapeError(f"{name} must be an integer >= {minimum}, got {x!r}")
