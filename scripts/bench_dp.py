@@ -1,0 +1,103 @@
+"""Benchmark the exact DP (``treeopt.search.dp.solve``) and compare with a faithful
+pure-Python port of Sequoia's loop DP on the small cases, in the same run.
+
+    python scripts/bench_dp.py [--repeat 3] [--ref-large] [--threads 1]
+
+Prints, per (W, d, n): best-of-``repeat`` solve time, time to rebuild the optimal tree, peak
+memory traced during one solve (tracemalloc, numpy buffers included) and F*(n, d); then the
+reference port's time, its optimum and the measured speed-up. Depth d counts levels
+including the root (Sequoia's ``max_depth``). Profiles: W=8 is DESIGN.md's reference
+profile; W=16/32 are the first ranks of Sequoia's shipped acceptance vector.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from sequoia_reference_dp import reference_dp, reference_results  # noqa: E402
+from treeopt.search.dp import solve  # noqa: E402
+
+REF_P = [.6, .1, .05, .03, .02, .015, .01, .008]
+SEQUOIA_SHIPPED = [.63418, .10795, .05697, .02249, .01949, .01499, .0045, .003, .01199, .0045,
+                   .0075, .0045, .006, .003, .0015, .003, .0015, .003, 0, .003, .003, .003, 0,
+                   .0015, 0, .0015, 0, 0, 0, .0015, .0015, .0015]
+PROFILES = {8: REF_P, 16: SEQUOIA_SHIPPED[:16], 32: SEQUOIA_SHIPPED}
+SIZES = [64, 128, 256, 512, 1024]
+
+
+def best_time(fn, repeat: int) -> tuple[float, object]:
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def peak_mib(fn) -> float:
+    tracemalloc.start()
+    fn()
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return peak / 2**20
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs per case (best kept)")
+    ap.add_argument("--ref-large", action="store_true",
+                    help="also run the reference port at n=256 (about 2 s) and W=16, d=16")
+    args = ap.parse_args()
+    print(f"python {platform.python_version()}, numpy {np.__version__}, "
+          f"{os.cpu_count()} cpus; best of {args.repeat}; d = levels incl. root")
+    print(f"{'W':>3} {'d':>3} {'n':>5} {'solve_s':>9} {'tree_s':>8} {'peak_MiB':>9} "
+          f"{'F*(n,d)':>10}")
+    for d in (12, 16):
+        for w, p in PROFILES.items():
+            for n in SIZES:
+                t, table = best_time(lambda: solve(p, n, d), args.repeat)
+                tt, tree = best_time(lambda: table.tree(n, d), args.repeat)
+                mem = peak_mib(lambda: solve(p, n, d))
+                assert abs(tree.expected_tokens(p) - table.value(n, d)) < 1e-9
+                print(f"{w:>3} {d:>3} {n:>5} {t:9.4f} {tt:8.4f} {mem:9.1f} "
+                      f"{table.value(n, d):10.6f}")
+
+    rows = [[.6, .1, .05, .03, .02, .015, .01, .008]]
+    rows += [[.6 + .01 * k] + r[1:] for k, r in enumerate(rows * 15, start=1)]
+    t, table = best_time(lambda: solve(rows, 1024, 16), args.repeat)
+    mem = peak_mib(lambda: solve(rows, 1024, 16))
+    print(f"depth-aware, 16 rows, W=8, d=16, n=1024: solve {t:.4f} s, peak {mem:.1f} MiB, "
+          f"F* = {table.value(1024, 16):.6f}")
+
+    print("\nreference port of Sequoia's loop DP (pure Python) vs treeopt.search.dp:")
+    print(f"{'W':>3} {'d':>3} {'n':>5} {'ref_s':>8} {'dp_s':>8} {'speedup':>9} "
+          f"{'ref F*':>10} {'|diff| max over table':>22}")
+    cases = [(8, 12, 64), (8, 12, 128)]
+    if args.ref_large:
+        cases += [(8, 12, 256), (16, 16, 64)]
+    for w, d, n in cases:
+        p = PROFILES[w]
+        t_ref = time.perf_counter()
+        T, _ = reference_dp(p, n, d)
+        t_ref = time.perf_counter() - t_ref
+        ref = np.array(reference_results(T))
+        t, table = best_time(lambda: solve(p, n, d), args.repeat)
+        fin = np.isfinite(ref)
+        same_inf = bool((np.isinf(ref) == np.isinf(table.values)).all())
+        diff = float(np.abs(ref[fin] - table.values[fin]).max())
+        print(f"{w:>3} {d:>3} {n:>5} {t_ref:8.3f} {t:8.4f} {t_ref / t:8.0f}x "
+              f"{ref[n, d]:10.6f} {diff:14.2e} (inf {'same' if same_inf else 'DIFFER'})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Hardware-aware choice and predictions: hand-computed steps, brute force over every
+(size, depth), Sequoia's selection loop, and the ``treeopt search`` command end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sequoia_reference_dp import reference_dp, reference_results
+from treeopt.cli import main
+from treeopt.growmap import load_growmap
+from treeopt.profile import Latency, LatencyCurve
+from treeopt.search.dp import solve
+from treeopt.search.hardware import HardwareError, choose, draft_ms, predict
+from treeopt.tree import Tree
+
+P = [.6, .1, .05, .03, .02, .015, .01, .008]
+L40_TOKENS = [1, 2, 4, 8, 16, 32, 64, 128]
+L40_7B = [25.4, 26.8, 28.2, 27.1, 26.8, 27.6, 27.3, 29.5]
+L40_68M = [0.28, 0.24, 0.24, 0.25, 0.27, 0.31, 0.33, 0.42]
+
+
+def latency(target_ms=L40_7B, draft=L40_68M, tokens=L40_TOKENS):
+    return Latency(LatencyCurve(list(tokens), list(target_ms)),
+                   LatencyCurve(list(tokens), list(draft)) if draft is not None else None)
+
+
+def test_predict_hand_computed():
+    lat = Latency(LatencyCurve([1, 4], [10.0, 16.0]), LatencyCurve([1, 3], [1.0, 2.0]))
+    tree = Tree((-1, 0, 0, 1))  # levels of width 1, 2, 1
+    p = [0.5, 0.3]
+    f = 1 + .5 + .3 + .25
+    seq = predict(tree, p, lat, "sequoia")
+    assert seq.expected_tokens == pytest.approx(f)
+    assert seq.draft_ms == pytest.approx(3 * 1.0)  # three levels x t_draft(1)
+    assert seq.verify_ms == pytest.approx(16.0)
+    assert seq.step_ms == pytest.approx(19.0)
+    assert seq.tokens_per_s == pytest.approx(1000 * f / 19.0)
+    assert seq.speedup == pytest.approx(10.0 * f / 19.0)
+    per = predict(tree, p, lat, "per-level")
+    assert per.draft_ms == pytest.approx(1.0 + 1.5 + 1.0)
+    assert per.step_ms == pytest.approx(16.0 + 3.5)
+    assert draft_ms(tree, Latency(LatencyCurve([1], [10.0])), "per-level") == 0.0
+
+
+def sequoia_selection(T_results, valid_budget, target_time, draft_time):
+    """Sequoia's own selection loop over hand-typed budgets (tree_search.py)."""
+    dec_time, pairs = math.inf, None
+    for i, b in enumerate(valid_budget):
+        for d, ac_len in enumerate(T_results[b]):
+            if ac_len < 0:
+                continue
+            x = (d * draft_time + target_time[i]) / ac_len
+            if x < dec_time:
+                dec_time, pairs = x, (b, d)
+    return dec_time, pairs
+
+
+def test_sequoia_cost_reproduces_sequoia_selection():
+    # Sequoia's demo config: budgets 1..32, target 10..18 ms, draft 0.3 ms, depth 10
+    budgets, target = [1, 2, 4, 8, 16, 32], [10, 10, 10, 12, 14, 18]
+    T, _ = reference_dp(P, 32, 10)
+    ref_time, (b, d) = sequoia_selection(reference_results(T), budgets, target, 0.3)
+    lat = Latency(LatencyCurve(budgets, target), LatencyCurve([1], [0.3]))
+    table = solve(P, 32, 10)
+    choice = choose(P, lat, 32, 10, "sequoia", table=table)
+    # we sweep every size in 1..32, a superset of Sequoia's list: never worse
+    assert 1000 / choice.tokens_per_s <= ref_time + 1e-12
+    # and on Sequoia's own budgets the same cost gives the same optimum
+    ours = min(((l * 0.3 + lat.target(n)) / table.values[n, l], n, l)
+               for n in budgets for l in range(1, 11) if np.isfinite(table.values[n, l]))
+    assert ours[0] == pytest.approx(ref_time, abs=1e-12) and ours[1:] == (b, d)
+
+
+@pytest.mark.parametrize("cost", ["sequoia", "per-level"])
+def test_choose_equals_brute_force_over_dp_trees(cost):
+    lat = latency()
+    table = solve(P, 48, 8)
+    choice = choose(P, lat, 48, 8, cost, table=table)
+    best = math.inf
+    for n in range(1, 49):
+        for l in range(1, 9):
+            if not np.isfinite(table.values[n, l]):
+                continue
+            if cost == "sequoia":
+                step = l * lat.draft(1) + lat.target(n)
+            else:
+                step = predict(table.tree(n, l), P, lat, cost).step_ms
+            best = min(best, step / table.values[n, l])
+    assert choice.step_ms / choice.expected_tokens == pytest.approx(best, rel=1e-12)
+    pred = predict(choice.tree, P, lat, cost)
+    assert choice.tree.size == choice.size and choice.tree.depth == choice.depth - 1
+    assert choice.expected_tokens == pytest.approx(table.value(choice.size, choice.depth))
+    assert (choice.step_ms, choice.tokens_per_s, choice.speedup) == pytest.approx(
+        (pred.step_ms, pred.tokens_per_s, pred.speedup))
+    assert choice.speedup == pytest.approx(lat.target(1) * choice.tokens_per_s / 1000)
+    keys = {"size", "depth", "tree_depth", "F", "step_ms", "tokens_per_s", "speedup"}
+    assert all(set(c) == keys for c in choice.candidates)
+    assert [c["size"] for c in choice.candidates][:4] == [1, 2, 4, 8]
+    assert any(c["size"] == choice.size and c["depth"] == choice.depth
+               for c in choice.candidates)
+    assert max(c["tokens_per_s"] for c in choice.candidates) == pytest.approx(
+        choice.tokens_per_s)
+
+
+def test_flat_draft_curve_makes_both_models_agree():
+    lat = Latency(LatencyCurve(L40_TOKENS, L40_7B), LatencyCurve([1], [0.5]))
+    a = choose(P, lat, 64, 10, "sequoia")
+    b = choose(P, lat, 64, 10, "per-level")
+    assert a.tokens_per_s == pytest.approx(b.tokens_per_s, rel=1e-12)
+
+
+def test_no_draft_curve_costs_nothing_and_depth_aware_profiles_work():
+    rows = [[.5, .2], [.8, .1]]
+    choice = choose(rows, latency(draft=None), 40, 6)
+    assert choice.step_ms == pytest.approx(latency().target(choice.size))
+    assert choice.expected_tokens == pytest.approx(choice.tree.expected_tokens(rows))
+
+
+def test_hardware_errors():
+    with pytest.raises(HardwareError, match="no target latency"):
+        choose(P, None, 10, 4)
+    with pytest.raises(HardwareError, match="unknown draft cost"):
+        choose(P, latency(), 10, 4, "magic")
+    with pytest.raises(HardwareError, match="covers size"):
+        choose(P, latency(), 10, 4, table=solve(P, 5, 4))
+    falling = Latency(LatencyCurve([1, 2], [10.0, 5.0]))
+    with pytest.raises(HardwareError, match="extrapolated"):
+        choose(P, falling, 10, 4)
+
+
+# ------------------------------------------------------------------ the command
+def _sequoia_vector(path, p):
+    torch.save(torch.tensor([0.0, *p, 1 - sum(p)]), path)
+    return path
+
+
+def test_cli_fixed_budget_on_sequoia_vector(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _sequoia_vector(tmp_path / "vec.pt", P)
+    assert main(["search", "--profile", "vec.pt", "--budget", "128", "--max-depth", "12",
+                 "--out", "g.pt", "--table", "t.csv", "--picture", "g.dot"]) == 0
+    out = capsys.readouterr().out
+    assert "expected tokens per step: 3.74744" in out
+    tree, meta = load_growmap(tmp_path / "g.pt")
+    p32 = torch.tensor(P).tolist()  # the vector is float32
+    assert tree.size == 128 and tree.depth <= 11
+    assert tree.expected_tokens(p32) == pytest.approx(meta["expected_tokens"], abs=1e-9)
+    assert meta["method"] == "dp" and meta["budget"] == 128 and meta["depth"] == 12
+    lines = (tmp_path / "t.csv").read_text().splitlines()
+    assert len(lines) == 129 and lines[0].startswith("size,levels_1")
+    assert (tmp_path / "g.dot").is_file()
+    # default output folder
+    assert main(["search", "--profile", "vec.pt", "--budget", "9", "--at-most"]) == 0
+    assert (tmp_path / "growmaps" / "vec-dp-n9.pt").is_file()
+
+
+def test_cli_hardware_aware_and_errors(tmp_path, capsys):
+    prof = {"format": "treeopt-profile", "version": 1, "meta": {},
+            "acceptance": {"p": P},
+            "latency": {"target": {"tokens": L40_TOKENS, "ms": L40_7B},
+                        "draft": {"tokens": L40_TOKENS, "ms": L40_68M}}}
+    path = tmp_path / "prof.json"
+    path.write_text(json.dumps(prof))
+    out = tmp_path / "hw.json"
+    assert main(["search", "--profile", str(path), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "speed-up" in text and "candidates" in text
+    tree, meta = load_growmap(out)
+    choice = choose(P, latency(), 128, 12)
+    assert tree == choice.tree
+    assert meta["predicted_tokens_per_s"] == pytest.approx(choice.tokens_per_s)
+    vec = _sequoia_vector(tmp_path / "vec.pt", P)
+    assert main(["search", "--profile", str(vec), "--out", str(out)]) == 2
+    assert main(["search", "--profile", str(vec), "--budget", "100", "--max-depth", "2",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "no latency table" in err and "no tree of exactly 100 nodes" in err
+    assert all(line.startswith("treeopt search: error:") for line in err.strip().splitlines())
