@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
-import torch
+if TYPE_CHECKING:  # torch is imported where buffers are built, so the CLI starts fast
+    import torch
 
 
 class TreeError(ValueError):
@@ -186,6 +187,8 @@ class Tree:
 
     def to_growmap(self) -> dict:
         """Sequoia's growmap dict: roots, branches, Successors, mask, depth, size."""
+        import torch
+
         return {
             "roots": [list(level) for level in self.levels],
             "branches": [[len(self.children[n]) for n in level] for level in self.levels],
@@ -235,6 +238,8 @@ def as_depth_table(p: Profile1D | Profile2D) -> list[list[float]]:
 
 def ancestor_mask(tree: Tree) -> torch.Tensor:
     """(size, size) bool: ``mask[i, j]`` is True where j is an ancestor of i or j == i."""
+    import torch
+
     n = tree.size
     mask = torch.zeros(n, n, dtype=torch.bool)
     for i in range(n):
@@ -265,6 +270,8 @@ class TreeBuffers:
 
 @lru_cache(maxsize=256)
 def tree_buffers(tree: Tree, device: str = "cpu") -> TreeBuffers:
+    import torch
+
     paths = [tree.path_to(leaf) for leaf in tree.leaves]
     retrieve = torch.full((len(paths), tree.depth + 1), -1, dtype=torch.int64)
     for row, path in enumerate(paths):
