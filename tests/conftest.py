@@ -2,6 +2,15 @@ import os
 
 import pytest
 
+# Tiny models gain nothing from intra-op threads and lose a lot to contention on a shared
+# 2-core machine; one thread keeps the suite fast and its timing steady.
+try:
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:  # pragma: no cover
+    pass
+
 
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("TREEOPT_SLOW") == "1":

@@ -1,0 +1,134 @@
+"""``treeopt bench``: micro-benchmarks. ``attention``: one masked attention call over a tree
+vs one call per branch; ``verify``: the target's forward time against tree size."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from treeopt.cli import UserError
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers"
+                                         ) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give integers >= 1, e.g. 1,4")
+    return values
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="tree attention and verify-cost benchmarks")
+    sub = p.add_subparsers(dest="bench", metavar="BENCH")
+    a = sub.add_parser(
+        "attention", help="tree attention (one masked call) vs per-branch attention",
+        description="Time torch SDPA over a whole token tree with a boolean and an additive "
+                    "tree mask (and FlexAttention with a block mask on CUDA) against one "
+                    "causal SDPA call per root-to-leaf branch, over batch size, context "
+                    "length and tree size. Each tree result is checked against the "
+                    "per-branch results. Median and IQR over --repeats after --warmup.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a.add_argument("--batch", type=_int_list, default=[1, 4])
+    a.add_argument("--context", type=_int_list, default=[128, 512, 2048],
+                   help="cached prefix lengths")
+    a.add_argument("--tree-sizes", type=_int_list, default=[8, 16, 32, 64])
+    a.add_argument("--shape", default="binary", choices=["binary", "ternary", "chain", "star"],
+                   help="tree shape of each size (chain: size-1 drafted tokens, one branch)")
+    a.add_argument("--heads", type=int, default=12)
+    a.add_argument("--head-dim", type=int, default=64)
+    a.add_argument("--dtype", default="float32",
+                   choices=["float32", "float16", "bfloat16", "float64"])
+    a.add_argument("--device", default="cpu", help="cpu or cuda")
+    a.add_argument("--repeats", type=int, default=20)
+    a.add_argument("--warmup", type=int, default=3)
+    a.add_argument("--no-flex", action="store_true", help="skip FlexAttention on CUDA")
+    a.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    a.add_argument("--out", default=None, help="folder for attention.csv and attention.png")
+    a.set_defaults(func=run_attention)
+    v = sub.add_parser(
+        "verify", help="target forward time against tree size (the verify cost curve)",
+        description="Time one target forward over a tree of each size after --context cached "
+                    "tokens (the latency profiler's measurement).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    v.add_argument("--target", default="smollm2", help="target model spec")
+    v.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    v.add_argument("--device", default="auto")
+    v.add_argument("--tree-sizes", type=_int_list, default=[1, 2, 4, 8, 16, 32, 64])
+    v.add_argument("--context", type=int, default=256)
+    v.add_argument("--repeats", type=int, default=10)
+    v.add_argument("--warmup", type=int, default=2)
+    v.add_argument("--out", default=None, help="folder for verify.csv and verify.png")
+    v.set_defaults(func=run_verify)
+    p.set_defaults(func=lambda args: _missing(p))
+
+
+def _missing(parser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def _check_counts(args) -> None:
+    if args.repeats < 1 or args.warmup < 0:
+        raise UserError("--repeats must be >= 1 and --warmup >= 0")
+
+
+def run_attention(args) -> int:
+    from pathlib import Path
+
+    import pandas as pd
+
+    from treeopt.bench.attention import bench_attention, format_attention_table, plot_attention
+
+    _check_counts(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    rows, notes = bench_attention(args.batch, args.context, args.tree_sizes, shape=args.shape,
+                                  heads=args.heads, head_dim=args.head_dim, dtype=args.dtype,
+                                  device=args.device, repeats=args.repeats, warmup=args.warmup,
+                                  flex=not args.no_flex,
+                                  progress=lambda line: print(line, file=sys.stderr))
+    print(f"attention ms, median (IQR) over {args.repeats} repeats; heads {args.heads}, "
+          f"head dim {args.head_dim}, {args.dtype}, {args.device}, {args.shape} trees; "
+          "branches/tree = per-branch median / additive-mask tree median")
+    print(format_attention_table(rows))
+    for note in notes:
+        print(f"note: {note}")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(rows).to_csv(out / "attention.csv", index=False)
+        plot_attention(rows, out / "attention.png")
+        print(f"wrote {out / 'attention.csv'} and {out / 'attention.png'}", file=sys.stderr)
+    return 0
+
+
+def run_verify(args) -> int:
+    from pathlib import Path
+
+    import pandas as pd
+
+    from treeopt.bench.attention import bench_verify, plot_verify
+    from treeopt.decode.models import load_model
+
+    _check_counts(args)
+    model = load_model(args.target, dtype=args.dtype, device=args.device)
+    rows = bench_verify(model, args.tree_sizes, context=args.context, repeats=args.repeats,
+                        warmup=args.warmup)
+    df = pd.DataFrame(rows)
+    print(f"target forward ms after {args.context} cached tokens, median (IQR) over "
+          f"{args.repeats} repeats ({args.target}, {df['device'].iloc[0]}, "
+          f"{df['dtype'].iloc[0]})")
+    print(df[["tree_size", "median_ms", "iqr_ms"]].to_string(index=False,
+                                                              float_format="%.3f"))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        df.to_csv(out / "verify.csv", index=False)
+        plot_verify(rows, out / "verify.png")
+        print(f"wrote {out / 'verify.csv'} and {out / 'verify.png'}", file=sys.stderr)
+    return 0

@@ -1,0 +1,159 @@
+"""``treeopt eval``: plain decoding, chains and trees on the same prompts, interleaved; a
+table on stdout, CSV/JSON (and plots) in --out."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from treeopt.cli import UserError
+
+DEFAULT_TARGET = "smollm2"
+DEFAULT_DRAFT = "early-exit:4"
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers"
+                                         ) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give integers >= 1, e.g. 2,4,8")
+    return values
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="compare plain decoding, chains and trees on a dataset",
+        description="Run plain autoregressive decoding, chains and trees on the same prompts "
+                    "with the same settings, interleaved per prompt in a rotating order. "
+                    "Prints tokens/s (generated tokens only), speed-up over plain decoding, "
+                    "tokens per step, acceptance rate, mean accepted length and (greedy) "
+                    "whether each output equals plain decoding's; writes summary.csv, "
+                    "per_prompt.csv, results.json, rows.jsonl and a report to --out. "
+                    "Exit status 1 when a greedy output differs from plain decoding.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m = p.add_argument_group("models")
+    m.add_argument("--target", default=DEFAULT_TARGET, help="target model spec (see generate)")
+    m.add_argument("--draft", default=DEFAULT_DRAFT,
+                   help="draft model spec or 'early-exit:K'")
+    m.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    m.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    m.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    d = p.add_argument_group("prompts")
+    d.add_argument("--dataset", default="mt_bench",
+                   help="spec_bench, mt_bench, humaneval, a .jsonl/.json/.txt file, or "
+                        "hf:NAME[:split]")
+    d.add_argument("--categories", default=None, help="comma-separated categories to keep")
+    d.add_argument("-n", "--num-prompts", type=int, default=None,
+                   help="draw this many prompts (stratified across categories)")
+    d.add_argument("--seed", type=int, default=0,
+                   help="seed of the prompt draw and of sampling (prompt i uses seed + i)")
+    d.add_argument("--turns", choices=["first", "both"], default="first",
+                   help="multi-turn data: first user turn only, or every turn")
+    d.add_argument("--window", type=int, default=None,
+                   help="text files: consecutive windows of this many units instead of lines")
+    d.add_argument("--window-unit", choices=["chars", "tokens"], default="tokens")
+    t = p.add_argument_group("methods (plain decoding always runs)")
+    t.add_argument("--chain", type=_int_list, default=[],
+                   help="chain draft lengths, e.g. 2,4,8 (draft length L is the shape "
+                        "chain:L+1)")
+    t.add_argument("--tree", "--growmap", dest="trees", action="append", default=[],
+                   help="a growmap file or shape spec (kary:2x3, greedy:32, dp:64x8 ...); "
+                        "repeat for several")
+    t.add_argument("--dp", action="append", default=[], metavar="SIZExLEVELS",
+                   help="the exact-DP tree for --profile, e.g. 32x6 (levels count the root); "
+                        "repeatable")
+    t.add_argument("--profile", default=None,
+                   help="acceptance profile (.json/.pt): expected tokens per step of every "
+                        "tree, and the table for dp:/greedy: shapes")
+    g = p.add_argument_group("decoding")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--rule", choices=["sequoia", "specinfer"], default="sequoia")
+    g.add_argument("--stop-at-eos", action="store_true",
+                   help="stop at EOS (default: every method generates exactly "
+                        "--max-new-tokens, so speed-ups compare equal token counts)")
+    g.add_argument("--no-chat-template", action="store_true")
+    g.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up call")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", required=True, help="results folder")
+    o.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in --out, skipping finished prompts")
+    o.add_argument("--no-report", action="store_true", help="skip plots and report page")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def build_methods(args, profile) -> list:
+    from treeopt.evaluate.runner import ar_method, chain_method, tree_method
+
+    methods = [ar_method()] + [chain_method(n) for n in args.chain]
+    methods += [tree_method(spec, profile) for spec in args.trees]
+    for dp in args.dp:
+        if profile is None:
+            raise UserError("--dp needs --profile (the acceptance profile to optimise for)")
+        methods.append(tree_method(f"dp:{dp}", profile))
+    return methods
+
+
+def run(args) -> int:
+    from treeopt.evaluate.datasets import load_prompts
+    from treeopt.evaluate.runner import EvalConfig, format_summary, run_eval
+
+    if args.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be at least 1")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    profile = None
+    if args.profile:
+        from treeopt.profile import Profile
+
+        profile = Profile.load(args.profile)
+    methods = build_methods(args, profile)
+    if len(methods) == 1:
+        print("treeopt eval: note: only plain decoding requested (add --chain, --tree or --dp)",
+              file=sys.stderr)
+    select = dict(categories=args.categories, n=args.num_prompts, seed=args.seed,
+                  turns=args.turns, window=args.window, window_unit=args.window_unit)
+    token_windows = args.window is not None and args.window_unit == "tokens"
+    prompts = None if token_windows else load_prompts(args.dataset, **select)
+    pair = load_pair_for(args)
+    if prompts is None:
+        prompts = load_prompts(args.dataset, tokenizer=pair.tokenizer, **select)
+    config = EvalConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, rule=args.rule,
+                        stop_at_eos=args.stop_at_eos, chat_template=not args.no_chat_template,
+                        warmup=not args.no_warmup)
+    meta = {"target": args.target, "draft": args.draft, "dataset": args.dataset,
+            "device": str(getattr(pair.target, "device", "")),
+            "profile": args.profile}
+    result = run_eval(pair.target, pair.draft, prompts, methods, config=config,
+                      tokenizer=pair.tokenizer, out_dir=args.out, resume=args.resume,
+                      profile=profile, progress=not args.no_progress, meta=meta)
+    print(format_summary(result.summary))
+    print(f"results: {result.out_dir}", file=sys.stderr)
+    if not args.no_report:
+        from treeopt.evaluate.report import write_report
+
+        page = write_report(result.out_dir, result.out_dir / "report", profile=profile)
+        print(f"report: {page}", file=sys.stderr)
+    if result.failures:
+        print(f"treeopt eval: GREEDY EXACTNESS FAILED for {len(result.failures)} output(s):",
+              file=sys.stderr)
+        for line in result.failures[:20]:
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def load_pair_for(args):
+    """The (target, draft, tokenizer) pair for the command line (a seam for tests)."""
+    from treeopt.decode.models import load_pair
+
+    return load_pair(args.target, args.draft, dtype=args.dtype, device=args.device)

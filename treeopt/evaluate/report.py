@@ -1,0 +1,359 @@
+"""Plots and a Markdown/HTML page from a ``treeopt eval`` results file.
+
+``write_report(results, out_dir, profile=None)`` writes
+
+- ``speedup.png``, ``tokens_per_step.png``: by method and category;
+- ``accepted_hist.png``: accepted draft tokens per verification step, per method;
+- ``acceptance_heatmap.png``: per method, P(the accepted child at depth d has rank k | the
+  path reached depth d-1), from the per-step ranks;
+- ``expected_vs_measured.png``: expected tokens per step F(tree) under an acceptance profile
+  (recorded by the run, or given here) against the measured tokens per step;
+- ``trees/<method>.png``: each evaluated tree (``treeopt.viz.draw_tree``);
+- ``report.md`` and ``report.html`` putting them together with the summary table, the metric
+  definitions and any greedy exactness failure.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from treeopt.evaluate.runner import AR, Method, load_results
+
+
+class ReportError(ValueError):
+    """Results that cannot be reported (missing or malformed)."""
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "tree"
+
+
+def _nan(v: Any) -> float:
+    return math.nan if v is None else float(v)
+
+
+def bar_plot(summary: list[dict], metric: str, ylabel: str, path: Path,
+             baseline: float | None = None) -> None:
+    """Grouped bars: x = category, one bar per method."""
+    plt = _plt()
+    methods = list(dict.fromkeys(r["method"] for r in summary))
+    cats = list(dict.fromkeys(r["category"] for r in summary))
+    value = {(r["method"], r["category"]): _nan(r.get(metric)) for r in summary}
+    width = 0.8 / max(1, len(methods))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(cats) * max(1, len(methods)) * 0.35 + 3),
+                                    3.6))
+    for j, m in enumerate(methods):
+        xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(cats))]
+        ax.bar(xs, [value.get((m, c), math.nan) for c in cats], width, label=m)
+    if baseline is not None:
+        ax.axhline(baseline, color="black", lw=0.8, ls="--")
+    ax.set_xticks(range(len(cats)))
+    ax.set_xticklabels(cats, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncol=min(4, len(methods)))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def accepted_hist(rows: list[dict], methods: list[str], path: Path) -> bool:
+    """Histogram of accepted draft tokens per step, one panel per speculative method."""
+    plt = _plt()
+    data = {m: [a for r in rows if r["method"] == m for a in (r.get("accepted_per_step") or [])]
+            for m in methods if m != AR}
+    data = {m: v for m, v in data.items() if v}
+    if not data:
+        return False
+    fig, axes = plt.subplots(1, len(data), squeeze=False, figsize=(3.2 * len(data), 3.0))
+    for ax, (m, vals) in zip(axes[0], data.items()):
+        top = max(vals)
+        ax.hist(vals, bins=[x - 0.5 for x in range(top + 2)], density=True, rwidth=0.85)
+        ax.set_title(m, fontsize=9)
+        ax.set_xlabel("accepted draft tokens per step")
+        ax.set_xticks(range(top + 1))
+    axes[0][0].set_ylabel("share of steps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def depth_rank_table(rows: list[dict], method: Method) -> list[list[float]]:
+    """(depth, rank) -> P(accepted child at depth d has rank k | the path reached depth d-1).
+
+    Row d-1 is depth d (1..tree depth), column k-1 rank k (1..tree width); NaN where the tree
+    has no node of that depth and rank, or no step reached that depth."""
+    tree = method.tree
+    depth, width = tree.depth, tree.width
+    present = [[False] * width for _ in range(depth)]
+    for i in range(1, tree.size):
+        present[tree.depths[i] - 1][tree.ranks[i] - 1] = True
+    hits = [[0] * width for _ in range(depth)]
+    reached = [0] * depth
+    for r in rows:
+        if r["method"] != method.name:
+            continue
+        for acc, ranks in zip(r.get("accepted_per_step") or [], r.get("ranks_per_step") or []):
+            for d in range(depth):
+                if acc >= d:
+                    reached[d] += 1
+            for d, k in enumerate(ranks[:depth]):
+                if 1 <= k <= width:
+                    hits[d][k - 1] += 1
+    return [[(hits[d][k] / reached[d] if reached[d] and present[d][k] else math.nan)
+             for k in range(width)] for d in range(depth)]
+
+
+def acceptance_heatmap(rows: list[dict], methods: list[Method], path: Path) -> bool:
+    """One heat map per tree method: acceptance by depth (rows) and sibling rank (columns)."""
+    plt = _plt()
+    import numpy as np
+
+    tables = [(m, np.array(depth_rank_table(rows, m), dtype=float)) for m in methods
+              if m.tree is not None and m.tree.size > 1]
+    tables = [(m, t) for m, t in tables if t.size and not np.isnan(t).all()]
+    if not tables:
+        return False
+    fig, axes = plt.subplots(1, len(tables), squeeze=False,
+                             figsize=(max(3.0, 0.5 * max(t.shape[1] for _, t in tables) + 2.2)
+                                      * len(tables), 3.6))
+    for ax, (m, t) in zip(axes[0], tables):
+        im = ax.imshow(np.ma.masked_invalid(t), cmap="viridis", vmin=0.0, vmax=1.0,
+                       aspect="auto")
+        ax.set_title(m.name, fontsize=9)
+        ax.set_xlabel("sibling rank")
+        ax.set_ylabel("depth")
+        ax.set_xticks(range(t.shape[1]))
+        ax.set_xticklabels(range(1, t.shape[1] + 1), fontsize=7)
+        ax.set_yticks(range(t.shape[0]))
+        ax.set_yticklabels(range(1, t.shape[0] + 1), fontsize=7)
+        if t.size <= 120:
+            for (d, k), v in np.ndenumerate(t):
+                if not np.isnan(v):
+                    ax.text(k, d, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                            color="white" if v < 0.5 else "black")
+    fig.colorbar(im, ax=list(axes[0]), shrink=0.8,
+                 label="P(rank k accepted at depth d | depth d-1 reached)")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
+def expected_vs_measured(points: list[tuple[str, float, float]], path: Path) -> None:
+    """Scatter of (method, expected, measured) tokens per step with the y = x line."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.2, 4.0))
+    top = max(max(e, m) for _, e, m in points) * 1.1
+    ax.plot([0, top], [0, top], color="grey", lw=0.8, ls="--")
+    for name, e, m in points:
+        ax.scatter([e], [m], s=20)
+        ax.annotate(name, (e, m), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, top)
+    ax.set_xlabel("expected tokens per step (profile)")
+    ax.set_ylabel("measured tokens per step")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _md_table(records: list[dict], columns: list[str]) -> str:
+    def fmt(v: Any) -> str:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return str(v)
+
+    head = "| " + " | ".join(columns) + " |\n|" + "|".join("---" for _ in columns) + "|\n"
+    return head + "".join("| " + " | ".join(fmt(r.get(c)) for c in columns) + " |\n"
+                          for r in records)
+
+
+def write_report(results: str | Path | dict, out_dir: str | Path, profile: Any = None,
+                 trees: bool = True) -> Path:
+    """Write plots and ``report.md`` / ``report.html`` for a run; returns the Markdown path.
+
+    results: a run folder, its results.json, or the loaded dict. profile: a Profile (or path,
+    or p table) for expected tokens per step; defaults to what the run recorded."""
+    doc = results if isinstance(results, dict) else load_results(results)
+    summary, rows = doc.get("summary") or [], doc.get("rows") or []
+    if not summary:
+        raise ReportError("the results hold no summary rows; was the run empty?")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = doc.get("settings", {})
+    methods = [Method.from_dict(m) for m in settings.get("methods", [])]
+    names = [m.name for m in methods] or list(dict.fromkeys(r["method"] for r in summary))
+    figures: list[tuple[str, str]] = []
+    notes: list[str] = []
+
+    bar_plot(summary, "speedup", "speed-up over plain decoding", out / "speedup.png", 1.0)
+    figures.append(("Speed-up over plain decoding, by method and category", "speedup.png"))
+    bar_plot(summary, "tokens_per_step", "tokens per target forward", out / "tokens_per_step.png",
+             1.0)
+    figures.append(("Tokens per step, by method and category", "tokens_per_step.png"))
+    if accepted_hist(rows, names, out / "accepted_hist.png"):
+        figures.append(("Accepted draft tokens per verification step", "accepted_hist.png"))
+    if acceptance_heatmap(rows, methods, out / "acceptance_heatmap.png"):
+        figures.append(("Acceptance by depth and sibling rank (share of steps reaching the "
+                        "parent's depth)", "acceptance_heatmap.png"))
+
+    expected = _expected(doc, methods, profile)
+    measured = {r["method"]: _nan(r.get("tokens_per_step")) for r in summary
+                if r["category"] == "all"} or {r["method"]: _nan(r.get("tokens_per_step"))
+                                               for r in summary}
+    points = [(m, e, measured[m]) for m, e in expected.items()
+              if m in measured and not math.isnan(measured[m])]
+    if points:
+        expected_vs_measured(points, out / "expected_vs_measured.png")
+        figures.append(("Expected (profile) vs measured tokens per step",
+                        "expected_vs_measured.png"))
+    else:
+        notes.append("No acceptance profile recorded or given: expected-vs-measured plot "
+                     "skipped (pass --profile).")
+
+    tree_pics: list[tuple[str, str]] = []
+    if trees:
+        tree_pics, tree_note = _draw_trees(methods, out, profile)
+        if tree_note:
+            notes.append(tree_note)
+
+    md = _markdown(doc, summary, figures, tree_pics, notes, expected)
+    (out / "report.md").write_text(md, encoding="utf-8")
+    (out / "report.html").write_text(_html(doc, summary, figures, tree_pics, notes),
+                                     encoding="utf-8")
+    return out / "report.md"
+
+
+def _load_profile(profile: Any) -> Any:
+    if profile is None or hasattr(profile, "table") or isinstance(profile, (list, tuple)):
+        return profile
+    from treeopt.profile import Profile
+
+    return Profile.load(profile)
+
+
+def _expected(doc: dict, methods: list[Method], profile: Any) -> dict[str, float]:
+    prof = _load_profile(profile)
+    if prof is not None:
+        table = prof.table() if hasattr(prof, "table") else prof
+        return {m.name: (1.0 if m.tree is None else m.tree.expected_tokens(table))
+                for m in methods}
+    return {k: float(v) for k, v in (doc.get("expected_tokens_per_step") or {}).items()}
+
+
+def _draw_trees(methods: list[Method], out: Path, profile: Any
+                ) -> tuple[list[tuple[str, str]], str | None]:
+    wanted = [m for m in methods if m.tree is not None and m.tree.size > 1]
+    if not wanted:
+        return [], None
+    try:
+        from treeopt.viz import draw_tree
+    except ImportError:
+        return [], "Tree pictures skipped: treeopt.viz is not available in this install."
+    prof = _load_profile(profile)
+    (out / "trees").mkdir(exist_ok=True)
+    pics = []
+    for m in wanted:
+        rel = f"trees/{_safe(m.name)}.png"
+        draw_tree(m.tree, out / rel, profile=prof,
+                  title=f"{m.name} (size {m.tree.size}, depth {m.tree.depth})")
+        pics.append((m.name, rel))
+    return pics, None
+
+
+SHOW = ["method", "category", "prompts", "new_tokens", "tokens_per_s", "speedup",
+        "tokens_per_step", "acceptance_rate", "mean_accepted", "expected_tokens_per_step",
+        "matches_ar"]
+
+
+def _failures(doc: dict) -> list[str]:
+    return [f"{r['method']} differs from ar on prompt {r['prompt_key']} turn "
+            f"{int(r.get('turn') or 1)} at new token {int(r.get('first_mismatch') or 0)}"
+            for r in doc.get("rows") or [] if r.get("matches_ar") is False]
+
+
+def _settings_line(doc: dict) -> str:
+    cfg = doc.get("settings", {}).get("config", {})
+    mode = "greedy" if not cfg.get("temperature") else (
+        f"sampling (temperature {cfg.get('temperature')}, top-p {cfg.get('top_p')}, "
+        f"top-k {cfg.get('top_k')}, seed {cfg.get('seed')}, rule {cfg.get('rule')})")
+    extra = {k: doc[k] for k in ("target", "draft", "dataset", "device") if k in doc}
+    parts = [f"{doc.get('prompts', '?')} prompts", f"{cfg.get('max_new_tokens')} new tokens "
+             "per turn", mode] + [f"{k} {v}" for k, v in extra.items()]
+    return ", ".join(parts)
+
+
+def _markdown(doc, summary, figures, tree_pics, notes, expected) -> str:
+    cols = [c for c in SHOW if any(r.get(c) not in (None, "-") for r in summary)]
+    lines = ["# treeopt evaluation report", "", _settings_line(doc), ""]
+    fails = _failures(doc)
+    if fails:
+        lines += [f"**GREEDY EXACTNESS FAILED for {len(fails)} output(s)**: a lossless method "
+                  "must reproduce plain decoding token for token.", ""]
+        lines += [f"- {f}" for f in fails[:50]] + [""]
+    lines += ["## Summary", "", _md_table(summary, cols)]
+    lines += ["## Figures", ""]
+    for title, rel in figures:
+        lines += [f"### {title}", "", f"![{title}]({rel})", ""]
+    if tree_pics:
+        lines += ["## Trees evaluated", ""]
+        for name, rel in tree_pics:
+            exp = expected.get(name)
+            cap = name + (f" (expected {exp:.3f} tokens/step)" if exp is not None else "")
+            lines += [f"### {cap}", "", f"![{name}]({rel})", ""]
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    lines += ["## Metric definitions", ""]
+    lines += [f"- **{k}**: {v}" for k, v in (doc.get("metrics") or {}).items()] + [""]
+    return "\n".join(lines)
+
+
+def _html(doc, summary, figures, tree_pics, notes) -> str:
+    import pandas as pd
+
+    cols = [c for c in SHOW if any(r.get(c) not in (None, "-") for r in summary)]
+    table = pd.DataFrame(summary)[cols].to_html(index=False, na_rep="-",
+                                                float_format=lambda v: f"{v:.3g}")
+    parts = ["<!doctype html><html><head><meta charset='utf-8'>",
+             "<title>treeopt evaluation report</title>",
+             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}"
+             ".fail{color:#b00;font-weight:bold}img{max-width:100%}</style></head><body>",
+             "<h1>treeopt evaluation report</h1>", f"<p>{html.escape(_settings_line(doc))}</p>"]
+    fails = _failures(doc)
+    if fails:
+        parts.append(f"<p class='fail'>GREEDY EXACTNESS FAILED for {len(fails)} output(s)</p>"
+                     "<ul>" + "".join(f"<li>{html.escape(f)}</li>" for f in fails[:50]) + "</ul>")
+    parts += ["<h2>Summary</h2>", table, "<h2>Figures</h2>"]
+    for title, rel in figures:
+        parts.append(f"<h3>{html.escape(title)}</h3><img src='{html.escape(rel)}' "
+                     f"alt='{html.escape(title)}'>")
+    if tree_pics:
+        parts.append("<h2>Trees evaluated</h2>")
+        for name, rel in tree_pics:
+            parts.append(f"<h3>{html.escape(name)}</h3><img src='{html.escape(rel)}' "
+                         f"alt='{html.escape(name)}'>")
+    if notes:
+        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+                     + "</ul>")
+    parts.append("<h2>Metric definitions</h2><ul>" + "".join(
+        f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>"
+        for k, v in (doc.get("metrics") or {}).items()) + "</ul></body></html>")
+    return "\n".join(parts)
