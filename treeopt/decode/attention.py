@@ -1,0 +1,100 @@
+"""Tree attention through the public transformers API: a 4D additive mask, explicit position
+ids and a ``DynamicCache`` whose entries can be kept or dropped per token.
+
+Facts this relies on (transformers 5.x): a 4D float mask of shape ``(1, 1, q, past + q)`` in
+the model's dtype (0 = attend, ``finfo.min`` = blocked) is used as given by both the sdpa and
+the eager attention; a bool mask is silently misread by eager attention, so it is never passed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class CacheError(ValueError):
+    """The model's cache cannot be compacted token by token (e.g. sliding-window layers)."""
+
+
+def tree_attention_mask(tree_mask: torch.Tensor, past_len: int, dtype: torch.dtype,
+                        device: torch.device | str | None = None) -> torch.Tensor:
+    """Additive float mask for ``q`` new tokens after ``past_len`` cached ones.
+
+    tree_mask: (q, q) bool (or (q, k) with k >= q for a partial tree already in the cache:
+    the last ``k`` columns are the tree part); True = may attend.
+    Returns (1, 1, q, past_len + k) in ``dtype``: 0 where attending, ``finfo(dtype).min``
+    elsewhere; every cached prefix token is visible.
+    """
+    device = tree_mask.device if device is None else device
+    q, k = tree_mask.shape
+    mask = torch.zeros(q, past_len + k, dtype=dtype, device=device)
+    mask[:, past_len:].masked_fill_(~tree_mask.to(device), torch.finfo(dtype).min)
+    return mask.view(1, 1, q, past_len + k)
+
+
+def new_cache(model):
+    """An empty ``DynamicCache`` for ``model`` (its layers must support per-token compaction)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def cache_length(cache) -> int:
+    """Number of tokens held by the cache (0 when empty)."""
+    return cache.get_seq_length() if cache is not None else 0
+
+
+def forward_tree(model, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                 tree_mask: torch.Tensor | None, cache, *, logits_to_keep: int = 0
+                 ) -> torch.Tensor:
+    """One forward over ``q`` new tokens that see the whole cache plus their tree ancestors.
+
+    input_ids: (1, q) int64; position_ids: (1, q) int64 (prefix length + depth);
+    tree_mask: (q, k) bool ancestor-or-self mask over the last k >= q tokens of the cache after
+    this call (k > q when earlier levels of the same tree are already cached), or None for a
+    plain causal chain (transformers builds the causal mask). ``cache`` is updated in place.
+    Returns logits (1, q, V) (or (1, logits_to_keep, V) when ``logits_to_keep`` > 0).
+    """
+    mask = None
+    if tree_mask is not None:
+        k = tree_mask.shape[1]
+        past = cache_length(cache) + input_ids.shape[1] - k
+        mask = tree_attention_mask(tree_mask, past, model.dtype, input_ids.device)
+    out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
+                past_key_values=cache, use_cache=True, logits_to_keep=logits_to_keep)
+    return out.logits
+
+
+def check_cache(cache) -> None:
+    """Raise CacheError unless every layer is a plain (full-attention) dynamic layer."""
+    from transformers.cache_utils import DynamicLayer
+
+    for layer in cache.layers:
+        if type(layer) is not DynamicLayer:
+            raise CacheError(f"cache layer type {type(layer).__name__} cannot be compacted per "
+                             "token; tree decoding needs full-attention layers only")
+
+
+def keep_tokens(cache, start: int, keep: torch.Tensor) -> None:
+    """Compact the cache in place: keep positions ``[0, start)`` plus ``start + keep``.
+
+    keep: (m,) int64 offsets after ``start``, strictly increasing with ``keep[j] >= j`` (an
+    accepted path in breadth-first node order), on the cache's device. Everything else after
+    ``start`` is dropped. Only the tail is copied, never the prefix.
+    """
+    m = keep.shape[0]
+    for layer in cache.layers:
+        if not layer.is_initialized or layer.keys.numel() == 0:
+            continue
+        for name in ("keys", "values"):
+            t = getattr(layer, name)
+            tail = t[:, :, start:].index_select(2, keep.to(t.device))
+            t[:, :, start:start + m] = tail
+            setattr(layer, name, t[:, :, :start + m])
+
+
+def crop_to(cache, length: int) -> None:
+    """Drop every cached token at position >= ``length``."""
+    for layer in cache.layers:
+        if layer.is_initialized and layer.keys.numel() > 0:
+            layer.keys = layer.keys[:, :, :length]
+            layer.values = layer.values[:, :, :length]
