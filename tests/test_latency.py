@@ -1,0 +1,75 @@
+"""Latency profiler: valid profiles from tiny models, merged into existing files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from treeopt.profile import Profile
+from treeopt.profile.latency import (
+    LatencyError,
+    bushy_tree,
+    load_latency,
+    measure_latency,
+    parse_tokens,
+    quartiles,
+    time_tree_forwards,
+    write_latency,
+)
+from treeopt.testing import tiny_pair
+
+
+def test_parse_tokens_and_quartiles():
+    assert parse_tokens("8,1,2,2") == [1, 2, 8]
+    with pytest.raises(LatencyError, match="comma-separated"):
+        parse_tokens("1,two")
+    with pytest.raises(LatencyError, match=">= 1"):
+        parse_tokens("0,1")
+    assert quartiles([3.0]) == (3.0, 3.0, 3.0)
+    assert quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (2.0, 3.0, 4.0)
+
+
+def test_bushy_tree_is_a_valid_bfs_tree():
+    t = bushy_tree(7)
+    assert t.size == 7 and t.depth == 2 and t.width == 2
+    assert bushy_tree(1).size == 1
+
+
+def test_timing_leaves_the_cache_as_it_found_it():
+    target, _ = tiny_pair()
+    samples = time_tree_forwards(target, [1, 3], context=8, repeats=3, warmup=1)
+    assert [len(s) for s in samples] == [3, 3] and all(x > 0 for s in samples for x in s)
+
+
+def test_latency_profile_is_valid_and_merges(tmp_path):
+    torch.set_num_threads(1)
+    target, draft = tiny_pair()
+    lat = measure_latency(target, draft, tokens=[1, 2, 4], draft_tokens=[1, 2], context=16,
+                          repeats=3, warmup=1, names={"target": "tiny"})
+    assert lat.target.tokens == [1, 2, 4] and len(lat.target.spread_ms) == 3
+    assert lat.draft.tokens == [1, 2]
+    for key in ("device", "dtype", "torch", "transformers", "treeopt", "repeats", "warmup"):
+        assert key in lat.meta
+    assert lat.meta["dtype"] == "float32" and lat.meta["target"] == "tiny"
+
+    # latency-only file, then into an existing acceptance profile
+    only = write_latency(lat, tmp_path / "lat.json")
+    assert load_latency(only).target.ms == lat.target.ms
+    acc = Profile.from_counts([5, 3], 2, meta={"kind": "acceptance"})
+    acc.save(tmp_path / "p.json")
+    write_latency(lat, tmp_path / "p.json")
+    both = Profile.load(tmp_path / "p.json")
+    assert both.counts == [5, 3] and both.latency.target.tokens == [1, 2, 4]
+    assert both.latency.context == 16
+
+    (tmp_path / "bad.json").write_text(json.dumps({"x": 1}))
+    with pytest.raises(LatencyError, match="not a treeopt profile"):
+        write_latency(lat, tmp_path / "bad.json")
+
+
+def test_context_beyond_window_is_an_error():
+    target, _ = tiny_pair(max_positions=32)
+    with pytest.raises(LatencyError, match="positions"):
+        time_tree_forwards(target, [8], context=30, repeats=1, warmup=0)

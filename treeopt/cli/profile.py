@@ -1,0 +1,317 @@
+"""``treeopt profile``: measure what a draft/target pair accepts and what the hardware costs.
+
+  treeopt profile acceptance --target smollm2 --draft early-exit:4 --dataset spec_bench \\
+      --temperature 0 --width 8 --depth 6 --out profiles/smollm2-ee4.json
+  treeopt profile latency --target smollm2 --draft early-exit:4 --tokens 1,2,4,8,16,32,64 \\
+      --context 256 --out profiles/smollm2-ee4.json
+  treeopt profile merge A.json B.json --out C.json
+
+Acceptance: teacher-forced (default; the target's own continuation of each prompt, or the
+dataset text with --continuation dataset) or online (the engine decodes with a full W-ary tree
+of depth D). The file is rewritten atomically every --save-every prompts; Ctrl-C keeps what
+was measured and --resume continues. Latency: target tree-forward time by tokens verified at
+once and draft forward time by tokens per level, median and IQR over --repeats; merged into
+--out when that file already holds an acceptance profile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from treeopt.cli import UserError
+
+CPU_PROMPTS, GPU_PROMPTS = 8, 40
+CPU_NEW_TOKENS, GPU_NEW_TOKENS = 32, 128
+MAX_PROMPT_TOKENS = 512
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "profile", help="measure acceptance (by rank and depth) and latency of a model pair",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", metavar="WHAT", required=True)
+
+    acc = sub.add_parser("acceptance", help="acceptance profile p[k] and p[d][k]",
+                         description=__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(acc)
+    add_acceptance_arguments(acc)
+    acc.add_argument("--out", required=True, metavar="PATH", help="profile .json to write")
+    acc.add_argument("--resume", action="store_true",
+                     help="continue from the counts and prompt index stored in --out")
+    acc.add_argument("--save-every", type=int, default=1, metavar="N",
+                     help="rewrite --out every N prompts (default %(default)s)")
+    acc.add_argument("--quiet", action="store_true", help="no progress bar")
+    acc.set_defaults(func=run_acceptance)
+
+    lat = sub.add_parser("latency", help="forward time by number of tokens",
+                         description=__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(lat, draft_required=False)
+    add_latency_arguments(lat)
+    lat.add_argument("--out", required=True, metavar="PATH",
+                     help="profile .json to write (its latency section is replaced if it exists)")
+    lat.set_defaults(func=run_latency)
+
+    merge = sub.add_parser("merge", help="pool profiles by adding their counts")
+    merge.add_argument("inputs", nargs="+", metavar="PROFILE", help="profiles with raw counts")
+    merge.add_argument("--out", required=True, metavar="PATH", help="merged profile .json")
+    merge.set_defaults(func=run_merge)
+    return parser
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, draft_required: bool = True) -> None:
+    parser.add_argument("--target", required=True,
+                        help="target model: smollm2, a folder, a .gguf file or a hub id")
+    parser.add_argument("--draft", required=draft_required,
+                        help="draft model: early-exit:K or a model spec with the same tokenizer")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="CPU threads for torch (default: torch's choice; on a shared "
+                             "machine 1 gives steadier timings)")
+
+
+def add_acceptance_arguments(parser: argparse.ArgumentParser) -> None:
+    """Acceptance settings (``treeopt tune`` shares them)."""
+    parser.add_argument("--dataset", default="spec_bench",
+                        help="prompts: spec_bench, mt_bench, humaneval, a .jsonl/.txt file or "
+                             "hf:NAME (default %(default)s)")
+    parser.add_argument("--categories", help="comma-separated categories to keep")
+    parser.add_argument("--prompts", type=int, metavar="N",
+                        help=f"number of prompts (default {CPU_PROMPTS} on CPU, {GPU_PROMPTS} "
+                             "on GPU)")
+    parser.add_argument("--positions", type=int, metavar="N",
+                        help="stop once N positions are measured (default: all prompts)")
+    parser.add_argument("--max-new-tokens", type=int, metavar="T",
+                        help=f"continuation length per prompt (default {CPU_NEW_TOKENS} on CPU, "
+                             f"{GPU_NEW_TOKENS} on GPU)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0 = greedy (default), > 0 = stochastic verification")
+    parser.add_argument("--top-k", type=int, default=0, help="top-k for P and Q (0 = off)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="top-p for P and Q (1 = off)")
+    parser.add_argument("--rule", choices=["sequoia", "specinfer"], default="sequoia",
+                        help="stochastic verification rule (default %(default)s)")
+    parser.add_argument("--width", type=int, default=8, help="siblings drafted (default 8)")
+    parser.add_argument("--depth", type=int, default=6,
+                        help="depths with their own acceptance row (default 6)")
+    parser.add_argument("--mode", choices=["teacher-forced", "online"], default="teacher-forced",
+                        help="teacher-forced (fast) or online (engine, what decoding sees)")
+    parser.add_argument("--continuation", choices=["target", "dataset"], default="target",
+                        help="teacher-forced positions along the target's own continuation "
+                             "(default, unbiased for decoding) or the dataset text")
+    parser.add_argument("--seed", type=int, default=0, help="prompt selection and sampling seed")
+    parser.add_argument("--no-chat-template", action="store_true",
+                        help="feed the raw prompt text instead of the chat template")
+
+
+def add_latency_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokens", default="1,2,4,8,16,32,64,128",
+                        help="target tree sizes to time (default %(default)s)")
+    parser.add_argument("--draft-tokens",
+                        help="tokens per draft level to time (default: --tokens)")
+    parser.add_argument("--context", type=int, default=256,
+                        help="cached prefix length (default %(default)s)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed runs per point")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs per point")
+
+
+# ---------------------------------------------------------------------------- helpers
+def load_models(args):
+    """(Pair, device) from --target/--draft/--device/--dtype."""
+    import torch
+
+    from treeopt.decode.models import load_pair, resolve_device
+
+    if getattr(args, "threads", None):
+        if args.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    pair = load_pair(args.target, getattr(args, "draft", None), dtype=args.dtype, device=device)
+    return pair, device
+
+
+def encode_prompts(tokenizer, prompts, chat_template: bool,
+                   max_tokens: int = MAX_PROMPT_TOKENS) -> list[list[int]]:
+    """Token ids of each prompt (its last ``max_tokens`` tokens)."""
+    from treeopt.decode.api import encode_prompt
+
+    out = []
+    for p in prompts:
+        if getattr(p, "token_ids", None):
+            ids = list(p.token_ids)
+        else:
+            if tokenizer is None:
+                raise UserError("the target has no tokenizer to encode prompt text; use a "
+                                "model folder that includes one")
+            ids = encode_prompt(tokenizer, p.text, chat_template)[0].tolist()
+        out.append(ids[-max_tokens:])
+    return out
+
+
+def acceptance_defaults(args, device) -> list[str]:
+    """Fill --prompts / --max-new-tokens by device; return notes on the defaults used."""
+    notes = []
+    cpu = device.type != "cuda"
+    if args.prompts is None:
+        args.prompts = CPU_PROMPTS if cpu else GPU_PROMPTS
+        notes.append(f"{args.prompts} prompts")
+    if args.max_new_tokens is None:
+        args.max_new_tokens = CPU_NEW_TOKENS if cpu else GPU_NEW_TOKENS
+        notes.append(f"{args.max_new_tokens} tokens per continuation")
+    return notes
+
+
+def acceptance_run(args):
+    from treeopt.profile.acceptance import AcceptanceRun
+
+    run = AcceptanceRun(width=args.width, depth=args.depth, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, rule=args.rule, mode=args.mode,
+                        continuation=args.continuation, max_new_tokens=args.max_new_tokens,
+                        seed=args.seed, draft=args.draft, target=args.target,
+                        dataset=str(args.dataset), chat_template=not args.no_chat_template)
+    run.check()
+    return run
+
+
+def measure_acceptance(args, pair, device, out: Path, progress: bool = True):
+    """Load the prompts, run the profiler; returns (Profile, notes)."""
+    from treeopt.decode.api import eos_ids
+    from treeopt.evaluate.datasets import load_prompts
+    from treeopt.profile.acceptance import profile_acceptance
+
+    if pair.draft is None:
+        raise UserError("acceptance profiling needs a --draft")
+    notes = acceptance_defaults(args, device)
+    run = acceptance_run(args)
+    prompts = load_prompts(args.dataset, categories=args.categories, n=args.prompts,
+                           seed=args.seed)
+    ids = encode_prompts(pair.tokenizer, prompts, not args.no_chat_template)
+    if args.continuation == "dataset":
+        ids = [x for x in ids if len(x) >= 2]
+    eos = eos_ids(pair.tokenizer, pair.target) if pair.tokenizer is not None else []
+    profile = profile_acceptance(
+        pair.target, pair.draft, ids, run, out=out, resume=getattr(args, "resume", False),
+        save_every=max(1, getattr(args, "save_every", 1)), progress=progress,
+        eos_token_id=eos[0] if eos else None, max_positions=args.positions)
+    return profile, notes
+
+
+def describe_acceptance(profile) -> str:
+    """A few lines: p by rank with its 95 % interval, per-depth p1."""
+    lines = [profile.summary(ranks=min(8, profile.width))]
+    if profile.counts is not None:
+        ci = profile.ci95()
+        head = "  ".join(f"p{k + 1}={p:.3f}[{lo:.3f},{hi:.3f}]"
+                         for k, (p, (lo, hi)) in enumerate(zip(profile.p[:4], ci[:4])))
+        lines.append(f"  {head}")
+    if profile.by_depth is not None:
+        rows = "  ".join(f"d{d}: p1={r[0]:.3f} sum={sum(r):.3f}"
+                         for d, r in enumerate(profile.by_depth))
+        lines.append(f"  by depth: {rows}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- commands
+def run_acceptance(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.suffix.lower() != ".json":
+        raise UserError(f"--out {out.name}: acceptance profiles are written as .json")
+    if out.exists() and not args.resume:
+        _check_overwrite(out)
+    pair, device = load_models(args)
+    profile, notes = measure_acceptance(args, pair, device, out, progress=not args.quiet)
+    if notes:
+        print(f"defaults on {device.type}: {', '.join(notes)}")
+    print(describe_acceptance(profile))
+    print(f"profile: {out}")
+    return 0
+
+
+def _check_overwrite(out: Path) -> None:
+    """Refuse to overwrite an acceptance profile a run could be resumed from."""
+    try:
+        d = json.loads(out.read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(d, dict) and d.get("acceptance"):
+        raise UserError(f"{out} already holds an acceptance profile; pass --resume to continue "
+                        "it, or choose another --out")
+
+
+def run_latency(args: argparse.Namespace) -> int:
+    from treeopt.profile.latency import measure_latency, parse_tokens, write_latency
+
+    tokens = parse_tokens(args.tokens)
+    draft_tokens = parse_tokens(args.draft_tokens) if args.draft_tokens else None
+    pair, device = load_models(args)
+    latency = measure_latency(pair.target, pair.draft, tokens=tokens, draft_tokens=draft_tokens,
+                              context=args.context, repeats=args.repeats, warmup=args.warmup,
+                              names={"target": args.target, "draft": args.draft})
+    path = write_latency(latency, args.out)
+    print(describe_latency(latency))
+    print(f"profile: {path}")
+    return 0
+
+
+def describe_latency(latency) -> str:
+    lines = [f"latency on {latency.meta.get('device')} ({latency.meta.get('dtype')}), context "
+             f"{latency.context}, median ms (IQR):"]
+    for name, curve in (("target", latency.target), ("draft", latency.draft)):
+        if curve is None:
+            continue
+        pts = "  ".join(f"{n}:{ms:.2f}({s:.2f})"
+                        for n, ms, s in zip(curve.tokens, curve.ms, curve.spread_ms or
+                                            [0.0] * len(curve.ms)))
+        lines.append(f"  {name}: {pts}")
+    return "\n".join(lines)
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from treeopt.profile import Profile
+    from treeopt.profile.acceptance import with_intervals, write_atomic
+
+    if len(args.inputs) < 2:
+        raise UserError("merge needs at least two profiles")
+    profiles = [Profile.load(p) for p in args.inputs]
+    merged = profiles[0]
+    for other in profiles[1:]:
+        merged = merged.merge(other)
+    merged = with_intervals(merged)
+    write_atomic(merged, Path(args.out))
+    n = sum(merged.counts) + merged.none_count
+    print(f"merged {len(profiles)} profiles ({n} positions): {merged.summary()}")
+    print(f"profile: {args.out}")
+    return 0
+
+
+def held_out_prompts(dataset: str, profile_meta: dict, n: int, seed: int = 0,
+                     categories: str | None = None):
+    """``n`` prompts of ``dataset`` that a profile measured with the same dataset did not use
+    (its selection is rebuilt from the settings in its meta), drawn with ``seed``."""
+    from treeopt.evaluate.datasets import load_prompts, select
+
+    every = load_prompts(dataset, categories=categories)
+    meta = profile_meta or {}
+    settings = meta.get("settings", {})
+    used: set[str] = set()
+    if settings.get("dataset") == str(dataset) and meta.get("prompts_total"):
+        used = {p.id for p in load_prompts(dataset, categories=categories,
+                                           n=meta["prompts_total"],
+                                           seed=settings.get("seed", 0))}
+    rest = [p for p in every if p.id not in used]
+    return select(rest, n=n, seed=seed + 1, source=str(dataset))
+
+
+def split_prompts(dataset: str, n_profile: int, n_eval: int, seed: int = 0,
+                  categories: str | None = None):
+    """Two disjoint prompt sets: (``n_profile`` to profile on, ``n_eval`` to evaluate on)."""
+    from treeopt.evaluate.datasets import load_prompts, select
+
+    first = load_prompts(dataset, categories=categories, n=n_profile, seed=seed)
+    used = {p.id for p in first}
+    rest = [p for p in load_prompts(dataset, categories=categories) if p.id not in used]
+    return first, select(rest, n=n_eval, seed=seed + 1, source=str(dataset))

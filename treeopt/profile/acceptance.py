@@ -1,0 +1,581 @@
+"""Acceptance profiler: which sibling rank does the verifier accept, per depth.
+
+At many positions of real continuations, draft a width-W set of siblings and record which
+rank (1..W) the verifier accepts, or none (rank 0 here):
+
+- greedy (temperature 0): the siblings are the draft's top-W tokens; the accepted one is the
+  sibling equal to the target's argmax.
+- stochastic: W samples drawn from the draft distribution Q without replacement (with
+  replacement for the SpecInfer rule), verified by ``treeopt.decode.sampling.verify_children``,
+  the same code the decoding engine uses.
+
+Counting (``count_ranks``). The flat counts (Sequoia's vector p[k]) use every position. The
+per-depth counts p[d][k] replay what a decoding step with a W-ary tree of depth D sees
+(``walk_steps``): a step starts at some position, depth d looks at the position d steps
+later, the walk continues while a sibling is accepted, stops at the first "none" (the bonus
+token then fills that position) or after D accepted levels (the bonus fills the next one);
+the next step starts right after the bonus token. Step starts are therefore the positions
+decoding itself starts steps at, not arbitrary ones.
+
+Which continuation (teacher-forced mode). The positions come from a continuation of each
+prompt; the choice decides what the estimate is unbiased for:
+
+- ``"target"`` (default): the target's own continuation (greedy at temperature 0, sampled
+  from the target's P at temperature T > 0). Speculative decoding is lossless, so its output
+  has exactly this distribution: the contexts are the contexts decoding meets. At temperature
+  0 the accepted sibling is the target's token itself, so the walk follows exactly the path
+  decoding takes and the per-depth counts equal the online ones (tested). At T > 0 the walk
+  continues along the sampled continuation rather than along the accepted draft sample (both
+  are draws from P overall, but conditioned on an acceptance the accepted token leans toward
+  what Q likes), so deeper rows are a close approximation there.
+- ``"dataset"``: the dataset text itself (one target pass and one draft pass, fastest). Human
+  text is not what the target writes, so drafts typically agree less (or differently) there:
+  a biased estimate for decoding, useful as a cheap proxy.
+
+Online mode runs the decoding engine with a full W-ary tree of depth D and reads the accepted
+ranks per step from ``DecodeStats.steps``: exactly what decoding sees, at decoding's cost.
+
+Profiles are written incrementally (atomically) every few prompts with the prompt index, so an
+interrupted run keeps what it measured and ``resume=True`` continues from the file. Each
+prompt's random draws depend only on (seed, prompt index), so a resumed run gives the same
+counts as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+
+MODES = ("teacher-forced", "online")
+CONTINUATIONS = ("target", "dataset")
+RULES = ("sequoia", "specinfer")
+# Settings that must match for --resume to add to an existing file.
+RESUME_KEYS = ("mode", "continuation", "draft", "target", "dataset", "temperature", "top_k",
+               "top_p", "rule", "width", "depth", "max_new_tokens", "seed", "chat_template")
+# Largest full W-ary tree online mode will verify in one step.
+MAX_ONLINE_TREE = 1024
+
+
+class AcceptanceError(ValueError):
+    """Bad acceptance-profiling input; the message says what to change."""
+
+
+# --------------------------------------------------------------------------- ranks at positions
+def greedy_ranks(target_logits: torch.Tensor, draft_logits: torch.Tensor,
+                 width: int) -> list[int]:
+    """Rank of the target's argmax among the draft's top-``width`` tokens at each position.
+
+    target_logits, draft_logits: (T, V). Returns T ints: 1..width, or 0 where the target's
+    token is not among the draft's top ``width`` (no sibling accepted)."""
+    if target_logits.shape != draft_logits.shape:
+        raise AcceptanceError(f"target logits {tuple(target_logits.shape)} and draft logits "
+                              f"{tuple(draft_logits.shape)} differ; the models need one vocabulary")
+    if target_logits.shape[0] == 0:
+        return []
+    want = target_logits.argmax(dim=-1, keepdim=True)                        # (T, 1)
+    top = draft_logits.topk(min(width, draft_logits.shape[-1]), dim=-1).indices  # (T, W)
+    hit = top == want                                                       # (T, W)
+    first = hit.float().argmax(dim=-1) + 1
+    ranks = torch.where(hit.any(dim=-1), first, torch.zeros_like(first))
+    return [int(r) for r in ranks.tolist()]
+
+
+def stochastic_ranks(target_probs: torch.Tensor, draft_probs: torch.Tensor, width: int, *,
+                     rule: str = "sequoia", generator: torch.Generator | None = None) -> list[int]:
+    """Accepted sibling rank at each position under stochastic verification.
+
+    target_probs, draft_probs: (T, V) distributions P and Q (temperature/top-k/top-p already
+    applied). At each position ``width`` children are drawn from Q (without replacement for
+    the Sequoia rule, with replacement for SpecInfer) and verified against P, with the
+    engine's own ``draw_children`` and ``verify_children_batch`` (``verify_children`` on all
+    positions at once). Returns T ints in 0..width (0 = none accepted). Verification is
+    sequential, so the first b of the W drawn siblings give the outcome a width-b tree would
+    have with the same draws."""
+    from treeopt.decode.sampling import draw_children, verify_children_batch
+
+    if rule not in RULES:
+        raise AcceptanceError(f"unknown verification rule {rule!r}; use sequoia or specinfer")
+    if target_probs.shape[0] == 0:
+        return []
+    children = draw_children(draft_probs, width, replacement=(rule == "specinfer"),
+                             generator=generator)
+    accepted, _ = verify_children_batch(target_probs, draft_probs, children, rule, generator)
+    return [int(a) + 1 for a in accepted.tolist()]
+
+
+# --------------------------------------------------------------------------- counting
+def walk_steps(ranks: Sequence[int], depth: int, start: int = 0) -> list[list[int]]:
+    """Replay decoding steps with a full W-ary tree of ``depth`` levels over per-position ranks.
+
+    ranks[t] is the accepted sibling rank at position t (0 = none). A step starting at t
+    accepts ranks[t], ranks[t+1], ... until a 0 or ``depth`` accepted levels; the next step
+    starts after the bonus token. Returns the accepted ranks of each step (the same form as
+    ``StepStats.ranks``); a step running past the last position is cut there and ends the walk.
+    """
+    steps: list[list[int]] = []
+    t = start
+    n = len(ranks)
+    while t < n:
+        accepted: list[int] = []
+        while len(accepted) < depth and t + len(accepted) < n and ranks[t + len(accepted)] > 0:
+            accepted.append(int(ranks[t + len(accepted)]))
+        steps.append(accepted)
+        t += len(accepted) + 1
+    return steps
+
+
+@dataclass
+class RankCounts:
+    """Raw acceptance counts for width W and D depths.
+
+    counts[k-1]: positions whose accepted rank is k (flat, every position); none_count: no
+    sibling accepted; depth_counts[d][k-1] / depth_none[d]: the same for siblings under an
+    accepted parent at depth d, along decoding-like walks (``walk_steps``)."""
+
+    width: int
+    depth: int
+    counts: list[int] = field(default_factory=list)
+    none_count: int = 0
+    depth_counts: list[list[int]] = field(default_factory=list)
+    depth_none: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            self.counts = [0] * self.width
+        if not self.depth_counts:
+            self.depth_counts = [[0] * self.width for _ in range(self.depth)]
+        if not self.depth_none:
+            self.depth_none = [0] * self.depth
+
+    @property
+    def positions(self) -> int:
+        return sum(self.counts) + self.none_count
+
+    def add_positions(self, ranks: Sequence[int]) -> None:
+        """Add per-position ranks (0 = none) to the flat counts."""
+        for r in ranks:
+            if r:
+                self.counts[r - 1] += 1
+            else:
+                self.none_count += 1
+
+    def add_steps(self, steps: Sequence[Sequence[int]],
+                  complete: Sequence[bool] | None = None) -> None:
+        """Add decoding steps (accepted ranks per step) to the per-depth counts. A step with
+        fewer than ``depth`` accepted ranks counts a "none" at the next depth unless
+        ``complete[i]`` is False (the step was cut by the end of the text)."""
+        for i, step in enumerate(steps):
+            for d, r in enumerate(step[: self.depth]):
+                self.depth_counts[d][r - 1] += 1
+            if len(step) < self.depth and (complete is None or complete[i]):
+                self.depth_none[len(step)] += 1
+
+    def add(self, other: "RankCounts") -> None:
+        if (other.width, other.depth) != (self.width, self.depth):
+            raise AcceptanceError(f"cannot add counts of width {other.width} depth {other.depth} "
+                                  f"to width {self.width} depth {self.depth}")
+        self.counts = [a + b for a, b in zip(self.counts, other.counts)]
+        self.none_count += other.none_count
+        self.depth_counts = [[a + b for a, b in zip(r, s)]
+                             for r, s in zip(self.depth_counts, other.depth_counts)]
+        self.depth_none = [a + b for a, b in zip(self.depth_none, other.depth_none)]
+
+    def to_profile(self, meta: dict | None = None):
+        """Profile with these counts, a Wilson 95 % interval and the sample size per entry
+        in ``meta["ci95"]``. Depth rows nobody reached (no samples) are left out: rows past
+        the end reuse the last one."""
+        from treeopt.profile import Profile
+
+        if self.positions == 0:
+            raise AcceptanceError("no positions were measured; give longer prompts or more "
+                                  "--max-new-tokens")
+        rows = [d for d in range(self.depth)
+                if sum(self.depth_counts[d]) + self.depth_none[d] > 0]
+        keep = len(rows) if rows == list(range(len(rows))) else 0
+        depth_counts = [list(r) for r in self.depth_counts[:keep]] or None
+        depth_none = list(self.depth_none[:keep]) or None
+        prof = Profile.from_counts(list(self.counts), self.none_count, depth_counts=depth_counts,
+                                   depth_none=depth_none, meta=dict(meta or {}))
+        return with_intervals(prof)
+
+
+def reliable_table(profile, min_samples: int = 50) -> list[list[float]]:
+    """``profile.table()`` without the deep rows measured on fewer than ``min_samples``
+    steps (rows past the end reuse the last kept one); the flat row when no depth row has
+    enough. A deep row seen a handful of times (often all "none") would otherwise forbid
+    the DP from going deeper on noise."""
+    if profile.depth_counts is None:
+        return profile.table()
+    rows = []
+    for d, row in enumerate(profile.by_depth):
+        if sum(profile.depth_counts[d]) + profile.depth_none[d] < min_samples:
+            break
+        rows.append(list(row))
+    return rows or profile.table(depth_aware=False)
+
+
+def with_intervals(profile):
+    """The profile with ``meta["ci95"]``: sample sizes and Wilson 95 % intervals of every
+    p[k] (and every per-depth p[d][k]) computed from its raw counts."""
+    import dataclasses
+
+    if profile.counts is None:
+        return profile
+
+    def block(intervals, n):
+        return {"samples": n, "ci95": [[round(lo, 6), round(hi, 6)] for lo, hi in intervals]}
+
+    ci = {"p": block(profile.ci95(), sum(profile.counts) + profile.none_count)}
+    if profile.depth_counts is not None:
+        ci["by_depth"] = [block(profile.ci95(d), sum(c) + n)
+                          for d, (c, n) in enumerate(zip(profile.depth_counts, profile.depth_none))]
+    meta = dict(profile.meta)
+    meta["ci95"] = ci
+    return dataclasses.replace(profile, meta=meta)
+
+
+def count_ranks(ranks: Sequence[int], width: int, depth: int, start: int = 0) -> RankCounts:
+    """Flat counts over every position plus per-depth counts along ``walk_steps``."""
+    counts = RankCounts(width, depth)
+    counts.add_positions(ranks[start:])
+    steps = walk_steps(ranks, depth, start)
+    ends, t = [], start
+    for s in steps:
+        t += len(s) + 1
+        ends.append(len(s) == depth or t <= len(ranks))
+    counts.add_steps(steps, ends)
+    return counts
+
+
+# --------------------------------------------------------------------------- model passes
+def _logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Full-sequence logits (1, L) -> (L, V) float32 on CPU."""
+    with torch.no_grad():
+        out = model(input_ids=input_ids, use_cache=False)
+    return out.logits[0].float().cpu()
+
+
+def _device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+def target_continuation(target, prompt_ids: Sequence[int], max_new_tokens: int, *,
+                        temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                        generator: torch.Generator | None = None,
+                        eos_token_id: int | None = None) -> tuple[list[int], torch.Tensor]:
+    """The target's own continuation of a prompt and its logits at every position.
+
+    Greedy at temperature 0, sampled from the target's P otherwise (the distribution
+    speculative decoding reproduces). Returns (tokens (T,), logits (T, V) float32 CPU) where
+    logits[t] is the target's prediction for tokens[t]; stops after ``eos_token_id``."""
+    from transformers import DynamicCache
+
+    from treeopt.decode.sampling import logits_to_probs
+
+    device = _device(target)
+    ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
+    cache = DynamicCache(config=target.config)
+    tokens: list[int] = []
+    rows: list[torch.Tensor] = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            out = target(input_ids=ids, past_key_values=cache, use_cache=True)
+            row = out.logits[0, -1].float().cpu()
+            if temperature > 0:
+                probs = logits_to_probs(row, temperature, top_k, top_p)
+                tok = int(torch.multinomial(probs, 1, generator=generator))
+            else:
+                tok = int(row.argmax())
+            rows.append(row)
+            tokens.append(tok)
+            if eos_token_id is not None and tok == eos_token_id:
+                break
+            ids = torch.tensor([[tok]], dtype=torch.long, device=device)
+    logits = torch.stack(rows) if rows else torch.zeros(0, 0)
+    return tokens, logits
+
+
+def teacher_forced_ranks(target, draft, prompt_ids: Sequence[int], *, width: int,
+                         max_new_tokens: int = 64, continuation: str = "target",
+                         temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                         rule: str = "sequoia", generator: torch.Generator | None = None,
+                         eos_token_id: int | None = None) -> tuple[list[int], int]:
+    """Accepted rank at each position of one continuation (see the module docstring).
+
+    Returns (ranks, start): ranks[t] in 0..width for each continuation position, and the
+    position a decoding walk starts at (1 for the target's continuation, whose first token
+    comes from the prefill forward as in decoding; 0 for dataset text)."""
+    if continuation not in CONTINUATIONS:
+        raise AcceptanceError(f"unknown continuation {continuation!r}; use target or dataset")
+    prompt_ids = list(prompt_ids)
+    if continuation == "target":
+        tokens, p_logits = target_continuation(
+            target, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
+            top_p=top_p, generator=generator, eos_token_id=eos_token_id)
+        if not tokens:
+            return [], 0
+        seq = prompt_ids + tokens[:-1]
+        q_logits = _logits(draft, torch.tensor([seq], device=_device(draft)))[len(prompt_ids) - 1:]
+        start = 1
+    else:
+        if len(prompt_ids) < 2:
+            return [], 0
+        ids = torch.tensor([prompt_ids], device=_device(target))
+        p_logits = _logits(target, ids)[:-1]
+        q_logits = _logits(draft, ids.to(_device(draft)))[:-1]
+        start = 0
+    if p_logits.shape[-1] != q_logits.shape[-1]:
+        raise AcceptanceError(f"target vocabulary {p_logits.shape[-1]} != draft vocabulary "
+                              f"{q_logits.shape[-1]}; the pair must share a tokenizer")
+    if temperature <= 0:
+        return greedy_ranks(p_logits, q_logits, width), start
+    from treeopt.decode.sampling import logits_to_probs
+
+    p = logits_to_probs(p_logits, temperature, top_k, top_p)
+    q = logits_to_probs(q_logits, temperature, top_k, top_p)
+    return stochastic_ranks(p, q, width, rule=rule, generator=generator), start
+
+
+def online_steps(target, draft, prompt_ids: Sequence[int], *, width: int, depth: int,
+                 max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, rule: str = "sequoia", seed: int | None = None,
+                 eos_token_id: int | None = None) -> tuple[list[list[int]], list[bool]]:
+    """Accepted ranks per decoding step of the engine run with a full ``width``-ary tree of
+    ``depth`` levels (what decoding actually sees).
+
+    Returns (ranks per step, complete per step). Near ``max_new_tokens`` the engine cuts the
+    tree to the depth that still fits; a step that accepted its whole cut tree says nothing
+    about the next depth, so it is marked incomplete (no "none" is counted for it)."""
+    from treeopt.decode.engine import generate
+    from treeopt.shapes import kary
+
+    size = sum(width ** d for d in range(depth + 1))
+    if size > MAX_ONLINE_TREE:
+        raise AcceptanceError(f"online mode verifies a full {width}-ary tree of depth {depth} "
+                              f"({size} nodes, limit {MAX_ONLINE_TREE}); lower --width "
+                              "or --depth, or use --mode teacher-forced")
+    tree = kary(width, depth)
+    ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=_device(target))
+    gen = generate(target, draft, tree, ids, max_new_tokens=max_new_tokens,
+                   temperature=temperature, top_k=top_k, top_p=top_p, rule=rule,
+                   eos_token_id=eos_token_id, seed=seed)
+    steps, complete = [], []
+    produced = 1  # the first token comes from the prefill forward
+    for s in gen.stats.steps:
+        cap = min(depth, max_new_tokens - produced - 1)
+        steps.append(list(s.ranks))
+        complete.append(len(s.ranks) < cap or len(s.ranks) == depth)
+        produced += s.tokens
+    return steps, complete
+
+
+# --------------------------------------------------------------------------- whole runs
+@dataclass
+class AcceptanceRun:
+    """Settings of one profiling run (stored in the profile's meta)."""
+
+    width: int = 8
+    depth: int = 6
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    rule: str = "sequoia"
+    mode: str = "teacher-forced"
+    continuation: str = "target"
+    max_new_tokens: int = 64
+    seed: int = 0
+    draft: str | None = None
+    target: str | None = None
+    dataset: str | None = None
+    chat_template: bool = True
+
+    def check(self) -> None:
+        if self.width < 1 or self.depth < 1:
+            raise AcceptanceError(f"width and depth must be >= 1, got {self.width} and "
+                                  f"{self.depth}")
+        if self.mode not in MODES:
+            raise AcceptanceError(f"unknown mode {self.mode!r}; use teacher-forced or online")
+        if self.continuation not in CONTINUATIONS:
+            raise AcceptanceError(f"unknown continuation {self.continuation!r}; use target or "
+                                  "dataset")
+        if self.rule not in RULES:
+            raise AcceptanceError(f"unknown verification rule {self.rule!r}; use sequoia or "
+                                  "specinfer")
+        if self.temperature < 0:
+            raise AcceptanceError(f"temperature must be >= 0, got {self.temperature}")
+        if self.max_new_tokens < 2:
+            raise AcceptanceError(f"max_new_tokens must be >= 2, got {self.max_new_tokens}")
+
+    def meta(self) -> dict:
+        return {k: getattr(self, k) for k in RESUME_KEYS}
+
+
+def prompt_generator(seed: int, index: int) -> torch.Generator:
+    """Each prompt's random stream depends only on (seed, prompt index)."""
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(index))
+
+
+def measure_prompt(target, draft, prompt_ids: Sequence[int], run: AcceptanceRun, index: int,
+                   eos_token_id: int | None = None) -> RankCounts:
+    """Counts from one prompt under ``run``'s settings."""
+    if run.mode == "online":
+        steps, complete = online_steps(
+            target, draft, prompt_ids, width=run.width, depth=run.depth,
+            max_new_tokens=run.max_new_tokens, temperature=run.temperature, top_k=run.top_k,
+            top_p=run.top_p, rule=run.rule, seed=run.seed * 1_000_003 + index,
+            eos_token_id=eos_token_id)
+        counts = RankCounts(run.width, run.depth)
+        counts.add_steps(steps, complete)
+        counts.counts = list(counts.depth_counts[0])
+        counts.none_count = counts.depth_none[0]
+        return counts
+    ranks, start = teacher_forced_ranks(
+        target, draft, prompt_ids, width=run.width, max_new_tokens=run.max_new_tokens,
+        continuation=run.continuation, temperature=run.temperature, top_k=run.top_k,
+        top_p=run.top_p, rule=run.rule, generator=prompt_generator(run.seed, index),
+        eos_token_id=eos_token_id)
+    return count_ranks(ranks, run.width, run.depth, start)
+
+
+def _resume_state(path: Path, run: AcceptanceRun, n_prompts: int) -> tuple[RankCounts, int, float]:
+    from treeopt.profile import Profile
+
+    prof = Profile.load(path)
+    meta = prof.meta or {}
+    settings = meta.get("settings", {})
+    for key in RESUME_KEYS:
+        if key in settings and settings[key] != getattr(run, key):
+            raise AcceptanceError(f"--resume: {path.name} was measured with {key}="
+                                  f"{settings[key]!r}, not {getattr(run, key)!r}; use the same "
+                                  "settings or another --out")
+    done = int(meta.get("prompts_done", 0))
+    if done > n_prompts:
+        raise AcceptanceError(f"--resume: {path.name} already covers {done} prompts but only "
+                              f"{n_prompts} were given; pass the same prompts")
+    counts = RankCounts(run.width, run.depth)
+    if prof.counts is not None:
+        counts.counts = list(prof.counts)
+        counts.none_count = int(prof.none_count or 0)
+    for d, row in enumerate((prof.depth_counts or [])[: run.depth]):
+        counts.depth_counts[d] = list(row)
+        counts.depth_none[d] = int(prof.depth_none[d])
+    return counts, done, float(meta.get("seconds", 0.0))
+
+
+def write_atomic(profile, path: Path) -> None:
+    """Save a profile via a temporary file in the same folder and ``os.replace``, so an
+    interruption never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp.json", dir=path.parent)
+    os.close(fd)
+    try:
+        if path.exists() and path.suffix == ".json":
+            _save_keeping_latency(profile, Path(tmp), path)
+        else:
+            profile.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _save_keeping_latency(profile, tmp: Path, existing: Path) -> None:
+    """Save ``profile``; keep a latency section the existing file has and the profile lacks."""
+    profile.save(tmp)
+    if getattr(profile, "latency", None) is not None:
+        return
+    try:
+        old = json.loads(existing.read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(old, dict) and old.get("latency"):
+        new = json.loads(tmp.read_text())
+        new["latency"] = old["latency"]
+        tmp.write_text(json.dumps(new, indent=1))
+
+
+def profile_acceptance(target, draft, prompts: Sequence[Sequence[int]], run: AcceptanceRun, *,
+                       out: str | os.PathLike | None = None, resume: bool = False,
+                       save_every: int = 1, eos_token_id: int | None = None,
+                       progress: bool = False, max_positions: int | None = None,
+                       on_prompt: Callable[[int, RankCounts], None] | None = None):
+    """Measure an acceptance profile over ``prompts`` (token-id lists) and return a Profile.
+
+    With ``out``, the profile is (re)written atomically every ``save_every`` prompts and when
+    interrupted (KeyboardInterrupt is re-raised after saving); ``resume`` continues from the
+    counts and prompt index stored there. ``on_prompt(index, total_counts)`` runs after each
+    prompt. ``progress`` shows a tqdm bar with ETA on stderr. ``max_positions`` stops after
+    the prompt that brings the flat sample size to at least that many positions."""
+    run.check()
+    path = Path(out) if out is not None else None
+    total = RankCounts(run.width, run.depth)
+    done, seconds = 0, 0.0
+    if resume:
+        if path is None or not path.exists():
+            raise AcceptanceError("--resume needs an existing --out profile to continue")
+        total, done, seconds = _resume_state(path, run, len(prompts))
+
+    def snapshot(n_done: int, secs: float):
+        meta = {"kind": "acceptance", "settings": run.meta(), "prompts_done": n_done,
+                "prompts_total": len(prompts), "positions": total.positions,
+                "steps": sum(total.depth_counts[0]) + total.depth_none[0],
+                "seconds": round(secs, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "treeopt_version": _version()}
+        return total.to_profile(meta)
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(prompts), initial=done, desc="acceptance", unit="prompt",
+                   dynamic_ncols=True)
+    t0 = time.perf_counter()
+    counted = done
+    try:
+        for index in range(done, len(prompts)):
+            counts = measure_prompt(target, draft, prompts[index], run, index, eos_token_id)
+            total.add(counts)
+            counted = index + 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(positions=total.positions, p1=_p1(total))
+            due = (counted - done) % save_every == 0 or counted == len(prompts)
+            if path is not None and total.positions and due:
+                write_atomic(snapshot(counted, seconds + time.perf_counter() - t0), path)
+            if on_prompt is not None:
+                on_prompt(index, total)
+            if max_positions is not None and total.positions >= max_positions:
+                if path is not None and not due:
+                    write_atomic(snapshot(counted, seconds + time.perf_counter() - t0), path)
+                break
+    except KeyboardInterrupt:
+        if path is not None and total.positions:
+            write_atomic(snapshot(counted, seconds + time.perf_counter() - t0), path)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return snapshot(counted, seconds + time.perf_counter() - t0)
+
+
+def _p1(counts: RankCounts) -> str:
+    n = counts.positions
+    return f"{counts.counts[0] / n:.3f}" if n else "-"
+
+
+def _version() -> str:
+    from treeopt import __version__
+
+    return __version__

@@ -1,0 +1,535 @@
+"""Optuna search over tree shapes, for objectives the exact DP cannot model.
+
+The DP is exact for "expected tokens per step under a rank (or depth-rank) profile" and, with
+Sequoia's draft cost, for predicted time. It is not exact for measured end-to-end cost,
+position-dependent acceptance, per-level draft costs or non-monotone verify costs; there,
+trees are searched with Optuna, seeded with the DP tree and the chain.
+
+Parameterisation ("children per rank path"). Every node is named by its rank path from the
+root (``c`` = the root, ``c_1_2`` = the 2nd child of the root's 1st child). Nodes are visited
+breadth-first; each node above the depth limit gets an integer parameter ``0..W`` = its
+number of children (the children are its draft's top choices, ranks 1..k), clipped to the
+nodes left in the size budget; parameters of nodes that do not exist are never asked for
+(define-by-run). Every tree of at most ``max_size`` nodes, at most ``levels`` levels and at
+most W children per node has exactly one parameter set, so the space covers all the DP's
+trees, and ``tree_params`` turns any tree into the parameters that rebuild it (used to
+enqueue the DP tree and the chain).
+
+Objectives (all maximised, one value per instance reported with ``trial.report``):
+
+- ``model``: the profile's expected tokens per step F(tree) (``metric="tokens"``), or
+  predicted tokens/s 1000·F / (draft_ms + verify_ms) from the profile's latency
+  (``metric="speed"``, ``treeopt.search.hardware.predict``). The DP tree is enqueued, so the
+  result is never worse than the DP's.
+- ``replay``: recorded traces replace the models. For each held-out prompt the target's
+  greedy continuation and, at each position, the rank of the target's token in the draft's
+  top-W list are recorded once (``record_traces``); a tree's accepted length at a step is then
+  computable with no model (walk the tree, follow the child whose rank equals the recorded
+  rank). Per prompt: measured tokens per step (equal to the engine's, greedy), or that times
+  the predicted step rate with ``metric="speed"``. Pruned with ``WilcoxonPruner``.
+- ``engine``: run the decoding engine on calibration prompts; per prompt measured tokens/s
+  (``metric="speed"``) or tokens per step. Slow and exact. Pruned with ``WilcoxonPruner``.
+
+Storage: any Optuna storage URL; a plain path means an SQLite file. Re-running with the same
+study name and storage continues the study (``load_if_exists``); several processes pointing
+at one storage share the study. The sampler is ``TPESampler(seed=...)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import warnings
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from treeopt.tree import Tree
+
+OBJECTIVES = ("model", "replay", "engine")
+METRICS = ("tokens", "speed")
+
+
+class OptunaSearchError(ValueError):
+    """Bad Optuna-search input; the one-line message says what to change."""
+
+
+# ---------------------------------------------------------------------------- parameterisation
+def param_name(path: Sequence[int]) -> str:
+    """``()`` -> ``"c"``, ``(1, 2)`` -> ``"c_1_2"`` (1-based sibling ranks from the root)."""
+    return "c" + "".join(f"_{r}" for r in path)
+
+
+def build_tree(suggest: Callable[[str, int], int], width: int, max_size: int,
+               levels: int) -> Tree:
+    """Tree from children counts: ``suggest(name, width)`` gives the number of children
+    (0..width) of the node named ``name``, asked breadth-first, only for nodes that exist,
+    sit above the level limit (``levels`` counts the root) and fit the size budget."""
+    parents = [-1]
+    queue = deque([((), 0)])
+    while queue:
+        path, node = queue.popleft()
+        room = max_size - len(parents)
+        if len(path) + 1 >= levels or room <= 0:
+            continue
+        k = min(int(suggest(param_name(path), width)), room, width)
+        for r in range(1, k + 1):
+            queue.append((path + (r,), len(parents)))
+            parents.append(node)
+    return Tree(tuple(parents))
+
+
+def tree_from_trial(trial, width: int, max_size: int, levels: int) -> Tree:
+    return build_tree(lambda name, w: trial.suggest_int(name, 0, w), width, max_size, levels)
+
+
+def tree_params(tree: Tree, width: int | None = None, levels: int | None = None) -> dict:
+    """The parameters ``build_tree`` needs to rebuild ``tree`` (children per rank path)."""
+    levels = tree.depth + 1 if levels is None else levels
+    paths = [()] + tree.to_paths()
+    out = {}
+    for node, path in enumerate(paths):
+        path = tuple(r + 1 for r in path)
+        if len(path) + 1 < levels:
+            k = len(tree.children[node])
+            out[param_name(path)] = k if width is None else min(k, width)
+    return out
+
+
+# ---------------------------------------------------------------------------- replay
+def replay_steps(tree: Tree, ranks: Sequence[int], start: int = 1) -> list[int]:
+    """Tokens each decoding step commits when ``tree`` is verified greedily along a recorded
+    trace. ``ranks[t]``: rank of the target's token t in the draft's top-W list there (0 = not
+    in it); token 0 comes from the prefill, so steps start at ``start`` = 1. A step at t walks
+    the tree following the child whose rank is ranks[t + depth], commits the accepted tokens
+    plus the bonus, and is cut at the end of the trace (as the engine cuts at
+    ``max_new_tokens``)."""
+    n = len(ranks)
+    kids = tree.children
+    out = []
+    t = start
+    while t < n:
+        node, m = 0, 0
+        while t + m < n:
+            r = ranks[t + m]
+            if r < 1 or r > len(kids[node]):
+                break
+            node = kids[node][r - 1]
+            m += 1
+        out.append(min(m + 1, n - t))
+        t += m + 1
+    return out
+
+
+def replay_tokens_per_step(tree: Tree, ranks: Sequence[int], start: int = 1) -> float:
+    """Tokens per verification step along one trace (the engine's ``tokens_per_step``)."""
+    steps = replay_steps(tree, ranks, start)
+    return sum(steps) / len(steps) if steps else 0.0
+
+
+def record_traces(target, draft, prompts: Sequence[Sequence[int]], *, width: int,
+                  max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
+                  eos_token_id: int | None = None, progress: bool = False) -> list[list[int]]:
+    """Per prompt, the rank of each target continuation token among the draft's top-W
+    (greedy; at temperature > 0 the stochastic rank along a sampled continuation, an
+    approximation). Returns one list of ranks (0 = none) per prompt, token 0 included."""
+    from treeopt.profile.acceptance import prompt_generator, teacher_forced_ranks
+
+    traces = []
+    items = prompts
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(prompts, desc="replay traces", unit="prompt", dynamic_ncols=True)
+    for i, ids in enumerate(items):
+        ranks, _ = teacher_forced_ranks(target, draft, ids, width=width,
+                                        max_new_tokens=max_new_tokens, temperature=temperature,
+                                        generator=prompt_generator(seed, i),
+                                        eos_token_id=eos_token_id)
+        traces.append(ranks)
+    return traces
+
+
+# ---------------------------------------------------------------------------- objectives
+class ModelObjective:
+    """F(tree) from the profile, or predicted tokens/s with its latency (one instance)."""
+
+    name = "model"
+
+    def __init__(self, table, latency=None, metric: str = "tokens", draft_cost: str = "sequoia"):
+        if metric == "speed" and latency is None:
+            raise OptunaSearchError("metric 'speed' needs a profile with latency; profile "
+                                    "latency first or use --metric tokens")
+        self.table, self.latency, self.metric, self.draft_cost = table, latency, metric, draft_cost
+        self.instances = 1
+
+    def score(self, tree: Tree, index: int) -> float:
+        if self.metric == "tokens":
+            return tree.expected_tokens(self.table)
+        from treeopt.search.hardware import predict
+
+        return predict(tree, self.table, self.latency, self.draft_cost).tokens_per_s
+
+
+class ReplayObjective:
+    """Measured tokens per step on recorded traces (times the predicted step rate with
+    ``metric="speed"``), one instance per held-out prompt."""
+
+    name = "replay"
+    cheap = True
+
+    def __init__(self, traces: Sequence[Sequence[int]], latency=None, metric: str = "tokens",
+                 draft_cost: str = "sequoia", start: int = 1):
+        if metric == "speed" and latency is None:
+            raise OptunaSearchError("metric 'speed' needs a latency profile; profile latency "
+                                    "first or use --metric tokens")
+        self.traces = [list(t) for t in traces if len(t) > start]
+        if not self.traces:
+            raise OptunaSearchError("no replay traces with at least two tokens; give more "
+                                    "prompts or more --max-new-tokens")
+        self.latency, self.metric, self.draft_cost, self.start = latency, metric, draft_cost, start
+        self.instances = len(self.traces)
+
+    def score(self, tree: Tree, index: int) -> float:
+        tau = replay_tokens_per_step(tree, self.traces[index], self.start)
+        if self.metric == "tokens":
+            return tau
+        from treeopt.search.hardware import draft_ms
+
+        step = draft_ms(tree, self.latency, self.draft_cost) + float(self.latency.target(tree.size))
+        return 1000.0 * tau / step
+
+
+class EngineObjective:
+    """The engine on calibration prompts: measured tokens/s (``metric="speed"``) or tokens
+    per step, one instance per prompt."""
+
+    name = "engine"
+
+    def __init__(self, target, draft, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                 metric: str = "speed", temperature: float = 0.0, seed: int = 0,
+                 eos_token_id=None):
+        import torch
+
+        self.target, self.draft, self.metric = target, draft, metric
+        self.prompts = [torch.tensor([list(p)], dtype=torch.long) for p in prompts]
+        if not self.prompts:
+            raise OptunaSearchError("the engine objective needs calibration prompts")
+        self.kw = dict(max_new_tokens=max_new_tokens, temperature=temperature,
+                       eos_token_id=eos_token_id)
+        self.seed = seed
+        self.instances = len(self.prompts)
+        self.score(Tree((-1, 0)), 0)  # warm-up: first calls pay one-off allocation costs
+
+    def score(self, tree: Tree, index: int) -> float:
+        from treeopt.decode.engine import generate
+
+        gen = generate(self.target, self.draft, tree, self.prompts[index],
+                       seed=self.seed + index, **self.kw)
+        if self.metric == "tokens":
+            return gen.stats.tokens_per_step
+        return gen.stats.generated_tokens / max(gen.stats.total_s, 1e-9)
+
+
+# ---------------------------------------------------------------------------- the study
+@dataclass
+class OptunaResult:
+    """Best tree found and the baseline (DP) tree, scored by the same objective."""
+
+    tree: Tree
+    value: float
+    baseline: Tree
+    baseline_value: float
+    objective: str
+    metric: str
+    study_name: str
+    storage: str | None
+    trials: int
+    complete: int
+    pruned: int
+    per_instance: list[float] = field(default_factory=list)
+
+    def meta(self) -> dict:
+        return {"method": "optuna", "objective": self.objective, "metric": self.metric,
+                "score": self.value, "dp_score": self.baseline_value,
+                "dp_tree": self.baseline.to_parents(), "study": self.study_name,
+                "trials": self.trials, "complete": self.complete, "pruned": self.pruned}
+
+
+def resolve_storage(storage: str | None, default: str | os.PathLike) -> str:
+    """An Optuna storage URL: ``storage`` as given when it has a scheme (``sqlite:///...``,
+    ``postgresql://...``), a plain path as an SQLite file, ``None`` as ``default``'s file."""
+    target = storage if storage else str(default)
+    if "://" in target:
+        return target
+    path = Path(target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def _storage(url: str | None):
+    """Optuna storage for ``url`` (None = in memory). SQLite files wait for locks, and the
+    first-time schema creation is retried when another worker creates it at the same time."""
+    import time
+
+    import optuna
+
+    if url is None or not url.startswith("sqlite:"):
+        return url
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs={"connect_args": {"timeout": 120}})
+        except Exception:  # a concurrent worker created the schema first
+            if attempt == 4:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+
+
+def fingerprint(**settings) -> str:
+    blob = json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return math.fsum(xs) / len(xs)
+
+
+def run_search(objective, *, width: int, max_size: int, levels: int, n_trials: int,
+               seeds: Sequence[Tree] = (), baseline: Tree | None = None, seed: int = 0,
+               study_name: str = "treeopt", storage: str | None = None,
+               timeout: float | None = None, worker: str | None = None,
+               settings: dict | None = None, pruning: bool = True) -> OptunaResult:
+    """Run (or continue) a study maximising ``objective`` over trees.
+
+    ``objective`` has ``instances`` and ``score(tree, index) -> float``; a trial's value is
+    the mean over instances, each reported with ``trial.report(value, step=index)`` (in a
+    per-trial shuffled order) and pruned by ``WilcoxonPruner`` when ``pruning`` and there are
+    several instances. ``seeds`` are enqueued (skipped when already in the study);
+    ``baseline`` (default: the first seed) is scored beside the best. ``settings`` is stored
+    with a new study and must match when an existing one is continued. ``storage``: an
+    Optuna storage URL (see ``resolve_storage``) or None for an in-memory study."""
+    import numpy as np
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if max_size < 1 or levels < 1 or width < 1:
+        raise OptunaSearchError(f"max size {max_size}, levels {levels} and width {width} must "
+                                "all be >= 1")
+    seeds = [t for t in seeds if t.size <= max_size and t.depth < levels]
+    if baseline is None:
+        if not seeds:
+            raise OptunaSearchError("give a baseline tree or seeds to compare against")
+        baseline = seeds[0]
+    multi = objective.instances > 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        pruner = optuna.pruners.WilcoxonPruner(p_threshold=0.1) if multi and pruning \
+            else optuna.pruners.NopPruner()
+    sampler = optuna.samplers.TPESampler(seed=seed)
+    study = optuna.create_study(study_name=study_name, storage=_storage(storage),
+                                sampler=sampler, pruner=pruner, direction="maximize",
+                                load_if_exists=True)
+    want = fingerprint(width=width, max_size=max_size, levels=levels,
+                       objective=getattr(objective, "name", "?"), **(settings or {}))
+    have = study.user_attrs.get("fingerprint")
+    if have is None:
+        study.set_user_attr("fingerprint", want)
+        study.set_user_attr("settings", {"width": width, "max_size": max_size, "levels": levels,
+                                         "objective": getattr(objective, "name", "?"),
+                                         **(settings or {})})
+    elif have != want:
+        raise OptunaSearchError(f"study {study_name!r} in this storage was made with other "
+                                "settings (profile, limits or objective); pass a new "
+                                "--study-name or --storage")
+    for tree in seeds:
+        study.enqueue_trial(tree_params(tree, width, levels), skip_if_exists=True)
+
+    cache: dict[tuple[Tree, int], float] = {}
+
+    def score(tree: Tree, i: int) -> float:
+        if (tree, i) not in cache:
+            cache[(tree, i)] = float(objective.score(tree, i))
+        return cache[(tree, i)]
+
+    def trial_objective(trial) -> float:
+        tree = tree_from_trial(trial, width, max_size, levels)
+        trial.set_user_attr("parents", tree.to_parents())
+        if worker is not None:
+            trial.set_user_attr("worker", worker)
+        if not multi:
+            return score(tree, 0)
+        n = objective.instances
+        order = np.random.default_rng(trial.number).permutation(n)
+        seen = all((tree, i) in cache for i in range(n))  # a repeat: nothing left to save
+        checks = set(range(1, n + 1))
+        if getattr(objective, "cheap", False):
+            # scoring is far cheaper than the test (scipy falls back to a permutation test
+            # on ties): test twice per trial
+            checks = {max(1, n // 2), max(1, (3 * n) // 4)}
+        values = []
+        for i in order:
+            values.append(score(tree, int(i)))
+            trial.report(values[-1], int(i))
+            if not seen and len(values) in checks and trial.should_prune():
+                # Optuna's recommended use of this pruner: return the partial mean (TPE learns
+                # from it); the flag keeps such trials out of the "best" below.
+                trial.set_user_attr("pruned", True)
+                return _mean(values)
+        return _mean(values)
+
+    if n_trials > 0 or timeout:
+        study.optimize(trial_objective, n_trials=n_trials or None, timeout=timeout,
+                       gc_after_trial=False)
+
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    full = [t for t in done if not t.user_attrs.get("pruned") and "parents" in t.user_attrs]
+    if not full:
+        raise OptunaSearchError("the study has no complete trial yet; run more --trials")
+    best = max(full, key=lambda t: (t.value, -t.number))
+    best_tree = Tree(tuple(best.user_attrs["parents"]))
+    per = [score(best_tree, i) for i in range(objective.instances)]
+    base_value = _mean([score(baseline, i) for i in range(objective.instances)])
+    return OptunaResult(tree=best_tree, value=float(best.value), baseline=baseline,
+                        baseline_value=base_value, objective=getattr(objective, "name", "?"),
+                        metric=getattr(objective, "metric", "?"), study_name=study_name,
+                        storage=storage, trials=len(study.trials), complete=len(full),
+                        pruned=len(done) - len(full), per_instance=per)
+
+
+# ---------------------------------------------------------------------------- CLI hook
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``treeopt search --method optuna`` (the DP's are shared)."""
+    g = parser.add_argument_group("optuna (--method optuna)")
+    g.add_argument("--objective", choices=OBJECTIVES, default="model",
+                   help="model: profile's F or predicted tokens/s; replay: recorded greedy "
+                        "traces of held-out prompts; engine: measured decoding (default model)")
+    g.add_argument("--metric", choices=METRICS,
+                   help="tokens (per step) or speed (tokens/s; predicted from the profile's "
+                        "latency for model/replay, measured for engine). Default: speed when "
+                        "latency is known or with engine, else tokens")
+    g.add_argument("--trials", type=int, default=None,
+                   help="trials to run in this process (default 200; 20 for engine)")
+    g.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    g.add_argument("--study-name", help="study to create or continue (default: from the "
+                                        "profile and limits)")
+    g.add_argument("--storage", help="Optuna storage URL or SQLite file path (default: "
+                                     "<out>.optuna.db beside the growmap)")
+    g.add_argument("--seed", type=int, default=0, help="sampler seed (give each worker its own)")
+    g.add_argument("--worker", help="label recorded on this process's trials")
+    g.add_argument("--target", help="replay/engine: target model spec")
+    g.add_argument("--draft", help="replay/engine: draft model spec (e.g. early-exit:4)")
+    g.add_argument("--dataset", default="spec_bench",
+                   help="replay/engine: prompt set (default %(default)s)")
+    g.add_argument("--prompts", type=int, default=8,
+                   help="replay/engine: held-out prompts (default %(default)s)")
+    g.add_argument("--max-new-tokens", type=int, default=64,
+                   help="replay/engine: tokens per prompt (default %(default)s)")
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="replay/engine: sampling temperature (replay is exact at 0)")
+    g.add_argument("--device", default="auto", help="replay/engine: auto, cpu or cuda")
+
+
+def default_max_size(args, latency) -> int:
+    if args.budget:
+        return args.budget
+    if args.max_size:
+        return args.max_size
+    if latency is not None:
+        return max(int(t) for t in latency.target.tokens)
+    return 64
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from treeopt.cli import UserError
+    from treeopt.growmap import save_growmap
+    from treeopt.profile import Profile
+    from treeopt.search.dp import solve
+    from treeopt.search.hardware import choose
+    from treeopt.shapes import chain
+
+    profile = Profile.load(args.profile)
+    table = profile.table(depth_aware=not args.no_depth_aware)
+    latency = profile.latency
+    levels = args.max_depth
+    max_size = default_max_size(args, latency)
+    if levels < 1 or max_size < 1:
+        raise UserError(f"--max-depth and the size limit must be >= 1 (got {levels}, {max_size})")
+    metric = args.metric or ("speed" if (latency is not None or args.objective == "engine")
+                             else "tokens")
+    width = profile.width
+    dp = solve(table, max_size, levels)
+    dp_tree = dp.tree(max_size, levels, at_most=True)
+    seeds = [dp_tree]
+    baseline = dp_tree
+    if latency is not None and not args.budget:
+        hw = choose(table, latency, max_size, levels, args.draft_cost, table=dp).tree
+        seeds.insert(0, hw)
+        if metric == "speed":
+            baseline = hw
+    seeds.append(chain(min(max_size, levels)))
+    out = Path(args.out) if args.out else (
+        Path("growmaps") / f"{Path(args.profile).stem}-optuna-{args.objective}-n{max_size}.json")
+    settings = {"profile": fingerprint(table=table, latency=latency.to_dict() if latency else None),
+                "metric": metric, "draft_cost": args.draft_cost}
+
+    if args.objective == "model":
+        objective = ModelObjective(table, latency, metric, args.draft_cost)
+        trials = 200 if args.trials is None else args.trials
+    else:
+        if not args.target or not args.draft:
+            raise UserError(f"--objective {args.objective} needs --target and --draft")
+        from treeopt.cli.profile import encode_prompts, held_out_prompts
+        from treeopt.decode.api import eos_ids
+        from treeopt.decode.models import load_pair, resolve_device
+
+        pair = load_pair(args.target, args.draft, device=resolve_device(args.device))
+        prompts = held_out_prompts(args.dataset, profile.meta, args.prompts, args.seed)
+        ids = encode_prompts(pair.tokenizer, prompts, True)
+        eos = eos_ids(pair.tokenizer, pair.target) if pair.tokenizer is not None else []
+        settings.update(target=args.target, draft=args.draft, dataset=args.dataset,
+                        prompts=[p.id for p in prompts], max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature)
+        if args.objective == "replay":
+            traces = record_traces(pair.target, pair.draft, ids, width=width,
+                                   max_new_tokens=args.max_new_tokens,
+                                   temperature=args.temperature, seed=args.seed,
+                                   eos_token_id=eos[0] if eos else None, progress=True)
+            objective = ReplayObjective(traces, latency, metric, args.draft_cost)
+            trials = 200 if args.trials is None else args.trials
+        else:
+            objective = EngineObjective(pair.target, pair.draft, ids,
+                                        max_new_tokens=args.max_new_tokens, metric=metric,
+                                        temperature=args.temperature, seed=args.seed,
+                                        eos_token_id=eos or None)
+            trials = 20 if args.trials is None else args.trials
+    name = args.study_name or f"treeopt-{out.stem}"
+    storage = resolve_storage(args.storage, out.with_suffix(".optuna.db"))
+    result = run_search(objective, width=width, max_size=max_size, levels=levels,
+                        n_trials=trials, seeds=seeds, baseline=baseline, seed=args.seed,
+                        study_name=name, storage=storage, timeout=args.timeout,
+                        worker=args.worker, settings=settings)
+    meta = result.meta()
+    meta.update({"profile": str(args.profile), "max_size": max_size, "depth": levels,
+                 "depth_convention": "levels incl. root", "draft_cost": args.draft_cost,
+                 "expected_tokens": result.tree.expected_tokens(table)})
+    saved = save_growmap(result.tree, out, meta)
+    unit = "tokens/step" if metric == "tokens" else "tokens/s"
+    kind = {"model": "predicted", "replay": "replayed", "engine": "measured"}[args.objective]
+    print(f"search optuna ({args.objective}, {metric}): {result.trials} trials in study "
+          f"{name!r} ({result.complete} complete, {result.pruned} pruned)")
+    print(f"best: size {result.tree.size}, depth {result.tree.depth}, width {result.tree.width}, "
+          f"{kind} {result.value:.4f} {unit}")
+    print(f"dp:   size {result.baseline.size}, depth {result.baseline.depth}, width "
+          f"{result.baseline.width}, {kind} {result.baseline_value:.4f} {unit}")
+    print(f"growmap: {saved}")
+    print(f"storage: {storage}")
+    if args.picture:
+        from treeopt.viz import draw_tree
+
+        print(f"picture: {draw_tree(result.tree, args.picture, profile=profile)}")
+    return 0
