@@ -42,8 +42,12 @@ def test_predict_hand_computed():
     assert seq.tokens_per_s == pytest.approx(1000 * f / 19.0)
     assert seq.speedup == pytest.approx(10.0 * f / 19.0)
     per = predict(tree, p, lat, "per-level")
-    assert per.draft_ms == pytest.approx(1.0 + 1.5 + 1.0)
-    assert per.step_ms == pytest.approx(16.0 + 3.5)
+    # the engine feeds the expanded nodes only: level 0 (root) and node 1 of level 1
+    assert per.draft_ms == pytest.approx(1.0 + 1.0)
+    assert per.step_ms == pytest.approx(16.0 + 2.0)
+    wide = Tree((-1, 0, 0, 1, 2))  # both level-1 nodes expanded: t_draft(2) = 1.5
+    assert predict(wide, p, lat, "per-level").draft_ms == pytest.approx(1.0 + 1.5)
+    assert predict(Tree((-1,)), p, lat, "sequoia").draft_ms == 0.0  # plain decoding
     assert draft_ms(tree, Latency(LatencyCurve([1], [10.0])), "per-level") == 0.0
 
 
@@ -107,11 +111,17 @@ def test_choose_equals_brute_force_over_dp_trees(cost):
         choice.tokens_per_s)
 
 
-def test_flat_draft_curve_makes_both_models_agree():
+def test_flat_draft_curve_per_level_is_one_forward_less_than_sequoia():
     lat = Latency(LatencyCurve(L40_TOKENS, L40_7B), LatencyCurve([1], [0.5]))
-    a = choose(P, lat, 64, 10, "sequoia")
+    table = solve(P, 64, 10)
+    for n, l in [(2, 2), (8, 4), (32, 6), (64, 10)]:
+        tree = table.tree(n, l)
+        seq = predict(tree, P, lat, "sequoia").draft_ms
+        per = predict(tree, P, lat, "per-level").draft_ms
+        assert seq == pytest.approx(0.5 * (tree.depth + 1))
+        assert per == pytest.approx(seq - 0.5)  # the leaf level is never fed to the draft
     b = choose(P, lat, 64, 10, "per-level")
-    assert a.tokens_per_s == pytest.approx(b.tokens_per_s, rel=1e-12)
+    assert b.step_ms == pytest.approx(0.5 * b.tree.depth + lat.target(b.size))
 
 
 def test_no_draft_curve_costs_nothing_and_depth_aware_profiles_work():

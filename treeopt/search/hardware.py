@@ -12,8 +12,12 @@ Draft cost, ``draft_cost=``:
   + 1 = the DP's depth limit ``l`` (root counted). Sequoia's engine does exactly that many
   draft forwards per step: one over the new root (the bonus token) and one per tree level
   after it, each as if it cost one token's forward.
-- ``"per-level"``: the same forwards, each charged for its real width,
-  ``Σ_{k=0..depth} t_draft(|level k|)``. Equals ``"sequoia"`` when the draft curve is flat.
+- ``"per-level"``: what treeopt's engine runs: one draft forward per level that has children,
+  charged for the nodes it expands, ``Σ_k t_draft(#nodes of level k with children)`` (the leaf
+  level is never fed to the draft). With a flat draft curve it is ``"sequoia"`` minus one
+  forward.
+
+A size-1 tree is plain decoding and costs no draft time under either model.
 
 What is exact and what is not. With ``"sequoia"``, :func:`choose` is exact: F*(n, l) is the DP
 optimum and the cost depends on (n, l) only, so every n <= max_size and l <= max_depth is
@@ -96,14 +100,21 @@ def _check_latency(latency) -> None:
 
 
 def draft_ms(tree: Tree, latency, draft_cost: str = "sequoia") -> float:
-    """Draft time of one step for ``tree`` under the cost model (0 if no draft curve)."""
+    """Draft time of one step for ``tree`` under the cost model (0 if no draft curve, and 0
+    for a size-1 tree, which is plain decoding: nothing is drafted).
+
+    sequoia: Sequoia's charge, one draft forward per level counting the root,
+    ``levels * t_draft(1)``. per-level: what treeopt's engine runs, one draft forward per level
+    that has children, over the nodes it expands: ``sum t_draft(expanded nodes at level)``."""
     _check_cost(draft_cost)
     curve = getattr(latency, "draft", None)
-    if curve is None:
+    if curve is None or tree.size == 1:
         return 0.0
     if draft_cost == "sequoia":
         return (tree.depth + 1) * float(curve(1))
-    return float(sum(curve(len(level)) for level in tree.levels))
+    children = tree.children
+    expanded = (sum(1 for v in level if children[v]) for level in tree.levels)
+    return float(sum(curve(n) for n in expanded if n))
 
 
 def predict(tree: Tree, profile_table, latency, draft_cost: str = "sequoia") -> Prediction:
