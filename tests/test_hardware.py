@@ -191,3 +191,16 @@ def test_cli_hardware_aware_and_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no latency table" in err and "no tree of exactly 100 nodes" in err
     assert all(line.startswith("treeopt search: error:") for line in err.strip().splitlines())
+
+
+@pytest.mark.parametrize("cost", ["sequoia", "per-level"])
+def test_plain_decoding_candidate_has_no_draft_cost(cost):
+    lat = latency()
+    choice = choose(P, lat, 16, 6, cost)
+    size1 = next(c for c in choice.candidates if c["size"] == 1)
+    assert size1["step_ms"] == pytest.approx(lat.target(1))
+    assert size1["speedup"] == pytest.approx(1.0)
+    # a draft so slow that nothing beats plain decoding: the choice is size 1, speed-up 1
+    slow = Latency(lat.target, LatencyCurve([1], [1000.0]))
+    assert choose(P, slow, 16, 6, cost).size == 1
+

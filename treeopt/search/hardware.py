@@ -167,6 +167,7 @@ def choose(profile_table, latency, max_size: int, max_depth: int,
     t1 = float(curve(1)) if curve is not None else 0.0
     with np.errstate(invalid="ignore", divide="ignore"):
         step_seq = levels[None, :] * t1 + verify[:, None]
+        step_seq[0, :] = verify[0]  # size 1 is plain decoding: no draft forward
         ratio_seq = np.where(np.isfinite(F), step_seq / F, np.inf)
 
     scored: dict[tuple[int, int], tuple[float, Tree | None]] = {}
@@ -195,8 +196,9 @@ def choose(profile_table, latency, max_size: int, max_depth: int,
         deeper = np.ones_like(F, dtype=bool)
         deeper[:, 1:] = F[:, 1:] > F[:, :-1]  # a shallower limit reaches the same optimum
         with np.errstate(invalid="ignore", divide="ignore"):
-            bound = np.where(np.isfinite(F) & deeper,
-                             (levels[None, :] * tmin + verify[:, None]) / F, np.inf)
+            lower = levels[None, :] * tmin + verify[:, None]
+            lower[0, :] = verify[0]  # size 1: no draft forward
+            bound = np.where(np.isfinite(F) & deeper, lower / F, np.inf)
         order = np.argsort(bound, axis=None, kind="stable")
         best = (np.inf, 1, 1)
         for idx in order:
