@@ -14,15 +14,6 @@ from treeopt.tree import Tree
 TREE = Tree.from_parents([-1, 0, 0, 0, 1, 1, 2, 4, 4, 7])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest (and fairest on a shared machine) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def model(arch, impl):
     m = tiny_causal_lm(arch, seed=3)
     m.set_attn_implementation(impl)

@@ -11,14 +11,6 @@ from treeopt.cli import main
 from treeopt.testing import tiny_causal_lm
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_bench_tree_shapes():
     assert bench_tree(7, "binary").to_parents() == [-1, 0, 0, 1, 1, 2, 2]
     assert bench_tree(5, "chain").depth == 4 and bench_tree(5, "star").width == 4

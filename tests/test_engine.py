@@ -19,15 +19,6 @@ WIDE = Tree.from_parents([-1, 0, 0, 0, 0, 1, 1, 2, 3, 5, 6, 9])
 TREES = {"ar": AR, "chain": CHAIN, "bushy": BUSHY, "wide": WIDE}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest (and fairest on a shared machine) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def sharpen(model, factor: float = 20.0):
     """Scale the final norm so the random model has peaked, context-dependent predictions
     (wide argmax margins, and a perturbed copy agrees with it often)."""

@@ -23,14 +23,6 @@ TREE = Tree.from_parents([-1, 0, 0, 0, 1, 1, 2])
 CHAIN = Tree.from_parents([-1, 0, 1])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def small(seed: int):
     m = tiny_causal_lm("llama", vocab_size=V, hidden_size=16, num_layers=1, num_heads=2,
                        num_kv_heads=1, seed=seed)

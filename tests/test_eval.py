@@ -17,15 +17,6 @@ KARY = Tree.from_parents([-1, 0, 0, 1, 1, 2, 2])      # 2-ary, depth 2: 6 drafte
 WIDE = Tree.from_parents([-1, 0, 0, 0, 1, 1, 4])      # widths 3, 2, 1; depth 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models spend their time in thread hand-offs; one thread is faster and steadier."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def models():
     torch.manual_seed(0)

@@ -13,15 +13,6 @@ N = 40_000
 V = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest (and fairest on a shared machine) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def chi2_pvalue(tokens: torch.Tensor, probs: torch.Tensor) -> float:
     """Chi-square goodness of fit of sampled tokens (N,) to probs (V,); cells with expected
     count < 5 are pooled into one."""

@@ -17,6 +17,18 @@ class UserError(Exception):
     """Bad input from the user: printed as one line, exit status 2, no traceback."""
 
 
+def int_list(text: str) -> list[int]:
+    """argparse type for comma-separated positive integers: ``"1,4,16"`` -> [1, 4, 16]."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers"
+                                         ) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give integers >= 1, e.g. 1,4,16")
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     from treeopt import __version__
 

@@ -6,18 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from treeopt.cli import UserError
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers"
-                                         ) from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give integers >= 1, e.g. 1,4")
-    return values
+from treeopt.cli import UserError, int_list
 
 
 def register(subparsers) -> None:
@@ -31,10 +20,10 @@ def register(subparsers) -> None:
                     "length and tree size. Each tree result is checked against the "
                     "per-branch results. Median and IQR over --repeats after --warmup.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a.add_argument("--batch", type=_int_list, default=[1, 4])
-    a.add_argument("--context", type=_int_list, default=[128, 512, 2048],
+    a.add_argument("--batch", type=int_list, default=[1, 4])
+    a.add_argument("--context", type=int_list, default=[128, 512, 2048],
                    help="cached prefix lengths")
-    a.add_argument("--tree-sizes", type=_int_list, default=[8, 16, 32, 64])
+    a.add_argument("--tree-sizes", type=int_list, default=[8, 16, 32, 64])
     a.add_argument("--shape", default="binary", choices=["binary", "ternary", "chain", "star"],
                    help="tree shape of each size (chain: size-1 drafted tokens, one branch)")
     a.add_argument("--heads", type=int, default=12)
@@ -56,7 +45,7 @@ def register(subparsers) -> None:
     v.add_argument("--target", default="smollm2", help="target model spec")
     v.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     v.add_argument("--device", default="auto")
-    v.add_argument("--tree-sizes", type=_int_list, default=[1, 2, 4, 8, 16, 32, 64])
+    v.add_argument("--tree-sizes", type=int_list, default=[1, 2, 4, 8, 16, 32, 64])
     v.add_argument("--context", type=int, default=256)
     v.add_argument("--repeats", type=int, default=10)
     v.add_argument("--warmup", type=int, default=2)

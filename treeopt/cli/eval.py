@@ -6,21 +6,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from treeopt.cli import UserError
+from treeopt.cli import UserError, int_list
 
 DEFAULT_TARGET = "smollm2"
 DEFAULT_DRAFT = "early-exit:4"
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers"
-                                         ) from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give integers >= 1, e.g. 2,4,8")
-    return values
 
 
 def register(subparsers) -> None:
@@ -56,7 +45,7 @@ def register(subparsers) -> None:
                    help="text files: consecutive windows of this many units instead of lines")
     d.add_argument("--window-unit", choices=["chars", "tokens"], default="tokens")
     t = p.add_argument_group("methods (plain decoding always runs)")
-    t.add_argument("--chain", type=_int_list, default=[],
+    t.add_argument("--chain", type=int_list, default=[],
                    help="chain draft lengths, e.g. 2,4,8 (draft length L is the shape "
                         "chain:L+1)")
     t.add_argument("--tree", "--growmap", dest="trees", action="append", default=[],

@@ -30,7 +30,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("names", nargs="*", metavar="NAME", help="shape specs or preset names")
     parser.add_argument("--out", metavar="PATH",
                         help="output file for a single NAME (.pt or .json); default "
-                             f"DIR/<name>.pt")
+                             "DIR/<name>.pt")
     parser.add_argument("--dir", default=DEFAULT_DIR, metavar="DIR",
                         help="output folder when --out is not given (default: %(default)s)")
     parser.add_argument("--json", action="store_true",

@@ -148,7 +148,7 @@ def convert_gguf(gguf: str | Path) -> Path:
         try:
             __import__(module)
         except ImportError:
-            raise ModelError(f"loading a .gguf file needs the packages gguf and accelerate: "
+            raise ModelError("loading a .gguf file needs the packages gguf and accelerate: "
                              "run `pip install 'treeopt[gguf]'`") from None
     import transformers as tf
 

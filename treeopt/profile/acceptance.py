@@ -45,13 +45,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+
+from treeopt.profile.model import write_json_atomic
 
 
 MODES = ("teacher-forced", "online")
@@ -474,36 +475,20 @@ def _resume_state(path: Path, run: AcceptanceRun, n_prompts: int) -> tuple[RankC
 
 
 def write_atomic(profile, path: Path) -> None:
-    """Save a profile via a temporary file in the same folder and ``os.replace``, so an
-    interruption never leaves a half-written file."""
+    """Save a profile atomically (``Profile.save``); a latency section the existing ``.json``
+    file holds is kept when the profile has none."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp.json", dir=path.parent)
-    os.close(fd)
-    try:
-        if path.exists() and path.suffix == ".json":
-            _save_keeping_latency(profile, Path(tmp), path)
-        else:
-            profile.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _save_keeping_latency(profile, tmp: Path, existing: Path) -> None:
-    """Save ``profile``; keep a latency section the existing file has and the profile lacks."""
-    profile.save(tmp)
-    if getattr(profile, "latency", None) is not None:
+    if path.suffix.lower() != ".json" or getattr(profile, "latency", None) is not None:
+        profile.save(path)
         return
+    doc = profile.to_dict()
     try:
-        old = json.loads(existing.read_text())
+        old = json.loads(path.read_text())
     except (OSError, ValueError):
-        return
+        old = None
     if isinstance(old, dict) and old.get("latency"):
-        new = json.loads(tmp.read_text())
-        new["latency"] = old["latency"]
-        tmp.write_text(json.dumps(new, indent=1))
+        doc["latency"] = old["latency"]
+    write_json_atomic(path, doc)
 
 
 def profile_acceptance(target, draft, prompts: Sequence[Sequence[int]], run: AcceptanceRun, *,

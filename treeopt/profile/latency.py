@@ -11,9 +11,11 @@ the median and the spread (inter-quartile range). CUDA events time GPU models,
 
 from __future__ import annotations
 
+import json
 import platform
 import statistics
 import time
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -192,15 +194,11 @@ def measure_latency(target, draft=None, *, tokens: Sequence[int] = DEFAULT_TOKEN
     return Latency(target=target_curve, draft=draft_curve, context=context, meta=meta)
 
 
-def write_latency(latency, out) -> "Path":
+def write_latency(latency, out) -> Path:
     """Write ``latency`` as the latency section of the profile file ``out``: replaced in place
     when the file holds a profile (its acceptance is kept), else a latency-only file (format
     treeopt-profile without an acceptance section; ``load_latency`` reads it)."""
-    import json
-    import os
-    from pathlib import Path
-
-    from treeopt.profile.model import JSON_FORMAT, JSON_VERSION
+    from treeopt.profile.model import JSON_FORMAT, JSON_VERSION, write_json_atomic
 
     path = Path(out)
     if path.suffix.lower() != ".json":
@@ -216,11 +214,7 @@ def write_latency(latency, out) -> "Path":
             raise LatencyError(f"{path} exists but is not a treeopt profile; choose another "
                                "--out")
     doc["latency"] = latency.to_dict()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(path, doc)
 
 
 def load_latency(path):

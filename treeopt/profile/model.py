@@ -15,6 +15,8 @@ from __future__ import annotations
 import bisect
 import json
 import math
+import os
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -413,7 +415,7 @@ class Profile:
 
             torch.save(torch.tensor([0.0, *self.p, self.none], dtype=torch.float32), path)
         elif path.suffix.lower() == ".json":
-            path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+            write_json_atomic(path, self.to_dict())
         else:
             raise ProfileError(f"{path}: unknown profile extension {path.suffix!r}; "
                                "use .json (or .pt for Sequoia's vector)")
@@ -431,6 +433,23 @@ class Profile:
         if self.latency is not None:
             parts.append(f"latency {len(self.latency.target.tokens)} points")
         return ", ".join(parts)
+
+
+def write_json_atomic(path: str | Path, doc: Any) -> Path:
+    """Write ``doc`` as JSON through a temporary file in the same folder and ``os.replace``,
+    so an interruption never leaves a half-written file (profiles are rewritten while a long
+    measurement runs)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(doc, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
 
 
 def wilson_interval(successes: int, total: int, z: float = 1.959963984540054
