@@ -165,10 +165,14 @@ def _read_torch(path: Path) -> Any:
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights only" in str(exc).lower():
+        text = str(exc).lower()
+        if "unsupported global" in text or "unsupported class" in text:
             raise GrowmapError(f"{path}: refused to load: the file holds objects other than "
                                "plain data and tensors (possibly code); a growmap never does"
                                ) from None
+        if "weights only" in text:
+            raise GrowmapError(f"{path}: refused to load: not a torch-saved growmap (corrupt "
+                               "bytes, or a raw pickle the safe loader cannot read)") from None
         raise GrowmapError(f"{path}: not a readable torch file ({_first_line(exc)})") from None
     except Exception as exc:  # truncated zip, empty file, garbage bytes, ...
         raise GrowmapError(f"{path}: not a readable torch file, truncated or corrupt "
