@@ -89,8 +89,9 @@ def format_stats(stats, load_s: float) -> list[str]:
         f"acceptance rate    {stats.acceptance_rate:.3f} "
         f"({stats.accepted_tokens}/{stats.drafted_tokens} drafted tokens accepted)",
         f"tokens/s           {tps:.2f} (generated tokens only)",
-        f"time               decode {total:.2f} s = draft {share(stats.draft_s)} + verify "
-        f"{share(stats.verify_s)} + other {share(stats.other_s)}; model load {load_s:.2f} s",
+        f"time               decode {total:.2f} s = prefill {share(stats.prefill_s)} + draft "
+        f"{share(stats.draft_s)} + verify {share(stats.verify_s)} + other "
+        f"{share(stats.other_s)}; model load {load_s:.2f} s",
     ]
 
 
