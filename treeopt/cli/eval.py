@@ -6,10 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from treeopt.cli import UserError, int_list
-
-DEFAULT_TARGET = "smollm2"
-DEFAULT_DRAFT = "early-exit:4"
+from treeopt.cli import DEFAULT_DRAFT, DEFAULT_TARGET, UserError, int_list
 
 
 def register(subparsers) -> None:

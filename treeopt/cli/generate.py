@@ -7,10 +7,8 @@ import json
 import sys
 import time
 
-from treeopt.cli import UserError
+from treeopt.cli import DEFAULT_DRAFT, DEFAULT_TARGET, UserError
 
-DEFAULT_TARGET = "smollm2"
-DEFAULT_DRAFT = "early-exit:4"
 DEFAULT_GROWMAP = "chain:5"
 
 
