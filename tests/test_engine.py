@@ -7,9 +7,9 @@ from functools import lru_cache
 import pytest
 import torch
 
-from treeopt.decode import DecodeError, generate
+from treeopt.decode import DecodeError
 from treeopt.decode.attention import CacheError
-from treeopt.testing import tiny_causal_lm
+from treeopt.testing import decode, tiny_causal_lm
 from treeopt.tree import Tree
 
 AR = Tree.from_parents([-1])
@@ -65,13 +65,13 @@ def test_greedy_tree_decoding_is_exact(arch, impl):
         ids = torch.tensor([prompt])
         for name, tree in TREES.items():
             for draft in (close, other):
-                got = generate(target, draft, tree, ids, max_new_tokens=24)
+                got = decode(target, draft, tree, ids, max_new_tokens=24)
                 assert got.tokens == ref, (arch, impl, prompt, name)
 
 
 def test_close_draft_is_accepted_often():
     target, close, _ = models("llama")
-    got = generate(target, close, BUSHY, torch.tensor([PROMPTS[1]]), max_new_tokens=40)
+    got = decode(target, close, BUSHY, torch.tensor([PROMPTS[1]]), max_new_tokens=40)
     assert got.stats.acceptance_rate > 0.2 and got.stats.tokens_per_step > 2
 
 
@@ -80,7 +80,7 @@ def test_long_generation_across_many_compactions():
     prompt = PROMPTS[1]
     ref = reference(target, prompt, 300)
     for draft, tree in [(close, WIDE), (other, BUSHY), (close, CHAIN)]:
-        got = generate(target, draft, tree, torch.tensor([prompt]), max_new_tokens=300)
+        got = decode(target, draft, tree, torch.tensor([prompt]), max_new_tokens=300)
         assert got.tokens == ref
         assert len(got.stats.steps) == got.stats.target_forwards > 50
 
@@ -89,7 +89,7 @@ def test_draft_of_another_architecture():
     target = models("qwen2")[0]
     draft = models("gpt2")[2]
     ref = reference(target, PROMPTS[1], 30)
-    got = generate(target, draft, BUSHY, torch.tensor([PROMPTS[1]]), max_new_tokens=30)
+    got = decode(target, draft, BUSHY, torch.tensor([PROMPTS[1]]), max_new_tokens=30)
     assert got.tokens == ref
 
 
@@ -98,26 +98,26 @@ def test_matches_transformers_generate():
     ids = torch.tensor([PROMPTS[2]])
     hf = target.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                          max_new_tokens=20, min_new_tokens=20, pad_token_id=1)[0, ids.shape[1]:]
-    assert generate(target, close, WIDE, ids, max_new_tokens=20).tokens == hf.tolist()
+    assert decode(target, close, WIDE, ids, max_new_tokens=20).tokens == hf.tolist()
 
 
 def test_self_draft_accepts_whole_top1_path_every_step():
     target = models("llama")[0]
-    got = generate(target, target, CHAIN, torch.tensor([PROMPTS[1]]), max_new_tokens=21)
+    got = decode(target, target, CHAIN, torch.tensor([PROMPTS[1]]), max_new_tokens=21)
     s = got.stats
     assert len(got.tokens) == s.generated_tokens == 21
     assert [(st.accepted, st.ranks, st.tokens) for st in s.steps] == [(4, [1, 1, 1, 1], 5)] * 4
     assert s.target_forwards == 4 and s.draft_forwards == 16
     assert s.drafted_tokens == 16 and s.accepted_tokens == 16
     assert s.tokens_per_step == 5.0 and s.acceptance_rate == 1.0
-    got = generate(target, target, BUSHY, torch.tensor([PROMPTS[1]]), max_new_tokens=11)
+    got = decode(target, target, BUSHY, torch.tensor([PROMPTS[1]]), max_new_tokens=11)
     assert [(st.accepted, st.ranks) for st in got.stats.steps] == [(4, [1, 1, 1, 1])] * 2
     assert got.stats.drafted_tokens == 18 and got.stats.acceptance_rate == 8 / 18
 
 
 def test_autoregressive_stats_and_timings():
     target = models("llama")[0]
-    got = generate(target, None, BUSHY, torch.tensor([PROMPTS[0]]), max_new_tokens=10)
+    got = decode(target, None, BUSHY, torch.tensor([PROMPTS[0]]), max_new_tokens=10)
     s = got.stats
     assert s.target_forwards == 9 and s.tokens_per_step == 1.0 and s.drafted_tokens == 0
     assert s.acceptance_rate == 0.0 and s.draft_forwards == 0 and s.stop_reason == "max_new_tokens"
@@ -130,7 +130,7 @@ def test_max_new_tokens_is_exact():
     target = models("llama")[0]
     ref = reference(target, PROMPTS[1], 12)
     for n in range(0, 13):
-        got = generate(target, target, WIDE, torch.tensor([PROMPTS[1]]), max_new_tokens=n)
+        got = decode(target, target, WIDE, torch.tensor([PROMPTS[1]]), max_new_tokens=n)
         assert got.tokens == ref[:n]
         assert got.stats.generated_tokens == n
 
@@ -139,10 +139,10 @@ def test_eos_stops_inside_an_accepted_path():
     target = models("llama")[0]
     ref = reference(target, PROMPTS[1], 30)
     k = next(i for i in range(5, 30) if ref[i] not in ref[:i])
-    got = generate(target, target, CHAIN, torch.tensor([PROMPTS[1]]), max_new_tokens=30,
+    got = decode(target, target, CHAIN, torch.tensor([PROMPTS[1]]), max_new_tokens=30,
                    eos_token_id=ref[k])
     assert got.tokens == ref[:k + 1] and got.stats.stop_reason == "eos"
-    got = generate(target, None, None, torch.tensor([PROMPTS[1]]), max_new_tokens=30,
+    got = decode(target, None, None, torch.tensor([PROMPTS[1]]), max_new_tokens=30,
                    eos_token_id=[999, ref[0]])
     assert got.tokens == ref[:1]
 
@@ -150,7 +150,7 @@ def test_eos_stops_inside_an_accepted_path():
 def test_streaming_callback_receives_every_token_once():
     target, close, _ = models("llama")
     chunks = []
-    got = generate(target, close, BUSHY, torch.tensor([PROMPTS[1]]), max_new_tokens=25,
+    got = decode(target, close, BUSHY, torch.tensor([PROMPTS[1]]), max_new_tokens=25,
                    on_tokens=chunks.append)
     assert sum(chunks, []) == got.tokens
     assert [len(c) for c in chunks] == [1] + [s.tokens for s in got.stats.steps]
@@ -161,21 +161,21 @@ def test_context_window_shrinks_the_tree_then_stops(arch):
     target, close, _ = models(arch, "sdpa", 40)
     prompt = list(range(10, 20))
     ref = reference(target, prompt, 31)
-    got = generate(target, close, WIDE, torch.tensor([prompt]), max_new_tokens=100)
+    got = decode(target, close, WIDE, torch.tensor([prompt]), max_new_tokens=100)
     assert got.tokens == ref and got.stats.stop_reason == "context"
     with pytest.raises(DecodeError):
-        generate(target, close, WIDE, torch.tensor([list(range(2, 43))]), max_new_tokens=5)
+        decode(target, close, WIDE, torch.tensor([list(range(2, 43))]), max_new_tokens=5)
 
 
 def test_bad_inputs_raise_clear_errors():
     target = models("llama")[0]
     small = tiny_causal_lm("llama", vocab_size=50)
     with pytest.raises(DecodeError, match="vocabulary"):
-        generate(target, small, CHAIN, torch.tensor([[1, 2]]), max_new_tokens=3)
+        decode(target, small, CHAIN, torch.tensor([[1, 2]]), max_new_tokens=3)
     with pytest.raises(DecodeError, match="shape"):
-        generate(target, None, None, torch.tensor([1, 2]), max_new_tokens=3)
+        decode(target, None, None, torch.tensor([1, 2]), max_new_tokens=3)
     with pytest.raises(ValueError, match="temperature"):
-        generate(target, None, None, torch.tensor([[1, 2]]), max_new_tokens=3, temperature=-1)
+        decode(target, None, None, torch.tensor([[1, 2]]), max_new_tokens=3, temperature=-1)
 
 
 def test_sliding_window_models_decode_autoregressively_only():
@@ -187,10 +187,10 @@ def test_sliding_window_models_decode_autoregressively_only():
     torch.manual_seed(0)
     model = sharpen(tf.MistralForCausalLM(config).eval())
     prompt = PROMPTS[2]
-    got = generate(model, None, None, torch.tensor([prompt]), max_new_tokens=12)
+    got = decode(model, None, None, torch.tensor([prompt]), max_new_tokens=12)
     assert got.tokens == reference(model, prompt, 12)
     with pytest.raises(CacheError):
-        generate(model, model, CHAIN, torch.tensor([prompt]), max_new_tokens=12)
+        decode(model, model, CHAIN, torch.tensor([prompt]), max_new_tokens=12)
 
 
 def assert_cache_holds(model, cache, ids: list[int]):
@@ -209,12 +209,13 @@ def test_caches_hold_exactly_the_committed_tokens(arch, temperature, monkeypatch
     """Before every draft pass the draft cache holds the committed tokens not in ``pending``;
     before every verification the target cache holds all committed tokens but the root."""
     import treeopt.decode.engine as engine
+    import treeopt.decode.model_drafter as model_drafter
 
     target, close, _ = models(arch)
     prompt = PROMPTS[1]
     streamed: list[int] = []
     checks = {"draft": 0, "verify": 0}
-    real_draft, real_verify = engine.draft_tree, engine.verify_tree
+    real_draft, real_verify = model_drafter.draft_tree, engine.verify_tree
 
     def draft_tree(draft, cache, pending, root_pos, tree, **kw):
         committed = prompt + streamed
@@ -224,14 +225,14 @@ def test_caches_hold_exactly_the_committed_tokens(arch, temperature, monkeypatch
         checks["draft"] += 1
         return real_draft(draft, cache, pending, root_pos, tree, **kw)
 
-    def verify_tree(model, cache, tokens, root_pos, tree, buffers):
+    def verify_tree(model, cache, proposal, root_pos):
         assert_cache_holds(model, cache, (prompt + streamed)[:-1])
         checks["verify"] += 1
-        return real_verify(model, cache, tokens, root_pos, tree, buffers)
+        return real_verify(model, cache, proposal, root_pos)
 
-    monkeypatch.setattr(engine, "draft_tree", draft_tree)
+    monkeypatch.setattr(model_drafter, "draft_tree", draft_tree)
     monkeypatch.setattr(engine, "verify_tree", verify_tree)
-    got = generate(target, close, WIDE, torch.tensor([prompt]), max_new_tokens=40,
-                   temperature=temperature, seed=0, on_tokens=streamed.extend)
+    got = decode(target, close, WIDE, torch.tensor([prompt]), max_new_tokens=40,
+                 temperature=temperature, seed=0, on_tokens=streamed.extend)
     assert got.tokens == streamed and checks["verify"] > 5 and checks["draft"] > 5
     assert any(s.accepted > 0 for s in got.stats.steps)

@@ -11,7 +11,7 @@ import torch
 from scipy.stats import chisquare
 
 import treeopt.decode.verify as verify_module
-from treeopt.decode import generate
+from treeopt.testing import decode
 from treeopt.decode.sampling import logits_to_probs, verify_children
 from treeopt.testing import tiny_causal_lm
 from treeopt.tree import Tree
@@ -55,7 +55,7 @@ def exact(temperature: float, top_p: float) -> torch.Tensor:
 
 def sample(tree, rule, temperature, top_p, n) -> torch.Tensor:
     target, draft = pair()
-    return torch.tensor([generate(target, draft, tree, PROMPT, max_new_tokens=NEW,
+    return torch.tensor([decode(target, draft, tree, PROMPT, max_new_tokens=NEW,
                                   temperature=temperature, top_p=top_p, rule=rule,
                                   seed=s).tokens for s in range(n)])
 
@@ -100,7 +100,7 @@ def test_broken_rule_fails_the_engine_test(monkeypatch):
 
 def test_seed_reproduces_and_stats_add_up():
     target, draft = pair()
-    runs = [generate(target, draft, TREE, PROMPT, max_new_tokens=30, temperature=1.0,
+    runs = [decode(target, draft, TREE, PROMPT, max_new_tokens=30, temperature=1.0,
                      seed=s) for s in (11, 11, 12)]
     assert runs[0].tokens == runs[1].tokens != runs[2].tokens
     s = runs[0].stats
@@ -115,5 +115,5 @@ def test_self_draft_is_always_accepted(tree):
     """With the target as its own draft, Q equals P at every node (up to rounding), so every
     step accepts a full root-to-leaf path (min(1, P/Q) = 1)."""
     target = pair()[0]
-    got = generate(target, target, tree, PROMPT, max_new_tokens=61, temperature=1.0, seed=0)
+    got = decode(target, target, tree, PROMPT, max_new_tokens=61, temperature=1.0, seed=0)
     assert [s.accepted for s in got.stats.steps] == [tree.depth] * (60 // (tree.depth + 1))

@@ -83,7 +83,7 @@ def test_speed_objective_beats_or_ties_hardware_choice():
 
 
 def test_replay_objective_equals_engine_tokens_per_step():
-    from treeopt.decode.engine import generate
+    from treeopt.testing import decode
     import torch
 
     target, draft = tiny_pair(seed=5)
@@ -91,7 +91,7 @@ def test_replay_objective_equals_engine_tokens_per_step():
     traces = record_traces(target, draft, prompts, width=3, max_new_tokens=24)
     for tree in (Tree((-1, 0, 0, 1, 1, 3)), kary(3, 2)):
         for ids, trace in zip(prompts, traces):
-            gen = generate(target, draft, tree, torch.tensor([ids]), max_new_tokens=24)
+            gen = decode(target, draft, tree, torch.tensor([ids]), max_new_tokens=24)
             assert len(trace) == len(gen.tokens)
             assert replay_steps(tree, trace) == [s.tokens for s in gen.stats.steps]
             assert replay_tokens_per_step(tree, trace) == pytest.approx(

@@ -66,21 +66,21 @@ def references(smollm2, prompts):
 
 
 def test_autoregressive_engine_equals_greedy(smollm2, prompts, references):
-    from treeopt.decode.engine import generate
+    from treeopt.testing import decode
 
     for ids, ref in zip(prompts, references):
-        gen = generate(smollm2.target, None, None, ids, max_new_tokens=MAX_NEW)
+        gen = decode(smollm2.target, None, None, ids, max_new_tokens=MAX_NEW)
         assert gen.tokens == ref
 
 
 @pytest.mark.parametrize("name,layers", CASES)
 def test_tree_decoding_equals_greedy(smollm2, prompts, references, name, layers):
-    from treeopt.decode.engine import generate
+    from treeopt.testing import decode
     from treeopt.decode.models import early_exit_draft
 
     draft = early_exit_draft(smollm2.target, layers)
     for ids, ref in zip(prompts, references):
-        gen = generate(smollm2.target, draft, TREES[name], ids, max_new_tokens=MAX_NEW)
+        gen = decode(smollm2.target, draft, TREES[name], ids, max_new_tokens=MAX_NEW)
         assert gen.tokens == ref
         st = gen.stats
         assert st.target_forwards + st.accepted_tokens == MAX_NEW - 1 == sum(s.tokens

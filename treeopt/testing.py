@@ -48,3 +48,19 @@ def tiny_pair(arch: str = "llama", *, vocab_size: int = 96, seed: int = 0, **kw)
     target = tiny_causal_lm(arch, vocab_size=vocab_size, num_layers=2, seed=seed, **kw)
     draft = tiny_causal_lm(arch, vocab_size=vocab_size, num_layers=1, seed=seed + 1, **kw)
     return target, draft
+
+
+def decode(target, draft, tree, input_ids, *, max_new_tokens: int, temperature: float = 0.0,
+           top_k: int = 0, top_p: float = 1.0, rule: str = "sequoia", seed: int | None = None,
+           **kw):
+    """Tests' shorthand for the engine with a draft model over a fixed tree: ``draft`` None
+    (or ``tree`` None / size 1) decodes plainly. Returns the engine's ``Generation``."""
+    from treeopt.decode.engine import generate
+    from treeopt.decode.model_drafter import ModelDrafter
+    from treeopt.decode.sampling import Sampling
+
+    drafter = None
+    if draft is not None and tree is not None and tree.size > 1:
+        drafter = ModelDrafter(draft, tree)
+    return generate(target, drafter, input_ids, max_new_tokens=max_new_tokens,
+                    sampling=Sampling(temperature, top_k, top_p, rule, seed), **kw)

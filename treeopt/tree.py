@@ -237,16 +237,21 @@ def as_depth_table(p: Profile1D | Profile2D) -> list[list[float]]:
 
 
 def ancestor_mask(tree: Tree) -> torch.Tensor:
-    """(size, size) bool: ``mask[i, j]`` is True where j is an ancestor of i or j == i."""
+    """(size, size) bool: ``mask[i, j]`` is True where j is an ancestor of i or j == i.
+
+    Vectorised: one scatter per level, walking every node's ancestor pointer up at once."""
     import torch
 
     n = tree.size
-    mask = torch.zeros(n, n, dtype=torch.bool)
-    for i in range(n):
-        mask[i, i] = True
-        p = tree.parents[i]
-        if p >= 0:
-            mask[i] |= mask[p]
+    parents = torch.tensor(tree.parents, dtype=torch.int64)
+    rows = torch.arange(n)
+    mask = torch.eye(n, dtype=torch.bool)
+    anc = parents.clone()
+    live = anc >= 0
+    while bool(live.any()):
+        mask[rows[live], anc[live]] = True
+        anc = torch.where(live, parents[anc.clamp_min(0)], anc)
+        live = anc >= 0
     return mask
 
 
@@ -268,18 +273,31 @@ class TreeBuffers:
     retrieve: torch.Tensor
 
 
-@lru_cache(maxsize=256)
-def tree_buffers(tree: Tree, device: str = "cpu") -> TreeBuffers:
+def build_buffers(tree: Tree, device: str = "cpu") -> TreeBuffers:
+    """The verification buffers of ``tree``, built with vectorised tensor ops (cheap enough
+    for a tree proposed fresh every step)."""
     import torch
 
-    paths = [tree.path_to(leaf) for leaf in tree.leaves]
-    retrieve = torch.full((len(paths), tree.depth + 1), -1, dtype=torch.int64)
-    for row, path in enumerate(paths):
-        retrieve[row, : len(path)] = torch.tensor(path)
-    return TreeBuffers(
-        mask=ancestor_mask(tree).to(device),
-        depth=torch.tensor(tree.depths, dtype=torch.int64, device=device),
-        parent=torch.tensor(tree.parents, dtype=torch.int64, device=device),
-        rank=torch.tensor(tree.ranks, dtype=torch.int64, device=device),
-        retrieve=retrieve.to(device),
-    )
+    mask = ancestor_mask(tree)
+    n = tree.size
+    parent = torch.tensor(tree.parents, dtype=torch.int64)
+    depth = mask.sum(1) - 1
+    # Siblings are consecutive: rank = id - (id of the parent's first child) + 1.
+    first_child = torch.searchsorted(parent[1:].contiguous(), parent.clamp_min(0)) + 1
+    rank = torch.where(parent >= 0, torch.arange(n) - first_child + 1, 0)
+    has_child = torch.zeros(n, dtype=torch.bool)
+    has_child[parent[1:]] = True
+    leaves = (~has_child).nonzero().squeeze(1)
+    # Ancestors of a node have smaller ids and smaller depths: sorting the ancestor ids of
+    # each leaf row gives its root->leaf path.
+    ids = torch.where(mask[leaves], torch.arange(n), n)
+    retrieve = ids.sort(dim=1).values[:, : int(depth.max()) + 1]
+    retrieve = torch.where(retrieve == n, -1, retrieve)
+    return TreeBuffers(mask=mask.to(device), depth=depth.to(device), parent=parent.to(device),
+                       rank=rank.to(device), retrieve=retrieve.to(device))
+
+
+@lru_cache(maxsize=256)
+def tree_buffers(tree: Tree, device: str = "cpu") -> TreeBuffers:
+    """Cached ``build_buffers`` for the fixed shapes a run uses again and again."""
+    return build_buffers(tree, device)

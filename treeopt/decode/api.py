@@ -9,19 +9,15 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from treeopt.decode.drafter import Drafter, build_drafter
+from treeopt.decode.model_drafter import DEFAULT_CHAIN, ModelDrafter, chain_tree
 from treeopt.decode.models import ModelError, Pair, check_vocab, load_pair
+from treeopt.decode.sampling import Sampling
 from treeopt.tree import Tree
-
-DEFAULT_CHAIN = 4  # drafted tokens per step when a draft is given without a tree
 
 
 class GenerateError(ValueError):
     """Arguments to ``generate`` that do not fit together."""
-
-
-def chain_tree(drafted: int) -> Tree:
-    """A chain speculating ``drafted`` tokens (size ``drafted + 1``)."""
-    return Tree(tuple(range(-1, drafted)))
 
 
 def resolve_tree(spec: Tree | str | os.PathLike | None) -> Tree | None:
@@ -35,12 +31,8 @@ def resolve_tree(spec: Tree | str | os.PathLike | None) -> Tree | None:
         from treeopt.growmap import load_growmap
 
         return load_growmap(path)[0]
-    try:
-        from treeopt.shapes import from_name
-    except ModuleNotFoundError:
-        if text.lower().startswith("chain:") and text[6:].isdigit():
-            return chain_tree(int(text[6:]) - 1)
-        raise GenerateError(f"growmap {text!r} is not a file") from None
+    from treeopt.shapes import from_name
+
     return from_name(text)
 
 
@@ -106,6 +98,23 @@ class TextStream:
         return text
 
 
+def as_drafter(draft: Drafter | str | os.PathLike | Any, target, tokenizer=None,
+               tree: Tree | None = None) -> Drafter | None:
+    """A drafter from a Drafter, a drafter spec string (see ``treeopt.decode.drafter``), a
+    draft model (drafted over ``tree`` by a ModelDrafter) or None (plain decoding); with
+    ``tree`` the drafter drafts (or fills at most) that shape."""
+    if draft is None:
+        return None
+    if isinstance(draft, (str, os.PathLike)):
+        drafter = build_drafter(str(draft), target=target, tokenizer=tokenizer, tree=tree)
+    elif isinstance(draft, Drafter):
+        drafter = draft.reshaped(tree) if tree is not None else draft
+    else:
+        check_vocab(target, draft)
+        drafter = ModelDrafter(draft, tree)
+    return drafter
+
+
 def generate(prompt: str | Sequence[dict], *, pair: Pair | None = None, target=None, draft=None,
              tokenizer=None, growmap: Tree | str | os.PathLike | None = None,
              tree: Tree | None = None, chat_template: bool = True, max_new_tokens: int = 128,
@@ -116,70 +125,64 @@ def generate(prompt: str | Sequence[dict], *, pair: Pair | None = None, target=N
 
     Models come from ``pair`` (``treeopt.decode.models.load_pair``) or from ``target``,
     ``draft`` and ``tokenizer``; ``target`` may also be a model spec string (``"smollm2"``,
-    a folder, a .gguf file, a hub id) and ``draft`` a spec or ``"early-exit:K"``, loaded
-    here. ``draft=None`` decodes plain autoregressively (the same engine). The tree is
-    ``tree`` or ``growmap`` (a growmap file or a shape string like ``"chain:5"``); with a
-    draft and neither, a chain of ``DEFAULT_CHAIN`` drafted tokens is used.
+    a folder, a .gguf file, a hub id) and ``draft`` a drafter spec (``"ngram"``,
+    ``"early-exit:K"``, ``"datastore:PATH"``, a model spec), a draft model or a ``Drafter``.
+    ``draft=None`` decodes plain autoregressively (the same engine). The tree is ``tree`` or
+    ``growmap`` (a growmap file or a shape string like ``"chain:5"``): what a model drafter
+    drafts, or the most a candidate drafter (n-gram, datastore) fills; without either each
+    drafter uses its default (a chain of ``DEFAULT_CHAIN`` drafted tokens for models).
 
     The chat template is applied when the tokenizer has one (``chat_template=False`` feeds the
-    raw text). ``temperature=0`` is greedy: the text equals the target's own greedy output.
-    ``on_text(str)`` receives the text as it is produced. ``stats`` is the engine's
-    ``DecodeStats`` (tokens per step, acceptance rate, draft/verify/other seconds).
+    raw text). ``temperature=0`` is greedy: the text equals the target's own greedy output;
+    otherwise ``temperature``, ``top_k``, ``top_p``, ``rule`` and ``seed`` form the run's
+    ``Sampling``. ``on_text(str)`` receives the text as it is produced. ``stats`` is the
+    engine's ``DecodeStats`` (tokens per step, acceptance rate, draft/verify/other seconds).
 
     Example::
 
         import treeopt
         from treeopt.decode.models import load_pair
 
-        pair = load_pair("smollm2", "early-exit:4")
-        text, stats = treeopt.generate("Name three rivers.", pair=pair, growmap="chain:4",
+        pair = load_pair("smollm2", "ngram")
+        text, stats = treeopt.generate("Name three rivers.", pair=pair, growmap="chain:3",
                                        max_new_tokens=64,
                                        on_text=lambda s: print(s, end="", flush=True))
         print(stats.tokens_per_step, stats.acceptance_rate)
     """
     from treeopt.decode.engine import generate as engine_generate
 
+    sampling = Sampling(temperature, top_k, top_p, rule, seed)
+    if tree is not None and growmap is not None:
+        raise GenerateError("give either tree= or growmap=, not both")
+    tree = resolve_tree(tree if tree is not None else growmap)
+    if max_new_tokens < 1:
+        raise GenerateError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if pair is not None:
         if target is not None:
             raise GenerateError("give either pair= or target=/draft=, not both")
-        target, draft = pair.target, pair.draft if draft is None else draft
+        target = pair.target
+        draft = pair.drafter if draft is None else draft
         tokenizer = pair.tokenizer if tokenizer is None else tokenizer
     if target is None:
         raise GenerateError("generate needs pair= or target=")
     if isinstance(target, (str, os.PathLike)):
         loaded = load_pair(str(target), None if draft is None else str(draft))
-        target, draft = loaded.target, loaded.draft
+        target, draft = loaded.target, loaded.drafter
         tokenizer = loaded.tokenizer if tokenizer is None else tokenizer
-    elif isinstance(draft, (str, os.PathLike)):
-        from treeopt.decode.models import early_exit_draft, load_model, parse_draft_spec
-
-        parsed = parse_draft_spec(str(draft))
-        if parsed is None or isinstance(parsed, int):
-            draft = None if parsed is None else early_exit_draft(target, parsed)
-        else:
-            draft = load_model(parsed, dtype=target.dtype, device=target.device)
     if tokenizer is None:
         raise GenerateError("generate needs a tokenizer (the target's folder has none); "
                             "pass tokenizer=")
-    check_vocab(target, draft)
-    if tree is not None and growmap is not None:
-        raise GenerateError("give either tree= or growmap=, not both")
-    tree = resolve_tree(tree if tree is not None else growmap)
-    if tree is None and draft is not None:
-        tree = chain_tree(DEFAULT_CHAIN)
-    if max_new_tokens < 1:
-        raise GenerateError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    drafter = as_drafter(draft, target, tokenizer, tree)
 
     input_ids = encode_prompt(tokenizer, prompt, chat_template).to(target.device)
     stream = TextStream(tokenizer, on_text)
     eos = eos_ids(tokenizer, target)
     with torch.inference_mode():
-        result = engine_generate(
-            target, draft, tree, input_ids, max_new_tokens=max_new_tokens,
-            temperature=temperature, top_k=top_k, top_p=top_p, rule=rule,
-            eos_token_id=eos or None, seed=seed, on_tokens=stream.push)
+        result = engine_generate(target, drafter, input_ids, max_new_tokens=max_new_tokens,
+                                 sampling=sampling, eos_token_id=eos or None,
+                                 on_tokens=stream.push)
     return stream.finish(result.tokens), result.stats
 
 
 __all__ = ["GenerateError", "ModelError", "generate", "encode_prompt", "resolve_tree",
-           "chain_tree", "DEFAULT_CHAIN"]
+           "chain_tree", "as_drafter", "DEFAULT_CHAIN"]

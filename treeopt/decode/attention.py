@@ -8,6 +8,8 @@ the eager attention; a bool mask is silently misread by eager attention, so it i
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 
@@ -98,3 +100,14 @@ def crop_to(cache, length: int) -> None:
         if layer.is_initialized and layer.keys.numel() > 0:
             layer.keys = layer.keys[:, :, :length]
             layer.values = layer.values[:, :, :length]
+
+
+def compact(cache, start: int, keep: Sequence[int]) -> None:
+    """Keep cache positions [0, start) and start + keep (increasing offsets), drop the rest.
+    A contiguous keep (0, 1, ..., m-1) is a plain crop."""
+    m = len(keep)
+    if m == 0 or keep[-1] == m - 1:
+        crop_to(cache, start + m)
+    else:
+        device = cache.layers[0].keys.device
+        keep_tokens(cache, start, torch.tensor(keep, dtype=torch.int64, device=device))

@@ -16,7 +16,7 @@ from functools import lru_cache
 import torch
 
 from treeopt.decode.attention import forward_tree
-from treeopt.decode.sampling import draw_children, logits_to_probs
+from treeopt.decode.sampling import GREEDY, Sampling, draw_children
 from treeopt.tree import Tree, ancestor_mask
 
 
@@ -99,8 +99,7 @@ class DraftedTree:
 
 
 def draft_tree(draft, cache, pending: torch.Tensor, root_pos: int, tree: Tree, *,
-               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-               replacement: bool = False, generator: torch.Generator | None = None
+               sampling: Sampling = GREEDY, generator: torch.Generator | None = None
                ) -> DraftedTree:
     """Grow ``tree`` with the draft model, one forward per level.
 
@@ -109,8 +108,8 @@ def draft_tree(draft, cache, pending: torch.Tensor, root_pos: int, tree: Tree, *
     ending with the root (p >= 1), at positions root_pos - p + 1 .. root_pos.
     After the call the cache holds all committed tokens followed by the expanded tree nodes
     of depth >= 1 in ``DraftPlan.fed_index`` order.
-    temperature 0: children are the draft's top-k tokens; otherwise they are drawn from
-    Q = logits_to_probs(logits, temperature, top_k, top_p), with or without replacement.
+    Greedy ``sampling``: children are the draft's top-k tokens; otherwise they are drawn from
+    Q = ``sampling.probs(logits)``, with replacement for the SpecInfer rule, else without.
     """
     device = pending.device
     plan = draft_plan(tree, str(device))
@@ -120,7 +119,8 @@ def draft_tree(draft, cache, pending: torch.Tensor, root_pos: int, tree: Tree, *
     positions = torch.arange(root_pos - p + 1, root_pos + 1, device=device)[None]
     logits = forward_tree(draft, pending, positions, None, cache, logits_to_keep=1)[0]
     forwards = 1
-    qs: list[torch.Tensor] | None = None if temperature == 0 else []
+    qs: list[torch.Tensor] | None = None if sampling.greedy else []
+    replacement = sampling.rule == "specinfer"
     for level in plan.levels:
         if level.depth > 0:
             ids = tokens[level.nodes][None]
@@ -130,7 +130,7 @@ def draft_tree(draft, cache, pending: torch.Tensor, root_pos: int, tree: Tree, *
         if qs is None:
             pick = logits.topk(level.k, dim=-1).indices
         else:
-            q = logits_to_probs(logits, temperature, top_k, top_p)
+            q = sampling.probs(logits)
             qs.append(q)
             pick = draw_children(q, level.k, replacement, generator)
         first, end = level.children

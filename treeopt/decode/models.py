@@ -14,8 +14,10 @@ Model specs (strings a user types):
 - ``path/to/folder``: a ``save_pretrained`` folder;
 - ``org/name``: a Hugging Face hub id (offline it must already be in the local HF cache).
 
-Draft specs add ``"early-exit:K"`` (the target's first K decoder layers, its final norm and
-its LM head, sharing the target's weights) and ``None`` / ``"none"`` (plain autoregressive).
+Draft specs (``treeopt.decode.drafter``) add ``"early-exit:K"`` (the target's first K decoder
+layers, its final norm and its LM head, sharing the target's weights), the model-free drafters
+(``"ngram"``, ``"datastore:PATH"``, ``"bigram:PATH"``) and ``None`` / ``"none"`` (plain
+autoregressive).
 """
 
 from __future__ import annotations
@@ -43,14 +45,16 @@ class ModelError(ValueError):
 
 @dataclass
 class Pair:
-    """A target, its draft (``None`` = plain autoregressive decoding) and their tokenizer
-    (``None`` when the target folder has none)."""
+    """A target, its drafter (``None`` = plain autoregressive decoding), the draft model when
+    the drafter is one (``draft``; None for model-free drafters) and the tokenizer (``None``
+    when the target folder has none)."""
 
     target: Any
     draft: Any
     tokenizer: Any
     target_spec: str = ""
     draft_spec: str | None = None
+    drafter: Any = None
 
 
 # ---------------------------------------------------------------- device and dtype
@@ -318,22 +322,6 @@ def early_exit_draft(target, num_layers: int):
     return draft
 
 
-def parse_draft_spec(spec: str | None) -> int | str | None:
-    """``None``/``"none"``/``"ar"`` → None; ``"early-exit:K"`` → K (int); else the spec."""
-    if spec is None:
-        return None
-    text = str(spec).strip()
-    if text.lower() in ("", "none", "ar"):
-        return None
-    if text.lower().startswith(EARLY_EXIT_PREFIX):
-        value = text[len(EARLY_EXIT_PREFIX):]
-        if not value.isdigit():
-            raise ModelError(f"draft {text!r}: early-exit takes a layer count, "
-                             "e.g. early-exit:4")
-        return int(value)
-    return text
-
-
 # ---------------------------------------------------------------- pairs
 def _lm_head_rows(model) -> int:
     head = model.get_output_embeddings()
@@ -365,18 +353,14 @@ def check_vocab(target, draft, target_tokenizer=None, draft_tokenizer=None) -> N
 
 def load_pair(target_spec: str, draft_spec: str | None = None, dtype: str | torch.dtype = "auto",
               device: str | torch.device = "auto") -> Pair:
-    """Load a target, its draft and the tokenizer, checking the vocabularies match.
+    """Load a target, its drafter and the tokenizer, checking that they fit together.
 
-    ``draft_spec``: ``"early-exit:K"``, any model spec, or ``None`` for plain decoding."""
+    ``draft_spec``: any drafter spec (``"ngram"``, ``"datastore:PATH"``, ``"early-exit:K"``,
+    a model spec, ...; see ``treeopt.decode.drafter``) or ``None`` for plain decoding."""
+    from treeopt.decode.drafter import build_drafter
+
     target = load_model(target_spec, dtype=dtype, device=device)
     tokenizer = load_tokenizer(target_spec)
-    parsed = parse_draft_spec(draft_spec)
-    if parsed is None:
-        draft = None
-    elif isinstance(parsed, int):
-        draft = early_exit_draft(target, parsed)
-    else:
-        draft = load_model(parsed, dtype=target.dtype, device=target.device)
-        check_vocab(target, draft, tokenizer, load_tokenizer(parsed))
-    return Pair(target, draft, tokenizer, str(target_spec),
-                None if draft_spec is None else str(draft_spec))
+    drafter = build_drafter(draft_spec, target=target, tokenizer=tokenizer)
+    return Pair(target, getattr(drafter, "model", None), tokenizer, str(target_spec),
+                None if draft_spec is None else str(draft_spec), drafter)

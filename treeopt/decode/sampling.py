@@ -14,6 +14,7 @@ fewer tokens than the tree asks for) are skipped without touching P or Q.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -39,6 +40,44 @@ def check_settings(temperature: float, top_k: int, top_p: float, rule: str) -> N
         raise SamplingError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
     if rule not in RULES:
         raise SamplingError(f"unknown verification rule {rule!r}; use one of {', '.join(RULES)}")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The sampling settings of one decoding run, validated once.
+
+    temperature 0 = greedy (token-exact with the target's greedy decoding); otherwise logits
+    are divided by ``temperature``, then ``top_k`` (0 = off) and ``top_p`` (1 = off) are
+    applied to the target's and the draft's distributions alike, and children are verified
+    by ``rule`` ("sequoia": drawn without replacement, "specinfer": with replacement).
+    ``seed`` seeds the run's random stream (None = torch's global one).
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    rule: str = "sequoia"
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        check_settings(self.temperature, self.top_k, self.top_p, self.rule)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Processed distribution (..., V) float32 of logits (..., V)."""
+        return logits_to_probs(logits, self.temperature, self.top_k, self.top_p)
+
+    def generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
+        """A fresh generator seeded with ``seed`` on ``device`` (None when unseeded)."""
+        if self.seed is None:
+            return None
+        return torch.Generator(device=device).manual_seed(int(self.seed))
+
+
+GREEDY = Sampling()
 
 
 def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
@@ -139,6 +178,30 @@ def verify_children(p: torch.Tensor, q: torch.Tensor | None, children: Sequence[
     acc, tok = verify_children_batch(p[None], q[None], kids, rule, generator)
     a = int(acc)
     return (a if a >= 0 else None), int(tok)
+
+
+def verify_candidates(p: torch.Tensor, children: Sequence[int],
+                      generator: torch.Generator | None = None) -> tuple[int | None, int]:
+    """Verify one node's children proposed by a drafter without a distribution (point masses).
+
+    p: (V,) target probs at the node; children: distinct candidate tokens in rank order.
+    The rule is Sequoia's with Q = a point mass on each candidate in turn: accept x1 with
+    probability P(x1); on rejection set P(x1) = 0 and renormalise (the residual
+    max(P - δ_x1, 0)), then try x2 the same way, ...; if no candidate is accepted the bonus
+    is sampled from what remains of P. Lossless: x1 is output with probability P(x1), and
+    otherwise the output follows P conditioned on "not x1", whose mix with δ_x1 is P again;
+    by induction over the candidates the output is exactly P. A repeated candidate has
+    P = 0 by then and is never accepted. Returns (index of the accepted child or None, token).
+    """
+    p = p.float().clone()
+    if children:
+        u = torch.rand(len(children), generator=generator, device=p.device)
+        for i, x in enumerate(children):
+            px = float(p[x])
+            if float(u[i]) * float(p.sum()) < px:
+                return i, int(x)
+            p[x] = 0.0
+    return None, int(sample(p[None], 1, generator))
 
 
 def verify_greedy(argmax: int, children: Sequence[int]) -> tuple[int | None, int]:

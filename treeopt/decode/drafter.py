@@ -1,0 +1,280 @@
+"""The drafter interface: anything that proposes a token tree for the target to verify.
+
+The engine knows a target, one :class:`Drafter` and one :class:`~treeopt.decode.sampling.
+Sampling`. Each step it asks the drafter for a :class:`Proposal` (a tree shape, its tokens and,
+for drafters that have them, the draft distributions the stochastic rules need), verifies it
+in one target forward, and tells the drafter what was accepted (``update``), where adaptive
+drafters learn and model drafters compact their own cache. This mirrors Hugging Face's
+``get_candidates`` / ``update_candidate_strategy`` split.
+
+A proposal may differ from step to step: fewer nodes when a drafter has fewer candidates, and
+size 1 (the root alone) when it has none: that step is then plain decoding, with no draft work.
+
+Drafters are chosen by spec strings (``"ngram"``, ``"ngram:min=1,max=4,k=8"``,
+``"datastore:PATH"``, ``"early-exit:4"``, a model id or folder, ...): a module that defines a
+drafter registers a factory under its name with :func:`register_drafter`, and
+:func:`build_drafter` turns a spec into a drafter. Anything that is not a registered name is a
+model spec, drafted by :class:`~treeopt.decode.model_drafter.ModelDrafter`.
+
+Writing a drafter (see the README for a complete example)::
+
+    class EchoDrafter(Drafter):
+        name = "echo"
+
+        def propose(self, committed, max_depth, sampling, generator=None):
+            if max_depth < 1:
+                return root_only(committed)
+            return Proposal(Tree((-1, 0)), torch.tensor([committed[-1], committed[-1]]))
+
+    @register_drafter("echo", "proposes the last token again")
+    def _echo(options, *, target, tokenizer, tree):
+        return EchoDrafter()
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from treeopt.decode.sampling import Sampling
+from treeopt.tree import Tree
+
+ROOT_ONLY = Tree((-1,))
+# Modules that register drafters; imported on the first look-up so that the registry is
+# complete without importing every drafter at start-up.
+DRAFTER_MODULES = ("treeopt.decode.model_drafter", "treeopt.decode.ngram",
+                   "treeopt.decode.datastore")
+
+
+class DrafterError(ValueError):
+    """A drafter spec or option that cannot be used; the message says what to change."""
+
+
+@dataclass
+class Proposal:
+    """One step's draft.
+
+    tree:    the proposed shape (size 1 = nothing proposed: a plain decoding step).
+    tokens:  (size,) int64 tree tokens on the target's device, node 0 = the root (the last
+             committed token).
+    q:       per depth d, (e_d, V) float32 processed draft probabilities of the nodes at depth
+             d that have children (the distributions their children were drawn from), or
+             None for a drafter without distributions (greedy mode, or a deterministic
+             drafter: stochastic verification then treats every child as a point mass).
+    q_row:   (size,) row of node v in ``q[depth(v)]`` (-1 for nodes without children), or
+             None with ``q``.
+    forwards: draft-model forwards spent on this proposal (0 for model-free drafters).
+    fixed_shape: True when ``tree`` comes from a small fixed set of shapes (a growmap and its
+             truncations), so its verification buffers are worth caching; per-step trees are
+             built fresh (vectorised) and not cached.
+    """
+
+    tree: Tree
+    tokens: torch.Tensor
+    q: Sequence[torch.Tensor] | None = None
+    q_row: Sequence[int] | None = None
+    forwards: int = 0
+    fixed_shape: bool = True
+
+    def q_at(self, node: int) -> torch.Tensor | None:
+        """(V,) draft distribution the children of ``node`` were drawn from, or None."""
+        if self.q is None or self.q_row is None:
+            return None
+        return self.q[self.tree.depths[node]][self.q_row[node]]
+
+    @property
+    def drafted(self) -> int:
+        """Speculated tokens (nodes other than the root)."""
+        return self.tree.size - 1
+
+
+def root_only(committed: Sequence[int], device: torch.device | str = "cpu") -> Proposal:
+    """The empty proposal: the root alone (the step is plain decoding)."""
+    return Proposal(ROOT_ONLY, torch.tensor([int(committed[-1])], dtype=torch.int64,
+                                            device=device))
+
+
+def proposal_from_paths(committed: Sequence[int], children: Callable[[tuple[int, ...]],
+                        Sequence[int]], shape: Tree, max_depth: int,
+                        device: torch.device | str = "cpu") -> Proposal:
+    """Fill ``shape`` with candidates, keeping only the nodes that have one.
+
+    ``children(path_tokens)`` returns the ranked distinct candidate tokens after
+    ``committed + path_tokens`` (path_tokens: the tokens from the root's first child down to
+    a node, ``()`` at the root). Node v of ``shape`` is kept when its parent is kept, its
+    depth is <= ``max_depth`` and the parent has at least rank(v) candidates; the kept nodes
+    form a tree (ranks are consecutive from 1), renumbered breadth-first. Returns a
+    ``Proposal`` without distributions and with ``fixed_shape=False``.
+    """
+    parents = [-1]
+    tokens = [int(committed[-1])]
+    paths: list[tuple[int, ...]] = [()]
+    kept = {0: 0}  # shape node -> proposal node
+    cands: dict[int, Sequence[int]] = {}
+    for v in range(1, shape.size):
+        u = shape.parents[v]
+        if u not in kept or shape.depths[v] > max_depth:
+            continue
+        pu = kept[u]
+        if pu not in cands:
+            cands[pu] = children(paths[pu])
+        rank = shape.ranks[v]
+        if rank > len(cands[pu]):
+            continue
+        tok = int(cands[pu][rank - 1])
+        kept[v] = len(parents)
+        parents.append(pu)
+        tokens.append(tok)
+        paths.append(paths[pu] + (tok,))
+    return Proposal(Tree(tuple(parents)), torch.tensor(tokens, dtype=torch.int64,
+                                                       device=device), fixed_shape=False)
+
+
+class Drafter:
+    """Base class of every drafter. Subclasses implement ``propose``; ``start`` and
+    ``update`` default to doing nothing.
+
+    ``shape`` / ``reshaped``: the tree a drafter drafts, and a copy with another one.
+    ``wants_target_topk``: a drafter that learns from the target's own predictions (NASD's
+    top-k filler) sets it to k > 0; ``update`` then receives the target's top-k tokens at
+    every node of the accepted path.
+    """
+
+    name = "drafter"
+    wants_target_topk = 0
+    #: The tree this drafter drafts (model drafters) or fills at most (candidate drafters);
+    #: None for drafters that choose their own shape every step.
+    shape: Tree | None = None
+
+    def reshaped(self, shape: Tree) -> "Drafter":
+        """A copy drafting ``shape`` instead (models and stores are shared, not copied)."""
+        if self.shape is None:
+            raise DrafterError(f"the {self.name} drafter chooses its own tree; it takes no "
+                               "tree shape")
+        new = copy.copy(self)
+        new.shape = shape
+        return new
+
+    def check(self, target) -> None:
+        """Raise DrafterError (or DecodeError) when this drafter cannot draft for ``target``."""
+
+    def start(self, prompt_ids: torch.Tensor) -> None:
+        """A new generation begins with the prompt ``prompt_ids`` (1, L) int64 (on the
+        target's device). Model drafters prefill their cache here."""
+
+    def propose(self, committed: Sequence[int], max_depth: int, sampling: Sampling,
+                generator: torch.Generator | None = None) -> Proposal:
+        """The tree to verify after ``committed`` (prompt + generated tokens; its last token
+        is the root). The tree may be at most ``max_depth`` deep (0: propose the root
+        alone). ``sampling``: the run's settings; ``generator``: its random stream."""
+        raise NotImplementedError
+
+    def update(self, path: Sequence[int], committed: Sequence[int],
+               target_topk: torch.Tensor | None = None) -> None:
+        """After verification: ``path`` are the accepted node ids of the last proposal (from
+        the root, root included), ``committed`` the committed tokens now (the accepted
+        tokens and the bonus appended). ``target_topk``: (len(path), k) int64 target top-k
+        tokens at the path's nodes, when ``wants_target_topk`` asked for them."""
+
+
+# ---------------------------------------------------------------------------- registry
+Factory = Callable[..., Drafter]
+
+
+@dataclass
+class DrafterEntry:
+    name: str
+    help: str
+    factory: Factory
+    takes_path: bool = False
+
+
+_REGISTRY: dict[str, DrafterEntry] = {}
+_loaded = False
+
+
+def register_drafter(name: str, help: str, *, takes_path: bool = False):
+    """Decorator registering ``factory(options, *, target, tokenizer, tree) -> Drafter``
+    under ``name``. ``options`` is the text after ``name:`` in the spec ("" when none);
+    ``takes_path``: the options are a file path (``datastore:PATH``) rather than
+    ``key=value`` pairs."""
+
+    def deco(factory: Factory) -> Factory:
+        _REGISTRY[name.lower()] = DrafterEntry(name.lower(), help, factory, takes_path)
+        return factory
+
+    return deco
+
+
+def registered() -> dict[str, DrafterEntry]:
+    """Every registered drafter by name (importing the drafter modules once)."""
+    global _loaded
+    if not _loaded:
+        for module in DRAFTER_MODULES:
+            importlib.import_module(module)
+        _loaded = True
+    return dict(_REGISTRY)
+
+
+def split_spec(spec: str) -> tuple[DrafterEntry | None, str]:
+    """(registered entry, option text) for a spec, or (None, spec) for a model spec."""
+    text = str(spec).strip()
+    name, _, options = text.partition(":")
+    entry = registered().get(name.strip().lower())
+    if entry is None:
+        return None, text
+    return entry, options.strip()
+
+
+def parse_options(text: str, allowed: dict[str, type], drafter: str) -> dict[str, Any]:
+    """``"min=1,max=4,k=8"`` -> {"min": 1, "max": 4, "k": 8}, typed by ``allowed``
+    (name -> int/float/bool/str); an unknown or malformed option raises DrafterError."""
+    out: dict[str, Any] = {}
+    for part in filter(None, (x.strip() for x in text.split(","))):
+        key, eq, value = part.partition("=")
+        key = key.strip().lower()
+        if not eq or key not in allowed:
+            names = ", ".join(f"{k}=" for k in allowed) or "none"
+            raise DrafterError(f"drafter {drafter!r}: bad option {part!r}; options: {names}")
+        kind = allowed[key]
+        try:
+            if kind is bool:
+                if value.strip().lower() not in ("0", "1", "true", "false", "yes", "no"):
+                    raise ValueError
+                out[key] = value.strip().lower() in ("1", "true", "yes")
+            else:
+                out[key] = kind(value.strip())
+        except ValueError:
+            raise DrafterError(f"drafter {drafter!r}: option {key}={value!r} is not a "
+                               f"{kind.__name__}") from None
+    return out
+
+
+def build_drafter(spec: str | Drafter | None, *, target, tokenizer=None,
+                  tree: Tree | None = None) -> Drafter | None:
+    """A drafter from a spec: None / "none" / "ar" -> None (plain decoding); a registered
+    name with its options; otherwise a model spec (a folder, a .gguf file, a hub id, or
+    "early-exit:K") drafted over ``tree`` by a ModelDrafter. A Drafter is returned as is."""
+    if spec is None or isinstance(spec, Drafter):
+        return spec
+    text = str(spec).strip()
+    if text.lower() in ("", "none", "ar"):
+        return None
+    entry, options = split_spec(text)
+    if entry is None:
+        entry, options = registered()["model"], text
+    return entry.factory(options, target=target, tokenizer=tokenizer, tree=tree)
+
+
+def describe_drafters() -> str:
+    """One line per registered drafter, for help texts."""
+    return "; ".join(f"{e.name}: {e.help}" for e in registered().values() if e.name != "model")
+
+
+__all__ = ["Drafter", "DrafterError", "Proposal", "ROOT_ONLY", "build_drafter",
+           "describe_drafters", "parse_options", "proposal_from_paths", "register_drafter",
+           "registered", "root_only", "split_spec"]

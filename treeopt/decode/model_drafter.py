@@ -1,0 +1,120 @@
+"""A draft model grows a fixed tree shape every step (a second model, or an early-exit draft).
+
+The drafter owns the draft model's KV cache. Invariant between steps, with C committed tokens:
+the cache holds the first ``cached`` <= C of them, and the next ``propose`` feeds the rest
+(the accepted leaf it never expanded and the bonus token) with its first forward. After a
+verification ``update`` keeps, of the tree nodes the draft fed, only those on the accepted
+path (see ``treeopt.decode.draft`` for the level-by-level drafting and its plan).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from treeopt.decode.attention import check_cache, compact, forward_tree, new_cache
+from treeopt.decode.draft import draft_plan, draft_tree
+from treeopt.decode.drafter import Drafter, DrafterError, Proposal, register_drafter, root_only
+from treeopt.decode.sampling import Sampling
+from treeopt.tree import Tree
+
+DEFAULT_CHAIN = 4  # drafted tokens per step when a model draft is given without a tree
+
+
+def chain_tree(drafted: int) -> Tree:
+    """A chain speculating ``drafted`` tokens (size ``drafted + 1``)."""
+    return Tree(tuple(range(-1, drafted)))
+
+
+def truncate_tree(tree: Tree, max_depth: int) -> Tree:
+    """The subtree of nodes with depth <= max_depth (a prefix of the breadth-first ids)."""
+    if tree.depth <= max_depth:
+        return tree
+    n = sum(1 for d in tree.depths if d <= max_depth)
+    return Tree(tree.parents[:n])
+
+
+class ModelDrafter(Drafter):
+    """Drafts ``tree`` with a causal LM sharing the target's vocabulary: the draft's top-k
+    children per node (greedy) or children drawn from its processed distribution Q (with
+    replacement for the SpecInfer rule), one draft forward per level."""
+
+    name = "model"
+
+    def __init__(self, model, tree: Tree | None = None):
+        self.model = model
+        self.shape = tree if tree is not None else chain_tree(DEFAULT_CHAIN)
+        self.cache = None
+        self.cached = 0
+        self._root_pos = 0
+        self._tree: Tree | None = None
+
+    def check(self, target) -> None:
+        from treeopt.decode.engine import DecodeError
+
+        device = next(target.parameters()).device
+        if next(self.model.parameters()).device != device:
+            raise DecodeError("target and draft are on different devices; load both on one")
+        vt = target.get_output_embeddings().weight.shape[0]
+        vd = self.model.get_output_embeddings().weight.shape[0]
+        if vt != vd:
+            raise DecodeError(f"target vocabulary ({vt}) and draft vocabulary ({vd}) differ; "
+                              "use a draft with the same tokenizer")
+        if self.shape.width > vd:
+            raise DecodeError(f"tree width {self.shape.width} exceeds the vocabulary size {vd}")
+
+    def start(self, prompt_ids: torch.Tensor) -> None:
+        positions = torch.arange(prompt_ids.shape[1], device=prompt_ids.device)[None]
+        self.cache = new_cache(self.model)
+        forward_tree(self.model, prompt_ids, positions, None, self.cache, logits_to_keep=1)
+        check_cache(self.cache)
+        self.cached = prompt_ids.shape[1]
+
+    def propose(self, committed: Sequence[int], max_depth: int, sampling: Sampling,
+                generator: torch.Generator | None = None) -> Proposal:
+        device = self.cache.layers[0].keys.device if self.cache.layers else torch.device("cpu")
+        tree = truncate_tree(self.shape, max_depth)
+        self._tree = tree
+        if tree.size == 1:
+            return root_only(committed, device)
+        self._root_pos = len(committed) - 1
+        pending = torch.tensor([list(committed[self.cached:])], dtype=torch.int64,
+                               device=device)
+        drafted = draft_tree(self.model, self.cache, pending, self._root_pos, tree,
+                             sampling=sampling, generator=generator)
+        self.cached = len(committed)
+        row = None if drafted.q is None else draft_plan(tree, str(device)).row
+        return Proposal(tree, drafted.tokens, drafted.q, row, drafted.forwards)
+
+    def update(self, path: Sequence[int], committed: Sequence[int],
+               target_topk: torch.Tensor | None = None) -> None:
+        """Keep, of the fed tree nodes, those on the accepted path (a prefix of path[1:]:
+        all of it, or all but an accepted leaf the draft never expanded)."""
+        tree = self._tree
+        if tree is None or tree.size == 1:
+            return
+        fed_index = draft_plan(tree, str(self.cache.layers[0].keys.device)).fed_index
+        fed = [fed_index[v] for v in path[1:] if fed_index[v] >= 0]
+        compact(self.cache, self._root_pos + 1, fed)
+        self.cached = self._root_pos + 1 + len(fed)
+
+
+@register_drafter("model", "a draft model: a folder, a .gguf file or a Hugging Face id")
+def _model(options: str, *, target, tokenizer, tree):
+    from treeopt.decode.models import check_vocab, load_model, load_tokenizer
+
+    draft = load_model(options, dtype=target.dtype, device=target.device)
+    check_vocab(target, draft, tokenizer, load_tokenizer(options) if tokenizer else None)
+    return ModelDrafter(draft, tree)
+
+
+@register_drafter("early-exit", "the target's first K layers, final norm and LM head "
+                                "(early-exit:K)")
+def _early_exit(options: str, *, target, tokenizer, tree):
+    from treeopt.decode.models import early_exit_draft
+
+    if not options.isdigit():
+        raise DrafterError(f"draft 'early-exit:{options}': early-exit takes a layer count, "
+                           "e.g. early-exit:4")
+    return ModelDrafter(early_exit_draft(target, int(options)), tree)
