@@ -181,10 +181,11 @@ class Row:
 
 def run_engine(row: Row, target, draft, tree, ids, max_new: int, eos, timer: ForwardTimer):
     from treeopt.decode.engine import generate
+    from treeopt.decode.model_drafter import ModelDrafter
 
     timer.reset()
-    gen = generate(target, draft if tree is not None else None, tree, ids,
-                   max_new_tokens=max_new, eos_token_id=eos)
+    drafter = ModelDrafter(draft, tree) if tree is not None and draft is not None else None
+    gen = generate(target, drafter, ids, max_new_tokens=max_new, eos_token_id=eos)
     st = gen.stats
     # The prefill forwards (target, then draft) are the first calls; per-step time excludes them.
     step_time = st.total_s - st.prefill_s
@@ -220,7 +221,7 @@ def main(argv=None) -> int:
     from transformers.utils import logging as hf_logging
 
     from treeopt.decode.api import encode_prompt, eos_ids
-    from treeopt.decode.models import load_pair, parse_draft_spec
+    from treeopt.decode.models import load_pair
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
@@ -253,8 +254,8 @@ def main(argv=None) -> int:
         hf_rows.append(("HF greedy", {}))
         if draft is not None:
             hf_rows.append(("HF assisted (assistant_model)", {"assistant_model": draft}))
-        k = parse_draft_spec(args.draft)
-        if isinstance(k, int):
+        if args.draft.startswith("early-exit:"):
+            k = int(args.draft.split(":", 1)[1])
             hf_rows.append((f"HF assisted (assistant_early_exit={k})",
                             {"assistant_early_exit": k}))
     rows += [Row(name) for name, _ in hf_rows]

@@ -88,7 +88,7 @@ def main() -> None:
         per_step: list[int] = []
         forwards = 0
         for ids in eval_ids:
-            gen = generate(pair.target, pair.draft, tree, torch.tensor([ids]),
+            gen = generate(pair.target, pair.drafter.reshaped(tree), torch.tensor([ids]),
                            max_new_tokens=args.max_new_tokens, eos_token_id=eos or None)
             per_step += [s.tokens for s in gen.stats.steps]
             forwards += gen.stats.target_forwards

@@ -12,7 +12,7 @@ from transformers import DynamicCache
 
 from treeopt.decode import models
 from treeopt.decode.models import (ModelError, Pair, check_vocab, early_exit_draft, load_model,
-                                   load_pair, load_tokenizer, parse_draft_spec, resolve_device,
+                                   load_pair, load_tokenizer, resolve_device,
                                    resolve_dtype, resolve_spec)
 from treeopt.testing import tiny_causal_lm
 
@@ -224,12 +224,18 @@ def test_early_exit_errors():
     assert "GPT2LMHeadModel" in one_line(exc)
 
 
-def test_parse_draft_spec():
-    assert parse_draft_spec(None) is None and parse_draft_spec("none") is None
-    assert parse_draft_spec("early-exit:4") == 4
-    assert parse_draft_spec("some/folder") == "some/folder"
-    with pytest.raises(ModelError):
-        parse_draft_spec("early-exit:four")
+def test_draft_specs():
+    from treeopt.decode.drafter import DrafterError, build_drafter, split_spec
+    from treeopt.decode.model_drafter import ModelDrafter
+
+    target = tiny_causal_lm(num_layers=2)
+    assert build_drafter(None, target=target) is None
+    assert build_drafter("none", target=target) is None
+    drafter = build_drafter("early-exit:1", target=target)
+    assert isinstance(drafter, ModelDrafter) and drafter.model.config.num_hidden_layers == 1
+    assert split_spec("some/folder") == (None, "some/folder")
+    with pytest.raises(DrafterError, match="early-exit takes a layer count"):
+        build_drafter("early-exit:four", target=target)
 
 
 # ---------------------------------------------------------------- vocabulary checks

@@ -9,7 +9,6 @@ import time
 
 from treeopt.cli import DEFAULT_DRAFT, DEFAULT_TARGET, UserError
 
-DEFAULT_GROWMAP = "chain:5"
 
 
 def register(subparsers) -> None:
@@ -25,13 +24,16 @@ def register(subparsers) -> None:
                         "a .gguf file, a save_pretrained folder or a cached Hugging Face id "
                         f"(default: {DEFAULT_TARGET})")
     p.add_argument("--draft", default=DEFAULT_DRAFT,
-                   help="draft model spec, 'early-exit:K' (the target's first K layers), or "
-                        f"'none' for plain autoregressive decoding (default: {DEFAULT_DRAFT})")
-    p.add_argument("--growmap", "--tree", dest="growmap", default=DEFAULT_GROWMAP,
+                   help="drafter: a draft model spec, 'early-exit:K' (the target's first K "
+                        "layers), 'ngram[:min=,max=,k=,topk=,keep=]' (prompt lookup / n-gram "
+                        "tree), 'datastore:PATH', 'bigram:PATH', or 'none' for plain "
+                        f"autoregressive decoding (default: {DEFAULT_DRAFT})")
+    p.add_argument("--growmap", "--tree", dest="growmap", default=None,
                    help="tree: a growmap file (.pt/.json) or a shape such as chain:5 (a chain "
-                        "of size 5 = 4 drafted tokens per step), kary:2x3 or specinfer:1,2,1; the "
-                        "default chain is a safe choice when no growmap was searched for the "
-                        f"pair yet (default: {DEFAULT_GROWMAP})")
+                        "of size 5 = 4 drafted tokens per step), kary:2x3 or specinfer:1,2,1: "
+                        "what a model drafter drafts, or the most an n-gram/datastore drafter "
+                        "fills (default: the drafter's own: chain:5 for model drafters, "
+                        "chain:3 for model-free ones)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (with neither --prompt nor --prompt-file "
                                       "the prompt is read from stdin)")
@@ -122,7 +124,7 @@ def run(args) -> int:
 
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    _, stats = generate(prompt, pair=pair, tree=tree if pair.draft is not None else None,
+    _, stats = generate(prompt, pair=pair, tree=tree if pair.drafter is not None else None,
                         chat_template=not args.no_chat_template,
                         max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, rule=args.rule, seed=args.seed,
@@ -131,7 +133,7 @@ def run(args) -> int:
     sys.stdout.flush()
     if args.stats_json:
         record = dict(stats.to_dict(), load_s=load_s, target=args.target, draft=args.draft,
-                      growmap=str(args.growmap) if pair.draft is not None else None)
+                      growmap=str(args.growmap) if pair.drafter is not None else None)
         record.pop("steps", None)
         print(json.dumps(record), file=sys.stderr)
     else:

@@ -66,7 +66,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, draft_required: bool = 
     parser.add_argument("--target", required=True,
                         help="target model: smollm2, a folder, a .gguf file or a hub id")
     parser.add_argument("--draft", required=draft_required,
-                        help="draft model: early-exit:K or a model spec with the same tokenizer")
+                        help="drafter: early-exit:K, a draft model with the same tokenizer, "
+                             "ngram[:min=,max=,k=,topk=,keep=], datastore:PATH or bigram:PATH")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     parser.add_argument("--threads", type=int, metavar="N",
@@ -183,7 +184,7 @@ def measure_acceptance(args, pair, device, out: Path, progress: bool = True):
     from treeopt.evaluate.datasets import load_prompts
     from treeopt.profile.acceptance import profile_acceptance
 
-    if pair.draft is None:
+    if pair.drafter is None:
         raise UserError("acceptance profiling needs a --draft")
     notes = acceptance_defaults(args, device)
     run = acceptance_run(args)
@@ -194,7 +195,7 @@ def measure_acceptance(args, pair, device, out: Path, progress: bool = True):
         ids = [x for x in ids if len(x) >= 2]
     eos = eos_ids(pair.tokenizer, pair.target) if pair.tokenizer is not None else []
     profile = profile_acceptance(
-        pair.target, pair.draft, ids, run, out=out, resume=getattr(args, "resume", False),
+        pair.target, pair.drafter, ids, run, out=out, resume=getattr(args, "resume", False),
         save_every=max(1, getattr(args, "save_every", 1)), progress=progress,
         eos_token_id=eos[0] if eos else None, max_positions=args.positions)
     return profile, notes
@@ -203,6 +204,11 @@ def measure_acceptance(args, pair, device, out: Path, progress: bool = True):
 def describe_acceptance(profile) -> str:
     """A few lines: p by rank with its 95 % interval, per-depth p1."""
     lines = [profile.summary(ranks=min(8, profile.width))]
+    empty = (profile.meta or {}).get("no_candidate")
+    positions = (profile.meta or {}).get("positions")
+    if empty and positions:
+        lines.append(f"  no candidate at {empty}/{positions} positions "
+                     f"({empty / positions:.1%}): those steps are plain decoding")
     if profile.counts is not None:
         ci = profile.ci95()
         head = "  ".join(f"p{k + 1}={p:.3f}[{lo:.3f},{hi:.3f}]"
@@ -248,7 +254,7 @@ def run_latency(args: argparse.Namespace) -> int:
     tokens = parse_tokens(args.tokens)
     draft_tokens = parse_tokens(args.draft_tokens) if args.draft_tokens else None
     pair, device = load_models(args)
-    latency = measure_latency(pair.target, pair.draft, tokens=tokens, draft_tokens=draft_tokens,
+    latency = measure_latency(pair.target, pair.drafter, tokens=tokens, draft_tokens=draft_tokens,
                               context=args.context, repeats=args.repeats, warmup=args.warmup,
                               names={"target": args.target, "draft": args.draft})
     path = write_latency(latency, args.out)

@@ -90,15 +90,15 @@ def run(args: argparse.Namespace) -> int:
                         "--out-dir")
     t0 = time.perf_counter()
     pair, device = load_models(args)
-    if pair.draft is None:
-        raise UserError("tune needs a --draft (e.g. early-exit:4)")
+    if pair.drafter is None:
+        raise UserError("tune needs a --draft (e.g. early-exit:4 or ngram)")
 
     profile, notes = measure_acceptance(args, pair, device, profile_path,
                                         progress=not args.quiet)
     t_acc = time.perf_counter() - t0
     notes += latency_settings(args, device)
     tokens = parse_tokens(args.tokens)
-    latency = measure_latency(pair.target, pair.draft, tokens=tokens, context=args.context,
+    latency = measure_latency(pair.target, pair.drafter, tokens=tokens, context=args.context,
                               repeats=args.repeats, warmup=args.warmup,
                               names={"target": args.target, "draft": args.draft})
     write_latency(latency, profile_path)

@@ -139,7 +139,9 @@ class RankCounts:
 
     counts[k-1]: positions whose accepted rank is k (flat, every position); none_count: no
     sibling accepted; depth_counts[d][k-1] / depth_none[d]: the same for siblings under an
-    accepted parent at depth d, along decoding-like walks (``walk_steps``)."""
+    accepted parent at depth d, along decoding-like walks (``walk_steps``); empty: positions
+    where the drafter had no candidate at all (counted in none_count too; model drafters
+    always have one)."""
 
     width: int
     depth: int
@@ -147,6 +149,7 @@ class RankCounts:
     none_count: int = 0
     depth_counts: list[list[int]] = field(default_factory=list)
     depth_none: list[int] = field(default_factory=list)
+    empty: int = 0
 
     def __post_init__(self) -> None:
         if not self.counts:
@@ -188,6 +191,7 @@ class RankCounts:
         self.depth_counts = [[a + b for a, b in zip(r, s)]
                              for r, s in zip(self.depth_counts, other.depth_counts)]
         self.depth_none = [a + b for a, b in zip(self.depth_none, other.depth_none)]
+        self.empty += other.empty
 
     def to_profile(self, meta: dict | None = None):
         """Profile with these counts, a Wilson 95 % interval and the sample size per entry
@@ -307,6 +311,47 @@ def target_continuation(target, prompt_ids: Sequence[int], max_new_tokens: int, 
     return tokens, logits
 
 
+def candidate_ranks(drafter, prompt_ids: Sequence[int], tokens: Sequence[int],
+                    target_logits: torch.Tensor, width: int, *, temperature: float = 0.0,
+                    top_k: int = 0, top_p: float = 1.0,
+                    generator: torch.Generator | None = None) -> tuple[list[int], int]:
+    """Accepted rank at each position of a continuation for a drafter without a model
+    (n-gram, datastore, ...): at position t the drafter, having seen ``prompt_ids +
+    tokens[:t]``, proposes a one-level tree of up to ``width`` ranked candidates; greedy: the
+    rank of ``tokens[t]`` among them; stochastic: the candidate the point-mass rule accepts
+    against the target's P (``verify_candidates``, as in decoding). target_logits: (T, V),
+    row t predicting tokens[t]. Returns (ranks, per position: whether the drafter had no
+    candidate)."""
+    from treeopt.decode.sampling import Sampling, verify_candidates
+    from treeopt.shapes import kary
+
+    sampling = Sampling(temperature, top_k, top_p)
+    one_level = drafter.reshaped(kary(width, 1))
+    device = _device_of_drafter(drafter)
+    committed = [int(t) for t in prompt_ids]
+    one_level.start(torch.tensor([committed], dtype=torch.int64, device=device))
+    ranks, empty = [], []
+    for t, tok in enumerate(tokens):
+        proposal = one_level.propose(committed, 1, sampling, generator)
+        children = proposal.tokens[1:].tolist()
+        empty.append(not children)
+        if not children:
+            ranks.append(0)
+        elif sampling.greedy:
+            ranks.append(children.index(tok) + 1 if tok in children else 0)
+        else:
+            i, _ = verify_candidates(sampling.probs(target_logits[t]), children, generator)
+            ranks.append(0 if i is None else i + 1)
+        committed.append(int(tok))
+        one_level.update([0], committed)
+    return ranks, empty
+
+
+def _device_of_drafter(drafter) -> torch.device:
+    model = getattr(drafter, "model", None)
+    return _device(model) if model is not None else torch.device("cpu")
+
+
 def teacher_forced_ranks(target, draft, prompt_ids: Sequence[int], *, width: int,
                          max_new_tokens: int = 64, continuation: str = "target",
                          temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
@@ -314,9 +359,33 @@ def teacher_forced_ranks(target, draft, prompt_ids: Sequence[int], *, width: int
                          eos_token_id: int | None = None) -> tuple[list[int], int]:
     """Accepted rank at each position of one continuation (see the module docstring).
 
-    Returns (ranks, start): ranks[t] in 0..width for each continuation position, and the
-    position a decoding walk starts at (1 for the target's continuation, whose first token
-    comes from the prefill forward as in decoding; 0 for dataset text)."""
+    ``draft``: a draft model, or a Drafter (its model when it has one, else its ranked
+    candidates, ``candidate_ranks``). Returns (ranks, start): ranks[t] in 0..width for each
+    continuation position, and the position a decoding walk starts at (1 for the target's
+    continuation, whose first token comes from the prefill forward as in decoding; 0 for
+    dataset text)."""
+    ranks, start, _ = _teacher_forced(target, draft, prompt_ids, width=width,
+                                      max_new_tokens=max_new_tokens, continuation=continuation,
+                                      temperature=temperature, top_k=top_k, top_p=top_p,
+                                      rule=rule, generator=generator, eos_token_id=eos_token_id)
+    return ranks, start
+
+
+def _teacher_forced(target, draft, prompt_ids: Sequence[int], *, width: int,
+                    max_new_tokens: int, continuation: str, temperature: float, top_k: int,
+                    top_p: float, rule: str, generator: torch.Generator | None,
+                    eos_token_id: int | None) -> tuple[list[int], int, int]:
+    """``teacher_forced_ranks`` plus the number of positions without a candidate."""
+    from treeopt.decode.drafter import Drafter
+
+    if isinstance(draft, Drafter):
+        model = getattr(draft, "model", None)
+        if model is None:
+            return _candidates_forced(target, draft, prompt_ids, width=width,
+                                      max_new_tokens=max_new_tokens, continuation=continuation,
+                                      temperature=temperature, top_k=top_k, top_p=top_p,
+                                      generator=generator, eos_token_id=eos_token_id)
+        draft = model
     if continuation not in CONTINUATIONS:
         raise AcceptanceError(f"unknown continuation {continuation!r}; use target or dataset")
     prompt_ids = list(prompt_ids)
@@ -325,13 +394,13 @@ def teacher_forced_ranks(target, draft, prompt_ids: Sequence[int], *, width: int
             target, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
             top_p=top_p, generator=generator, eos_token_id=eos_token_id)
         if not tokens:
-            return [], 0
+            return [], 0, 0
         seq = prompt_ids + tokens[:-1]
         q_logits = _logits(draft, torch.tensor([seq], device=_device(draft)))[len(prompt_ids) - 1:]
         start = 1
     else:
         if len(prompt_ids) < 2:
-            return [], 0
+            return [], 0, 0
         ids = torch.tensor([prompt_ids], device=_device(target))
         p_logits = _logits(target, ids)[:-1]
         q_logits = _logits(draft, ids.to(_device(draft)))[:-1]
@@ -340,12 +409,38 @@ def teacher_forced_ranks(target, draft, prompt_ids: Sequence[int], *, width: int
         raise AcceptanceError(f"target vocabulary {p_logits.shape[-1]} != draft vocabulary "
                               f"{q_logits.shape[-1]}; the pair must share a tokenizer")
     if temperature <= 0:
-        return greedy_ranks(p_logits, q_logits, width), start
+        return greedy_ranks(p_logits, q_logits, width), start, 0
     from treeopt.decode.sampling import logits_to_probs
 
     p = logits_to_probs(p_logits, temperature, top_k, top_p)
     q = logits_to_probs(q_logits, temperature, top_k, top_p)
-    return stochastic_ranks(p, q, width, rule=rule, generator=generator), start
+    return stochastic_ranks(p, q, width, rule=rule, generator=generator), start, 0
+
+
+def _candidates_forced(target, drafter, prompt_ids: Sequence[int], *, width: int,
+                       max_new_tokens: int, continuation: str, temperature: float, top_k: int,
+                       top_p: float, generator: torch.Generator | None,
+                       eos_token_id: int | None) -> tuple[list[int], int, int]:
+    """Teacher-forced ranks of a model-free drafter along the chosen continuation."""
+    if continuation not in CONTINUATIONS:
+        raise AcceptanceError(f"unknown continuation {continuation!r}; use target or dataset")
+    prompt_ids = [int(t) for t in prompt_ids]
+    if continuation == "target":
+        tokens, p_logits = target_continuation(
+            target, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
+            top_p=top_p, generator=generator, eos_token_id=eos_token_id)
+        context, start = prompt_ids, 1
+    else:
+        if len(prompt_ids) < 2:
+            return [], 0, 0
+        p_logits = _logits(target, torch.tensor([prompt_ids], device=_device(target)))[:-1]
+        context, tokens, start = prompt_ids[:1], prompt_ids[1:], 0
+    if not tokens:
+        return [], 0, 0
+    ranks, empty = candidate_ranks(drafter, context, tokens, p_logits, width,
+                                   temperature=temperature, top_k=top_k, top_p=top_p,
+                                   generator=generator)
+    return ranks, start, sum(empty[start:])
 
 
 def online_steps(target, draft, prompt_ids: Sequence[int], *, width: int, depth: int,
@@ -358,7 +453,9 @@ def online_steps(target, draft, prompt_ids: Sequence[int], *, width: int, depth:
     Returns (ranks per step, complete per step). Near ``max_new_tokens`` the engine cuts the
     tree to the depth that still fits; a step that accepted its whole cut tree says nothing
     about the next depth, so it is marked incomplete (no "none" is counted for it)."""
+    from treeopt.decode.api import as_drafter
     from treeopt.decode.engine import generate
+    from treeopt.decode.sampling import Sampling
     from treeopt.shapes import kary
 
     size = sum(width ** d for d in range(depth + 1))
@@ -368,9 +465,10 @@ def online_steps(target, draft, prompt_ids: Sequence[int], *, width: int, depth:
                               "or --depth, or use --mode teacher-forced")
     tree = kary(width, depth)
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=_device(target))
-    gen = generate(target, draft, tree, ids, max_new_tokens=max_new_tokens,
-                   temperature=temperature, top_k=top_k, top_p=top_p, rule=rule,
-                   eos_token_id=eos_token_id, seed=seed)
+    gen = generate(target, as_drafter(draft, target, tree=tree), ids,
+                   max_new_tokens=max_new_tokens,
+                   sampling=Sampling(temperature, top_k, top_p, rule, seed),
+                   eos_token_id=eos_token_id)
     steps, complete = [], []
     produced = 1  # the first token comes from the prefill forward
     for s in gen.stats.steps:
@@ -441,12 +539,14 @@ def measure_prompt(target, draft, prompt_ids: Sequence[int], run: AcceptanceRun,
         counts.counts = list(counts.depth_counts[0])
         counts.none_count = counts.depth_none[0]
         return counts
-    ranks, start = teacher_forced_ranks(
+    ranks, start, empty = _teacher_forced(
         target, draft, prompt_ids, width=run.width, max_new_tokens=run.max_new_tokens,
         continuation=run.continuation, temperature=run.temperature, top_k=run.top_k,
         top_p=run.top_p, rule=run.rule, generator=prompt_generator(run.seed, index),
         eos_token_id=eos_token_id)
-    return count_ranks(ranks, run.width, run.depth, start)
+    counts = count_ranks(ranks, run.width, run.depth, start)
+    counts.empty = empty
+    return counts
 
 
 def _resume_state(path: Path, run: AcceptanceRun, n_prompts: int) -> tuple[RankCounts, int, float]:
@@ -468,6 +568,7 @@ def _resume_state(path: Path, run: AcceptanceRun, n_prompts: int) -> tuple[RankC
     if prof.counts is not None:
         counts.counts = list(prof.counts)
         counts.none_count = int(prof.none_count or 0)
+        counts.empty = int(meta.get("no_candidate", 0))
     for d, row in enumerate((prof.depth_counts or [])[: run.depth]):
         counts.depth_counts[d] = list(row)
         counts.depth_none[d] = int(prof.depth_none[d])
@@ -516,6 +617,7 @@ def profile_acceptance(target, draft, prompts: Sequence[Sequence[int]], run: Acc
         meta = {"kind": "acceptance", "settings": run.meta(), "prompts_done": n_done,
                 "prompts_total": len(prompts), "positions": total.positions,
                 "steps": sum(total.depth_counts[0]) + total.depth_none[0],
+                "no_candidate": total.empty,
                 "seconds": round(secs, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "treeopt_version": _version()}
         return total.to_profile(meta)

@@ -128,6 +128,36 @@ def time_tree_forwards(model, tokens: Sequence[int], *, context: int = 256, repe
     return out
 
 
+def time_proposals(drafter, tokens: Sequence[int], *, vocab: int, context: int = 256,
+                   repeats: int = 10, warmup: int = 2, seed: int = 0) -> list[list[float]]:
+    """Milliseconds of one ``propose`` of a model-free drafter (n-gram, datastore, ...) that
+    fills one level of q candidates, after a ``context``-token text, for each q in
+    ``tokens``. The text repeats a random 32-token phrase, so lookups find matches and pay
+    their full cost."""
+    from treeopt.decode.sampling import GREEDY
+    from treeopt.shapes import kary
+
+    if context < 1:
+        raise LatencyError(f"--context must be >= 1, got {context}")
+    if repeats < 1 or warmup < 0:
+        raise LatencyError(f"--repeats must be >= 1 and --warmup >= 0, got {repeats} and {warmup}")
+    gen = torch.Generator().manual_seed(seed)
+    phrase = torch.randint(0, vocab, (32,), generator=gen).tolist()
+    text = (phrase * (context // 32 + 1))[:context]
+    timer = _Timer(torch.device("cpu"))
+    out: list[list[float]] = []
+    for q in tokens:
+        level = drafter.reshaped(kary(q, 1))
+        level.start(torch.tensor([text], dtype=torch.int64))
+        samples = []
+        for r in range(warmup + repeats):
+            ms = timer(lambda: level.propose(text, 1, GREEDY))
+            if r >= warmup:
+                samples.append(ms)
+        out.append(samples)
+    return out
+
+
 def curve_from_samples(tokens: Sequence[int], samples: Sequence[Sequence[float]]):
     """A LatencyCurve of medians with IQR spreads."""
     from treeopt.profile import LatencyCurve
@@ -150,6 +180,8 @@ def measure_latency(target, draft=None, *, tokens: Sequence[int] = DEFAULT_TOKEN
                     names: dict | None = None):
     """Latency curves of the target (tree forward of n tokens) and, if given, the draft
     (forward of the q tokens one level expands; ``draft_tokens`` defaults to ``tokens``).
+    ``draft`` is a draft model, a Drafter with a model, or a model-free Drafter, whose curve
+    is the cost of proposing one level of q candidates (``time_proposals``).
 
     Returns ``treeopt.profile.Latency`` with meta: device, dtype, threads, context, repeats,
     warmup, library versions and ``names`` (e.g. the model specs)."""
@@ -166,11 +198,20 @@ def measure_latency(target, draft=None, *, tokens: Sequence[int] = DEFAULT_TOKEN
         tokens, time_tree_forwards(target, tokens, context=context, repeats=repeats,
                                    warmup=warmup, seed=seed))
     draft_curve = None
+    from treeopt.decode.drafter import Drafter
+
+    if isinstance(draft, Drafter) and getattr(draft, "model", None) is not None:
+        draft = draft.model
     if draft is not None:
         dt = sorted({int(n) for n in (draft_tokens or tokens)})
-        draft_curve = curve_from_samples(
-            dt, time_tree_forwards(draft, dt, context=context, repeats=repeats, warmup=warmup,
-                                   seed=seed + 1))
+        if isinstance(draft, Drafter):
+            samples = time_proposals(draft, dt, vocab=int(target.config.vocab_size),
+                                     context=context, repeats=repeats, warmup=warmup,
+                                     seed=seed + 1)
+        else:
+            samples = time_tree_forwards(draft, dt, context=context, repeats=repeats,
+                                         warmup=warmup, seed=seed + 1)
+        draft_curve = curve_from_samples(dt, samples)
     device = _device(target)
     meta = {
         "device": device_name(device),
@@ -188,8 +229,10 @@ def measure_latency(target, draft=None, *, tokens: Sequence[int] = DEFAULT_TOKEN
         "seconds": round(time.perf_counter() - t0, 2),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    if draft is not None:
+    if draft is not None and not isinstance(draft, Drafter):
         meta["draft_dtype"] = str(_dtype(draft)).replace("torch.", "")
+    elif draft is not None:
+        meta["draft_kind"] = f"{draft.name} drafter (propose time per level of q candidates)"
     meta.update(names or {})
     return Latency(target=target_curve, draft=draft_curve, context=context, meta=meta)
 

@@ -215,21 +215,28 @@ class EngineObjective:
                  eos_token_id=None):
         import torch
 
-        self.target, self.draft, self.metric = target, draft, metric
+        from treeopt.decode.api import as_drafter
+
+        self.target, self.metric = target, metric
+        self.drafter = as_drafter(draft, target)  # a draft model or any Drafter
         self.prompts = [torch.tensor([list(p)], dtype=torch.long) for p in prompts]
         if not self.prompts:
             raise OptunaSearchError("the engine objective needs calibration prompts")
-        self.kw = dict(max_new_tokens=max_new_tokens, temperature=temperature,
-                       eos_token_id=eos_token_id)
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+        self.eos_token_id = eos_token_id
         self.seed = seed
         self.instances = len(self.prompts)
         self.score(Tree((-1, 0)), 0)  # warm-up: first calls pay one-off allocation costs
 
     def score(self, tree: Tree, index: int) -> float:
         from treeopt.decode.engine import generate
+        from treeopt.decode.sampling import Sampling
 
-        gen = generate(self.target, self.draft, tree, self.prompts[index],
-                       seed=self.seed + index, **self.kw)
+        drafter = self.drafter.reshaped(tree) if tree.size > 1 else None
+        gen = generate(self.target, drafter, self.prompts[index],
+                       max_new_tokens=self.max_new_tokens,
+                       sampling=Sampling(self.temperature, seed=self.seed + index),
+                       eos_token_id=self.eos_token_id)
         if self.metric == "tokens":
             return gen.stats.tokens_per_step
         return gen.stats.generated_tokens / max(gen.stats.total_s, 1e-9)
@@ -495,14 +502,14 @@ def run_cli(args: argparse.Namespace) -> int:
                         prompts=[p.id for p in prompts], max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature)
         if args.objective == "replay":
-            traces = record_traces(pair.target, pair.draft, ids, width=width,
+            traces = record_traces(pair.target, pair.drafter, ids, width=width,
                                    max_new_tokens=args.max_new_tokens,
                                    temperature=args.temperature, seed=args.seed,
                                    eos_token_id=eos[0] if eos else None, progress=True)
             objective = ReplayObjective(traces, latency, metric, args.draft_cost)
             trials = 200 if args.trials is None else args.trials
         else:
-            objective = EngineObjective(pair.target, pair.draft, ids,
+            objective = EngineObjective(pair.target, pair.drafter, ids,
                                         max_new_tokens=args.max_new_tokens, metric=metric,
                                         temperature=args.temperature, seed=args.seed,
                                         eos_token_id=eos or None)
