@@ -249,7 +249,7 @@ def parse_options(text: str, allowed: dict[str, type], drafter: str) -> dict[str
             else:
                 out[key] = kind(value.strip())
         except ValueError:
-            raise DrafterError(f"drafter {drafter!r}: option {key}={value!r} is not a "
+            raise DrafterError(f"drafter {drafter!r}: option {key}={value!r} must be of type "
                                f"{kind.__name__}") from None
     return out
 
