@@ -10,6 +10,7 @@ import sys
 # Sub-command modules, in the order ``treeopt --help`` lists them.
 COMMAND_MODULES = [
     "search", "show", "compare", "shapes", "generate", "profile", "tune", "eval", "report", "bench",
+    "datastore",
 ]
 
 
