@@ -128,7 +128,7 @@ def test_resume_skips_finished_prompts(models, tmp_path):
     from treeopt.decode.engine import generate as real
 
     def counting(*a, **kw):
-        calls.append(a[3][0].tolist())
+        calls.append(a[2][0].tolist())
         return real(*a, **kw)
 
     prompts = _prompts()
@@ -166,9 +166,9 @@ def test_sampling_and_failure_reporting(models):
 
     from treeopt.decode.engine import generate as real
 
-    def broken(target, draft, tree, input_ids, **kw):
-        gen = real(target, draft, tree, input_ids, **kw)
-        if tree is not None and tree.size > 1:
+    def broken(target, drafter, input_ids, **kw):
+        gen = real(target, drafter, input_ids, **kw)
+        if drafter is not None:
             gen.tokens[2] = (gen.tokens[2] + 1) % 96
         return gen
 

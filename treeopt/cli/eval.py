@@ -1,5 +1,6 @@
-"""``treeopt eval``: plain decoding, chains and trees on the same prompts, interleaved; a
-table on stdout, CSV/JSON (and plots) in --out."""
+"""``treeopt eval``: plain decoding, chains and trees, any drafter, and Hugging Face's own
+prompt lookup and assisted generation on the same prompts, interleaved; a table on stdout,
+CSV/JSON (and plots) in --out."""
 
 from __future__ import annotations
 
@@ -8,22 +9,34 @@ import sys
 
 from treeopt.cli import DEFAULT_DRAFT, DEFAULT_TARGET, UserError, int_list
 
+# Written out so that --help needs no import of the drafter modules (see
+# treeopt.decode.drafter.describe_drafters() for the registered list).
+DRAFTER_SPECS = ("a draft model: folder, .gguf file or Hugging Face id; early-exit:K: the "
+                 "target's first K layers; ngram[:min=,max=,k=,topk=,keep=]: prompt lookup / "
+                 "n-gram tree; datastore:PATH and bigram:PATH: a corpus index from "
+                 "`treeopt datastore build`")
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "eval", help="compare plain decoding, chains and trees on a dataset",
-        description="Run plain autoregressive decoding, chains and trees on the same prompts "
-                    "with the same settings, interleaved per prompt in a rotating order. "
-                    "Prints tokens/s (generated tokens only), speed-up over plain decoding, "
-                    "tokens per step, acceptance rate, mean accepted length and (greedy) "
-                    "whether each output equals plain decoding's; writes summary.csv, "
-                    "per_prompt.csv, results.json, rows.jsonl and a report to --out. "
-                    "Exit status 1 when a greedy output differs from plain decoding.",
+        "eval", help="compare plain decoding, chains, trees, drafters and Hugging Face's "
+                     "speculative decoding on a dataset",
+        description="Run plain autoregressive decoding, chains and trees of the default "
+                    "drafter (--draft), other drafters (--drafter) and Hugging Face's own "
+                    "prompt lookup and assisted generation (--hf-prompt-lookup, "
+                    "--hf-assisted) on the same prompts with the same settings, interleaved "
+                    "per prompt in a rotating order. Prints tokens/s (generated tokens only), "
+                    "speed-up over plain decoding, tokens per step, acceptance rate, mean "
+                    "accepted length, (greedy) whether each output equals plain decoding's, "
+                    "and the per-step time split (draft / verify / other ms per step); writes "
+                    "summary.csv, per_prompt.csv, results.json, rows.jsonl and a report to "
+                    "--out. Exit status 1 when a greedy output differs from plain decoding.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m = p.add_argument_group("models")
     m.add_argument("--target", default=DEFAULT_TARGET, help="target model spec (see generate)")
     m.add_argument("--draft", default=DEFAULT_DRAFT,
-                   help="draft model spec or 'early-exit:K'")
+                   help="the default drafter, used by --chain, --tree, --dp and --hf-assisted: "
+                        f"any drafter spec ({DRAFTER_SPECS}); 'none' for no drafter")
     m.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     m.add_argument("--device", default="auto", help="auto, cpu or cuda")
     m.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -51,6 +64,19 @@ def register(subparsers) -> None:
     t.add_argument("--dp", action="append", default=[], metavar="SIZExLEVELS",
                    help="the exact-DP tree for --profile, e.g. 32x6 (levels count the root); "
                         "repeatable")
+    t.add_argument("--drafter", dest="drafters", action="append", default=[],
+                   metavar="SPEC[@SHAPE]",
+                   help="a method drafting with the drafter SPEC (as for --draft), over SHAPE "
+                        "(a growmap file or shape spec as for --tree; default: the drafter's "
+                        "own), named as given: ngram, ngram@chain:3, ngram:max=3@kary:2x1, "
+                        "datastore:store.npz@chain:4; repeatable")
+    t.add_argument("--hf-prompt-lookup", type=int_list, default=[], metavar="K[,K...]",
+                   help="reference: Hugging Face generate(prompt_lookup_num_tokens=K), as "
+                        "methods hf-pld:K")
+    t.add_argument("--hf-assisted", action="store_true",
+                   help="reference: Hugging Face assisted generation (method hf-assisted) "
+                        "with the --draft model, or assistant_early_exit=K when --draft is "
+                        "early-exit:K")
     t.add_argument("--profile", default=None,
                    help="acceptance profile (.json/.pt): expected tokens per step of every "
                         "tree, and the table for dp:/greedy: shapes")
@@ -75,7 +101,10 @@ def register(subparsers) -> None:
 
 
 def build_methods(args, profile) -> list:
-    from treeopt.evaluate.runner import ar_method, chain_method, tree_method
+    """The methods of the command line, plain decoding first, then --chain, --tree, --dp,
+    --drafter, --hf-prompt-lookup and --hf-assisted in that order."""
+    from treeopt.evaluate.reference import early_exit_layers, hf_assisted, hf_prompt_lookup
+    from treeopt.evaluate.runner import ar_method, chain_method, drafter_method, tree_method
 
     methods = [ar_method()] + [chain_method(n) for n in args.chain]
     methods += [tree_method(spec, profile) for spec in args.trees]
@@ -83,6 +112,10 @@ def build_methods(args, profile) -> list:
         if profile is None:
             raise UserError("--dp needs --profile (the acceptance profile to optimise for)")
         methods.append(tree_method(f"dp:{dp}", profile))
+    methods += [drafter_method(text, profile) for text in getattr(args, "drafters", [])]
+    methods += [hf_prompt_lookup(k) for k in getattr(args, "hf_prompt_lookup", [])]
+    if getattr(args, "hf_assisted", False):
+        methods.append(hf_assisted(early_exit_layers(args.draft)))
     return methods
 
 
@@ -103,8 +136,8 @@ def run(args) -> int:
         profile = Profile.load(args.profile)
     methods = build_methods(args, profile)
     if len(methods) == 1:
-        print("treeopt eval: note: only plain decoding requested (add --chain, --tree or --dp)",
-              file=sys.stderr)
+        print("treeopt eval: note: only plain decoding requested (add --chain, --tree, --dp, "
+              "--drafter, --hf-prompt-lookup or --hf-assisted)", file=sys.stderr)
     select = dict(categories=args.categories, n=args.num_prompts, seed=args.seed,
                   turns=args.turns, window=args.window, window_unit=args.window_unit)
     token_windows = args.window is not None and args.window_unit == "tokens"
@@ -119,7 +152,9 @@ def run(args) -> int:
     meta = {"target": args.target, "draft": args.draft, "dataset": args.dataset,
             "device": str(getattr(pair.target, "device", "")),
             "profile": args.profile}
-    result = run_eval(pair.target, pair.draft, prompts, methods, config=config,
+    # The pair's drafter (any spec); loaders that return only a draft model work too.
+    draft = getattr(pair, "drafter", None) or getattr(pair, "draft", None)
+    result = run_eval(pair.target, draft, prompts, methods, config=config,
                       tokenizer=pair.tokenizer, out_dir=args.out, resume=args.resume,
                       profile=profile, progress=not args.no_progress, meta=meta)
     print(format_summary(result.summary))
@@ -139,7 +174,8 @@ def run(args) -> int:
 
 
 def load_pair_for(args):
-    """The (target, draft, tokenizer) pair for the command line (a seam for tests)."""
+    """The target, the default drafter (``--draft``) and the tokenizer for the command line
+    (``treeopt.decode.models.Pair``; a seam for tests)."""
     from treeopt.decode.models import load_pair
 
     return load_pair(args.target, args.draft, dtype=args.dtype, device=args.device)

@@ -253,8 +253,10 @@ def _expected(doc: dict, methods: list[Method], profile: Any) -> dict[str, float
     prof = _load_profile(profile)
     if prof is not None:
         table = prof.table() if hasattr(prof, "table") else prof
-        return {m.name: (1.0 if m.tree is None else m.tree.expected_tokens(table))
-                for m in methods}
+        # Plain decoding and the default drafter's trees; the profile says nothing about
+        # other drafters or the Hugging Face reference methods.
+        return {m.name: (1.0 if m.is_plain else m.tree.expected_tokens(table))
+                for m in methods if m.is_plain or m.uses_default_drafter}
     return {k: float(v) for k, v in (doc.get("expected_tokens_per_step") or {}).items()}
 
 
@@ -280,7 +282,7 @@ def _draw_trees(methods: list[Method], out: Path, profile: Any
 
 SHOW = ["method", "category", "prompts", "new_tokens", "tokens_per_s", "speedup",
         "tokens_per_step", "acceptance_rate", "mean_accepted", "expected_tokens_per_step",
-        "matches_ar"]
+        "matches_ar", "draft_ms_per_step", "verify_ms_per_step", "other_ms_per_step"]
 
 
 def _failures(doc: dict) -> list[str]:

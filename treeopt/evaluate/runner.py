@@ -1,7 +1,9 @@
 """Interleaved comparison of decoding methods on the same prompts.
 
-Every method (plain autoregressive decoding, chains, trees) runs on every prompt with the
-same settings; for each prompt all methods run back to back in a rotating order, so drift of
+Every method (plain autoregressive decoding, chains and trees of the run's default drafter,
+any other drafter by spec, and Hugging Face's own prompt lookup and assisted generation as
+reference methods, see ``treeopt.evaluate.reference``) runs on every prompt with the same
+settings; for each prompt all methods run back to back in a rotating order, so drift of
 the machine (thermal, other jobs) hits every method alike. Per-prompt rows are appended to
 ``rows.jsonl`` as each prompt finishes, so an interrupted run keeps its work and
 ``resume=True`` skips finished prompts.
@@ -44,13 +46,25 @@ METRICS = {
     "tokens_per_step": "tokens committed by verification steps / target verification forwards "
                        "(accepted draft tokens + the bonus token per step; the first token, "
                        "which comes from the prefill forward, is excluded); 1 for plain "
-                       "decoding",
-    "acceptance_rate": "accepted draft tokens / drafted draft tokens (tree nodes speculated)",
+                       "decoding. hf-* methods: (new tokens - 1) / (target forwards - 1), "
+                       "forwards counted with a hook (Hugging Face verifies candidates in its "
+                       "prefill forward too, so this is the same count to within one step)",
+    "acceptance_rate": "accepted draft tokens / drafted draft tokens (tree nodes speculated); "
+                       "hf-* methods: candidates counted from the lengths of the target's "
+                       "inputs, accepted = new tokens - target forwards",
     "mean_accepted": "accepted draft tokens per verification step (mean accepted length)",
     "expected_tokens_per_step": "F(tree) under the acceptance profile given to the run, when "
                                 "one was given",
     "matches_ar": "greedy only: turns whose output equals plain decoding's token for token / "
                   "turns compared",
+    "prefill_ms": "milliseconds of the prefill (prompt forwards and the first token) per turn",
+    "draft_ms_per_step": "drafting milliseconds (draft forwards, candidate look-ups) per "
+                         "verification step; hf-pld: inside other_ms_per_step",
+    "verify_ms_per_step": "target verification-forward milliseconds per verification step",
+    "other_ms_per_step": "the rest of each step (acceptance walk, cache compaction, "
+                         "bookkeeping; Hugging Face's own loop for hf-* methods) in "
+                         "milliseconds per verification step; (draft + verify + other) / "
+                         "tokens_per_step is the time per generated token",
 }
 
 
@@ -60,21 +74,47 @@ class EvalError(ValueError):
 
 @dataclass(frozen=True)
 class Method:
-    """One decoding method: ``tree`` None = plain autoregressive decoding."""
+    """One decoding method.
+
+    tree:    the shape drafted (or filled at most, for candidate drafters); None with no
+             ``drafter`` = plain autoregressive decoding; None with a ``drafter`` = that
+             drafter's own default shape.
+    kind:    "ar" | "chain" | "tree" | "dp" (the run's default drafter over ``tree``),
+             "drafter" (the drafter spec ``drafter``) or "hf" (a Hugging Face reference
+             method, see ``treeopt.evaluate.reference``).
+    drafter: a drafter spec for this method (``treeopt.decode.drafter``); None = the run's
+             default drafter. For "hf" methods the Hugging Face option it stands for.
+    """
 
     name: str
     tree: Tree | None = None
-    kind: str = "tree"  # "ar" | "chain" | "tree" | "dp"
+    kind: str = "tree"
     source: str = ""
+    drafter: str | None = None
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "source": self.source,
-                "parents": None if self.tree is None else list(self.tree.parents)}
+        d = {"name": self.name, "kind": self.kind, "source": self.source,
+             "parents": None if self.tree is None else list(self.tree.parents)}
+        if self.drafter is not None:  # absent when None: older run.json files stay equal
+            d["drafter"] = self.drafter
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Method":
         tree = None if d.get("parents") is None else Tree.from_parents(d["parents"])
-        return cls(d["name"], tree, d.get("kind", "tree"), d.get("source", ""))
+        return cls(d["name"], tree, d.get("kind", "tree"), d.get("source", ""),
+                   d.get("drafter"))
+
+    @property
+    def is_plain(self) -> bool:
+        """Plain autoregressive decoding through the engine (no drafter at all)."""
+        return self.kind != "hf" and self.drafter is None and (
+            self.tree is None or self.tree.size <= 1)
+
+    @property
+    def uses_default_drafter(self) -> bool:
+        """Drafts with the run's default drafter (chains, trees, dp shapes)."""
+        return self.kind != "hf" and self.drafter is None and not self.is_plain
 
 
 def ar_method() -> Method:
@@ -103,6 +143,28 @@ def tree_method(spec: str, profile: Any = None) -> Method:
     kind = "dp" if spec.strip().lower().startswith("dp:") else (
         "chain" if tree.width == 1 else "tree")
     return Method(spec.strip(), tree, kind, describe(spec))
+
+
+def drafter_method(text: str, profile: Any = None) -> Method:
+    """A method drafting with the drafter spec in ``text``, optionally over a shape:
+    ``SPEC[@SHAPE]`` ("ngram", "ngram@chain:3", "ngram:max=3@kary:2x1",
+    "datastore:store.npz@chain:4"); SHAPE is a growmap file or a shape spec as for
+    ``tree_method``. The method's name is ``text``."""
+    name = text.strip()
+    spec, at, shape = name.rpartition("@")
+    if not at:
+        spec, shape = name, ""
+    spec, shape = spec.strip(), shape.strip()
+    if not spec:
+        raise EvalError(f"drafter method {text!r}: give a drafter spec before '@', e.g. "
+                        "ngram@chain:3")
+    if at and not shape:
+        raise EvalError(f"drafter method {text!r}: give a shape after '@', e.g. {spec}@chain:3")
+    if spec.lower() in ("none", "ar"):
+        raise EvalError(f"drafter method {text!r}: plain decoding always runs; give a drafter")
+    tree = tree_method(shape, profile).tree if shape else None
+    source = f"drafter {spec}" + (f" over {shape}" if shape else " (its default shape)")
+    return Method(name, tree, "drafter", source, spec)
 
 
 def dp_method(profile: Any, size: int, levels: int) -> Method:
@@ -199,17 +261,35 @@ def _stat(stats: Any, name: str, default: Any = 0) -> Any:
     return getattr(stats, name, default)
 
 
-def _run_one(generate: Callable, target: Any, draft: Any, method: Method, ids: list[int],
+@dataclass
+class _Runner:
+    """How one method runs: through the engine with ``drafter`` (None = plain decoding), or
+    through Hugging Face's generate with ``hf_options`` (reference methods)."""
+
+    method: Method
+    drafter: Any = None
+    hf_options: dict | None = None
+
+
+def _run_one(generate: Callable, target: Any, runner: _Runner, ids: list[int],
              cfg: EvalConfig, eos: int | None, seed: int, max_new: int) -> tuple[list[int], dict]:
     import torch
 
+    from treeopt.decode.sampling import Sampling
+
     device = getattr(target, "device", torch.device("cpu"))
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+    sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p, cfg.rule, seed)
     _sync(device)
     t0 = time.perf_counter()
-    gen = generate(target, None if method.tree is None else draft, method.tree, input_ids,
-                   max_new_tokens=max_new, temperature=cfg.temperature, top_k=cfg.top_k,
-                   top_p=cfg.top_p, rule=cfg.rule, eos_token_id=eos, seed=seed)
+    if runner.hf_options is not None:
+        from treeopt.evaluate.reference import run_hf
+
+        gen = run_hf(target, input_ids, max_new_tokens=max_new, sampling=sampling,
+                     eos_token_id=eos, options=runner.hf_options)
+    else:
+        gen = generate(target, runner.drafter, input_ids, max_new_tokens=max_new,
+                       sampling=sampling, eos_token_id=eos)
     _sync(device)
     seconds = time.perf_counter() - t0
     stats = gen.stats
@@ -217,28 +297,39 @@ def _run_one(generate: Callable, target: Any, draft: Any, method: Method, ids: l
     steps = list(_stat(stats, "steps", []))
     n_new = len(tokens)
     forwards = int(_stat(stats, "target_forwards", len(steps)))
-    step_tokens = sum(int(getattr(s, "tokens", s.accepted + 1)) for s in steps)
-    drafted = int(_stat(stats, "drafted_tokens", 0))
+    n_steps = int(_stat(stats, "num_steps", len(steps)))
+    step_tokens = int(_stat(stats, "step_tokens", sum(
+        int(getattr(s, "tokens", s.accepted + 1)) for s in steps)))
+    drafted = _stat(stats, "drafted_tokens", 0)
+    drafted = math.nan if drafted is None else int(drafted)
     accepted = int(_stat(stats, "accepted_tokens", 0))
+    known = drafted > 0 or accepted > 0  # nothing drafted (plain decoding): no acceptance
     row = {
         "prompt_tokens": len(ids),
         "new_tokens": n_new,
         "seconds": seconds,
         "tokens_per_s": tokens_per_second(n_new, seconds),
         "target_forwards": forwards,
-        "steps": len(steps),
+        "steps": n_steps,
         "step_tokens": step_tokens,
         "drafted": drafted,
         "accepted": accepted,
         "tokens_per_step": step_tokens / forwards if forwards else math.nan,
         "acceptance_rate": accepted / drafted if drafted else math.nan,
-        "mean_accepted": accepted / len(steps) if steps and drafted else math.nan,
-        "draft_s": float(_stat(stats, "draft_s", math.nan)),
-        "verify_s": float(_stat(stats, "verify_s", math.nan)),
+        "mean_accepted": accepted / n_steps if n_steps and known else math.nan,
+        "prefill_s": _seconds(stats, "prefill_s"),
+        "draft_s": _seconds(stats, "draft_s"),
+        "verify_s": _seconds(stats, "verify_s"),
+        "other_s": _seconds(stats, "other_s"),
         "accepted_per_step": [int(s.accepted) for s in steps],
         "ranks_per_step": [[int(r) for r in s.ranks] for s in steps],
     }
     return tokens, row
+
+
+def _seconds(stats: Any, name: str) -> float:
+    v = _stat(stats, name, math.nan)
+    return math.nan if v is None else float(v)
 
 
 def tokens_per_second(generated_tokens: int, seconds: float) -> float:
@@ -255,11 +346,18 @@ def run_eval(target: Any, draft: Any, prompts: Sequence[Any], methods: Sequence[
              generate: Callable | None = None) -> EvalResult:
     """Run every method on every prompt, interleaved, and summarise.
 
-    prompts: ``Prompt`` objects (text, encoded with ``tokenizer``, chat template when it has
-    one), plain strings, or token-id sequences. Plain decoding (``ar``) is added first when
-    missing. ``out_dir`` receives run.json, rows.jsonl (as prompts finish), results.json,
-    summary.csv and per_prompt.csv. ``profile`` (a Profile or p table) adds each tree's
-    expected tokens per step. ``generate`` defaults to ``treeopt.decode.engine.generate``.
+    draft: the run's default drafter, used by chain / tree / dp methods (each drafts its own
+    ``tree`` with a reshaped copy) and by ``hf-assisted``: a draft model, a ``Drafter``, a
+    drafter spec string ("early-exit:4", "ngram", a model folder, ...) or None. Methods with
+    a ``drafter`` spec build their own drafter. Every drafter is built once per run, not per
+    prompt. prompts: ``Prompt`` objects (text, encoded with ``tokenizer``, chat template
+    when it has one), plain strings, or token-id sequences. Plain decoding (``ar``) is added
+    first when missing. ``out_dir`` receives run.json, rows.jsonl (as prompts finish),
+    results.json, summary.csv and per_prompt.csv. ``profile`` (a Profile or p table) adds
+    the expected tokens per step of each default-drafter tree. ``generate`` defaults to
+    ``treeopt.decode.engine.generate`` and is called as ``generate(target, drafter,
+    input_ids, max_new_tokens=, sampling=, eos_token_id=)``; reference methods ("hf")
+    call Hugging Face's ``target.generate``.
     """
     import pandas as pd
     from tqdm.auto import tqdm
@@ -269,6 +367,12 @@ def run_eval(target: Any, draft: Any, prompts: Sequence[Any], methods: Sequence[
     cfg = config or EvalConfig()
     if cfg.max_new_tokens < 1:
         raise EvalError(f"max_new_tokens must be at least 1, got {cfg.max_new_tokens}")
+    from treeopt.decode.sampling import Sampling, SamplingError
+
+    try:  # validate the sampling settings before any model or drafter work
+        Sampling(cfg.temperature, cfg.top_k, cfg.top_p, cfg.rule, cfg.seed)
+    except SamplingError as exc:
+        raise EvalError(str(exc)) from None
     methods = list(methods)
     if not any(m.name == AR for m in methods):
         methods.insert(0, ar_method())
@@ -276,8 +380,7 @@ def run_eval(target: Any, draft: Any, prompts: Sequence[Any], methods: Sequence[
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise EvalError(f"method {dup!r} is listed twice")
-    if draft is None and any(m.tree is not None and m.tree.size > 1 for m in methods):
-        raise EvalError("chain and tree methods need a draft model")
+    runners = _runners(methods, target, draft, tokenizer)
     items = _as_items(prompts)
     if not items:
         raise EvalError("no prompts to evaluate")
@@ -300,15 +403,15 @@ def run_eval(target: Any, draft: Any, prompts: Sequence[Any], methods: Sequence[
     rows = [r for r in done_rows if r["prompt_key"] in wanted]
 
     if todo and cfg.warmup:
-        _warmup(generate, target, draft, methods, todo[0][1], cfg, tokenizer, eos)
+        _warmup(generate, target, runners, methods, todo[0][1], cfg, tokenizer, eos)
     bar = tqdm(total=len(todo) * len(methods), desc="eval", unit="run", file=sys.stderr,
                disable=not progress, dynamic_ncols=True)
     try:
         for i, it in todo:
             k = i % len(methods)
             order = methods[k:] + methods[:k]
-            prompt_rows = _run_prompt(generate, target, draft, it, i, order, cfg, tokenizer,
-                                      eos, expected, bar)
+            prompt_rows = _run_prompt(generate, target, runners, it, i, order, cfg,
+                                      tokenizer, eos, expected, bar)
             rows.extend(prompt_rows)
             if out is not None:
                 with open(out / ROWS_FILE, "a", encoding="utf-8") as fh:
@@ -327,12 +430,57 @@ def run_eval(target: Any, draft: Any, prompts: Sequence[Any], methods: Sequence[
     return EvalResult(df, summary, run_meta, failures, out)
 
 
+def _runners(methods: list[Method], target: Any, draft: Any, tokenizer: Any
+             ) -> dict[str, _Runner]:
+    """Each method's drafter (or Hugging Face options), built once for the whole run."""
+    from treeopt.decode.api import as_drafter
+    from treeopt.decode.drafter import DrafterError, build_drafter
+    from treeopt.evaluate.reference import early_exit_layers, hf_options
+
+    needs_default = [m.name for m in methods if m.uses_default_drafter]
+    # hf-assisted drafts with the default drafter's model unless it is an early exit.
+    hf_model = any(m.kind == "hf" and m.drafter is None for m in methods) and \
+        early_exit_layers(draft) is None
+    if draft is None and needs_default:
+        raise EvalError("chain and tree methods need a draft model (or another drafter); "
+                        f"{', '.join(needs_default)} draft with the run's default drafter and "
+                        "none was given")
+    default = None
+    if draft is not None and (needs_default or hf_model):
+        try:
+            default = as_drafter(draft, target, tokenizer)
+        except DrafterError as exc:
+            raise EvalError(f"default drafter: {exc}") from None
+    runners: dict[str, _Runner] = {}
+    for m in methods:
+        try:
+            if m.kind == "hf":
+                runners[m.name] = _Runner(m, None, hf_options(m, draft, default, target))
+            elif m.drafter is not None:
+                runners[m.name] = _Runner(m, build_drafter(m.drafter, target=target,
+                                                           tokenizer=tokenizer, tree=m.tree))
+            elif m.is_plain:
+                runners[m.name] = _Runner(m, None)
+            else:
+                runners[m.name] = _Runner(m, default.reshaped(m.tree))
+        except DrafterError as exc:
+            raise EvalError(f"method {m.name}: {exc}") from None
+    return runners
+
+
 def _expected(methods: list[Method], profile: Any) -> dict[str, float]:
+    """F(tree) under the profile for plain decoding (1) and the default drafter's trees; the
+    profile says nothing about other drafters or the reference methods."""
     if profile is None:
         return {}
     table = profile.table() if hasattr(profile, "table") else profile
-    return {m.name: (1.0 if m.tree is None else m.tree.expected_tokens(table))
-            for m in methods}
+    out = {}
+    for m in methods:
+        if m.is_plain:
+            out[m.name] = 1.0
+        elif m.uses_default_drafter:
+            out[m.name] = m.tree.expected_tokens(table)
+    return out
 
 
 def _prepare_out(out: Path, settings: dict, resume: bool) -> list[dict]:
@@ -374,10 +522,10 @@ def _prepare_out(out: Path, settings: dict, resume: bool) -> list[dict]:
     return kept
 
 
-def _warmup(generate, target, draft, methods, item, cfg, tokenizer, eos) -> None:
+def _warmup(generate, target, runners, methods, item, cfg, tokenizer, eos) -> None:
     ids = _first_ids(item, tokenizer, cfg)
     for m in methods:
-        _run_one(generate, target, draft, m, ids, cfg, eos, cfg.seed,
+        _run_one(generate, target, runners[m.name], ids, cfg, eos, cfg.seed,
                  min(4, cfg.max_new_tokens))
 
 
@@ -388,7 +536,7 @@ def _first_ids(item: _Item, tokenizer: Any, cfg: EvalConfig) -> list[int]:
                         cfg.chat_template)
 
 
-def _run_prompt(generate, target, draft, it: _Item, index: int, order: list[Method],
+def _run_prompt(generate, target, runners, it: _Item, index: int, order: list[Method],
                 cfg: EvalConfig, tokenizer, eos, expected: dict, bar) -> list[dict]:
     seed = cfg.seed + index
     outputs: dict[str, list[list[int]]] = {}
@@ -407,8 +555,8 @@ def _run_prompt(generate, target, draft, it: _Item, index: int, order: list[Meth
             else:
                 ids = prev_ids + _encode_text(tokenizer, [{"role": "user", "content": text}],
                                               False)
-            tokens, row = _run_one(generate, target, draft, m, ids, cfg, eos, seed + 1000 * turn,
-                                   cfg.max_new_tokens)
+            tokens, row = _run_one(generate, target, runners[m.name], ids, cfg, eos,
+                                   seed + 1000 * turn, cfg.max_new_tokens)
             outputs[m.name].append(tokens)
             if tokenizer is not None and len(it.turns) > 1:
                 history.append({"role": "assistant",
@@ -437,14 +585,18 @@ def _run_prompt(generate, target, draft, it: _Item, index: int, order: list[Meth
 # ---------------------------------------------------------------------------- summaries
 SUMMARY_COLUMNS = ["method", "category", "prompts", "new_tokens", "seconds", "tokens_per_s",
                    "speedup", "tokens_per_step", "acceptance_rate", "mean_accepted",
-                   "expected_tokens_per_step", "matches_ar"]
+                   "expected_tokens_per_step", "matches_ar", "prefill_ms",
+                   "draft_ms_per_step", "verify_ms_per_step", "other_ms_per_step"]
+TIME_SPLIT = (("draft_s", "draft_ms_per_step"), ("verify_s", "verify_ms_per_step"),
+              ("other_s", "other_ms_per_step"))
 
 
 def summarise(rows: Any, methods: Sequence[str] | None = None) -> Any:
     """One row per (method, category) plus category "all": sums first, then ratios (so long
     prompts weigh by their tokens). ``rows`` needs method, category, prompt_key, new_tokens,
-    seconds, target_forwards, step_tokens, drafted, accepted, steps; matches_ar and
-    expected_tokens_per_step are optional."""
+    seconds, target_forwards, step_tokens, drafted, accepted, steps; matches_ar,
+    expected_tokens_per_step and the time split (prefill_s, draft_s, verify_s, other_s) are
+    optional (NaN columns when missing)."""
     import pandas as pd
 
     if len(rows) == 0:
@@ -467,7 +619,7 @@ def summarise(rows: Any, methods: Sequence[str] | None = None) -> Any:
             secs = float(m["seconds"].sum())
             forwards = int(m["target_forwards"].sum())
             step_tokens = int(m["step_tokens"].sum())
-            drafted = int(m["drafted"].sum())
+            drafted = int(m["drafted"].sum())  # unknown (NaN) counts count as 0
             accepted = int(m["accepted"].sum())
             steps = int(m["steps"].sum())
             rec = {
@@ -478,10 +630,14 @@ def summarise(rows: Any, methods: Sequence[str] | None = None) -> Any:
                             if tokens and secs > 0 else math.nan),
                 "tokens_per_step": step_tokens / forwards if forwards else math.nan,
                 "acceptance_rate": accepted / drafted if drafted else math.nan,
-                "mean_accepted": accepted / steps if steps and drafted else math.nan,
+                "mean_accepted": (accepted / steps if steps and (drafted or accepted)
+                                  else math.nan),
                 "expected_tokens_per_step": math.nan,
                 "matches_ar": "-",
+                "prefill_ms": 1000 * _total(m, "prefill_s") / len(m),
             }
+            for col, name in TIME_SPLIT:
+                rec[name] = 1000 * _total(m, col) / forwards if forwards else math.nan
             if "expected_tokens_per_step" in m and m["expected_tokens_per_step"].notna().any():
                 rec["expected_tokens_per_step"] = float(m["expected_tokens_per_step"].dropna()
                                                         .iloc[0])
@@ -490,6 +646,13 @@ def summarise(rows: Any, methods: Sequence[str] | None = None) -> Any:
                 rec["matches_ar"] = f"{int(checked.astype(bool).sum())}/{len(checked)}"
             out.append(rec)
     return pd.DataFrame(out, columns=SUMMARY_COLUMNS)
+
+
+def _total(rows: Any, col: str) -> float:
+    """Sum of a column; NaN when the column is missing or holds no number at all."""
+    if col not in rows:
+        return math.nan
+    return float(rows[col].sum(min_count=1))
 
 
 def exactness_failures(rows: Any) -> list[str]:
@@ -553,12 +716,20 @@ def format_summary(summary: Any) -> str:
     show = summary.copy()
     for col, fmt in (("seconds", "{:.2f}"), ("tokens_per_s", "{:.1f}"), ("speedup", "{:.2f}x"),
                      ("tokens_per_step", "{:.2f}"), ("acceptance_rate", "{:.1%}"),
-                     ("mean_accepted", "{:.2f}"), ("expected_tokens_per_step", "{:.2f}")):
+                     ("mean_accepted", "{:.2f}"), ("expected_tokens_per_step", "{:.2f}"),
+                     ("prefill_ms", "{:.1f}"), ("draft_ms_per_step", "{:.2f}"),
+                     ("verify_ms_per_step", "{:.2f}"), ("other_ms_per_step", "{:.2f}")):
         if col in show:
             show[col] = [("-" if v is None or (isinstance(v, float) and math.isnan(v))
                           else fmt.format(v)) for v in show[col]]
-    if "expected_tokens_per_step" in show and (show["expected_tokens_per_step"] == "-").all():
-        show = show.drop(columns=["expected_tokens_per_step"])
+    for col in ("expected_tokens_per_step", "prefill_ms", "draft_ms_per_step",
+                "verify_ms_per_step", "other_ms_per_step"):
+        if col in show and (show[col] == "-").all():
+            show = show.drop(columns=[col])
+    # Short headers for the time split (ms per verification step) so the table stays narrow.
+    show = show.rename(columns={"draft_ms_per_step": "draft_ms/step",
+                                "verify_ms_per_step": "verify_ms/step",
+                                "other_ms_per_step": "other_ms/step"})
     return show.to_string(index=False)
 
 
