@@ -231,12 +231,20 @@ def _from_pretrained(loader, name: str, what: str, **kw):
 
 # ---------------------------------------------------------------- loading
 def load_model(spec: str | os.PathLike, dtype: str | torch.dtype = "auto",
-               device: str | torch.device = "auto", attn_implementation: str | None = None):
+               device: str | torch.device = "auto", attn_implementation: str | None = None,
+               kernels: str | None = None):
     """Load a causal LM from a spec (see the module docstring), in eval mode, on ``device``
     with ``dtype``. Returns the ``PreTrainedModel``; ``load_tokenizer(spec)`` gives its
-    tokenizer."""
+    tokenizer. ``kernels`` ("auto", "onednn", "default"; None = ``$TREEOPT_CPU_KERNELS``,
+    else "auto"): float32 CPU models get oneDNN linear layers with pre-packed weights unless
+    "default" (see ``treeopt.decode.cpu_kernels``)."""
     import transformers as tf
 
+    from treeopt.decode.cpu_kernels import KERNELS, apply_kernels
+
+    kernels = kernels or os.environ.get("TREEOPT_CPU_KERNELS") or "auto"
+    if kernels not in KERNELS:
+        raise ModelError(f"unknown CPU kernels {kernels!r}; use {', '.join(KERNELS)}")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     name = resolve_spec(spec)
@@ -247,6 +255,7 @@ def load_model(spec: str | os.PathLike, dtype: str | torch.dtype = "auto",
     model.to(dev)
     model.eval()
     model.requires_grad_(False)
+    apply_kernels(model, kernels)
     return model
 
 
