@@ -394,3 +394,31 @@ def test_ngram_spec_decodes_exactly_and_keeps_its_index():
         got = generate(target, drafter, ids, max_new_tokens=30)
         assert got.tokens == ref and got.stats.accepted_tokens > 0
     assert len(drafter.index) >= len(PROMPTS[0]) + len(PROMPTS[1]) + 30
+
+
+def test_reshaped_copies_follow_the_new_width_and_keep_their_own_index():
+    base = NgramDrafter()  # chain: one candidate per node
+    wide = base.reshaped(Tree((-1, 0, 0, 0)))
+    assert base.k == 1 and wide.k == 3 and wide.index is not base.index
+    text = [1, 2, 3, 1, 2, 4, 1, 2, 5, 1, 2]
+    wide.start(torch.tensor([text]))
+    assert wide.propose(text, 1, GREEDY).tokens.tolist() == [2, 5, 4, 3]
+    assert len(base.index) == 0  # the original was not touched
+    fixed = NgramDrafter(k=2).reshaped(Tree((-1, 0, 0, 0)))
+    assert fixed.k == 2
+
+
+def test_profiler_rank_counts_match_a_hand_count():
+    """prompt 1 2 3 1 2 4, continuation 1 2 3 9, width 2:
+    after ...4: nothing follows a 4 -> no candidate (rank 0, empty);
+    after ...4 1: (1) was followed by 2 twice -> [2], the target's 2 is rank 1;
+    after ...1 2: (1 2) was followed by 3 and by 4, once each, 4 more recently -> [4, 3],
+    the target's 3 is rank 2; after ...1 2 3: (1 2 3) was followed by 1 -> [1], 9 is not
+    a candidate (rank 0, not empty)."""
+    from treeopt.profile.acceptance import candidate_ranks, count_ranks
+
+    logits = torch.zeros(4, 16)  # greedy ranks do not read the target's logits
+    ranks, empty = candidate_ranks(NgramDrafter(), [1, 2, 3, 1, 2, 4], [1, 2, 3, 9], logits, 2)
+    assert ranks == [0, 1, 2, 0] and empty == [True, False, False, False]
+    counts = count_ranks(ranks, width=2, depth=2, start=1)
+    assert counts.counts == [1, 1] and counts.none_count == 1

@@ -197,6 +197,7 @@ class NgramDrafter(Drafter):
             self.index = NgramIndex(min_n, max_n)
         except DrafterError as exc:
             raise DrafterError(f"drafter 'ngram': {exc}") from None
+        self._k_option = None if k is None else int(k)  # None: follow the shape's width
         if k is None:
             k = max(1, self.shape.width)
         if int(k) < 1:
@@ -211,6 +212,16 @@ class NgramDrafter(Drafter):
         self._base = 0  # index position where this generation's committed tokens begin
         self._seen = 0  # committed tokens already indexed
         self._last: tuple[int, list[int]] | None = None  # (len(committed), tokens) proposed
+
+    def reshaped(self, shape: Tree) -> "NgramDrafter":
+        """A copy filling ``shape``, with an index of its own (so copies never disturb each
+        other) and, unless ``k`` was given, ``k`` = the new shape's width."""
+        new = super().reshaped(shape)
+        new.index = NgramIndex(self.min_n, self.max_n)
+        new.k = self._k_option or max(1, shape.width)
+        new._base = new._seen = 0
+        new._last = None
+        return new
 
     @property
     def min_n(self) -> int:
