@@ -204,3 +204,34 @@ def test_plain_decoding_candidate_has_no_draft_cost(cost):
     slow = Latency(lat.target, LatencyCurve([1], [1000.0]))
     assert choose(P, slow, 16, 6, cost).size == 1
 
+
+
+def test_steps_that_propose_nothing_cost_one_plain_forward():
+    """A model-free drafter with no candidate at a fraction e of steps: those steps cost
+    t(1) and yield one token; F already counts them as "none accepted"."""
+    from treeopt.profile import Latency, LatencyCurve
+    from treeopt.search.hardware import choose, empty_step_rate, predict
+    from treeopt.tree import Tree
+
+    lat = Latency(target=LatencyCurve(tokens=[1, 2, 3, 4], ms=[10.0, 20.0, 20.0, 20.0]),
+                  draft=None, context=128, meta={})
+    chain = Tree((-1, 0, 1))
+    table = [[0.6], [0.8]]  # F(chain) = 1 + 0.6 + 0.6 * 0.8 = 2.08
+    plain = predict(chain, table, lat)
+    assert plain.step_ms == 20.0 and plain.speedup == pytest.approx(10 * 2.08 / 20)
+    half = predict(chain, table, lat, empty_rate=0.5)
+    assert half.expected_tokens == pytest.approx(2.08)
+    assert half.step_ms == pytest.approx(0.5 * 10 + 0.5 * 20)
+    assert half.speedup == pytest.approx(10 * 2.08 / 15)
+    # Without empty steps no tree pays (2.08 tokens for 2x the time of one); with half of
+    # the steps empty the 3-node chain does, and choose() finds it.
+    assert choose(table, lat, 3, 3).size < 3 or choose(table, lat, 3, 3).speedup <= 1.05
+    pick = choose(table, lat, 3, 3, empty_rate=0.5)
+    assert pick.size == 3 and pick.speedup == pytest.approx(half.speedup)
+    with pytest.raises(ValueError, match="empty_rate"):
+        predict(chain, table, lat, empty_rate=1.0)
+
+    class Meta:
+        meta = {"steps": 200, "no_candidate_steps": 50}
+
+    assert empty_step_rate(Meta()) == 0.25 and empty_step_rate(object()) == 0.0

@@ -58,6 +58,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from treeopt.profile import Profile
+    from treeopt.search.hardware import empty_step_rate
     from treeopt.shapes import describe, from_name
 
     profile = Profile.load(args.profile)
@@ -66,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for spec in specs:
         tree = from_name(spec, table)
-        rows.append(evaluate(describe(spec), tree, table, profile.latency, args.draft_cost))
+        rows.append(evaluate(describe(spec), tree, table, profile.latency, args.draft_cost,
+                             empty_step_rate(profile)))
     print(format_table(rows, has_latency=profile.latency is not None))
     if profile.latency is None:
         print("(no latency table in the profile: run `treeopt profile` to add one for "
@@ -93,14 +95,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluate(name: str, tree, table, latency, draft_cost: str) -> dict:
+def evaluate(name: str, tree, table, latency, draft_cost: str, empty_rate: float = 0.0) -> dict:
     """One table row: shape, size, depth, expected tokens and, with latency, predictions."""
     row = {"shape": name, "size": tree.size, "depth": tree.depth,
            "expected_tokens": tree.expected_tokens(table)}
     if latency is not None:
         from treeopt.search.hardware import predict
 
-        pred = predict(tree, table, latency, draft_cost=draft_cost)
+        pred = predict(tree, table, latency, draft_cost=draft_cost, empty_rate=empty_rate)
         row.update(step_ms=pred.step_ms, tokens_per_s=pred.tokens_per_s, speedup=pred.speedup)
     return row
 

@@ -76,12 +76,13 @@ def run(args: argparse.Namespace) -> int:
     from treeopt.growmap import save_growmap
     from treeopt.profile import Profile
     from treeopt.search.dp import solve
-    from treeopt.search.hardware import choose, predict
+    from treeopt.search.hardware import choose, empty_step_rate, predict
 
     profile = Profile.load(args.profile)
     table_p = profile.table(depth_aware=not args.no_depth_aware)
     depth_aware = len(table_p) > 1
     latency = profile.latency
+    empty = empty_step_rate(profile)
     if args.max_depth < 1:
         raise UserError(f"--max-depth must be at least 1 level (the root), got {args.max_depth}")
 
@@ -93,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
         tree = table.tree(size, args.max_depth)
         depth_limit = args.max_depth
         expected = table.value(size, depth_limit)
-        pred = predict(tree, table_p, latency, args.draft_cost) if latency is not None else None
+        pred = predict(tree, table_p, latency, args.draft_cost,
+                       empty) if latency is not None else None
         mode = "fixed budget"
     else:
         if latency is None:
@@ -104,10 +106,11 @@ def run(args: argparse.Namespace) -> int:
         if max_size < 1:
             raise UserError(f"--max-size must be at least 1, got {max_size}")
         table = solve(table_p, max_size, args.max_depth)
-        choice = choose(table_p, latency, max_size, args.max_depth, args.draft_cost, table=table)
+        choice = choose(table_p, latency, max_size, args.max_depth, args.draft_cost, table=table,
+                        empty_rate=empty)
         size, depth_limit, tree = choice.size, choice.depth, choice.tree
         expected = choice.expected_tokens
-        pred = predict(tree, table_p, latency, args.draft_cost)
+        pred = predict(tree, table_p, latency, args.draft_cost, empty)
         mode = f"hardware-aware (sizes 1..{max_size}, levels 1..{args.max_depth})"
 
     out = Path(args.out) if args.out else (

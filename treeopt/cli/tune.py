@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     from treeopt.profile.acceptance import reliable_table
     from treeopt.profile.latency import measure_latency, parse_tokens, write_latency
     from treeopt.search.dp import solve
-    from treeopt.search.hardware import choose, predict
+    from treeopt.search.hardware import choose, empty_step_rate, predict
     from treeopt.cli.profile import load_models
 
     out_dir = Path(args.out_dir)
@@ -108,15 +108,17 @@ def run(args: argparse.Namespace) -> int:
     table = reliable_table(profile)
     max_size = args.max_size or max(tokens)
     dp = solve(table, max_size, args.max_depth)
-    choice = choose(table, latency, max_size, args.max_depth, args.draft_cost, table=dp)
+    empty = empty_step_rate(profile)
+    choice = choose(table, latency, max_size, args.max_depth, args.draft_cost, table=dp,
+                    empty_rate=empty)
     tree, method = choice.tree, "dp + hardware-aware"
-    pred = predict(tree, table, latency, args.draft_cost)
+    pred = predict(tree, table, latency, args.draft_cost, empty)
     optuna_note = None
     if args.optuna_trials > 0:
         from treeopt.search.optuna_search import ModelObjective, resolve_storage, run_search
         from treeopt.shapes import chain
 
-        res = run_search(ModelObjective(table, latency, "speed", args.draft_cost),
+        res = run_search(ModelObjective(table, latency, "speed", args.draft_cost, empty),
                          width=profile.width, max_size=max_size, levels=args.max_depth,
                          n_trials=args.optuna_trials, seeds=[tree, chain(min(max_size, 4))],
                          baseline=tree, seed=args.seed, study_name="tune",
@@ -125,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
                        f"{res.baseline_value:.2f}")
         if res.value > res.baseline_value:
             tree, method = res.tree, "optuna (seeded with the DP choice)"
-            pred = predict(tree, table, latency, args.draft_cost)
+            pred = predict(tree, table, latency, args.draft_cost, empty)
 
     meta = {"method": method, "profile": profile_path.name, "target": args.target,
             "draft": args.draft, "expected_tokens": pred.expected_tokens,

@@ -141,7 +141,8 @@ class RankCounts:
     sibling accepted; depth_counts[d][k-1] / depth_none[d]: the same for siblings under an
     accepted parent at depth d, along decoding-like walks (``walk_steps``); empty: positions
     where the drafter had no candidate at all (counted in none_count too; model drafters
-    always have one)."""
+    always have one); step_empty: walk steps that started at such a position (counted in
+    depth_none[0] too): decoding steps that propose nothing."""
 
     width: int
     depth: int
@@ -150,6 +151,7 @@ class RankCounts:
     depth_counts: list[list[int]] = field(default_factory=list)
     depth_none: list[int] = field(default_factory=list)
     empty: int = 0
+    step_empty: int = 0
 
     def __post_init__(self) -> None:
         if not self.counts:
@@ -192,6 +194,7 @@ class RankCounts:
                              for r, s in zip(self.depth_counts, other.depth_counts)]
         self.depth_none = [a + b for a, b in zip(self.depth_none, other.depth_none)]
         self.empty += other.empty
+        self.step_empty += other.step_empty
 
     def to_profile(self, meta: dict | None = None):
         """Profile with these counts, a Wilson 95 % interval and the sample size per entry
@@ -247,16 +250,23 @@ def with_intervals(profile):
     return dataclasses.replace(profile, meta=meta)
 
 
-def count_ranks(ranks: Sequence[int], width: int, depth: int, start: int = 0) -> RankCounts:
-    """Flat counts over every position plus per-depth counts along ``walk_steps``."""
+def count_ranks(ranks: Sequence[int], width: int, depth: int, start: int = 0,
+                empty: Sequence[bool] | None = None) -> RankCounts:
+    """Flat counts over every position plus per-depth counts along ``walk_steps``;
+    ``empty[t]``: the drafter had no candidate at position t (counted from ``start``, and at
+    the walk's step starts)."""
     counts = RankCounts(width, depth)
     counts.add_positions(ranks[start:])
     steps = walk_steps(ranks, depth, start)
     ends, t = [], start
     for s in steps:
+        if empty is not None and empty[t]:
+            counts.step_empty += 1
         t += len(s) + 1
         ends.append(len(s) == depth or t <= len(ranks))
     counts.add_steps(steps, ends)
+    if empty is not None:
+        counts.empty = sum(bool(x) for x in empty[start:])
     return counts
 
 
@@ -375,7 +385,8 @@ def _teacher_forced(target, draft, prompt_ids: Sequence[int], *, width: int,
                     max_new_tokens: int, continuation: str, temperature: float, top_k: int,
                     top_p: float, rule: str, generator: torch.Generator | None,
                     eos_token_id: int | None) -> tuple[list[int], int, int]:
-    """``teacher_forced_ranks`` plus the number of positions without a candidate."""
+    """``teacher_forced_ranks`` plus, per position, whether the drafter had no candidate
+    (None for model drafters)."""
     from treeopt.decode.drafter import Drafter
 
     if isinstance(draft, Drafter):
@@ -394,13 +405,13 @@ def _teacher_forced(target, draft, prompt_ids: Sequence[int], *, width: int,
             target, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
             top_p=top_p, generator=generator, eos_token_id=eos_token_id)
         if not tokens:
-            return [], 0, 0
+            return [], 0, None
         seq = prompt_ids + tokens[:-1]
         q_logits = _logits(draft, torch.tensor([seq], device=_device(draft)))[len(prompt_ids) - 1:]
         start = 1
     else:
         if len(prompt_ids) < 2:
-            return [], 0, 0
+            return [], 0, None
         ids = torch.tensor([prompt_ids], device=_device(target))
         p_logits = _logits(target, ids)[:-1]
         q_logits = _logits(draft, ids.to(_device(draft)))[:-1]
@@ -409,12 +420,12 @@ def _teacher_forced(target, draft, prompt_ids: Sequence[int], *, width: int,
         raise AcceptanceError(f"target vocabulary {p_logits.shape[-1]} != draft vocabulary "
                               f"{q_logits.shape[-1]}; the pair must share a tokenizer")
     if temperature <= 0:
-        return greedy_ranks(p_logits, q_logits, width), start, 0
+        return greedy_ranks(p_logits, q_logits, width), start, None
     from treeopt.decode.sampling import logits_to_probs
 
     p = logits_to_probs(p_logits, temperature, top_k, top_p)
     q = logits_to_probs(q_logits, temperature, top_k, top_p)
-    return stochastic_ranks(p, q, width, rule=rule, generator=generator), start, 0
+    return stochastic_ranks(p, q, width, rule=rule, generator=generator), start, None
 
 
 def _candidates_forced(target, drafter, prompt_ids: Sequence[int], *, width: int,
@@ -432,15 +443,15 @@ def _candidates_forced(target, drafter, prompt_ids: Sequence[int], *, width: int
         context, start = prompt_ids, 1
     else:
         if len(prompt_ids) < 2:
-            return [], 0, 0
+            return [], 0, None
         p_logits = _logits(target, torch.tensor([prompt_ids], device=_device(target)))[:-1]
         context, tokens, start = prompt_ids[:1], prompt_ids[1:], 0
     if not tokens:
-        return [], 0, 0
+        return [], 0, None
     ranks, empty = candidate_ranks(drafter, context, tokens, p_logits, width,
                                    temperature=temperature, top_k=top_k, top_p=top_p,
                                    generator=generator)
-    return ranks, start, sum(empty[start:])
+    return ranks, start, empty
 
 
 def online_steps(target, draft, prompt_ids: Sequence[int], *, width: int, depth: int,
@@ -544,9 +555,7 @@ def measure_prompt(target, draft, prompt_ids: Sequence[int], run: AcceptanceRun,
         continuation=run.continuation, temperature=run.temperature, top_k=run.top_k,
         top_p=run.top_p, rule=run.rule, generator=prompt_generator(run.seed, index),
         eos_token_id=eos_token_id)
-    counts = count_ranks(ranks, run.width, run.depth, start)
-    counts.empty = empty
-    return counts
+    return count_ranks(ranks, run.width, run.depth, start, empty)
 
 
 def _resume_state(path: Path, run: AcceptanceRun, n_prompts: int) -> tuple[RankCounts, int, float]:
@@ -569,6 +578,7 @@ def _resume_state(path: Path, run: AcceptanceRun, n_prompts: int) -> tuple[RankC
         counts.counts = list(prof.counts)
         counts.none_count = int(prof.none_count or 0)
         counts.empty = int(meta.get("no_candidate", 0))
+        counts.step_empty = int(meta.get("no_candidate_steps", 0))
     for d, row in enumerate((prof.depth_counts or [])[: run.depth]):
         counts.depth_counts[d] = list(row)
         counts.depth_none[d] = int(prof.depth_none[d])
@@ -618,6 +628,7 @@ def profile_acceptance(target, draft, prompts: Sequence[Sequence[int]], run: Acc
                 "prompts_total": len(prompts), "positions": total.positions,
                 "steps": sum(total.depth_counts[0]) + total.depth_none[0],
                 "no_candidate": total.empty,
+                "no_candidate_steps": total.step_empty,
                 "seconds": round(secs, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "treeopt_version": _version()}
         return total.to_profile(meta)

@@ -19,6 +19,13 @@ Draft cost, ``draft_cost=``:
 
 A size-1 tree is plain decoding and costs no draft time under either model.
 
+Steps with nothing to propose (``empty_rate``). A model-free drafter (n-gram, datastore)
+proposes nothing where its index has no match; such a step is a plain decoding step costing
+``t_target(1)`` and yielding one token. With a fraction ``e`` of such steps (measured by the
+acceptance profiler, ``empty_step_rate``) a tree's step costs
+``e · t_target(1) + (1 - e) · (draft_ms + t_target(n))`` on average, while F is unchanged (the
+profile counts empty steps as "none accepted"). Model drafters always propose: ``e = 0``.
+
 What is exact and what is not. With ``"sequoia"``, :func:`choose` is exact: F*(n, l) is the DP
 optimum and the cost depends on (n, l) only, so every n <= max_size and l <= max_depth is
 scored and the minimum of ``(l · t_draft(1) + t_target(n)) / F*(n, l)`` is returned (what
@@ -117,17 +124,36 @@ def draft_ms(tree: Tree, latency, draft_cost: str = "sequoia") -> float:
     return float(sum(curve(n) for n in expanded if n))
 
 
-def predict(tree: Tree, profile_table, latency, draft_cost: str = "sequoia") -> Prediction:
+def empty_step_rate(profile) -> float:
+    """Fraction of decoding steps at which the profiled drafter proposed nothing (0 for
+    profiles without that count, e.g. model drafters')."""
+    meta = getattr(profile, "meta", None) or {}
+    steps = meta.get("steps") or 0
+    return float(meta.get("no_candidate_steps", 0)) / steps if steps else 0.0
+
+
+def _check_empty(empty_rate: float) -> None:
+    if not 0.0 <= empty_rate < 1.0:
+        raise HardwareError(f"empty_rate must be in [0, 1), got {empty_rate}")
+
+
+def predict(tree: Tree, profile_table, latency, draft_cost: str = "sequoia",
+            empty_rate: float = 0.0) -> Prediction:
     """Step time, expected tokens, tokens/s and speed-up over plain decoding for any tree.
 
     profile_table: 1-D rank profile (W,) or depth-aware (R, W), as ``Tree.expected_tokens``.
-    latency: ``treeopt.profile.Latency`` (``target(n)`` and optional ``draft(n)`` in ms)."""
+    latency: ``treeopt.profile.Latency`` (``target(n)`` and optional ``draft(n)`` in ms).
+    empty_rate: fraction of steps that propose nothing (see the module docstring); the draft
+    and verify times are then averages over all steps."""
     _check_latency(latency)
+    _check_empty(empty_rate)
     f = tree.expected_tokens(profile_table)
+    plain = float(latency.target(1))
     d_ms = draft_ms(tree, latency, draft_cost)
     v_ms = float(latency.target(tree.size))
+    if tree.size > 1 and empty_rate:
+        d_ms, v_ms = (1 - empty_rate) * d_ms, empty_rate * plain + (1 - empty_rate) * v_ms
     step = d_ms + v_ms
-    plain = float(latency.target(1))
     return Prediction(size=tree.size, depth=tree.depth, expected_tokens=f, draft_ms=d_ms,
                       verify_ms=v_ms, step_ms=step, tokens_per_s=1000.0 * f / step,
                       plain_ms=plain, speedup=plain * f / step)
@@ -141,14 +167,17 @@ def _display_sizes(latency, max_size: int, chosen: int) -> list[int]:
 
 
 def choose(profile_table, latency, max_size: int, max_depth: int,
-           draft_cost: str = "sequoia", table: DPTable | None = None) -> Choice:
+           draft_cost: str = "sequoia", table: DPTable | None = None,
+           empty_rate: float = 0.0) -> Choice:
     """Pick the (size, depth) with the most tokens/s; see the module docstring for the model.
 
     profile_table: 1-D (W,) or depth-aware (R, W) rank profile. ``max_depth`` counts levels
     including the root. ``table``: a :func:`treeopt.search.dp.solve` result to reuse (must
-    cover max_size and max_depth)."""
+    cover max_size and max_depth). ``empty_rate``: fraction of steps that propose nothing."""
     _check_cost(draft_cost)
     _check_latency(latency)
+    _check_empty(empty_rate)
+    e = float(empty_rate)
     if table is None:
         table = solve(profile_table, max_size, max_depth)
     elif table.max_size < max_size or table.max_depth < max_depth:
@@ -166,7 +195,7 @@ def choose(profile_table, latency, max_size: int, max_depth: int,
     curve = getattr(latency, "draft", None)
     t1 = float(curve(1)) if curve is not None else 0.0
     with np.errstate(invalid="ignore", divide="ignore"):
-        step_seq = levels[None, :] * t1 + verify[:, None]
+        step_seq = e * plain + (1 - e) * (levels[None, :] * t1 + verify[:, None])
         step_seq[0, :] = verify[0]  # size 1 is plain decoding: no draft forward
         ratio_seq = np.where(np.isfinite(F), step_seq / F, np.inf)
 
@@ -182,6 +211,8 @@ def choose(profile_table, latency, max_size: int, max_depth: int,
             else:
                 tree = table.tree(n, l)
                 step = draft_ms(tree, latency, draft_cost) + verify[n - 1]
+                if n > 1:
+                    step = e * plain + (1 - e) * step
                 scored[(n, l)] = (step / float(F[n - 1, l - 1]), tree)
         return scored[(n, l)][0]
 
@@ -196,7 +227,7 @@ def choose(profile_table, latency, max_size: int, max_depth: int,
         deeper = np.ones_like(F, dtype=bool)
         deeper[:, 1:] = F[:, 1:] > F[:, :-1]  # a shallower limit reaches the same optimum
         with np.errstate(invalid="ignore", divide="ignore"):
-            lower = levels[None, :] * tmin + verify[:, None]
+            lower = e * plain + (1 - e) * (levels[None, :] * tmin + verify[:, None])
             lower[0, :] = verify[0]  # size 1: no draft forward
             bound = np.where(np.isfinite(F) & deeper, lower / F, np.inf)
         order = np.argsort(bound, axis=None, kind="stable")
@@ -213,7 +244,7 @@ def choose(profile_table, latency, max_size: int, max_depth: int,
             raise HardwareError("no feasible tree for these limits")
 
     tree = scored.get((n_best, l_best), (None, None))[1] or table.tree(n_best, l_best)
-    pred = predict(tree, profile_table, latency, draft_cost)
+    pred = predict(tree, profile_table, latency, draft_cost, e)
 
     candidates = []
     for n in _display_sizes(latency, max_size, n_best):

@@ -160,11 +160,13 @@ class ModelObjective:
 
     name = "model"
 
-    def __init__(self, table, latency=None, metric: str = "tokens", draft_cost: str = "sequoia"):
+    def __init__(self, table, latency=None, metric: str = "tokens", draft_cost: str = "sequoia",
+                 empty_rate: float = 0.0):
         if metric == "speed" and latency is None:
             raise OptunaSearchError("metric 'speed' needs a profile with latency; profile "
                                     "latency first or use --metric tokens")
         self.table, self.latency, self.metric, self.draft_cost = table, latency, metric, draft_cost
+        self.empty_rate = empty_rate  # steps that propose nothing (model-free drafters)
         self.instances = 1
 
     def score(self, tree: Tree, index: int) -> float:
@@ -172,7 +174,8 @@ class ModelObjective:
             return tree.expected_tokens(self.table)
         from treeopt.search.hardware import predict
 
-        return predict(tree, self.table, self.latency, self.draft_cost).tokens_per_s
+        return predict(tree, self.table, self.latency, self.draft_cost,
+                       self.empty_rate).tokens_per_s
 
 
 class ReplayObjective:
@@ -456,7 +459,7 @@ def run_cli(args: argparse.Namespace) -> int:
     from treeopt.growmap import save_growmap
     from treeopt.profile import Profile
     from treeopt.search.dp import solve
-    from treeopt.search.hardware import choose
+    from treeopt.search.hardware import choose, empty_step_rate
     from treeopt.shapes import chain
 
     profile = Profile.load(args.profile)
@@ -474,7 +477,8 @@ def run_cli(args: argparse.Namespace) -> int:
     seeds = [dp_tree]
     baseline = dp_tree
     if latency is not None and not args.budget:
-        hw = choose(table, latency, max_size, levels, args.draft_cost, table=dp).tree
+        hw = choose(table, latency, max_size, levels, args.draft_cost, table=dp,
+                    empty_rate=empty_step_rate(profile)).tree
         seeds.insert(0, hw)
         if metric == "speed":
             baseline = hw
@@ -485,7 +489,8 @@ def run_cli(args: argparse.Namespace) -> int:
                 "metric": metric, "draft_cost": args.draft_cost}
 
     if args.objective == "model":
-        objective = ModelObjective(table, latency, metric, args.draft_cost)
+        objective = ModelObjective(table, latency, metric, args.draft_cost,
+                                   empty_step_rate(profile))
         trials = 200 if args.trials is None else args.trials
     else:
         if not args.target or not args.draft:
