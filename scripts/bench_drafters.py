@@ -39,8 +39,9 @@ def parse_args(argv=None):
                     help="HF prompt_lookup_num_tokens values to compare (default 2, HF's "
                          "best on this CPU)")
     ap.add_argument("--drafter", dest="drafters", action="append", default=None,
-                    help="treeopt drafter methods SPEC[@SHAPE] (default: ngram over chain:2, "
-                         "chain:3, chain:4 and a 2-way tree, and the held-out datastore)")
+                    help="treeopt drafter methods SPEC[@SHAPE] (default: ngram over chain:3, "
+                         "chain:4, chain:6 and the tree `treeopt tune --draft ngram` chose, "
+                         "and the held-out datastore over chain:4)")
     ap.add_argument("--no-datastore", action="store_true",
                     help="skip building and evaluating the held-out datastore")
     ap.add_argument("--out", required=True, help="results folder (treeopt eval --out)")
@@ -72,8 +73,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     n = 13 * args.per_category
     evaluated = load_prompts("spec_bench", n=n, seed=args.seed)
-    drafters = args.drafters or ["ngram@chain:2", "ngram@chain:3", "ngram@chain:4",
-                                 "ngram@parents:[-1,0,0]"]
+    drafters = args.drafters or ["ngram@chain:3", "ngram@chain:4", "ngram@chain:6",
+                                 "ngram@growmaps/smollm2-ngram-cpu.pt"]
     if not args.no_datastore:
         store = out / "heldout-store.npz"
         if not store.exists():
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
                       "--out", str(store)])
             if rc:
                 return rc
-        drafters = drafters + [f"datastore:{store}@chain:3"]
+        drafters = drafters + [f"datastore:{store}@chain:4"]
     eval_args = ["eval", "--target", args.target, "--draft", "none", "--dataset", "spec_bench",
                  "-n", str(n), "--seed", str(args.seed), "--max-new-tokens",
                  str(args.max_new_tokens), "--threads", str(args.threads), "--out",

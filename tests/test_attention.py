@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from treeopt.decode.attention import (CacheError, check_cache, forward_tree, keep_tokens,
+                                      run_model,
                                       new_cache, tree_attention_mask)
 from treeopt.decode.draft import draft_tree
 from treeopt.testing import tiny_causal_lm
@@ -44,7 +45,7 @@ def test_tree_logits_equal_chain_logits(arch, impl):
     buf = TREE.buffers()
     with torch.inference_mode():
         cache = new_cache(m)
-        m(input_ids=torch.tensor([prefix[:-1]]), past_key_values=cache, use_cache=True)
+        run_model(m, torch.tensor([prefix[:-1]]), cache)
         root_pos = len(prefix) - 1
         logits = forward_tree(m, tokens[None], (buf.depth + root_pos)[None], buf.mask, cache)[0]
         assert cache.get_seq_length() == root_pos + TREE.size
@@ -64,11 +65,11 @@ def test_compacted_cache_equals_path_cache(arch):
     path = list(TREE.path_to(8))
     with torch.inference_mode():
         cache = new_cache(m)
-        m(input_ids=prefix[None], past_key_values=cache, use_cache=True)
+        run_model(m, prefix[None], cache)
         forward_tree(m, tokens[None], (buf.depth + 5)[None], buf.mask, cache)
         keep_tokens(cache, 5, torch.tensor(path))
         ref = new_cache(m)
-        m(input_ids=torch.cat([prefix, tokens[path]])[None], past_key_values=ref, use_cache=True)
+        run_model(m, torch.cat([prefix, tokens[path]])[None], ref)
     assert cache.get_seq_length() == 5 + len(path)
     for a, b in zip(cache.layers, ref.layers):
         assert torch.allclose(a.keys, b.keys, atol=1e-5)
@@ -83,7 +84,7 @@ def test_level_by_level_drafting_matches_chains(arch):
     prompt = [5, 17, 42, 9]
     with torch.inference_mode():
         cache = new_cache(m)
-        m(input_ids=torch.tensor([prompt[:2]]), past_key_values=cache, use_cache=True)
+        run_model(m, torch.tensor([prompt[:2]]), cache)
         drafted = draft_tree(m, cache, torch.tensor([prompt[2:]]), len(prompt) - 1, TREE)
         toks = drafted.tokens.tolist()
         assert toks[0] == prompt[-1] and drafted.forwards == TREE.depth
@@ -103,6 +104,6 @@ def test_sliding_window_cache_is_refused():
     m = tf.MistralForCausalLM(config).eval()
     cache = new_cache(m)
     with torch.inference_mode():
-        m(input_ids=torch.tensor([[1, 2, 3]]), past_key_values=cache, use_cache=True)
+        run_model(m, torch.tensor([[1, 2, 3]]), cache)
     with pytest.raises(CacheError):
         check_cache(cache)

@@ -335,7 +335,7 @@ def test_build_drafter_specs(tmp_path):
     d = build_drafter(f"datastore:{path}", target=None, tokenizer=tok, tree=FORK)
     assert isinstance(d, DatastoreDrafter) and d.shape == FORK and d.k == 2
     b = build_drafter(f"bigram:{path}", target=None, tokenizer=tok)
-    assert isinstance(b, BigramDrafter) and b.shape.size == 3
+    assert isinstance(b, BigramDrafter) and b.shape.size == 4  # the default shape
     with pytest.raises(DatastoreError):
         build_drafter(f"bigram:{path}", target=None,
                       tokenizer=WordTokenizer(list(reversed(WORDS))))
@@ -355,8 +355,9 @@ def test_datastore_drafter_proposes_expected_tree():
     assert p.tree.size == 1 and p.tokens.tolist() == [2]
     # nothing known after 6: the root alone
     assert d.propose([9, 1, 2, 5, 6], max_depth=5).tree.size == 1
-    # the default shape: a chain of two drafted tokens
-    c = DatastoreDrafter(s)
+    # a chain of two drafted tokens (the default is a chain of three)
+    assert DatastoreDrafter(s).shape == Tree((-1, 0, 1, 2))
+    c = DatastoreDrafter(s, shape=Tree((-1, 0, 1)))
     c.start(torch.tensor([[1, 2]]))
     p = c.propose([1, 2], max_depth=5)
     assert p.tree == Tree((-1, 0, 1)) and p.tokens.tolist() == [2, 3, 4]
@@ -384,7 +385,8 @@ def test_run_text_comes_before_the_corpus():
 
 def test_bigram_drafter_proposals():
     s = Datastore.from_token_lists(PROPOSAL_DOCS, max_n=4)
-    b = BigramDrafter.from_datastore(s)
+    assert BigramDrafter.from_datastore(s).shape == Tree((-1, 0, 1, 2))
+    b = BigramDrafter.from_datastore(s, shape=Tree((-1, 0, 1)))
     p = b.propose([9, 1], max_depth=5)
     assert p.tree == Tree((-1, 0, 1)) and p.tokens.tolist() == [1, 2, 3]  # 2 -> 3, 5: tie
     p = b.propose([3], max_depth=5)

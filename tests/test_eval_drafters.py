@@ -9,6 +9,7 @@ import torch
 
 from treeopt.decode.drafter import Drafter, proposal_from_paths, register_drafter
 from treeopt.decode.engine import generate as engine_generate
+from test_eval import _CharTokenizer
 from treeopt.evaluate.reference import hf_assisted, hf_prompt_lookup
 from treeopt.evaluate.runner import (AR, EvalConfig, EvalError, Method, ar_method,
                                      chain_method, drafter_method, dp_method, run_eval,
@@ -216,17 +217,6 @@ def test_cli_builds_methods():
     assert build_methods(args, None)[-1] == hf_assisted()
 
 
-class _Tok:
-    chat_template = None
-
-    def encode(self, text, add_special_tokens=True):
-        return [2 + (ord(c) - 97 if c.isalpha() else 26) for c in text.lower()
-                if c.isalpha() or c == " "]
-
-    def decode(self, ids, skip_special_tokens=False):
-        return "".join(chr(97 + i - 2) if 2 <= i < 28 else " " for i in ids)
-
-
 def test_cli_eval_with_drafters(models, tmp_path, monkeypatch, capsys):
     import treeopt.cli.eval as cli_eval
     from treeopt.cli import main
@@ -234,7 +224,7 @@ def test_cli_eval_with_drafters(models, tmp_path, monkeypatch, capsys):
     target, draft = models
     monkeypatch.setattr(cli_eval, "load_pair_for",
                         lambda args: SimpleNamespace(target=target, draft=draft, drafter=None,
-                                                     tokenizer=_Tok()))
+                                                     tokenizer=_CharTokenizer()))
     data = tmp_path / "q.txt"
     data.write_text("say one one one\nsay two two two\n")
     out = tmp_path / "run"

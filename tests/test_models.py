@@ -10,6 +10,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from treeopt.decode.attention import run_model
+
 from treeopt.decode import models
 from treeopt.decode.models import (ModelError, Pair, check_vocab, early_exit_draft, load_model,
                                    load_pair, load_tokenizer, resolve_device,
@@ -197,10 +199,9 @@ def test_early_exit_with_cache_and_positions_matches_full_pass():
     with torch.no_grad():
         full = draft(ids).logits
         cache = DynamicCache(config=draft.config)
-        draft(ids[:, :4], past_key_values=cache, use_cache=True)
+        run_model(draft, ids[:, :4], cache)
         assert len(cache.layers) == 2
-        step = draft(ids[:, 4:], past_key_values=cache, use_cache=True,
-                     position_ids=torch.tensor([[4, 5]])).logits
+        step = run_model(draft, ids[:, 4:], cache, position_ids=torch.tensor([[4, 5]])).logits
     torch.testing.assert_close(step, full[:, 4:], rtol=1e-5, atol=1e-5)
 
 

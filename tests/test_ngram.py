@@ -189,9 +189,10 @@ def test_drafter_fills_a_small_tree():
     assert parents == [-1, 0, 0, 1, 2] and tokens == [6, 7, 9, 8, 5]
 
 
-def test_default_shape_is_a_chain_of_two():
-    d = NgramDrafter()
-    assert d.shape == Tree((-1, 0, 1)) and d.k == 1 and d.wants_target_topk == 0
+def test_default_shape_is_a_chain_of_three():
+    assert NgramDrafter().shape == Tree((-1, 0, 1, 2))
+    d = NgramDrafter(Tree((-1, 0, 1)))
+    assert d.k == 1 and d.wants_target_topk == 0
     d.start(torch.tensor([COMMITTED]))
     p = d.propose(COMMITTED, 8, GREEDY)
     # max_n=4: the 4-gram (7, 8, 5, 6) was followed by 9, though (5, 6) is followed by 7
@@ -356,7 +357,7 @@ def target_model(arch):
     return sharpen(tiny_causal_lm(arch, seed=0))
 
 
-SHAPES = {"chain2": None, "chain4": Tree((-1, 0, 1, 2, 3)),
+SHAPES = {"chain2": Tree((-1, 0, 1)), "chain4": Tree((-1, 0, 1, 2, 3)),
           "tree": Tree((-1, 0, 0, 1, 1, 2, 3))}
 # repeated patterns: random models fall into loops that the index picks up
 PROMPTS = [[3, 14, 15, 92, 65] * 3, list(range(10, 27)) * 2, [5]]
@@ -422,3 +423,16 @@ def test_profiler_rank_counts_match_a_hand_count():
     assert ranks == [0, 1, 2, 0] and empty == [True, False, False, False]
     counts = count_ranks(ranks, width=2, depth=2, start=1)
     assert counts.counts == [1, 1] and counts.none_count == 1
+
+
+def test_unknown_drafter_specs_give_one_line_errors(tmp_path):
+    from treeopt.testing import tiny_causal_lm
+
+    target = tiny_causal_lm("llama")
+    with pytest.raises(DrafterError) as exc:
+        build_drafter("ngramm:max=3", target=target)
+    assert "unknown drafter 'ngramm'" in str(exc.value) and "ngram" in str(exc.value)
+    assert "\n" not in str(exc.value)
+    with pytest.raises(DrafterError) as exc:
+        build_drafter(str(tmp_path / "no-such-model"), target=target)
+    assert "is not a drafter" in str(exc.value) and "datastore:PATH" in str(exc.value)

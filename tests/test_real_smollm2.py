@@ -50,17 +50,18 @@ def references(smollm2, prompts):
     never stopping at EOS."""
     from transformers import DynamicCache
 
+    from treeopt.decode.attention import run_model
+
     model = smollm2.target
     out = []
     with torch.inference_mode():
         for ids in prompts:
             cache = DynamicCache(config=model.config)
-            logits = model(ids, past_key_values=cache, use_cache=True).logits
+            logits = run_model(model, ids, cache).logits
             tokens = []
             for _ in range(MAX_NEW):
                 tokens.append(int(logits[0, -1].argmax()))
-                logits = model(torch.tensor([[tokens[-1]]]), past_key_values=cache,
-                               use_cache=True).logits
+                logits = run_model(model, torch.tensor([[tokens[-1]]]), cache).logits
             out.append(tokens)
     return out
 
@@ -85,3 +86,42 @@ def test_tree_decoding_equals_greedy(smollm2, prompts, references, name, layers)
         st = gen.stats
         assert st.target_forwards + st.accepted_tokens == MAX_NEW - 1 == sum(s.tokens
                                                                              for s in st.steps)
+
+
+@pytest.fixture(scope="module")
+def copy_prompts(smollm2):
+    """Prompts whose answers copy from the input (translation, RAG), so that model-free
+    drafters have something to propose."""
+    from treeopt.decode.api import encode_prompt
+    from treeopt.evaluate.datasets import load_prompts
+
+    chosen = load_prompts("spec_bench", categories="translation,rag", n=2, seed=1)
+    return [encode_prompt(smollm2.tokenizer, p.text)[:, -384:] for p in chosen]
+
+
+@pytest.mark.parametrize("spec,shape", [("ngram", "chain:4"), ("ngram:topk=3", "kary:2x2"),
+                                        ("bigram", "chain:3"), ("datastore", "chain:4")])
+def test_model_free_drafters_equal_greedy(smollm2, copy_prompts, spec, shape,
+                                          tmp_path_factory):
+    """Model-free drafters on the real model: token-exact with plain decoding, and they do
+    get drafts accepted."""
+    from treeopt.decode.datastore import build_datastore
+    from treeopt.decode.drafter import build_drafter
+    from treeopt.decode.engine import generate
+    from treeopt.evaluate.datasets import load_prompts
+    from treeopt.shapes import from_name
+
+    if spec in ("bigram", "datastore"):
+        store = tmp_path_factory.mktemp("store") / "spec_bench.npz"
+        texts = [t for p in load_prompts("spec_bench") for t in p.turns]
+        build_datastore(texts, smollm2.tokenizer, progress=False).save(store)
+        spec = f"{spec}:{store}"
+    drafter = build_drafter(spec, target=smollm2.target, tokenizer=smollm2.tokenizer,
+                            tree=from_name(shape))
+    accepted = 0
+    for ids in copy_prompts:
+        ref = generate(smollm2.target, None, ids, max_new_tokens=32).tokens
+        gen = generate(smollm2.target, drafter, ids, max_new_tokens=32)
+        assert gen.tokens == ref
+        accepted += gen.stats.accepted_tokens
+    assert accepted > 0

@@ -13,10 +13,11 @@ from treeopt.decode.drafter import Drafter, build_drafter
 from treeopt.decode.model_drafter import DEFAULT_CHAIN, ModelDrafter, chain_tree
 from treeopt.decode.models import ModelError, Pair, check_vocab, load_pair
 from treeopt.decode.sampling import Sampling
+from treeopt.errors import TreeoptError
 from treeopt.tree import Tree
 
 
-class GenerateError(ValueError):
+class GenerateError(TreeoptError, ValueError):
     """Arguments to ``generate`` that do not fit together."""
 
 

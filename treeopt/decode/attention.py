@@ -8,12 +8,16 @@ the eager attention; a bool mask is silently misread by eager attention, so it i
 
 from __future__ import annotations
 
+import inspect
+from functools import lru_cache
 from typing import Sequence
 
 import torch
 
+from treeopt.errors import TreeoptError
 
-class CacheError(ValueError):
+
+class CacheError(TreeoptError, ValueError):
     """The model's cache cannot be compacted token by token (e.g. sliding-window layers)."""
 
 
@@ -31,6 +35,22 @@ def tree_attention_mask(tree_mask: torch.Tensor, past_len: int, dtype: torch.dty
     mask = torch.zeros(q, past_len + k, dtype=dtype, device=device)
     mask[:, past_len:].masked_fill_(~tree_mask.to(device), torch.finfo(dtype).min)
     return mask.view(1, 1, q, past_len + k)
+
+
+@lru_cache(maxsize=64)
+def _cache_argument(model_class: type) -> str:
+    """The name under which ``model_class.forward`` takes the KV cache: ``cache`` in
+    transformers versions that deprecate ``past_key_values``, else ``past_key_values``."""
+    params = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def run_model(model, input_ids: torch.Tensor, cache, **kwargs):
+    """``model(input_ids=..., <cache argument>=cache, use_cache=True, **kwargs)`` with the
+    cache passed under the name this transformers version expects (no deprecation warning on
+    new versions, still working on old ones). Returns the model output."""
+    kwargs[_cache_argument(type(model))] = cache
+    return model(input_ids=input_ids, use_cache=True, **kwargs)
 
 
 def new_cache(model):
@@ -61,8 +81,8 @@ def forward_tree(model, input_ids: torch.Tensor, position_ids: torch.Tensor,
         k = tree_mask.shape[1]
         past = cache_length(cache) + input_ids.shape[1] - k
         mask = tree_attention_mask(tree_mask, past, model.dtype, input_ids.device)
-    out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
-                past_key_values=cache, use_cache=True, logits_to_keep=logits_to_keep)
+    out = run_model(model, input_ids, cache, position_ids=position_ids, attention_mask=mask,
+                    logits_to_keep=logits_to_keep)
     return out.logits
 
 

@@ -120,6 +120,7 @@ def _main() -> None:  # pragma: no cover - a measurement, run by hand
 
     from transformers import DynamicCache
 
+    from treeopt.decode.attention import run_model
     from treeopt.decode.models import load_model
 
     ap = argparse.ArgumentParser(description=_main.__doc__)
@@ -136,7 +137,7 @@ def _main() -> None:  # pragma: no cover - a measurement, run by hand
     with torch.inference_mode():
         for name, m in (("default", base), ("onednn", packed)):
             caches[name] = DynamicCache(config=m.config)
-            m(input_ids=prefix, past_key_values=caches[name], use_cache=True)
+            run_model(m, prefix, caches[name])
         print("tokens  default ms  onednn ms  (medians, interleaved)")
         for n in (1, 2, 3, 4, 6, 8, 16):
             ids = torch.randint(0, vocab, (1, n))
@@ -145,8 +146,7 @@ def _main() -> None:  # pragma: no cover - a measurement, run by hand
             for _ in range(args.repeats):
                 for name, m in (("default", base), ("onednn", packed)):
                     t0 = time.perf_counter()
-                    m(input_ids=ids, position_ids=pos, past_key_values=caches[name],
-                      use_cache=True)
+                    run_model(m, ids, caches[name], position_ids=pos)
                     times[name].append((time.perf_counter() - t0) * 1000)
                     caches[name].crop(-n)
             med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}

@@ -49,8 +49,9 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from treeopt.decode.drafter import (Drafter, DrafterError, Proposal, proposal_from_paths,
-                                    register_drafter, root_only)
+from treeopt.decode.drafter import (DEFAULT_CANDIDATE_SHAPE, Drafter, DrafterError, Proposal,
+                                    proposal_from_paths, register_drafter, root_only)
+from treeopt.errors import TreeoptError
 from treeopt.tree import Tree
 
 FORMAT = "treeopt-datastore"
@@ -62,7 +63,7 @@ SCAN_CAP = 4096
 # A target's embedding may have a few more rows than its tokenizer has tokens (padding to a
 # multiple of 64..1024); a larger difference means another tokenizer.
 VOCAB_PAD_TOLERANCE = 1024
-DEFAULT_SHAPE = Tree((-1, 0, 1))  # a 3-node chain: 2 drafted tokens
+DEFAULT_SHAPE = DEFAULT_CANDIDATE_SHAPE  # a 4-node chain: 3 drafted tokens
 BIGRAM_TOP = 8
 # What numpy/zipfile raise on a file that is not a (complete, intact) npz.
 _READ_ERRORS = (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile,
@@ -70,7 +71,7 @@ _READ_ERRORS = (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile,
 REBUILD = "rebuild it with `treeopt datastore build --tokenizer TARGET`"
 
 
-class DatastoreError(ValueError):
+class DatastoreError(TreeoptError, ValueError):
     """A datastore that cannot be built, read or used; the one-line message says what to do."""
 
 

@@ -24,13 +24,14 @@ from typing import Callable, Sequence
 
 import torch
 
-from treeopt.decode.attention import new_cache
-from treeopt.decode.drafter import Drafter, root_only
+from treeopt.decode.attention import new_cache, run_model
+from treeopt.decode.drafter import Drafter, Proposal, root_only
 from treeopt.decode.sampling import GREEDY, Sampling, sample
 from treeopt.decode.verify import accept, keep, verify_tree
+from treeopt.errors import TreeoptError
 
 
-class DecodeError(ValueError):
+class DecodeError(TreeoptError, ValueError):
     """Bad input to generate (shapes, lengths, mismatched models)."""
 
 
@@ -66,6 +67,14 @@ class DecodeStats:
     verify_s: float = 0.0
     total_s: float = 0.0
     stop_reason: str = ""
+
+    def record(self, proposal, path: Sequence[int], ranks: list[int], committed: int) -> None:
+        """Count one verification step: its proposal, accepted path and committed tokens."""
+        self.target_forwards += 1
+        self.draft_forwards += proposal.forwards
+        self.drafted_tokens += proposal.drafted
+        self.accepted_tokens += len(path) - 1
+        self.steps.append(StepStats(len(path) - 1, ranks, committed))
 
     @property
     def tokens_per_step(self) -> float:
@@ -125,8 +134,8 @@ def prefill(target, drafter: Drafter | None, input_ids: torch.Tensor, sampling: 
     input_ids: (1, L). Returns (target cache holding L tokens, first token)."""
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
     cache = new_cache(target)
-    logits = target(input_ids=input_ids, position_ids=positions, past_key_values=cache,
-                    use_cache=True, logits_to_keep=1).logits[0, -1]
+    logits = run_model(target, input_ids, cache, position_ids=positions,
+                       logits_to_keep=1).logits[0, -1]
     if drafter is not None:
         from treeopt.decode.attention import check_cache
 
@@ -154,6 +163,26 @@ def check_inputs(target, drafter: Drafter | None, input_ids: torch.Tensor,
         raise DecodeError(f"prompt has {input_ids.shape[1]} tokens but the model window is "
                           f"{limit}; shorten the prompt")
     return device, limit
+
+
+def propose(drafter: Drafter | None, committed: list[int], max_depth: int, sampling: Sampling,
+            generator: torch.Generator | None, device: torch.device) -> Proposal:
+    """Stage 1: the drafter's proposal for this step, its tokens on ``device`` (the root
+    alone without a drafter: a plain decoding step)."""
+    if drafter is None:
+        return root_only(committed, device)
+    proposal = drafter.propose(committed, max_depth, sampling, generator)
+    if proposal.tokens.device != device:
+        proposal.tokens = proposal.tokens.to(device)
+    return proposal
+
+
+def commit(proposal: Proposal, path: Sequence[int], bonus: int, budget: int,
+           eos: frozenset[int]) -> tuple[list[int], bool]:
+    """Stage 5: the tokens this step adds, the accepted path's (root excluded) and the bonus,
+    cut to ``budget`` and just after the first EOS; returns (tokens, hit_eos)."""
+    tokens = proposal.tokens.tolist()
+    return _cut([tokens[v] for v in path[1:]] + [bonus], budget, eos)
 
 
 def _cut(new: list[int], budget: int, eos: frozenset[int]) -> tuple[list[int], bool]:
@@ -217,32 +246,20 @@ def generate(target, drafter: Drafter | None, input_ids: torch.Tensor, *, max_ne
                 max_depth = min(max_depth, limit - 1 - root_pos)
 
             clock.lap()
-            if drafter is None:
-                proposal = root_only(committed, device)
-            else:
-                proposal = drafter.propose(committed, max_depth, sampling, generator)
+            proposal = propose(drafter, committed, max_depth, sampling, generator, device)
             stats.draft_s += clock.lap()
-
             logits = verify_tree(target, tcache, proposal, root_pos)
             stats.verify_s += clock.lap()
-
             path, ranks, bonus = accept(logits, proposal, sampling, generator)
-
             keep(tcache, root_pos, path, proposal.tree)
+            new, hit_eos = commit(proposal, path, bonus, max_new_tokens - len(out), eos)
 
-            tokens = proposal.tokens.tolist()
-            new, hit_eos = _cut([tokens[v] for v in path[1:]] + [bonus],
-                                max_new_tokens - len(out), eos)
             committed += new
             out += new
             if drafter is not None:
                 top = logits[path].topk(topk, dim=-1).indices if topk else None
                 drafter.update(path, committed, top)
-            stats.target_forwards += 1
-            stats.draft_forwards += proposal.forwards
-            stats.drafted_tokens += proposal.drafted
-            stats.accepted_tokens += len(path) - 1
-            stats.steps.append(StepStats(len(path) - 1, ranks, len(new)))
+            stats.record(proposal, path, ranks, len(new))
             if on_tokens is not None:
                 on_tokens(new)
         if not stats.stop_reason:

