@@ -15,7 +15,7 @@ from treeopt.cli import main
 from treeopt.growmap import load_growmap
 from treeopt.profile import Latency, LatencyCurve
 from treeopt.search.dp import solve
-from treeopt.search.hardware import HardwareError, choose, draft_ms, predict
+from treeopt.search.hardware import HardwareError, choose, draft_ms, monotone, predict
 from treeopt.tree import Tree
 
 P = [.6, .1, .05, .03, .02, .015, .01, .008]
@@ -90,8 +90,8 @@ def test_choose_equals_brute_force_over_dp_trees(cost):
         for l in range(1, 9):
             if not np.isfinite(table.values[n, l]):
                 continue
-            if cost == "sequoia":
-                step = l * lat.draft(1) + lat.target(n)
+            if cost == "sequoia":  # costs are read from the curves' envelopes
+                step = l * monotone(lat.draft)(1) + monotone(lat.target)(n)
             else:
                 step = predict(table.tree(n, l), P, lat, cost).step_ms
             best = min(best, step / table.values[n, l])
@@ -121,13 +121,13 @@ def test_flat_draft_curve_per_level_is_one_forward_less_than_sequoia():
         assert seq == pytest.approx(0.5 * (tree.depth + 1))
         assert per == pytest.approx(seq - 0.5)  # the leaf level is never fed to the draft
     b = choose(P, lat, 64, 10, "per-level")
-    assert b.step_ms == pytest.approx(0.5 * b.tree.depth + lat.target(b.size))
+    assert b.step_ms == pytest.approx(0.5 * b.tree.depth + monotone(lat.target)(b.size))
 
 
 def test_no_draft_curve_costs_nothing_and_depth_aware_profiles_work():
     rows = [[.5, .2], [.8, .1]]
     choice = choose(rows, latency(draft=None), 40, 6)
-    assert choice.step_ms == pytest.approx(latency().target(choice.size))
+    assert choice.step_ms == pytest.approx(monotone(latency().target)(choice.size))
     assert choice.expected_tokens == pytest.approx(choice.tree.expected_tokens(rows))
 
 
@@ -138,9 +138,13 @@ def test_hardware_errors():
         choose(P, latency(), 10, 4, "magic")
     with pytest.raises(HardwareError, match="covers size"):
         choose(P, latency(), 10, 4, table=solve(P, 5, 4))
+    # A falling curve used to extrapolate to <= 0 ms (refused as "extrapolated"); its
+    # envelope now prices every size at >= t(1), and the choice says the curve falls.
     falling = Latency(LatencyCurve([1, 2], [10.0, 5.0]))
-    with pytest.raises(HardwareError, match="extrapolated"):
-        choose(P, falling, 10, 4)
+    pick = choose(P, falling, 10, 4)
+    assert all(c["step_ms"] >= 10.0 for c in pick.candidates)
+    assert predict(pick.tree, P, falling).verify_ms >= 10.0
+    assert any("falls" in n for n in pick.notes)
 
 
 # ------------------------------------------------------------------ the command
@@ -235,3 +239,68 @@ def test_steps_that_propose_nothing_cost_one_plain_forward():
         meta = {"steps": 200, "no_candidate_steps": 50}
 
     assert empty_step_rate(Meta()) == 0.25 and empty_step_rate(object()) == 0.0
+
+
+# ------------------------------------------------------------------ untrusted latency curves
+NOISY_TOKENS, NOISY_MS = [1, 2, 4, 8, 16], [10.0, 30.0, 12.0, 14.0, 13.0]
+
+
+def test_envelope_never_falls_nor_extrapolates_below_the_measurements():
+    env = monotone(LatencyCurve(NOISY_TOKENS, NOISY_MS))
+    values = [env(n) for n in range(1, 129)]
+    assert all(b >= a for a, b in zip(values, values[1:]))  # non-decreasing
+    for n in range(1, 129):  # never below the dearest measured size <= n
+        assert env(n) >= max(y for t, y in zip(NOISY_TOKENS, NOISY_MS) if t <= n)
+    assert env(64) >= 30.0 > 10.0  # the raw curve extrapolated 64 tokens to 7 ms
+    assert LatencyCurve(NOISY_TOKENS, NOISY_MS)(64) == pytest.approx(7.0)
+    # beyond the last point: at least the last slope; a flat/falling end uses the average one
+    convex = monotone(LatencyCurve([1, 2, 4], [10.0, 11.0, 15.0]))
+    assert convex(8) == pytest.approx(15.0 + 2.0 * 4)
+    flat_end = monotone(LatencyCurve([1, 2, 4], [10.0, 12.0, 12.0]))
+    assert flat_end(8) == pytest.approx(12.0 + (2.0 / 3.0) * 4)
+    assert monotone(LatencyCurve([4], [9.0]))(100) == 9.0
+    # a monotone curve is its own envelope
+    lat = latency(target_ms=sorted(L40_7B))
+    assert all(monotone(lat.target)(n) == pytest.approx(lat.target(n)) for n in range(1, 129))
+
+
+@pytest.mark.parametrize("cost", ["sequoia", "per-level"])
+def test_non_monotone_target_curve_claims_no_speedup_from_extrapolation(cost):
+    """Target [10, 30, 12, 14, 13] ms at 1..16 tokens: the raw curve extrapolates
+    verify(64) = 7 ms < verify(1) and the choice claimed 1.93x."""
+    lat = Latency(LatencyCurve(NOISY_TOKENS, NOISY_MS), LatencyCurve([1], [0.5]))
+    choice = choose(P, lat, 64, 12, cost)
+    # every size > 1 now costs at least 30 ms; F* <= 3.5 tokens: at most ~1.17x over 10 ms
+    assert choice.speedup < 1.2
+    assert all(c["step_ms"] >= 10.0 for c in choice.candidates)
+    assert any("falls" in n and "30.00 ms at 2" in n for n in choice.notes)
+    pred = predict(choice.tree, P, lat, cost)
+    assert pred.verify_ms >= 10.0 and choice.speedup == pytest.approx(pred.speedup)
+
+
+def test_choice_beyond_the_measured_sizes_is_flagged_and_measured_only_avoids_it():
+    tokens, ms = L40_TOKENS[:6], L40_7B[:6]  # measured up to 32 tokens, nearly flat
+    lat = latency(target_ms=ms, draft=L40_68M[:6], tokens=tokens)
+    free = choose(P, lat, 100, 12)
+    assert free.size > 32
+    assert any("beyond the largest measured target size 32" in n for n in free.notes)
+    for cost in ("sequoia", "per-level"):
+        only = choose(P, lat, 100, 12, cost, measured_only=True)
+        assert only.measured_only and only.size in set(tokens)
+        assert not any("beyond" in n for n in only.notes)
+        assert {c["size"] for c in only.candidates} <= set(tokens)
+        # exact among the measured sizes: brute force over every depth of those sizes
+        table = solve(P, 100, 12)
+        best = min(predict(table.tree(n, l), P, lat, cost).step_ms / table.values[n, l]
+                   for n in tokens for l in range(1, 13) if np.isfinite(table.values[n, l]))
+        assert only.step_ms / only.expected_tokens == pytest.approx(best, rel=1e-9)
+        assert only.tokens_per_s <= free.tokens_per_s + 1e-9
+
+
+def test_measured_only_keeps_empty_steps_and_plain_decoding():
+    lat = Latency(target=LatencyCurve(tokens=[1, 2, 3, 4], ms=[10.0, 20.0, 20.0, 20.0]))
+    table = [[0.6], [0.8]]
+    pick = choose(table, lat, 3, 3, empty_rate=0.5, measured_only=True)
+    assert pick.size == 3
+    only_two = Latency(target=LatencyCurve(tokens=[1, 4], ms=[10.0, 100.0]))
+    assert choose(table, only_two, 3, 3, measured_only=True).size == 1

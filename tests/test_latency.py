@@ -73,3 +73,78 @@ def test_context_beyond_window_is_an_error():
     target, _ = tiny_pair(max_positions=32)
     with pytest.raises(LatencyError, match="positions"):
         time_tree_forwards(target, [8], context=30, repeats=1, warmup=0)
+
+
+def test_sizes_are_interleaved_across_repeats(monkeypatch):
+    """Each round times every size once, so drift hits every size alike."""
+    import treeopt.decode.attention as attention
+
+    target, _ = tiny_pair()
+    order = []
+    real = attention.forward_tree
+
+    def spy(model, ids, pos, mask, cache):
+        order.append(ids.shape[1])
+        return real(model, ids, pos, mask, cache)
+
+    monkeypatch.setattr(attention, "forward_tree", spy)
+    samples = time_tree_forwards(target, [1, 3, 2], context=8, repeats=3, warmup=1)
+    assert order == [1, 3, 2] * 4
+    assert [len(s) for s in samples] == [3, 3, 3]
+
+
+def test_model_free_proposals_are_interleaved_too():
+    from treeopt.profile.latency import time_proposals
+
+    order = []
+
+    class Level:
+        def __init__(self, q):
+            self.q = q
+
+        def start(self, ids):
+            pass
+
+        def propose(self, text, depth, sampling):
+            order.append(self.q)
+
+    class Drafter:
+        def reshaped(self, tree):
+            return Level(tree.size - 1)
+
+    samples = time_proposals(Drafter(), [2, 4], vocab=50, context=40, repeats=2, warmup=1)
+    assert order == [2, 4] * 3 and [len(s) for s in samples] == [2, 2]
+
+
+def test_meta_records_the_threading_settings(monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    target, draft = tiny_pair()
+    lat = measure_latency(target, draft, tokens=[1, 2], context=8, repeats=1, warmup=0)
+    assert lat.meta["threads"] == torch.get_num_threads()
+    assert lat.meta["omp_wait_policy"] == "PASSIVE"
+    assert lat.meta["kernels"] in ("default", "onednn")
+    assert lat.meta["draft_kernels"] in ("default", "onednn")
+    assert "interop_threads" in lat.meta
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    assert measure_latency(target, None, tokens=[1], context=8, repeats=1,
+                           warmup=0).meta["omp_wait_policy"] is None
+
+
+def test_timing_warnings_flag_noise_and_falling_curves():
+    from treeopt.profile import Latency, LatencyCurve
+    from treeopt.profile.latency import timing_warnings
+
+    clean = Latency(LatencyCurve([1, 2, 4], [10.0, 11.0, 13.0], [0.5, 0.4, 1.0]),
+                    LatencyCurve([1, 2], [1.0, 1.1], [0.1, 0.1]), meta={"device_type": "cpu"})
+    assert timing_warnings(clean) == []
+    noisy = Latency(LatencyCurve([1, 2, 4], [10.0, 11.0, 13.0], [0.5, 4.0, 1.0]),
+                    meta={"device_type": "cpu"})
+    (line,) = timing_warnings(noisy)
+    assert "target" in line and "IQR" in line and "2 tokens (IQR 4.00 of 11.00 ms)" in line
+    assert "--repeats" in line and "--threads 1" in line
+    falling = Latency(LatencyCurve([1, 2, 4, 8, 16], [10.0, 30.0, 12.0, 14.0, 13.0]),
+                      meta={"device_type": "cpu"})
+    (line,) = timing_warnings(falling)
+    assert "falls" in line and "30.00 ms at 2" in line and "12.00 ms at 4" in line
+    # a 3 % dip is noise, not a fall
+    assert timing_warnings(Latency(LatencyCurve([1, 2], [10.0, 9.7]))) == []

@@ -5,8 +5,8 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from treeopt.decode.sampling import (SamplingError, check_settings, draw_children,
-                                     logits_to_probs, sample, verify_children,
+from treeopt.decode.sampling import (MIN_TEMPERATURE, Sampling, SamplingError, check_settings,
+                                     draw_children, logits_to_probs, sample, verify_children,
                                      verify_children_batch, verify_greedy)
 
 N = 40_000
@@ -68,6 +68,50 @@ def test_settings_are_checked():
         args = dict(temperature=1.0, top_k=0, top_p=1.0, rule="sequoia") | bad
         with pytest.raises(SamplingError):
             check_settings(**args)
+
+
+def test_near_zero_temperature_is_rejected_not_sampled_as_the_last_id():
+    """--temperature 1e-40 used to overflow logits / T: NaN probabilities, sampled as V - 1."""
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.0]])
+    with pytest.raises(SamplingError, match="too close to 0"):
+        check_settings(1e-40, 0, 1.0, "sequoia")
+    with pytest.raises(SamplingError, match="too close to 0"):
+        Sampling(temperature=1e-40)
+    with pytest.raises(SamplingError, match="temperature 1e-40"):
+        logits_to_probs(logits, 1e-40)  # the low-level call refuses too, never NaN
+    Sampling(temperature=MIN_TEMPERATURE)  # the threshold itself is a temperature
+    probs = logits_to_probs(logits, MIN_TEMPERATURE)
+    assert torch.equal(probs, torch.tensor([[0.0, 1.0, 0.0, 0.0]]))
+    with pytest.raises(SamplingError, match="finite"):
+        check_settings(float("inf"), 0, 1.0, "sequoia")
+    with pytest.raises(SamplingError):
+        check_settings(float("nan"), 0, 1.0, "sequoia")
+
+
+def test_nan_logits_and_empty_rows_raise_instead_of_sampling_garbage():
+    nan = torch.tensor([[0.5, float("nan"), 1.0], [0.1, 0.2, 0.3]])
+    for t in (0.0, 1.0):
+        with pytest.raises(SamplingError, match="NaN logits"):
+            logits_to_probs(nan, t)
+    with pytest.raises(SamplingError, match="all-zero"):
+        sample(torch.tensor([[0.2, 0.8, 0.0], [0.0, 0.0, 0.0]]))
+    with pytest.raises(SamplingError, match="NaN"):
+        sample(torch.tensor([[0.2, float("nan"), 0.1]]))
+    with pytest.raises(SamplingError, match="infinite"):
+        sample(torch.tensor([[0.2, float("inf"), 0.1]]))
+    with pytest.raises(SamplingError, match="NaN"):  # every logit masked: no distribution
+        logits_to_probs(torch.full((1, 3), float("-inf")), 1.0)
+    with pytest.raises(SamplingError):
+        verify_children(torch.tensor([0.0, 0.0, 0.0]), None, [])
+    # valid rows are untouched, unnormalised ones included
+    g = torch.Generator().manual_seed(0)
+    assert sample(torch.tensor([[0.0, 2.0, 0.0]]), 3, g).tolist() == [[1, 1, 1]]
+
+
+def test_top_k_must_be_a_non_negative_integer():
+    for bad in (-5, 2.5):
+        with pytest.raises(SamplingError, match="top_k"):
+            check_settings(1.0, bad, 1.0, "sequoia")
 
 
 def test_greedy_rule():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -99,3 +100,97 @@ def test_tune_end_to_end(workspace, tmp_path, capsys):
     from treeopt.profile.acceptance import reliable_table
 
     assert meta["expected_tokens"] == pytest.approx(tree.expected_tokens(reliable_table(prof)))
+
+
+def tune_args(ws, out_dir, *extra):
+    return ["tune", *model_args(ws), "--dataset", str(ws / "prompts.jsonl"), "--prompts", "3",
+            "--max-new-tokens", "6", "--width", "3", "--depth", "2", "--tokens", "1,2,4",
+            "--context", "8", "--repeats", "1", "--warmup", "0", "--max-depth", "4",
+            "--out-dir", str(out_dir), "--quiet", *extra]
+
+
+def test_tune_ctrl_c_says_where_the_profile_is_and_how_to_resume(workspace, tmp_path,
+                                                                 monkeypatch, capsys):
+    import treeopt.profile.acceptance as acceptance
+
+    real = acceptance.measure_prompt
+    calls = []
+
+    def interrupt_on_second(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(acceptance, "measure_prompt", interrupt_on_second)
+    out_dir = tmp_path / "run"
+    assert main(tune_args(workspace, out_dir)) == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("treeopt tune: interrupted")
+    assert str(out_dir / "profile.json") in err and "--resume" in err
+    assert Profile.load(out_dir / "profile.json").meta["prompts_done"] == 1
+    monkeypatch.setattr(acceptance, "measure_prompt", real)
+    assert main(tune_args(workspace, out_dir, "--resume")) == 0
+    assert Profile.load(out_dir / "profile.json").meta["prompts_done"] == 3
+
+
+def test_tune_measured_sizes_only(workspace, tmp_path, capsys):
+    out_dir = tmp_path / "m"
+    assert main(tune_args(workspace, out_dir, "--max-size", "7", "--measured-sizes-only")) == 0
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["measured_sizes_only"] is True and summary["tree"]["size"] in (1, 2, 4)
+    assert isinstance(summary["warnings"], list)
+    _, meta = load_growmap(out_dir / "tree.pt")
+    assert meta["measured_sizes_only"] is True
+    latency_meta = Profile.load(out_dir / "profile.json").latency.meta
+    assert {"threads", "omp_wait_policy", "kernels"} <= set(latency_meta)
+
+
+def test_profile_latency_warns_about_noisy_and_falling_points(monkeypatch, tmp_path, capsys):
+    import types
+
+    import torch
+
+    import treeopt.cli.profile as cli_profile
+    import treeopt.profile.latency as latency_mod
+    from treeopt.profile import Latency, LatencyCurve
+
+    fake = Latency(LatencyCurve([1, 2, 4], [10.0, 30.0, 12.0], [1.0, 12.0, 1.0]),
+                   context=8, meta={"device_type": "cpu", "threads": 1})
+    monkeypatch.setattr(cli_profile, "load_models",
+                        lambda args: (types.SimpleNamespace(target=None, drafter=None),
+                                      torch.device("cpu")))
+    monkeypatch.setattr(latency_mod, "measure_latency", lambda *a, **k: fake)
+    assert main(["profile", "latency", "--target", "x", "--out", str(tmp_path / "l.json")]) == 0
+    err = capsys.readouterr().err
+    assert "IQR exceeds 25% of the median at 2" in err and "falls" in err
+    assert "--threads 1" in err and "--repeats" in err
+
+
+def _subparser(parser, *names):
+    for name in names:
+        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = action.choices[name]
+    return parser
+
+
+def test_help_texts_match_the_code():
+    from treeopt.cli import build_parser
+    from treeopt.cli.tune import CPU_LATENCY
+
+    parser = build_parser()
+    tune = _subparser(parser, "tune")
+    text = " ".join(tune.format_help().split())
+    assert tune.get_default("depth") == 4 and "acceptance row (default 4)" in text
+    assert f"default {CPU_LATENCY['repeats']} on CPU" in text and CPU_LATENCY["repeats"] >= 10
+    assert "--measured-sizes-only" in text
+    prof, acc, lat = (_subparser(parser, "profile"), _subparser(parser, "profile", "acceptance"),
+                      _subparser(parser, "profile", "latency"))
+    assert len({prof.description, acc.description, lat.description}) == 3
+    assert "sibling rank" in acc.description and "--repeats" in lat.description
+    for bench in ("attention", "verify"):
+        sub = _subparser(parser, "bench", bench)
+        undocumented = [a.dest for a in sub._actions if not a.help]
+        assert undocumented == [], (bench, undocumented)
+    gen = _subparser(parser, "generate")
+    assert any("--threads" in a.option_strings for a in gen._actions)

@@ -19,6 +19,16 @@ Loading never unpickles code (``torch.load(weights_only=True)``) and checks ever
 so a broken, truncated, inconsistent or hostile file gives a one-line :class:`GrowmapError`
 naming the file and the problem. In JSON the mask may be omitted (it is derived from the
 shape) and ``depth``/``mask`` are plain lists.
+
+Sizes are checked before anything is converted (``treeopt.limits``): ``size`` is at most
+``MAX_TREE_NODES``; tensors must match it in shape and really store every element (an
+"expanded" tensor, one stored value repeated, is refused); lists are counted before they are
+copied, and the metadata must be plain values of bounded size. Reading a file therefore never
+needs much more memory than the file's own size.
+
+Writing is atomic (a temporary file in the same folder, fsync'ed, then renamed over the
+target), so an interrupted write leaves the previous file intact, and an existing file is
+only ever replaced by a growmap if it is a growmap itself (or empty).
 """
 
 from __future__ import annotations
@@ -32,17 +42,27 @@ from typing import Any
 
 import torch
 
+from treeopt.errors import TreeoptError
+from treeopt.limits import (
+    MAX_TREE_NODES,
+    atomic_write,
+    check_plain,
+    check_tensor,
+    parse_json,
+    show_number,
+)
 from treeopt.tree import Tree, TreeError, ancestor_mask
 
 REQUIRED_KEYS = ("roots", "branches", "Successors", "mask", "depth", "size")
 META_KEY = "treeopt"
 JSON_FORMAT = "treeopt-growmap"
 JSON_VERSION = 1
-MAX_SIZE = 1 << 15  # far beyond any useful tree; guards against absurd (hostile) sizes
+MAX_SIZE = MAX_TREE_NODES  # the one tree-size cap (treeopt.limits)
+SUFFIXES = (".pt", ".pth", ".json")
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
 
 
-class GrowmapError(ValueError):
+class GrowmapError(TreeoptError, ValueError):
     """A growmap file or dict that cannot be read or breaks an invariant (one-line message)."""
 
 
@@ -61,18 +81,73 @@ def save_growmap(tree: Tree, path: str | Path, meta: dict | None = None, *,
 
     ``meta`` is stored under ``"treeopt"``; its values must be plain (str, int, float, bool,
     None, lists and dicts of those) so that ``weights_only`` loading can read it back.
-    ``json_mask`` also writes the (derivable) mask into a JSON file."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in (".pt", ".pth", ".json"):
-        raise GrowmapError(f"{path}: unknown growmap extension {path.suffix!r}; use .pt or .json")
+    ``json_mask`` also writes the (derivable) mask into a JSON file.
+
+    The write is atomic (see the module docstring) and refuses, with a :class:`GrowmapError`,
+    to replace an existing file that is not a growmap (:func:`check_writable`)."""
+    path = check_writable(path)
+    if tree.size > MAX_TREE_NODES:
+        raise GrowmapError(f"{path}: the tree has {tree.size} nodes, more than the limit of "
+                           f"{MAX_TREE_NODES} (MAX_TREE_NODES)")
     d = growmap_dict(tree, meta)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if suffix == ".json":
-        path.write_text(_to_json(d, json_mask))
+    if path.suffix.lower() == ".json":
+        text = _to_json(d, json_mask)
+        atomic_write(path, lambda fh: fh.write(text), binary=False)
     else:
-        torch.save(d, path)
+        atomic_write(path, lambda fh: torch.save(d, fh))
     return path
+
+
+def check_writable(path: str | Path) -> Path:
+    """Check, before any work, that a growmap may be written to ``path``: a known extension,
+    not a folder, and no existing file of another kind (a profile, a picture, anything that
+    is not a growmap) in the way; an existing growmap or an empty file may be replaced.
+    Returns ``path`` as a Path; raises a one-line :class:`GrowmapError` otherwise."""
+    path = Path(path)
+    if path.suffix.lower() not in SUFFIXES:
+        raise GrowmapError(f"{path}: unknown growmap extension {path.suffix!r}; use .pt or .json")
+    if path.is_dir():
+        raise GrowmapError(f"{path}: is a folder, not a growmap file")
+    if path.exists() and path.stat().st_size > 0:
+        kind = file_kind(path)
+        if kind != "growmap":
+            raise GrowmapError(f"{path}: refusing to overwrite {kind} with a growmap; "
+                               "choose another output path or remove the file")
+    return path
+
+
+def file_kind(path: str | Path) -> str:
+    """What an existing file holds, for overwrite checks: ``"growmap"``, or a description for
+    an error message (``"a 'treeopt-profile' file"``, ``"a tensor file (such as a Sequoia
+    acceptance vector)"``, ``"a file that is not a growmap"``...). Only the top-level
+    structure is looked at (a growmap is a dict with Sequoia's keys, or treeopt's growmap
+    JSON); the file is never modified."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".json" or _looks_like_json(path):
+            d = parse_json(path.read_text(), GrowmapError)
+        else:
+            d = _read_torch(path)
+    except (GrowmapError, OSError, UnicodeDecodeError):
+        return "a file that is not a readable growmap"
+    if isinstance(d, dict):
+        if d.get("format") == JSON_FORMAT or all(k in d for k in REQUIRED_KEYS) or (
+                "format" not in d and all(k in d for k in REQUIRED_KEYS if k != "mask")):
+            return "growmap"
+        if isinstance(d.get("format"), str):
+            return f"a {d['format']!r} file"
+    if isinstance(d, torch.Tensor) and d.dim() == 1:
+        return "a tensor file (such as a Sequoia acceptance vector)"
+    return "a file that is not a growmap"
+
+
+def _looks_like_json(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(64).lstrip()
+    except OSError:
+        return False
+    return head[:1] in (b"{", b"[")
 
 
 def load_growmap(path: str | Path) -> tuple[Tree, dict]:
@@ -93,7 +168,11 @@ def validate_growmap(d: Any, source: str = "growmap") -> Tree:
     """Check every invariant of a growmap dict and return its :class:`Tree`.
 
     ``mask`` and ``depth`` may be tensors (as in ``.pt`` files) or nested lists (JSON); in a
-    dict that came from JSON, ``mask`` may be absent. ``source`` names the file in errors."""
+    dict that came from JSON, ``mask`` may be absent. ``source`` names the file in errors.
+
+    Order matters for hostile input: ``size`` is checked against the cap first, then every
+    tensor's shape, element count and storage and every list's length against ``size``, all
+    before anything is converted or copied; masks are compared as booleans."""
 
     def fail(msg: str) -> GrowmapError:
         return GrowmapError(f"{source}: {msg}")
@@ -109,52 +188,65 @@ def validate_growmap(d: Any, source: str = "growmap") -> Tree:
                    "not a growmap (Sequoia format)")
 
     size = d["size"]
-    if isinstance(size, torch.Tensor) and size.dim() == 0 and not size.is_floating_point():
-        size = int(size)
+    if isinstance(size, torch.Tensor):
+        check_tensor(size, "'size'", fail, max_numel=1)
+        if size.dim() == 0 and not size.is_floating_point() and size.dtype != torch.bool:
+            size = int(size)
     if not _is_int(size):
         raise fail(f"'size' must be an int, got {type(size).__name__}")
-    if not 1 <= size <= MAX_SIZE:
-        raise fail(f"'size' = {size} is outside 1..{MAX_SIZE}")
+    if size < 1:
+        raise fail(f"'size' = {size} is outside 1..{MAX_TREE_NODES}")
+    if size > MAX_TREE_NODES:
+        raise fail(f"'size' = {show_number(size)} is outside 1..{MAX_TREE_NODES}: more nodes "
+                   f"than the limit of {MAX_TREE_NODES} (MAX_TREE_NODES: the engine verifies "
+                   "every node in one forward)")
 
-    successors = _int_rows(d["Successors"], "Successors", fail)
-    if len(successors) != size:
-        raise fail(f"'Successors' has {len(successors)} rows but size is {size}")
+    # Lengths and tensors (shape, element count, storage) before any conversion.
+    if isinstance(d["Successors"], (list, tuple)) and len(d["Successors"]) != size:
+        raise fail(f"'Successors' has {len(d['Successors'])} rows but size is {size}")
+    if isinstance(d["depth"], torch.Tensor):
+        _check_int_tensor(d["depth"], "'depth'", (size,), fail)
+    if isinstance(d.get("mask"), torch.Tensor):
+        _check_int_tensor(d["mask"], "'mask'", (size, size), fail)
+    if META_KEY in d and d[META_KEY] is not None:
+        if not isinstance(d[META_KEY], dict):
+            raise fail(f"'{META_KEY}' metadata must be a dict, got {type(d[META_KEY]).__name__}")
+        check_plain(d[META_KEY], f"'{META_KEY}' metadata", fail)
+
+    successors = _int_rows(d["Successors"], "Successors", fail, rows=size, total=size - 1)
     try:
         tree = Tree.from_successors(successors)
     except TreeError as exc:
         raise fail(f"bad 'Successors': {exc}") from None
 
-    roots = _int_rows(d["roots"], "roots", fail)
+    roots = _int_rows(d["roots"], "roots", fail, total=size)
     if not roots or roots[0] != [0]:
         raise fail(f"'roots[0]' must be [0] (the root), got {roots[0] if roots else 'nothing'}")
-    branches = _int_rows(d["branches"], "branches", fail)
+    branches = _int_rows(d["branches"], "branches", fail, total=size)
     if [len(r) for r in branches] != [len(r) for r in roots]:
         raise fail("'branches' and 'roots' have different shapes "
-                   f"({[len(r) for r in branches]} vs {[len(r) for r in roots]})")
+                   f"({_shape(branches)} vs {_shape(roots)})")
     levels = [list(level) for level in tree.levels]
     if roots != levels:
         level = next((i for i in range(max(len(roots), len(levels)))
                       if i >= len(roots) or i >= len(levels) or roots[i] != levels[i]), 0)
-        got = roots[level] if level < len(roots) else "nothing"
-        want = levels[level] if level < len(levels) else "nothing"
+        got = _short(roots[level]) if level < len(roots) else "nothing"
+        want = _short(levels[level]) if level < len(levels) else "nothing"
         raise fail(f"'roots[{level}]' = {got} but Successors put {want} at depth {level}")
     for i, level in enumerate(levels):
         for j, node in enumerate(level):
             if branches[i][j] != len(tree.children[node]):
-                raise fail(f"'branches[{i}][{j}]' = {branches[i][j]} but node {node} has "
-                           f"{len(tree.children[node])} children in Successors")
+                raise fail(f"'branches[{i}][{j}]' = {show_number(branches[i][j])} but node "
+                           f"{node} has {len(tree.children[node])} children in Successors")
 
     depth = _int_vector(d["depth"], "depth", size, fail)
     if depth != list(tree.depths):
         node = next(i for i in range(size) if depth[i] != tree.depths[i])
-        raise fail(f"'depth[{node}]' = {depth[node]} but node {node} is at depth "
+        raise fail(f"'depth[{node}]' = {show_number(depth[node])} but node {node} is at depth "
                    f"{tree.depths[node]}")
 
     if "mask" in d:
         _check_mask(d["mask"], tree, fail)
-
-    if META_KEY in d and d[META_KEY] is not None and not isinstance(d[META_KEY], dict):
-        raise fail(f"'{META_KEY}' metadata must be a dict, got {type(d[META_KEY]).__name__}")
     return tree
 
 
@@ -181,9 +273,10 @@ def _read_torch(path: Path) -> Any:
 
 def _read_json(path: Path) -> dict:
     try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        text = path.read_text()
+    except UnicodeDecodeError as exc:
         raise GrowmapError(f"{path}: not valid JSON ({_first_line(exc)})") from None
+    d = parse_json(text, lambda msg: GrowmapError(f"{path}: {msg}"))
     if not isinstance(d, dict):
         raise GrowmapError(f"{path}: expected a JSON object with growmap keys, "
                            f"got {type(d).__name__}")
@@ -208,58 +301,122 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _int_rows(value: Any, key: str, fail) -> list[list[int]]:
+def _int_rows(value: Any, key: str, fail, *, total: int, rows: int | None = None
+              ) -> list[list[int]]:
+    """A list of lists of ints, copied only after its lengths are checked: exactly ``rows``
+    rows when given (else at most ``total``) and at most ``total`` ints in all. (A pickle can
+    repeat one long list any number of times at no cost in bytes; counting first keeps the
+    copy as small as the limits.)"""
     if not isinstance(value, (list, tuple)):
         raise fail(f"'{key}' must be a list of lists of ints, got {type(value).__name__}")
-    rows = []
+    if rows is not None and len(value) != rows:
+        raise fail(f"'{key}' has {len(value)} rows but size is {rows}")
+    if rows is None and len(value) > total:
+        raise fail(f"'{key}' has {len(value)} rows, more than the {total} nodes of the tree")
+    count = 0
     for i, row in enumerate(value):
         if not isinstance(row, (list, tuple)):
             raise fail(f"'{key}[{i}]' must be a list of ints, got {type(row).__name__}")
+        count += len(row)
+        if count > total:
+            raise fail(f"'{key}' holds more than {total} node ids in all; a tree of this size "
+                       "has fewer")
+    out = []
+    for i, row in enumerate(value):
         for j, x in enumerate(row):
             if not _is_int(x):
                 raise fail(f"'{key}[{i}][{j}]' must be an int, got {type(x).__name__}")
-        rows.append(list(row))
-    return rows
+        out.append(list(row))
+    return out
+
+
+def _shape(rows: list[list[int]]) -> str:
+    return _short([len(r) for r in rows])
+
+
+def _short(values: list) -> str:
+    """A list for an error message, cut after 12 entries."""
+    if len(values) <= 12:
+        return str([show_number(v) if isinstance(v, int) else v for v in values]
+                   ).replace("'", "")
+    return "[" + ", ".join(str(v) for v in values[:12]) + f", ... ({len(values)} in all)]"
+
+
+def _check_int_tensor(t: torch.Tensor, what: str, shape: tuple[int, ...], fail) -> None:
+    """Dtype, shape, element count and storage of a growmap tensor, before any conversion."""
+    if t.dtype not in _INT_DTYPES:
+        if what == "'mask'":
+            raise fail(f"'mask' must be an integer (int64) tensor, got {t.dtype}")
+        raise fail(f"{what} must be a 1-D integer tensor, got {t.dtype} "
+                   f"with shape {tuple(t.shape)}")
+    if t.dim() != len(shape):
+        if what == "'depth'":
+            raise fail(f"'depth' must be a 1-D integer tensor, got {t.dtype} "
+                       f"with shape {tuple(t.shape)}")
+        raise fail(f"{what} has shape {tuple(t.shape)}, expected {shape}")
+    if tuple(t.shape) != shape:
+        if what == "'depth'":
+            raise fail(f"'depth' has {show_number(t.numel())} entries but size is {shape[0]}")
+        raise fail(f"{what} has shape {tuple(t.shape)}, expected {shape}")
+    check_tensor(t, what, fail, max_numel=MAX_TREE_NODES * MAX_TREE_NODES, shape=shape)
 
 
 def _int_vector(value: Any, key: str, size: int, fail) -> list[int]:
     if isinstance(value, torch.Tensor):
-        if value.dtype not in _INT_DTYPES or value.dim() != 1:
-            raise fail(f"'{key}' must be a 1-D integer tensor, got {value.dtype} "
-                       f"with shape {tuple(value.shape)}")
-        out = value.tolist()
-    elif isinstance(value, (list, tuple)) and all(_is_int(x) for x in value):
-        out = list(value)
-    else:
+        _check_int_tensor(value, f"'{key}'", (size,), fail)  # before .tolist()
+        return value.tolist()
+    if not isinstance(value, (list, tuple)):
         raise fail(f"'{key}' must be an int64 tensor or a list of ints, "
                    f"got {type(value).__name__}")
-    if len(out) != size:
-        raise fail(f"'{key}' has {len(out)} entries but size is {size}")
-    return out
+    if len(value) != size:
+        raise fail(f"'{key}' has {len(value)} entries but size is {size}")
+    if not all(_is_int(x) for x in value):
+        raise fail(f"'{key}' must be an int64 tensor or a list of ints, "
+                   f"got {type(value).__name__}")
+    return list(value)
 
 
 def _check_mask(value: Any, tree: Tree, fail) -> None:
+    """The mask must be 1 exactly where the column is an ancestor of the row or the row
+    itself, 0 elsewhere. Compared as booleans (no int64 copy of an (n, n) tensor), the first
+    wrong entry (row-major) is found by row, without listing every wrong entry."""
     n = tree.size
+    want = ancestor_mask(tree)  # (n, n) bool
     if isinstance(value, torch.Tensor):
-        if value.dtype not in _INT_DTYPES:
-            raise fail(f"'mask' must be an integer (int64) tensor, got {value.dtype}")
-        mask = value
+        _check_int_tensor(value, "'mask'", (n, n), fail)
+        if value.dtype == torch.bool:
+            wrong = value ^ want
+        else:
+            wrong = (value != 0) ^ want
+            wrong |= (value != 0) & (value != 1)
+        if not bool(wrong.any()):
+            return
+        i = int(wrong.any(dim=1).to(torch.uint8).argmax())
+        j = int(wrong[i].to(torch.uint8).argmax())
+        got = int(value[i, j])
     elif isinstance(value, (list, tuple)):
-        rows = _int_rows(value, "mask", fail)
-        if any(len(r) != n for r in rows):
+        if len(value) != n:
+            raise fail(f"'mask' has shape ({len(value)}, ...), expected ({n}, {n})")
+        if any(not isinstance(r, (list, tuple)) or len(r) != n for r in value):
             raise fail(f"'mask' rows must all have {n} entries")
-        mask = torch.tensor(rows, dtype=torch.int64) if rows else torch.zeros(0, n)
+        for i, row in enumerate(value):  # row by row: memory O(n), not O(n^2)
+            want_row = want[i].to(torch.int64).tolist()
+            if list(row) == want_row and set(map(type, row)) <= {int}:
+                continue
+            for j, x in enumerate(row):
+                if not _is_int(x):
+                    raise fail(f"'mask[{i}][{j}]' must be an int, got {type(x).__name__}")
+                if x != want_row[j]:
+                    got = x
+                    break
+            break
+        else:
+            return
     else:
         raise fail(f"'mask' must be an int64 tensor, got {type(value).__name__}")
-    if tuple(mask.shape) != (n, n):
-        raise fail(f"'mask' has shape {tuple(mask.shape)}, expected ({n}, {n})")
-    mask = mask.to(torch.int64)
-    want = ancestor_mask(tree).to(torch.int64)
-    if not torch.equal(mask, want):
-        i, j = (mask != want).nonzero()[0].tolist()
-        raise fail(f"'mask[{i}][{j}]' = {mask[i, j].item()} but should be {want[i, j].item()} "
-                   "(mask must be 1 exactly where the column is an ancestor of the row or "
-                   "itself)")
+    raise fail(f"'mask[{i}][{j}]' = {show_number(got)} but should be {int(want[i, j])} "
+               "(mask must be 1 exactly where the column is an ancestor of the row or "
+               "itself)")
 
 
 # ---------------------------------------------------------------------------- writing

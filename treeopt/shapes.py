@@ -16,20 +16,27 @@ Spec strings (:func:`from_name`)::
     parents:[-1,0,0,1]          a parent array
     mc_sim_7b_63                a named preset (see PRESETS)
     growmaps/x.pt               a growmap file (.pt or .json)
+
+Every shape is checked against the one tree-size cap, ``treeopt.limits.MAX_TREE_NODES``,
+BEFORE it is built (a full k-ary tree's size is computed, not materialised), and numbers that
+are not integers (``1e400``, ``Infinity``) are refused, each with a one-line ShapeError.
 """
 
 from __future__ import annotations
 
 import heapq
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from treeopt.errors import TreeoptError
+from treeopt.limits import MAX_TREE_NODES, parse_json, show_number
 from treeopt.tree import Tree, TreeError, as_depth_table
 
+GROWMAP_SUFFIXES = (".pt", ".pth", ".json")
 
-class ShapeError(ValueError):
+
+class ShapeError(TreeoptError, ValueError):
     """An unknown or malformed shape spec (one-line message)."""
 
 
@@ -37,6 +44,7 @@ class ShapeError(ValueError):
 def chain(n: int) -> Tree:
     """A chain of ``n`` nodes (root included): ``n - 1`` drafted tokens, depth ``n - 1``."""
     _positive(n, "chain size", minimum=1)
+    _cap(n, "chain")
     return Tree(tuple([-1] + list(range(n - 1))))
 
 
@@ -44,6 +52,13 @@ def kary(k: int, depth: int) -> Tree:
     """Full ``k``-ary tree of the given depth: ``(k**(depth+1) - 1) / (k - 1)`` nodes."""
     _positive(k, "k", minimum=1)
     _positive(depth, "depth", minimum=0)
+    size, level = 1, 1
+    for _ in range(depth):  # stops as soon as it is too big: at most MAX_TREE_NODES rounds
+        level *= k
+        size += level
+        if size > MAX_TREE_NODES:
+            break
+    _cap(size, f"kary {show_number(k)}x{show_number(depth)}", at_least=depth > 0)
     return specinfer([k] * depth) if depth else Tree((-1,))
 
 
@@ -53,6 +68,7 @@ def independent_chains(k: int, length: int) -> Tree:
     Size ``1 + k * length``, depth ``length``."""
     _positive(k, "k", minimum=1)
     _positive(length, "length", minimum=1)
+    _cap(1 + k * length, f"chains {show_number(k)}x{show_number(length)}")
     parents = [-1] + [0] * k
     for level in range(1, length):
         first = 1 + (level - 1) * k
@@ -67,8 +83,16 @@ def specinfer(expansion: Sequence[int]) -> Tree:
     expansion = list(expansion)
     if not expansion:
         raise ShapeError("specinfer expansion is empty; give at least one level, e.g. 1,1,3")
-    for i, e in enumerate(expansion):
+    for i, e in enumerate(expansion[: MAX_TREE_NODES + 1]):
         _positive(e, f"expansion[{i}]", minimum=1)
+    _cap(len(expansion) + 1, "specinfer", at_least=True)  # every level adds a node or more
+    size, width = 1, 1
+    for e in expansion:  # the size, before anything is built
+        width *= e
+        size += width
+        if size > MAX_TREE_NODES:
+            break
+    _cap(size, f"specinfer {_short_list(expansion)}", at_least=True)
     parents = [-1]
     level = [0]
     for e in expansion:
@@ -78,8 +102,6 @@ def specinfer(expansion: Sequence[int]) -> Tree:
                 nxt.append(len(parents))
                 parents.append(node)
         level = nxt
-        if len(parents) > 1 << 15:
-            raise ShapeError(f"specinfer {expansion} has over {1 << 15} nodes; too large")
     return Tree(tuple(parents))
 
 
@@ -94,6 +116,7 @@ def top_path_product(p: Sequence[float] | Sequence[Sequence[float]], size: int,
     non-increasing in rank the result is optimal (the top path probabilities always form a
     valid tree), so it cross-checks the exact DP; otherwise it is just a baseline."""
     _positive(size, "size", minimum=1)
+    _cap(size, "greedy tree")
     if max_depth is not None:
         _positive(max_depth, "max_depth", minimum=0)
     table = as_depth_table(p)
@@ -193,25 +216,43 @@ def from_name(spec: str, profile=None) -> Tree:
             n, d = _size_depth(arg, spec)
             return _dp_tree(_table(profile, spec), n, d, spec)
         if sep and kind == "paths":
-            return Tree.from_paths(_json_list(arg, spec))
+            tree = Tree.from_paths(_paths(_json_list(arg, spec), spec))  # <= cap entries: cheap
+            _cap(tree.size, "paths tree")
+            return tree
         if sep and kind == "parents":
-            return Tree.from_parents(_json_list(arg, spec))
+            return Tree.from_parents(_parents(_json_list(arg, spec), spec))
     except TreeError as exc:
-        raise ShapeError(f"shape {spec!r}: {exc}") from None
+        raise ShapeError(f"shape {_short_spec(spec)!r}: {exc}") from None
+    except ShapeError as exc:
+        if str(exc).startswith("shape "):
+            raise
+        raise ShapeError(f"shape {_short_spec(spec)!r}: {exc}") from None
     if spec in PRESETS:
         return PRESETS[spec].tree()
-    path = Path(spec)
-    if path.suffix.lower() in (".pt", ".pth", ".json") or path.is_file():
+    if is_file_spec(spec):
         from treeopt.growmap import load_growmap
 
-        return load_growmap(path)[0]
-    raise ShapeError(f"unknown shape {spec!r}; use {SPEC_HELP}")
+        return load_growmap(spec)[0]
+    raise ShapeError(f"unknown shape {_short_spec(spec)!r}; use {SPEC_HELP}")
+
+
+def is_file_spec(spec: str) -> bool:
+    """Whether a spec names a growmap file (by extension, or an existing file) rather than a
+    built-in shape or preset."""
+    spec = spec.strip()
+    if spec in PRESETS:
+        return False
+    kind, sep, _ = spec.partition(":")
+    if sep and kind.lower() in _KINDS and not Path(spec).suffix.lower() in GROWMAP_SUFFIXES:
+        return False
+    path = Path(spec)
+    return path.suffix.lower() in GROWMAP_SUFFIXES or path.is_file()
 
 
 def describe(spec: str) -> str:
     """Short display name for a spec (file paths shortened to their name)."""
     path = Path(spec)
-    return path.name if path.suffix.lower() in (".pt", ".pth", ".json") else spec
+    return path.name if path.suffix.lower() in GROWMAP_SUFFIXES else spec
 
 
 def _table(profile, spec: str) -> list[list[float]]:
@@ -228,15 +269,22 @@ def _dp_tree(table: list[list[float]], n: int, depth: int | None, spec: str) -> 
     except ImportError:
         raise ShapeError(f"shape {spec!r}: the DP search is not available in this install"
                          ) from None
-    levels = depth + 1 if depth is not None else n  # the DP counts levels, root included
+    _cap(n, "dp tree")
+    # The DP counts levels, root included; an n-node tree has at most n levels, so a larger
+    # depth limit changes nothing and is clamped (dp:64x1000000 is dp:64).
+    levels = min(depth + 1, n) if depth is not None else n
     return solve(table, n, levels).tree(n, levels, at_most=True)
 
 
 def _int(text: str, spec: str) -> int:
+    text = text.strip()
+    if len(text) > 30:  # beyond any cap; int() of thousands of digits is slow or refused
+        raise ShapeError(f"shape {_short_spec(spec)!r}: {_short_spec(text)!r} is too large "
+                         f"(the limit is {MAX_TREE_NODES} tree nodes, MAX_TREE_NODES)")
     try:
-        return int(text.strip())
+        return int(text)
     except ValueError:
-        raise ShapeError(f"shape {spec!r}: {text.strip()!r} is not an integer") from None
+        raise ShapeError(f"shape {_short_spec(spec)!r}: {text!r} is not an integer") from None
 
 
 def _pair(arg: str, spec: str) -> tuple[int, int]:
@@ -253,15 +301,59 @@ def _size_depth(arg: str, spec: str) -> tuple[int, int | None]:
 
 
 def _json_list(arg: str, spec: str) -> list:
-    try:
-        value = json.loads(arg)
-    except json.JSONDecodeError:
-        raise ShapeError(f"shape {spec!r}: not a JSON list") from None
+    value = parse_json(arg, lambda msg: ShapeError(f"shape {_short_spec(spec)!r}: not a JSON "
+                                                   f"list ({msg})"))
     if not isinstance(value, list):
-        raise ShapeError(f"shape {spec!r}: not a JSON list")
+        raise ShapeError(f"shape {_short_spec(spec)!r}: not a JSON list")
+    if len(value) > MAX_TREE_NODES:
+        raise ShapeError(f"shape {_short_spec(spec)!r}: {len(value)} entries; a tree has at most "
+                         f"{MAX_TREE_NODES} nodes (MAX_TREE_NODES)")
     return value
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _parents(values: list, spec: str) -> list[int]:
+    for i, x in enumerate(values):
+        if not _is_int(x):
+            raise ShapeError(f"shape {_short_spec(spec)!r}: parents[{i}] = {show_number(x)} "
+                             "is not an integer")
+    return values
+
+
+def _paths(values: list, spec: str) -> list[list[int]]:
+    for i, path in enumerate(values):
+        if not isinstance(path, list) or len(path) >= MAX_TREE_NODES or not all(
+                _is_int(r) for r in path):
+            raise ShapeError(f"shape {_short_spec(spec)!r}: paths[{i}] must be a list of "
+                             f"fewer than {MAX_TREE_NODES} integer ranks")
+    return values
 
 
 def _positive(x, name: str, minimum: int) -> None:
     if isinstance(x, bool) or not isinstance(x, int) or x < minimum:
-        raise ShapeError(f"{name} must be an integer >= {minimum}, got {x!r}")
+        raise ShapeError(f"{name} must be an integer >= {minimum}, got {show_number(x)}")
+
+
+def _cap(n: int, what: str, at_least: bool = False) -> None:
+    """The one tree-size cap, checked before a shape is built."""
+    if n > MAX_TREE_NODES:
+        amount = f"more than {MAX_TREE_NODES}" if at_least else show_number(n)
+        raise ShapeError(f"{what} would have {amount} nodes, over the limit of "
+                         f"{MAX_TREE_NODES} tree nodes (MAX_TREE_NODES: the engine verifies "
+                         "every node in one forward)")
+
+
+def _short_spec(text: str) -> str:
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _short_list(values: list) -> str:
+    shown = ",".join(show_number(v) for v in values[:8])
+    return shown + (",..." if len(values) > 8 else "")
+
+
+_KINDS = ("chain", "kary", "k-ary", "chains", "kxl", "specinfer", "greedy", "dp", "paths",
+          "parents")

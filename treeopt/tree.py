@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from typing import TYPE_CHECKING, Iterable, Sequence
 
+from treeopt.errors import TreeoptError
+
 if TYPE_CHECKING:  # torch is imported where buffers are built, so the CLI starts fast
     import torch
 
 
-class TreeError(ValueError):
+class TreeError(TreeoptError, ValueError):
     """A tree description that violates an invariant; the message says which and where."""
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from treeopt.errors import TreeoptError
 from treeopt.tree import Tree
 
 IMAGE_SUFFIXES = (".png", ".svg", ".pdf")
@@ -17,7 +18,7 @@ SUFFIXES = IMAGE_SUFFIXES + (".dot",)
 PROB_FLOOR = 1e-3  # colour scale floor: rarer nodes share the darkest colour
 
 
-class VizError(ValueError):
+class VizError(TreeoptError, ValueError):
     """A picture that cannot be made (unknown format, bad sizes); one line."""
 
 

@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from treeopt.errors import TreeoptError
 from treeopt.tree import Tree
 
 SHAPES = ("binary", "ternary", "chain", "star")
@@ -35,7 +36,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
           "float64": torch.float64}
 
 
-class BenchError(ValueError):
+class BenchError(TreeoptError, ValueError):
     """Benchmark settings that cannot run (bad shape, dtype or device)."""
 
 
@@ -208,6 +209,15 @@ def bench_attention(batches: Sequence[int] = (1, 4), contexts: Sequence[int] = (
     dt = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     if not isinstance(dt, torch.dtype):
         raise BenchError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    for name, value in (("heads", heads), ("head dim", head_dim), ("repeats", repeats)):
+        if int(value) < 1:
+            raise BenchError(f"{name} must be >= 1, got {value}")
+    if warmup < 0:
+        raise BenchError(f"warmup must be >= 0, got {warmup}")
+    for name, values in (("batch sizes", batches), ("contexts", contexts),
+                         ("tree sizes", tree_sizes)):
+        if not values or min(values) < 1:
+            raise BenchError(f"{name} must be integers >= 1, got {list(values)}")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BenchError("--device cuda requested but CUDA is not available; use --device cpu")

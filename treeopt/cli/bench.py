@@ -6,11 +6,26 @@ from __future__ import annotations
 import argparse
 import sys
 
-from treeopt.cli import DEFAULT_TARGET, UserError, int_list
+from treeopt.cli import DEFAULT_TARGET, THREADS_HELP, UserError, int_list, set_threads
+
+
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except when there is none to show (None, off flags)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="tree attention and verify-cost benchmarks")
+    p = subparsers.add_parser(
+        "bench", help="tree attention and verify-cost benchmarks",
+        description="Micro-benchmarks. attention: one masked attention call over a token tree "
+                    "against one call per branch; verify: the target's forward time against "
+                    "tree size (the verify cost curve). CPU timings: treeopt sets "
+                    "OMP_WAIT_POLICY=PASSIVE unless it is set; --threads 1 steadies them on a "
+                    "busy machine.")
     sub = p.add_subparsers(dest="bench", metavar="BENCH")
     a = sub.add_parser(
         "attention", help="tree attention (one masked call) vs per-branch attention",
@@ -19,37 +34,47 @@ def register(subparsers) -> None:
                     "causal SDPA call per root-to-leaf branch, over batch size, context "
                     "length and tree size. Each tree result is checked against the "
                     "per-branch results. Median and IQR over --repeats after --warmup.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a.add_argument("--batch", type=int_list, default=[1, 4])
-    a.add_argument("--context", type=int_list, default=[128, 512, 2048],
-                   help="cached prefix lengths")
-    a.add_argument("--tree-sizes", type=int_list, default=[8, 16, 32, 64])
+        formatter_class=_DefaultsFormatter)
+    a.add_argument("--batch", type=int_list, default=[1, 4], metavar="B,...",
+                   help="batch sizes (comma-separated)")
+    a.add_argument("--context", type=int_list, default=[128, 512, 2048], metavar="C,...",
+                   help="cached prefix lengths (comma-separated)")
+    a.add_argument("--tree-sizes", type=int_list, default=[8, 16, 32, 64], metavar="N,...",
+                   help="tree sizes in nodes, root included (comma-separated)")
     a.add_argument("--shape", default="binary", choices=["binary", "ternary", "chain", "star"],
                    help="tree shape of each size (chain: size-1 drafted tokens, one branch)")
-    a.add_argument("--heads", type=int, default=12)
-    a.add_argument("--head-dim", type=int, default=64)
+    a.add_argument("--heads", type=int, default=12, help="attention heads (>= 1)")
+    a.add_argument("--head-dim", type=int, default=64, help="dimension of each head (>= 1)")
     a.add_argument("--dtype", default="float32",
-                   choices=["float32", "float16", "bfloat16", "float64"])
+                   choices=["float32", "float16", "bfloat16", "float64"],
+                   help="dtype of queries, keys and values")
     a.add_argument("--device", default="cpu", help="cpu or cuda")
-    a.add_argument("--repeats", type=int, default=20)
-    a.add_argument("--warmup", type=int, default=3)
+    a.add_argument("--repeats", type=int, default=20, help="timed calls per point (>= 1)")
+    a.add_argument("--warmup", type=int, default=3, help="untimed calls per point (>= 0)")
     a.add_argument("--no-flex", action="store_true", help="skip FlexAttention on CUDA")
-    a.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    a.add_argument("--out", default=None, help="folder for attention.csv and attention.png")
+    a.add_argument("--threads", type=int, default=None, metavar="N", help=THREADS_HELP)
+    a.add_argument("--out", default=None, metavar="DIR",
+                   help="folder for attention.csv and attention.png")
     a.set_defaults(func=run_attention)
     v = sub.add_parser(
         "verify", help="target forward time against tree size (the verify cost curve)",
         description="Time one target forward over a tree of each size after --context cached "
-                    "tokens (the latency profiler's measurement).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    v.add_argument("--target", default=DEFAULT_TARGET, help="target model spec")
-    v.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    v.add_argument("--device", default="auto")
-    v.add_argument("--tree-sizes", type=int_list, default=[1, 2, 4, 8, 16, 32, 64])
-    v.add_argument("--context", type=int, default=256)
-    v.add_argument("--repeats", type=int, default=10)
-    v.add_argument("--warmup", type=int, default=2)
-    v.add_argument("--out", default=None, help="folder for verify.csv and verify.png")
+                    "tokens (the latency profiler's measurement, sizes interleaved); median "
+                    "and IQR over --repeats after --warmup.",
+        formatter_class=_DefaultsFormatter)
+    v.add_argument("--target", default=DEFAULT_TARGET,
+                   help="target model: smollm2, a folder, a .gguf file or a hub id")
+    v.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model dtype (auto: float32 on CPU, bfloat16 on CUDA)")
+    v.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    v.add_argument("--tree-sizes", type=int_list, default=[1, 2, 4, 8, 16, 32, 64],
+                   metavar="N,...", help="tree sizes (tokens verified at once, comma-separated)")
+    v.add_argument("--context", type=int, default=256, help="cached prefix length (>= 1)")
+    v.add_argument("--repeats", type=int, default=10, help="timed forwards per size (>= 1)")
+    v.add_argument("--warmup", type=int, default=2, help="untimed forwards per size (>= 0)")
+    v.add_argument("--threads", type=int, default=None, metavar="N", help=THREADS_HELP)
+    v.add_argument("--out", default=None, metavar="DIR",
+                   help="folder for verify.csv and verify.png")
     v.set_defaults(func=run_verify)
     p.set_defaults(func=lambda args: _missing(p))
 
@@ -61,7 +86,12 @@ def _missing(parser) -> int:
 
 def _check_counts(args) -> None:
     if args.repeats < 1 or args.warmup < 0:
-        raise UserError("--repeats must be >= 1 and --warmup >= 0")
+        raise UserError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and "
+                        f"{args.warmup}")
+    for name in ("heads", "head_dim", "context"):
+        value = getattr(args, name, None)
+        if isinstance(value, int) and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
 def run_attention(args) -> int:
@@ -72,10 +102,7 @@ def run_attention(args) -> int:
     from treeopt.bench.attention import bench_attention, format_attention_table, plot_attention
 
     _check_counts(args)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     rows, notes = bench_attention(args.batch, args.context, args.tree_sizes, shape=args.shape,
                                   heads=args.heads, head_dim=args.head_dim, dtype=args.dtype,
                                   device=args.device, repeats=args.repeats, warmup=args.warmup,
@@ -105,6 +132,7 @@ def run_verify(args) -> int:
     from treeopt.decode.models import load_model
 
     _check_counts(args)
+    set_threads(args.threads)
     model = load_model(args.target, dtype=args.dtype, device=args.device)
     rows = bench_verify(model, args.tree_sizes, context=args.context, repeats=args.repeats,
                         warmup=args.warmup)

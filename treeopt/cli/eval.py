@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from treeopt.cli import DEFAULT_DRAFT, DEFAULT_TARGET, UserError, int_list
+from treeopt.cli import DEFAULT_DRAFT, DEFAULT_TARGET, UserError, int_list, set_threads
 
 # Written out so that --help needs no import of the drafter modules (see
 # treeopt.decode.drafter.describe_drafters() for the registered list).
@@ -28,9 +28,12 @@ def register(subparsers) -> None:
                     "per prompt in a rotating order. Prints tokens/s (generated tokens only), "
                     "speed-up over plain decoding, tokens per step, acceptance rate, mean "
                     "accepted length, (greedy) whether each output equals plain decoding's, "
-                    "and the per-step time split (draft / verify / other ms per step); writes "
-                    "summary.csv, per_prompt.csv, results.json, rows.jsonl and a report to "
-                    "--out. Exit status 1 when a greedy output differs from plain decoding.",
+                    "and the per-step time split (draft / verify / other ms per step), with "
+                    "the spread of the speed-up over prompts (median, bootstrap 95% "
+                    "interval) and a flag on figures that cannot be trusted; writes "
+                    "summary.csv, per_prompt.csv (plain CSV), metrics.json (their column "
+                    "definitions), results.json, rows.jsonl and a report to --out. Exit "
+                    "status 1 when a greedy output differs from plain decoding.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m = p.add_argument_group("models")
     m.add_argument("--target", default=DEFAULT_TARGET, help="target model spec (see generate)")
@@ -90,11 +93,19 @@ def register(subparsers) -> None:
                    help="stop at EOS (default: every method generates exactly "
                         "--max-new-tokens, so speed-ups compare equal token counts)")
     g.add_argument("--no-chat-template", action="store_true")
+    g.add_argument("--long-prompts", choices=["truncate", "skip"], default="truncate",
+                   help="a prompt longer than the model window (the smallest "
+                        "max_position_embeddings of the models run) minus --max-new-tokens: "
+                        "keep its last tokens (a left cut) or leave it out; a warning says "
+                        "how many prompts and tokens")
     g.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up call")
     o = p.add_argument_group("output")
-    o.add_argument("--out", required=True, help="results folder")
+    o.add_argument("--out", required=True,
+                   help="results folder (locked while the run writes to it)")
     o.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run in --out, skipping finished prompts")
+                   help="continue an interrupted run in --out, skipping finished prompts; "
+                        "refused when the target, draft, dataset, prompts, methods or "
+                        "decoding settings differ from that run's")
     o.add_argument("--no-report", action="store_true", help="skip plots and report page")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -104,10 +115,14 @@ def build_methods(args, profile) -> list:
     """The methods of the command line, plain decoding first, then --chain, --tree, --dp,
     --drafter, --hf-prompt-lookup and --hf-assisted in that order."""
     from treeopt.evaluate.reference import early_exit_layers, hf_assisted, hf_prompt_lookup
-    from treeopt.evaluate.runner import ar_method, chain_method, drafter_method, tree_method
+    from treeopt.evaluate.runner import (ar_method, chain_method, disambiguate,
+                                         drafter_method, tree_method)
 
     methods = [ar_method()] + [chain_method(n) for n in args.chain]
-    methods += [tree_method(spec, profile) for spec in args.trees]
+    paths: list[str | None] = [None] * len(methods)
+    for spec in args.trees:
+        methods.append(tree_method(spec, profile))
+        paths.append(spec if _is_growmap(spec) else None)
     for dp in args.dp:
         if profile is None:
             raise UserError("--dp needs --profile (the acceptance profile to optimise for)")
@@ -116,19 +131,33 @@ def build_methods(args, profile) -> list:
     methods += [hf_prompt_lookup(k) for k in getattr(args, "hf_prompt_lookup", [])]
     if getattr(args, "hf_assisted", False):
         methods.append(hf_assisted(early_exit_layers(args.draft)))
-    return methods
+    paths += [None] * (len(methods) - len(paths))
+    # Growmaps whose metadata names collide are told apart by their paths; any other
+    # repeated name is refused by run_eval.
+    return disambiguate(methods, paths)
+
+
+def _is_growmap(spec: str) -> bool:
+    from pathlib import Path
+
+    return Path(spec.strip()).suffix.lower() in (".pt", ".pth", ".json")
 
 
 def run(args) -> int:
     from treeopt.evaluate.datasets import load_prompts
-    from treeopt.evaluate.runner import EvalConfig, format_summary, run_eval
+    from treeopt.evaluate.runner import (EvalConfig, check_config, check_out_dir,
+                                         format_summary, run_eval)
 
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    config = EvalConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, rule=args.rule,
+                        stop_at_eos=args.stop_at_eos, chat_template=not args.no_chat_template,
+                        warmup=not args.no_warmup, long_prompts=args.long_prompts)
+    # Every setting is checked before any model is loaded or any file is written.
+    check_config(config)
+    check_out_dir(args.out)
+    set_threads(args.threads)
     profile = None
     if args.profile:
         from treeopt.profile import Profile
@@ -145,10 +174,6 @@ def run(args) -> int:
     pair = load_pair_for(args)
     if prompts is None:
         prompts = load_prompts(args.dataset, tokenizer=pair.tokenizer, **select)
-    config = EvalConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, rule=args.rule,
-                        stop_at_eos=args.stop_at_eos, chat_template=not args.no_chat_template,
-                        warmup=not args.no_warmup)
     meta = {"target": args.target, "draft": args.draft, "dataset": args.dataset,
             "device": str(getattr(pair.target, "device", "")),
             "profile": args.profile}
@@ -158,6 +183,7 @@ def run(args) -> int:
                       tokenizer=pair.tokenizer, out_dir=args.out, resume=args.resume,
                       profile=profile, progress=not args.no_progress, meta=meta)
     print(format_summary(result.summary))
+    _explain_flags(result.summary)
     print(f"results: {result.out_dir}", file=sys.stderr)
     if not args.no_report:
         from treeopt.evaluate.report import write_report
@@ -171,6 +197,15 @@ def run(args) -> int:
             print(f"  {line}", file=sys.stderr)
         return 1
     return 0
+
+
+def _explain_flags(summary) -> None:
+    """One stderr line per flag that appears in the summary, saying what it means."""
+    from treeopt.evaluate.spread import FLAGS
+
+    seen = {f for v in summary.get("flag", []) if isinstance(v, str) for f in v.split(";") if f}
+    for flag in (f for f in FLAGS if f in seen):
+        print(f"flag {flag}: {FLAGS[flag]}", file=sys.stderr)
 
 
 def load_pair_for(args):

@@ -7,8 +7,7 @@ import json
 import sys
 import time
 
-from treeopt.cli import DEFAULT_DRAFT, DEFAULT_TARGET, UserError
-
+from treeopt.cli import DEFAULT_DRAFT, DEFAULT_TARGET, THREADS_HELP, UserError, set_threads
 
 
 def register(subparsers) -> None:
@@ -33,15 +32,20 @@ def register(subparsers) -> None:
                         "of size 5 = 4 drafted tokens per step), kary:2x3 or specinfer:1,2,1: "
                         "what a model drafter drafts, or the most an n-gram/datastore drafter "
                         "fills (default: the drafter's own: chain:5 for model drafters, "
-                        "chain:3 for model-free ones)")
+                        "chain:4 for model-free ones)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (with neither --prompt nor --prompt-file "
                                       "the prompt is read from stdin)")
     src.add_argument("--prompt-file", help="file whose whole content is the prompt")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="default: 128")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off (default)")
-    p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off (default)")
+    p.add_argument("--max-new-tokens", type=int, default=128,
+                   help="tokens to generate (default: 128)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy (default); sampling needs a temperature >= 1e-5 (smaller "
+                        "ones are rejected, not treated as greedy)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (>= 0; "
+                                                        "0 = off, the default)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling mass (in (0, 1]; 1.0 = off, the default)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
     p.add_argument("--rule", choices=["sequoia", "specinfer"], default="sequoia",
                    help="stochastic verification rule; greedy ignores it (default: sequoia)")
@@ -50,6 +54,7 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto (default) = float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    p.add_argument("--threads", type=int, metavar="N", help=THREADS_HELP)
     p.add_argument("--stats-json", action="store_true",
                    help="print the statistics as one JSON line instead of a table")
     p.set_defaults(func=run)
@@ -103,9 +108,13 @@ def run(args) -> int:
 
     from treeopt.decode.models import cache_dir, load_pair, pending_conversion
 
-    prompt = read_prompt(args)
+    from treeopt.decode.sampling import check_settings
+
+    check_settings(args.temperature, args.top_k, args.top_p, args.rule)
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be >= 1")
+    set_threads(args.threads)
+    prompt = read_prompt(args)
     tree = resolve_tree(args.growmap)
     hf_logging.disable_progress_bar()
     gguf = pending_conversion(args.target)

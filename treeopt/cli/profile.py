@@ -20,7 +20,36 @@ import argparse
 import json
 from pathlib import Path
 
-from treeopt.cli import UserError
+from treeopt.cli import THREADS_HELP, UserError, set_threads
+
+ACCEPTANCE_DESCRIPTION = """\
+Measure which sibling rank the verifier accepts, per rank (Sequoia's p[k]) and per depth
+(p[d][k]), at many positions of real continuations: draft a width-W set of siblings, verify
+them as decoding does, count the accepted rank (or none).
+
+  treeopt profile acceptance --target smollm2 --draft early-exit:4 --dataset spec_bench \\
+      --temperature 0 --width 8 --depth 6 --out profiles/smollm2-ee4.json
+
+Teacher-forced (default) along the target's own continuation of each prompt (or the dataset
+text with --continuation dataset), or online (the engine decodes with a full W-ary tree of
+depth D). Raw counts are kept so profiles can be merged. --out is rewritten atomically every
+--save-every prompts; Ctrl-C keeps what was measured and --resume continues.
+"""
+
+LATENCY_DESCRIPTION = """\
+Time the target's tree forward by tokens verified at once (after --context cached tokens)
+and the draft's forward by tokens one draft level expands; median and IQR over --repeats,
+the sizes interleaved. The table is written into --out (merged into an existing acceptance
+profile).
+
+  treeopt profile latency --target smollm2 --draft early-exit:4 --tokens 1,2,4,8,16,32,64 \\
+      --context 256 --out profiles/smollm2-ee4.json
+
+CPU timings: run on a quiet machine; treeopt sets OMP_WAIT_POLICY=PASSIVE unless it is set
+(spin-waiting threads distort timings when anything else runs) and warns when a point's IQR
+exceeds 25 % of its median or the curve falls as the size grows (then use more --repeats or
+--threads 1).
+"""
 
 CPU_PROMPTS, GPU_PROMPTS = 8, 40
 CPU_NEW_TOKENS, GPU_NEW_TOKENS = 32, 128
@@ -34,7 +63,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="what", metavar="WHAT", required=True)
 
     acc = sub.add_parser("acceptance", help="acceptance profile p[k] and p[d][k]",
-                         description=__doc__,
+                         description=ACCEPTANCE_DESCRIPTION,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(acc)
     add_acceptance_arguments(acc)
@@ -47,7 +76,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     acc.set_defaults(func=run_acceptance)
 
     lat = sub.add_parser("latency", help="forward time by number of tokens",
-                         description=__doc__,
+                         description=LATENCY_DESCRIPTION,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(lat, draft_required=False)
     add_latency_arguments(lat)
@@ -55,7 +84,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                      help="profile .json to write (its latency section is replaced if it exists)")
     lat.set_defaults(func=run_latency)
 
-    merge = sub.add_parser("merge", help="pool profiles by adding their counts")
+    merge = sub.add_parser("merge", help="pool profiles by adding their counts",
+                           description="Pool acceptance profiles of the same pair and settings "
+                                       "(e.g. from several runs or machines) by adding their "
+                                       "raw counts; the intervals are recomputed.")
     merge.add_argument("inputs", nargs="+", metavar="PROFILE", help="profiles with raw counts")
     merge.add_argument("--out", required=True, metavar="PATH", help="merged profile .json")
     merge.set_defaults(func=run_merge)
@@ -70,9 +102,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, draft_required: bool = 
                              "ngram[:min=,max=,k=,topk=,keep=], datastore:PATH or bigram:PATH")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    parser.add_argument("--threads", type=int, metavar="N",
-                        help="CPU threads for torch (default: torch's choice; on a shared "
-                             "machine 1 gives steadier timings)")
+    parser.add_argument("--threads", type=int, metavar="N", help=THREADS_HELP)
 
 
 def add_acceptance_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,16 +120,21 @@ def add_acceptance_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"continuation length per prompt (default {CPU_NEW_TOKENS} on CPU, "
                              f"{GPU_NEW_TOKENS} on GPU)")
     parser.add_argument("--temperature", type=float, default=0.0,
-                        help="0 = greedy (default), > 0 = stochastic verification")
-    parser.add_argument("--top-k", type=int, default=0, help="top-k for P and Q (0 = off)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="top-p for P and Q (1 = off)")
+                        help="0 = greedy (default); stochastic verification at a temperature "
+                             ">= 1e-5 (smaller ones are rejected)")
+    parser.add_argument("--top-k", type=int, default=0,
+                        help="top-k for P and Q (>= 0; 0 = off, the default)")
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="top-p for P and Q (in (0, 1]; 1 = off, the default)")
     parser.add_argument("--rule", choices=["sequoia", "specinfer"], default="sequoia",
                         help="stochastic verification rule (default %(default)s)")
-    parser.add_argument("--width", type=int, default=8, help="siblings drafted (default 8)")
+    parser.add_argument("--width", type=int, default=8,
+                        help="siblings drafted (default %(default)s)")
     parser.add_argument("--depth", type=int, default=6,
-                        help="depths with their own acceptance row (default 6)")
+                        help="depths with their own acceptance row (default %(default)s)")
     parser.add_argument("--mode", choices=["teacher-forced", "online"], default="teacher-forced",
-                        help="teacher-forced (fast) or online (engine, what decoding sees)")
+                        help="teacher-forced (fast; default) or online (engine, what decoding "
+                             "sees)")
     parser.add_argument("--continuation", choices=["target", "dataset"], default="target",
                         help="teacher-forced positions along the target's own continuation "
                              "(default, unbiased for decoding) or the dataset text")
@@ -115,21 +150,18 @@ def add_latency_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens per draft level to time (default: --tokens)")
     parser.add_argument("--context", type=int, default=256,
                         help="cached prefix length (default %(default)s)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed runs per point")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed runs per point")
+    parser.add_argument("--repeats", type=int, default=10,
+                        help="timed runs per point, sizes interleaved (default %(default)s)")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="untimed runs per point (default %(default)s)")
 
 
 # ---------------------------------------------------------------------------- helpers
 def load_models(args):
-    """(Pair, device) from --target/--draft/--device/--dtype."""
-    import torch
-
+    """(Pair, device) from --target/--draft/--device/--dtype/--threads."""
     from treeopt.decode.models import load_pair, resolve_device
 
-    if getattr(args, "threads", None):
-        if args.threads < 1:
-            raise UserError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_threads(getattr(args, "threads", None))
     device = resolve_device(args.device)
     pair = load_pair(args.target, getattr(args, "draft", None), dtype=args.dtype, device=device)
     return pair, device
@@ -164,6 +196,21 @@ def acceptance_defaults(args, device) -> list[str]:
         args.max_new_tokens = CPU_NEW_TOKENS if cpu else GPU_NEW_TOKENS
         notes.append(f"{args.max_new_tokens} tokens per continuation")
     return notes
+
+
+def check_acceptance_args(args) -> None:
+    """Validate the acceptance settings before any model is loaded (sampling settings by
+    ``treeopt.decode.sampling.check_settings``, as every command does)."""
+    from treeopt.decode.sampling import check_settings
+
+    check_settings(args.temperature, args.top_k, args.top_p, args.rule)
+    for name in ("width", "depth"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("prompts", "positions", "max_new_tokens"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
 def acceptance_run(args):
@@ -228,13 +275,25 @@ def run_acceptance(args: argparse.Namespace) -> int:
         raise UserError(f"--out {out.name}: acceptance profiles are written as .json")
     if out.exists() and not args.resume:
         _check_overwrite(out)
+    check_acceptance_args(args)
     pair, device = load_models(args)
-    profile, notes = measure_acceptance(args, pair, device, out, progress=not args.quiet)
+    try:
+        profile, notes = measure_acceptance(args, pair, device, out, progress=not args.quiet)
+    except KeyboardInterrupt:
+        if out.exists():
+            raise KeyboardInterrupt(resume_hint(out)) from None
+        raise
     if notes:
         print(f"defaults on {device.type}: {', '.join(notes)}")
     print(describe_acceptance(profile))
     print(f"profile: {out}")
     return 0
+
+
+def resume_hint(path: Path) -> str:
+    """What an interrupted profiling run kept and how to continue it."""
+    return (f"what was measured is kept in {path}; run the same command with --resume to "
+            "continue from it")
 
 
 def _check_overwrite(out: Path) -> None:
@@ -253,14 +312,44 @@ def run_latency(args: argparse.Namespace) -> int:
 
     tokens = parse_tokens(args.tokens)
     draft_tokens = parse_tokens(args.draft_tokens) if args.draft_tokens else None
+    check_latency_args(args)
     pair, device = load_models(args)
     latency = measure_latency(pair.target, pair.drafter, tokens=tokens, draft_tokens=draft_tokens,
                               context=args.context, repeats=args.repeats, warmup=args.warmup,
                               names={"target": args.target, "draft": args.draft})
     path = write_latency(latency, args.out)
     print(describe_latency(latency))
+    print_timing_warnings(latency)
     print(f"profile: {path}")
     return 0
+
+
+def check_latency_args(args) -> None:
+    """--context, --repeats and --warmup, before any model is loaded."""
+    if args.context is not None and args.context < 1:
+        raise UserError(f"--context must be >= 1, got {args.context}")
+    if args.repeats is not None and args.repeats < 1:
+        raise UserError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.warmup is not None and args.warmup < 0:
+        raise UserError(f"--warmup must be >= 0, got {args.warmup}")
+
+
+def print_timing_warnings(latency) -> list[str]:
+    """Print ``timing_warnings`` for a measured table on stderr; returns them."""
+    import sys
+
+    from treeopt.profile.latency import timing_warnings
+
+    notes = timing_warnings(latency)
+    meta = latency.meta or {}
+    if meta.get("device_type") != "cuda" and meta.get("omp_wait_policy") is None \
+            and meta.get("threads", 1) > 1:
+        notes.append("OMP_WAIT_POLICY is unset in this process (torch was imported first): "
+                     "OpenMP spin-waiting distorts CPU timings on a busy machine; set "
+                     "OMP_WAIT_POLICY=PASSIVE or use --threads 1")
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
+    return notes
 
 
 def describe_latency(latency) -> str:

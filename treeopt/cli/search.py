@@ -4,6 +4,11 @@ Fixed size (``--budget N``): the exact DP's best tree of N nodes (or at most N w
 ``--at-most``). No ``--budget`` and a latency table in the profile: the hardware-aware choice
 of size and depth (``treeopt.search.hardware``). ``--method optuna`` hands over to
 ``treeopt.search.optuna_search`` when that module is installed.
+
+Limits: --budget, --max-size and --max-depth are at most MAX_TREE_NODES (treeopt.limits); the
+default --max-size (the largest latency point) is clamped to it. Every output path (--out,
+--picture, --table) is checked before the search runs: a known suffix, and no input or file of
+another kind in the way.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import importlib.util
 from pathlib import Path
 
 from treeopt.cli import UserError
+from treeopt.limits import MAX_TREE_LEVELS, MAX_TREE_NODES, check_nodes
 
 DEFAULT_MAX_DEPTH = 12
 DEFAULT_MAX_SIZE = 128
@@ -67,7 +73,59 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write F*(m, l) for every size m and level limit l as CSV")
 
 
+def check_limits(args: argparse.Namespace) -> None:
+    """The numbers the user typed, against the one tree-size cap (before any work)."""
+    if args.budget is not None:
+        if args.budget < 1:
+            raise UserError(f"--budget must be at least 1 node (the root), got {args.budget}")
+        check_nodes(args.budget, "--budget", UserError)
+    if args.max_size is not None:
+        if args.max_size < 1:
+            raise UserError(f"--max-size must be at least 1, got {args.max_size}")
+        check_nodes(args.max_size, "--max-size", UserError)
+    if args.max_depth < 1:
+        raise UserError(f"--max-depth must be at least 1 level (the root), got {args.max_depth}")
+    if args.max_depth > MAX_TREE_LEVELS:
+        raise UserError(f"--max-depth = {args.max_depth} exceeds the limit of "
+                        f"{MAX_TREE_LEVELS} levels (a tree of at most {MAX_TREE_NODES} nodes, "
+                        "MAX_TREE_NODES, has no more)")
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Every output path, before the search: known suffixes, no input overwritten, no file
+    of another kind replaced (the growmap check lives in ``treeopt.growmap``)."""
+    from treeopt.growmap import check_writable
+    from treeopt.viz import SUFFIXES
+
+    inputs = {_same(args.profile): "--profile"}
+    outs = []
+    if args.out:
+        outs.append(("--out", args.out))
+    if args.picture:
+        if Path(args.picture).suffix.lower() not in SUFFIXES:
+            raise UserError(f"--picture {args.picture}: unknown picture format "
+                            f"{Path(args.picture).suffix!r}; use one of {', '.join(SUFFIXES)}")
+        outs.append(("--picture", args.picture))
+    if args.table:
+        if Path(args.table).suffix.lower() != ".csv":
+            raise UserError(f"--table {args.table}: the table is CSV; give a .csv path")
+        outs.append(("--table", args.table))
+    for flag, path in outs:
+        key = _same(path)
+        if key in inputs:
+            raise UserError(f"{flag} {path} is also {inputs[key]}; refusing to overwrite it")
+        inputs[key] = flag
+    if args.out:
+        check_writable(args.out)
+
+
+def _same(path: str | Path) -> str:
+    """A key equal for two spellings of the same file."""
+    return str(Path(path).expanduser().resolve())
+
+
 def run(args: argparse.Namespace) -> int:
+    check_limits(args)
     if args.method == "optuna":
         if importlib.util.find_spec(OPTUNA_MODULE) is None:
             raise UserError("the optuna method is not installed in this version; use --method dp")
@@ -78,17 +136,14 @@ def run(args: argparse.Namespace) -> int:
     from treeopt.search.dp import solve
     from treeopt.search.hardware import choose, empty_step_rate, predict
 
+    check_outputs(args)
     profile = Profile.load(args.profile)
     table_p = profile.table(depth_aware=not args.no_depth_aware)
     depth_aware = len(table_p) > 1
     latency = profile.latency
     empty = empty_step_rate(profile)
-    if args.max_depth < 1:
-        raise UserError(f"--max-depth must be at least 1 level (the root), got {args.max_depth}")
 
     if args.budget is not None:
-        if args.budget < 1:
-            raise UserError(f"--budget must be at least 1 node (the root), got {args.budget}")
         table = solve(table_p, args.budget, args.max_depth)
         size = table.best_size(args.budget, args.max_depth) if args.at_most else args.budget
         tree = table.tree(size, args.max_depth)
@@ -101,10 +156,10 @@ def run(args: argparse.Namespace) -> int:
         if latency is None:
             raise UserError(f"{args.profile} has no latency table: give --budget N for a fixed "
                             "size, or add latency to the profile (treeopt profile)")
-        max_size = args.max_size or max(
-            [int(t) for t in latency.target.tokens] or [DEFAULT_MAX_SIZE])
-        if max_size < 1:
-            raise UserError(f"--max-size must be at least 1, got {max_size}")
+        # default: the largest measured point, clamped to the tree-size cap (a latency point
+        # at 10^7 tokens must not make the sweep 10^7 nodes wide)
+        max_size = args.max_size or min(max(
+            [int(t) for t in latency.target.tokens] or [DEFAULT_MAX_SIZE]), MAX_TREE_NODES)
         table = solve(table_p, max_size, args.max_depth)
         choice = choose(table_p, latency, max_size, args.max_depth, args.draft_cost, table=table,
                         empty_rate=empty)
@@ -115,6 +170,8 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else (
         Path("growmaps") / f"{Path(args.profile).stem}-dp-n{size}.pt")
+    if not args.out and _same(out) == _same(args.profile):
+        raise UserError(f"the default output {out} is the --profile file; give --out")
     meta = {"method": "dp", "profile": str(args.profile), "expected_tokens": expected,
             "budget": size, "depth": depth_limit, "depth_convention": "levels incl. root",
             "tree_depth": tree.depth, "at_most": bool(args.at_most),

@@ -4,7 +4,10 @@ Each NAME is a shape spec: chain:N (N nodes), kary:KxD (full K-ary, depth D), ch
 (K independent chains of L tokens, SpecInfer-style), specinfer:E1,E2,... (every node at level
 i gets Ei children), greedy:N[xD] and dp:N[xD] (need --profile; D = depth in edges),
 paths:[[0],[1],[0,0]] (Medusa/EAGLE choices), parents:[-1,0,0], a preset (see --list) or a
-growmap file (converted, e.g. .json -> .pt). Files are Sequoia-compatible .pt (or .json).
+growmap file (converted, e.g. .json -> .pt; its metadata is kept). Files are
+Sequoia-compatible .pt (or .json). Every shape is at most MAX_TREE_NODES nodes. An input file
+is never overwritten, nor any existing file that is not a growmap; every output is checked
+before the first one is written.
 
 examples:
   treeopt shapes mc_sim_7b_63 chains:4x8          # -> growmaps/mc_sim_7b_63.pt, chains-4x8.pt
@@ -57,9 +60,9 @@ def file_stem(spec: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from treeopt.growmap import save_growmap
+    from treeopt.growmap import check_writable, load_growmap, save_growmap
     from treeopt.profile import Profile
-    from treeopt.shapes import PRESETS, SPEC_HELP, from_name
+    from treeopt.shapes import PRESETS, SPEC_HELP, from_name, is_file_spec
 
     if args.list:
         print(f"specs: {SPEC_HELP}")
@@ -72,19 +75,53 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("give at least one shape NAME (see `treeopt shapes --list`)")
     if args.out and len(args.names) > 1:
         raise UserError("--out takes a single NAME; use --dir for several")
-    profile = Profile.load(args.profile) if args.profile else None
     suffix = ".json" if args.json else ".pt"
-    for spec in args.names:
-        tree = from_name(spec, profile)
-        meta = {"shape": spec, "created_by": "treeopt shapes", "size": tree.size,
-                "depth": tree.depth}
+
+    # Inputs (growmap files among the NAMEs, the profile) are never written.
+    inputs = {_same(spec): spec for spec in args.names if is_file_spec(spec)}
+    if args.profile:
+        inputs.setdefault(_same(args.profile), args.profile)
+    targets = [Path(args.out)] if args.out else [
+        Path(args.dir) / f"{file_stem(spec)}{suffix}" for spec in args.names]
+    outs: dict[str, str] = {}
+    for spec, out in zip(args.names, targets):
+        key = _same(out)
+        if key in inputs:
+            raise UserError(f"{out} is an input ({inputs[key]}); refusing to overwrite it: "
+                            "give --out, --dir or --json")
+        if key in outs:
+            raise UserError(f"{spec} and {outs[key]} would both be written to {out}; "
+                            "use --out for one of them")
+        outs[key] = spec
+        check_writable(out)  # no profile, picture or other non-growmap file in the way
+
+    # Build every tree before writing the first file, so a bad NAME writes nothing.
+    profile = Profile.load(args.profile) if args.profile else None
+    plan = []
+    for spec, out in zip(args.names, targets):
+        source_meta: dict = {}
+        if is_file_spec(spec):
+            tree, source_meta = load_growmap(spec)
+        else:
+            tree = from_name(spec, profile)
+        meta = dict(source_meta)  # a converted growmap keeps its search metadata
+        meta.update({"shape": source_meta.get("shape", spec), "created_by": "treeopt shapes",
+                     "size": tree.size, "depth": tree.depth})
+        if source_meta:
+            meta["converted_from"] = str(spec)
         if spec in PRESETS:
             meta["source"] = PRESETS[spec].source
         if profile is not None:
             meta["profile"] = Path(args.profile).name
             meta["expected_tokens"] = tree.expected_tokens(profile.table())
-        out = Path(args.out) if args.out else Path(args.dir) / f"{file_stem(spec)}{suffix}"
+        plan.append((tree, out, meta))
+    for tree, out, meta in plan:
         save_growmap(tree, out, meta=meta)
         f = f", F = {meta['expected_tokens']:.4f}" if profile is not None else ""
         print(f"wrote {out} (size {tree.size}, depth {tree.depth}, width {tree.width}{f})")
     return 0
+
+
+def _same(path: str | Path) -> str:
+    """A key equal for two spellings of the same file."""
+    return str(Path(path).expanduser().resolve())

@@ -19,23 +19,37 @@ from typing import Sequence
 
 import torch
 
+from treeopt.errors import TreeoptError
+
 RULES = ("sequoia", "specinfer")
 # A residual max(P - Q, 0) whose mass is below this is numerical noise (P == Q): keep P.
 RESIDUAL_EPS = 1e-6
 # top-p sorts only this many most likely tokens when they hold the top_p mass (else all).
 TOP_P_CANDIDATES = 1024
+# Smallest positive temperature accepted; 0 asks for greedy decoding. Below it the processed
+# distribution is the argmax for any logit gap of practical size, and far below it
+# (about 1e-37) ``logits / temperature`` overflows float32 and the probabilities become NaN:
+# such temperatures are rejected rather than silently treated as greedy.
+MIN_TEMPERATURE = 1e-5
 
 
-class SamplingError(ValueError):
-    """Invalid sampling settings (temperature, top-k, top-p or rule)."""
+class SamplingError(TreeoptError, ValueError):
+    """Invalid sampling settings (temperature, top-k, top-p or rule), or a distribution that
+    cannot be sampled (NaN logits, a row without probability mass)."""
 
 
-def check_settings(temperature: float, top_k: int, top_p: float, rule: str) -> None:
-    """Raise SamplingError for out-of-range sampling settings."""
+def check_settings(temperature: float, top_k: int, top_p: float, rule: str = "sequoia") -> None:
+    """Raise SamplingError for out-of-range sampling settings: every command and API that
+    takes them validates them here (``Sampling`` calls it)."""
     if not temperature >= 0:
         raise SamplingError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k < 0:
-        raise SamplingError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if temperature == float("inf"):
+        raise SamplingError("temperature must be finite (1 = the model's own distribution)")
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise SamplingError(f"temperature {temperature:g} is too close to 0: use 0 for greedy "
+                            f"decoding or a temperature >= {MIN_TEMPERATURE:g}")
+    if isinstance(top_k, bool) or int(top_k) != top_k or top_k < 0:
+        raise SamplingError(f"top_k must be an integer >= 0 (0 = off), got {top_k}")
     if not 0 < top_p <= 1:
         raise SamplingError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
     if rule not in RULES:
@@ -46,11 +60,13 @@ def check_settings(temperature: float, top_k: int, top_p: float, rule: str) -> N
 class Sampling:
     """The sampling settings of one decoding run, validated once.
 
-    temperature 0 = greedy (token-exact with the target's greedy decoding); otherwise logits
-    are divided by ``temperature``, then ``top_k`` (0 = off) and ``top_p`` (1 = off) are
-    applied to the target's and the draft's distributions alike, and children are verified
-    by ``rule`` ("sequoia": drawn without replacement, "specinfer": with replacement).
-    ``seed`` seeds the run's random stream (None = torch's global one).
+    temperature 0 = greedy (token-exact with the target's greedy decoding); a positive
+    temperature must be at least ``MIN_TEMPERATURE`` (1e-5; smaller ones are rejected, not
+    treated as greedy: ask for greedy with 0). Logits are divided by ``temperature``, then
+    ``top_k`` (0 = off) and ``top_p`` (1 = off) are applied to the target's and the draft's
+    distributions alike, and children are verified by ``rule`` ("sequoia": drawn without
+    replacement, "specinfer": with replacement). ``seed`` seeds the run's random stream
+    (None = torch's global one).
     """
 
     temperature: float = 0.0
@@ -87,9 +103,14 @@ def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int =
     logits: (..., V). Returns float32 probs (..., V). temperature 0 gives the one-hot argmax
     (greedy); otherwise logits / temperature, then top-k (keep the k largest, 0 = off), then
     top-p (keep the smallest set of most likely tokens whose mass reaches top_p, at least one;
-    1 = off), renormalised.
+    1 = off), renormalised. Raises SamplingError for NaN logits (e.g. a float16 overflow in
+    the model) and for a row that ends up without a valid distribution (a temperature so
+    small that ``logits / temperature`` overflows), instead of sampling garbage.
     """
     logits = logits.float()
+    if bool(torch.isnan(logits).any()):
+        raise SamplingError("the model produced NaN logits (a float16 overflow? try "
+                            "--dtype float32 or bfloat16)")
     if temperature == 0:
         out = torch.zeros_like(logits)
         return out.scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
@@ -100,7 +121,26 @@ def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int =
     probs = torch.softmax(logits, dim=-1)
     if top_p < 1.0:
         probs = _top_p(probs, top_p)
+    if temperature < MIN_TEMPERATURE:
+        _check_rows(probs, f"at temperature {temperature:g} (below {MIN_TEMPERATURE:g}, "
+                           "logits / temperature overflows; use 0 for greedy)")
+    else:
+        _check_rows(probs, f"at temperature {temperature:g}")
     return probs
+
+
+def _check_rows(probs: torch.Tensor, context: str = "") -> None:
+    """SamplingError unless every row of probs (..., V) has a finite, positive mass."""
+    if probs.shape[-1] == 0:
+        raise SamplingError("cannot sample from an empty vocabulary")
+    mass = probs.sum(-1)
+    bad = ~(torch.isfinite(mass) & (mass > 0))
+    if bool(bad.any()):
+        kind = "NaN" if bool(torch.isnan(mass[bad]).any()) else (
+            "infinite" if bool(torch.isinf(mass[bad]).any()) else "all-zero")
+        where = f" {context}" if context else ""
+        raise SamplingError(f"{int(bad.sum())} of {mass.numel()} probability rows are {kind}"
+                            f"{where}: no valid distribution to sample from")
 
 
 def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -217,12 +257,17 @@ def sample(probs: torch.Tensor, num: int = 1,
     """``num`` independent draws per row (with replacement), by inverting the float64 CDF.
 
     probs: (B, V) non-negative, rows need not be normalised. Returns (B, num) int64. Tokens of
-    zero probability are never drawn unless a row has no mass at all (then V - 1).
+    zero probability are never drawn. A row without a valid distribution (NaN or infinite
+    entries, or no mass at all) raises SamplingError rather than yielding an arbitrary token.
     Much faster than ``torch.multinomial`` for one draw from a large vocabulary.
     """
     cdf = probs.double().cumsum(-1)
+    total = cdf[:, -1:] if probs.shape[-1] else cdf.new_zeros(probs.shape[0], 1)
+    if not bool((torch.isfinite(total) & (total > 0)).all()):
+        _check_rows(probs.double())
+        raise SamplingError("a probability row has no valid distribution to sample from")
     u = torch.rand(probs.shape[0], num, generator=generator, device=probs.device)
-    return torch.searchsorted(cdf, u.double() * cdf[:, -1:], right=True).clamp_max_(
+    return torch.searchsorted(cdf, u.double() * total, right=True).clamp_max_(
         probs.shape[-1] - 1)
 
 

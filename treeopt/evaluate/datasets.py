@@ -25,13 +25,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from treeopt.errors import TreeoptError
+
 SHIPPED = ("spec_bench", "mt_bench", "humaneval")
 MT_BENCH_SIZE = 80
 TEXT_FIELDS = ("prompt", "text")
 HF_TEXT_FIELDS = ("turns", "prompt", "text", "question", "instruction", "input", "content")
 
 
-class DatasetError(ValueError):
+class DatasetError(TreeoptError, ValueError):
     """A dataset that cannot be read; the one-line message names the file and the line."""
 
 

@@ -21,10 +21,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+from treeopt.errors import TreeoptError
 from treeopt.evaluate.runner import AR, Method, load_results
 
 
-class ReportError(ValueError):
+class ReportError(TreeoptError, ValueError):
     """Results that cannot be reported (missing or malformed)."""
 
 
@@ -46,18 +47,31 @@ def _nan(v: Any) -> float:
 
 
 def bar_plot(summary: list[dict], metric: str, ylabel: str, path: Path,
-             baseline: float | None = None) -> None:
-    """Grouped bars: x = category, one bar per method."""
+             baseline: float | None = None, interval: tuple[str, str] | None = None) -> None:
+    """Grouped bars: x = category, one bar per method; ``interval`` names the columns of
+    an interval drawn as an error bar (rows without one get none)."""
     plt = _plt()
     methods = list(dict.fromkeys(r["method"] for r in summary))
     cats = list(dict.fromkeys(r["category"] for r in summary))
     value = {(r["method"], r["category"]): _nan(r.get(metric)) for r in summary}
+    bounds = {(r["method"], r["category"]): (_nan(r.get(interval[0])), _nan(r.get(interval[1])))
+              for r in summary} if interval else {}
     width = 0.8 / max(1, len(methods))
     fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(cats) * max(1, len(methods)) * 0.35 + 3),
                                     3.6))
     for j, m in enumerate(methods):
         xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(cats))]
-        ax.bar(xs, [value.get((m, c), math.nan) for c in cats], width, label=m)
+        ys = [value.get((m, c), math.nan) for c in cats]
+        ax.bar(xs, ys, width, label=m)
+        if bounds:
+            bars = [(x, y, *bounds.get((m, c), (math.nan, math.nan)))
+                    for x, y, c in zip(xs, ys, cats)]
+            bars = [b for b in bars if not any(math.isnan(v) for v in b[1:])]
+            if bars:
+                ax.errorbar([b[0] for b in bars], [b[1] for b in bars],
+                            yerr=[[max(0.0, y - lo) for _, y, lo, _ in bars],
+                                  [max(0.0, hi - y) for _, y, _, hi in bars]],
+                            fmt="none", ecolor="black", elinewidth=0.8, capsize=2)
     if baseline is not None:
         ax.axhline(baseline, color="black", lw=0.8, ls="--")
     ax.set_xticks(range(len(cats)))
@@ -203,8 +217,10 @@ def write_report(results: str | Path | dict, out_dir: str | Path, profile: Any =
     figures: list[tuple[str, str]] = []
     notes: list[str] = []
 
-    bar_plot(summary, "speedup", "speed-up over plain decoding", out / "speedup.png", 1.0)
-    figures.append(("Speed-up over plain decoding, by method and category", "speedup.png"))
+    bar_plot(summary, "speedup", "speed-up over plain decoding", out / "speedup.png", 1.0,
+             interval=("speedup_ci95_low", "speedup_ci95_high"))
+    figures.append(("Speed-up over plain decoding, by method and category (bars: bootstrap "
+                    "95 % interval over prompts)", "speedup.png"))
     bar_plot(summary, "tokens_per_step", "tokens per target forward", out / "tokens_per_step.png",
              1.0)
     figures.append(("Tokens per step, by method and category", "tokens_per_step.png"))
@@ -281,8 +297,25 @@ def _draw_trees(methods: list[Method], out: Path, profile: Any
 
 
 SHOW = ["method", "category", "prompts", "new_tokens", "tokens_per_s", "speedup",
-        "tokens_per_step", "acceptance_rate", "mean_accepted", "expected_tokens_per_step",
-        "matches_ar", "draft_ms_per_step", "verify_ms_per_step", "other_ms_per_step"]
+        "speedup_median", "speedup_ci95_low", "speedup_ci95_high", "flag", "tokens_per_step",
+        "acceptance_rate", "mean_accepted", "expected_tokens_per_step", "matches_ar",
+        "draft_ms_per_step", "verify_ms_per_step", "other_ms_per_step"]
+
+
+def _columns(summary: list[dict]) -> list[str]:
+    """The SHOW columns that hold something in at least one row."""
+    return [c for c in SHOW if any(r.get(c) not in (None, "-", "") for r in summary)]
+
+
+def _flag_notes(summary: list[dict]) -> list[str]:
+    """One line per flagged summary row, then what each flag that appears means."""
+    from treeopt.evaluate.spread import FLAGS
+
+    flagged = [r for r in summary if r.get("flag")]
+    lines = [f"{r['method']} / {r['category']}: {_nan(r.get('speedup')):.2f}x, flagged "
+             f"{r['flag']}" for r in flagged]
+    seen = {f for r in flagged for f in str(r["flag"]).split(";") if f}
+    return lines + [f"{f}: {FLAGS[f]}" for f in FLAGS if f in seen]
 
 
 def _failures(doc: dict) -> list[str]:
@@ -299,11 +332,22 @@ def _settings_line(doc: dict) -> str:
     extra = {k: doc[k] for k in ("target", "draft", "dataset", "device") if k in doc}
     parts = [f"{doc.get('prompts', '?')} prompts", f"{cfg.get('max_new_tokens')} new tokens "
              "per turn", mode] + [f"{k} {v}" for k, v in extra.items()]
+    threads = doc.get("threading")
+    if isinstance(threads, dict):
+        parts.append(f"{threads.get('torch_threads')} torch threads, OMP_WAIT_POLICY "
+                     f"{threads.get('OMP_WAIT_POLICY') or 'unset'}, kernels "
+                     f"{threads.get('kernels') or '?'}")
+    cut = doc.get("long_prompts") or {}
+    if cut.get("prompts_over"):
+        verb = "skipped" if cut.get("policy") == "skip" else (
+            f"cut from the left ({cut.get('tokens_cut')} tokens in all)")
+        parts.append(f"{cut['prompts_over']} prompts longer than the window "
+                     f"({cut.get('window')} tokens) minus the new tokens {verb}")
     return ", ".join(parts)
 
 
 def _markdown(doc, summary, figures, tree_pics, notes, expected) -> str:
-    cols = [c for c in SHOW if any(r.get(c) not in (None, "-") for r in summary)]
+    cols = _columns(summary)
     lines = ["# treeopt evaluation report", "", _settings_line(doc), ""]
     fails = _failures(doc)
     if fails:
@@ -311,6 +355,10 @@ def _markdown(doc, summary, figures, tree_pics, notes, expected) -> str:
                   "must reproduce plain decoding token for token.", ""]
         lines += [f"- {f}" for f in fails[:50]] + [""]
     lines += ["## Summary", "", _md_table(summary, cols)]
+    flags = _flag_notes(summary)
+    if flags:
+        lines += ["**Figures that cannot be trusted** (flag column):", ""]
+        lines += [f"- {f}" for f in flags] + [""]
     lines += ["## Figures", ""]
     for title, rel in figures:
         lines += [f"### {title}", "", f"![{title}]({rel})", ""]
@@ -330,7 +378,7 @@ def _markdown(doc, summary, figures, tree_pics, notes, expected) -> str:
 def _html(doc, summary, figures, tree_pics, notes) -> str:
     import pandas as pd
 
-    cols = [c for c in SHOW if any(r.get(c) not in (None, "-") for r in summary)]
+    cols = _columns(summary)
     table = pd.DataFrame(summary)[cols].to_html(index=False, na_rep="-",
                                                 float_format=lambda v: f"{v:.3g}")
     parts = ["<!doctype html><html><head><meta charset='utf-8'>",
@@ -343,7 +391,12 @@ def _html(doc, summary, figures, tree_pics, notes) -> str:
     if fails:
         parts.append(f"<p class='fail'>GREEDY EXACTNESS FAILED for {len(fails)} output(s)</p>"
                      "<ul>" + "".join(f"<li>{html.escape(f)}</li>" for f in fails[:50]) + "</ul>")
-    parts += ["<h2>Summary</h2>", table, "<h2>Figures</h2>"]
+    parts += ["<h2>Summary</h2>", table]
+    flags = _flag_notes(summary)
+    if flags:
+        parts.append("<p><b>Figures that cannot be trusted</b> (flag column):</p><ul>"
+                     + "".join(f"<li>{html.escape(f)}</li>" for f in flags) + "</ul>")
+    parts.append("<h2>Figures</h2>")
     for title, rel in figures:
         parts.append(f"<h3>{html.escape(title)}</h3><img src='{html.escape(rel)}' "
                      f"alt='{html.escape(title)}'>")

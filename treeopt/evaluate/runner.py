@@ -6,24 +6,36 @@ reference methods, see ``treeopt.evaluate.reference``) runs on every prompt with
 settings; for each prompt all methods run back to back in a rotating order, so drift of
 the machine (thermal, other jobs) hits every method alike. Per-prompt rows are appended to
 ``rows.jsonl`` as each prompt finishes, so an interrupted run keeps its work and
-``resume=True`` skips finished prompts.
+``resume=True`` skips finished prompts (a prompt is finished when every turn of every method
+has its row). The results folder is locked while a run writes to it, its files are replaced
+atomically, and a resume is refused when it would mix results of other settings
+(``treeopt.evaluate.outdir``). Prompts longer than the model window minus the new tokens are
+cut from the left or skipped, with a warning.
 
-Metrics (their definitions are also written into every result file, see ``METRICS``):
-tokens/s counts generated tokens only; speed-up compares with plain decoding on the same
-prompts; greedy outputs must equal plain decoding's token for token.
+Metrics (their definitions are written into results.json and, beside the plain CSV files,
+into metrics.json; see ``METRICS``): tokens/s counts generated tokens only; speed-up compares
+with plain decoding on the same prompts, with its spread over prompts (median, bootstrap
+interval) and flags for figures that cannot be trusted (``treeopt.evaluate.spread``); greedy
+outputs must equal plain decoding's token for token.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from treeopt.evaluate import spread as _spread
 from treeopt.evaluate.datasets import Prompt
+from treeopt.evaluate.errors import EvalError
+from treeopt.evaluate.outdir import (append_rows, atomic_write, locked, read_rows,
+                                     resume_difference)
 from treeopt.tree import Tree
 
 ROWS_FILE = "rows.jsonl"
@@ -31,10 +43,16 @@ RUN_FILE = "run.json"
 RESULTS_JSON = "results.json"
 SUMMARY_CSV = "summary.csv"
 PER_PROMPT_CSV = "per_prompt.csv"
+METRICS_JSON = "metrics.json"
+LONG_PROMPTS = ("truncate", "skip")
 AR = "ar"
 ALL = "all"
 
 METRICS = {
+    "prompt_tokens": "tokens of the prompt the model saw (after any cut to fit the window)",
+    "truncated_tokens": "prompt tokens cut from the left so that the prompt plus "
+                        "max_new_tokens fit the model window (the smallest "
+                        "max_position_embeddings of the models run); 0 = none",
     "new_tokens": "generated tokens (prompt tokens never counted); with stop_at_eos off every "
                   "method generates exactly max_new_tokens per turn",
     "seconds": "wall-clock seconds of the generate call (prefill included), summed",
@@ -43,6 +61,16 @@ METRICS = {
     "speedup": "plain decoding's time / this method's time on the same prompts for the same "
                "number of new tokens (computed per token: (ar_seconds / ar_tokens) / "
                "(seconds / new_tokens), identical when the token counts are equal)",
+    "speedup_median": "median over prompts of each prompt's speed-up (its turns summed): "
+                      "how a typical prompt fares, unlike speedup, which long prompts weigh",
+    "speedup_ci95_low": f"lower end of a bootstrap {_spread.LEVEL:.0%} interval of speedup: "
+                        f"{_spread.RESAMPLES} resamples of the prompts with replacement (seed "
+                        f"{_spread.SEED}), each computing speedup's ratio of summed times; "
+                        "the 2.5th percentile; empty with fewer than "
+                        f"{_spread.MIN_PROMPTS} prompts",
+    "speedup_ci95_high": "upper end of that interval (the 97.5th percentile)",
+    "flag": "why a row's speed-up cannot be trusted, ';'-separated, empty = nothing found: "
+            + "; ".join(f"{k} = {v}" for k, v in _spread.FLAGS.items()),
     "tokens_per_step": "tokens committed by verification steps / target verification forwards "
                        "(accepted draft tokens + the bonus token per step; the first token, "
                        "which comes from the prefill forward, is excluded); 1 for plain "
@@ -66,10 +94,6 @@ METRICS = {
                          "milliseconds per verification step; (draft + verify + other) / "
                          "tokens_per_step is the time per generated token",
 }
-
-
-class EvalError(ValueError):
-    """A run that cannot proceed (bad method spec, mismatched resume)."""
 
 
 @dataclass(frozen=True)
@@ -133,13 +157,22 @@ def chain_method(draft_length: int) -> Method:
 
 def tree_method(spec: str, profile: Any = None) -> Method:
     """A tree from a growmap file or a shape spec ("kary:2x3", "dp:64x8", "greedy:32", ...;
-    see ``treeopt.shapes.from_name``; ``dp:`` and ``greedy:`` need ``profile``)."""
+    see ``treeopt.shapes.from_name``; ``dp:`` and ``greedy:`` need ``profile``).
+
+    A growmap file is named ``tree:NAME`` with the name its metadata records (the
+    ``"name"`` key of its ``treeopt`` dict), else ``tree:PATH`` with the path as given: two
+    tuned trees saved as ``a/tree.pt`` and ``b/tree.pt`` stay apart."""
     from treeopt.shapes import describe, from_name
 
-    tree = from_name(spec, profile=profile)
-    path = Path(spec)
+    path = Path(spec.strip())
     if path.suffix.lower() in (".pt", ".pth", ".json"):
-        return Method(f"tree:{path.stem}", tree, "tree", describe(spec))
+        from treeopt.growmap import load_growmap
+
+        tree, meta = load_growmap(path)
+        name = meta.get("name") if isinstance(meta, dict) else None
+        label = name.strip() if isinstance(name, str) and name.strip() else spec.strip()
+        return Method(f"tree:{label}", tree, "tree", describe(spec))
+    tree = from_name(spec, profile=profile)
     kind = "dp" if spec.strip().lower().startswith("dp:") else (
         "chain" if tree.width == 1 else "tree")
     return Method(spec.strip(), tree, kind, describe(spec))
@@ -167,6 +200,21 @@ def drafter_method(text: str, profile: Any = None) -> Method:
     return Method(name, tree, "drafter", source, spec)
 
 
+def disambiguate(methods: Sequence[Method], paths: Sequence[str | None]) -> list[Method]:
+    """Methods whose names collide and that come from a growmap file (``paths[i]``: the path
+    as given, None for other methods) are renamed ``tree:PATH``, so two growmaps whose
+    metadata records the same name stay apart; any other repeated name is left for
+    ``run_eval`` to refuse ("listed twice")."""
+    methods = list(methods)
+    names = [m.name for m in methods]
+    out = []
+    for m, path in zip(methods, paths):
+        if path is not None and names.count(m.name) > 1:
+            m = Method(f"tree:{str(path).strip()}", m.tree, m.kind, m.source, m.drafter)
+        out.append(m)
+    return out
+
+
 def dp_method(profile: Any, size: int, levels: int) -> Method:
     """The exact-DP tree (``treeopt.search.dp``) of ``size`` nodes and at most ``levels``
     levels, root included (Sequoia's depth convention)."""
@@ -179,7 +227,13 @@ class EvalConfig:
 
     temperature 0 = greedy (then outputs are checked against plain decoding). ``seed`` seeds
     sampling; prompt i uses ``seed + i`` for every method. ``stop_at_eos`` False (default)
-    makes every method generate exactly ``max_new_tokens`` per turn."""
+    makes every method generate exactly ``max_new_tokens`` per turn. ``long_prompts``: what
+    to do with a prompt longer than the model window minus ``max_new_tokens`` (the window:
+    the smallest ``max_position_embeddings`` of the target and the draft models run, when
+    known): "truncate" (default) keeps its last tokens (a left cut, so the end of the prompt
+    the answer follows stays), "skip" leaves the prompt out; either way a warning says how
+    many prompts and tokens. A later turn of a multi-turn prompt that outgrows the window is
+    always cut from the left."""
 
     max_new_tokens: int = 128
     temperature: float = 0.0
@@ -190,6 +244,7 @@ class EvalConfig:
     stop_at_eos: bool = False
     chat_template: bool = True
     warmup: bool = True
+    long_prompts: str = "truncate"
 
 
 @dataclass
@@ -352,12 +407,23 @@ def run_eval(target: Any, draft: Any, prompts: Sequence[Any], methods: Sequence[
     a ``drafter`` spec build their own drafter. Every drafter is built once per run, not per
     prompt. prompts: ``Prompt`` objects (text, encoded with ``tokenizer``, chat template
     when it has one), plain strings, or token-id sequences. Plain decoding (``ar``) is added
-    first when missing. ``out_dir`` receives run.json, rows.jsonl (as prompts finish),
-    results.json, summary.csv and per_prompt.csv. ``profile`` (a Profile or p table) adds
-    the expected tokens per step of each default-drafter tree. ``generate`` defaults to
-    ``treeopt.decode.engine.generate`` and is called as ``generate(target, drafter,
-    input_ids, max_new_tokens=, sampling=, eos_token_id=)``; reference methods ("hf")
-    call Hugging Face's ``target.generate``.
+    first when missing. ``profile`` (a Profile or p table) adds the expected tokens per step
+    of each default-drafter tree. ``generate`` defaults to ``treeopt.decode.engine.generate``
+    and is called as ``generate(target, drafter, input_ids, max_new_tokens=, sampling=,
+    eos_token_id=)``; reference methods ("hf") call Hugging Face's ``target.generate``.
+    ``meta`` adds entries to the results (the command line gives target, draft, dataset,
+    device, profile); its ``target``, ``draft`` and ``dataset`` are also what a resume is
+    checked against (without them, descriptions of the model objects are recorded).
+
+    ``out_dir`` receives run.json (the settings, checked on resume, and the threading
+    settings), rows.jsonl (as prompts finish), results.json, summary.csv, per_prompt.csv and
+    metrics.json (the definitions of the CSV columns). The folder is locked for the whole
+    run (a second run on it fails at once), every file but rows.jsonl is replaced
+    atomically, and nothing is created before every setting is checked. ``resume=True``
+    continues the run recorded there: refused when it changed the target, the default
+    drafter, the dataset, a decoding setting, the methods or the prompts (a selection that
+    keeps every earlier prompt and adds some is allowed); a prompt counts as done only when
+    every (turn, method) row exists.
     """
     import pandas as pd
     from tqdm.auto import tqdm
@@ -365,21 +431,16 @@ def run_eval(target: Any, draft: Any, prompts: Sequence[Any], methods: Sequence[
     if generate is None:
         from treeopt.decode.engine import generate
     cfg = config or EvalConfig()
-    if cfg.max_new_tokens < 1:
-        raise EvalError(f"max_new_tokens must be at least 1, got {cfg.max_new_tokens}")
-    from treeopt.decode.sampling import Sampling, SamplingError
-
-    try:  # validate the sampling settings before any model or drafter work
-        Sampling(cfg.temperature, cfg.top_k, cfg.top_p, cfg.rule, cfg.seed)
-    except SamplingError as exc:
-        raise EvalError(str(exc)) from None
+    check_config(cfg)
     methods = list(methods)
     if not any(m.name == AR for m in methods):
         methods.insert(0, ar_method())
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
-        raise EvalError(f"method {dup!r} is listed twice")
+        sources = "; ".join(dict.fromkeys(m.source or m.kind for m in methods if m.name == dup))
+        raise EvalError(f"method {dup!r} is listed twice ({sources}); give each method once")
+    out = check_out_dir(out_dir)
     runners = _runners(methods, target, draft, tokenizer)
     items = _as_items(prompts)
     if not items:
@@ -390,44 +451,236 @@ def run_eval(target: Any, draft: Any, prompts: Sequence[Any], methods: Sequence[
         if isinstance(eos, (list, tuple)):
             eos = eos[0] if eos else None
     expected = _expected(methods, profile)
-    settings = {"config": asdict(cfg), "methods": [m.to_dict() for m in methods]}
+    window = _window(target, runners)
+    limit = None
+    if window is not None:
+        limit = window - cfg.max_new_tokens
+        if limit < 1:
+            raise EvalError(f"max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt "
+                            f"in the model window of {window} tokens; generate fewer tokens")
+    over = {} if limit is None else {
+        it.key: n - limit for it in items
+        if (n := len(_first_ids(it, tokenizer, cfg))) > limit}
+    skipped = list(over) if cfg.long_prompts == "skip" else []
+    run_items = [it for it in items if it.key not in set(skipped)]
+    if not run_items:
+        raise EvalError(f"every prompt is longer than the model window ({window} tokens) minus "
+                        f"{cfg.max_new_tokens} new tokens; cut them instead (long_prompts "
+                        "'truncate', --long-prompts truncate) or generate fewer tokens")
+    settings = run_settings(cfg, methods, items, target, draft, meta)
+    threading = threading_settings(target)
+    long_info = {"window": window, "prompt_limit": limit, "policy": cfg.long_prompts,
+                 "prompts_over": len(over), "tokens_cut": sum(over.values()),
+                 "skipped": skipped}
+    if over:
+        _warn(_long_prompt_warning(over, len(items), window, cfg))
 
-    out = Path(out_dir) if out_dir is not None else None
     done_rows: list[dict] = []
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        done_rows = _prepare_out(out, settings, resume)
-    done_keys = {r["prompt_key"] for r in done_rows}
-    todo = [(i, it) for i, it in enumerate(items) if it.key not in done_keys]
-    wanted = {it.key for it in items}
-    rows = [r for r in done_rows if r["prompt_key"] in wanted]
+    earlier_threading = None
+    with _claim(out):
+        if out is not None:
+            done_rows, earlier_threading = _prepare_out(
+                out, {**settings, "threading": threading}, resume, run_items, names)
+            if earlier_threading is not None and earlier_threading != threading:
+                _warn(f"the threading settings differ from the earlier part of this run "
+                      f"({_threads_text(earlier_threading)} there, "
+                      f"{_threads_text(threading)} here): their timings may not compare")
+        done_keys = {r["prompt_key"] for r in done_rows}
+        todo = [(i, it) for i, it in enumerate(items)
+                if it.key not in done_keys and it.key not in set(skipped)]
+        wanted = {it.key for it in run_items}
+        rows = [r for r in done_rows if r["prompt_key"] in wanted]
 
-    if todo and cfg.warmup:
-        _warmup(generate, target, runners, methods, todo[0][1], cfg, tokenizer, eos)
-    bar = tqdm(total=len(todo) * len(methods), desc="eval", unit="run", file=sys.stderr,
-               disable=not progress, dynamic_ncols=True)
-    try:
-        for i, it in todo:
-            k = i % len(methods)
-            order = methods[k:] + methods[:k]
-            prompt_rows = _run_prompt(generate, target, runners, it, i, order, cfg,
-                                      tokenizer, eos, expected, bar)
-            rows.extend(prompt_rows)
-            if out is not None:
-                with open(out / ROWS_FILE, "a", encoding="utf-8") as fh:
-                    for r in prompt_rows:
-                        fh.write(json.dumps(r) + "\n")
-    finally:
-        bar.close()
+        if todo and cfg.warmup:
+            _warmup(generate, target, runners, methods, todo[0][1], cfg, tokenizer, eos, limit)
+        bar = tqdm(total=len(todo) * len(methods), desc="eval", unit="run", file=sys.stderr,
+                   disable=not progress, dynamic_ncols=True)
+        new_rows: list[dict] = []
+        try:
+            for i, it in todo:
+                k = i % len(methods)
+                order = methods[k:] + methods[:k]
+                prompt_rows = _run_prompt(generate, target, runners, it, i, order, cfg,
+                                          tokenizer, eos, expected, bar, limit)
+                rows.extend(prompt_rows)
+                new_rows.extend(prompt_rows)
+                if out is not None:
+                    append_rows(out / ROWS_FILE, prompt_rows)
+        finally:
+            bar.close()
+        later = [r for r in new_rows if r["method"] == AR and r["turn"] > 1
+                 and r.get("truncated_tokens")]
+        long_info["later_turns_cut"] = len(later)
+        if later:
+            _warn(f"{len(later)} later turn(s) of multi-turn prompts outgrew the model window "
+                  f"({window} tokens) minus {cfg.max_new_tokens} new tokens and were cut from "
+                  f"the left, {sum(r['truncated_tokens'] for r in later)} tokens in all")
 
-    df = pd.DataFrame(rows)
-    summary = summarise(df, methods=names)
-    failures = exactness_failures(df)
-    run_meta = {"settings": settings, "metrics": METRICS, "prompts": len(items),
-                "expected_tokens_per_step": expected, **(meta or {})}
-    if out is not None:
-        write_results(out, df, summary, run_meta)
+        df = pd.DataFrame(rows)
+        summary = summarise(df, methods=names)
+        failures = exactness_failures(df)
+        run_meta = {"settings": settings, "metrics": METRICS, "prompts": len(run_items),
+                    "expected_tokens_per_step": expected, "threading": threading,
+                    "long_prompts": long_info, **(meta or {})}
+        if earlier_threading is not None and earlier_threading != threading:
+            run_meta["threading_earlier"] = earlier_threading
+        if out is not None:
+            write_results(out, df, summary, run_meta)
     return EvalResult(df, summary, run_meta, failures, out)
+
+
+def check_config(cfg: EvalConfig) -> None:
+    """Raise EvalError for settings no run can use (checked before any model work or file)."""
+    if cfg.max_new_tokens < 1:
+        raise EvalError(f"max_new_tokens must be at least 1, got {cfg.max_new_tokens}")
+    from treeopt.decode.sampling import Sampling, SamplingError
+
+    try:
+        Sampling(cfg.temperature, cfg.top_k, cfg.top_p, cfg.rule, cfg.seed)
+    except SamplingError as exc:
+        raise EvalError(str(exc)) from None
+    if cfg.long_prompts not in LONG_PROMPTS:
+        raise EvalError(f"long_prompts must be one of {', '.join(LONG_PROMPTS)}, got "
+                        f"{cfg.long_prompts!r}")
+
+
+def check_out_dir(out_dir: str | Path | None) -> Path | None:
+    """The results folder as a Path (None for none); EvalError when it names a file."""
+    if out_dir is None:
+        return None
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise EvalError(f"{out} is a file, not a folder; give a folder for the results (it is "
+                        "created when missing)")
+    return out
+
+
+class _NoLock:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _claim(out: Path | None):
+    """Create the results folder and lock it (nothing to do without one)."""
+    if out is None:
+        return _NoLock()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EvalError(f"cannot create the results folder {out} ({exc.strerror or exc})"
+                        ) from None
+    return locked(out)
+
+
+def _warn(text: str) -> None:
+    print(f"treeopt eval: warning: {text}", file=sys.stderr, flush=True)
+
+
+def _long_prompt_warning(over: dict[str, int], total: int, window: int, cfg: EvalConfig) -> str:
+    head = (f"{len(over)} of {total} prompts are longer than the model window ({window} "
+            f"tokens) minus {cfg.max_new_tokens} new tokens")
+    if cfg.long_prompts == "skip":
+        keys = list(over)
+        more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+        return f"{head}: skipped ({', '.join(keys[:3])}{more}); --long-prompts truncate keeps them"
+    return (f"{head}: cut from the left, {sum(over.values())} tokens in all (at most "
+            f"{max(over.values())} from one prompt); --long-prompts skip leaves them out")
+
+
+def _window(target: Any, runners: dict[str, "_Runner"]) -> int | None:
+    """The smallest ``max_position_embeddings`` of the models the run uses (the target, the
+    drafters' models, Hugging Face's assistant model); None when none is known."""
+    models = [target]
+    for r in runners.values():
+        models.append(getattr(r.drafter, "model", None))
+        if r.hf_options:
+            models.append(r.hf_options.get("assistant_model"))
+    limits = []
+    for m in models:
+        v = getattr(getattr(m, "config", None), "max_position_embeddings", None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            limits.append(v)
+    return min(limits) if limits else None
+
+
+def _fit(ids: list[int], limit: int | None) -> tuple[list[int], int]:
+    """``ids`` cut from the left to ``limit`` tokens; (ids, tokens cut)."""
+    if limit is None or len(ids) <= limit:
+        return ids, 0
+    return ids[len(ids) - limit:], len(ids) - limit
+
+
+# ---------------------------------------------------------------------------- run settings
+def run_settings(cfg: EvalConfig, methods: Sequence[Method], items: Sequence[_Item],
+                 target: Any, draft: Any, meta: dict | None) -> dict:
+    """What a resume must not change: the decoding settings, the methods, the target, the
+    default drafter, the dataset (from ``meta`` when given, else descriptions of the objects)
+    and the prompts (key -> digest of the prompt's content)."""
+    meta = meta or {}
+    return {"config": asdict(cfg), "methods": [m.to_dict() for m in methods],
+            "target": meta["target"] if meta.get("target") is not None
+            else describe_model(target),
+            "draft": meta["draft"] if "draft" in meta else describe_model(draft),
+            "dataset": meta.get("dataset"),
+            "prompts": {it.key: _digest(it) for it in items}}
+
+
+def _digest(it: _Item) -> str:
+    text = json.dumps([it.category, it.id, list(it.turns),
+                       None if it.token_ids is None else list(it.token_ids)])
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def describe_model(obj: Any) -> str | None:
+    """A short description of a model, drafter or spec: the spec itself for a string, else
+    the class, the name or path, and the size of the configuration."""
+    if obj is None or isinstance(obj, str):
+        return obj
+    model = obj if getattr(obj, "config", None) is not None else getattr(obj, "model", None)
+    cls = type(obj).__name__
+    prefix = f"{getattr(obj, 'name', cls)} " if model is not obj else ""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return str(getattr(obj, "name", None) or cls)
+    parts = [str(getattr(cfg, "_name_or_path", "") or "")]
+    for key, short in (("num_hidden_layers", "layers"), ("hidden_size", "hidden"),
+                       ("vocab_size", "vocab")):
+        v = getattr(cfg, key, None)
+        if v is not None:
+            parts.append(f"{short}={v}")
+    try:
+        parts.append(f"params={sum(p.numel() for p in model.parameters())}")
+    except (AttributeError, TypeError):
+        pass
+    return f"{prefix}{type(model).__name__}({', '.join(p for p in parts if p)})"
+
+
+def threading_settings(target: Any) -> dict:
+    """The settings CPU timings depend on: torch's intra- and inter-op threads, the OpenMP
+    environment (OMP_WAIT_POLICY, OMP_NUM_THREADS) and the linear-layer kernels of the
+    target (``treeopt.decode.cpu_kernels.kernels_in_use``)."""
+    import torch
+
+    kernels = None
+    try:
+        from treeopt.decode.cpu_kernels import kernels_in_use
+
+        kernels = kernels_in_use(target)
+    except (ImportError, AttributeError, TypeError):
+        pass
+    return {"torch_threads": torch.get_num_threads(),
+            "torch_interop_threads": torch.get_num_interop_threads(),
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+            "kernels": kernels, "cpu_count": os.cpu_count()}
+
+
+def _threads_text(t: dict) -> str:
+    return (f"{t.get('torch_threads')} threads, OMP_WAIT_POLICY="
+            f"{t.get('OMP_WAIT_POLICY') or 'unset'}, kernels {t.get('kernels')}")
 
 
 def _runners(methods: list[Method], target: Any, draft: Any, tokenizer: Any
@@ -483,47 +736,63 @@ def _expected(methods: list[Method], profile: Any) -> dict[str, float]:
     return out
 
 
-def _prepare_out(out: Path, settings: dict, resume: bool) -> list[dict]:
+def _prepare_out(out: Path, settings: dict, resume: bool, items: Sequence[_Item],
+                 names: Sequence[str]) -> tuple[list[dict], dict | None]:
+    """Start or continue the run in ``out`` (locked by the caller); returns the rows of the
+    prompts already done and the threading settings recorded by the earlier part (None for
+    a fresh run). Writes run.json and rows.jsonl atomically."""
     run_file, rows_file = out / RUN_FILE, out / ROWS_FILE
+    has_rows = rows_file.exists() and rows_file.stat().st_size > 0
+    text = json.dumps(settings, indent=1, default=_jsonable)
     if not resume:
-        if rows_file.exists() and rows_file.stat().st_size > 0:
+        if has_rows:
             raise EvalError(f"{out} already holds results; pass --resume to continue that run "
                             "or choose another --out")
-        rows_file.write_text("")
-        run_file.write_text(json.dumps(settings, indent=1))
-        return []
+        atomic_write(rows_file, "")
+        atomic_write(run_file, text)
+        return [], None
     if not run_file.exists():
-        run_file.write_text(json.dumps(settings, indent=1))
-        rows_file.write_text("")
-        return []
-    old = json.loads(run_file.read_text())
-    if old != json.loads(json.dumps(settings)):
-        diff = [k for k in ("methods", "config") if old.get(k) != json.loads(
-            json.dumps(settings))[k]]
-        raise EvalError(f"cannot resume {out}: its {' and '.join(diff) or 'settings'} differ "
-                        "from this run's; use the same options or another --out")
-    rows = []
-    if rows_file.exists():
-        for line in rows_file.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut short by the interruption: that prompt is redone
-    # Keep only prompts whose every method finished (rows are written per finished prompt).
-    n_methods = len(settings["methods"])
-    per_key: dict[str, set] = {}
+        if has_rows:
+            raise EvalError(f"cannot resume {out}: its {RUN_FILE} is missing, so the rows in "
+                            f"{ROWS_FILE} cannot be checked against this run's settings; "
+                            f"restore {RUN_FILE}, or move {ROWS_FILE} away to start afresh")
+        atomic_write(rows_file, "")
+        atomic_write(run_file, text)
+        return [], None
+    try:
+        old = json.loads(run_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EvalError(f"cannot resume {out}: its {RUN_FILE} is unreadable "
+                        f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                        f"restore it or choose another --out") from None
+    if not isinstance(old, dict):
+        raise EvalError(f"cannot resume {out}: its {RUN_FILE} is not a treeopt eval run file")
+    diff = resume_difference(old, json.loads(text))
+    if diff:
+        raise EvalError(f"cannot resume {out}: {diff}; use the same options or another --out")
+    rows = read_rows(rows_file)
+    # A prompt is done when every (turn, method) row exists; its other rows are dropped.
+    want = {it.key: {(t, m) for t in range(1, len(it.turns) + 1) for m in names}
+            for it in items}
+    have: dict[str, set] = {}
     for r in rows:
-        per_key.setdefault(r["prompt_key"], set()).add(r["method"])
-    complete = {k for k, v in per_key.items() if len(v) == n_methods}
-    kept = [r for r in rows if r["prompt_key"] in complete]
-    with open(rows_file, "w", encoding="utf-8") as fh:
-        for r in kept:
-            fh.write(json.dumps(r) + "\n")
-    return kept
+        have.setdefault(r["prompt_key"], set()).add((r.get("turn"), r["method"]))
+    kept = []
+    for r in rows:
+        key = r["prompt_key"]
+        if key in want:
+            if want[key] <= have[key] and (r.get("turn"), r["method"]) in want[key]:
+                kept.append(r)
+        elif set(names) <= {m for _, m in have[key]}:
+            kept.append(r)  # a prompt outside this selection (a run.json without prompts)
+    atomic_write(rows_file, "".join(json.dumps(r) + "\n" for r in kept))
+    atomic_write(run_file, text)
+    earlier = old.get("threading")
+    return kept, earlier if isinstance(earlier, dict) else None
 
 
-def _warmup(generate, target, runners, methods, item, cfg, tokenizer, eos) -> None:
-    ids = _first_ids(item, tokenizer, cfg)
+def _warmup(generate, target, runners, methods, item, cfg, tokenizer, eos, limit) -> None:
+    ids, _ = _fit(_first_ids(item, tokenizer, cfg), limit)
     for m in methods:
         _run_one(generate, target, runners[m.name], ids, cfg, eos, cfg.seed,
                  min(4, cfg.max_new_tokens))
@@ -537,7 +806,8 @@ def _first_ids(item: _Item, tokenizer: Any, cfg: EvalConfig) -> list[int]:
 
 
 def _run_prompt(generate, target, runners, it: _Item, index: int, order: list[Method],
-                cfg: EvalConfig, tokenizer, eos, expected: dict, bar) -> list[dict]:
+                cfg: EvalConfig, tokenizer, eos, expected: dict, bar,
+                limit: int | None = None) -> list[dict]:
     seed = cfg.seed + index
     outputs: dict[str, list[list[int]]] = {}
     rows: dict[str, list[dict]] = {}
@@ -555,6 +825,7 @@ def _run_prompt(generate, target, runners, it: _Item, index: int, order: list[Me
             else:
                 ids = prev_ids + _encode_text(tokenizer, [{"role": "user", "content": text}],
                                               False)
+            ids, cut = _fit(ids, limit)
             tokens, row = _run_one(generate, target, runners[m.name], ids, cfg, eos,
                                    seed + 1000 * turn, cfg.max_new_tokens)
             outputs[m.name].append(tokens)
@@ -564,6 +835,7 @@ def _run_prompt(generate, target, runners, it: _Item, index: int, order: list[Me
             prev_ids = ids + tokens
             row.update({"prompt_key": it.key, "prompt_id": it.id, "category": it.category,
                         "turn": turn + 1, "method": m.name, "position": position,
+                        "truncated_tokens": cut,
                         "expected_tokens_per_step": expected.get(m.name)})
             rows[m.name].append(row)
         bar.update(1)
@@ -584,7 +856,8 @@ def _run_prompt(generate, target, runners, it: _Item, index: int, order: list[Me
 
 # ---------------------------------------------------------------------------- summaries
 SUMMARY_COLUMNS = ["method", "category", "prompts", "new_tokens", "seconds", "tokens_per_s",
-                   "speedup", "tokens_per_step", "acceptance_rate", "mean_accepted",
+                   "speedup", "speedup_median", "speedup_ci95_low", "speedup_ci95_high",
+                   "flag", "tokens_per_step", "acceptance_rate", "mean_accepted",
                    "expected_tokens_per_step", "matches_ar", "prefill_ms",
                    "draft_ms_per_step", "verify_ms_per_step", "other_ms_per_step"]
 TIME_SPLIT = (("draft_s", "draft_ms_per_step"), ("verify_s", "verify_ms_per_step"),
@@ -596,7 +869,9 @@ def summarise(rows: Any, methods: Sequence[str] | None = None) -> Any:
     prompts weigh by their tokens). ``rows`` needs method, category, prompt_key, new_tokens,
     seconds, target_forwards, step_tokens, drafted, accepted, steps; matches_ar,
     expected_tokens_per_step and the time split (prefill_s, draft_s, verify_s, other_s) are
-    optional (NaN columns when missing)."""
+    optional (NaN columns when missing). The spread of the speed-up (median per-prompt
+    speed-up, seeded bootstrap 95 % interval) and the flags come from
+    ``treeopt.evaluate.spread``."""
     import pandas as pd
 
     if len(rows) == 0:
@@ -622,12 +897,22 @@ def summarise(rows: Any, methods: Sequence[str] | None = None) -> Any:
             drafted = int(m["drafted"].sum())  # unknown (NaN) counts count as 0
             accepted = int(m["accepted"].sum())
             steps = int(m["steps"].sum())
+            speedup = (ar_time_per_token / (secs / tokens) if tokens and secs > 0
+                       else math.nan)
+            spread = _spread.spread(*_spread.paired_times(g, name, AR)) if len(ar) else {
+                "prompts": 0, "speedup_median": math.nan, "speedup_ci95_low": math.nan,
+                "speedup_ci95_high": math.nan}
             rec = {
                 "method": name, "category": cat, "prompts": int(m["prompt_key"].nunique()),
                 "new_tokens": tokens, "seconds": secs,
                 "tokens_per_s": tokens_per_second(tokens, secs),
-                "speedup": (ar_time_per_token / (secs / tokens)
-                            if tokens and secs > 0 else math.nan),
+                "speedup": speedup,
+                "speedup_median": spread["speedup_median"],
+                "speedup_ci95_low": spread["speedup_ci95_low"],
+                "speedup_ci95_high": spread["speedup_ci95_high"],
+                "flag": _spread.flags(speedup, accepted, spread["prompts"],
+                                      spread["speedup_ci95_low"], spread["speedup_ci95_high"],
+                                      is_reference=name == AR),
                 "tokens_per_step": step_tokens / forwards if forwards else math.nan,
                 "acceptance_rate": accepted / drafted if drafted else math.nan,
                 "mean_accepted": (accepted / steps if steps and (drafted or accepted)
@@ -636,8 +921,8 @@ def summarise(rows: Any, methods: Sequence[str] | None = None) -> Any:
                 "matches_ar": "-",
                 "prefill_ms": 1000 * _total(m, "prefill_s") / len(m),
             }
-            for col, name in TIME_SPLIT:
-                rec[name] = 1000 * _total(m, col) / forwards if forwards else math.nan
+            for col, split in TIME_SPLIT:
+                rec[split] = 1000 * _total(m, col) / forwards if forwards else math.nan
             if "expected_tokens_per_step" in m and m["expected_tokens_per_step"].notna().any():
                 rec["expected_tokens_per_step"] = float(m["expected_tokens_per_step"].dropna()
                                                         .iloc[0])
@@ -667,27 +952,31 @@ def exactness_failures(rows: Any) -> list[str]:
 STEP_COLUMNS = ("accepted_per_step", "ranks_per_step")
 
 
-def _csv_with_definitions(df: Any, path: Path, header: str) -> None:
-    lines = [f"# {header}"] + [f"# {k}: {v}" for k, v in METRICS.items()
-                               if k in df.columns]
-    with open(path, "w", encoding="utf-8", newline="") as fh:
-        fh.write("\n".join(lines) + "\n")
-        df.to_csv(fh, index=False)
+def metric_definitions(columns: Sequence[str]) -> dict[str, str]:
+    """The definitions (``METRICS``) of those of ``columns`` that have one."""
+    return {k: v for k, v in METRICS.items() if k in columns}
 
 
 def write_results(out: Path, rows: Any, summary: Any, meta: dict) -> None:
     """results.json (metrics, settings, summary, per-prompt rows with per-step data),
-    summary.csv and per_prompt.csv (definitions as leading '#' lines; read them with
-    ``pandas.read_csv(path, comment='#')``)."""
+    summary.csv and per_prompt.csv (plain CSV: ``pandas.read_csv(path)`` reads them) and
+    metrics.json beside them (the definition of every CSV column that has one). Each file is
+    replaced atomically (a crash leaves the previous version, never a truncated file)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     per_prompt = rows.drop(columns=[c for c in STEP_COLUMNS if c in rows.columns])
-    _csv_with_definitions(summary, out / SUMMARY_CSV, "treeopt eval summary, one row per "
-                          "method and category")
-    _csv_with_definitions(per_prompt, out / PER_PROMPT_CSV, "treeopt eval per-prompt rows")
+    definitions = {"format": "treeopt-eval-metrics", "version": 1,
+                   "files": {SUMMARY_CSV: "one row per method and category (category 'all' "
+                                          "pools every category)",
+                             PER_PROMPT_CSV: "one row per prompt, turn and method"},
+                   "metrics": metric_definitions(list(summary.columns)
+                                                 + list(per_prompt.columns))}
+    atomic_write(out / METRICS_JSON, json.dumps(definitions, indent=1))
+    atomic_write(out / SUMMARY_CSV, summary.to_csv(index=False))
+    atomic_write(out / PER_PROMPT_CSV, per_prompt.to_csv(index=False))
     doc = {"format": "treeopt-eval", "version": 1, **meta,
            "summary": _records(summary), "rows": _records(rows)}
-    (out / RESULTS_JSON).write_text(json.dumps(doc, indent=1, default=_jsonable))
+    atomic_write(out / RESULTS_JSON, json.dumps(doc, indent=1, default=_jsonable))
 
 
 def _records(df: Any) -> list[dict]:
@@ -712,8 +1001,29 @@ def _jsonable(v: Any) -> Any:
 
 
 def format_summary(summary: Any) -> str:
-    """The summary as an aligned text table for the terminal."""
+    """The summary as an aligned text table for the terminal. The speed-up's spread is
+    shown compactly: ``median`` (per-prompt speed-ups) and ``ci95`` (``low-high``); the
+    ``flag`` column only when a row is flagged (see ``METRICS["flag"]``)."""
     show = summary.copy()
+
+    def num(v: Any) -> bool:
+        return v is not None and not (isinstance(v, float) and math.isnan(v))
+
+    if "speedup_median" in show:
+        show["speedup_median"] = [f"{v:.2f}x" if num(v) else "-"
+                                  for v in show["speedup_median"]]
+    if "speedup_ci95_low" in show and "speedup_ci95_high" in show:
+        ci = [f"{lo:.2f}-{hi:.2f}" if num(lo) and num(hi) else "-"
+              for lo, hi in zip(show["speedup_ci95_low"], show["speedup_ci95_high"])]
+        at = list(show.columns).index("speedup_ci95_low")
+        show = show.drop(columns=["speedup_ci95_low", "speedup_ci95_high"])
+        show.insert(at, "ci95", ci)
+    if "flag" in show:
+        flags = ["" if not isinstance(v, str) else v for v in show["flag"]]
+        if any(flags):
+            show["flag"] = [f or "-" for f in flags]
+        else:
+            show = show.drop(columns=["flag"])
     for col, fmt in (("seconds", "{:.2f}"), ("tokens_per_s", "{:.1f}"), ("speedup", "{:.2f}x"),
                      ("tokens_per_step", "{:.2f}"), ("acceptance_rate", "{:.1%}"),
                      ("mean_accepted", "{:.2f}"), ("expected_tokens_per_step", "{:.2f}"),
@@ -727,7 +1037,8 @@ def format_summary(summary: Any) -> str:
         if col in show and (show[col] == "-").all():
             show = show.drop(columns=[col])
     # Short headers for the time split (ms per verification step) so the table stays narrow.
-    show = show.rename(columns={"draft_ms_per_step": "draft_ms/step",
+    show = show.rename(columns={"speedup_median": "median",
+                                "draft_ms_per_step": "draft_ms/step",
                                 "verify_ms_per_step": "verify_ms/step",
                                 "other_ms_per_step": "other_ms/step"})
     return show.to_string(index=False)

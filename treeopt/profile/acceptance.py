@@ -52,6 +52,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from treeopt.errors import TreeoptError
 from treeopt.profile.model import write_json_atomic
 
 
@@ -65,7 +66,7 @@ RESUME_KEYS = ("mode", "continuation", "draft", "target", "dataset", "temperatur
 MAX_ONLINE_TREE = 1024
 
 
-class AcceptanceError(ValueError):
+class AcceptanceError(TreeoptError, ValueError):
     """Bad acceptance-profiling input; the message says what to change."""
 
 
@@ -519,11 +520,12 @@ class AcceptanceRun:
         if self.continuation not in CONTINUATIONS:
             raise AcceptanceError(f"unknown continuation {self.continuation!r}; use target or "
                                   "dataset")
-        if self.rule not in RULES:
-            raise AcceptanceError(f"unknown verification rule {self.rule!r}; use sequoia or "
-                                  "specinfer")
-        if self.temperature < 0:
-            raise AcceptanceError(f"temperature must be >= 0, got {self.temperature}")
+        from treeopt.decode.sampling import SamplingError, check_settings
+
+        try:  # the same sampling rules as decoding (temperature, top-k, top-p, rule)
+            check_settings(self.temperature, self.top_k, self.top_p, self.rule)
+        except SamplingError as exc:
+            raise AcceptanceError(str(exc)) from None
         if self.max_new_tokens < 2:
             raise AcceptanceError(f"max_new_tokens must be >= 2, got {self.max_new_tokens}")
 

@@ -4,9 +4,16 @@ Target: the KV cache is prefilled to ``context`` tokens, then one tree forward o
 a tree mask (``treeopt.decode.attention.forward_tree``, the engine's verification call) is
 timed and the cache cropped back, for each n. Draft: the same for the tokens one draft level
 expands at once. Each point has ``warmup`` untimed and ``repeats`` timed runs; the curve keeps
-the median and the spread (inter-quartile range). CUDA events time GPU models,
-``time.perf_counter`` CPU ones. Provenance (device, dtype, threads, library versions) goes to
-``Latency.meta``.
+the median and the spread (inter-quartile range). The sizes are interleaved: every repeat
+times every size once (1, 2, 4, ..., then 1, 2, 4, ... again), so a slow drift of the machine
+(another process, clock changes) hits every size alike instead of one size's whole sample.
+CUDA events time GPU models, ``time.perf_counter`` CPU ones. Provenance (device, dtype,
+threads, ``OMP_WAIT_POLICY``, CPU kernels, library versions) goes to ``Latency.meta``.
+
+CPU timings need ``OMP_WAIT_POLICY=PASSIVE`` (set before torch is imported; the ``treeopt``
+command does it unless the user set it) or one thread: OpenMP's default spin-waiting makes
+timings meaningless when other processes are busy. ``timing_warnings`` flags points whose
+spread is comparable to their median and curves that fall as the size grows.
 """
 
 from __future__ import annotations
@@ -20,12 +27,17 @@ from typing import Sequence
 
 import torch
 
+from treeopt.errors import TreeoptError
 from treeopt.tree import Tree
 
 DEFAULT_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128)
+# A point whose inter-quartile range exceeds this fraction of its median is flagged as noisy.
+NOISY_SPREAD = 0.25
+# A point this fraction below a smaller size's median is flagged as a fall of the curve.
+FALL_TOLERANCE = 0.05
 
 
-class LatencyError(ValueError):
+class LatencyError(TreeoptError, ValueError):
     """Bad latency-profiling input; the message says what to change."""
 
 
@@ -85,18 +97,40 @@ class _Timer:
         return (time.perf_counter() - t0) * 1000.0
 
 
-def time_tree_forwards(model, tokens: Sequence[int], *, context: int = 256, repeats: int = 10,
-                       warmup: int = 2, seed: int = 0) -> list[list[float]]:
-    """Milliseconds of one tree forward of n tokens after a ``context``-token prefix, for each
-    n in ``tokens``: ``repeats`` timed samples per n (after ``warmup`` untimed runs)."""
-    from transformers import DynamicCache
-
-    from treeopt.decode.attention import forward_tree
-
+def _check_counts(context: int, repeats: int, warmup: int) -> None:
     if context < 1:
         raise LatencyError(f"--context must be >= 1, got {context}")
     if repeats < 1 or warmup < 0:
         raise LatencyError(f"--repeats must be >= 1 and --warmup >= 0, got {repeats} and {warmup}")
+
+
+def _interleaved(calls: Sequence, timer, repeats: int, warmup: int, after=None
+                 ) -> list[list[float]]:
+    """Time each of ``calls`` ``repeats`` times, interleaved: ``warmup`` untimed rounds over
+    all calls, then ``repeats`` timed rounds over all calls. ``after(i)`` runs untimed after
+    each call i (e.g. to crop a cache). Returns the samples of each call."""
+    samples: list[list[float]] = [[] for _ in calls]
+    for r in range(warmup + repeats):
+        for i, fn in enumerate(calls):
+            ms = timer(fn)
+            if after is not None:
+                after(i)
+            if r >= warmup:
+                samples[i].append(ms)
+    return samples
+
+
+def time_tree_forwards(model, tokens: Sequence[int], *, context: int = 256, repeats: int = 10,
+                       warmup: int = 2, seed: int = 0) -> list[list[float]]:
+    """Milliseconds of one tree forward of n tokens after a ``context``-token prefix, for each
+    n in ``tokens``: ``repeats`` timed samples per n (after ``warmup`` untimed runs), the
+    sizes interleaved (each round times every size once)."""
+    from transformers import DynamicCache
+
+    from treeopt.decode.attention import forward_tree
+
+    _check_counts(context, repeats, warmup)
+    tokens = [int(n) for n in tokens]
     device = _device(model)
     vocab = int(model.config.vocab_size)
     limit = getattr(model.config, "max_position_embeddings", None)
@@ -107,55 +141,38 @@ def time_tree_forwards(model, tokens: Sequence[int], *, context: int = 256, repe
     prefix = torch.randint(0, vocab, (1, context), generator=gen).to(device)
     cache = DynamicCache(config=model.config)
     timer = _Timer(device)
-    out: list[list[float]] = []
+    calls = []
+    for n in tokens:
+        buf = bushy_tree(n).buffers(device)
+        ids = torch.randint(0, vocab, (1, n), generator=gen).to(device)
+        pos = (buf.depth + context).unsqueeze(0)
+        calls.append(lambda ids=ids, pos=pos, mask=buf.mask: forward_tree(model, ids, pos, mask,
+                                                                          cache))
     with torch.no_grad():
         model(input_ids=prefix, past_key_values=cache, use_cache=True)
-        for n in tokens:
-            buf = bushy_tree(n).buffers(device)
-            ids = torch.randint(0, vocab, (1, n), generator=gen).to(device)
-            pos = (buf.depth + context).unsqueeze(0)
-
-            def step():
-                forward_tree(model, ids, pos, buf.mask, cache)
-
-            samples = []
-            for r in range(warmup + repeats):
-                ms = timer(step)
-                cache.crop(-n)
-                if r >= warmup:
-                    samples.append(ms)
-            out.append(samples)
-    return out
+        return _interleaved(calls, timer, repeats, warmup, after=lambda i: cache.crop(-tokens[i]))
 
 
 def time_proposals(drafter, tokens: Sequence[int], *, vocab: int, context: int = 256,
                    repeats: int = 10, warmup: int = 2, seed: int = 0) -> list[list[float]]:
     """Milliseconds of one ``propose`` of a model-free drafter (n-gram, datastore, ...) that
     fills one level of q candidates, after a ``context``-token text, for each q in
-    ``tokens``. The text repeats a random 32-token phrase, so lookups find matches and pay
-    their full cost."""
+    ``tokens`` (interleaved like ``time_tree_forwards``). The text repeats a random 32-token
+    phrase, so lookups find matches and pay their full cost."""
     from treeopt.decode.sampling import GREEDY
     from treeopt.shapes import kary
 
-    if context < 1:
-        raise LatencyError(f"--context must be >= 1, got {context}")
-    if repeats < 1 or warmup < 0:
-        raise LatencyError(f"--repeats must be >= 1 and --warmup >= 0, got {repeats} and {warmup}")
+    _check_counts(context, repeats, warmup)
     gen = torch.Generator().manual_seed(seed)
     phrase = torch.randint(0, vocab, (32,), generator=gen).tolist()
     text = (phrase * (context // 32 + 1))[:context]
     timer = _Timer(torch.device("cpu"))
-    out: list[list[float]] = []
+    calls = []
     for q in tokens:
         level = drafter.reshaped(kary(q, 1))
         level.start(torch.tensor([text], dtype=torch.int64))
-        samples = []
-        for r in range(warmup + repeats):
-            ms = timer(lambda: level.propose(text, 1, GREEDY))
-            if r >= warmup:
-                samples.append(ms)
-        out.append(samples)
-    return out
+        calls.append(lambda level=level: level.propose(text, 1, GREEDY))
+    return _interleaved(calls, timer, repeats, warmup)
 
 
 def curve_from_samples(tokens: Sequence[int], samples: Sequence[Sequence[float]]):
@@ -174,6 +191,55 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({proc}, {torch.get_num_threads()} threads)"
 
 
+def threading_settings(model=None, draft=None) -> dict:
+    """What CPU timings depend on: torch's intra- and inter-op threads, ``OMP_WAIT_POLICY``
+    as set in this process (None = unset: OpenMP's default, active spin-waiting) and the CPU
+    linear kernels of the model (and draft model) timed."""
+    import os
+
+    from treeopt.decode.cpu_kernels import kernels_in_use
+
+    out = {"threads": torch.get_num_threads(),
+           "interop_threads": torch.get_num_interop_threads(),
+           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+    if model is not None:
+        out["kernels"] = kernels_in_use(model)
+    if draft is not None:
+        out["draft_kernels"] = kernels_in_use(draft)
+    return out
+
+
+def timing_warnings(latency, noisy: float = NOISY_SPREAD,
+                    fall: float = FALL_TOLERANCE) -> list[str]:
+    """One line per problem with a measured latency table: points whose spread (IQR) exceeds
+    ``noisy`` times their median, and curves that fall (a point more than ``fall`` below a
+    smaller size's median). Each line says what to do about it."""
+    cpu = (latency.meta or {}).get("device_type", "cpu") != "cuda"
+    fix = ("more --repeats (e.g. 20), --threads 1, or a quieter machine" if cpu
+           else "more --repeats or a quieter GPU")
+    out = []
+    for name, curve in (("target", latency.target), ("draft", latency.draft)):
+        if curve is None:
+            continue
+        spread = curve.spread_ms or [0.0] * len(curve.ms)
+        wide = [(n, ms, s) for n, ms, s in zip(curve.tokens, curve.ms, spread)
+                if ms > 0 and s > noisy * ms]
+        if wide:
+            pts = ", ".join(f"{n} tokens (IQR {s:.2f} of {ms:.2f} ms)" for n, ms, s in wide[:4])
+            more = f" and {len(wide) - 4} more sizes" if len(wide) > 4 else ""
+            out.append(f"{name} latency is noisy: the IQR exceeds {noisy:.0%} of the median at "
+                       f"{pts}{more}; re-measure with {fix}")
+        for i in range(1, len(curve.ms)):
+            j = max(range(i), key=lambda k: curve.ms[k])
+            if curve.ms[i] < curve.ms[j] * (1 - fall):
+                out.append(f"{name} latency falls: {curve.ms[j]:.2f} ms at {curve.tokens[j]} "
+                           f"tokens but {curve.ms[i]:.2f} ms at {curve.tokens[i]}; the "
+                           "hardware-aware choice prices sizes at the curve's non-decreasing "
+                           f"envelope; if this is noise, re-measure with {fix}")
+                break
+    return out
+
+
 def measure_latency(target, draft=None, *, tokens: Sequence[int] = DEFAULT_TOKENS,
                     draft_tokens: Sequence[int] | None = None, context: int = 256,
                     repeats: int = 10, warmup: int = 2, seed: int = 0,
@@ -183,8 +249,9 @@ def measure_latency(target, draft=None, *, tokens: Sequence[int] = DEFAULT_TOKEN
     ``draft`` is a draft model, a Drafter with a model, or a model-free Drafter, whose curve
     is the cost of proposing one level of q candidates (``time_proposals``).
 
-    Returns ``treeopt.profile.Latency`` with meta: device, dtype, threads, context, repeats,
-    warmup, library versions and ``names`` (e.g. the model specs)."""
+    Returns ``treeopt.profile.Latency`` with meta: device, dtype, threading settings
+    (``threading_settings``), context, repeats, warmup, library versions and ``names`` (e.g.
+    the model specs)."""
     import transformers
 
     from treeopt import __version__
@@ -217,7 +284,8 @@ def measure_latency(target, draft=None, *, tokens: Sequence[int] = DEFAULT_TOKEN
         "device": device_name(device),
         "device_type": device.type,
         "dtype": str(_dtype(target)).replace("torch.", ""),
-        "threads": torch.get_num_threads(),
+        **threading_settings(target, draft if draft is not None
+                             and not isinstance(draft, Drafter) else None),
         "context": context,
         "repeats": repeats,
         "warmup": warmup,

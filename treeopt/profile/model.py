@@ -8,6 +8,20 @@ verifier accepts (earlier siblings rejected). The events are exclusive, so ``sum
 
 File formats: treeopt's JSON (see :meth:`Profile.save`) and Sequoia's acceptance-vector ``.pt``
 (a 1-D tensor laid out ``[0, p1..pW, none]``).
+
+Limits (``treeopt.limits``): at most ``MAX_PROFILE_WIDTH`` ranks (no node of a tree within the
+node cap can use more), ``MAX_PROFILE_ROWS`` depth rows or latency points, counts up to
+``MAX_COUNT``, latency points up to ``MAX_LATENCY_TOKENS`` tokens; every number must be
+finite. A Sequoia vector is checked by shape and storage before it is converted, so a tiny
+file claiming 10^9 entries is refused at once. Writing is atomic, and :meth:`Profile.save`
+never replaces a file that is not a profile.
+
+Sequoia vectors WITHOUT the final ``none`` entry (``[0, p1..pW]``, as Sequoia's
+``tests/fast_test.py`` writes them) are refused, with the cause and the fix in the message:
+such a vector cannot be told apart from a ``[0, p1..pW, none]`` vector whose ``none`` is
+wrong (a damaged or hand-edited file), and reading it either way silently changes the
+profile — Sequoia's own ``tree_search.py`` always drops the last entry as ``none``. Append
+``none = 1 - sum(p)`` to use it.
 """
 
 from __future__ import annotations
@@ -15,19 +29,29 @@ from __future__ import annotations
 import bisect
 import json
 import math
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
+
+from treeopt.errors import TreeoptError
+from treeopt.limits import (
+    MAX_COUNT,
+    MAX_LATENCY_TOKENS,
+    MAX_PROFILE_ROWS,
+    MAX_PROFILE_WIDTH,
+    atomic_write,
+    check_tensor,
+    parse_json,
+    show_number,
+)
 
 TOLERANCE = 1e-6
 JSON_FORMAT = "treeopt-profile"
 JSON_VERSION = 1
 
 
-class ProfileError(ValueError):
+class ProfileError(TreeoptError, ValueError):
     """A profile that is malformed or inconsistent; the one-line message names the field."""
 
 
@@ -52,10 +76,7 @@ class LatencyCurve:
             raise ProfileError("latency curve 'tokens' is empty; give at least one point")
         if len(ms) != len(tokens):
             raise ProfileError(f"latency curve has {len(tokens)} 'tokens' but {len(ms)} 'ms'")
-        for i, t in enumerate(tokens):
-            if isinstance(t, bool) or not isinstance(t, (int, float)) or t != int(t) or t < 1:
-                raise ProfileError(f"latency 'tokens[{i}]' = {t!r} must be a positive integer")
-        tokens = [int(t) for t in tokens]
+        tokens = [_latency_tokens(t, i) for i, t in enumerate(tokens)]
         for i in range(1, len(tokens)):
             if tokens[i] <= tokens[i - 1]:
                 raise ProfileError(f"latency 'tokens' must increase strictly, but tokens[{i}] = "
@@ -398,10 +419,10 @@ class Profile:
             if path.suffix.lower() in (".pt", ".pth"):
                 return _load_sequoia_vector(path)
             try:
-                d = json.loads(path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                text = path.read_text()
+            except UnicodeDecodeError as exc:
                 raise ProfileError(f"not valid JSON ({str(exc).splitlines()[0]})") from None
-            return cls.from_dict(d)
+            return cls.from_dict(parse_json(text, ProfileError))
         except ProfileError as exc:
             raise ProfileError(f"{path}: {exc}") from None
 
@@ -409,16 +430,18 @@ class Profile:
         """Write treeopt JSON (``.json``), or Sequoia's acceptance vector (``.pt``: the
         1-D float tensor ``[0, p1..pW, none]``; counts, depth rows and latency are lost)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.suffix.lower() in (".pt", ".pth"):
-            import torch
-
-            torch.save(torch.tensor([0.0, *self.p, self.none], dtype=torch.float32), path)
-        elif path.suffix.lower() == ".json":
-            write_json_atomic(path, self.to_dict())
-        else:
+        suffix = path.suffix.lower()
+        if suffix not in (".pt", ".pth", ".json"):
             raise ProfileError(f"{path}: unknown profile extension {path.suffix!r}; "
                                "use .json (or .pt for Sequoia's vector)")
+        _check_replaceable(path)
+        if suffix in (".pt", ".pth"):
+            import torch
+
+            vector = torch.tensor([0.0, *self.p, self.none], dtype=torch.float32)
+            atomic_write(path, lambda fh: torch.save(vector, fh))
+        else:
+            write_json_atomic(path, self.to_dict())
         return path
 
     def summary(self, ranks: int = 4) -> str:
@@ -439,17 +462,35 @@ def write_json_atomic(path: str | Path, doc: Any) -> Path:
     """Write ``doc`` as JSON through a temporary file in the same folder and ``os.replace``,
     so an interruption never leaves a half-written file (profiles are rewritten while a long
     measurement runs)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps(doc, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    text = json.dumps(doc, indent=2) + "\n"
+    return atomic_write(path, lambda fh: fh.write(text), binary=False)
+
+
+def _check_replaceable(path: Path) -> None:
+    """Refuse to overwrite an existing non-empty file that is not a profile: a growmap, a
+    picture, anything else (``save`` would destroy it)."""
+    if path.is_dir():
+        raise ProfileError(f"{path}: is a folder, not a profile file")
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    kind = "a file that is not a treeopt profile"
+    if path.suffix.lower() == ".json":
+        try:
+            doc = parse_json(path.read_text(), ProfileError)
+        except (ProfileError, OSError, UnicodeDecodeError):
+            doc = None
+        if isinstance(doc, dict) and doc.get("format") == JSON_FORMAT:
+            return
+        if isinstance(doc, dict) and isinstance(doc.get("format"), str):
+            kind = f"a {doc['format']!r} file"
+    else:
+        try:
+            _load_sequoia_vector(path)
+            return
+        except ProfileError:
+            kind = "a file that is not a Sequoia acceptance vector"
+    raise ProfileError(f"{path}: refusing to overwrite {kind} with a profile; choose another "
+                       "output path or remove the file")
 
 
 def wilson_interval(successes: int, total: int, z: float = 1.959963984540054
@@ -487,40 +528,78 @@ def _load_sequoia_vector(path: Path) -> Profile:
                 else type(v).__name__)
         raise ProfileError(f"expected Sequoia's acceptance vector (1-D float tensor "
                            f"[0, p1..pW, none]), got {what}")
+    # shape and storage before .tolist(): an expanded 10^9-entry vector is a 2 KB file
+    check_tensor(v, "acceptance vector", ProfileError, ndim=1, max_numel=MAX_PROFILE_WIDTH + 2)
     if v.numel() < 3:
         raise ProfileError(f"acceptance vector has {v.numel()} entries; need [0, p1.., none]")
     values = [float(x) for x in v.tolist()]
+    if not all(math.isfinite(x) for x in values):
+        raise ProfileError("acceptance vector holds inf or nan; every entry must be finite")
     if abs(values[0]) > TOLERANCE:
         raise ProfileError(f"acceptance vector must start with 0 (Sequoia layout [0, p1..pW, "
                            f"none]), got {values[0]}")
     p, none = values[1:-1], values[-1]
     if not 0 <= none <= 1 or abs(math.fsum(p) + none - 1) > 1e-3:
+        hint = ""
+        total = math.fsum(values[1:])
+        if all(x >= 0 for x in values[1:]) and total <= 1 + 1e-3:
+            # a valid [0, p1..pW] vector without its none entry (Sequoia's fast_test.py)
+            hint = (f"; if it was written by Sequoia's tests/fast_test.py, it lacks the final "
+                    f"none entry (its {len(values) - 1} entries sum to {total:.5f}): append "
+                    "none = 1 - sum, e.g. v = torch.load(f); torch.save(torch.cat([v, "
+                    "1 - v.sum(0, keepdim=True)]), f)")
         raise ProfileError(f"acceptance vector's last entry (none = {none:.5f}) is not "
-                           f"1 - sum(p) = {1 - math.fsum(p):.5f}")
+                           f"1 - sum(p) = {1 - math.fsum(p):.5f}{hint}")
     meta = {"source": "Sequoia acceptance-vector .pt", "file": path.name,
             "description": "acceptance vector imported from Sequoia's format"}
     return Profile(p, meta=meta)
 
 
-def _as_list(x: Any, name: str) -> list:
+def _as_list(x: Any, name: str, limit: int = MAX_PROFILE_ROWS) -> list:
+    """``x`` as a list of at most ``limit`` entries (arrays and tensors are sized before they
+    are converted)."""
     if hasattr(x, "tolist") and not isinstance(x, (list, tuple)):
+        n = x.numel() if hasattr(x, "numel") else getattr(x, "size", None)
+        if isinstance(n, int) and n > limit:
+            raise ProfileError(f"'{name}' has {show_number(n)} entries, more than the limit "
+                               f"{limit}")
         x = x.tolist()
     if not isinstance(x, (list, tuple)):
         raise ProfileError(f"'{name}' must be a list, got {type(x).__name__}")
+    if len(x) > limit:
+        raise ProfileError(f"'{name}' has {len(x)} entries, more than the limit {limit}")
     return list(x)
 
 
 def _number(x: Any, name: str) -> float:
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         raise ProfileError(f"{name} must be a number, got {type(x).__name__}")
-    x = float(x)
+    try:
+        x = float(x)
+    except OverflowError:  # an int beyond float range
+        raise ProfileError(f"{name} = {show_number(x)} is too large; must be finite") from None
     if not math.isfinite(x):
         raise ProfileError(f"{name} is {x}; must be finite")
     return x
 
 
+def _latency_tokens(t: Any, i: int) -> int:
+    """A latency point's token count: a positive integer (JSON's ``8.0`` too), finite, at
+    most ``MAX_LATENCY_TOKENS``; never overflows on ``Infinity`` or huge numbers."""
+    name = f"latency 'tokens[{i}]'"
+    whole = not isinstance(t, bool) and (
+        isinstance(t, int) or (isinstance(t, float) and math.isfinite(t) and t.is_integer()))
+    if not whole or t < 1:
+        raise ProfileError(f"{name} = {show_number(t)} must be a positive integer")
+    if t > MAX_LATENCY_TOKENS:
+        raise ProfileError(f"{name} = {show_number(t)} exceeds the limit of "
+                           f"{MAX_LATENCY_TOKENS} tokens at once")
+    return int(t)
+
+
 def _prob_row(row: Any, name: str) -> list[float]:
-    values = _as_list(row, name)
+    # at most MAX_PROFILE_WIDTH ranks: no node of a tree within the node cap has more children
+    values = _as_list(row, name, limit=MAX_PROFILE_WIDTH)
     if not values:
         raise ProfileError(f"'{name}' is empty; give at least p1")
     out = []
@@ -540,14 +619,20 @@ def _prob_row(row: Any, name: str) -> list[float]:
 
 def _count(x: Any, name: str) -> int:
     if hasattr(x, "item") and not isinstance(x, (int, float)):
+        if getattr(x, "ndim", 0) != 0:
+            raise ProfileError(f"'{name}' must be a non-negative integer count, got an array")
         x = x.item()
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or x != int(x) or x < 0:
-        raise ProfileError(f"'{name}' = {x!r} must be a non-negative integer count")
+    if (isinstance(x, bool) or not isinstance(x, (int, float))
+            or (isinstance(x, float) and not (math.isfinite(x) and x.is_integer())) or x < 0):
+        raise ProfileError(f"'{name}' = {show_number(x)} must be a non-negative integer count")
+    if x > MAX_COUNT:
+        raise ProfileError(f"'{name}' = {show_number(x)} is beyond any real count (limit "
+                           f"{MAX_COUNT})")
     return int(x)
 
 
 def _count_row(row: Any, name: str) -> list[int]:
-    values = _as_list(row, name)
+    values = _as_list(row, name, limit=MAX_PROFILE_WIDTH)
     if not values:
         raise ProfileError(f"'{name}' is empty")
     return [_count(x, f"{name}[{i}]") for i, x in enumerate(values)]

@@ -25,6 +25,12 @@ a (max,+) convolution in ``m``, done here with numpy on a strided Toeplitz view.
 profile costs ``max_depth`` convolution rounds of ``W`` convolutions, O(d·W·n²/2) in all.
 All ``T`` vectors are kept (float64, (W+1)·(n+1) per (a, r)); the optimal tree is rebuilt by
 recomputing each argmax from them, so no argmax tables are stored.
+
+Limits (``treeopt.limits``). ``max_size`` and ``max_depth`` are at most ``MAX_TREE_NODES``
+(the engine verifies a whole tree in one forward), ranks beyond ``max_size - 1`` are dropped
+(no node of an n-node tree has more than n - 1 children, so the optimum is unchanged), and
+:func:`solve` refuses up front, naming the numbers, a request whose tables or work exceed
+``MAX_DP_BYTES`` / ``MAX_DP_OPS`` (see :func:`dp_cost`) instead of running for hours.
 """
 
 from __future__ import annotations
@@ -35,12 +41,14 @@ from typing import Sequence
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from treeopt.errors import TreeoptError
+from treeopt.limits import MAX_DP_BYTES, MAX_DP_OPS, MAX_TREE_LEVELS, check_nodes
 from treeopt.tree import Tree
 
 _BLOCK = 256  # rows of the Toeplitz view handled at once (bounds the scratch buffer)
 
 
-class DPError(ValueError):
+class DPError(TreeoptError, ValueError):
     """Impossible request to the DP (bad profile, budget or depth); one-line message."""
 
 
@@ -117,7 +125,8 @@ class DPTable:
 
     @property
     def width(self) -> int:
-        """Most children a node may have (the profile length W)."""
+        """Most children a node may have: the profile length W (at most ``max_size - 1``;
+        further ranks cannot be used by a tree of ``max_size`` nodes and are dropped)."""
         return int(self.rows.shape[1])
 
     @property
@@ -208,19 +217,49 @@ def _scaled_children(rows: np.ndarray, best: dict, a: int, r: int) -> np.ndarray
     return out
 
 
+def dp_cost(rows: int, width: int, max_size: int, max_depth: int) -> tuple[int, int]:
+    """(bytes of tables kept, (max,+) additions) of :func:`solve` for a profile of ``rows``
+    depth rows and ``width`` ranks (after dropping ranks beyond ``max_size - 1``)."""
+    n1 = max_size + 1
+    rows = max(1, min(rows, max_depth))
+    width = max(1, min(width, max_size - 1))
+    # one (W+1, n+1) table per (a, r) with 2 <= r <= max_depth, a < min(rows, max_depth-r+1)
+    tables = sum(min(rows, max_depth - r + 1) for r in range(2, max_depth + 1))
+    nbytes = 8 * (tables * (width + 1) * n1 + n1 * (max_depth + 1) + 2 * tables * n1)
+    ops = tables * width * n1 * n1 // 2
+    return nbytes, ops
+
+
 def solve(p, max_size: int, max_depth: int) -> DPTable:
     """Solve the DP for every size m <= ``max_size`` and level limit l <= ``max_depth``.
 
     p: 1-D rank profile (W,) or depth-aware (R, W) (list, numpy array or tensor).
-    ``max_depth`` counts levels including the root (Sequoia's ``max_depth``)."""
+    ``max_depth`` counts levels including the root (Sequoia's ``max_depth``). Both are
+    capped (``MAX_TREE_NODES``) and the whole request is sized before any work: see the
+    module docstring."""
     rows = profile_rows(p)
+    if isinstance(max_size, bool) or not isinstance(max_size, (int, np.integer)):
+        raise DPError(f"budget must be an integer number of nodes, got {max_size!r}")
+    if isinstance(max_depth, bool) or not isinstance(max_depth, (int, np.integer)):
+        raise DPError(f"max depth must be an integer number of levels, got {max_depth!r}")
+    max_size, max_depth = int(max_size), int(max_depth)
     if max_size < 1:
         raise DPError(f"budget must be at least 1 node (the root), got {max_size}")
     if max_depth < 1:
         raise DPError(f"max depth must be at least 1 level (the root), got {max_depth}")
+    check_nodes(max_size, "budget (tree size)", DPError)
+    if max_depth > MAX_TREE_LEVELS:
+        raise DPError(f"max depth = {max_depth} levels exceeds the limit of {MAX_TREE_LEVELS} "
+                      "(a tree within the node cap, MAX_TREE_NODES, has no more levels)")
     nrows = min(rows.shape[0], max_depth)
-    rows = rows[:nrows]
+    rows = rows[:nrows, : max(1, min(rows.shape[1], max_size - 1))]
     width = rows.shape[1]
+    nbytes, ops = dp_cost(nrows, width, max_size, max_depth)
+    if nbytes > MAX_DP_BYTES or ops > MAX_DP_OPS:
+        raise DPError(f"DP for size {max_size}, {max_depth} levels, {width} ranks, {nrows} "
+                      f"depth row(s) needs {nbytes / 2**30:.1f} GiB and {ops:.2e} operations, "
+                      f"over the limits ({MAX_DP_BYTES / 2**30:.0f} GiB, {MAX_DP_OPS:.0e}); "
+                      "lower the budget or the depth limit")
     n1 = max_size + 1
     unit = np.full(n1, -np.inf)
     if n1 > 1:

@@ -35,24 +35,111 @@ depends on the tree's level widths, so the true optimum would need a different D
 trees ((n, l) whose optimum F*(n, l) = F*(n, l - 1) is already reached with fewer levels is
 scored at l - 1 only). That search is pruned safely with the lower bound
 ``(l · min_q t_draft(q) + t_target(n)) / F*(n, l)``, so no candidate that could beat the
-returned one is skipped. Sizes beyond the latency table's last point use the curve's linear
-extrapolation.
+returned one is skipped.
+
+Latency curves are not trusted blindly (:class:`MonotoneCurve`). Measured curves, CPU ones
+especially, are often non-monotone (noise, or a kernel that changes with the row count), and
+extrapolating a falling last segment predicts large trees cheaper than one token. Every cost
+here is therefore read from the curve's non-decreasing envelope: verifying n tokens costs at
+least as much as the dearest measured size <= n (the running maximum of the measured medians,
+interpolated linearly between measured sizes), so a dip can never be exploited and a
+falling curve never extrapolates downwards. Beyond the last measured size the cost grows
+linearly at the largest of the last segment's slope, the average slope over the measured
+range and 0. The envelope is conservative: a real dip (e.g. a faster kernel at 16 rows than
+at 8) is priced at the larger cost. :func:`choose` says so in ``Choice.notes`` when the curve
+falls, and when the chosen size lies beyond the measured range (an extrapolation);
+``measured_only=True`` restricts the choice to measured sizes (Sequoia's ``valid_budget``),
+so no chosen cost is interpolated or extrapolated.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
+from treeopt.errors import TreeoptError
 from treeopt.search.dp import DPTable, solve
 from treeopt.tree import Tree
 
 DRAFT_COSTS = ("sequoia", "per-level")
 
 
-class HardwareError(ValueError):
+class HardwareError(TreeoptError, ValueError):
     """Impossible hardware-aware request (no latency table, bad cost model); one line."""
+
+
+# A measured point lower than an earlier (smaller) size's by more than this fraction is
+# reported as a fall of the curve (smaller dips are timing noise).
+FALL_TOLERANCE = 0.05
+
+
+class MonotoneCurve:
+    """The non-decreasing envelope of a latency curve (ms by tokens processed at once).
+
+    At a measured size t_i the cost is Y_i = max(y_0..y_i), the running maximum of the
+    measured medians; between measured sizes it is interpolated linearly (so it is never
+    below the dearest measured size <= n); below the first size it is Y_0; beyond the last
+    size it grows linearly at ``slope`` = max(last segment's slope, average slope over the
+    measured range, 0) of the measured curve. ``curve`` is the measured ``LatencyCurve``
+    (anything with ``tokens`` and ``ms``)."""
+
+    def __init__(self, curve):
+        self.curve = curve
+        self.tokens = [int(t) for t in curve.tokens]
+        raw = [float(y) for y in curve.ms]
+        self.raw = raw
+        self.ms = list(np.maximum.accumulate(raw)) if raw else []
+        t, y = self.tokens, raw
+        if len(t) >= 2:
+            last = (y[-1] - y[-2]) / (t[-1] - t[-2])
+            average = (y[-1] - y[0]) / (t[-1] - t[0])
+            self.slope = max(last, average, 0.0)
+        else:
+            self.slope = 0.0
+
+    @property
+    def max_tokens(self) -> int:
+        """The largest measured size."""
+        return self.tokens[-1]
+
+    def __call__(self, n: float) -> float:
+        t, y = self.tokens, self.ms
+        if n <= t[0]:
+            return y[0]
+        if n >= t[-1]:
+            return y[-1] + self.slope * (n - t[-1])
+        return float(np.interp(n, t, y))
+
+    def falls(self, tolerance: float = FALL_TOLERANCE) -> list[tuple[int, float, int, float]]:
+        """Where the measured curve falls: (earlier size, its ms, later size, its ms) for each
+        measured point more than ``tolerance`` (a fraction) below the dearest smaller size."""
+        out = []
+        for i in range(1, len(self.tokens)):
+            j = int(np.argmax(self.raw[:i]))
+            if self.raw[i] < self.raw[j] * (1 - tolerance):
+                out.append((self.tokens[j], self.raw[j], self.tokens[i], self.raw[i]))
+        return out
+
+
+def monotone(curve):
+    """``curve``'s :class:`MonotoneCurve` (None stays None; an envelope is returned as is)."""
+    if curve is None or isinstance(curve, MonotoneCurve):
+        return curve
+    return MonotoneCurve(curve)
+
+
+def _curves(latency):
+    """(target envelope, draft envelope or None) of a Latency."""
+    return monotone(latency.target), monotone(getattr(latency, "draft", None))
+
+
+class _Envelopes(NamedTuple):
+    """A latency table read through its envelopes (what ``choose`` prices with)."""
+
+    target: MonotoneCurve
+    draft: MonotoneCurve | None
 
 
 @dataclass(frozen=True)
@@ -79,8 +166,10 @@ class Choice:
     convention) so ``table.tree(size, depth)`` rebuilds ``tree``; ``tree.depth`` = depth - 1.
 
     ``candidates``: one dict per size shown (powers of two, the latency table's measured
-    sizes and the chosen size, all <= max_size) with that size's best depth: keys size,
-    depth, tree_depth, F, step_ms, tokens_per_s, speedup."""
+    sizes and the chosen size, all <= max_size; only the measured sizes and 1 with
+    ``measured_only``) with that size's best depth: keys size, depth, tree_depth, F, step_ms,
+    tokens_per_s, speedup. ``notes``: one-line warnings about the latency curves (a falling
+    curve priced at its envelope, a choice beyond the measured sizes)."""
 
     size: int
     depth: int
@@ -92,6 +181,8 @@ class Choice:
     candidates: list[dict] = field(default_factory=list)
     draft_cost: str = "sequoia"
     plain_ms: float = float("nan")
+    notes: list[str] = field(default_factory=list)
+    measured_only: bool = False
 
 
 def _check_cost(draft_cost: str) -> None:
@@ -112,9 +203,10 @@ def draft_ms(tree: Tree, latency, draft_cost: str = "sequoia") -> float:
 
     sequoia: Sequoia's charge, one draft forward per level counting the root,
     ``levels * t_draft(1)``. per-level: what treeopt's engine runs, one draft forward per level
-    that has children, over the nodes it expands: ``sum t_draft(expanded nodes at level)``."""
+    that has children, over the nodes it expands: ``sum t_draft(expanded nodes at level)``.
+    t_draft is the draft curve's non-decreasing envelope (:class:`MonotoneCurve`)."""
     _check_cost(draft_cost)
-    curve = getattr(latency, "draft", None)
+    curve = monotone(getattr(latency, "draft", None))
     if curve is None or tree.size == 1:
         return 0.0
     if draft_cost == "sequoia":
@@ -142,15 +234,17 @@ def predict(tree: Tree, profile_table, latency, draft_cost: str = "sequoia",
     """Step time, expected tokens, tokens/s and speed-up over plain decoding for any tree.
 
     profile_table: 1-D rank profile (W,) or depth-aware (R, W), as ``Tree.expected_tokens``.
-    latency: ``treeopt.profile.Latency`` (``target(n)`` and optional ``draft(n)`` in ms).
+    latency: ``treeopt.profile.Latency`` (``target(n)`` and optional ``draft(n)`` in ms),
+    read through the curves' non-decreasing envelopes (see the module docstring).
     empty_rate: fraction of steps that propose nothing (see the module docstring); the draft
     and verify times are then averages over all steps."""
     _check_latency(latency)
     _check_empty(empty_rate)
     f = tree.expected_tokens(profile_table)
-    plain = float(latency.target(1))
+    target = monotone(latency.target)
+    plain = float(target(1))
     d_ms = draft_ms(tree, latency, draft_cost)
-    v_ms = float(latency.target(tree.size))
+    v_ms = float(target(tree.size))
     if tree.size > 1 and empty_rate:
         d_ms, v_ms = (1 - empty_rate) * d_ms, empty_rate * plain + (1 - empty_rate) * v_ms
     step = d_ms + v_ms
@@ -159,21 +253,68 @@ def predict(tree: Tree, profile_table, latency, draft_cost: str = "sequoia",
                       plain_ms=plain, speedup=plain * f / step)
 
 
-def _display_sizes(latency, max_size: int, chosen: int) -> list[int]:
-    sizes = {1 << k for k in range(max_size.bit_length()) if 1 << k <= max_size}
-    sizes.update(int(t) for t in getattr(latency.target, "tokens", []) if 1 <= int(t) <= max_size)
-    sizes.add(chosen)
+def _measured_sizes(latency, max_size: int) -> set[int]:
+    return {int(t) for t in getattr(latency.target, "tokens", []) if 1 <= int(t) <= max_size}
+
+
+def _display_sizes(latency, max_size: int, chosen: int, measured_only: bool = False
+                   ) -> list[int]:
+    sizes = _measured_sizes(latency, max_size) | {1, chosen}
+    if not measured_only:
+        sizes.update(1 << k for k in range(max_size.bit_length()) if 1 << k <= max_size)
     return sorted(sizes)
+
+
+def _fall_note(name: str, curve: MonotoneCurve) -> str | None:
+    falls = curve.falls()
+    if not falls:
+        return None
+    a, ya, b, yb = falls[0]
+    more = f" and {len(falls) - 1} more such point(s)" if len(falls) > 1 else ""
+    return (f"the {name} latency curve falls ({ya:.2f} ms at {a} tokens, {yb:.2f} ms at {b}"
+            f"{more}): costs use its non-decreasing envelope, so no size is priced below a "
+            "smaller one; if that is timing noise, re-measure with more --repeats or "
+            "--threads 1")
+
+
+def curve_notes(latency, tree: Tree | None = None, draft_cost: str = "sequoia",
+                falls: bool = True) -> list[str]:
+    """One-line warnings about a latency table: falling curves (priced at their envelopes;
+    left out with ``falls=False``) and, given a tree, costs read beyond the measured sizes
+    (extrapolated)."""
+    target, draft = _curves(latency)
+    notes = []
+    if falls:
+        notes = [n for n in (_fall_note("target", target),
+                             _fall_note("draft", draft) if draft is not None else None) if n]
+    if tree is None:
+        return notes
+    if tree.size > target.max_tokens:
+        notes.append(f"size {tree.size} lies beyond the largest measured target size "
+                     f"{target.max_tokens}: its verify cost {target(tree.size):.2f} ms is "
+                     "extrapolated; time larger sizes (--tokens) or choose among measured "
+                     "sizes only (--measured-sizes-only)")
+    if draft is not None and tree.size > 1 and draft_cost == "per-level":
+        children = tree.children
+        widest = max(sum(1 for v in level if children[v]) for level in tree.levels)
+        if widest > draft.max_tokens:
+            notes.append(f"the draft cost of a level of {widest} nodes is extrapolated beyond "
+                         f"the largest measured draft size {draft.max_tokens}")
+    return notes
 
 
 def choose(profile_table, latency, max_size: int, max_depth: int,
            draft_cost: str = "sequoia", table: DPTable | None = None,
-           empty_rate: float = 0.0) -> Choice:
+           empty_rate: float = 0.0, measured_only: bool = False) -> Choice:
     """Pick the (size, depth) with the most tokens/s; see the module docstring for the model.
 
     profile_table: 1-D (W,) or depth-aware (R, W) rank profile. ``max_depth`` counts levels
     including the root. ``table``: a :func:`treeopt.search.dp.solve` result to reuse (must
-    cover max_size and max_depth). ``empty_rate``: fraction of steps that propose nothing."""
+    cover max_size and max_depth). ``empty_rate``: fraction of steps that propose nothing.
+    ``measured_only``: consider only the sizes the target curve measured (and size 1, plain
+    decoding), as Sequoia's ``valid_budget`` does, so the chosen size's verify cost is
+    neither interpolated nor extrapolated. Latency is read through the curves'
+    non-decreasing envelopes; ``Choice.notes`` warns about falling curves and extrapolation."""
     _check_cost(draft_cost)
     _check_latency(latency)
     _check_empty(empty_rate)
@@ -186,31 +327,37 @@ def choose(profile_table, latency, max_size: int, max_depth: int,
     F = table.values[1 : max_size + 1, 1 : max_depth + 1]  # (n, l), index n-1, l-1
     sizes = np.arange(1, max_size + 1)
     levels = np.arange(1, max_depth + 1)
-    verify = np.array([float(latency.target(int(n))) for n in sizes])
+    target, curve = _curves(latency)
+    env = _Envelopes(target, curve)  # the envelopes, built once
+    verify = np.array([float(target(int(n))) for n in sizes])
     if verify.min() <= 0:
         bad = int(sizes[np.argmax(verify <= 0)])
         raise HardwareError(f"the target latency curve predicts {verify.min():.3f} ms at "
                             f"{bad} tokens (extrapolated); lower max_size to the measured range")
-    plain = float(latency.target(1))
-    curve = getattr(latency, "draft", None)
+    plain = float(target(1))
     t1 = float(curve(1)) if curve is not None else 0.0
+    allowed = np.ones(max_size, dtype=bool)  # sizes the choice may take
+    if measured_only:
+        allowed[:] = False
+        allowed[[t - 1 for t in _measured_sizes(latency, max_size) | {1}]] = True
+    feasible = np.isfinite(F) & allowed[:, None]
     with np.errstate(invalid="ignore", divide="ignore"):
         step_seq = e * plain + (1 - e) * (levels[None, :] * t1 + verify[:, None])
         step_seq[0, :] = verify[0]  # size 1 is plain decoding: no draft forward
-        ratio_seq = np.where(np.isfinite(F), step_seq / F, np.inf)
+        ratio_seq = np.where(feasible, step_seq / F, np.inf)
 
     scored: dict[tuple[int, int], tuple[float, Tree | None]] = {}
 
     def score(n: int, l: int) -> float:
         """ms per token of (n, l) under the chosen model (inf if infeasible)."""
         if (n, l) not in scored:
-            if not np.isfinite(F[n - 1, l - 1]):
+            if not feasible[n - 1, l - 1]:
                 scored[(n, l)] = (np.inf, None)
             elif draft_cost == "sequoia":
                 scored[(n, l)] = (float(ratio_seq[n - 1, l - 1]), None)
             else:
                 tree = table.tree(n, l)
-                step = draft_ms(tree, latency, draft_cost) + verify[n - 1]
+                step = draft_ms(tree, env, draft_cost) + verify[n - 1]
                 if n > 1:
                     step = e * plain + (1 - e) * step
                 scored[(n, l)] = (step / float(F[n - 1, l - 1]), tree)
@@ -229,7 +376,7 @@ def choose(profile_table, latency, max_size: int, max_depth: int,
         with np.errstate(invalid="ignore", divide="ignore"):
             lower = e * plain + (1 - e) * (levels[None, :] * tmin + verify[:, None])
             lower[0, :] = verify[0]  # size 1: no draft forward
-            bound = np.where(np.isfinite(F) & deeper, lower / F, np.inf)
+            bound = np.where(feasible & deeper, lower / F, np.inf)
         order = np.argsort(bound, axis=None, kind="stable")
         best = (np.inf, 1, 1)
         for idx in order:
@@ -244,11 +391,11 @@ def choose(profile_table, latency, max_size: int, max_depth: int,
             raise HardwareError("no feasible tree for these limits")
 
     tree = scored.get((n_best, l_best), (None, None))[1] or table.tree(n_best, l_best)
-    pred = predict(tree, profile_table, latency, draft_cost, e)
+    pred = predict(tree, profile_table, env, draft_cost, e)
 
     candidates = []
-    for n in _display_sizes(latency, max_size, n_best):
-        ls = [l for l in levels if np.isfinite(F[n - 1, l - 1])
+    for n in _display_sizes(latency, max_size, n_best, measured_only):
+        ls = [l for l in levels if feasible[n - 1, l - 1]
               and (l == 1 or F[n - 1, l - 1] > F[n - 1, l - 2])]
         if not ls:
             continue
@@ -261,4 +408,5 @@ def choose(profile_table, latency, max_size: int, max_depth: int,
                            "speedup": plain / s})
     return Choice(size=n_best, depth=l_best, tree=tree, expected_tokens=pred.expected_tokens,
                   step_ms=pred.step_ms, tokens_per_s=pred.tokens_per_s, speedup=pred.speedup,
-                  candidates=candidates, draft_cost=draft_cost, plain_ms=plain)
+                  candidates=candidates, draft_cost=draft_cost, plain_ms=plain,
+                  notes=curve_notes(latency, tree, draft_cost), measured_only=measured_only)

@@ -48,13 +48,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from treeopt.errors import TreeoptError
 from treeopt.tree import Tree
 
 OBJECTIVES = ("model", "replay", "engine")
 METRICS = ("tokens", "speed")
 
 
-class OptunaSearchError(ValueError):
+class OptunaSearchError(TreeoptError, ValueError):
     """Bad Optuna-search input; the one-line message says what to change."""
 
 
@@ -272,13 +273,67 @@ class OptunaResult:
 
 def resolve_storage(storage: str | None, default: str | os.PathLike) -> str:
     """An Optuna storage URL: ``storage`` as given when it has a scheme (``sqlite:///...``,
-    ``postgresql://...``), a plain path as an SQLite file, ``None`` as ``default``'s file."""
-    target = storage if storage else str(default)
-    if "://" in target:
+    ``postgresql://...``), a plain path as an SQLite file, ``None`` as ``default``'s file.
+
+    Checked up front (OptunaSearchError, one line) rather than after Optuna's retries: an
+    SQLite path that is a folder or an existing file that is not an SQLite database, a URL
+    that is malformed, whose scheme no SQLAlchemy dialect handles, or whose database driver
+    is not installed."""
+    target = str(storage) if storage else str(default)
+
+    def check_sqlite_file(path: Path) -> None:
+        if path.is_dir():
+            raise OptunaSearchError(f"Optuna storage {target!r} is a folder; give an SQLite "
+                                    f"file path (e.g. {path / 'study.db'}) or a database URL")
+        if path.is_file() and path.stat().st_size > 0:
+            try:
+                with open(path, "rb") as f:
+                    header = f.read(16)
+            except OSError as exc:
+                raise OptunaSearchError(f"Optuna storage {target!r} cannot be read: "
+                                        f"{exc.strerror}") from None
+            if header != b"SQLite format 3\x00":
+                raise OptunaSearchError(f"Optuna storage {target!r} exists and is not an SQLite "
+                                        "database; give a new file name or an existing study's "
+                                        "database")
+        for parent in path.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise OptunaSearchError(f"Optuna storage {target!r}: {parent} is a file, "
+                                            "not a folder")
+                break
+
+    if "://" not in target:
+        path = Path(target)
+        check_sqlite_file(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{path}"
+    scheme = target.split("://", 1)[0]
+    try:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+    except ImportError:  # no Optuna either: the search reports that itself
         return target
-    path = Path(target)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path}"
+    try:
+        url = make_url(target)
+        dialect = url.get_dialect()
+    except (ArgumentError, NoSuchModuleError, ValueError):
+        raise OptunaSearchError(f"Optuna storage {target!r}: unknown or malformed database URL "
+                                f"(scheme {scheme!r}); use sqlite:///PATH, postgresql://... or "
+                                "mysql://..., or a plain file path") from None
+    if url.get_backend_name() == "sqlite":
+        database = url.database or ""
+        if database and database != ":memory:" and not database.startswith("file:"):
+            check_sqlite_file(Path(database))
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        return target
+    try:
+        importer = getattr(dialect, "import_dbapi", None) or getattr(dialect, "dbapi")
+        importer()
+    except ImportError as exc:
+        raise OptunaSearchError(f"Optuna storage {target!r}: the database driver for "
+                                f"{url.drivername!r} is not installed ({exc})") from None
+    return target
 
 
 def _storage(url: str | None):
