@@ -1,7 +1,8 @@
 """Benchmark the exact DP (``treeopt.search.dp.solve``) and compare with a faithful
 pure-Python port of Sequoia's loop DP on the small cases, in the same run.
 
-    python scripts/bench_dp.py [--repeat 3] [--ref-large] [--threads 1]
+    python scripts/bench_dp.py [--repeat 3] [--ref-large]
+    python scripts/bench_dp.py --tiny --repeat 1      # seconds: checks the script works
 
 Prints, per (W, d, n): best-of-``repeat`` solve time, time to rebuild the optimal tree, peak
 memory traced during one solve (tracemalloc, numpy buffers included) and F*(n, d); then the
@@ -22,7 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+_TESTS = str(Path(__file__).resolve().parent.parent / "tests")
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
 
 from sequoia_reference_dp import reference_dp, reference_results  # noqa: E402
 from treeopt.search.dp import solve  # noqa: E402
@@ -52,19 +55,28 @@ def peak_mib(fn) -> float:
     return peak / 2**20
 
 
-def main() -> None:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per case (best kept)")
     ap.add_argument("--ref-large", action="store_true",
                     help="also run the reference port at n=256 (about 2 s) and W=16, d=16")
-    args = ap.parse_args()
+    ap.add_argument("--tiny", action="store_true",
+                    help="small cases only (W=8, d=4 and 6, n=16 and 32; reference at n=16): "
+                         "checks the script works in seconds")
+    args = ap.parse_args(argv)
+    depths, profiles, sizes = (12, 16), PROFILES, SIZES
+    aware = (16, 1024)  # depth-aware case: levels (= rows), n
+    cases = [(8, 12, 64), (8, 12, 128)]
+    if args.tiny:
+        depths, profiles, sizes = (4, 6), {8: REF_P}, [16, 32]
+        aware, cases = (4, 32), [(8, 6, 16)]
     print(f"python {platform.python_version()}, numpy {np.__version__}, "
           f"{os.cpu_count()} cpus; best of {args.repeat}; d = levels incl. root")
     print(f"{'W':>3} {'d':>3} {'n':>5} {'solve_s':>9} {'tree_s':>8} {'peak_MiB':>9} "
           f"{'F*(n,d)':>10}")
-    for d in (12, 16):
-        for w, p in PROFILES.items():
-            for n in SIZES:
+    for d in depths:
+        for w, p in profiles.items():
+            for n in sizes:
                 t, table = best_time(lambda: solve(p, n, d), args.repeat)
                 tt, tree = best_time(lambda: table.tree(n, d), args.repeat)
                 mem = peak_mib(lambda: solve(p, n, d))
@@ -72,18 +84,18 @@ def main() -> None:
                 print(f"{w:>3} {d:>3} {n:>5} {t:9.4f} {tt:8.4f} {mem:9.1f} "
                       f"{table.value(n, d):10.6f}")
 
+    levels, n_aware = aware
     rows = [[.6, .1, .05, .03, .02, .015, .01, .008]]
-    rows += [[.6 + .01 * k] + r[1:] for k, r in enumerate(rows * 15, start=1)]
-    t, table = best_time(lambda: solve(rows, 1024, 16), args.repeat)
-    mem = peak_mib(lambda: solve(rows, 1024, 16))
-    print(f"depth-aware, 16 rows, W=8, d=16, n=1024: solve {t:.4f} s, peak {mem:.1f} MiB, "
-          f"F* = {table.value(1024, 16):.6f}")
+    rows += [[.6 + .01 * k] + r[1:] for k, r in enumerate(rows * (levels - 1), start=1)]
+    t, table = best_time(lambda: solve(rows, n_aware, levels), args.repeat)
+    mem = peak_mib(lambda: solve(rows, n_aware, levels))
+    print(f"depth-aware, {levels} rows, W=8, d={levels}, n={n_aware}: solve {t:.4f} s, peak "
+          f"{mem:.1f} MiB, F* = {table.value(n_aware, levels):.6f}")
 
     print("\nreference port of Sequoia's loop DP (pure Python) vs treeopt.search.dp:")
     print(f"{'W':>3} {'d':>3} {'n':>5} {'ref_s':>8} {'dp_s':>8} {'speedup':>9} "
           f"{'ref F*':>10} {'|diff| max over table':>22}")
-    cases = [(8, 12, 64), (8, 12, 128)]
-    if args.ref_large:
+    if args.ref_large and not args.tiny:
         cases += [(8, 12, 256), (16, 16, 64)]
     for w, d, n in cases:
         p = PROFILES[w]
@@ -97,7 +109,7 @@ def main() -> None:
         diff = float(np.abs(ref[fin] - table.values[fin]).max())
         print(f"{w:>3} {d:>3} {n:>5} {t_ref:8.3f} {t:8.4f} {t_ref / t:8.0f}x "
               f"{ref[n, d]:10.6f} {diff:14.2e} (inf {'same' if same_inf else 'DIFFER'})")
-
+    return 0
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

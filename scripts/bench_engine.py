@@ -1,24 +1,33 @@
 """Benchmark the decoding engine on real weights: autoregressive, chain and DP trees, against
 Hugging Face's own greedy and assisted generation, on the same Spec-Bench prompts in one run.
 
-For every prompt each method decodes greedily with the same ``max_new_tokens``; methods are
-interleaved prompt by prompt so machine load hits all of them alike. Reported per method:
+A thin wrapper over ``treeopt.evaluate.runner.run_eval`` (the runner of ``treeopt eval``): every
+method decodes every prompt greedily with the same ``max_new_tokens``, methods interleaved
+prompt by prompt in a rotating order so machine load hits all of them alike, after one
+warm-up call each. Reported per method:
 
 - tok/s: generated tokens / wall time of the call (prompt tokens never counted; the prefill
   is inside the time for every method alike), and the speed-up over our AR engine;
-- tokens/step (accepted drafts + bonus per target forward) and acceptance rate;
+- tokens/step (accepted drafts + bonus per target forward), acceptance rate and F(tree), the
+  tokens per step the profile predicts;
 - same-as-AR: prompts whose output equals our AR output token for token (greedy is lossless,
-  so anything but n/n is a bug);
+  so anything but n/n for an engine row is a bug);
 - overhead: per decoding step, wall time outside the draft and target forwards (measured by
-  forward hooks) as a share of the step time; the engine's own split (draft_s, verify_s,
-  other_s) is printed as well.
+  forward hooks) as a share of the step time; the engine's own split (draft, verify, other
+  milliseconds per step) is printed as well.
+
+Hugging Face rows: ``hf-greedy`` (``target.generate`` without drafting), ``hf-assisted``
+(``assistant_early_exit=K`` for an ``early-exit:K`` draft, else ``assistant_model=`` the draft
+model), ``hf-assisted-model`` (an ``early-exit:K`` draft's model as ``assistant_model=``) and,
+with ``--hf-prompt-lookup K``, prompt lookup (``hf-pld:K``).
 
 The DP trees are solved (``treeopt.search.dp``) for a greedy rank profile measured here on
-separate calibration prompts (teacher-forced: the target's argmax at every prompt position
-against the draft's ranking), or for ``--profile FILE``.
+separate calibration prompts (``treeopt.profile.acceptance.profile_acceptance``, teacher-forced
+on the prompts' own text), or for ``--profile FILE``.
 
     python scripts/bench_engine.py                      # SmolLM2-135M + early-exit:4, CPU
     python scripts/bench_engine.py --n 16 --max-new-tokens 128 --out results/engine.json
+    python scripts/bench_engine.py --tiny               # tiny random models: seconds
 """
 
 from __future__ import annotations
@@ -26,13 +35,17 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from treeopt.decode.drafter import Drafter
+
+HF_GREEDY = "hf-greedy"
 
 
 def parse_args(argv=None):
@@ -55,42 +68,72 @@ def parse_args(argv=None):
     p.add_argument("--width", type=int, default=8, help="profile width (ranks measured)")
     p.add_argument("--profile", default=None, help="treeopt profile JSON to use for the DP")
     p.add_argument("--no-hf", action="store_true", help="skip Hugging Face's generate rows")
+    p.add_argument("--hf-prompt-lookup", default=None, metavar="K,...",
+                   help="also run Hugging Face prompt lookup with these numbers of tokens")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--tiny", action="store_true",
+                   help="tiny random models (a 2-layer target, a 1-layer draft model) and "
+                        "random token-id prompts instead of --target/--draft/--dataset: "
+                        "checks the script works in seconds")
     p.add_argument("--out", default=None, help="write results (.json or .csv)")
     return p.parse_args(argv)
 
 
-# ---------------------------------------------------------------- prompts
-def load_texts(spec: str, n: int, seed: int, categories: str | None) -> list[tuple[str, str]]:
-    """(category, text) pairs: the first user turn of ``n`` prompts."""
-    try:
-        from treeopt.evaluate.datasets import load_prompts
-    except ImportError:
-        load_prompts = None
-    if load_prompts is not None:
-        return [(p.category, p.text) for p in load_prompts(spec, categories=categories, n=n,
-                                                           seed=seed)]
-    out = []
-    with open(spec, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                q = json.loads(line)
-                if not categories or q.get("category") in categories.split(","):
-                    out.append((q.get("category", ""), q["turns"][0]))
-    return out[:n]
+# ---------------------------------------------------------------- models and prompts
+def tiny_setup(args):
+    """(target, draft model, tokenizer None, bench prompts, calibration token lists) of tiny
+    random models; prompts are random token ids."""
+    from treeopt.evaluate.datasets import Prompt
+    from treeopt.testing import tiny_pair
+
+    target, draft = tiny_pair("llama", vocab_size=96)
+    gen = torch.Generator().manual_seed(args.seed)
+    ids = [torch.randint(3, 96, (12,), generator=gen).tolist()
+           for _ in range(args.n + args.calib)]
+    bench = [Prompt(str(i), "tiny", "", token_ids=tuple(x)) for i, x in enumerate(ids[:args.n])]
+    return target, draft, None, bench, ids[args.n:]
+
+
+def real_setup(args):
+    """(target, drafter, tokenizer, bench prompts, calibration token lists) from the specs:
+    prompts encoded with the tokenizer's chat template and cut to their last
+    ``--max-prompt-tokens`` tokens."""
+    from treeopt.decode.api import encode_prompt
+    from treeopt.decode.models import load_pair
+    from treeopt.evaluate.datasets import Prompt, load_prompts
+
+    pair = load_pair(args.target, args.draft, dtype=args.dtype, device=args.device)
+    prompts = load_prompts(args.dataset, categories=args.categories, n=args.n + args.calib,
+                           seed=args.seed)
+    encoded = [(p, encode_prompt(pair.tokenizer, p.text)[0, -args.max_prompt_tokens:].tolist())
+               for p in prompts]
+    bench = [Prompt(p.id, p.category, p.text, token_ids=tuple(ids))
+             for p, ids in encoded[:args.n]]
+    return pair.target, pair.drafter, pair.tokenizer, bench, [ids for _, ids in
+                                                              encoded[args.n:]]
+
+
+def measure_profile(target, draft, calib: list[list[int]], args):
+    """Greedy rank profile of the draft, teacher-forced on the calibration prompts' own text
+    (``profile_acceptance``, continuation "dataset")."""
+    from treeopt.profile.acceptance import AcceptanceRun, profile_acceptance
+
+    run = AcceptanceRun(width=args.width, depth=max(1, args.dp_depth - 1),
+                        continuation="dataset", draft="tiny" if args.tiny else args.draft,
+                        target="tiny" if args.tiny else args.target)
+    return profile_acceptance(target, draft, calib, run)
 
 
 # ---------------------------------------------------------------- forward timing
 class ForwardTimer:
     """Forward hooks summing the wall time of the models' top-level forward calls; the first
-    ``prefill_calls`` calls after ``reset`` (the prefill) are also summed apart."""
+    call of each model (its prefill) is summed apart."""
 
     def __init__(self, *models):
         self.total = self.prefill = 0.0
-        self.calls = 0
-        self.prefill_calls = 1
+        self._calls: dict[int, int] = {}
         self._t0: dict[int, float] = {}
         self._handles = []
         for m in models:
@@ -104,252 +147,221 @@ class ForwardTimer:
     def _post(self, module, args, output):
         dt = time.perf_counter() - self._t0.pop(id(module))
         self.total += dt
-        self.calls += 1
-        if self.calls <= self.prefill_calls:
+        n = self._calls[id(module)] = self._calls.get(id(module), 0) + 1
+        if n == 1:
             self.prefill += dt
-
-    def reset(self) -> None:
-        self.total = self.prefill = 0.0
-        self.calls = 0
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
 
 
-# ---------------------------------------------------------------- profile and trees
-def measure_profile(target, draft, prompts: list[torch.Tensor], width: int) -> list[float]:
-    """Greedy rank profile p[k-1] = P(the target's argmax is the draft's k-th choice),
-    teacher-forced over the calibration prompts' positions."""
-    counts = [0] * width
-    total = 0
-    with torch.inference_mode():
-        for ids in prompts:
-            t = target(ids).logits[0].argmax(-1)
-            order = draft(ids).logits[0].topk(width, dim=-1).indices
-            hit = (order == t[:, None]).float()
-            for k in range(width):
-                counts[k] += int(hit[:, k].sum())
-            total += ids.shape[1]
-    return [c / total for c in counts]
+class HFGreedy(Drafter):
+    """Marks the ``HF greedy`` method: ``Timed`` runs Hugging Face's plain ``generate`` for it
+    (the runner hands a method's drafter object through unchanged); it never drafts."""
+
+    name = HF_GREEDY
+
+    def __str__(self) -> str:
+        return "Hugging Face generate() without drafting"
 
 
-def build_trees(args, profile: list[float]):
-    from treeopt.shapes import chain
-    from treeopt.tree import Tree
+class Timed:
+    """The ``generate`` the runner calls: the engine with forward hooks on the target and the
+    drafter's model, so each engine method's step time outside the forwards (the overhead)
+    is known; Hugging Face's plain generate for the HF greedy marker. The first call of each
+    method is the runner's warm-up and is not counted."""
 
-    trees: list[tuple[str, Tree | None]] = [("AR (engine)", None),
-                                           (f"chain:{args.chain}", chain(args.chain))]
-    sizes = [int(s) for s in args.dp_sizes.split(",") if s.strip()]
-    try:
-        from treeopt.search.dp import solve
+    def __init__(self, methods):
+        self.by_tree = {id(m.tree): m.name for m in methods if m.tree is not None}
+        self.totals: dict[str, list[float]] = {}
+        self.seen: set[str] = set()
 
-        table = solve(profile, max(sizes), args.dp_depth)
-        for n in sizes:
-            tree = table.tree(n, args.dp_depth, at_most=True)
-            trees.append((f"dp:{tree.size}x{tree.depth}", tree))
-    except ImportError:
-        from treeopt.shapes import top_path_product
+    def __call__(self, target, drafter, input_ids, **kw):
+        from treeopt.decode.engine import generate
 
-        for n in sizes:
-            trees.append((f"greedy:{n}", top_path_product(profile, n)))
-    return trees
+        if isinstance(drafter, HFGreedy):
+            from treeopt.evaluate.reference import run_hf
 
+            return run_hf(target, input_ids, options={}, **kw)
+        timer = ForwardTimer(target, getattr(drafter, "model", None))
+        try:
+            gen = generate(target, drafter, input_ids, **kw)
+        finally:
+            timer.remove()
+        name = "ar" if drafter is None else self.by_tree.get(id(drafter.shape), "?")
+        if name not in self.seen:
+            self.seen.add(name)
+            return gen
+        acc = self.totals.setdefault(name, [0.0, 0.0])
+        acc[0] += gen.stats.total_s - gen.stats.prefill_s
+        acc[1] += max(0.0, timer.total - timer.prefill)
+        return gen
 
-# ---------------------------------------------------------------- one method, one prompt
-@dataclass
-class Row:
-    name: str
-    size: int = 1
-    depth: int = 0
-    tokens: int = 0
-    seconds: float = 0.0
-    steps_s: float = 0.0
-    forward_s: float = 0.0
-    target_forwards: int = 0
-    committed: int = 0
-    drafted: int = 0
-    accepted: int = 0
-    draft_s: float = 0.0
-    verify_s: float = 0.0
-    other_s: float = 0.0
-    same: int = 0
-    prompts: int = 0
-    outputs: list = field(default_factory=list)
-    note: str = ""
+    def overhead_pct(self, name: str) -> float | None:
+        step_s, forward_s = self.totals.get(name, (0.0, 0.0))
+        return 100 * (step_s - forward_s) / step_s if step_s > 0 else None
 
 
-def run_engine(row: Row, target, draft, tree, ids, max_new: int, eos, timer: ForwardTimer):
-    from treeopt.decode.engine import generate
-    from treeopt.decode.model_drafter import ModelDrafter
+# ---------------------------------------------------------------- methods
+def build_methods(args, profile, draft_spec: str | None):
+    from treeopt.evaluate.reference import early_exit_layers, hf_assisted, hf_prompt_lookup
+    from treeopt.evaluate.runner import Method, ar_method, chain_method, dp_method
 
-    timer.reset()
-    drafter = ModelDrafter(draft, tree) if tree is not None and draft is not None else None
-    gen = generate(target, drafter, ids, max_new_tokens=max_new, eos_token_id=eos)
-    st = gen.stats
-    # The prefill forwards (target, then draft) are the first calls; per-step time excludes them.
-    step_time = st.total_s - st.prefill_s
-    row.tokens += st.generated_tokens
-    row.seconds += st.total_s
-    row.steps_s += step_time
-    row.forward_s += max(0.0, timer.total - timer.prefill)
-    row.target_forwards += st.target_forwards
-    row.committed += sum(s.tokens for s in st.steps)
-    row.drafted += st.drafted_tokens
-    row.accepted += st.accepted_tokens
-    row.draft_s += st.draft_s
-    row.verify_s += st.verify_s
-    row.other_s += st.other_s
-    return gen.tokens
-
-
-def run_hf(row: Row, target, ids, max_new: int, eos, **kw):
-    start = time.perf_counter()
-    out = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
-                          do_sample=False, temperature=None, top_p=None, top_k=None,
-                          eos_token_id=eos, pad_token_id=eos[0], **kw)
-    row.seconds += time.perf_counter() - start
-    tokens = out[0, ids.shape[1]:].tolist()
-    row.tokens += len(tokens)
-    return tokens
+    engine = [ar_method(), chain_method(args.chain - 1)]
+    for n in (int(s) for s in args.dp_sizes.split(",") if s.strip()):
+        engine.append(dp_method(profile, n, args.dp_depth))
+    hf = []
+    if not args.no_hf:
+        hf.append(Method(HF_GREEDY, None, "drafter", str(HFGreedy()), HFGreedy()))
+        k = early_exit_layers(draft_spec)
+        hf.append(hf_assisted(k))
+        if k is not None:  # the early-exit draft model itself as HF's assistant_model too
+            hf.append(Method("hf-assisted-model", None, "hf",
+                             "Hugging Face generate(assistant_model=the early-exit draft)"))
+        for k in (args.hf_prompt_lookup or "").split(","):
+            if k.strip():
+                hf.append(hf_prompt_lookup(int(k)))
+    return engine, hf
 
 
 # ---------------------------------------------------------------- main
+def _num(v) -> float | None:
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def results_table(summary, methods, timed: Timed, engine_names: set[str]) -> list[dict]:
+    """One dict per method from the runner's summary (category "all" when there are
+    several), with the hook-measured overhead and the time split as shares of a step."""
+    cats = set(summary["category"])
+    rows = summary[summary["category"] == ("all" if len(cats) > 1 else next(iter(cats)))]
+    by_name = {r["method"]: r for r in rows.to_dict("records")}
+    out = []
+    for m in methods:
+        r = by_name.get(m.name)
+        if r is None:
+            continue
+        split = [_num(r.get(k)) for k in ("draft_ms_per_step", "verify_ms_per_step",
+                                          "other_ms_per_step")]
+        ms_step = sum(x for x in split if x is not None) if any(
+            x is not None for x in split) else None
+        res = {"method": m.name, "size": m.tree.size if m.tree is not None else 1,
+               "depth": m.tree.depth if m.tree is not None else 0,
+               "prompts": int(r["prompts"]), "tokens": int(r["new_tokens"]),
+               "seconds": round(float(r["seconds"]), 3),
+               "tokens_per_s": _num(r["tokens_per_s"]), "speedup_vs_ar": _num(r["speedup"]),
+               "tokens_per_step": _num(r["tokens_per_step"]),
+               "acceptance_rate": _num(r["acceptance_rate"]),
+               "expected_tokens_per_step": _num(r["expected_tokens_per_step"]),
+               "ms_per_step": ms_step, "same_as_ar": r["matches_ar"],
+               "engine": m.name in engine_names}
+        for key, x in zip(("draft_pct", "verify_pct", "other_pct"), split):
+            res[key] = 100 * x / ms_step if x is not None and ms_step else None
+        res["overhead_pct"] = timed.overhead_pct(m.name) if m.name in engine_names else None
+        out.append(res)
+    return out
+
+
+def print_table(results: list[dict]) -> None:
+    head = ["method", "size", "tokens", "tok/s", "speedup", "tok/step", "F(tree)", "accept",
+            "ms/step", "draft%", "verify%", "other%", "overhead%", "same-as-AR"]
+    fmt = "{:<18}" + "{:>10}" * 12 + "{:>11}"
+    print(fmt.format(*head))
+
+    def g(res, key, spec):
+        v = res.get(key)
+        return "-" if v is None else format(v, spec)
+
+    for res in results:
+        print(fmt.format(res["method"][:18], res["size"] if res["engine"] else "-",
+                         res["tokens"], g(res, "tokens_per_s", ".2f"),
+                         g(res, "speedup_vs_ar", ".2f"), g(res, "tokens_per_step", ".2f"),
+                         g(res, "expected_tokens_per_step", ".2f"),
+                         g(res, "acceptance_rate", ".3f"), g(res, "ms_per_step", ".1f"),
+                         g(res, "draft_pct", ".1f"), g(res, "verify_pct", ".1f"),
+                         g(res, "other_pct", ".1f"), g(res, "overhead_pct", ".2f"),
+                         res["same_as_ar"]))
+    print("tok/s = generated tokens / wall time (prefill included, prompt tokens not counted); "
+          "F(tree) = tokens per step the profile predicts; overhead% = step time outside the "
+          "draft and target forwards (engine rows); draft/verify/other% = the engine's split "
+          "of a step (Hugging Face rows: its loop counted as other)")
+
+
+def write_out(path: str, results: list[dict], meta: dict) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".csv":
+        with out.open("w", newline="") as f:
+            keys = sorted({k for r in results for k in r})
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(results)
+    else:
+        out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
 
-    from treeopt.decode.api import encode_prompt, eos_ids
-    from treeopt.decode.models import load_pair
+    from treeopt.evaluate.runner import EvalConfig, run_eval
 
-    hf_logging.disable_progress_bar()
+    threads = torch.get_num_threads()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
-    t0 = time.perf_counter()
-    pair = load_pair(args.target, args.draft, dtype=args.dtype, device=args.device)
-    target, draft, tok = pair.target, pair.draft, pair.tokenizer
-    load_s = time.perf_counter() - t0
-    eos = eos_ids(tok, target)
+    hf_logging.disable_progress_bar()
+    try:
+        t0 = time.perf_counter()
+        if args.tiny:
+            target, draft, tok, bench, calib = tiny_setup(args)
+            draft_spec = None
+        else:
+            target, draft, tok, bench, calib = real_setup(args)
+            draft_spec = args.draft
+        load_s = time.perf_counter() - t0
+        if args.profile:
+            from treeopt.profile import Profile
 
-    texts = load_texts(args.dataset, args.n + args.calib, args.seed, args.categories)
-    encoded = [(cat, encode_prompt(tok, text)[:, -args.max_prompt_tokens:].to(target.device))
-               for cat, text in texts]
-    bench, calib = encoded[:args.n], encoded[args.n:]
-    if args.profile:
-        from treeopt.profile import Profile
+            profile, source = Profile.load(args.profile), args.profile
+        else:
+            profile = measure_profile(target, draft, calib, args)
+            source = f"measured on {len(calib)} calibration prompts"
+        engine, hf = build_methods(args, profile, draft_spec)
+        methods = engine + hf
+        timed = Timed(methods)
+        res = run_eval(target, draft, bench, methods,
+                       config=EvalConfig(max_new_tokens=args.max_new_tokens, seed=args.seed),
+                       tokenizer=tok, profile=profile, progress=False, generate=timed,
+                       meta={"target": "tiny" if args.tiny else args.target,
+                             "draft": "tiny" if args.tiny else args.draft,
+                             "dataset": "tiny" if args.tiny else args.dataset})
+    finally:
+        torch.set_num_threads(threads)
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
-        profile = list(Profile.load(args.profile).p)
-        source = args.profile
-    else:
-        profile = measure_profile(target, draft, [ids for _, ids in calib], args.width)
-        source = f"measured on {len(calib)} calibration prompts"
-    trees = build_trees(args, profile)
-
-    rows = [Row(name) for name, _ in trees]
-    for row, (_, tree) in zip(rows, trees):
-        if tree is not None:
-            row.size, row.depth = tree.size, tree.depth
-    hf_rows = []
-    if not args.no_hf:
-        hf_rows.append(("HF greedy", {}))
-        if draft is not None:
-            hf_rows.append(("HF assisted (assistant_model)", {"assistant_model": draft}))
-        if args.draft.startswith("early-exit:"):
-            k = int(args.draft.split(":", 1)[1])
-            hf_rows.append((f"HF assisted (assistant_early_exit={k})",
-                            {"assistant_early_exit": k}))
-    rows += [Row(name) for name, _ in hf_rows]
-
-    timer = ForwardTimer(target, draft)
-    warm = bench[0][1][:, :16]
-    for _, tree in trees:  # warm-up: first calls allocate and pick kernels
-        timer.prefill_calls = 2 if tree is not None and draft is not None else 1
-        run_engine(Row("warm"), target, draft, tree, warm, 4, eos, timer)
-
-    with torch.inference_mode():
-        for cat, ids in bench:
-            ar_tokens = None
-            for row, (_, tree) in zip(rows, trees):
-                timer.prefill_calls = 2 if tree is not None and draft is not None else 1
-                tokens = run_engine(row, target, draft, tree, ids, args.max_new_tokens, eos,
-                                    timer)
-                ar_tokens = tokens if ar_tokens is None else ar_tokens
-                row.same += tokens == ar_tokens
-                row.prompts += 1
-            for row, (_, kw) in zip(rows[len(trees):], hf_rows):
-                try:
-                    tokens = run_hf(row, target, ids, args.max_new_tokens, eos, **kw)
-                except Exception as exc:  # report, keep benchmarking the other methods
-                    row.note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
-                    continue
-                row.same += tokens == ar_tokens
-                row.prompts += 1
-    timer.remove()
-
-    ar = rows[0]
-    ar_tps = ar.tokens / ar.seconds if ar.seconds else float("nan")
-    results = []
-    for r in rows:
-        tps = r.tokens / r.seconds if r.seconds else float("nan")
-        res = {
-            "method": r.name, "size": r.size, "depth": r.depth, "prompts": r.prompts,
-            "tokens": r.tokens, "seconds": round(r.seconds, 3), "tokens_per_s": round(tps, 3),
-            "speedup_vs_ar": round(tps / ar_tps, 3) if r.prompts else None,
-            "same_as_ar": f"{r.same}/{r.prompts}", "note": r.note,
-        }
-        if r.target_forwards:
-            res.update(
-                tokens_per_step=round(r.committed / r.target_forwards, 3),
-                acceptance_rate=round(r.accepted / r.drafted, 3) if r.drafted else None,
-                overhead_pct=round(100 * (r.steps_s - r.forward_s) / r.steps_s, 2),
-                engine_other_pct=round(100 * r.other_s / r.steps_s, 2),
-                draft_pct=round(100 * r.draft_s / r.steps_s, 1),
-                verify_pct=round(100 * r.verify_s / r.steps_s, 1),
-                ms_per_step=round(1000 * r.steps_s / r.target_forwards, 2),
-            )
-        results.append(res)
-
-    prompt_lens = [ids.shape[1] for _, ids in bench]
-    print(f"target {args.target} | draft {args.draft} | device {args.device}, "
-          f"{args.threads} threads, {args.dtype} | {args.n} prompts "
-          f"({', '.join(c for c, _ in bench)}), prompt tokens median "
+    engine_names = {m.name for m in engine}
+    results = results_table(res.summary, methods, timed, engine_names)
+    p = list(profile.p)
+    prompt_lens = [len(x.token_ids) for x in bench]
+    print(f"target {'tiny' if args.tiny else args.target} | draft "
+          f"{'tiny' if args.tiny else args.draft} | device {args.device}, {args.threads} "
+          f"threads, {args.dtype} | {len(bench)} prompts "
+          f"({', '.join(x.category for x in bench)}), prompt tokens median "
           f"{statistics.median(prompt_lens):.0f}, {args.max_new_tokens} new tokens, greedy | "
           f"load {load_s:.1f} s")
-    print("greedy profile p[1..%d] (%s): %s" % (len(profile), source,
-                                               " ".join(f"{x:.3f}" for x in profile)))
-    head = ["method", "size", "tokens", "tok/s", "speedup", "tok/step", "accept", "ms/step",
-            "draft%", "verify%", "other%", "overhead%", "same-as-AR"]
-    print(("{:<38}" + "{:>9}" * 11 + "{:>11}").format(*head))
-    for res in results:
-        def g(key, fmt):
-            v = res.get(key)
-            return "-" if v is None else format(v, fmt)
-        print(("{:<38}" + "{:>9}" * 11 + "{:>11}").format(
-            res["method"][:38], res["size"] if res.get("tokens_per_step") else "-",
-            res["tokens"],
-            g("tokens_per_s", ".2f"), g("speedup_vs_ar", ".2f"), g("tokens_per_step", ".2f"),
-            g("acceptance_rate", ".3f"), g("ms_per_step", ".1f"), g("draft_pct", ".1f"),
-            g("verify_pct", ".1f"), g("engine_other_pct", ".2f"), g("overhead_pct", ".2f"),
-            res["same_as_ar"]) + (f"  {res['note']}" if res["note"] else ""))
-    print("tok/s = generated tokens / wall time (prefill included, prompt tokens not counted); "
-          "overhead% = step time outside the draft and target forwards; other% = the "
-          "engine's other_s (accept, cache compaction, commit)")
-
+    print("greedy profile p[1..%d] (%s): %s" % (len(p), source, " ".join(f"{x:.3f}" for x in p)))
+    print_table(results)
+    bad = [line for line in res.failures if line.split(" ", 1)[0] in engine_names]
+    for line in bad:
+        print(f"NOT LOSSLESS: {line}", file=sys.stderr)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.suffix == ".csv":
-            with out.open("w", newline="") as f:
-                keys = sorted({k for r in results for k in r})
-                w = csv.DictWriter(f, fieldnames=keys)
-                w.writeheader()
-                w.writerows(results)
-        else:
-            meta = {k: v for k, v in vars(args).items()}
-            meta.update(profile=profile, profile_source=source, prompt_tokens=prompt_lens,
-                        load_s=load_s, torch=torch.__version__)
-            out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    bad = [r for r in rows[:len(trees)] if r.same != r.prompts]
+        meta = dict(vars(args))
+        meta.update(profile=p, profile_source=source, prompt_tokens=prompt_lens,
+                    load_s=load_s, torch=torch.__version__)
+        write_out(args.out, results, meta)
     return 1 if bad else 0
 
 

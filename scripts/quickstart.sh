@@ -10,5 +10,5 @@ VENV=${TREEOPT_VENV:-.venv}
 "$VENV/bin/python" -m pip install -q -c constraints.txt -e . 
 export MPLBACKEND=Agg
 "$VENV/bin/treeopt" search --profile profiles/sequoia-reference-l40-7b.json \
-    --max-size 128 --max-depth 12 \
+    --max-size 128 --max-levels 12 \
     --out growmaps/sequoia-l40-7b.pt --picture growmaps/sequoia-l40-7b.png

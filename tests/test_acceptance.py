@@ -196,6 +196,47 @@ def test_resume_after_interrupt_equals_one_run(tmp_path):
         profile_acceptance(target, draft, PROMPTS, other, out=out, resume=True)
 
 
+@pytest.mark.parametrize("key, value, needle", [
+    ("prompts_done", 1e400, "meta.prompts_done = inf must be an integer"),
+    ("prompts_done", "3", "meta.prompts_done = '3' must be an integer"),
+    ("no_candidate", -1, "meta.no_candidate = -1 must be >= 0"),
+    ("seconds", "soon", "meta.seconds = 'soon' must be a number of seconds"),
+    ("settings", [1, 2], "meta.settings is not a JSON object"),
+])
+def test_resume_refuses_damaged_meta_with_one_line(tmp_path, key, value, needle):
+    target, draft = tiny_pair(seed=1)
+    run = AcceptanceRun(width=2, depth=2, max_new_tokens=6)
+    out = tmp_path / "r.json"
+    profile_acceptance(target, draft, PROMPTS[:2], run, out=out)
+    doc = json.loads(out.read_text())
+    doc["meta"][key] = value
+    out.write_text(json.dumps(doc))
+    with pytest.raises(AcceptanceError) as exc:
+        profile_acceptance(target, draft, PROMPTS, run, out=out, resume=True)
+    assert "\n" not in str(exc.value) and needle in str(exc.value)
+
+
+def test_writing_over_unreadable_json_replaces_it(tmp_path):
+    """The writer keeps the latency section of an existing profile; a file it cannot read
+    (nested too deeply for the parser) has nothing to keep and is replaced, no traceback."""
+    from treeopt.profile.acceptance import write_atomic
+
+    out = tmp_path / "p.json"
+    out.write_text("[" * 100_000 + "]" * 100_000)
+    write_atomic(Profile.from_counts([3, 1], 1), out)
+    assert Profile.load(out).counts == [3, 1]
+
+
+def test_traces_receive_the_per_position_ranks():
+    target, draft = tiny_pair(seed=2)
+    run = AcceptanceRun(width=3, depth=3, max_new_tokens=10)
+    traces = []
+    prof = profile_acceptance(target, draft, PROMPTS[:3], run, traces=traces)
+    assert traces == [teacher_forced_ranks(target, draft, p, width=3, max_new_tokens=10)[0]
+                      for p in PROMPTS[:3]]
+    assert sum(len(t) - 1 for t in traces) == prof.meta["positions"]  # walks start at 1
+
+
 def test_teacher_forced_greedy_equals_online_engine():
     """Greedy along the target's own continuation walks exactly decoding's path."""
     from treeopt.profile.acceptance import online_steps

@@ -12,9 +12,9 @@ import torch
 
 from test_models import tiny_tokenizer
 from treeopt.cli import main as cli_main
-from treeopt.decode.api import (GenerateError, chain_tree, encode_prompt, eos_ids, generate,
-                                resolve_tree)
+from treeopt.decode.api import GenerateError, encode_prompt, eos_ids, generate, resolve_tree
 from treeopt.decode.models import ModelError, Pair, early_exit_draft
+from treeopt.shapes import chain
 from treeopt.testing import tiny_causal_lm
 from treeopt.tree import Tree
 
@@ -70,7 +70,7 @@ def test_encode_prompt_with_and_without_template(tok):
 def test_resolve_tree(tmp_path):
     assert resolve_tree(None) is None
     assert resolve_tree(KARY) is KARY
-    assert resolve_tree("chain:3") == Tree((-1, 0, 1)) == chain_tree(2)
+    assert resolve_tree("chain:3") == Tree((-1, 0, 1)) == chain(draft_tokens=2)
     from treeopt.growmap import save_growmap
 
     path = tmp_path / "g.json"
@@ -84,7 +84,7 @@ def test_eos_ids_merges_tokenizer_and_model(tok, target):
 
 
 # ---------------------------------------------------------------- greedy exactness
-@pytest.mark.parametrize("tree", [None, chain_tree(3), KARY, MIXED])
+@pytest.mark.parametrize("tree", [None, chain(draft_tokens=3), KARY, MIXED])
 @pytest.mark.parametrize("draft_kind", ["early-exit", "separate"])
 def test_greedy_text_equals_target_greedy(target, tok, tree, draft_kind):
     draft = early_exit_draft(target, 1) if draft_kind == "early-exit" else \
@@ -104,10 +104,10 @@ def test_greedy_text_equals_target_greedy(target, tok, tree, draft_kind):
 def test_default_tree_is_a_chain_and_ar_without_draft(target, tok):
     draft = early_exit_draft(target, 2)
     _, spec = generate("w5 w6", target=target, draft=draft, tokenizer=tok, max_new_tokens=12)
-    _, chain = generate("w5 w6", target=target, draft=draft, tokenizer=tok, max_new_tokens=12,
-                        tree=chain_tree(4))
-    assert spec.drafted_tokens > 0 and spec.steps == chain.steps
-    assert spec.drafted_tokens == chain.drafted_tokens
+    _, chained = generate("w5 w6", target=target, draft=draft, tokenizer=tok, max_new_tokens=12,
+                          tree=chain(draft_tokens=4))
+    assert spec.drafted_tokens > 0 and spec.steps == chained.steps
+    assert spec.drafted_tokens == chained.drafted_tokens
     assert all(set(s.ranks) <= {1} for s in spec.steps)
     _, ar = generate("w5 w6", target=target, tokenizer=tok, max_new_tokens=12)
     assert ar.drafted_tokens == 0 and ar.tokens_per_step == 1.0

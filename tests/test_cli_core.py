@@ -88,7 +88,15 @@ def test_compare_with_latency(latency_profile_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["shape", "size", "depth", "tokens/step", "step", "ms",
                               "tokens/s", "speed-up"]
-    # step = (depth + 1) * t_draft(1) + t_target(4) = 4 * 1 + (10 + 2 * 3/7) = 14.857 ms
+    # default draft cost, per-level (what the engine runs): the 3 levels with children each
+    # feed 1 node, 3 * t_draft(1); step = 3 * 1 + t_target(4) = 3 + (10 + 2 * 3/7) = 13.857 ms
+    step = 3 + 10 + 2 * 3 / 7
+    assert out[2].split() == ["chain:4", "4", "3", "2.1760", f"{step:.2f}",
+                              f"{1000 * 2.176 / step:.1f}", f"{10 * 2.176 / step:.2f}x"]
+    # Sequoia's: step = (depth + 1) * t_draft(1) + t_target(4) = 4 * 1 + (10 + 2 * 3/7)
+    assert main(["compare", "--profile", str(latency_profile_path), "chain:4",
+                 "--draft-cost", "sequoia"]) == 0
+    out = capsys.readouterr().out.splitlines()
     step = 4 + 10 + 2 * 3 / 7
     assert out[2].split() == ["chain:4", "4", "3", "2.1760", f"{step:.2f}",
                               f"{1000 * 2.176 / step:.1f}", f"{10 * 2.176 / step:.2f}x"]
@@ -97,7 +105,7 @@ def test_compare_with_latency(latency_profile_path, capsys):
 def test_compare_defaults_and_plot(latency_profile_path, tmp_path, capsys):
     pytest.importorskip("treeopt.search.dp")
     assert main(["compare", "--profile", str(latency_profile_path), "--plot",
-                 str(tmp_path / "f.png"), "--max-size", "64", "--max-depth", "6"]) == 0
+                 str(tmp_path / "f.png"), "--max-size", "64", "--max-levels", "6"]) == 0
     out = capsys.readouterr().out
     assert "mc_sim_7b_63" in out and "dp:64" in out
     assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"

@@ -179,15 +179,32 @@ def test_table_is_monotone_and_reconstructs_everywhere():
 
 @pytest.mark.parametrize("call,match", [
     (lambda: solve(REF_P, 0, 3), "budget must be at least 1"),
-    (lambda: solve(REF_P, 5, 0), "max depth must be at least 1"),
+    (lambda: solve(REF_P, 5, 0), "level limit must be at least 1"),
     (lambda: solve([], 5, 3), "profile is empty"),
     (lambda: solve([.5, -.1], 5, 3), r"in \[0, 1\]"),
     (lambda: solve([.7, .6], 5, 3), "sums to"),
     (lambda: solve(REF_P, 5, 3).value(6, 3), "exceeds this table's max_size"),
-    (lambda: solve(REF_P, 5, 3).value(5, 4), "exceeds this table's max_depth"),
+    (lambda: solve(REF_P, 5, 3).value(5, 4), "exceed this table's max_levels 3"),
+    (lambda: solve(REF_P, 5, max_levels=1).value(5, 1),
+     r"5 nodes fits in 1 levels \(depth 0\)"),
     (lambda: solve(REF_P, 5, 3).tree(0, 3), "at least 1"),
 ])
 def test_errors_are_one_line_value_errors(call, match):
     with pytest.raises(DPError, match=match) as info:
         call()
     assert isinstance(info.value, ValueError) and "\n" not in str(info.value)
+
+
+def test_levels_and_depth_convert_in_one_place():
+    """``levels`` count the root (the DP's limit, Sequoia's max_depth); ``depth`` counts edges
+    (Tree.depth). A limit of L levels allows trees of depth L - 1 and no deeper."""
+    from treeopt.search.dp import depth_for_levels, levels_for_depth
+
+    assert levels_for_depth(0) == 1 and depth_for_levels(1) == 0
+    assert all(depth_for_levels(levels_for_depth(d)) == d for d in range(50))
+    table = solve([0.9], 10, max_levels=4)  # one rank: the optimum is the longest chain
+    assert table.max_levels == 4 and not hasattr(table, "max_depth")
+    assert table.tree(4, 4).depth == depth_for_levels(4) == 3
+    assert table.tree(10, 4, at_most=True).depth == 3
+    with pytest.raises(DPError, match=r"5 nodes fits in 4 levels \(depth 3\)"):
+        table.value(5, 4)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from treeopt.decode import DecodeError
-from treeopt.decode.attention import CacheError
+from treeopt.decode.attention import CacheError, new_cache, run_model
 from treeopt.testing import decode, tiny_causal_lm
 from treeopt.tree import Tree
 
@@ -195,8 +195,9 @@ def test_sliding_window_models_decode_autoregressively_only():
 
 def assert_cache_holds(model, cache, ids: list[int]):
     """The cache's keys/values equal those of a fresh forward over ``ids``."""
+    fresh = new_cache(model)
     with torch.inference_mode():
-        fresh = model(input_ids=torch.tensor([ids]), use_cache=True).past_key_values
+        run_model(model, torch.tensor([ids]), fresh)
     assert cache.get_seq_length() == len(ids)
     for a, b in zip(cache.layers, fresh.layers):
         assert torch.allclose(a.keys, b.keys, atol=1e-4)
@@ -236,3 +237,58 @@ def test_caches_hold_exactly_the_committed_tokens(arch, temperature, monkeypatch
                  temperature=temperature, seed=0, on_tokens=streamed.extend)
     assert got.tokens == streamed and checks["verify"] > 5 and checks["draft"] > 5
     assert any(s.accepted > 0 for s in got.stats.steps)
+
+
+def _nan_after(model, calls: int, row: int | None = None, column: int = 7):
+    """Forward hook: from the ``calls``-th forward on, one logit of every row (or of row
+    ``row``) is NaN; the rest stay finite, so only a check of the chosen values finds it."""
+    seen = [0]
+
+    def hook(module, args, output):
+        seen[0] += 1
+        if seen[0] > calls:
+            logits = output.logits.clone()
+            logits[0, slice(None) if row is None else row, column] = float("nan")
+            output.logits = logits
+        return output
+
+    return model.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("tree", ["ar", "bushy"])
+def test_nan_logits_in_greedy_decoding_raise(tree):
+    """argmax of a row holding a NaN is the NaN's index: greedy decoding would emit it as a
+    token. The prefill and every verification step refuse NaN logits with one line."""
+    target = copy.deepcopy(models("llama")[0])
+    close = models("llama")[1]
+    ids = torch.tensor([PROMPTS[1]])
+    handle = _nan_after(target, 0)
+    with pytest.raises(DecodeError) as exc:
+        decode(target, close, TREES[tree], ids, max_new_tokens=8)
+    handle.remove()
+    msg = str(exc.value)
+    assert "\n" not in msg and msg.startswith("the target produced NaN logits at the last "
+                                              "prompt position (4, prefill)")
+    assert msg.endswith("; use float32 or check the model")
+    # Finite prefill, NaN in one row of the third verification forward.
+    handle = _nan_after(target, 3, row=-1)
+    with pytest.raises(DecodeError, match=r"NaN logits at verification step 3 \(tree rooted "
+                                          r"at position \d+\); use float32"):
+        decode(target, close, TREES[tree], ids, max_new_tokens=30)
+    handle.remove()
+    assert decode(target, close, TREES[tree], ids, max_new_tokens=8).tokens == \
+        reference(target, PROMPTS[1], 8)
+
+
+def test_greedy_choice_finds_a_nan_anywhere_in_a_row():
+    from treeopt.decode.verify import greedy_choice
+
+    logits = torch.randn(5, 1000)
+    assert greedy_choice(logits, "x").tolist() == logits.argmax(-1).tolist()
+    for col in (0, 499, 999):
+        bad = logits.clone()
+        bad[3, col] = float("nan")
+        with pytest.raises(DecodeError, match="NaN logits at here;"):
+            greedy_choice(bad, "here")
+        with pytest.raises(DecodeError):
+            greedy_choice(bad.half(), "here")

@@ -23,7 +23,7 @@ ERRORS = {
     "treeopt.shapes": "ShapeError", "treeopt.viz": "VizError",
     "treeopt.profile.model": "ProfileError", "treeopt.profile.latency": "LatencyError",
     "treeopt.profile.acceptance": "AcceptanceError", "treeopt.search.dp": "DPError",
-    "treeopt.search.hardware": "HardwareError",
+    "treeopt.search.hardware": "HardwareError", "treeopt.pipeline": "PipelineError",
     "treeopt.search.optuna_search": "OptunaSearchError",
     "treeopt.decode.sampling": "SamplingError", "treeopt.decode.engine": "DecodeError",
     "treeopt.decode.api": "GenerateError", "treeopt.decode.attention": "CacheError",

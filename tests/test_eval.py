@@ -193,6 +193,12 @@ class _CharTokenizer:
     def decode(self, ids, skip_special_tokens=False):
         return "".join(chr(97 + i - 2) if 2 <= i < 28 else " " for i in ids)
 
+    def __call__(self, text, add_special_tokens=True, return_tensors=None):
+        """The call ``treeopt.decode.api.encode_prompt`` makes (as Hugging Face tokenizers)."""
+        ids = self.encode(text, add_special_tokens=add_special_tokens)
+        return {"input_ids": torch.tensor([ids], dtype=torch.long) if return_tensors == "pt"
+                else ids}
+
 
 def test_text_prompts_multi_turn(models):
     target, draft = models

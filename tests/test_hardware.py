@@ -97,15 +97,18 @@ def test_choose_equals_brute_force_over_dp_trees(cost):
             best = min(best, step / table.values[n, l])
     assert choice.step_ms / choice.expected_tokens == pytest.approx(best, rel=1e-12)
     pred = predict(choice.tree, P, lat, cost)
-    assert choice.tree.size == choice.size and choice.tree.depth == choice.depth - 1
-    assert choice.expected_tokens == pytest.approx(table.value(choice.size, choice.depth))
+    assert not hasattr(choice, "depth")  # one meaning per word: depth counts edges only
+    assert choice.tree.size == choice.size and choice.tree.depth == choice.levels - 1
+    assert choice.expected_tokens == pytest.approx(table.value(choice.size, choice.levels))
     assert (choice.step_ms, choice.tokens_per_s, choice.speedup) == pytest.approx(
         (pred.step_ms, pred.tokens_per_s, pred.speedup))
     assert choice.speedup == pytest.approx(lat.target(1) * choice.tokens_per_s / 1000)
-    keys = {"size", "depth", "tree_depth", "F", "step_ms", "tokens_per_s", "speedup"}
+    keys = {"size", "levels", "depth", "F", "step_ms", "tokens_per_s", "speedup"}
     assert all(set(c) == keys for c in choice.candidates)
+    assert all(c["depth"] == table.tree(c["size"], c["levels"]).depth <= c["levels"] - 1
+               for c in choice.candidates)
     assert [c["size"] for c in choice.candidates][:4] == [1, 2, 4, 8]
-    assert any(c["size"] == choice.size and c["depth"] == choice.depth
+    assert any(c["size"] == choice.size and c["levels"] == choice.levels
                for c in choice.candidates)
     assert max(c["tokens_per_s"] for c in choice.candidates) == pytest.approx(
         choice.tokens_per_s)
@@ -156,15 +159,23 @@ def _sequoia_vector(path, p):
 def test_cli_fixed_budget_on_sequoia_vector(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _sequoia_vector(tmp_path / "vec.pt", P)
-    assert main(["search", "--profile", "vec.pt", "--budget", "128", "--max-depth", "12",
+    assert main(["search", "--profile", "vec.pt", "--budget", "128", "--max-levels", "12",
                  "--out", "g.pt", "--table", "t.csv", "--picture", "g.dot"]) == 0
     out = capsys.readouterr().out
     assert "expected tokens per step: 3.74744" in out
     tree, meta = load_growmap(tmp_path / "g.pt")
     p32 = torch.tensor(P).tolist()  # the vector is float32
     assert tree.size == 128 and tree.depth <= 11
+    assert f"depth {tree.depth} edges ({tree.depth + 1} levels; limit 12 levels = depth 11)" \
+        in out
     assert tree.expected_tokens(p32) == pytest.approx(meta["expected_tokens"], abs=1e-9)
-    assert meta["method"] == "dp" and meta["budget"] == 128 and meta["depth"] == 12
+    assert meta["method"] == "dp" and meta["budget"] == 128 and meta["max_levels"] == 12
+    assert meta["depth"] == tree.depth and meta["size"] == 128
+    # the same limit in edges gives the same tree
+    assert main(["search", "--profile", "vec.pt", "--budget", "128", "--max-depth", "11",
+                 "--out", "e.pt"]) == 0
+    assert load_growmap(tmp_path / "e.pt")[0] == tree
+    assert "limit 12 levels = depth 11" in capsys.readouterr().out
     lines = (tmp_path / "t.csv").read_text().splitlines()
     assert len(lines) == 129 and lines[0].startswith("size,levels_1")
     assert (tmp_path / "g.dot").is_file()
@@ -190,7 +201,7 @@ def test_cli_hardware_aware_and_errors(tmp_path, capsys):
     assert meta["predicted_tokens_per_s"] == pytest.approx(choice.tokens_per_s)
     vec = _sequoia_vector(tmp_path / "vec.pt", P)
     assert main(["search", "--profile", str(vec), "--out", str(out)]) == 2
-    assert main(["search", "--profile", str(vec), "--budget", "100", "--max-depth", "2",
+    assert main(["search", "--profile", str(vec), "--budget", "100", "--max-levels", "2",
                  "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "no latency table" in err and "no tree of exactly 100 nodes" in err

@@ -148,3 +148,28 @@ def test_timing_warnings_flag_noise_and_falling_curves():
     assert "falls" in line and "30.00 ms at 2" in line and "12.00 ms at 4" in line
     # a 3 % dip is noise, not a fall
     assert timing_warnings(Latency(LatencyCurve([1, 2], [10.0, 9.7]))) == []
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ('{"format": "treeopt-profile", "latency": ' + "9" * 5000 + "}", "not valid JSON"),
+    ("{not json", "not valid JSON"),
+])
+def test_broken_json_files_are_one_line_errors(tmp_path, text, needle):
+    """Deep nesting (RecursionError in the parser) and integers Python refuses to convert are
+    the module's one-line LatencyError, on reading and when --out already exists."""
+    from treeopt.profile import Latency, LatencyCurve
+
+    path = tmp_path / "lat.json"
+    path.write_text(text)
+    with pytest.raises(LatencyError) as exc:
+        load_latency(path)
+    msg = str(exc.value)
+    assert "\n" not in msg and msg.startswith(f"{path}: not a readable JSON profile")
+    assert needle in msg
+    lat = Latency(target=LatencyCurve(tokens=[1, 2], ms=[1.0, 1.5]), context=8)
+    with pytest.raises(LatencyError) as exc:
+        write_latency(lat, path)
+    msg = str(exc.value)
+    assert "\n" not in msg and needle in msg and msg.endswith("choose another --out")
+    assert path.read_text() == text  # left as it was

@@ -77,3 +77,32 @@ def test_report_cli_and_errors(tmp_path, capsys):
     assert "no results file" in capsys.readouterr().err
     with pytest.raises(ReportError):
         write_report({"summary": []}, tmp_path / "y")
+
+
+def test_report_shows_acceptance_as_a_percentage_like_the_terminal(tmp_path):
+    from treeopt.evaluate.runner import format_summary
+
+    res = _results(tmp_path / "run")
+    page = write_report(res, tmp_path / "rep", trees=False)
+    md, page_html = page.read_text(), (tmp_path / "rep" / "report.html").read_text()
+    rate = 5 / 24  # kary: 2 + 1 + 0 + 2 accepted of 4 steps x 6 drafted, per prompt
+    assert f"{rate:.1%}" in format_summary(summarise(pd.read_csv(res / "per_prompt.csv")))
+    kary = [line for line in md.splitlines() if line.startswith("| kary | all")]
+    assert len(kary) == 1 and f"| {rate:.1%} |" in kary[0]
+    assert f"{rate:.3g}" not in kary[0]
+    assert f"{rate:.1%}" in page_html
+
+
+def test_report_lists_ties_apart_from_failures(tmp_path):
+    res = _results(tmp_path / "run", mismatch=True)
+    doc = json.loads((res / "results.json").read_text())
+    for r in doc["rows"]:
+        if r["matches_ar"] is False:
+            r.update(exactness="tie", tie_gap=0.0019, tie_tolerance=0.0028)
+    page = write_report(doc, tmp_path / "rep", trees=False)
+    md = page.read_text()
+    assert "FAILED" not in md
+    assert "1 greedy output(s) differ from plain decoding only at a numerical tie" in md
+    assert ("kary differs from ar on prompt b/1 turn 1 at a numerical tie at new token 3 "
+            "(best logits 0.0019 apart, tolerance 0.0028)") in md
+    assert "numerical tie" in (tmp_path / "rep" / "report.html").read_text()

@@ -72,13 +72,13 @@ def test_search_optuna_replay_cli(workspace, tmp_path, capsys):
     Profile.from_counts([30, 10, 5], 55, meta={}).save(prof)
     out = tmp_path / "g.json"
     assert main(["search", "--method", "optuna", "--objective", "replay", "--profile", str(prof),
-                 "--budget", "6", "--max-depth", "4", "--trials", "6",
+                 "--budget", "6", "--max-levels", "4", "--trials", "6",
                  "--target", str(workspace / "tiny"), "--draft", "early-exit:1",
                  "--device", "cpu", "--dataset", str(workspace / "prompts.jsonl"),
                  "--prompts", "2", "--max-new-tokens", "8", "--out", str(out)]) == 0
     tree, meta = load_growmap(out)
     assert meta["objective"] == "replay" and meta["score"] >= meta["dp_score"]
-    assert tree.size <= 6
+    assert tree.size <= 6 and tree.depth <= 3 and meta["max_levels"] == 4
     assert "dp:" in capsys.readouterr().out
 
 
@@ -87,7 +87,7 @@ def test_tune_end_to_end(workspace, tmp_path, capsys):
     assert main(["tune", *model_args(workspace), "--dataset", str(workspace / "prompts.jsonl"),
                  "--prompts", "2", "--max-new-tokens", "6", "--width", "3", "--depth", "2",
                  "--tokens", "1,2,4", "--context", "8", "--repeats", "1", "--warmup", "0",
-                 "--max-depth", "4", "--optuna-trials", "3", "--out-dir", str(out_dir),
+                 "--max-levels", "4", "--optuna-trials", "3", "--out-dir", str(out_dir),
                  "--quiet"]) == 0
     text = capsys.readouterr().out
     assert "best tree" in text and "predicted step" in text
@@ -100,12 +100,79 @@ def test_tune_end_to_end(workspace, tmp_path, capsys):
     from treeopt.profile.acceptance import reliable_table
 
     assert meta["expected_tokens"] == pytest.approx(tree.expected_tokens(reliable_table(prof)))
+    assert meta["max_levels"] == 4 and meta["depth"] == tree.depth <= 3
+    assert "limit 4 levels = depth 3" in text
+
+
+def test_search_on_the_profile_tune_wrote_picks_tunes_tree(workspace, tmp_path, capsys):
+    """The same steps give the same tree: ``tune`` used the per-level draft cost while
+    ``search`` and ``compare`` defaulted to Sequoia's (and another rank table)."""
+    out_dir = tmp_path / "run"
+    assert main(tune_args(workspace, out_dir, "--max-size", "4")) == 0
+    tuned, meta = load_growmap(out_dir / "tree.pt")
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["draft_cost"] == meta["draft_cost"] == "per-level"
+    text = capsys.readouterr().out
+    assert "draft cost per-level" in text
+    for flags in (["--max-levels", "4"], ["--max-depth", "3"]):
+        searched = tmp_path / f"s{flags[0]}.pt"
+        assert main(["search", "--profile", str(out_dir / "profile.json"), "--max-size", "4",
+                     *flags, "--out", str(searched)]) == 0
+        tree, smeta = load_growmap(searched)
+        assert tree == tuned
+        assert smeta["expected_tokens"] == pytest.approx(meta["expected_tokens"], abs=1e-12)
+        assert smeta["predicted_tokens_per_s"] == pytest.approx(meta["predicted_tokens_per_s"])
+    import treeopt
+
+    again = treeopt.search_tree(out_dir / "profile.json", max_levels=4, max_size=4)
+    assert again.tree == tuned
+    # compare prices it the same way too
+    capsys.readouterr()
+    assert main(["compare", "--profile", str(out_dir / "profile.json"),
+                 str(out_dir / "tree.pt")]) == 0
+    row = capsys.readouterr().out.splitlines()[2].split()
+    assert float(row[3]) == pytest.approx(meta["expected_tokens"], abs=5e-5)
+    assert float(row[5]) == pytest.approx(meta["predicted_tokens_per_s"], abs=0.05)
+
+
+def test_tune_in_python(workspace, tmp_path, monkeypatch):
+    """``treeopt.tune`` runs the whole pipeline without the CLI; the size derived from a
+    latency table is clamped to the tree-size cap (the user did not type it)."""
+    import treeopt
+    import treeopt.profile.latency as latency_mod
+    from treeopt.limits import MAX_TREE_NODES
+    from treeopt.profile import Latency, LatencyCurve
+
+    far = Latency(LatencyCurve([1, 2, 10**7], [10.0, 11.0, 1e6]), LatencyCurve([1], [1.0]),
+                  context=8, meta={"device_type": "cpu", "threads": 1, "device": "cpu"})
+    monkeypatch.setattr(latency_mod, "measure_latency", lambda *a, **k: far)
+    run = treeopt.tune(str(workspace / "tiny"), "early-exit:1", PROMPTS[:2], n_prompts=2,
+                       max_new_tokens=6, width=3, depth=2, max_levels=3, device="cpu",
+                       threads=1)
+    assert run.files == {} and run.search.max_size == MAX_TREE_NODES
+    assert run.search.max_levels == 3 and run.tree.depth <= 2
+    assert run.tree == treeopt.search_tree(run.profile, max_levels=3).tree
+    assert run.profile.latency is far and run.summary["draft_cost"] == "per-level"
+    assert run.prediction.expected_tokens == pytest.approx(run.search.expected_tokens)
+    with pytest.raises(treeopt.pipeline.PipelineError, match="max_size = 5000 exceeds"):
+        treeopt.tune(str(workspace / "tiny"), "early-exit:1", PROMPTS[:2], max_size=5000)
+    with pytest.raises(treeopt.pipeline.PipelineError, match="not both"):
+        treeopt.tune(str(workspace / "tiny"), "early-exit:1", PROMPTS[:2], max_levels=3,
+                     max_depth=2)
+    out_dir = tmp_path / "py"
+    done = treeopt.tune(str(workspace / "tiny"), "early-exit:1", PROMPTS[:2], out_dir=out_dir,
+                        n_prompts=2, max_new_tokens=6, width=3, depth=2, max_levels=3,
+                        device="cpu", threads=1)
+    assert set(done.files) == {"profile", "growmap", "growmap_json", "picture", "summary"}
+    assert load_growmap(done.files["growmap"])[0] == done.tree
+    with pytest.raises(treeopt.pipeline.PipelineError, match="exists"):
+        treeopt.tune(str(workspace / "tiny"), "early-exit:1", PROMPTS[:2], out_dir=out_dir)
 
 
 def tune_args(ws, out_dir, *extra):
     return ["tune", *model_args(ws), "--dataset", str(ws / "prompts.jsonl"), "--prompts", "3",
             "--max-new-tokens", "6", "--width", "3", "--depth", "2", "--tokens", "1,2,4",
-            "--context", "8", "--repeats", "1", "--warmup", "0", "--max-depth", "4",
+            "--context", "8", "--repeats", "1", "--warmup", "0", "--max-levels", "4",
             "--out-dir", str(out_dir), "--quiet", *extra]
 
 

@@ -3,15 +3,20 @@
 Every function returns a :class:`~treeopt.tree.Tree` (breadth-first ids, consecutive siblings,
 the i-th child of a node is the draft's i-th choice there).
 
+Units: sizes count NODES, root included (a tree of n nodes drafts n - 1 tokens); depths count
+EDGES (``Tree.depth``; the root is at depth 0). The exact DP counts levels (root included,
+Sequoia's convention) and the conversion is made once, in ``treeopt.search.dp``.
+
 Spec strings (:func:`from_name`)::
 
     chain:8                     a chain of 8 nodes (7 drafted tokens, depth 7)
     kary:2x3                    full 2-ary tree of depth 3 (15 nodes)
-    chains:4x5                  4 independent chains of 5 tokens (SpecInfer-style K x L, 21 nodes)
+    chains:4x5                  4 independent chains of 5 draft tokens (SpecInfer's K x L, 21 nodes)
     specinfer:1,1,3,1,1,1,1,1   SpecInfer expansion config: every node at level i gets e[i] children
     greedy:64                   Medusa-style greedy: 64 nodes by path probability (needs a profile)
     greedy:64x4                 the same within depth 4
-    dp:64 / dp:64x8             exact DP optimum, at most 64 nodes, depth <= 8 (needs a profile)
+    dp:64 / dp:64x8             exact DP optimum, at most 64 nodes, depth <= 8 edges (needs a
+                                profile; the DP gets depth + 1 levels)
     paths:[[0],[1],[0,0]]       Medusa/EAGLE rank paths (0-based)
     parents:[-1,0,0,1]          a parent array
     mc_sim_7b_63                a named preset (see PRESETS)
@@ -41,11 +46,19 @@ class ShapeError(TreeoptError, ValueError):
 
 
 # ---------------------------------------------------------------------------- shapes
-def chain(n: int) -> Tree:
-    """A chain of ``n`` nodes (root included): ``n - 1`` drafted tokens, depth ``n - 1``."""
-    _positive(n, "chain size", minimum=1)
-    _cap(n, "chain")
-    return Tree(tuple([-1] + list(range(n - 1))))
+def chain(nodes: int | None = None, *, draft_tokens: int | None = None) -> Tree:
+    """A chain: give its size in ``nodes`` (root included; ``chain:N``) or the number of
+    ``draft_tokens`` it speculates per step (``nodes - 1``; ``eval --chain L``, a model
+    drafter's default). ``chain(4) == chain(draft_tokens=3)``: depth 3, 4 nodes. The one
+    place chains are built."""
+    if (nodes is None) == (draft_tokens is None):
+        raise ShapeError("give a chain's size either in nodes or in draft_tokens, not both")
+    if draft_tokens is not None:
+        _positive(draft_tokens, "chain draft tokens", minimum=0)
+        nodes = draft_tokens + 1
+    _positive(nodes, "chain size", minimum=1)
+    _cap(nodes, "chain")
+    return Tree(tuple([-1] + list(range(nodes - 1))))
 
 
 def kary(k: int, depth: int) -> Tree:
@@ -62,15 +75,15 @@ def kary(k: int, depth: int) -> Tree:
     return specinfer([k] * depth) if depth else Tree((-1,))
 
 
-def independent_chains(k: int, length: int) -> Tree:
-    """``k`` independent chains of ``length`` drafted tokens each (SpecInfer-style K x L):
-    the root has ``k`` children (ranks 1..k) and each continues as a chain of rank-1 nodes.
-    Size ``1 + k * length``, depth ``length``."""
+def independent_chains(k: int, draft_tokens: int) -> Tree:
+    """``k`` independent chains of ``draft_tokens`` drafted tokens each (SpecInfer-style
+    K x L): the root has ``k`` children (ranks 1..k) and each continues as a chain of rank-1
+    nodes. Size ``1 + k * draft_tokens``, depth ``draft_tokens``."""
     _positive(k, "k", minimum=1)
-    _positive(length, "length", minimum=1)
-    _cap(1 + k * length, f"chains {show_number(k)}x{show_number(length)}")
+    _positive(draft_tokens, "chain draft tokens", minimum=1)
+    _cap(1 + k * draft_tokens, f"chains {show_number(k)}x{show_number(draft_tokens)}")
     parents = [-1] + [0] * k
-    for level in range(1, length):
+    for level in range(1, draft_tokens):
         first = 1 + (level - 1) * k
         parents += list(range(first, first + k))
     return Tree(tuple(parents))
@@ -214,7 +227,7 @@ def from_name(spec: str, profile=None) -> Tree:
             return top_path_product(_table(profile, spec), n, max_depth=d)
         if sep and kind == "dp":
             n, d = _size_depth(arg, spec)
-            return _dp_tree(_table(profile, spec), n, d, spec)
+            return _dp_tree(_table(profile, spec), n, d)
         if sep and kind == "paths":
             tree = Tree.from_paths(_paths(_json_list(arg, spec), spec))  # <= cap entries: cheap
             _cap(tree.size, "paths tree")
@@ -256,23 +269,24 @@ def describe(spec: str) -> str:
 
 
 def _table(profile, spec: str) -> list[list[float]]:
+    """The rank table of ``profile``: a Profile's is the one every search uses (its depth
+    rows measured on enough steps, ``treeopt.pipeline.rank_table``); a table is taken as is."""
     if profile is None:
         raise ShapeError(f"shape {spec!r} needs an acceptance profile (--profile)")
     if hasattr(profile, "table"):
-        return profile.table()
+        from treeopt.profile.acceptance import reliable_table
+
+        return reliable_table(profile)
     return as_depth_table(profile)
 
 
-def _dp_tree(table: list[list[float]], n: int, depth: int | None, spec: str) -> Tree:
-    try:
-        from treeopt.search.dp import solve
-    except ImportError:
-        raise ShapeError(f"shape {spec!r}: the DP search is not available in this install"
-                         ) from None
+def _dp_tree(table: list[list[float]], n: int, depth: int | None) -> Tree:
+    from treeopt.search.dp import levels_for_depth, solve
+
     _cap(n, "dp tree")
-    # The DP counts levels, root included; an n-node tree has at most n levels, so a larger
-    # depth limit changes nothing and is clamped (dp:64x1000000 is dp:64).
-    levels = min(depth + 1, n) if depth is not None else n
+    # ``depth`` counts edges; the DP counts levels, root included. An n-node tree has at most
+    # n levels, so a larger limit changes nothing and is clamped (dp:64x1000000 is dp:64).
+    levels = min(levels_for_depth(depth), n) if depth is not None else n
     return solve(table, n, levels).tree(n, levels, at_most=True)
 
 

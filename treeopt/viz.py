@@ -8,7 +8,7 @@ written as text (render them with graphviz if you have it).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from treeopt.errors import TreeoptError
 from treeopt.tree import Tree
@@ -74,12 +74,50 @@ def to_graph(tree: Tree, profile=None):
     return g
 
 
+def top1_path(tree: Tree) -> list[int]:
+    """The all-top-1 path: the root and every node whose path from the root takes the
+    draft's first choice (sibling rank 1) at every level, root first."""
+    path = [0]
+    while True:
+        kids = [k for k in tree.children[path[-1]] if tree.ranks[k] == 1]
+        if not kids:
+            return path
+        path.append(kids[0])
+
+
+TOP1_WIDTH = (2.6, 4.5)   # points: the all-top-1 path's edges, small to large nodes
+OTHER_WIDTH = (0.12, 0.4)  # other edges, fractions of that width: P(reached) = 0 .. 1
+
+
+def edge_styles(tree: Tree, profile=None, node_points: float = 20.0
+                ) -> dict[tuple[int, int], tuple[float, str]]:
+    """(parent, child) -> (line width in points, colour) for every edge: the all-top-1 path
+    thick and dark whatever the profile (so it stands out in small trees too), every other
+    edge at most ``OTHER_WIDTH[1]`` of that width, wider the likelier it is reached when a
+    profile is given. ``node_points``: the node diameter the widths are scaled to."""
+    thick = max(TOP1_WIDTH[0], min(TOP1_WIDTH[1], 0.2 * node_points))
+    on_path = set(top1_path(tree))
+    probs = tree.path_probs(_table(profile)) if profile is not None else None
+    styles = {}
+    for n in range(1, tree.size):
+        edge = (tree.parents[n], n)
+        if n in on_path:
+            styles[edge] = (thick, "#1a1a1a")
+        else:
+            share = probs[n] if probs is not None else 0.5
+            lo, hi = OTHER_WIDTH
+            styles[edge] = (thick * (lo + (hi - lo) * share), "#777777")
+    return styles
+
+
 def draw_tree(tree: Tree, out_path: str | Path, profile=None, title: str | None = None) -> Path:
     """Draw ``tree`` top-down to ``out_path`` (.png, .svg, .pdf or .dot).
 
-    Nodes are labelled by sibling rank (the root ``r``). With a ``profile`` (a Profile or a
-    rank table), nodes are coloured by the probability of being reached (with a colour bar)
-    and edge widths follow it; the subtitle gives size, depth and F."""
+    Nodes are labelled by sibling rank (the root ``r``). The all-top-1 path (the draft's
+    first choice at every level) is drawn thick and dark (``edge_styles``). With a
+    ``profile`` (a Profile or a rank table), nodes are coloured by the probability of being
+    reached (with a colour bar) and the other edges' widths follow it; the subtitle gives
+    size, depth and F."""
     out_path = Path(out_path)
     suffix = out_path.suffix.lower()
     if suffix not in SUFFIXES:
@@ -104,7 +142,7 @@ def draw_tree(tree: Tree, out_path: str | Path, profile=None, title: str | None 
     levels = tree.depth + 1
     summary_len = max(len(summary), len(title or ""))
     fig_w = min(40.0, max(4.5, 0.42 * n_leaves + 1.8, 0.085 * summary_len + 1.5))
-    fig_h = min(20.0, max(3.0, 0.95 * levels + 1.6))
+    fig_h = min(20.0, max(3.2, 0.95 * levels + 1.8))
     fig, ax = plt.subplots(figsize=(fig_w, fig_h))
     plot_w = fig_w * (0.8 if profile is not None else 0.92)
     spacing_in = plot_w / max(n_leaves, 1)
@@ -118,13 +156,13 @@ def draw_tree(tree: Tree, out_path: str | Path, profile=None, title: str | None 
         cmap = matplotlib.colormaps["viridis"]
         node_color = [cmap(norm(max(v, PROB_FLOOR))) for v in probs]
         label_color = ["white" if norm(max(v, PROB_FLOOR)) < 0.6 else "black" for v in probs]
-        widths = [0.4 + 3.6 * g.edges[e]["prob"] for e in g.edges]
     else:
         node_color = ["#9ecae1"] * tree.size
         label_color = ["black"] * tree.size
-        widths = [1.0] * (tree.size - 1)
-
-    nx.draw_networkx_edges(g, pos, ax=ax, width=widths, edge_color="#555555", arrows=False)
+    styles = edge_styles(tree, profile, diam_in * 72)
+    edges = list(g.edges)
+    nx.draw_networkx_edges(g, pos, ax=ax, edgelist=edges, width=[styles[e][0] for e in edges],
+                           edge_color=[styles[e][1] for e in edges], arrows=False)
     nx.draw_networkx_nodes(g, pos, ax=ax, node_size=node_size, node_color=node_color,
                            edgecolors="#333333", linewidths=0.6)
     for n, (x, y) in pos.items():
@@ -138,7 +176,8 @@ def draw_tree(tree: Tree, out_path: str | Path, profile=None, title: str | None 
     ax.tick_params(left=False, labelleft=True, bottom=False, labelbottom=False)
     for side in ("top", "right", "bottom", "left"):
         ax.spines[side].set_visible(False)
-    heading = f"{title}\n{summary}" if title else summary
+    heading = (f"{title}\n" if title else "") + summary + (
+        "\nthick: the all-top-1 path" if tree.size > 1 else "")
     ax.set_title(heading, fontsize=10)
     if profile is not None:
         sm = cm.ScalarMappable(norm=norm, cmap=cmap)
@@ -183,6 +222,85 @@ def to_dot(tree: Tree, profile=None, title: str | None = None) -> str:
 
 def _dot_escape(text: str) -> str:
     return text.replace('"', '\\"')
+
+
+# ---------------------------------------------------------------------------- labels
+LABEL_DISTANCES = (6.0, 11.0, 18.0, 28.0, 40.0, 56.0)  # points from the labelled point
+LABEL_ANGLES = (30, -30, 150, -150, 0, 180, 90, -90, 60, -60, 120, -120)  # degrees, in order
+
+
+def place_labels(ax, points: Sequence[tuple[float, float, str]], fontsize: float = 7.0,
+                 marker_radius: float = 5.0, colors: Sequence | None = None) -> list:
+    """Label points ``(x, y, text)`` (data coordinates) so that no label overlaps another
+    label, a labelled point's marker, the legend or the edge of the axes, and, where a
+    free place exists, no plotted line crosses it. Each label tries positions around its
+    point at growing distances (``LABEL_DISTANCES``, in points) and directions
+    (``LABEL_ANGLES``) and takes the first free one, else the least crowded; one placed away
+    from its point gets a thin leader line. ``colors``: one text colour per point (e.g. its
+    marker's). Call it once the limits and the layout are final (after ``tight_layout``).
+    Returns the annotations in the order of ``points``."""
+    import math
+
+    from matplotlib.transforms import Bbox
+
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    px = fig.dpi / 72.0
+    r = marker_radius * px
+    centres = [tuple(ax.transData.transform((x, y))) for x, y, _ in points]
+    obstacles = [Bbox.from_extents(cx - r, cy - r, cx + r, cy + r) for cx, cy in centres]
+    legend = ax.get_legend()
+    if legend is not None:
+        obstacles.append(legend.get_window_extent(renderer))
+    lines = [line.get_transform().transform_path(line.get_path()) for line in ax.get_lines()
+             if line.get_visible() and line.get_linestyle() not in ("None", "", " ", "none")]
+    frame = ax.get_window_extent(renderer)
+
+    def overlap(a, b) -> float:
+        w = min(a.x1, b.x1) - max(a.x0, b.x0)
+        h = min(a.y1, b.y1) - max(a.y0, b.y0)
+        return w * h if w > 0 and h > 0 else 0.0
+
+    def outside(b) -> float:
+        return b.width * b.height - overlap(b, frame)
+
+    out: dict[int, Any] = {}
+    order = sorted(range(len(points)), key=lambda i: (centres[i][0], -centres[i][1]))
+    for i in order:
+        x, y, text = points[i]
+        ann = ax.annotate(text, (x, y), xytext=(0, 0), textcoords="offset points",
+                          fontsize=fontsize, annotation_clip=False)
+        best = None
+        for dist in LABEL_DISTANCES:
+            for angle in LABEL_ANGLES:
+                c, s_ = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+                ha = "left" if c > 0.3 else "right" if c < -0.3 else "center"
+                va = "bottom" if s_ > 0.3 else "top" if s_ < -0.3 else "center"
+                ann.xyann = (dist * c, dist * s_)
+                ann.set_horizontalalignment(ha)
+                ann.set_verticalalignment(va)
+                box = ann.get_window_extent(renderer).expanded(1.06, 1.2)
+                hard = sum(overlap(box, o) for o in obstacles) + outside(box)
+                crossings = sum(1 for path in lines if path.intersects_bbox(box, filled=False))
+                score = (hard, crossings)
+                if best is None or score < best[0]:
+                    best = (score, dist, c, s_, ha, va, box)
+                if score == (0.0, 0):
+                    break
+            if best[0] == (0.0, 0):
+                break
+        ann.remove()
+        _, dist, c, s_, ha, va, box = best
+        leader = dict(arrowstyle="-", color="0.45", lw=0.5, shrinkA=0, shrinkB=r / px
+                      ) if dist > LABEL_DISTANCES[0] else None
+        ann = ax.annotate(text, (x, y), xytext=(dist * c, dist * s_),
+                          textcoords="offset points", fontsize=fontsize, ha=ha, va=va,
+                          annotation_clip=False, arrowprops=leader,
+                          color=colors[i] if colors is not None else None)
+        obstacles.append(box)
+        out[i] = ann
+    return [out[i] for i in range(len(points))]
 
 
 # ---------------------------------------------------------------------------- F vs size
@@ -271,18 +389,18 @@ def plot_expected_vs_size(profile, sizes: Sequence[int], out_path: str | Path,
     merged: dict[tuple[int, float], list[str]] = {}
     for label, (size, f) in (points or {}).items():
         merged.setdefault((size, round(f, 6)), []).append(label)
-    for (size, f), labels in merged.items():
-        label = ", ".join(labels)
+    for size, f in merged:
         ax.scatter([size], [f], marker="*", s=70, color="crimson", zorder=6)
-        ax.annotate(label, (size, f), textcoords="offset points", xytext=(4, -10), fontsize=7)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("tree size (nodes, root included)")
     ax.set_ylabel("expected tokens per step (F)")
     depth_note = f", depth ≤ {max_depth}" if max_depth is not None else ""
     ax.set_title(title or f"Expected tokens per step vs tree size{depth_note}", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
+    # Labels last, once the layout is fixed, each where it overlaps no other label.
+    place_labels(ax, [(size, f, ", ".join(labels)) for (size, f), labels in merged.items()])
     fig.savefig(out_path, dpi=150 if out_path.suffix.lower() == ".png" else None)
     plt.close(fig)
     return out_path

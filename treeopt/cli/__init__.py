@@ -1,5 +1,11 @@
 """The ``treeopt`` command. Each sub-command lives in its own module of this package and
-exposes ``register(subparsers)``; heavy imports happen inside the command, not here.
+exposes ``register(subparsers)``; heavy imports happen inside the command, not here. A
+command parses its arguments, calls the library (``treeopt.pipeline``, ``treeopt.search``,
+...) and formats what it returns.
+
+Units on the command line: sizes count nodes (root included); ``--max-levels`` counts levels
+with the root (Sequoia's ``max_depth``), ``--max-depth`` counts edges (as ``Tree.depth`` and
+shape strings such as ``dp:64x8``); a command takes one or the other.
 
 Errors: a :class:`treeopt.errors.TreeoptError` (bad input, an impossible request, a broken
 file) and an unreadable file the user named are printed as one line, exit status 2; any other
@@ -14,17 +20,10 @@ on the machine; passive waiting costs nothing measurable on an idle one.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
 from treeopt.errors import TreeoptError, UserError
-
-# Sub-command modules, in the order ``treeopt --help`` lists them.
-COMMAND_MODULES = [
-    "search", "show", "compare", "shapes", "generate", "profile", "tune", "eval", "report", "bench",
-    "datastore",
-]
 
 
 # The pair commands use when none is named: real weights that work offline (SmolLM2-135M from
@@ -32,8 +31,8 @@ COMMAND_MODULES = [
 DEFAULT_TARGET = "smollm2"
 DEFAULT_DRAFT = "early-exit:4"
 
-__all__ = ["DEFAULT_DRAFT", "DEFAULT_TARGET", "TreeoptError", "UserError", "int_list", "main",
-           "passive_openmp", "set_threads"]
+__all__ = ["DEFAULT_DRAFT", "DEFAULT_TARGET", "TreeoptError", "UserError", "add_height_arguments",
+           "height_levels", "int_list", "main", "passive_openmp", "set_threads"]
 
 
 def passive_openmp() -> None:
@@ -78,6 +77,57 @@ def set_threads(threads: int | None) -> None:
     torch.set_num_threads(int(threads))
 
 
+def add_height_arguments(parser, default_levels: int | None, what: str = "the search") -> None:
+    """``--max-levels L`` (root counted) or ``--max-depth D`` (edges, = L - 1): one of the
+    two. ``default_levels`` applies when neither is given (None: no limit)."""
+    group = parser.add_mutually_exclusive_group()
+    default = (f"default {default_levels} levels = depth {default_levels - 1}"
+               if default_levels is not None else "default: none")
+    group.add_argument("--max-levels", type=int, metavar="L",
+                       help=f"height limit of {what} in LEVELS, ROOT COUNTED (Sequoia's "
+                            f"max_depth; a chain of N nodes needs N levels; {default})")
+    group.add_argument("--max-depth", type=int, metavar="D",
+                       help=f"height limit of {what} in EDGES below the root, as Tree.depth "
+                            "and dp:NxD count them (= --max-levels D+1)")
+    parser.set_defaults(default_levels=default_levels)
+
+
+def height_levels(args: argparse.Namespace) -> int | None:
+    """The level limit (root counted) from ``--max-levels`` / ``--max-depth`` (checked
+    against the caps, naming the flag), or the command's default."""
+    from treeopt.limits import MAX_TREE_LEVELS
+    from treeopt.search.dp import depth_for_levels, levels_for_depth
+
+    if args.max_depth is not None:
+        if args.max_depth < 0:
+            raise UserError(f"--max-depth counts edges below the root: at least 0, got "
+                            f"{args.max_depth}")
+        if levels_for_depth(args.max_depth) > MAX_TREE_LEVELS:
+            raise UserError(f"--max-depth = {args.max_depth} edges exceeds the limit of "
+                            f"{depth_for_levels(MAX_TREE_LEVELS)} edges ({MAX_TREE_LEVELS} "
+                            "levels: a tree of at most MAX_TREE_NODES nodes has no more)")
+        return levels_for_depth(args.max_depth)
+    if args.max_levels is not None:
+        if args.max_levels < 1:
+            raise UserError(f"--max-levels counts levels with the root: at least 1, got "
+                            f"{args.max_levels}")
+        if args.max_levels > MAX_TREE_LEVELS:
+            raise UserError(f"--max-levels = {args.max_levels} exceeds the limit of "
+                            f"{MAX_TREE_LEVELS} levels (a tree of at most MAX_TREE_NODES "
+                            "nodes has no more)")
+        return args.max_levels
+    return args.default_levels
+
+
+def _command_modules() -> list:
+    """The sub-command modules, in the order ``treeopt --help`` lists them."""
+    from treeopt.cli import (bench, compare, datastore, eval, generate, profile, report, search,
+                             shapes, show, tune)
+
+    return [search, show, compare, shapes, generate, profile, tune, eval, report, bench,
+            datastore]
+
+
 def build_parser() -> argparse.ArgumentParser:
     from treeopt import __version__
 
@@ -89,13 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"treeopt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"treeopt.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"treeopt.cli.{name}":
-                continue  # command not built yet
-            raise
+    for module in _command_modules():
         module.register(sub)
     return parser
 

@@ -1,13 +1,14 @@
 """``treeopt compare``: expected tokens per step (and, with a latency table, predicted speed)
 of several tree shapes under one profile.
 
-Each SHAPE is a growmap file or a shape spec: chain:N, kary:KxD, chains:KxL (K independent
-chains of L tokens), specinfer:E1,E2,..., greedy:N[xD] (Medusa-style greedy), dp:N[xD] (exact
-DP optimum of at most N nodes; D = depth in edges), paths:[[0],[1],[0,0]], parents:[...], or a
-preset (mc_sim_7b_63). Columns: size (nodes, root included), depth (edges), F = expected
-tokens per target forward (bonus token included). When the profile holds a latency table:
-predicted step time = draft time + t_target(size), tokens/s = 1000 F / step, and speed-up
-over plain decoding = t_target(1) F / step (draft cost model: --draft-cost).
+Each SHAPE is a growmap file or a shape spec: chain:N (N nodes), kary:KxD, chains:KxL (K
+independent chains of L draft tokens), specinfer:E1,E2,..., greedy:N[xD] (Medusa-style
+greedy), dp:N[xD] (exact DP optimum of at most N nodes; D = depth in edges),
+paths:[[0],[1],[0,0]], parents:[...], or a preset (mc_sim_7b_63). Columns: size (nodes, root included), depth (edges), F = expected
+tokens per target forward (bonus token included), under the same rank table `treeopt
+search` uses. When the profile holds a latency table: predicted step time = draft time +
+t_target(size), tokens/s = 1000 F / step, and speed-up over plain decoding = t_target(1) F /
+step (draft cost model: --draft-cost, per-level by default as in every command).
 
 examples:
   treeopt compare --profile profiles/sequoia-reference-l40-7b.json
@@ -20,7 +21,8 @@ import argparse
 import math
 from pathlib import Path
 
-from treeopt.cli import UserError
+from treeopt.cli import UserError, add_height_arguments, height_levels
+from treeopt.search.hardware import DEFAULT_DRAFT_COST, DRAFT_COSTS
 
 DEFAULT_SHAPES = ["chain:8", "chains:4x4", "kary:2x3", "specinfer:1,1,3,1,1,1,1,1",
                   "mc_sim_7b_63", "greedy:64", "dp:64"]
@@ -38,10 +40,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                              "acceptance vector .pt)")
     parser.add_argument("--no-depth-aware", action="store_true",
                         help="ignore per-depth acceptance rows; use the single rank profile")
-    parser.add_argument("--draft-cost", choices=["sequoia", "per-level"], default="sequoia",
-                        help="draft cost model for predicted times: sequoia = (depth+1) x "
-                             "t_draft(1); per-level = sum of t_draft(level width) "
-                             "(default: %(default)s)")
+    parser.add_argument("--draft-cost", choices=DRAFT_COSTS, default=DEFAULT_DRAFT_COST,
+                        help="draft cost model for predicted times: per-level = sum of "
+                             "t_draft(nodes a level expands), what treeopt's engine runs; "
+                             "sequoia = (depth+1) x t_draft(1) (default: %(default)s)")
     parser.add_argument("--plot", metavar="PATH",
                         help="also plot expected tokens per step vs tree size for the DP "
                              "optimum, Medusa greedy, chain, best KxL and k-ary trees, with "
@@ -49,20 +51,19 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--max-size", type=int, default=None, metavar="N",
                         help="largest tree size on the plot (default: the largest compared "
                              f"shape, at least {DEFAULT_MAX_SIZE})")
-    parser.add_argument("--max-depth", type=int, default=None, metavar="D",
-                        help="depth limit for the plot's curves, in LEVELS COUNTING THE ROOT "
-                             "as in `treeopt search` (default: none)")
+    add_height_arguments(parser, None, "the plot's curves")
     parser.set_defaults(func=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    from treeopt.profile import Profile
+    from treeopt.pipeline import load_profile, rank_table
     from treeopt.search.hardware import empty_step_rate
     from treeopt.shapes import describe, from_name
 
-    profile = Profile.load(args.profile)
-    table = profile.table(depth_aware=not args.no_depth_aware)
+    levels = height_levels(args)
+    profile = load_profile(args.profile)
+    table = rank_table(profile, depth_aware=not args.no_depth_aware)
     specs = args.shapes or DEFAULT_SHAPES
     rows = []
     for spec in specs:
@@ -74,15 +75,14 @@ def run(args: argparse.Namespace) -> int:
         print("(no latency table in the profile: run `treeopt profile` to add one for "
               "predicted speed)")
     if args.plot:
+        from treeopt.search.dp import depth_for_levels
         from treeopt.viz import expected_vs_size, plot_expected_vs_size
 
         largest = max(r["size"] for r in rows)
         max_size = args.max_size or max(DEFAULT_MAX_SIZE, largest)
         if max_size < 2:
             raise UserError("--max-size must be at least 2")
-        if args.max_depth is not None and args.max_depth < 1:
-            raise UserError("--max-depth counts levels with the root: at least 1")
-        depth = args.max_depth - 1 if args.max_depth is not None else None
+        depth = depth_for_levels(levels) if levels is not None else None
         sizes = plot_sizes(max_size)
         curves = expected_vs_size(table, sizes, max_depth=depth)
         points = {r["shape"]: (r["size"], r["expected_tokens"]) for r in rows
@@ -95,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluate(name: str, tree, table, latency, draft_cost: str, empty_rate: float = 0.0) -> dict:
+def evaluate(name: str, tree, table, latency, draft_cost: str = DEFAULT_DRAFT_COST,
+             empty_rate: float = 0.0) -> dict:
     """One table row: shape, size, depth, expected tokens and, with latency, predictions."""
     row = {"shape": name, "size": tree.size, "depth": tree.depth,
            "expected_tokens": tree.expected_tokens(table)}

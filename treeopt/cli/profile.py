@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 
 from treeopt.cli import THREADS_HELP, UserError, set_threads
+from treeopt.pipeline import CPU_NEW_TOKENS, CPU_PROMPTS, GPU_NEW_TOKENS, GPU_PROMPTS
 
 ACCEPTANCE_DESCRIPTION = """\
 Measure which sibling rank the verifier accepts, per rank (Sequoia's p[k]) and per depth
@@ -50,10 +51,6 @@ CPU timings: run on a quiet machine; treeopt sets OMP_WAIT_POLICY=PASSIVE unless
 exceeds 25 % of its median or the curve falls as the size grows (then use more --repeats or
 --threads 1).
 """
-
-CPU_PROMPTS, GPU_PROMPTS = 8, 40
-CPU_NEW_TOKENS, GPU_NEW_TOKENS = 32, 128
-MAX_PROMPT_TOKENS = 512
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -131,7 +128,8 @@ def add_acceptance_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=8,
                         help="siblings drafted (default %(default)s)")
     parser.add_argument("--depth", type=int, default=6,
-                        help="depths with their own acceptance row (default %(default)s)")
+                        help="depth D of the profiled tree in edges: parents at depths "
+                             "0..D-1 each get their own acceptance row (default %(default)s)")
     parser.add_argument("--mode", choices=["teacher-forced", "online"], default="teacher-forced",
                         help="teacher-forced (fast; default) or online (engine, what decoding "
                              "sees)")
@@ -167,34 +165,13 @@ def load_models(args):
     return pair, device
 
 
-def encode_prompts(tokenizer, prompts, chat_template: bool,
-                   max_tokens: int = MAX_PROMPT_TOKENS) -> list[list[int]]:
-    """Token ids of each prompt (its last ``max_tokens`` tokens)."""
-    from treeopt.decode.api import encode_prompt
-
-    out = []
-    for p in prompts:
-        if getattr(p, "token_ids", None):
-            ids = list(p.token_ids)
-        else:
-            if tokenizer is None:
-                raise UserError("the target has no tokenizer to encode prompt text; use a "
-                                "model folder that includes one")
-            ids = encode_prompt(tokenizer, p.text, chat_template)[0].tolist()
-        out.append(ids[-max_tokens:])
-    return out
-
-
 def acceptance_defaults(args, device) -> list[str]:
-    """Fill --prompts / --max-new-tokens by device; return notes on the defaults used."""
-    notes = []
-    cpu = device.type != "cuda"
-    if args.prompts is None:
-        args.prompts = CPU_PROMPTS if cpu else GPU_PROMPTS
-        notes.append(f"{args.prompts} prompts")
-    if args.max_new_tokens is None:
-        args.max_new_tokens = CPU_NEW_TOKENS if cpu else GPU_NEW_TOKENS
-        notes.append(f"{args.max_new_tokens} tokens per continuation")
+    """Fill --prompts / --max-new-tokens by device (``treeopt.pipeline.acceptance_defaults``);
+    return notes on the defaults used."""
+    from treeopt.pipeline import acceptance_defaults as defaults
+
+    args.prompts, args.max_new_tokens, notes = defaults(device, args.prompts,
+                                                        args.max_new_tokens)
     return notes
 
 
@@ -226,25 +203,18 @@ def acceptance_run(args):
 
 
 def measure_acceptance(args, pair, device, out: Path, progress: bool = True):
-    """Load the prompts, run the profiler; returns (Profile, notes)."""
-    from treeopt.decode.api import eos_ids
-    from treeopt.evaluate.datasets import load_prompts
-    from treeopt.profile.acceptance import profile_acceptance
+    """Load the prompts, run the profiler (``treeopt.pipeline.measure_acceptance``);
+    returns (Profile, notes on the defaults used)."""
+    from treeopt.pipeline import load_prompt_set, measure_acceptance as measure
 
     if pair.drafter is None:
         raise UserError("acceptance profiling needs a --draft")
     notes = acceptance_defaults(args, device)
     run = acceptance_run(args)
-    prompts = load_prompts(args.dataset, categories=args.categories, n=args.prompts,
-                           seed=args.seed)
-    ids = encode_prompts(pair.tokenizer, prompts, not args.no_chat_template)
-    if args.continuation == "dataset":
-        ids = [x for x in ids if len(x) >= 2]
-    eos = eos_ids(pair.tokenizer, pair.target) if pair.tokenizer is not None else []
-    profile = profile_acceptance(
-        pair.target, pair.drafter, ids, run, out=out, resume=getattr(args, "resume", False),
-        save_every=max(1, getattr(args, "save_every", 1)), progress=progress,
-        eos_token_id=eos[0] if eos else None, max_positions=args.positions)
+    prompts, _ = load_prompt_set(args.dataset, args.prompts, args.seed, args.categories)
+    profile = measure(pair, prompts, run, out=out, resume=getattr(args, "resume", False),
+                      save_every=getattr(args, "save_every", 1), positions=args.positions,
+                      progress=progress)
     return profile, notes
 
 
@@ -335,18 +305,13 @@ def check_latency_args(args) -> None:
 
 
 def print_timing_warnings(latency) -> list[str]:
-    """Print ``timing_warnings`` for a measured table on stderr; returns them."""
+    """Print ``treeopt.pipeline.latency_warnings`` for a measured table on stderr; returns
+    them."""
     import sys
 
-    from treeopt.profile.latency import timing_warnings
+    from treeopt.pipeline import latency_warnings
 
-    notes = timing_warnings(latency)
-    meta = latency.meta or {}
-    if meta.get("device_type") != "cuda" and meta.get("omp_wait_policy") is None \
-            and meta.get("threads", 1) > 1:
-        notes.append("OMP_WAIT_POLICY is unset in this process (torch was imported first): "
-                     "OpenMP spin-waiting distorts CPU timings on a busy machine; set "
-                     "OMP_WAIT_POLICY=PASSIVE or use --threads 1")
+    notes = latency_warnings(latency)
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)
     return notes
@@ -381,32 +346,3 @@ def run_merge(args: argparse.Namespace) -> int:
     print(f"merged {len(profiles)} profiles ({n} positions): {merged.summary()}")
     print(f"profile: {args.out}")
     return 0
-
-
-def held_out_prompts(dataset: str, profile_meta: dict, n: int, seed: int = 0,
-                     categories: str | None = None):
-    """``n`` prompts of ``dataset`` that a profile measured with the same dataset did not use
-    (its selection is rebuilt from the settings in its meta), drawn with ``seed``."""
-    from treeopt.evaluate.datasets import load_prompts, select
-
-    every = load_prompts(dataset, categories=categories)
-    meta = profile_meta or {}
-    settings = meta.get("settings", {})
-    used: set[str] = set()
-    if settings.get("dataset") == str(dataset) and meta.get("prompts_total"):
-        used = {p.id for p in load_prompts(dataset, categories=categories,
-                                           n=meta["prompts_total"],
-                                           seed=settings.get("seed", 0))}
-    rest = [p for p in every if p.id not in used]
-    return select(rest, n=n, seed=seed + 1, source=str(dataset))
-
-
-def split_prompts(dataset: str, n_profile: int, n_eval: int, seed: int = 0,
-                  categories: str | None = None):
-    """Two disjoint prompt sets: (``n_profile`` to profile on, ``n_eval`` to evaluate on)."""
-    from treeopt.evaluate.datasets import load_prompts, select
-
-    first = load_prompts(dataset, categories=categories, n=n_profile, seed=seed)
-    used = {p.id for p in first}
-    rest = [p for p in load_prompts(dataset, categories=categories) if p.id not in used]
-    return first, select(rest, n=n_eval, seed=seed + 1, source=str(dataset))

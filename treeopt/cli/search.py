@@ -2,10 +2,17 @@
 
 Fixed size (``--budget N``): the exact DP's best tree of N nodes (or at most N with
 ``--at-most``). No ``--budget`` and a latency table in the profile: the hardware-aware choice
-of size and depth (``treeopt.search.hardware``). ``--method optuna`` hands over to
-``treeopt.search.optuna_search`` when that module is installed.
+of size and height (``treeopt.search.hardware``), over every size up to ``--max-size`` or
+only the measured ones (``--measured-sizes-only``). ``--method optuna``: an Optuna search
+seeded with the DP's trees. The work is ``treeopt.search_tree`` / ``treeopt.pipeline.
+optuna_tree``; this command parses, calls and prints.
 
-Limits: --budget, --max-size and --max-depth are at most MAX_TREE_NODES (treeopt.limits); the
+Units: sizes count nodes, root included. Height: ``--max-levels L`` counts levels with the
+root (Sequoia's max_depth; a chain of N nodes needs N levels), ``--max-depth D`` counts edges
+(D = L - 1); the default is 12 levels. Draft cost: ``per-level`` (what treeopt's engine runs;
+the default of every command) or ``sequoia``.
+
+Limits: --budget, --max-size and the height are at most MAX_TREE_NODES (treeopt.limits); the
 default --max-size (the largest latency point) is clamped to it. Every output path (--out,
 --picture, --table) is checked before the search runs: a known suffix, and no input or file of
 another kind in the way.
@@ -14,36 +21,28 @@ another kind in the way.
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 from pathlib import Path
 
-from treeopt.cli import UserError
-from treeopt.limits import MAX_TREE_LEVELS, MAX_TREE_NODES, check_nodes
+from treeopt.cli import UserError, add_height_arguments, height_levels
+from treeopt.limits import check_nodes
+from treeopt.search.hardware import DEFAULT_DRAFT_COST, DEFAULT_MAX_LEVELS, DRAFT_COSTS
 
-DEFAULT_MAX_DEPTH = 12
-DEFAULT_MAX_SIZE = 128
-OPTUNA_MODULE = "treeopt.search.optuna_search"
-
-DEPTH_HELP = ("depth limit in LEVELS COUNTING THE ROOT, as Sequoia's max_depth: trees get at "
-              "most D-1 edges, a chain of N nodes needs D = N (default %(default)s)")
+OBJECTIVES = ("model", "replay", "engine")
+METRICS = ("tokens", "speed")
 
 
 def register(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "search", help="find the optimal tree shape for a profile (exact DP)",
+        "search", help="find the optimal tree shape for a profile (exact DP or Optuna)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    if importlib.util.find_spec(OPTUNA_MODULE) is not None:
-        module = importlib.import_module(OPTUNA_MODULE)
-        if hasattr(module, "add_arguments"):
-            module.add_arguments(parser)
+    add_optuna_arguments(parser)
     parser.set_defaults(func=run)
     return parser
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The DP's arguments (``--method optuna`` adds its own through its module's hook)."""
+    """The DP's arguments (shared with ``--method optuna``)."""
     parser.add_argument("--method", choices=["dp", "optuna"], default="dp",
                         help="search method (default: dp, exact)")
     parser.add_argument("--profile", required=True, metavar="PROFILE",
@@ -51,19 +50,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "Sequoia acceptance vector .pt [0, p1..pW, none]")
     parser.add_argument("--budget", type=int, metavar="N",
                         help="tree size in nodes, root included (fixed size; without it the "
-                             "profile's latency table picks size and depth)")
-    parser.add_argument("--max-depth", type=int, default=DEFAULT_MAX_DEPTH, metavar="D",
-                        help=DEPTH_HELP)
+                             "profile's latency table picks size and height)")
+    add_height_arguments(parser, DEFAULT_MAX_LEVELS, "the tree")
     parser.add_argument("--at-most", action="store_true",
                         help="with --budget: best tree of at most N nodes instead of exactly N")
     parser.add_argument("--no-depth-aware", action="store_true",
                         help="ignore per-depth acceptance rows; use the single rank profile")
-    parser.add_argument("--draft-cost", choices=["sequoia", "per-level"], default="sequoia",
-                        help="draft cost model: sequoia = levels x t_draft(1) (exact search); "
-                             "per-level = sum of t_draft(level width) (scored on DP trees)")
+    parser.add_argument("--draft-cost", choices=DRAFT_COSTS, default=DEFAULT_DRAFT_COST,
+                        help="draft cost model: per-level = sum of t_draft(nodes a level "
+                             "expands), what treeopt's engine runs (scored on the DP's trees); "
+                             "sequoia = levels x t_draft(1), Sequoia's (searched exactly) "
+                             "(default %(default)s)")
     parser.add_argument("--max-size", type=int, metavar="N",
                         help="largest size the hardware-aware sweep considers (default: the "
-                             f"largest measured latency point, else {DEFAULT_MAX_SIZE})")
+                             "largest measured latency point, at most MAX_TREE_NODES)")
+    parser.add_argument("--measured-sizes-only", action="store_true",
+                        help="choose the tree size among the latency table's measured sizes "
+                             "only, as Sequoia's valid_budget does, instead of every size up "
+                             "to --max-size (whose costs are interpolated between them)")
     parser.add_argument("--out", metavar="PATH",
                         help="growmap to write, .pt (Sequoia) or .json (default: "
                              "growmaps/<profile>-dp-n<size>.pt)")
@@ -73,8 +77,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write F*(m, l) for every size m and level limit l as CSV")
 
 
-def check_limits(args: argparse.Namespace) -> None:
-    """The numbers the user typed, against the one tree-size cap (before any work)."""
+def add_optuna_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``--method optuna`` (``treeopt.pipeline.optuna_tree``)."""
+    g = parser.add_argument_group("optuna (--method optuna)")
+    g.add_argument("--objective", choices=OBJECTIVES, default="model",
+                   help="model: profile's F or predicted tokens/s; replay: recorded greedy "
+                        "traces of held-out prompts; engine: measured decoding (default model)")
+    g.add_argument("--metric", choices=METRICS,
+                   help="tokens (per step) or speed (tokens/s; predicted from the profile's "
+                        "latency for model/replay, measured for engine). Default: speed when "
+                        "latency is known or with engine, else tokens")
+    g.add_argument("--trials", type=int, default=None,
+                   help="trials to run in this process (default 200; 20 for engine)")
+    g.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    g.add_argument("--study-name", help="study to create or continue (default: from the "
+                                        "output file name)")
+    g.add_argument("--storage", help="Optuna storage URL or SQLite file path (default: "
+                                     "<out>.optuna.db beside the growmap)")
+    g.add_argument("--seed", type=int, default=0, help="sampler seed (give each worker its own)")
+    g.add_argument("--worker", help="label recorded on this process's trials")
+    g.add_argument("--target", help="replay/engine: target model spec")
+    g.add_argument("--draft", help="replay/engine: draft model spec (e.g. early-exit:4)")
+    g.add_argument("--dataset", default="spec_bench",
+                   help="replay/engine: prompt set (default %(default)s)")
+    g.add_argument("--prompts", type=int, default=8,
+                   help="replay/engine: held-out prompts (default %(default)s)")
+    g.add_argument("--max-new-tokens", type=int, default=64,
+                   help="replay/engine: tokens per prompt (default %(default)s)")
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="replay/engine: sampling temperature (replay is exact at 0)")
+    g.add_argument("--device", default="auto", help="replay/engine: auto, cpu or cuda")
+
+
+def check_limits(args: argparse.Namespace) -> int:
+    """The numbers the user typed, against the one tree-size cap (before any work); returns
+    the level limit."""
     if args.budget is not None:
         if args.budget < 1:
             raise UserError(f"--budget must be at least 1 node (the root), got {args.budget}")
@@ -83,12 +120,10 @@ def check_limits(args: argparse.Namespace) -> None:
         if args.max_size < 1:
             raise UserError(f"--max-size must be at least 1, got {args.max_size}")
         check_nodes(args.max_size, "--max-size", UserError)
-    if args.max_depth < 1:
-        raise UserError(f"--max-depth must be at least 1 level (the root), got {args.max_depth}")
-    if args.max_depth > MAX_TREE_LEVELS:
-        raise UserError(f"--max-depth = {args.max_depth} exceeds the limit of "
-                        f"{MAX_TREE_LEVELS} levels (a tree of at most {MAX_TREE_NODES} nodes, "
-                        "MAX_TREE_NODES, has no more)")
+    if args.measured_sizes_only and args.budget is not None:
+        raise UserError("--measured-sizes-only picks the size from the latency table; drop it "
+                        "or drop --budget")
+    return height_levels(args)
 
 
 def check_outputs(args: argparse.Namespace) -> None:
@@ -124,94 +159,116 @@ def _same(path: str | Path) -> str:
     return str(Path(path).expanduser().resolve())
 
 
-def run(args: argparse.Namespace) -> int:
-    check_limits(args)
-    if args.method == "optuna":
-        if importlib.util.find_spec(OPTUNA_MODULE) is None:
-            raise UserError("the optuna method is not installed in this version; use --method dp")
-        return int(importlib.import_module(OPTUNA_MODULE).run_cli(args) or 0)
-
-    from treeopt.growmap import save_growmap
-    from treeopt.profile import Profile
-    from treeopt.search.dp import solve
-    from treeopt.search.hardware import choose, empty_step_rate, predict
-
-    check_outputs(args)
-    profile = Profile.load(args.profile)
-    table_p = profile.table(depth_aware=not args.no_depth_aware)
-    depth_aware = len(table_p) > 1
-    latency = profile.latency
-    empty = empty_step_rate(profile)
-
-    if args.budget is not None:
-        table = solve(table_p, args.budget, args.max_depth)
-        size = table.best_size(args.budget, args.max_depth) if args.at_most else args.budget
-        tree = table.tree(size, args.max_depth)
-        depth_limit = args.max_depth
-        expected = table.value(size, depth_limit)
-        pred = predict(tree, table_p, latency, args.draft_cost,
-                       empty) if latency is not None else None
-        mode = "fixed budget"
-    else:
-        if latency is None:
-            raise UserError(f"{args.profile} has no latency table: give --budget N for a fixed "
-                            "size, or add latency to the profile (treeopt profile)")
-        # default: the largest measured point, clamped to the tree-size cap (a latency point
-        # at 10^7 tokens must not make the sweep 10^7 nodes wide)
-        max_size = args.max_size or min(max(
-            [int(t) for t in latency.target.tokens] or [DEFAULT_MAX_SIZE]), MAX_TREE_NODES)
-        table = solve(table_p, max_size, args.max_depth)
-        choice = choose(table_p, latency, max_size, args.max_depth, args.draft_cost, table=table,
-                        empty_rate=empty)
-        size, depth_limit, tree = choice.size, choice.depth, choice.tree
-        expected = choice.expected_tokens
-        pred = predict(tree, table_p, latency, args.draft_cost, empty)
-        mode = f"hardware-aware (sizes 1..{max_size}, levels 1..{args.max_depth})"
-
-    out = Path(args.out) if args.out else (
-        Path("growmaps") / f"{Path(args.profile).stem}-dp-n{size}.pt")
-    if not args.out and _same(out) == _same(args.profile):
+def _default_out(args: argparse.Namespace, name: str) -> Path:
+    out = Path("growmaps") / name
+    if _same(out) == _same(args.profile):
         raise UserError(f"the default output {out} is the --profile file; give --out")
-    meta = {"method": "dp", "profile": str(args.profile), "expected_tokens": expected,
-            "budget": size, "depth": depth_limit, "depth_convention": "levels incl. root",
-            "tree_depth": tree.depth, "at_most": bool(args.at_most),
-            "depth_aware": depth_aware, "mode": mode}
-    if pred is not None:
-        meta.update({"draft_cost": args.draft_cost, "predicted_step_ms": pred.step_ms,
-                     "predicted_tokens_per_s": pred.tokens_per_s,
-                     "predicted_speedup": pred.speedup})
-    saved = save_growmap(tree, out, meta)
+    return out
 
-    print(f"search dp, {mode}: size {tree.size}, depth {tree.depth} edges "
-          f"({tree.depth + 1} levels; limit {depth_limit}), width {tree.width}, "
-          f"{'depth-aware' if depth_aware else 'rank'} profile")
-    print(f"expected tokens per step: {expected:.6f}")
+
+def run(args: argparse.Namespace) -> int:
+    levels = check_limits(args)
+    check_outputs(args)
+    if args.method == "optuna":
+        return run_optuna(args, levels)
+
+    from treeopt.pipeline import search_tree
+
+    found = search_tree(args.profile, budget=args.budget, at_most=args.at_most,
+                        max_levels=levels, max_size=args.max_size, draft_cost=args.draft_cost,
+                        depth_aware=not args.no_depth_aware,
+                        measured_sizes_only=args.measured_sizes_only)
+    tree = found.tree
+    out = Path(args.out) if args.out else _default_out(
+        args, f"{Path(args.profile).stem}-dp-n{tree.size}.pt")
+    saved = found.save(out)
+
+    mode = found.mode
+    if found.choice is not None:
+        sizes = "measured sizes" if args.measured_sizes_only else f"sizes 1..{found.max_size}"
+        mode = f"{mode} ({sizes}, levels 1..{found.max_levels})"
+    print(f"search dp, {mode}: size {tree.size}, {height(tree.depth, found.max_levels)}, "
+          f"width {tree.width}, {'depth-aware' if len(found.rank_table) > 1 else 'rank'} "
+          "profile")
+    print(f"expected tokens per step: {found.expected_tokens:.6f}")
+    pred = found.prediction
     if pred is not None:
         print(f"predicted step {pred.step_ms:.3f} ms (draft {pred.draft_ms:.3f} + verify "
               f"{pred.verify_ms:.3f}), {pred.tokens_per_s:.1f} tokens/s, speed-up "
               f"{pred.speedup:.2f}x over plain decoding ({pred.plain_ms:.3f} ms/token; "
-              f"draft cost {args.draft_cost})")
-    if args.budget is None:
-        print("candidates (best depth per size):  size levels   F      step_ms  tok/s  speedup")
-        for c in choice.candidates:
-            mark = " *" if c["size"] == size and c["depth"] == depth_limit else ""
-            print(f"  {c['size']:>33} {c['depth']:>6} {c['F']:7.4f} {c['step_ms']:8.3f} "
-                  f"{c['tokens_per_s']:7.1f} {c['speedup']:6.2f}{mark}")
+              f"draft cost {found.draft_cost})")
+    if found.choice is not None:
+        print("candidates (best height per size):  size levels depth   F      step_ms  tok/s  "
+              "speedup")
+        for c in found.choice.candidates:
+            mark = " *" if c["size"] == tree.size and c["levels"] == found.choice.levels else ""
+            print(f"  {c['size']:>33} {c['levels']:>6} {c['depth']:>5} {c['F']:7.4f} "
+                  f"{c['step_ms']:8.3f} {c['tokens_per_s']:7.1f} {c['speedup']:6.2f}{mark}")
+    for note in found.notes:
+        print(f"note: {note}")
     print(f"growmap: {saved}")
     if args.table:
-        print(f"table: {write_table(table.values, args.table)}")
+        print(f"table: {write_table(found.table.values, args.table)}")
     if args.picture:
         from treeopt.viz import draw_tree
 
-        pic = draw_tree(tree, args.picture, profile=profile,
+        pic = draw_tree(tree, args.picture, profile=found.rank_table,
                         title=f"treeopt search dp: {Path(args.profile).name}")
         print(f"picture: {pic}")
     return 0
 
 
+def height(depth: int, max_levels: int) -> str:
+    """``"depth 7 edges (8 levels; limit 12 levels = depth 11)"``: a tree's height and the
+    limit it was searched under, in both units."""
+    def n(count: int, unit: str) -> str:
+        return f"{count} {unit}" + ("s" if count != 1 else "")
+
+    return (f"depth {n(depth, 'edge')} ({n(depth + 1, 'level')}; limit "
+            f"{n(max_levels, 'level')} = depth {max_levels - 1})")
+
+
+def run_optuna(args: argparse.Namespace, levels: int) -> int:
+    from treeopt.pipeline import load_profile, optuna_size_limit, optuna_tree
+
+    profile = load_profile(args.profile)
+    size = optuna_size_limit(profile, args.budget, args.max_size)
+    out = Path(args.out) if args.out else _default_out(
+        args, f"{Path(args.profile).stem}-optuna-{args.objective}-n{size}.json")
+    storage = args.storage or str(out.with_suffix(".optuna.db"))
+    name = args.study_name or f"treeopt-{out.stem}"
+    found = optuna_tree(profile, objective=args.objective, metric=args.metric,
+                        budget=args.budget, max_size=args.max_size, max_levels=levels,
+                        draft_cost=args.draft_cost, depth_aware=not args.no_depth_aware,
+                        trials=args.trials, timeout=args.timeout, study_name=name,
+                        storage=storage, seed=args.seed, worker=args.worker,
+                        target=args.target, draft=args.draft, dataset=args.dataset,
+                        prompts=args.prompts, max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature, device=args.device, progress=True)
+    found.meta["profile"] = str(args.profile)
+    saved = found.save(out)
+    result = found.optuna
+    metric = result.metric
+    unit = "tokens/step" if metric == "tokens" else "tokens/s"
+    kind = {"model": "predicted", "replay": "replayed", "engine": "measured"}[args.objective]
+    print(f"search optuna ({args.objective}, {metric}): {result.trials} trials in study "
+          f"{name!r} ({result.complete} complete, {result.pruned} pruned)")
+    for label, tree, value in (("best:", result.tree, result.value),
+                               ("dp:  ", result.baseline, result.baseline_value)):
+        print(f"{label} size {tree.size}, {height(tree.depth, found.max_levels)}, width "
+              f"{tree.width}, {kind} {value:.4f} {unit}")
+    print(f"growmap: {saved}")
+    print(f"storage: {result.storage}")
+    if args.picture:
+        from treeopt.viz import draw_tree
+
+        print(f"picture: {draw_tree(result.tree, args.picture, profile=found.rank_table)}")
+    return 0
+
+
 def write_table(values, path: str | Path) -> Path:
     """CSV of ``values[m, l]`` (F*(m, l)): one row per size m >= 1, one column per level
-    limit l >= 1; empty cells where no tree exists."""
+    limit l >= 1 (root counted); empty cells where no tree exists."""
     import math
 
     path = Path(path)

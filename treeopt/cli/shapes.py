@@ -1,8 +1,8 @@
 """``treeopt shapes``: write named or baseline tree shapes as growmap files.
 
 Each NAME is a shape spec: chain:N (N nodes), kary:KxD (full K-ary, depth D), chains:KxL
-(K independent chains of L tokens, SpecInfer-style), specinfer:E1,E2,... (every node at level
-i gets Ei children), greedy:N[xD] and dp:N[xD] (need --profile; D = depth in edges),
+(K independent chains of L draft tokens, SpecInfer-style), specinfer:E1,E2,... (every node
+at level i gets Ei children), greedy:N[xD] and dp:N[xD] (need --profile; D = depth in edges),
 paths:[[0],[1],[0,0]] (Medusa/EAGLE choices), parents:[-1,0,0], a preset (see --list) or a
 growmap file (converted, e.g. .json -> .pt; its metadata is kept). Files are
 Sequoia-compatible .pt (or .json). Every shape is at most MAX_TREE_NODES nodes. An input file
@@ -61,7 +61,7 @@ def file_stem(spec: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from treeopt.growmap import check_writable, load_growmap, save_growmap
-    from treeopt.profile import Profile
+    from treeopt.pipeline import load_profile, rank_table
     from treeopt.shapes import PRESETS, SPEC_HELP, from_name, is_file_spec
 
     if args.list:
@@ -96,14 +96,15 @@ def run(args: argparse.Namespace) -> int:
         check_writable(out)  # no profile, picture or other non-growmap file in the way
 
     # Build every tree before writing the first file, so a bad NAME writes nothing.
-    profile = Profile.load(args.profile) if args.profile else None
+    # the rank table `treeopt search` and `compare` use for this profile
+    table = rank_table(load_profile(args.profile)) if args.profile else None
     plan = []
     for spec, out in zip(args.names, targets):
         source_meta: dict = {}
         if is_file_spec(spec):
             tree, source_meta = load_growmap(spec)
         else:
-            tree = from_name(spec, profile)
+            tree = from_name(spec, table)
         meta = dict(source_meta)  # a converted growmap keeps its search metadata
         meta.update({"shape": source_meta.get("shape", spec), "created_by": "treeopt shapes",
                      "size": tree.size, "depth": tree.depth})
@@ -111,13 +112,13 @@ def run(args: argparse.Namespace) -> int:
             meta["converted_from"] = str(spec)
         if spec in PRESETS:
             meta["source"] = PRESETS[spec].source
-        if profile is not None:
+        if table is not None:
             meta["profile"] = Path(args.profile).name
-            meta["expected_tokens"] = tree.expected_tokens(profile.table())
+            meta["expected_tokens"] = tree.expected_tokens(table)
         plan.append((tree, out, meta))
     for tree, out, meta in plan:
         save_growmap(tree, out, meta=meta)
-        f = f", F = {meta['expected_tokens']:.4f}" if profile is not None else ""
+        f = f", F = {meta['expected_tokens']:.4f}" if table is not None else ""
         print(f"wrote {out} (size {tree.size}, depth {tree.depth}, width {tree.width}{f})")
     return 0
 

@@ -47,20 +47,21 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from treeopt.growmap import load_growmap
-    from treeopt.profile import Profile
+    from treeopt.pipeline import load_profile, rank_table
     from treeopt.shapes import describe, from_name, is_file_spec
     from treeopt.viz import SUFFIXES, draw_tree, tree_summary
 
     if args.out and "." + args.out.lower().rsplit(".", 1)[-1] not in SUFFIXES:
         raise UserError(f"--out {args.out}: use a .png, .svg, .pdf or .dot file")
-    profile = Profile.load(args.profile) if args.profile else None
+    # the rank table `treeopt search` and `compare` use for this profile
+    table = rank_table(load_profile(args.profile)) if args.profile else None
     meta: dict = {}
     if is_file_spec(args.tree):
         tree, meta = load_growmap(args.tree)
     else:
-        tree = from_name(args.tree, profile)
+        tree = from_name(args.tree, table)
     name = describe(args.tree)
-    print(f"{name}: {tree_summary(tree, profile)}{recorded(meta)}")
+    print(f"{name}: {tree_summary(tree, table)}{recorded(meta)}")
     if args.format == "choices":
         print(json.dumps(tree.to_choices()))
     elif args.format == "parents":
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.format == "successors":
         print(json.dumps(tree.to_successors()))
     elif args.format == "paths":
-        probs = tree.path_probs(profile.table()) if profile is not None else None
+        probs = tree.path_probs(table) if table is not None else None
         header = f"{'node':>5} {'depth':>5}  path"
         print(header + ("  P(reached)" if probs is not None else ""))
         paths = [()] + tree.to_paths()
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
             line = f"{n:>5} {tree.depths[n]:>5}  {list(path)}"
             print(line + (f"  {probs[n]:.6f}" if probs is not None else ""))
     if args.out:
-        path = draw_tree(tree, args.out, profile=profile, title=args.title or name)
+        path = draw_tree(tree, args.out, profile=table, title=args.title or name)
         print(f"wrote {path}")
     return 0
 

@@ -10,7 +10,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from treeopt.decode.drafter import Drafter, build_drafter
-from treeopt.decode.model_drafter import DEFAULT_CHAIN, ModelDrafter, chain_tree
+from treeopt.decode.model_drafter import DEFAULT_CHAIN, ModelDrafter
 from treeopt.decode.models import ModelError, Pair, check_vocab, load_pair
 from treeopt.decode.sampling import Sampling
 from treeopt.errors import TreeoptError
@@ -37,11 +37,19 @@ def resolve_tree(spec: Tree | str | os.PathLike | None) -> Tree | None:
     return from_name(text)
 
 
+# Prompts longer than this are cut to their last tokens when profiling and searching.
+MAX_PROMPT_TOKENS = 512
+
+
 def encode_prompt(tokenizer, prompt: str | Sequence[dict], chat_template: bool = True
                   ) -> torch.Tensor:
     """Token ids (1, L) int64 for a prompt: a string, or a list of chat messages
     (``{"role": ..., "content": ...}``). The tokenizer's chat template is applied when it has
-    one and ``chat_template`` is true (a plain string becomes one user message)."""
+    one and ``chat_template`` is true (a plain string becomes one user message): the template
+    is rendered to text, then that text is tokenised without adding special tokens again
+    (the template holds them). Without a template the messages' contents are joined by a
+    newline and tokenised with the tokenizer's own special tokens. treeopt's one prompt
+    encoder: decoding, profiling, searching and evaluating all go through it."""
     use_template = chat_template and getattr(tokenizer, "chat_template", None)
     if use_template:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else \
@@ -58,8 +66,28 @@ def encode_prompt(tokenizer, prompt: str | Sequence[dict], chat_template: bool =
     return ids.to(torch.int64)
 
 
+def encode_prompts(tokenizer, prompts, chat_template: bool = True,
+                   max_tokens: int = MAX_PROMPT_TOKENS) -> list[list[int]]:
+    """Token ids of each prompt (its last ``max_tokens`` tokens): a string, a list of chat
+    messages, or a ``treeopt.evaluate.datasets.Prompt`` (its ``token_ids`` when it has them,
+    else its text through :func:`encode_prompt`)."""
+    out = []
+    for p in prompts:
+        if getattr(p, "token_ids", None):
+            ids = [int(t) for t in p.token_ids]
+        else:
+            if tokenizer is None:
+                raise GenerateError("the target has no tokenizer to encode prompt text; use a "
+                                    "model folder that includes one, or token-id prompts")
+            text = p.text if hasattr(p, "text") else p
+            ids = encode_prompt(tokenizer, text, chat_template)[0].tolist()
+        out.append(ids[-max_tokens:])
+    return out
+
+
 def eos_ids(tokenizer, model) -> list[int]:
-    """End-of-sequence ids from the tokenizer and the model's generation config."""
+    """End-of-sequence ids from the tokenizer and the model's generation config (every id
+    either names, tokenizer first, without repeats): treeopt's one EOS rule."""
     out: list[int] = []
     for value in (getattr(tokenizer, "eos_token_id", None),
                   getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
@@ -185,5 +213,5 @@ def generate(prompt: str | Sequence[dict], *, pair: Pair | None = None, target=N
     return stream.finish(result.tokens), result.stats
 
 
-__all__ = ["GenerateError", "ModelError", "generate", "encode_prompt", "resolve_tree",
-           "chain_tree", "as_drafter", "DEFAULT_CHAIN"]
+__all__ = ["GenerateError", "ModelError", "generate", "encode_prompt", "encode_prompts",
+           "eos_ids", "resolve_tree", "as_drafter", "DEFAULT_CHAIN", "MAX_PROMPT_TOKENS"]

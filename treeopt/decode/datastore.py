@@ -52,6 +52,7 @@ import numpy as np
 from treeopt.decode.drafter import (DEFAULT_CANDIDATE_SHAPE, Drafter, DrafterError, Proposal,
                                     proposal_from_paths, register_drafter, root_only)
 from treeopt.errors import TreeoptError
+from treeopt.limits import parse_json
 from treeopt.tree import Tree
 
 FORMAT = "treeopt-datastore"
@@ -400,10 +401,14 @@ def _meta_of(npz, path: Path) -> dict[str, Any]:
     if "meta" not in npz.files:
         raise DatastoreError(f"{path}: not a treeopt datastore (no metadata); {REBUILD}")
     try:
-        meta = json.loads(str(npz["meta"]))
+        text = str(npz["meta"])
     except _READ_ERRORS as exc:
         raise DatastoreError(f"{path}: unreadable metadata, truncated or corrupt "
                              f"({_one_line(exc)}); {REBUILD}") from None
+    # parse_json: invalid, too deeply nested or too-long-number JSON is one line, never a
+    # RecursionError or a traceback.
+    meta = parse_json(text, lambda msg: DatastoreError(
+        f"{path}: unreadable metadata, {msg}; {REBUILD}"))
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise DatastoreError(f"{path}: not a treeopt datastore (format "
                              f"{meta.get('format') if isinstance(meta, dict) else None!r}); "

@@ -27,12 +27,13 @@ import torch
 from treeopt.decode.attention import new_cache, run_model
 from treeopt.decode.drafter import Drafter, Proposal, root_only
 from treeopt.decode.sampling import GREEDY, Sampling, sample
-from treeopt.decode.verify import accept, keep, verify_tree
+from treeopt.decode.verify import accept, greedy_choice, keep, verify_tree
 from treeopt.errors import TreeoptError
 
 
 class DecodeError(TreeoptError, ValueError):
-    """Bad input to generate (shapes, lengths, mismatched models)."""
+    """Bad input to generate (shapes, lengths, mismatched models), or a target whose logits
+    are NaN in greedy decoding."""
 
 
 @dataclass
@@ -142,7 +143,8 @@ def prefill(target, drafter: Drafter | None, input_ids: torch.Tensor, sampling: 
         check_cache(cache)
         drafter.start(input_ids)
     if sampling.greedy:
-        return cache, int(logits.argmax())
+        where = f"the last prompt position ({input_ids.shape[1] - 1}, prefill)"
+        return cache, int(greedy_choice(logits, where))
     return cache, int(sample(sampling.probs(logits)[None], 1, generator))
 
 
@@ -250,7 +252,9 @@ def generate(target, drafter: Drafter | None, input_ids: torch.Tensor, *, max_ne
             stats.draft_s += clock.lap()
             logits = verify_tree(target, tcache, proposal, root_pos)
             stats.verify_s += clock.lap()
-            path, ranks, bonus = accept(logits, proposal, sampling, generator)
+            path, ranks, bonus = accept(logits, proposal, sampling, generator,
+                                        where=f"verification step {stats.target_forwards + 1}"
+                                              f" (tree rooted at position {root_pos})")
             keep(tcache, root_pos, path, proposal.tree)
             new, hit_eos = commit(proposal, path, bonus, max_new_tokens - len(out), eos)
 

@@ -17,14 +17,10 @@ from treeopt.decode.attention import check_cache, compact, forward_tree, new_cac
 from treeopt.decode.draft import draft_plan, draft_tree
 from treeopt.decode.drafter import Drafter, DrafterError, Proposal, register_drafter, root_only
 from treeopt.decode.sampling import Sampling
+from treeopt.shapes import chain
 from treeopt.tree import Tree
 
 DEFAULT_CHAIN = 4  # drafted tokens per step when a model draft is given without a tree
-
-
-def chain_tree(drafted: int) -> Tree:
-    """A chain speculating ``drafted`` tokens (size ``drafted + 1``)."""
-    return Tree(tuple(range(-1, drafted)))
 
 
 def truncate_tree(tree: Tree, max_depth: int) -> Tree:
@@ -44,7 +40,7 @@ class ModelDrafter(Drafter):
 
     def __init__(self, model, tree: Tree | None = None):
         self.model = model
-        self.shape = tree if tree is not None else chain_tree(DEFAULT_CHAIN)
+        self.shape = tree if tree is not None else chain(draft_tokens=DEFAULT_CHAIN)
         self.cache = None
         self.cached = 0
         self._root_pos = 0

@@ -37,14 +37,32 @@ def verify_tree(target, cache, proposal: Proposal, root_pos: int) -> torch.Tenso
                         cache)[0]
 
 
-def accept_greedy(logits: torch.Tensor, tokens: Sequence[int], tree: Tree
-                  ) -> tuple[list[int], list[int], int]:
+def greedy_choice(logits: torch.Tensor, where: str) -> torch.Tensor:
+    """The target's argmax of each row of ``logits`` (..., V), refusing NaN logits.
+
+    ``argmax`` of a row holding a NaN returns a NaN's index (torch propagates NaN through
+    max reductions), so checking the chosen values finds every NaN row at the cost of one
+    value per row, not a pass over (rows, V). Without this check greedy decoding would
+    silently emit that index as a token. Raises ``DecodeError`` naming ``where``."""
+    best = logits.argmax(-1)
+    picked = logits.gather(-1, best.unsqueeze(-1))
+    if bool(torch.isnan(picked).any()):
+        from treeopt.decode.engine import DecodeError
+
+        raise DecodeError(f"the target produced NaN logits at {where}; use float32 or check "
+                          "the model")
+    return best
+
+
+def accept_greedy(logits: torch.Tensor, tokens: Sequence[int], tree: Tree, *,
+                  where: str = "a verification step") -> tuple[list[int], list[int], int]:
     """Greedy walk: from the root, follow the child whose token is the target's argmax.
 
     logits: (size, V); tokens: tree tokens as ints. Returns (path node ids from the root,
     sibling ranks along it, bonus token = the target's argmax at the last path node).
+    Raises ``DecodeError`` when the logits hold NaN (``where`` says which step).
     """
-    best = logits.argmax(-1).tolist()
+    best = greedy_choice(logits, where).tolist()
     path, ranks, v = [0], [], 0
     while True:
         kids = tree.children[v]
@@ -82,13 +100,15 @@ def accept_stochastic(logits: torch.Tensor, tokens: Sequence[int], proposal: Pro
 
 
 def accept(logits: torch.Tensor, proposal: Proposal, sampling: Sampling,
-           generator: torch.Generator | None) -> tuple[list[int], list[int], int]:
+           generator: torch.Generator | None, *, where: str = "a verification step"
+           ) -> tuple[list[int], list[int], int]:
     """Pick the accepted path: greedy when ``sampling`` is greedy, else the stochastic rule.
     logits: (size, V). Returns (path node ids from the root, sibling ranks along it, bonus
-    token)."""
+    token). NaN logits raise ``DecodeError`` (greedy, naming ``where``) or ``SamplingError``
+    (stochastic, from the sampling rules)."""
     tokens = proposal.tokens.tolist()
     if sampling.greedy:
-        return accept_greedy(logits, tokens, proposal.tree)
+        return accept_greedy(logits, tokens, proposal.tree, where=where)
     return accept_stochastic(logits, tokens, proposal, sampling, generator)
 
 

@@ -204,7 +204,8 @@ def _no_eos_ids(target) -> int:
     return 0
 
 
-def generate_kwargs(target, *, max_new_tokens: int, sampling, eos_token_id: int | None
+def generate_kwargs(target, *, max_new_tokens: int, sampling,
+                    eos_token_id: int | list[int] | None
                     ) -> dict:
     """Sampling and stopping arguments of ``target.generate`` matching the run's settings."""
     kw: dict[str, Any] = {"max_new_tokens": int(max_new_tokens)}
@@ -217,12 +218,14 @@ def generate_kwargs(target, *, max_new_tokens: int, sampling, eos_token_id: int 
         # Unset EOS (the model's generation config would stop there): exactly max_new_tokens.
         kw.update(eos_token_id=None, pad_token_id=_no_eos_ids(target))
     else:
-        kw.update(eos_token_id=int(eos_token_id), pad_token_id=int(eos_token_id))
+        ids = [int(t) for t in eos_token_id] if isinstance(eos_token_id, (list, tuple)) \
+            else [int(eos_token_id)]
+        kw.update(eos_token_id=ids, pad_token_id=ids[0])
     return kw
 
 
 def run_hf(target, input_ids: torch.Tensor, *, max_new_tokens: int, sampling,
-           eos_token_id: int | None = None, options: dict) -> HFGeneration:
+           eos_token_id: int | list[int] | None = None, options: dict) -> HFGeneration:
     """One ``target.generate`` call with ``options`` (``hf_options``); tokens generated
     (prompt excluded) and the counted statistics."""
     from transformers.utils import logging as hf_logging

@@ -9,8 +9,10 @@
 - ``expected_vs_measured.png``: expected tokens per step F(tree) under an acceptance profile
   (recorded by the run, or given here) against the measured tokens per step;
 - ``trees/<method>.png``: each evaluated tree (``treeopt.viz.draw_tree``);
-- ``report.md`` and ``report.html`` putting them together with the summary table, the metric
-  definitions and any greedy exactness failure.
+- ``report.md`` and ``report.html`` putting them together with the summary table (rates as
+  percentages, as in the terminal), the metric definitions, any greedy exactness failure and
+  any greedy output that differs only at a numerical tie
+  (``treeopt.evaluate.exactness``).
 """
 
 from __future__ import annotations
@@ -168,25 +170,52 @@ def acceptance_heatmap(rows: list[dict], methods: list[Method], path: Path) -> b
 
 
 def expected_vs_measured(points: list[tuple[str, float, float]], path: Path) -> None:
-    """Scatter of (method, expected, measured) tokens per step with the y = x line."""
+    """Scatter of (method, expected, measured) tokens per step with the y = x line; methods
+    at the same point share one label, and no label overlaps another
+    (``treeopt.viz.place_labels``)."""
+    from treeopt.viz import place_labels
+
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(4.2, 4.0))
+    fig, ax = plt.subplots(figsize=(5.0, 4.6))
     top = max(max(e, m) for _, e, m in points) * 1.1
     ax.plot([0, top], [0, top], color="grey", lw=0.8, ls="--")
+    merged: dict[tuple[float, float], list[str]] = {}
     for name, e, m in points:
-        ax.scatter([e], [m], s=20)
-        ax.annotate(name, (e, m), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        merged.setdefault((round(e, 6), round(m, 6)), []).append(name)
+    colors = []
+    for e, m in merged:
+        dots = ax.scatter([e], [m], s=20, zorder=3)
+        colors.append(dots.get_facecolor()[0])
     ax.set_xlim(0, top)
     ax.set_ylim(0, top)
     ax.set_xlabel("expected tokens per step (profile)")
     ax.set_ylabel("measured tokens per step")
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    place_labels(ax, [(e, m, ", ".join(names)) for (e, m), names in merged.items()],
+                 colors=colors)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+PERCENT_COLUMNS = ("acceptance_rate",)  # shown as percentages, as format_summary does
+
+
+def _percent(v: Any) -> Any:
+    if v is None or isinstance(v, str) or (isinstance(v, float) and math.isnan(v)):
+        return v
+    return f"{float(v):.1%}"
+
+
+def _display(records: list[dict]) -> list[dict]:
+    """The summary rows with the PERCENT_COLUMNS as percentage text."""
+    return [{k: (_percent(v) if k in PERCENT_COLUMNS else v) for k, v in r.items()}
+            for r in records]
+
+
 def _md_table(records: list[dict], columns: list[str]) -> str:
+    records = _display(records)
+
     def fmt(v: Any) -> str:
         if v is None or (isinstance(v, float) and math.isnan(v)):
             return "-"
@@ -319,9 +348,28 @@ def _flag_notes(summary: list[dict]) -> list[str]:
 
 
 def _failures(doc: dict) -> list[str]:
+    """Greedy outputs that differ from plain decoding (not at a numerical tie)."""
+    from treeopt.evaluate.exactness import DIFFERS, row_exactness
+
     return [f"{r['method']} differs from ar on prompt {r['prompt_key']} turn "
             f"{int(r.get('turn') or 1)} at new token {int(r.get('first_mismatch') or 0)}"
-            for r in doc.get("rows") or [] if r.get("matches_ar") is False]
+            for r in doc.get("rows") or [] if row_exactness(r) == DIFFERS]
+
+
+def _ties(doc: dict) -> list[str]:
+    """Greedy outputs that differ from plain decoding only at a numerical tie."""
+    from treeopt.evaluate.exactness import TIE, row_exactness, tie_line
+
+    return [tie_line(r["method"], r["prompt_key"], int(r.get("turn") or 1),
+                     r.get("first_mismatch"), r.get("tie_gap"), r.get("tie_tolerance"))
+            for r in doc.get("rows") or [] if row_exactness(r) == TIE]
+
+
+TIE_NOTE = ("differ from plain decoding only at a numerical tie: where they first differ, "
+            "the token plain decoding chose and the token the method chose have logits "
+            "within the model dtype's rounding tolerance of the target's best logit, so "
+            "which one wins is rounding (half precision computes a batched tree pass and "
+            "a one-token step differently), not the method. Not a failure; see exactness.")
 
 
 def _settings_line(doc: dict) -> str:
@@ -354,6 +402,10 @@ def _markdown(doc, summary, figures, tree_pics, notes, expected) -> str:
         lines += [f"**GREEDY EXACTNESS FAILED for {len(fails)} output(s)**: a lossless method "
                   "must reproduce plain decoding token for token.", ""]
         lines += [f"- {f}" for f in fails[:50]] + [""]
+    ties = _ties(doc)
+    if ties:
+        lines += [f"**{len(ties)} greedy output(s) {TIE_NOTE}**", ""]
+        lines += [f"- {t}" for t in ties[:50]] + [""]
     lines += ["## Summary", "", _md_table(summary, cols)]
     flags = _flag_notes(summary)
     if flags:
@@ -379,8 +431,8 @@ def _html(doc, summary, figures, tree_pics, notes) -> str:
     import pandas as pd
 
     cols = _columns(summary)
-    table = pd.DataFrame(summary)[cols].to_html(index=False, na_rep="-",
-                                                float_format=lambda v: f"{v:.3g}")
+    table = pd.DataFrame(_display(summary))[cols].to_html(
+        index=False, na_rep="-", float_format=lambda v: f"{v:.3g}")
     parts = ["<!doctype html><html><head><meta charset='utf-8'>",
              "<title>treeopt evaluation report</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
@@ -391,6 +443,11 @@ def _html(doc, summary, figures, tree_pics, notes) -> str:
     if fails:
         parts.append(f"<p class='fail'>GREEDY EXACTNESS FAILED for {len(fails)} output(s)</p>"
                      "<ul>" + "".join(f"<li>{html.escape(f)}</li>" for f in fails[:50]) + "</ul>")
+    ties = _ties(doc)
+    if ties:
+        parts.append(f"<p><b>{len(ties)} greedy output(s) {html.escape(TIE_NOTE)}</b></p>"
+                     "<ul>" + "".join(f"<li>{html.escape(t)}</li>" for t in ties[:50])
+                     + "</ul>")
     parts += ["<h2>Summary</h2>", table]
     flags = _flag_notes(summary)
     if flags:

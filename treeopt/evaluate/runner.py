@@ -15,8 +15,13 @@ cut from the left or skipped, with a warning.
 Metrics (their definitions are written into results.json and, beside the plain CSV files,
 into metrics.json; see ``METRICS``): tokens/s counts generated tokens only; speed-up compares
 with plain decoding on the same prompts, with its spread over prompts (median, bootstrap
-interval) and flags for figures that cannot be trusted (``treeopt.evaluate.spread``); greedy
-outputs must equal plain decoding's token for token.
+interval) and flags for figures that cannot be trusted (``treeopt.evaluate.spread``).
+
+Greedy outputs are checked against plain decoding's (``treeopt.evaluate.exactness``): each is
+"equal", "tie" (it differs first where the target's two tokens in question are within the
+dtype's rounding tolerance of its best logit, as half precision produces without any bug:
+reported, not a failure) or "differs" (a failure: ``EvalResult.failures``, and
+``treeopt eval`` exits 1).
 """
 
 from __future__ import annotations
@@ -31,11 +36,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from treeopt.evaluate import exactness as _exactness
 from treeopt.evaluate import spread as _spread
 from treeopt.evaluate.datasets import Prompt
 from treeopt.evaluate.errors import EvalError
 from treeopt.evaluate.outdir import (append_rows, atomic_write, locked, read_rows,
                                      resume_difference)
+from treeopt.shapes import chain
 from treeopt.tree import Tree
 
 ROWS_FILE = "rows.jsonl"
@@ -84,7 +91,26 @@ METRICS = {
     "expected_tokens_per_step": "F(tree) under the acceptance profile given to the run, when "
                                 "one was given",
     "matches_ar": "greedy only: turns whose output equals plain decoding's token for token / "
-                  "turns compared",
+                  "turns compared; in the summary '5/6 (+1 tie)' counts apart the outputs "
+                  "that differ only at a numerical tie (see exactness). A later turn whose "
+                  "prompt differs from plain decoding's (an earlier turn differed) is "
+                  "compared with plain decoding of its own prompt",
+    "exactness": "greedy only: 'equal' (plain decoding's output token for token), 'tie' "
+                 "(differs first at a numerical tie: the token plain decoding chose and the "
+                 "token this method chose both have logits within tie_tolerance of the "
+                 "target's best logit there, recomputed with one target forward; half "
+                 "precision rounds batched tree passes and one-token steps differently, so "
+                 "the argmax of tied logits may go either way; not a failure) or 'differs' "
+                 "(any other difference: a failure, exit status 1)",
+    "first_mismatch": "greedy only: index (from 0) of the first new token that differs from "
+                      "plain decoding's output; empty when equal",
+    "tie_gap": "greedy only, at first_mismatch: the target's best logit minus the lower of "
+               "the logits of the two tokens that differ (the top-2 gap when they are the "
+               "best two)",
+    "tie_tolerance": "greedy only, at first_mismatch: the largest tie_gap counted as a "
+                     "numerical tie: the model dtype's relative tolerance (float32 1e-4, "
+                     "bfloat16 2**-7, float16 2**-10: one or two representable steps of "
+                     "half precision) times the larger magnitude of the logits compared",
     "prefill_ms": "milliseconds of the prefill (prompt forwards and the first token) per turn",
     "draft_ms_per_step": "drafting milliseconds (draft forwards, candidate look-ups) per "
                          "verification step; hf-pld: inside other_ms_per_step",
@@ -150,7 +176,7 @@ def chain_method(draft_length: int) -> Method:
     N = draft_length + 1 nodes (the name follows ``treeopt.shapes``: N counts the root)."""
     if draft_length < 1:
         raise EvalError(f"chain draft length must be at least 1, got {draft_length}")
-    tree = Tree.from_parents([-1] + list(range(draft_length)))
+    tree = chain(draft_tokens=draft_length)
     return Method(f"chain:{draft_length + 1}", tree, "chain",
                   f"chain drafting {draft_length} tokens per step")
 
@@ -215,10 +241,25 @@ def disambiguate(methods: Sequence[Method], paths: Sequence[str | None]) -> list
     return out
 
 
-def dp_method(profile: Any, size: int, levels: int) -> Method:
-    """The exact-DP tree (``treeopt.search.dp``) of ``size`` nodes and at most ``levels``
-    levels, root included (Sequoia's depth convention)."""
-    return tree_method(f"dp:{size}x{levels}", profile)
+def dp_method(profile: Any, size: int, levels: int | None = None) -> Method:
+    """The exact-DP tree (``treeopt.search.dp``) of at most ``size`` nodes and at most
+    ``levels`` levels, root included (Sequoia's convention; None = no limit). The method is
+    named by its shape spec, whose second number counts edges (depth = levels - 1):
+    ``dp_method(p, 32, 6)`` is ``dp:32x5``, which ``--tree dp:32x5`` builds again."""
+    return tree_method(dp_spec(size, levels), profile)
+
+
+def dp_spec(size: int, levels: int | None = None) -> str:
+    """The shape spec (``treeopt.shapes``) of the DP tree of ``size`` nodes and at most
+    ``levels`` levels counting the root: ``dp:SIZExDEPTH`` with DEPTH = levels - 1 edges."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise EvalError(f"DP tree size must be a positive integer, got {size!r}")
+    if levels is None:
+        return f"dp:{size}"
+    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
+        raise EvalError(f"DP tree levels count the root: at least 2 (the root and one level "
+                        f"of drafted tokens), got {levels!r}")
+    return f"dp:{size}x{levels - 1}"
 
 
 @dataclass
@@ -250,13 +291,16 @@ class EvalConfig:
 @dataclass
 class EvalResult:
     """rows: one row per (prompt, turn, method); summary: one row per (method, category),
-    category "all" included; failures: one line per greedy output that differs from AR."""
+    category "all" included; failures: one line per greedy output that differs from AR
+    (exactness "differs"); ties: one line per greedy output that differs only at a numerical
+    tie (exactness "tie": reported, not a failure)."""
 
     rows: Any
     summary: Any
     meta: dict
     failures: list[str] = field(default_factory=list)
     out_dir: Path | None = None
+    ties: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------- prompts
@@ -288,20 +332,25 @@ def _as_items(prompts: Sequence[Any]) -> list[_Item]:
     return items
 
 
-def _encode_text(tokenizer: Any, messages: list[dict], use_template: bool) -> list[int]:
+def _encode_text(tokenizer: Any, messages: list[dict], use_template: bool,
+                 key: str | None = None) -> list[int]:
+    """Token ids of chat ``messages`` exactly as ``treeopt.decode.api.encode_prompt`` makes
+    them (as ``treeopt generate`` and ``treeopt profile`` do): with the chat template, the
+    template's text then the tokenizer without added special tokens; without it, a single
+    message's text through the tokenizer."""
     if tokenizer is None:
         raise EvalError("text prompts need a tokenizer; pass tokenizer= or token-id prompts")
-    if use_template and getattr(tokenizer, "chat_template", None):
-        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if hasattr(out, "keys") and "input_ids" in out:
-            out = out["input_ids"]
-        if hasattr(out, "tolist"):
-            out = out.tolist()
-        if out and isinstance(out[0], list):
-            out = out[0]
-        return [int(t) for t in out]
-    text = "\n\n".join(m["content"] for m in messages)
-    return [int(t) for t in tokenizer.encode(text)]
+    from treeopt.decode.api import GenerateError, encode_prompt
+
+    prompt: str | list[dict] = messages
+    if not (use_template and getattr(tokenizer, "chat_template", None)) and len(messages) == 1:
+        prompt = messages[0]["content"]
+    try:
+        ids = encode_prompt(tokenizer, prompt, use_template)
+    except GenerateError as exc:
+        where = f"prompt {key}: " if key else ""
+        raise EvalError(f"{where}{exc}") from None
+    return [int(t) for t in ids[0].tolist()]
 
 
 # ---------------------------------------------------------------------------- one call
@@ -327,7 +376,8 @@ class _Runner:
 
 
 def _run_one(generate: Callable, target: Any, runner: _Runner, ids: list[int],
-             cfg: EvalConfig, eos: int | None, seed: int, max_new: int) -> tuple[list[int], dict]:
+             cfg: EvalConfig, eos: list[int] | None, seed: int, max_new: int
+             ) -> tuple[list[int], dict]:
     import torch
 
     from treeopt.decode.sampling import Sampling
@@ -447,9 +497,9 @@ def run_eval(target: Any, draft: Any, prompts: Sequence[Any], methods: Sequence[
         raise EvalError("no prompts to evaluate")
     eos = None
     if cfg.stop_at_eos:
-        eos = getattr(getattr(target, "config", None), "eos_token_id", None)
-        if isinstance(eos, (list, tuple)):
-            eos = eos[0] if eos else None
+        from treeopt.decode.api import eos_ids
+
+        eos = eos_ids(tokenizer, target) or None  # every EOS id of tokenizer and model
     expected = _expected(methods, profile)
     window = _window(target, runners)
     limit = None
@@ -519,6 +569,7 @@ def run_eval(target: Any, draft: Any, prompts: Sequence[Any], methods: Sequence[
         df = pd.DataFrame(rows)
         summary = summarise(df, methods=names)
         failures = exactness_failures(df)
+        ties = exactness_ties(df)
         run_meta = {"settings": settings, "metrics": METRICS, "prompts": len(run_items),
                     "expected_tokens_per_step": expected, "threading": threading,
                     "long_prompts": long_info, **(meta or {})}
@@ -526,7 +577,7 @@ def run_eval(target: Any, draft: Any, prompts: Sequence[Any], methods: Sequence[
             run_meta["threading_earlier"] = earlier_threading
         if out is not None:
             write_results(out, df, summary, run_meta)
-    return EvalResult(df, summary, run_meta, failures, out)
+    return EvalResult(df, summary, run_meta, failures, out, ties)
 
 
 def check_config(cfg: EvalConfig) -> None:
@@ -802,7 +853,7 @@ def _first_ids(item: _Item, tokenizer: Any, cfg: EvalConfig) -> list[int]:
     if item.token_ids is not None:
         return list(item.token_ids)
     return _encode_text(tokenizer, [{"role": "user", "content": item.turns[0]}],
-                        cfg.chat_template)
+                        cfg.chat_template, item.key)
 
 
 def _run_prompt(generate, target, runners, it: _Item, index: int, order: list[Method],
@@ -810,25 +861,27 @@ def _run_prompt(generate, target, runners, it: _Item, index: int, order: list[Me
                 limit: int | None = None) -> list[dict]:
     seed = cfg.seed + index
     outputs: dict[str, list[list[int]]] = {}
+    inputs: dict[str, list[list[int]]] = {}
     rows: dict[str, list[dict]] = {}
     for position, m in enumerate(order):
         history: list[dict] = []
         prev_ids: list[int] = []
-        outputs[m.name], rows[m.name] = [], []
+        outputs[m.name], inputs[m.name], rows[m.name] = [], [], []
         for turn, text in enumerate(it.turns):
             if it.token_ids is not None and turn == 0:
                 ids = list(it.token_ids)
             elif tokenizer is not None and cfg.chat_template and getattr(
                     tokenizer, "chat_template", None):
                 history.append({"role": "user", "content": text})
-                ids = _encode_text(tokenizer, history, True)
+                ids = _encode_text(tokenizer, history, True, it.key)
             else:
                 ids = prev_ids + _encode_text(tokenizer, [{"role": "user", "content": text}],
-                                              False)
+                                              False, it.key)
             ids, cut = _fit(ids, limit)
             tokens, row = _run_one(generate, target, runners[m.name], ids, cfg, eos,
                                    seed + 1000 * turn, cfg.max_new_tokens)
             outputs[m.name].append(tokens)
+            inputs[m.name].append(ids)
             if tokenizer is not None and len(it.turns) > 1:
                 history.append({"role": "assistant",
                                 "content": tokenizer.decode(tokens, skip_special_tokens=True)})
@@ -840,17 +893,22 @@ def _run_prompt(generate, target, runners, it: _Item, index: int, order: list[Me
             rows[m.name].append(row)
         bar.update(1)
     greedy = cfg.temperature == 0
+    dtype = _exactness.model_dtype(target) if greedy else None
     for name, mrows in rows.items():
         for turn, row in enumerate(mrows):
-            if greedy:
-                ref, got = outputs[AR][turn], outputs[name][turn]
-                row["matches_ar"] = ref == got
-                row["first_mismatch"] = None if ref == got else next(
-                    (j for j, (a, b) in enumerate(zip(ref, got)) if a != b), min(len(ref),
-                                                                                  len(got)))
-            else:
-                row["matches_ar"] = None
-                row["first_mismatch"] = None
+            if not greedy:
+                row.update({"matches_ar": None, "exactness": None, "first_mismatch": None,
+                            "tie_gap": None, "tie_tolerance": None})
+                continue
+            ids, ref = inputs[AR][turn], outputs[AR][turn]
+            if inputs[name][turn] != ids:
+                # An earlier turn differed (at a tie or not), so this turn's prompt is not plain
+                # decoding's: compare with plain decoding of this method's own prompt
+                # (untimed; its row is not kept).
+                ids = inputs[name][turn]
+                ref, _ = _run_one(generate, target, runners[AR], ids, cfg, eos,
+                                  seed + 1000 * turn, cfg.max_new_tokens)
+            row.update(_exactness.compare(target, ids, ref, outputs[name][turn], dtype))
     return [r for m in order for r in rows[m.name]]
 
 
@@ -927,8 +985,10 @@ def summarise(rows: Any, methods: Sequence[str] | None = None) -> Any:
                 rec["expected_tokens_per_step"] = float(m["expected_tokens_per_step"].dropna()
                                                         .iloc[0])
             if "matches_ar" in m and m["matches_ar"].notna().any():
-                checked = m["matches_ar"].dropna()
-                rec["matches_ar"] = f"{int(checked.astype(bool).sum())}/{len(checked)}"
+                states = [_exactness.row_exactness(r) for r in m.to_dict("records")]
+                states = [v for v in states if v is not None]
+                rec["matches_ar"] = _exactness.count_text(
+                    states.count(_exactness.EQUAL), states.count(_exactness.TIE), len(states))
             out.append(rec)
     return pd.DataFrame(out, columns=SUMMARY_COLUMNS)
 
@@ -941,12 +1001,25 @@ def _total(rows: Any, col: str) -> float:
 
 
 def exactness_failures(rows: Any) -> list[str]:
-    """One line per greedy (prompt, turn, method) whose output differs from plain decoding."""
+    """One line per greedy (prompt, turn, method) whose output differs from plain decoding
+    other than at a numerical tie (exactness "differs")."""
     if len(rows) == 0 or "matches_ar" not in rows:
         return []
-    bad = rows[rows["matches_ar"].notna() & (rows["matches_ar"] == False)]  # noqa: E712
-    return [f"{r.method} differs from ar on prompt {r.prompt_key} turn {int(r.turn)} at new "
-            f"token {int(r.first_mismatch)}" for r in bad.itertuples()]
+    return [f"{r['method']} differs from ar on prompt {r['prompt_key']} turn "
+            f"{int(r['turn'])} at new token {int(r['first_mismatch'])}"
+            for r in rows.to_dict("records")
+            if _exactness.row_exactness(r) == _exactness.DIFFERS]
+
+
+def exactness_ties(rows: Any) -> list[str]:
+    """One line per greedy (prompt, turn, method) that differs from plain decoding only at a
+    numerical tie (exactness "tie"), with the position and the logit gap."""
+    if len(rows) == 0 or "exactness" not in rows:
+        return []
+    return [_exactness.tie_line(r["method"], r["prompt_key"], int(r["turn"]),
+                                r.get("first_mismatch"), r.get("tie_gap"),
+                                r.get("tie_tolerance"))
+            for r in rows.to_dict("records") if _exactness.row_exactness(r) == _exactness.TIE]
 
 
 STEP_COLUMNS = ("accepted_per_step", "ranks_per_step")

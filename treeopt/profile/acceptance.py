@@ -43,7 +43,6 @@ counts as an uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -53,6 +52,7 @@ from typing import Callable, Sequence
 import torch
 
 from treeopt.errors import TreeoptError
+from treeopt.limits import integer, parse_json, show_number
 from treeopt.profile.model import write_json_atomic
 
 
@@ -297,6 +297,7 @@ def target_continuation(target, prompt_ids: Sequence[int], max_new_tokens: int, 
     logits[t] is the target's prediction for tokens[t]; stops after ``eos_token_id``."""
     from transformers import DynamicCache
 
+    from treeopt.decode.attention import run_model
     from treeopt.decode.sampling import logits_to_probs
 
     device = _device(target)
@@ -306,7 +307,7 @@ def target_continuation(target, prompt_ids: Sequence[int], max_new_tokens: int, 
     rows: list[torch.Tensor] = []
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            out = target(input_ids=ids, past_key_values=cache, use_cache=True)
+            out = run_model(target, ids, cache)
             row = out.logits[0, -1].float().cpu()
             if temperature > 0:
                 probs = logits_to_probs(row, temperature, top_k, top_p)
@@ -539,8 +540,10 @@ def prompt_generator(seed: int, index: int) -> torch.Generator:
 
 
 def measure_prompt(target, draft, prompt_ids: Sequence[int], run: AcceptanceRun, index: int,
-                   eos_token_id: int | None = None) -> RankCounts:
-    """Counts from one prompt under ``run``'s settings."""
+                   eos_token_id: int | None = None, traces: list | None = None) -> RankCounts:
+    """Counts from one prompt under ``run``'s settings. ``traces`` (teacher-forced mode): a
+    list that receives this prompt's per-position accepted ranks (0 = none; see
+    ``teacher_forced_ranks``)."""
     if run.mode == "online":
         steps, complete = online_steps(
             target, draft, prompt_ids, width=run.width, depth=run.depth,
@@ -557,6 +560,8 @@ def measure_prompt(target, draft, prompt_ids: Sequence[int], run: AcceptanceRun,
         continuation=run.continuation, temperature=run.temperature, top_k=run.top_k,
         top_p=run.top_p, rule=run.rule, generator=prompt_generator(run.seed, index),
         eos_token_id=eos_token_id)
+    if traces is not None:
+        traces.append(list(ranks))
     return count_ranks(ranks, run.width, run.depth, start, empty)
 
 
@@ -566,25 +571,37 @@ def _resume_state(path: Path, run: AcceptanceRun, n_prompts: int) -> tuple[RankC
     prof = Profile.load(path)
     meta = prof.meta or {}
     settings = meta.get("settings", {})
+    if not isinstance(settings, dict):
+        raise AcceptanceError(f"--resume: {path.name}: meta.settings is not a JSON object; "
+                              "use another --out")
     for key in RESUME_KEYS:
         if key in settings and settings[key] != getattr(run, key):
             raise AcceptanceError(f"--resume: {path.name} was measured with {key}="
-                                  f"{settings[key]!r}, not {getattr(run, key)!r}; use the same "
-                                  "settings or another --out")
-    done = int(meta.get("prompts_done", 0))
+                                  f"{show_number(settings[key])}, not {getattr(run, key)!r}; "
+                                  "use the same settings or another --out")
+
+    def count(key: str) -> int:
+        return integer(meta.get(key, 0), f"--resume: {path.name}: meta.{key}", AcceptanceError)
+
+    done = count("prompts_done")
     if done > n_prompts:
         raise AcceptanceError(f"--resume: {path.name} already covers {done} prompts but only "
                               f"{n_prompts} were given; pass the same prompts")
+    seconds = meta.get("seconds", 0.0)
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or \
+            not 0 <= seconds <= 1e12:
+        raise AcceptanceError(f"--resume: {path.name}: meta.seconds = {show_number(seconds)} "
+                              "must be a number of seconds >= 0")
     counts = RankCounts(run.width, run.depth)
     if prof.counts is not None:
         counts.counts = list(prof.counts)
         counts.none_count = int(prof.none_count or 0)
-        counts.empty = int(meta.get("no_candidate", 0))
-        counts.step_empty = int(meta.get("no_candidate_steps", 0))
+        counts.empty = count("no_candidate")
+        counts.step_empty = count("no_candidate_steps")
     for d, row in enumerate((prof.depth_counts or [])[: run.depth]):
         counts.depth_counts[d] = list(row)
         counts.depth_none[d] = int(prof.depth_none[d])
-    return counts, done, float(meta.get("seconds", 0.0))
+    return counts, done, float(seconds)
 
 
 def write_atomic(profile, path: Path) -> None:
@@ -596,9 +613,9 @@ def write_atomic(profile, path: Path) -> None:
         return
     doc = profile.to_dict()
     try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError):
-        old = None
+        old = parse_json(path.read_text(), AcceptanceError)
+    except (OSError, UnicodeDecodeError, AcceptanceError):
+        old = None  # nothing (readable) to keep: the profile replaces it
     if isinstance(old, dict) and old.get("latency"):
         doc["latency"] = old["latency"]
     write_json_atomic(path, doc)
@@ -608,14 +625,18 @@ def profile_acceptance(target, draft, prompts: Sequence[Sequence[int]], run: Acc
                        out: str | os.PathLike | None = None, resume: bool = False,
                        save_every: int = 1, eos_token_id: int | None = None,
                        progress: bool = False, max_positions: int | None = None,
-                       on_prompt: Callable[[int, RankCounts], None] | None = None):
+                       on_prompt: Callable[[int, RankCounts], None] | None = None,
+                       traces: list | None = None):
     """Measure an acceptance profile over ``prompts`` (token-id lists) and return a Profile.
 
     With ``out``, the profile is (re)written atomically every ``save_every`` prompts and when
     interrupted (KeyboardInterrupt is re-raised after saving); ``resume`` continues from the
     counts and prompt index stored there. ``on_prompt(index, total_counts)`` runs after each
     prompt. ``progress`` shows a tqdm bar with ETA on stderr. ``max_positions`` stops after
-    the prompt that brings the flat sample size to at least that many positions."""
+    the prompt that brings the flat sample size to at least that many positions.
+    ``traces`` (teacher-forced mode): a list that receives, for each prompt measured in this
+    call, its per-position accepted ranks, on which other trees' decoding steps can be
+    replayed (``treeopt.search.optuna_search.replay_steps``)."""
     run.check()
     path = Path(out) if out is not None else None
     total = RankCounts(run.width, run.depth)
@@ -645,7 +666,8 @@ def profile_acceptance(target, draft, prompts: Sequence[Sequence[int]], run: Acc
     counted = done
     try:
         for index in range(done, len(prompts)):
-            counts = measure_prompt(target, draft, prompts[index], run, index, eos_token_id)
+            counts = measure_prompt(target, draft, prompts[index], run, index, eos_token_id,
+                                    traces)
             total.add(counts)
             counted = index + 1
             if bar is not None:

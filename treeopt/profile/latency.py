@@ -18,7 +18,6 @@ spread is comparable to their median and curves that fall as the size grows.
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import time
@@ -28,6 +27,7 @@ from typing import Sequence
 import torch
 
 from treeopt.errors import TreeoptError
+from treeopt.limits import parse_json
 from treeopt.tree import Tree
 
 DEFAULT_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -125,9 +125,7 @@ def time_tree_forwards(model, tokens: Sequence[int], *, context: int = 256, repe
     """Milliseconds of one tree forward of n tokens after a ``context``-token prefix, for each
     n in ``tokens``: ``repeats`` timed samples per n (after ``warmup`` untimed runs), the
     sizes interleaved (each round times every size once)."""
-    from transformers import DynamicCache
-
-    from treeopt.decode.attention import forward_tree
+    from treeopt.decode.attention import forward_tree, run_model
 
     _check_counts(context, repeats, warmup)
     tokens = [int(n) for n in tokens]
@@ -139,6 +137,8 @@ def time_tree_forwards(model, tokens: Sequence[int], *, context: int = 256, repe
                            f"{limit} positions; lower --context or --tokens")
     gen = torch.Generator().manual_seed(seed)
     prefix = torch.randint(0, vocab, (1, context), generator=gen).to(device)
+    from transformers import DynamicCache
+
     cache = DynamicCache(config=model.config)
     timer = _Timer(device)
     calls = []
@@ -149,7 +149,7 @@ def time_tree_forwards(model, tokens: Sequence[int], *, context: int = 256, repe
         calls.append(lambda ids=ids, pos=pos, mask=buf.mask: forward_tree(model, ids, pos, mask,
                                                                           cache))
     with torch.no_grad():
-        model(input_ids=prefix, past_key_values=cache, use_cache=True)
+        run_model(model, prefix, cache)
         return _interleaved(calls, timer, repeats, warmup, after=lambda i: cache.crop(-tokens[i]))
 
 
@@ -317,10 +317,12 @@ def write_latency(latency, out) -> Path:
     doc = {"format": JSON_FORMAT, "version": JSON_VERSION, "meta": {}}
     if path.exists():
         try:
-            doc = json.loads(path.read_text())
-        except (OSError, ValueError):
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError):
             raise LatencyError(f"{path} exists but is not a JSON profile; choose another "
                                "--out") from None
+        doc = parse_json(text, lambda msg: LatencyError(
+            f"{path} exists but is not a JSON profile ({msg}); choose another --out"))
         if not isinstance(doc, dict) or doc.get("format") != JSON_FORMAT:
             raise LatencyError(f"{path} exists but is not a treeopt profile; choose another "
                                "--out")
@@ -330,15 +332,14 @@ def write_latency(latency, out) -> Path:
 
 def load_latency(path):
     """The latency section of a profile .json (also a latency-only file), or None."""
-    import json
-    from pathlib import Path
-
     from treeopt.profile import Latency
 
     try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError):
         raise LatencyError(f"{path}: not a readable JSON profile") from None
+    doc = parse_json(text, lambda msg: LatencyError(f"{path}: not a readable JSON profile "
+                                                    f"({msg})"))
     if not isinstance(doc, dict) or doc.get("latency") is None:
         return None
     return Latency.from_dict(doc["latency"])

@@ -1,4 +1,4 @@
-"""Hardware-aware choice of tree size and depth, and step-time predictions for any tree.
+"""Hardware-aware choice of tree size and level limit, and step-time predictions for any tree.
 
 Cost model. One speculative step = drafting the tree + one target forward over all ``n`` tree
 nodes (root included), so it produces F(tree) tokens in ``draft_ms + t_target(n)``; plain
@@ -6,16 +6,20 @@ decoding produces one token per ``t_target(1)``. Hence
 
     tokens/s = 1000 · F / step_ms,      speedup = t_target(1) · F / step_ms.
 
-Draft cost, ``draft_cost=``:
+Draft cost, ``draft_cost=`` (default :data:`DEFAULT_DRAFT_COST`, ``"per-level"``, in every
+function here and in every command):
 
-- ``"sequoia"`` (Sequoia's ``tree_search.py``): ``levels · t_draft(1)``, levels = tree depth
-  + 1 = the DP's depth limit ``l`` (root counted). Sequoia's engine does exactly that many
-  draft forwards per step: one over the new root (the bonus token) and one per tree level
-  after it, each as if it cost one token's forward.
 - ``"per-level"``: what treeopt's engine runs: one draft forward per level that has children,
   charged for the nodes it expands, ``Σ_k t_draft(#nodes of level k with children)`` (the leaf
   level is never fed to the draft). With a flat draft curve it is ``"sequoia"`` minus one
   forward.
+- ``"sequoia"`` (Sequoia's ``tree_search.py``): ``levels · t_draft(1)``, levels = tree depth
+  + 1 (root counted; the DP's level limit ``l``). Sequoia's engine does exactly that many
+  draft forwards per step: one over the new root (the bonus token) and one per tree level
+  after it, each as if it cost one token's forward.
+
+Units: ``levels`` count tree levels with the root (the DP's limit, Sequoia's ``max_depth``);
+``depth`` counts edges (``Tree.depth``); a tree of depth d has d + 1 levels.
 
 A size-1 tree is plain decoding and costs no draft time under either model.
 
@@ -27,15 +31,15 @@ acceptance profiler, ``empty_step_rate``) a tree's step costs
 profile counts empty steps as "none accepted"). Model drafters always propose: ``e = 0``.
 
 What is exact and what is not. With ``"sequoia"``, :func:`choose` is exact: F*(n, l) is the DP
-optimum and the cost depends on (n, l) only, so every n <= max_size and l <= max_depth is
+optimum and the cost depends on (n, l) only, so every n <= max_size and l <= max_levels is
 scored and the minimum of ``(l · t_draft(1) + t_target(n)) / F*(n, l)`` is returned (what
-Sequoia computes, over every size instead of a hand-typed list). With ``"per-level"`` the cost
-depends on the tree's level widths, so the true optimum would need a different DP; here each
-(n, l) is scored on the DP's F-optimal tree for (n, l) — a heuristic, exact only among those
-trees ((n, l) whose optimum F*(n, l) = F*(n, l - 1) is already reached with fewer levels is
-scored at l - 1 only). That search is pruned safely with the lower bound
-``(l · min_q t_draft(q) + t_target(n)) / F*(n, l)``, so no candidate that could beat the
-returned one is skipped.
+Sequoia computes, over every size instead of a hand-typed list). With ``"per-level"`` (the
+default) the cost depends on the tree's level widths, so the true optimum would need a
+different DP; here each (n, l) is scored on the DP's F-optimal tree for (n, l) — a
+heuristic, exact only among those trees ((n, l) whose optimum F*(n, l) = F*(n, l - 1) is
+already reached with fewer levels is scored at l - 1 only). That search is pruned safely
+with the lower bound ``(l · min_q t_draft(q) + t_target(n)) / F*(n, l)``, so no candidate
+that could beat the returned one is skipped.
 
 Latency curves are not trusted blindly (:class:`MonotoneCurve`). Measured curves, CPU ones
 especially, are often non-monotone (noise, or a kernel that changes with the row count), and
@@ -60,10 +64,17 @@ from typing import NamedTuple
 import numpy as np
 
 from treeopt.errors import TreeoptError
+from treeopt.limits import MAX_TREE_NODES
 from treeopt.search.dp import DPTable, solve
 from treeopt.tree import Tree
 
-DRAFT_COSTS = ("sequoia", "per-level")
+DRAFT_COSTS = ("per-level", "sequoia")
+# The one default draft-cost model of every function and command: what treeopt's engine runs.
+DEFAULT_DRAFT_COST = "per-level"
+# The default level limit (root counted) of the searches, and the largest size the
+# hardware-aware sweep considers when the latency table has no point to go by.
+DEFAULT_MAX_LEVELS = 12
+DEFAULT_MAX_SIZE = 128
 
 
 class HardwareError(TreeoptError, ValueError):
@@ -162,24 +173,26 @@ class Prediction:
 
 @dataclass
 class Choice:
-    """Outcome of :func:`choose`. ``depth`` is the DP level limit (root counted, Sequoia's
-    convention) so ``table.tree(size, depth)`` rebuilds ``tree``; ``tree.depth`` = depth - 1.
+    """Outcome of :func:`choose`. ``levels`` is the chosen DP level limit (root counted,
+    Sequoia's convention) so ``table.tree(size, levels)`` rebuilds ``tree``; ``tree.depth``
+    (edges) is at most ``levels - 1``.
 
     ``candidates``: one dict per size shown (powers of two, the latency table's measured
     sizes and the chosen size, all <= max_size; only the measured sizes and 1 with
-    ``measured_only``) with that size's best depth: keys size, depth, tree_depth, F, step_ms,
-    tokens_per_s, speedup. ``notes``: one-line warnings about the latency curves (a falling
-    curve priced at its envelope, a choice beyond the measured sizes)."""
+    ``measured_only``) with that size's best level limit: keys size, levels, depth (edges of
+    that tree), F, step_ms, tokens_per_s, speedup. ``notes``: one-line warnings about the
+    latency curves (a falling curve priced at its envelope, a choice beyond the measured
+    sizes)."""
 
     size: int
-    depth: int
+    levels: int
     tree: Tree
     expected_tokens: float
     step_ms: float
     tokens_per_s: float
     speedup: float
     candidates: list[dict] = field(default_factory=list)
-    draft_cost: str = "sequoia"
+    draft_cost: str = DEFAULT_DRAFT_COST
     plain_ms: float = float("nan")
     notes: list[str] = field(default_factory=list)
     measured_only: bool = False
@@ -197,7 +210,7 @@ def _check_latency(latency) -> None:
                             "--latency) or give a fixed --budget")
 
 
-def draft_ms(tree: Tree, latency, draft_cost: str = "sequoia") -> float:
+def draft_ms(tree: Tree, latency, draft_cost: str = DEFAULT_DRAFT_COST) -> float:
     """Draft time of one step for ``tree`` under the cost model (0 if no draft curve, and 0
     for a size-1 tree, which is plain decoding: nothing is drafted).
 
@@ -229,7 +242,35 @@ def _check_empty(empty_rate: float) -> None:
         raise HardwareError(f"empty_rate must be in [0, 1), got {empty_rate}")
 
 
-def predict(tree: Tree, profile_table, latency, draft_cost: str = "sequoia",
+class StepCost(NamedTuple):
+    """One speculative step's average cost in ms (see :func:`step_cost`)."""
+
+    draft_ms: float
+    verify_ms: float
+    plain_ms: float  # t_target(1): one plain decoding step
+
+    @property
+    def step_ms(self) -> float:
+        return self.draft_ms + self.verify_ms
+
+
+def step_cost(tree: Tree, latency, draft_cost: str = DEFAULT_DRAFT_COST,
+              empty_rate: float = 0.0) -> StepCost:
+    """Draft and verify time of one step with ``tree`` (averaged over steps when a fraction
+    ``empty_rate`` of them propose nothing), read through the curves' non-decreasing
+    envelopes: the one cost every prediction and every search objective uses."""
+    _check_latency(latency)
+    _check_empty(empty_rate)
+    target = monotone(latency.target)
+    plain = float(target(1))
+    d_ms = draft_ms(tree, latency, draft_cost)
+    v_ms = float(target(tree.size))
+    if tree.size > 1 and empty_rate:
+        d_ms, v_ms = (1 - empty_rate) * d_ms, empty_rate * plain + (1 - empty_rate) * v_ms
+    return StepCost(d_ms, v_ms, plain)
+
+
+def predict(tree: Tree, profile_table, latency, draft_cost: str = DEFAULT_DRAFT_COST,
             empty_rate: float = 0.0) -> Prediction:
     """Step time, expected tokens, tokens/s and speed-up over plain decoding for any tree.
 
@@ -237,16 +278,9 @@ def predict(tree: Tree, profile_table, latency, draft_cost: str = "sequoia",
     latency: ``treeopt.profile.Latency`` (``target(n)`` and optional ``draft(n)`` in ms),
     read through the curves' non-decreasing envelopes (see the module docstring).
     empty_rate: fraction of steps that propose nothing (see the module docstring); the draft
-    and verify times are then averages over all steps."""
-    _check_latency(latency)
-    _check_empty(empty_rate)
+    and verify times are then averages over all steps (:func:`step_cost`)."""
+    d_ms, v_ms, plain = step_cost(tree, latency, draft_cost, empty_rate)
     f = tree.expected_tokens(profile_table)
-    target = monotone(latency.target)
-    plain = float(target(1))
-    d_ms = draft_ms(tree, latency, draft_cost)
-    v_ms = float(target(tree.size))
-    if tree.size > 1 and empty_rate:
-        d_ms, v_ms = (1 - empty_rate) * d_ms, empty_rate * plain + (1 - empty_rate) * v_ms
     step = d_ms + v_ms
     return Prediction(size=tree.size, depth=tree.depth, expected_tokens=f, draft_ms=d_ms,
                       verify_ms=v_ms, step_ms=step, tokens_per_s=1000.0 * f / step,
@@ -277,7 +311,7 @@ def _fall_note(name: str, curve: MonotoneCurve) -> str | None:
             "--threads 1")
 
 
-def curve_notes(latency, tree: Tree | None = None, draft_cost: str = "sequoia",
+def curve_notes(latency, tree: Tree | None = None, draft_cost: str = DEFAULT_DRAFT_COST,
                 falls: bool = True) -> list[str]:
     """One-line warnings about a latency table: falling curves (priced at their envelopes;
     left out with ``falls=False``) and, given a tree, costs read beyond the measured sizes
@@ -303,14 +337,22 @@ def curve_notes(latency, tree: Tree | None = None, draft_cost: str = "sequoia",
     return notes
 
 
-def choose(profile_table, latency, max_size: int, max_depth: int,
-           draft_cost: str = "sequoia", table: DPTable | None = None,
-           empty_rate: float = 0.0, measured_only: bool = False) -> Choice:
-    """Pick the (size, depth) with the most tokens/s; see the module docstring for the model.
+def default_max_size(latency) -> int:
+    """The largest size the hardware-aware sweep considers when none is given: the largest
+    measured target latency point, clamped to ``MAX_TREE_NODES`` (a point at 10^7 tokens must
+    not make the sweep 10^7 nodes wide), or ``DEFAULT_MAX_SIZE`` without a latency table."""
+    tokens = [int(t) for t in getattr(getattr(latency, "target", None), "tokens", None) or []]
+    return min(max(tokens), MAX_TREE_NODES) if tokens else DEFAULT_MAX_SIZE
 
-    profile_table: 1-D (W,) or depth-aware (R, W) rank profile. ``max_depth`` counts levels
+
+def choose(profile_table, latency, max_size: int, max_levels: int,
+           draft_cost: str = DEFAULT_DRAFT_COST, table: DPTable | None = None,
+           empty_rate: float = 0.0, measured_only: bool = False) -> Choice:
+    """Pick the (size, levels) with the most tokens/s; see the module docstring for the model.
+
+    profile_table: 1-D (W,) or depth-aware (R, W) rank profile. ``max_levels`` counts levels
     including the root. ``table``: a :func:`treeopt.search.dp.solve` result to reuse (must
-    cover max_size and max_depth). ``empty_rate``: fraction of steps that propose nothing.
+    cover max_size and max_levels). ``empty_rate``: fraction of steps that propose nothing.
     ``measured_only``: consider only the sizes the target curve measured (and size 1, plain
     decoding), as Sequoia's ``valid_budget`` does, so the chosen size's verify cost is
     neither interpolated nor extrapolated. Latency is read through the curves'
@@ -320,13 +362,13 @@ def choose(profile_table, latency, max_size: int, max_depth: int,
     _check_empty(empty_rate)
     e = float(empty_rate)
     if table is None:
-        table = solve(profile_table, max_size, max_depth)
-    elif table.max_size < max_size or table.max_depth < max_depth:
-        raise HardwareError(f"DP table covers size {table.max_size}, depth {table.max_depth}; "
-                            f"need {max_size}, {max_depth}")
-    F = table.values[1 : max_size + 1, 1 : max_depth + 1]  # (n, l), index n-1, l-1
+        table = solve(profile_table, max_size, max_levels)
+    elif table.max_size < max_size or table.max_levels < max_levels:
+        raise HardwareError(f"DP table covers size {table.max_size}, {table.max_levels} levels; "
+                            f"need {max_size}, {max_levels}")
+    F = table.values[1 : max_size + 1, 1 : max_levels + 1]  # (n, l), index n-1, l-1
     sizes = np.arange(1, max_size + 1)
-    levels = np.arange(1, max_depth + 1)
+    levels = np.arange(1, max_levels + 1)
     target, curve = _curves(latency)
     env = _Envelopes(target, curve)  # the envelopes, built once
     verify = np.array([float(target(int(n))) for n in sizes])
@@ -367,7 +409,7 @@ def choose(profile_table, latency, max_size: int, max_depth: int,
         flat = np.lexsort((np.broadcast_to(sizes[:, None], F.shape).ravel(),
                            np.broadcast_to(levels[None, :], F.shape).ravel(),
                            ratio_seq.ravel()))
-        n_best, l_best = divmod(int(flat[0]), max_depth)
+        n_best, l_best = divmod(int(flat[0]), max_levels)
         n_best, l_best = n_best + 1, l_best + 1
     else:
         tmin = min(float(curve(int(q))) for q in sizes) if curve is not None else 0.0
@@ -380,7 +422,7 @@ def choose(profile_table, latency, max_size: int, max_depth: int,
         order = np.argsort(bound, axis=None, kind="stable")
         best = (np.inf, 1, 1)
         for idx in order:
-            n, l = divmod(int(idx), max_depth)
+            n, l = divmod(int(idx), max_levels)
             if bound.flat[idx] >= best[0] or not np.isfinite(bound.flat[idx]):
                 break
             s = score(n + 1, l + 1)
@@ -402,11 +444,11 @@ def choose(profile_table, latency, max_size: int, max_depth: int,
         l = min(ls, key=lambda l: (score(n, int(l)), l))
         s = score(n, int(l))
         f = float(F[n - 1, l - 1])
-        candidates.append({"size": int(n), "depth": int(l),
-                           "tree_depth": int(table.tree(n, int(l)).depth), "F": f,
+        candidates.append({"size": int(n), "levels": int(l),
+                           "depth": int(table.tree(n, int(l)).depth), "F": f,
                            "step_ms": s * f, "tokens_per_s": 1000.0 / s,
                            "speedup": plain / s})
-    return Choice(size=n_best, depth=l_best, tree=tree, expected_tokens=pred.expected_tokens,
+    return Choice(size=n_best, levels=l_best, tree=tree, expected_tokens=pred.expected_tokens,
                   step_ms=pred.step_ms, tokens_per_s=pred.tokens_per_s, speedup=pred.speedup,
                   candidates=candidates, draft_cost=draft_cost, plain_ms=plain,
                   notes=curve_notes(latency, tree, draft_cost), measured_only=measured_only)

@@ -37,7 +37,6 @@ at one storage share the study. The sampler is ``TPESampler(seed=...)``.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -49,6 +48,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from treeopt.errors import TreeoptError
+from treeopt.search.hardware import DEFAULT_DRAFT_COST
 from treeopt.tree import Tree
 
 OBJECTIVES = ("model", "replay", "engine")
@@ -161,8 +161,8 @@ class ModelObjective:
 
     name = "model"
 
-    def __init__(self, table, latency=None, metric: str = "tokens", draft_cost: str = "sequoia",
-                 empty_rate: float = 0.0):
+    def __init__(self, table, latency=None, metric: str = "tokens",
+                 draft_cost: str = DEFAULT_DRAFT_COST, empty_rate: float = 0.0):
         if metric == "speed" and latency is None:
             raise OptunaSearchError("metric 'speed' needs a profile with latency; profile "
                                     "latency first or use --metric tokens")
@@ -181,13 +181,15 @@ class ModelObjective:
 
 class ReplayObjective:
     """Measured tokens per step on recorded traces (times the predicted step rate with
-    ``metric="speed"``), one instance per held-out prompt."""
+    ``metric="speed"``: the step priced by ``treeopt.search.hardware.step_cost``, the same
+    envelope-based cost the hardware-aware choice and every prediction use), one instance per
+    held-out prompt."""
 
     name = "replay"
     cheap = True
 
     def __init__(self, traces: Sequence[Sequence[int]], latency=None, metric: str = "tokens",
-                 draft_cost: str = "sequoia", start: int = 1):
+                 draft_cost: str = DEFAULT_DRAFT_COST, start: int = 1):
         if metric == "speed" and latency is None:
             raise OptunaSearchError("metric 'speed' needs a latency profile; profile latency "
                                     "first or use --metric tokens")
@@ -202,10 +204,9 @@ class ReplayObjective:
         tau = replay_tokens_per_step(tree, self.traces[index], self.start)
         if self.metric == "tokens":
             return tau
-        from treeopt.search.hardware import draft_ms
+        from treeopt.search.hardware import step_cost
 
-        step = draft_ms(tree, self.latency, self.draft_cost) + float(self.latency.target(tree.size))
-        return 1000.0 * tau / step
+        return 1000.0 * tau / step_cost(tree, self.latency, self.draft_cost).step_ms
 
 
 class EngineObjective:
@@ -464,139 +465,3 @@ def run_search(objective, *, width: int, max_size: int, levels: int, n_trials: i
                         metric=getattr(objective, "metric", "?"), study_name=study_name,
                         storage=storage, trials=len(study.trials), complete=len(full),
                         pruned=len(done) - len(full), per_instance=per)
-
-
-# ---------------------------------------------------------------------------- CLI hook
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``treeopt search --method optuna`` (the DP's are shared)."""
-    g = parser.add_argument_group("optuna (--method optuna)")
-    g.add_argument("--objective", choices=OBJECTIVES, default="model",
-                   help="model: profile's F or predicted tokens/s; replay: recorded greedy "
-                        "traces of held-out prompts; engine: measured decoding (default model)")
-    g.add_argument("--metric", choices=METRICS,
-                   help="tokens (per step) or speed (tokens/s; predicted from the profile's "
-                        "latency for model/replay, measured for engine). Default: speed when "
-                        "latency is known or with engine, else tokens")
-    g.add_argument("--trials", type=int, default=None,
-                   help="trials to run in this process (default 200; 20 for engine)")
-    g.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
-    g.add_argument("--study-name", help="study to create or continue (default: from the "
-                                        "profile and limits)")
-    g.add_argument("--storage", help="Optuna storage URL or SQLite file path (default: "
-                                     "<out>.optuna.db beside the growmap)")
-    g.add_argument("--seed", type=int, default=0, help="sampler seed (give each worker its own)")
-    g.add_argument("--worker", help="label recorded on this process's trials")
-    g.add_argument("--target", help="replay/engine: target model spec")
-    g.add_argument("--draft", help="replay/engine: draft model spec (e.g. early-exit:4)")
-    g.add_argument("--dataset", default="spec_bench",
-                   help="replay/engine: prompt set (default %(default)s)")
-    g.add_argument("--prompts", type=int, default=8,
-                   help="replay/engine: held-out prompts (default %(default)s)")
-    g.add_argument("--max-new-tokens", type=int, default=64,
-                   help="replay/engine: tokens per prompt (default %(default)s)")
-    g.add_argument("--temperature", type=float, default=0.0,
-                   help="replay/engine: sampling temperature (replay is exact at 0)")
-    g.add_argument("--device", default="auto", help="replay/engine: auto, cpu or cuda")
-
-
-def default_max_size(args, latency) -> int:
-    if args.budget:
-        return args.budget
-    if args.max_size:
-        return args.max_size
-    if latency is not None:
-        return max(int(t) for t in latency.target.tokens)
-    return 64
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    from treeopt.cli import UserError
-    from treeopt.growmap import save_growmap
-    from treeopt.profile import Profile
-    from treeopt.search.dp import solve
-    from treeopt.search.hardware import choose, empty_step_rate
-    from treeopt.shapes import chain
-
-    profile = Profile.load(args.profile)
-    table = profile.table(depth_aware=not args.no_depth_aware)
-    latency = profile.latency
-    levels = args.max_depth
-    max_size = default_max_size(args, latency)
-    if levels < 1 or max_size < 1:
-        raise UserError(f"--max-depth and the size limit must be >= 1 (got {levels}, {max_size})")
-    metric = args.metric or ("speed" if (latency is not None or args.objective == "engine")
-                             else "tokens")
-    width = profile.width
-    dp = solve(table, max_size, levels)
-    dp_tree = dp.tree(max_size, levels, at_most=True)
-    seeds = [dp_tree]
-    baseline = dp_tree
-    if latency is not None and not args.budget:
-        hw = choose(table, latency, max_size, levels, args.draft_cost, table=dp,
-                    empty_rate=empty_step_rate(profile)).tree
-        seeds.insert(0, hw)
-        if metric == "speed":
-            baseline = hw
-    seeds.append(chain(min(max_size, levels)))
-    out = Path(args.out) if args.out else (
-        Path("growmaps") / f"{Path(args.profile).stem}-optuna-{args.objective}-n{max_size}.json")
-    settings = {"profile": fingerprint(table=table, latency=latency.to_dict() if latency else None),
-                "metric": metric, "draft_cost": args.draft_cost}
-
-    if args.objective == "model":
-        objective = ModelObjective(table, latency, metric, args.draft_cost,
-                                   empty_step_rate(profile))
-        trials = 200 if args.trials is None else args.trials
-    else:
-        if not args.target or not args.draft:
-            raise UserError(f"--objective {args.objective} needs --target and --draft")
-        from treeopt.cli.profile import encode_prompts, held_out_prompts
-        from treeopt.decode.api import eos_ids
-        from treeopt.decode.models import load_pair, resolve_device
-
-        pair = load_pair(args.target, args.draft, device=resolve_device(args.device))
-        prompts = held_out_prompts(args.dataset, profile.meta, args.prompts, args.seed)
-        ids = encode_prompts(pair.tokenizer, prompts, True)
-        eos = eos_ids(pair.tokenizer, pair.target) if pair.tokenizer is not None else []
-        settings.update(target=args.target, draft=args.draft, dataset=args.dataset,
-                        prompts=[p.id for p in prompts], max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature)
-        if args.objective == "replay":
-            traces = record_traces(pair.target, pair.drafter, ids, width=width,
-                                   max_new_tokens=args.max_new_tokens,
-                                   temperature=args.temperature, seed=args.seed,
-                                   eos_token_id=eos[0] if eos else None, progress=True)
-            objective = ReplayObjective(traces, latency, metric, args.draft_cost)
-            trials = 200 if args.trials is None else args.trials
-        else:
-            objective = EngineObjective(pair.target, pair.drafter, ids,
-                                        max_new_tokens=args.max_new_tokens, metric=metric,
-                                        temperature=args.temperature, seed=args.seed,
-                                        eos_token_id=eos or None)
-            trials = 20 if args.trials is None else args.trials
-    name = args.study_name or f"treeopt-{out.stem}"
-    storage = resolve_storage(args.storage, out.with_suffix(".optuna.db"))
-    result = run_search(objective, width=width, max_size=max_size, levels=levels,
-                        n_trials=trials, seeds=seeds, baseline=baseline, seed=args.seed,
-                        study_name=name, storage=storage, timeout=args.timeout,
-                        worker=args.worker, settings=settings)
-    meta = result.meta()
-    meta.update({"profile": str(args.profile), "max_size": max_size, "depth": levels,
-                 "depth_convention": "levels incl. root", "draft_cost": args.draft_cost,
-                 "expected_tokens": result.tree.expected_tokens(table)})
-    saved = save_growmap(result.tree, out, meta)
-    unit = "tokens/step" if metric == "tokens" else "tokens/s"
-    kind = {"model": "predicted", "replay": "replayed", "engine": "measured"}[args.objective]
-    print(f"search optuna ({args.objective}, {metric}): {result.trials} trials in study "
-          f"{name!r} ({result.complete} complete, {result.pruned} pruned)")
-    print(f"best: size {result.tree.size}, depth {result.tree.depth}, width {result.tree.width}, "
-          f"{kind} {result.value:.4f} {unit}")
-    print(f"dp:   size {result.baseline.size}, depth {result.baseline.depth}, width "
-          f"{result.baseline.width}, {kind} {result.baseline_value:.4f} {unit}")
-    print(f"growmap: {saved}")
-    print(f"storage: {storage}")
-    if args.picture:
-        from treeopt.viz import draw_tree
-
-        print(f"picture: {draw_tree(result.tree, args.picture, profile=profile)}")
-    return 0

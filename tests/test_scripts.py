@@ -1,0 +1,188 @@
+"""Every benchmark script under scripts/ runs on tiny models in seconds, in-process, so none of
+them can rot: each is loaded from its file and its ``main(argv)`` called with tiny settings.
+They print figures; the checks here are about structure (rows, exactness columns, exit codes,
+files), never about timings."""
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_models import tiny_tokenizer
+from treeopt.testing import tiny_causal_lm
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def load_script(name: str):
+    """The script ``scripts/<name>.py`` as a module (its ``__main__`` block does not run)."""
+    spec = importlib.util.spec_from_file_location(f"script_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _restore_process_state(tmp_path, monkeypatch):
+    """Scripts set torch threads and transformers' verbosity and progress bars for the
+    process; each must put them back. The model cache goes to a temporary folder, the hub
+    stays offline."""
+    from transformers.utils import logging as hf_logging
+
+    monkeypatch.setenv("TREEOPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    state = (torch.get_num_threads(), hf_logging.get_verbosity(),
+             hf_logging.is_progress_bar_enabled())
+    yield
+    assert (torch.get_num_threads(), hf_logging.get_verbosity(),
+            hf_logging.is_progress_bar_enabled()) == state
+
+
+def table_rows(out: str, first: str, width: int | None = None) -> dict[str, list[str]]:
+    """Whitespace-split rows of the printed table whose header starts with ``first``, by
+    their first cell: the lines after the header with ``width`` cells (default: as many as
+    the header)."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:1] == [first])
+    width = width or len(lines[start].split())
+    rows = {}
+    for line in lines[start + 1:]:
+        cells = line.split()
+        if len(cells) != width:
+            break
+        rows[cells[0]] = cells
+    return rows
+
+
+def test_bench_dp_tiny(capsys):
+    assert load_script("bench_dp").main(["--tiny", "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines()
+            if re.fullmatch(r"\s*8\s+[46]\s+(16|32)\s.*", line)]
+    assert {tuple(r[:3]) for r in rows} >= {("8", "4", "32"), ("8", "6", "32"), ("8", "6", "16")}
+    assert "depth-aware, 4 rows" in out
+    assert "(inf same)" in out and "DIFFER" not in out  # reference port equals the DP
+
+
+def test_bench_attention_tiny(tmp_path, capsys):
+    assert load_script("bench_attention").main(["--tiny", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "branches/tree" in out
+    assert (tmp_path / "attention.csv").stat().st_size > 0
+    assert (tmp_path / "attention.png").stat().st_size > 0
+
+
+ENGINE_ARGS = ["--tiny", "--n", "2", "--calib", "2", "--max-new-tokens", "8",
+               "--hf-prompt-lookup", "2", "--threads", "1"]
+
+
+def test_bench_engine_tiny(tmp_path, capsys):
+    out_file = tmp_path / "engine.json"
+    assert load_script("bench_engine").main(ENGINE_ARGS + ["--out", str(out_file)]) == 0
+    out = capsys.readouterr().out
+    assert "greedy profile p[1..8] (measured on 2 calibration prompts)" in out
+    rows = table_rows(out, "method")
+    assert list(rows) == ["ar", "chain:4", "dp:8x5", "dp:16x5", "hf-greedy", "hf-assisted",
+                          "hf-pld:2"]
+    for name, cells in rows.items():
+        assert cells[2] == "16" and cells[-1] == "2/2", name  # 2 prompts x 8 tokens, lossless
+    doc = json.loads(out_file.read_text())
+    res = {r["method"]: r for r in doc["results"]}
+    engine = ["ar", "chain:4", "dp:8x5", "dp:16x5"]
+    for name in engine:  # the hook-measured overhead per step, engine rows only
+        assert 0 <= res[name]["overhead_pct"] <= 100, name
+        assert res[name]["engine"] and res[name]["expected_tokens_per_step"] >= 1
+    assert all(res[n]["overhead_pct"] is None for n in ("hf-greedy", "hf-assisted"))
+    assert res["ar"]["tokens_per_step"] == 1.0 and res["chain:4"]["size"] == 4
+    assert res["hf-greedy"]["tokens_per_step"] == 1.0
+    assert doc["meta"]["profile_source"] == "measured on 2 calibration prompts"
+
+
+def test_bench_engine_exit_code_flags_a_lossy_engine(monkeypatch, capsys):
+    """An engine row whose output differs from plain decoding fails the script."""
+    import treeopt.decode.engine as engine
+
+    real = engine.generate
+
+    def lossy(target, drafter, input_ids, **kw):
+        gen = real(target, drafter, input_ids, **kw)
+        if drafter is not None:
+            gen.tokens[-1] = (gen.tokens[-1] + 1) % 96
+        return gen
+
+    monkeypatch.setattr(engine, "generate", lossy)
+    assert load_script("bench_engine").main(ENGINE_ARGS + ["--no-hf"]) == 1
+    captured = capsys.readouterr()
+    assert "NOT LOSSLESS: chain:4 differs from ar" in captured.err
+
+
+def test_bench_prediction_tiny(capsys):
+    args = ["--tiny", "--profile-prompts", "3", "--eval-prompts", "2", "--max-new-tokens", "10",
+            "--sizes", "4,8", "--depth", "3"]
+    assert load_script("bench_prediction").main(args) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("pair tiny + tiny; profile on 3 prompts")
+    rows = table_rows(out, "size", width=11)
+    assert len(rows) == 2
+    for cells in rows.values():
+        size, f_depth, measured, error = int(cells[0]), float(cells[2]), float(cells[5]), \
+            float(cells[7].rstrip("%"))
+        assert size <= 8 and f_depth >= 1 and measured >= 1
+        assert error == pytest.approx(100 * (f_depth - measured) / measured, abs=0.11)
+    assert "error = (F depth-aware - measured) / measured" in out
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """A saved tiny model with its (word-level) tokenizer: what a model spec names."""
+    path = tmp_path / "tiny-target"
+    tiny_causal_lm("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_bench_engine_on_a_saved_tiny_model(folder, capsys):
+    """The real-model path: load_pair, Spec-Bench prompts through the tokenizer, an
+    early-exit draft (HF's assistant_early_exit row)."""
+    args = ["--target", str(folder), "--draft", "early-exit:1", "--n", "2", "--calib", "2",
+            "--max-new-tokens", "6", "--max-prompt-tokens", "24", "--threads", "1",
+            "--dp-sizes", "6"]
+    assert load_script("bench_engine").main(args) == 0
+    out = capsys.readouterr().out
+    rows = table_rows(out, "method")
+    assert list(rows) == ["ar", "chain:4", "dp:6x5", "hf-greedy", "hf-assisted",
+                          "hf-assisted-model"]
+    assert all(cells[-1] == "2/2" for cells in rows.values())
+    assert "prompt tokens median 24" in out
+
+
+def test_bench_prediction_on_a_saved_tiny_model(folder, capsys):
+    args = ["--target", str(folder), "--draft", "early-exit:1", "--profile-prompts", "2",
+            "--eval-prompts", "2", "--max-new-tokens", "6", "--sizes", "4", "--device", "cpu"]
+    assert load_script("bench_prediction").main(args) == 0
+    out = capsys.readouterr().out
+    assert "early-exit:1; profile on 2 prompts" in out
+    assert len(table_rows(out, "size", width=11)) == 1
+
+
+def test_bench_drafters_on_a_saved_tiny_model(folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the shipped tuned growmap is found from anywhere
+    out = tmp_path / "bench"
+    rc = load_script("bench_drafters").main(["--target", str(folder), "--per-category", "1",
+                                             "--max-new-tokens", "6", "--threads", "1",
+                                             "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "datastore corpus:" in text and "categories >= HF best" in text
+    summary = json.loads((out / "eval" / "results.json").read_text())["summary"]
+    methods = {r["method"] for r in summary}
+    assert {"ar", "ngram@chain:3", "ngram@chain:4", "ngram@chain:6", "hf-pld:2"} <= methods
+    assert any(re.search(r"ngram@.*smollm2-ngram-cpu\.pt$", m) for m in methods)
+    assert any(m.startswith("datastore:") for m in methods)
+    every = [r for r in summary if r["category"] == "all"]
+    assert len(every) == len(methods)
+    assert all(r["matches_ar"] == "13/13" for r in every)
