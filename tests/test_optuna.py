@@ -132,3 +132,82 @@ def test_two_workers_share_one_sqlite_study(tmp_path):
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(done) == 12
     assert {t.user_attrs.get("worker") for t in study.trials} == {"a", "b"}
+
+
+HANGING_WORKER = textwrap.dedent("""
+    import sys, time
+    from treeopt.search.optuna_search import run_search
+    from treeopt.shapes import chain
+
+    class Hang:
+        name, instances, metric = "hang", 1, "tokens"
+
+        def score(self, tree, index):
+            time.sleep(3600)  # killed while its trial runs
+
+    run_search(Hang(), width=4, max_size=10, levels=4, n_trials=5, seeds=[chain(4)],
+               storage=sys.argv[1], study_name="killed", heartbeat_interval=1, grace_period=2)
+""")
+
+
+class _Tokens:
+    """F of a fixed rank profile; the first ``nan`` trees scored give NaN (a FAIL trial)."""
+
+    name, instances, metric = "hang", 1, "tokens"
+
+    def __init__(self, nan: int = 0):
+        self.nan = nan
+
+    def score(self, tree, index):
+        if self.nan > 0:
+            self.nan -= 1
+            return float("nan")
+        return tree.expected_tokens([P])
+
+
+def test_killed_worker_trial_fails_and_is_not_counted(tmp_path):
+    """A worker killed mid-trial left it RUNNING for ever, counted among the study's trials;
+    with heartbeats the next worker marks it FAIL (and retries its tree)."""
+    import time
+
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'killed.db'}"
+    proc = subprocess.Popen([sys.executable, "-c", HANGING_WORKER, url])
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline
+            try:
+                study = optuna.load_study(study_name="killed", storage=url)
+                if any(t.state == optuna.trial.TrialState.RUNNING for t in study.trials):
+                    break
+            except Exception:  # the worker has not created the study yet
+                pass
+            time.sleep(0.2)
+        time.sleep(1.5)  # its heartbeat is recorded
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    time.sleep(3)  # past the grace period
+    res = run_search(_Tokens(), width=4, max_size=10, levels=4, n_trials=3, seeds=[chain(4)],
+                     storage=url, study_name="killed", heartbeat_interval=1, grace_period=2)
+    trials = optuna.load_study(study_name="killed", storage=url).trials
+    states = [t.state for t in trials]
+    assert states[0] == optuna.trial.TrialState.FAIL
+    assert optuna.trial.TrialState.RUNNING not in states
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 3 and res.trials == 3 == res.complete + res.pruned
+    assert res.failed == 1
+    # the killed trial's tree (the seed chain) was run again
+    assert any(t.user_attrs.get("parents") == list(chain(4).to_parents()) for t in complete)
+
+
+def test_failed_trials_do_not_count_toward_the_requested_number(tmp_path):
+    res = run_search(_Tokens(nan=1), width=4, max_size=10, levels=4, n_trials=4,
+                     seeds=[chain(4)], storage=f"sqlite:///{tmp_path / 'nan.db'}",
+                     study_name="nan")
+    assert res.complete + res.pruned == res.trials == 4 and res.failed == 1
+    memory = run_search(_Tokens(nan=2), width=4, max_size=10, levels=4, n_trials=3,
+                        seeds=[chain(4)])
+    assert memory.trials == 3 and memory.failed == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 
@@ -261,3 +262,58 @@ def test_help_texts_match_the_code():
         assert undocumented == [], (bench, undocumented)
     gen = _subparser(parser, "generate")
     assert any("--threads" in a.option_strings for a in gen._actions)
+
+
+def test_tune_writes_summary_atomically(workspace, tmp_path, monkeypatch):
+    """``summary.json`` went through ``Path.write_text``: an interruption could leave it
+    truncated. It is written with ``treeopt.limits.atomic_write`` like every other output."""
+    import treeopt
+    import treeopt.limits as limits
+    import treeopt.profile.latency as latency_mod
+    from treeopt.profile import Latency, LatencyCurve
+
+    fake = Latency(LatencyCurve([1, 2, 4], [10.0, 11.0, 12.0]), LatencyCurve([1, 4], [1.0, 1.2]),
+                   context=8, meta={"device_type": "cpu", "threads": 1, "device": "cpu"})
+    monkeypatch.setattr(latency_mod, "measure_latency", lambda *a, **k: fake)
+    real, written = limits.atomic_write, []
+
+    def spy(path, write, **kw):
+        written.append(Path(path).name)
+        return real(path, write, **kw)
+
+    monkeypatch.setattr(limits, "atomic_write", spy)
+    run = treeopt.tune(str(workspace / "tiny"), "early-exit:1", PROMPTS[:2], out_dir=tmp_path,
+                       n_prompts=2, max_new_tokens=6, width=3, depth=2, max_levels=3,
+                       device="cpu", threads=1)
+    assert "summary.json" in written
+    assert json.loads(run.files["summary"].read_text()) == run.summary
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_tune_prints_defaults_first_and_shows_latency_progress(workspace, tmp_path,
+                                                               monkeypatch, capsys):
+    """The "defaults on cpu" line came only after a minute or more of profiling, and the
+    latency phase showed nothing while it ran: the line now comes before profiling starts
+    and the latency phase has a progress bar on stderr (silenced by --quiet)."""
+    import treeopt.pipeline as pipeline
+
+    real = pipeline.measure_acceptance
+    seen = []
+
+    def acceptance(*args, **kw):
+        seen.append(capsys.readouterr().out)  # printed before profiling started
+        return real(*args, **kw)
+
+    monkeypatch.setattr(pipeline, "measure_acceptance", acceptance)
+    args = ["tune", *model_args(workspace), "--dataset", str(workspace / "prompts.jsonl"),
+            "--prompts", "2", "--max-new-tokens", "6", "--width", "3", "--depth", "2",
+            "--tokens", "1,2,4", "--context", "8", "--repeats", "1", "--max-levels", "4"]
+    assert main(args + ["--out-dir", str(tmp_path / "a")]) == 0
+    assert "defaults on cpu" in seen[0] and "warmup 2" in seen[0]
+    captured = capsys.readouterr()
+    assert "defaults on" not in captured.out  # said once, at the start
+    assert "latency target" in captured.err and "latency draft" in captured.err
+    assert main(args + ["--out-dir", str(tmp_path / "b"), "--quiet"]) == 0
+    assert "defaults on cpu" in seen[1]
+    err = capsys.readouterr().err
+    assert "latency target" not in err and "latency draft" not in err

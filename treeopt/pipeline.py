@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -260,9 +261,11 @@ def optuna_tree(profile, *, objective: str = "model", metric: str | None = None,
     or "speed" (default: speed when the profile has latency or with "engine"). Size limit:
     ``budget`` or ``max_size`` (default: the largest measured latency point, clamped, else
     64 nodes); height: ``max_levels`` or ``max_depth`` as in :func:`search_tree`.
-    ``trials`` defaults to 200 (20 for "engine"). ``storage``: an Optuna storage URL or an
-    SQLite file path (checked before any work; ``None`` = in memory); a study with the same
-    ``study_name`` there is continued."""
+    ``trials``: trials this process finishes, COMPLETE or PRUNED (a failed one is replaced);
+    default 200 (20 for "engine"). ``storage``: an Optuna storage URL or an SQLite file path
+    (checked before any work; ``None`` = in memory); a study with the same ``study_name``
+    there is continued, and a trial left RUNNING by a killed worker is marked FAIL (its tree
+    queued again) instead of being counted (``treeopt.search.optuna_search.run_search``)."""
     from treeopt.search.dp import solve
     from treeopt.search.hardware import choose, empty_step_rate, predict
     from treeopt.search.optuna_search import (EngineObjective, ModelObjective, ReplayObjective,
@@ -435,6 +438,57 @@ def latency_defaults(device, **given) -> tuple[dict, list[str]]:
     return out, notes
 
 
+def tune_defaults(device, *, n_prompts: int | None = None, max_new_tokens: int | None = None,
+                  tokens=None, context: int | None = None, repeats: int | None = None,
+                  warmup: int | None = None) -> list[str]:
+    """Notes on the device defaults :func:`tune` fills for the settings left unset (what it
+    reports in ``TuneResult.defaults``), known before any model is loaded."""
+    from treeopt.decode.models import resolve_device
+
+    dev = resolve_device(device)
+    *_, notes = acceptance_defaults(dev, n_prompts, max_new_tokens)
+    _, more = latency_defaults(dev, tokens=tokens, context=context, repeats=repeats,
+                               warmup=warmup)
+    return notes + more
+
+
+@contextmanager
+def latency_progress(enabled: bool = True):
+    """A progress bar on stderr per latency curve (target, then draft) while
+    ``treeopt.profile.latency.measure_latency`` runs: one step per forward (warm-up and timed
+    runs of every size), advanced between the timed calls so that it never runs inside a
+    timing. Nothing when ``enabled`` is false or the profiler has no timing loop to follow."""
+    import treeopt.profile.latency as latency_mod
+
+    loop = getattr(latency_mod, "_interleaved", None)
+    if not enabled or loop is None:
+        yield
+        return
+    from tqdm import tqdm
+
+    curves = iter(("target", "draft"))
+
+    def interleaved(calls, timer, repeats, warmup, after=None):
+        bar = tqdm(total=len(calls) * (repeats + warmup), unit="run", dynamic_ncols=True,
+                   desc=f"latency {next(curves, 'curve')} ({len(calls)} sizes)")
+
+        def done(i):
+            if after is not None:
+                after(i)
+            bar.update(1)
+
+        try:
+            return loop(calls, timer, repeats, warmup, after=done)
+        finally:
+            bar.close()
+
+    latency_mod._interleaved = interleaved
+    try:
+        yield
+    finally:
+        latency_mod._interleaved = loop
+
+
 def measure_acceptance(pair, prompts, run, *, out: str | os.PathLike | None = None,
                        resume: bool = False, save_every: int = 1, positions: int | None = None,
                        progress: bool = False):
@@ -554,7 +608,10 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
     ``profile.json`` (written as it is measured; ``resume`` continues an interrupted one),
     ``tree.pt`` (Sequoia-compatible growmap), ``tree.json``, ``tree.png`` and
     ``summary.json``. Searching ``profile.json`` again with the same limits gives the same
-    tree. Ctrl-C keeps what was measured in ``profile.json``."""
+    tree. Ctrl-C keeps what was measured in ``profile.json``. ``summary.json`` is written
+    atomically (``treeopt.limits.atomic_write``). ``progress``: progress bars on stderr for
+    the acceptance prompts and the latency runs (:func:`latency_progress`); the defaults used
+    are known before any work (:func:`tune_defaults`)."""
     from treeopt.decode.models import resolve_device
     from treeopt.profile.acceptance import AcceptanceRun
 
@@ -583,7 +640,15 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
                             "output folder")
     dev = resolve_device(device)
     n_prompts, max_new_tokens, defaults = acceptance_defaults(dev, n_prompts, max_new_tokens)
-    chosen, dataset_name = load_prompt_set(prompts, n_prompts, seed, categories)
+    if isinstance(prompts, (str, os.PathLike)):
+        # Draw order: the first k of a draw of n are the draw of k, so a resume that asks
+        # for more prompts continues with new ones (as `treeopt profile acceptance` does).
+        from treeopt.evaluate.datasets import select
+
+        every, dataset_name = load_prompt_set(prompts, None, seed, categories)
+        chosen = select(every, n=n_prompts, seed=seed, source=dataset_name, order="draw")
+    else:
+        chosen, dataset_name = load_prompt_set(prompts, n_prompts, seed, categories)
     run = AcceptanceRun(width=width, depth=depth, temperature=temperature, top_k=top_k,
                         top_p=top_p, rule=rule, mode=mode, continuation=continuation,
                         max_new_tokens=max_new_tokens, seed=seed, draft=_name(draft),
@@ -614,10 +679,12 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
     lat_settings, lat_notes = latency_defaults(dev, tokens=tokens, context=context,
                                                repeats=repeats, warmup=warmup)
     defaults += lat_notes
-    latency = measure_latency(pair.target, pair.drafter, tokens=lat_settings["tokens"],
-                              context=lat_settings["context"], repeats=lat_settings["repeats"],
-                              warmup=lat_settings["warmup"],
-                              names={"target": _name(target), "draft": _name(draft)})
+    with latency_progress(progress):
+        latency = measure_latency(pair.target, pair.drafter, tokens=lat_settings["tokens"],
+                                  context=lat_settings["context"],
+                                  repeats=lat_settings["repeats"],
+                                  warmup=lat_settings["warmup"],
+                                  names={"target": _name(target), "draft": _name(draft)})
     if profile_path is not None:
         from treeopt.profile import Profile
 
@@ -688,7 +755,10 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
     seconds["total"] = round(time.perf_counter() - t0, 1)
     summary["seconds"] = seconds
     if out is not None:
-        files["summary"].write_text(json.dumps(summary, indent=2) + "\n")
+        from treeopt import limits
+
+        text = json.dumps(summary, indent=2) + "\n"
+        limits.atomic_write(files["summary"], lambda fh: fh.write(text), binary=False)
     return TuneResult(profile=profile, latency=latency, search=found, tree=tree,
                       prediction=pred, method=method, device=str(latency.meta.get("device")),
                       defaults=defaults, warnings=warnings, notes=notes,

@@ -7,7 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from treeopt.cli import DEFAULT_DRAFT, DEFAULT_TARGET, UserError, int_list, set_threads
+from treeopt.cli import (DEFAULT_DRAFT, DEFAULT_TARGET, THREADS_HELP, UserError, int_list,
+                         set_threads)
 
 # Written out so that --help needs no import of the drafter modules (see
 # treeopt.decode.drafter.describe_drafters() for the registered list).
@@ -15,6 +16,21 @@ DRAFTER_SPECS = ("a draft model: folder, .gguf file or Hugging Face id; early-ex
                  "target's first K layers; ngram[:min=,max=,k=,topk=,keep=]: prompt lookup / "
                  "n-gram tree; datastore:PATH and bigram:PATH: a corpus index from "
                  "`treeopt datastore build`")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to an option's help unless it says its default itself, it has
+    none to show (None: the help says what happens instead), it is an on/off flag or it is
+    required; an empty list reads "(default: none)"."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.default is False or action.required \
+                or "default" in text or action.default == argparse.SUPPRESS:
+            return text
+        if action.default == []:
+            return text + " (default: none)"
+        return super()._get_help_string(action)
 
 
 def register(subparsers) -> None:
@@ -37,29 +53,34 @@ def register(subparsers) -> None:
                     "tie (the target's two tokens in question within the dtype's rounding "
                     "tolerance of its best logit, as half precision produces: reported, not "
                     "a failure), or differ: exit status 1.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     m = p.add_argument_group("models")
     m.add_argument("--target", default=DEFAULT_TARGET, help="target model spec (see generate)")
     m.add_argument("--draft", default=DEFAULT_DRAFT,
                    help="the default drafter, used by --chain, --tree, --dp and --hf-assisted: "
                         f"any drafter spec ({DRAFTER_SPECS}); 'none' for no drafter")
-    m.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    m.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights' dtype: auto = float32 on CPU, bfloat16 on CUDA")
     m.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    m.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    m.add_argument("--threads", type=int, default=None, metavar="N", help=THREADS_HELP)
     d = p.add_argument_group("prompts")
-    d.add_argument("--dataset", default="mt_bench",
+    d.add_argument("--dataset", default="spec_bench",
                    help="spec_bench, mt_bench, humaneval, a .jsonl/.json/.txt file, or "
-                        "hf:NAME[:split]")
-    d.add_argument("--categories", default=None, help="comma-separated categories to keep")
-    d.add_argument("-n", "--num-prompts", type=int, default=None,
-                   help="draw this many prompts (stratified across categories)")
+                        "hf:NAME[:split] (default: spec_bench, as for tune and profile)")
+    d.add_argument("--categories", default=None,
+                   help="comma-separated categories to keep (default: all)")
+    d.add_argument("-n", "--num-prompts", type=int, default=None, metavar="N",
+                   help="draw this many prompts, stratified across categories (default: "
+                        "every prompt)")
     d.add_argument("--seed", type=int, default=0,
                    help="seed of the prompt draw and of sampling (prompt i uses seed + i)")
     d.add_argument("--turns", choices=["first", "both"], default="first",
                    help="multi-turn data: first user turn only, or every turn")
-    d.add_argument("--window", type=int, default=None,
-                   help="text files: consecutive windows of this many units instead of lines")
-    d.add_argument("--window-unit", choices=["chars", "tokens"], default="tokens")
+    d.add_argument("--window", type=int, default=None, metavar="N",
+                   help="text files: consecutive windows of N units (--window-unit) instead "
+                        "of one prompt per line (default: lines)")
+    d.add_argument("--window-unit", choices=["chars", "tokens"], default="tokens",
+                   help="unit of --window: characters or target tokens")
     t = p.add_argument_group("methods (plain decoding always runs)")
     t.add_argument("--chain", type=int_list, default=[],
                    help="chains by draft tokens per step, e.g. 2,4,8 (L draft tokens is the "
@@ -87,17 +108,26 @@ def register(subparsers) -> None:
                         "early-exit:K")
     t.add_argument("--profile", default=None,
                    help="acceptance profile (.json/.pt): expected tokens per step of every "
-                        "tree, and the table for dp:/greedy: shapes")
+                        "tree, and the table for dp:/greedy: shapes (default: none)")
     g = p.add_argument_group("decoding")
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--rule", choices=["sequoia", "specinfer"], default="sequoia")
+    g.add_argument("--max-new-tokens", type=int, default=128,
+                   help="tokens each method generates per prompt")
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy; sampling needs a temperature >= 1e-5 (smaller ones are "
+                        "rejected, not treated as greedy)")
+    g.add_argument("--top-k", type=int, default=0,
+                   help="keep the k likeliest tokens when sampling (>= 0; 0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling mass (in (0, 1]; 1.0 = off)")
+    g.add_argument("--rule", choices=["sequoia", "specinfer"], default="sequoia",
+                   help="stochastic verification rule of chains and trees; greedy ignores "
+                        "it")
     g.add_argument("--stop-at-eos", action="store_true",
                    help="stop at EOS (default: every method generates exactly "
                         "--max-new-tokens, so speed-ups compare equal token counts)")
-    g.add_argument("--no-chat-template", action="store_true")
+    g.add_argument("--no-chat-template", action="store_true",
+                   help="feed the raw prompt text (default: apply the tokenizer's chat "
+                        "template)")
     g.add_argument("--long-prompts", choices=["truncate", "skip"], default="truncate",
                    help="a prompt longer than the model window (the smallest "
                         "max_position_embeddings of the models run) minus --max-new-tokens: "
@@ -105,8 +135,8 @@ def register(subparsers) -> None:
                         "how many prompts and tokens")
     g.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up call")
     o = p.add_argument_group("output")
-    o.add_argument("--out", required=True,
-                   help="results folder (locked while the run writes to it)")
+    o.add_argument("--out", required=True, metavar="DIR",
+                   help="results folder, required (locked while the run writes to it)")
     o.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in --out, skipping finished prompts; "
                         "refused when the target, draft, dataset, prompts, methods or "

@@ -46,7 +46,8 @@ def register(subparsers) -> None:
                                                         "0 = off, the default)")
     p.add_argument("--top-p", type=float, default=1.0,
                    help="nucleus sampling mass (in (0, 1]; 1.0 = off, the default)")
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed for sampling (default: none, a different draw each run)")
     p.add_argument("--rule", choices=["sequoia", "specinfer"], default="sequoia",
                    help="stochastic verification rule; greedy ignores it (default: sequoia)")
     p.add_argument("--no-chat-template", action="store_true",

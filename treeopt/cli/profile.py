@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from treeopt.cli import THREADS_HELP, UserError, set_threads
@@ -34,7 +35,12 @@ them as decoding does, count the accepted rank (or none).
 Teacher-forced (default) along the target's own continuation of each prompt (or the dataset
 text with --continuation dataset), or online (the engine decodes with a full W-ary tree of
 depth D). Raw counts are kept so profiles can be merged. --out is rewritten atomically every
---save-every prompts; Ctrl-C keeps what was measured and --resume continues.
+--save-every prompts; Ctrl-C keeps what was measured and --resume continues (also with a
+larger --prompts: prompts are drawn so that the first k of n are the draw of k; the file
+records which prompts it measured and a resume that would not continue them is refused).
+Prompts longer than the model window minus the continuation are cut from the left (and
+continuations longer than half the window capped), with a warning. --out is never a file of
+another kind (a growmap, results).
 """
 
 LATENCY_DESCRIPTION = """\
@@ -84,7 +90,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     merge = sub.add_parser("merge", help="pool profiles by adding their counts",
                            description="Pool acceptance profiles of the same pair and settings "
                                        "(e.g. from several runs or machines) by adding their "
-                                       "raw counts; the intervals are recomputed.")
+                                       "raw counts; the intervals are recomputed. Profiles of "
+                                       "another target, draft, temperature/top-k/top-p/rule, "
+                                       "width, depth, mode or continuation are refused, and so "
+                                       "is the same file (or the same measurement) twice.")
     merge.add_argument("inputs", nargs="+", metavar="PROFILE", help="profiles with raw counts")
     merge.add_argument("--out", required=True, metavar="PATH", help="merged profile .json")
     merge.set_defaults(func=run_merge)
@@ -205,17 +214,29 @@ def acceptance_run(args):
 def measure_acceptance(args, pair, device, out: Path, progress: bool = True):
     """Load the prompts, run the profiler (``treeopt.pipeline.measure_acceptance``);
     returns (Profile, notes on the defaults used)."""
-    from treeopt.pipeline import load_prompt_set, measure_acceptance as measure
+    from treeopt.pipeline import measure_acceptance as measure
 
     if pair.drafter is None:
         raise UserError("acceptance profiling needs a --draft")
     notes = acceptance_defaults(args, device)
     run = acceptance_run(args)
-    prompts, _ = load_prompt_set(args.dataset, args.prompts, args.seed, args.categories)
+    prompts = select_prompts(args)
     profile = measure(pair, prompts, run, out=out, resume=getattr(args, "resume", False),
                       save_every=getattr(args, "save_every", 1), positions=args.positions,
                       progress=progress)
     return profile, notes
+
+
+def select_prompts(args):
+    """The --prompts prompts of --dataset (--categories) drawn with --seed, in draw order:
+    the same prompts as every other command draws, ordered so that the first k of a draw of
+    n are the draw of k. A --resume that asks for more prompts therefore continues with new
+    ones (the profiler checks the measured ones are the same, by content)."""
+    from treeopt.evaluate.datasets import select
+    from treeopt.pipeline import load_prompt_set
+
+    every, name = load_prompt_set(args.dataset, None, args.seed, args.categories)
+    return select(every, n=args.prompts, seed=args.seed, source=name, order="draw")
 
 
 def describe_acceptance(profile) -> str:
@@ -245,6 +266,7 @@ def run_acceptance(args: argparse.Namespace) -> int:
         raise UserError(f"--out {out.name}: acceptance profiles are written as .json")
     if out.exists() and not args.resume:
         _check_overwrite(out)
+        check_profile_out(out)
     check_acceptance_args(args)
     pair, device = load_models(args)
     try:
@@ -275,6 +297,14 @@ def _check_overwrite(out: Path) -> None:
     if isinstance(d, dict) and d.get("acceptance"):
         raise UserError(f"{out} already holds an acceptance profile; pass --resume to continue "
                         "it, or choose another --out")
+
+
+def check_profile_out(out: Path) -> None:
+    """Refuse (one line) an output path holding a file that is not a treeopt profile (a
+    growmap, eval results, ...), before any model is loaded."""
+    from treeopt.profile.model import check_replaceable
+
+    check_replaceable(out)
 
 
 def run_latency(args: argparse.Namespace) -> int:
@@ -336,6 +366,12 @@ def run_merge(args: argparse.Namespace) -> int:
 
     if len(args.inputs) < 2:
         raise UserError("merge needs at least two profiles")
+    for i, a in enumerate(args.inputs):
+        for b in args.inputs[:i]:
+            if _same_file(a, b):
+                raise UserError(f"{a} is given twice (as {b} and {a}); pooling a profile with "
+                                "itself counts every position twice")
+    check_profile_out(Path(args.out))
     profiles = [Profile.load(p) for p in args.inputs]
     merged = profiles[0]
     for other in profiles[1:]:
@@ -346,3 +382,10 @@ def run_merge(args: argparse.Namespace) -> int:
     print(f"merged {len(profiles)} profiles ({n} positions): {merged.summary()}")
     print(f"profile: {args.out}")
     return 0
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)

@@ -11,7 +11,7 @@ def register(subparsers) -> None:
         description="Write speed-up and tokens-per-step bars by method and category, accepted "
                     "length histograms, acceptance heat maps by depth and rank, expected vs "
                     "measured tokens per step, tree pictures, and report.md / report.html.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", help="a folder written by treeopt eval, or its results.json")
     p.add_argument("--out", required=True, help="folder for the plots and the page")
     p.add_argument("--profile", default=None,

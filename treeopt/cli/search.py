@@ -1,19 +1,19 @@
-"""``treeopt search``: find the tree shape with the most tokens per step (or per second).
+"""treeopt search: find the tree shape with the most tokens per step (or per second).
 
-Fixed size (``--budget N``): the exact DP's best tree of N nodes (or at most N with
-``--at-most``). No ``--budget`` and a latency table in the profile: the hardware-aware choice
-of size and height (``treeopt.search.hardware``), over every size up to ``--max-size`` or
-only the measured ones (``--measured-sizes-only``). ``--method optuna``: an Optuna search
-seeded with the DP's trees. The work is ``treeopt.search_tree`` / ``treeopt.pipeline.
-optuna_tree``; this command parses, calls and prints.
+Fixed size (--budget N): the exact DP's best tree of N nodes (or at most N with --at-most).
+No --budget and a latency table in the profile: the hardware-aware choice of size and height,
+over every size up to --max-size or only the measured ones (--measured-sizes-only).
+--method optuna: an Optuna search seeded with the DP's trees, for objectives the DP cannot
+model (measured or replayed decoding); several workers may share one --storage, and a trial
+whose worker was killed is marked failed (and its tree retried) by the next worker.
 
-Units: sizes count nodes, root included. Height: ``--max-levels L`` counts levels with the
-root (Sequoia's max_depth; a chain of N nodes needs N levels), ``--max-depth D`` counts edges
-(D = L - 1); the default is 12 levels. Draft cost: ``per-level`` (what treeopt's engine runs;
-the default of every command) or ``sequoia``.
+Units: sizes count nodes, root included. Height: --max-levels L counts levels with the root
+(Sequoia's max_depth; a chain of N nodes needs N levels), --max-depth D counts edges
+(D = L - 1); the default is 12 levels. Draft cost: per-level (what treeopt's engine runs;
+the default of every command) or sequoia.
 
-Limits: --budget, --max-size and the height are at most MAX_TREE_NODES (treeopt.limits); the
-default --max-size (the largest latency point) is clamped to it. Every output path (--out,
+Limits: --budget, --max-size and the height are at most MAX_TREE_NODES, the tree-size cap;
+the default --max-size (the largest latency point) is clamped to it. Every output path (--out,
 --picture, --table) is checked before the search runs: a known suffix, and no input or file of
 another kind in the way.
 """
@@ -88,12 +88,14 @@ def add_optuna_arguments(parser: argparse.ArgumentParser) -> None:
                         "latency for model/replay, measured for engine). Default: speed when "
                         "latency is known or with engine, else tokens")
     g.add_argument("--trials", type=int, default=None,
-                   help="trials to run in this process (default 200; 20 for engine)")
+                   help="trials this process finishes, complete or pruned; failed ones are "
+                        "replaced (default 200; 20 for engine)")
     g.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
     g.add_argument("--study-name", help="study to create or continue (default: from the "
                                         "output file name)")
-    g.add_argument("--storage", help="Optuna storage URL or SQLite file path (default: "
-                                     "<out>.optuna.db beside the growmap)")
+    g.add_argument("--storage", help="Optuna storage URL or SQLite file path, shared by "
+                                     "workers (default: <out>.optuna.db beside the "
+                                     "growmap)")
     g.add_argument("--seed", type=int, default=0, help="sampler seed (give each worker its own)")
     g.add_argument("--worker", help="label recorded on this process's trials")
     g.add_argument("--target", help="replay/engine: target model spec")

@@ -1,21 +1,22 @@
-"""``treeopt tune``: profile a pair, search the best tree for this machine, save everything.
+"""treeopt tune: profile a pair, search the best tree for this machine, save everything.
 
   treeopt tune --target smollm2 --draft early-exit:4 --dataset spec_bench --out-dir runs/ee4
 
-Steps (``treeopt.tune``): acceptance profile (teacher-forced along the target's own
-continuations) -> latency profile (target tree forwards and draft levels, on this device) ->
-hardware-aware DP choice of size and height, exactly what ``treeopt search`` does on the
-profile written here (optionally refined with Optuna, ``--optuna-trials``) -> ``profile.json``,
-``tree.pt`` (Sequoia-compatible growmap), ``tree.json``, ``tree.png`` and ``summary.json`` in
-``--out-dir``. Without a GPU the defaults are small (a few minutes on a laptop CPU for
-SmolLM2-135M) and the output says which defaults were used. Re-running with ``--resume``
-continues an interrupted acceptance profile (Ctrl-C keeps what was measured and says so).
+Steps: acceptance profile (teacher-forced along the target's own continuations) -> latency
+profile (target tree forwards and draft levels, on this device) -> hardware-aware DP choice of
+size and height, exactly what `treeopt search` does on the profile written here (optionally
+refined with Optuna, --optuna-trials) -> profile.json, tree.pt (Sequoia-compatible growmap),
+tree.json, tree.png and summary.json in --out-dir. Without a GPU the defaults are small (a
+few minutes on a laptop CPU for SmolLM2-135M); the first line says which defaults are used,
+and progress bars on stderr follow the acceptance prompts and the latency runs (--quiet hides
+them). Re-running with --resume continues an interrupted acceptance profile (Ctrl-C keeps
+what was measured and says so).
 
 Latency is timed with the sizes interleaved, 10 timed runs per point on CPU too (a stable
 median needs them); a noisy point (IQR above 25 % of its median) or a curve that falls as
 the size grows is reported with what to do. The hardware-aware choice prices sizes at the
 latency curve's non-decreasing envelope and says when the chosen size lies beyond the
-measured sizes; ``--measured-sizes-only`` chooses among the measured sizes only. The largest
+measured sizes; --measured-sizes-only chooses among the measured sizes only. The largest
 size considered (default: the largest timed size) is at most MAX_TREE_NODES.
 """
 
@@ -80,7 +81,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--optuna-trials", type=int, default=0, metavar="N",
                    help="refine the DP choice with N Optuna trials on predicted tokens/s "
                         "(default 0: DP only)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars (acceptance prompts, latency runs) on stderr")
     parser.set_defaults(func=run)
     return parser
 
@@ -100,6 +102,16 @@ def run(args: argparse.Namespace) -> int:
     if args.optuna_trials < 0:
         raise UserError(f"--optuna-trials must be >= 0, got {args.optuna_trials}")
     profile_path = Path(args.out_dir) / "profile.json"
+    from treeopt.decode.models import resolve_device
+    from treeopt.pipeline import tune_defaults
+
+    device = resolve_device(args.device)
+    defaults = tune_defaults(device, n_prompts=args.prompts,
+                             max_new_tokens=args.max_new_tokens, tokens=tokens,
+                             context=args.context, repeats=args.repeats, warmup=args.warmup)
+    if defaults:  # said before the profiling starts, not after it
+        print(f"defaults on {device.type} (smaller samples without a GPU): "
+              f"{'; '.join(defaults)}", flush=True)
     try:
         run_ = treeopt.tune(
             args.target, args.draft, args.dataset, out_dir=args.out_dir, resume=args.resume,
@@ -127,9 +139,6 @@ def report(run_) -> None:
 
     for note in run_.warnings:
         print(f"warning: {note}", file=sys.stderr)
-    if run_.defaults:
-        print(f"defaults on {run_.latency.meta.get('device_type', 'this device')} (smaller "
-              f"samples without a GPU): {'; '.join(run_.defaults)}")
     print(f"acceptance ({run_.seconds['acceptance']:.0f} s): {describe_acceptance(run_.profile)}")
     print(f"{describe_latency(run_.latency)}  ({run_.seconds['latency']:.0f} s)")
     tree, pred = run_.tree, run_.prediction

@@ -98,8 +98,18 @@ def list_categories(prompts: Iterable[Prompt]) -> list[str]:
 
 
 def select(prompts: list[Prompt], categories: Sequence[str] | str | None = None,
-           n: int | None = None, seed: int = 0, source: str = "dataset") -> list[Prompt]:
-    """Filter by category and draw ``n`` prompts, stratified across categories."""
+           n: int | None = None, seed: int = 0, source: str = "dataset",
+           order: str = "dataset") -> list[Prompt]:
+    """Filter by category and draw ``n`` prompts, stratified across categories.
+
+    The draw is one fixed sequence per (prompts, seed): each category's prompts shuffled with
+    ``seed``, then taken round-robin over the categories (equal shares, leftovers to the
+    categories with more prompts); ``n`` prompts are its first ``n``. ``order="dataset"``
+    (default) returns them in dataset order; ``order="draw"`` in draw order, which is
+    prefix-stable: the first k of a draw of n are the draw of k (what a resumed run that
+    asks for more prompts needs). Both orders select the same prompts."""
+    if order not in ("dataset", "draw"):
+        raise DatasetError(f"order must be 'dataset' or 'draw', got {order!r}")
     if isinstance(categories, str):
         categories = [c.strip() for c in categories.split(",") if c.strip()]
     if categories:
@@ -110,10 +120,18 @@ def select(prompts: list[Prompt], categories: Sequence[str] | str | None = None,
                                f"available: {', '.join(known)}")
         wanted = set(categories)
         prompts = [p for p in prompts if p.category in wanted]
-    if n is None or n >= len(prompts):
-        return list(prompts)
-    if n < 1:
+    if n is not None and n < 1 and n < len(prompts):
         raise DatasetError(f"number of prompts must be at least 1, got {n}")
+    if order == "dataset" and (n is None or n >= len(prompts)):
+        return list(prompts)
+    chosen = _draw(prompts, len(prompts) if n is None else min(n, len(prompts)), seed)
+    if order == "dataset":
+        chosen = sorted(chosen)
+    return [prompts[i] for i in chosen]
+
+
+def _draw(prompts: list[Prompt], n: int, seed: int) -> list[int]:
+    """Indices of the first ``n`` prompts of the stratified draw, in draw order."""
     rng = random.Random(seed)
     by_cat: dict[str, list[int]] = {}
     for i, p in enumerate(prompts):
@@ -128,7 +146,7 @@ def select(prompts: list[Prompt], categories: Sequence[str] | str | None = None,
             if len(chosen) < n and pos[c] < len(idx):
                 chosen.append(idx[pos[c]])
                 pos[c] += 1
-    return [prompts[i] for i in sorted(chosen)]
+    return chosen
 
 
 # ---------------------------------------------------------------------------- shipped data

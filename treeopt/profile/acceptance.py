@@ -38,12 +38,25 @@ ranks per step from ``DecodeStats.steps``: exactly what decoding sees, at decodi
 Profiles are written incrementally (atomically) every few prompts with the prompt index, so an
 interrupted run keeps what it measured and ``resume=True`` continues from the file. Each
 prompt's random draws depend only on (seed, prompt index), so a resumed run gives the same
-counts as an uninterrupted one.
+counts as an uninterrupted one. The meta records a content hash of every measured prompt
+(``prompt_hashes``); a resume goes on only when the measured prompts are exactly the first
+ones it is given (so no prompt is counted twice or skipped), and refuses with one line
+otherwise. A file that is not a treeopt profile is never overwritten.
+
+Model window. Before measuring, every prompt and its continuation are fitted into the
+smallest position window of the models (``max_position_embeddings``, GPT-2's ``n_positions``):
+continuations longer than half the window are capped there and longer prompts cut from the
+left (``fit_window``), with a warning saying how many prompts and tokens, recorded in
+``meta["window"]``; no position past the window is run or measured.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +66,11 @@ import torch
 
 from treeopt.errors import TreeoptError
 from treeopt.limits import integer, parse_json, show_number
-from treeopt.profile.model import write_json_atomic
+from treeopt.profile.model import (
+    JSON_FORMAT,
+    check_replaceable,
+    write_json_atomic,
+)
 
 
 MODES = ("teacher-forced", "online")
@@ -565,7 +582,11 @@ def measure_prompt(target, draft, prompt_ids: Sequence[int], run: AcceptanceRun,
     return count_ranks(ranks, run.width, run.depth, start, empty)
 
 
-def _resume_state(path: Path, run: AcceptanceRun, n_prompts: int) -> tuple[RankCounts, int, float]:
+def _resume_state(path: Path, run: AcceptanceRun,
+                  hashes: Sequence[str]) -> tuple[RankCounts, int, float]:
+    """Counts, prompts done and seconds stored in ``path``, after checking that it was
+    measured with ``run``'s settings on prompts whose content hashes (``prompt_hash``) are
+    the first ones of ``hashes``: a resume never counts a prompt twice or skips one."""
     from treeopt.profile import Profile
 
     prof = Profile.load(path)
@@ -584,9 +605,21 @@ def _resume_state(path: Path, run: AcceptanceRun, n_prompts: int) -> tuple[RankC
         return integer(meta.get(key, 0), f"--resume: {path.name}: meta.{key}", AcceptanceError)
 
     done = count("prompts_done")
-    if done > n_prompts:
+    if done > len(hashes):
         raise AcceptanceError(f"--resume: {path.name} already covers {done} prompts but only "
-                              f"{n_prompts} were given; pass the same prompts")
+                              f"{len(hashes)} were given; pass the same prompts")
+    recorded = meta.get("prompt_hashes")
+    if not (isinstance(recorded, list) and len(recorded) == done
+            and all(isinstance(h, str) for h in recorded)):
+        raise AcceptanceError(f"--resume: {path.name} does not record which prompts were "
+                              "measured (written by an older treeopt or edited), so continuing "
+                              "could count prompts twice or skip some; use another --out")
+    for i, (was, now) in enumerate(zip(recorded, hashes)):
+        if was != now:
+            raise AcceptanceError(f"--resume: prompt {i + 1} of this selection is not the one "
+                                  f"measured in {path.name} (its first {done} prompts must be "
+                                  "the same: same --dataset, --categories, --seed and chat "
+                                  "template); use another --out")
     seconds = meta.get("seconds", 0.0)
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or \
             not 0 <= seconds <= 1e12:
@@ -606,7 +639,9 @@ def _resume_state(path: Path, run: AcceptanceRun, n_prompts: int) -> tuple[RankC
 
 def write_atomic(profile, path: Path) -> None:
     """Save a profile atomically (``Profile.save``); a latency section the existing ``.json``
-    file holds is kept when the profile has none."""
+    file holds is kept when the profile has none. An existing file of another kind (a
+    growmap, results, any JSON that is not a treeopt profile, a binary file) is never
+    replaced: one-line ``ProfileError``. Permissions are ordinary (``atomic_write``)."""
     path = Path(path)
     if path.suffix.lower() != ".json" or getattr(profile, "latency", None) is not None:
         profile.save(path)
@@ -614,11 +649,86 @@ def write_atomic(profile, path: Path) -> None:
     doc = profile.to_dict()
     try:
         old = parse_json(path.read_text(), AcceptanceError)
-    except (OSError, UnicodeDecodeError, AcceptanceError):
+    except UnicodeDecodeError:  # binary: a torch growmap, a picture, ...
+        check_replaceable(path)
+        old = None
+    except (OSError, AcceptanceError):
         old = None  # nothing (readable) to keep: the profile replaces it
+    if old is not None and not (isinstance(old, dict) and old.get("format") == JSON_FORMAT):
+        check_replaceable(path)  # a growmap, results, any JSON that is not a profile: refused
     if isinstance(old, dict) and old.get("latency"):
         doc["latency"] = old["latency"]
     write_json_atomic(path, doc)
+
+
+def prompt_hash(prompt_ids: Sequence[int]) -> str:
+    """A short content hash of one prompt's token ids (recorded per measured prompt in the
+    profile's meta, ``prompt_hashes``, so a resume can check it continues the same prompts)."""
+    blob = json.dumps([int(t) for t in prompt_ids], separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def model_window(*models) -> int | None:
+    """The smallest position window (``max_position_embeddings``, GPT-2's ``n_positions``)
+    of the given models or drafters (a drafter's model is used; model-free drafters and
+    models without one are skipped); None when none is known."""
+    limits = []
+    for m in models:
+        config = getattr(m, "config", None)
+        if config is None:
+            config = getattr(getattr(m, "model", None), "config", None)
+        for key in ("max_position_embeddings", "n_positions"):
+            value = getattr(config, key, None) if config is not None else None
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                limits.append(value)
+                break
+    return min(limits) if limits else None
+
+
+def fit_window(prompts: Sequence[Sequence[int]], run: "AcceptanceRun", window: int | None
+               ) -> tuple[list[list[int]], "AcceptanceRun", dict]:
+    """Fit every prompt and its continuation into the model window, so no position past it is
+    ever run or measured: (prompts, the run to measure with, what was cut).
+
+    Along a continuation (the target's, or online decoding) a prompt of L tokens and T new
+    tokens use positions 0..L+T-1: the continuation is capped at half the window (only when
+    --max-new-tokens exceeds that) and longer prompts keep their last window - T tokens (a
+    left cut: the end the continuation follows stays). Along the dataset text the text itself
+    is cut to its last ``window`` tokens. The dict (``meta["window"]``): limit,
+    max_new_tokens (used), prompts_cut, prompt_tokens_cut; empty when no window is known."""
+    prompts = [list(p) for p in prompts]
+    if window is None:
+        return prompts, run, {}
+    tokens = run.max_new_tokens
+    if run.mode == "teacher-forced" and run.continuation == "dataset":
+        keep = window
+    else:
+        tokens = min(tokens, window // 2)
+        keep = window - tokens
+        if tokens < 2:
+            raise AcceptanceError(f"the model window ({window} positions) is too small to "
+                                  "measure a continuation of at least 2 tokens")
+    cut = [max(0, len(p) - keep) for p in prompts]
+    fitted = [p[c:] for p, c in zip(prompts, cut)]
+    measured = run if tokens == run.max_new_tokens else \
+        dataclasses.replace(run, max_new_tokens=tokens)
+    info = {"limit": window, "max_new_tokens": tokens,
+            "prompts_cut": sum(1 for c in cut if c), "prompt_tokens_cut": sum(cut)}
+    return fitted, measured, info
+
+
+def window_note(window: dict, n_prompts: int, run: "AcceptanceRun") -> str:
+    """One line: what ``fit_window`` cut to fit the model window."""
+    parts = []
+    if window.get("max_new_tokens", run.max_new_tokens) < run.max_new_tokens:
+        parts.append(f"continuations capped at {window['max_new_tokens']} tokens (half the "
+                     f"window; --max-new-tokens {run.max_new_tokens})")
+    if window.get("prompts_cut"):
+        n = window["prompts_cut"]
+        parts.append(f"{n} prompt{'s' if n != 1 else ''} of {n_prompts} cut from the left "
+                     f"({window['prompt_tokens_cut']} tokens in all)")
+    return (f"the model window is {window['limit']} positions: " + "; ".join(parts)
+            + "; nothing past the window is measured")
 
 
 def profile_acceptance(target, draft, prompts: Sequence[Sequence[int]], run: AcceptanceRun, *,
@@ -641,19 +751,30 @@ def profile_acceptance(target, draft, prompts: Sequence[Sequence[int]], run: Acc
     path = Path(out) if out is not None else None
     total = RankCounts(run.width, run.depth)
     done, seconds = 0, 0.0
+    hashes = [prompt_hash(p) for p in prompts]
     if resume:
         if path is None or not path.exists():
             raise AcceptanceError("--resume needs an existing --out profile to continue")
-        total, done, seconds = _resume_state(path, run, len(prompts))
+        total, done, seconds = _resume_state(path, run, hashes)
+    elif path is not None:
+        check_replaceable(path)  # never measure for minutes and then refuse to write
+    prompts, measured, window = fit_window(prompts, run, model_window(target, draft))
+    if window.get("prompts_cut") or window.get("max_new_tokens", run.max_new_tokens) \
+            < run.max_new_tokens:
+        print(f"treeopt profile: warning: {window_note(window, len(prompts), run)}",
+              file=sys.stderr, flush=True)
 
     def snapshot(n_done: int, secs: float):
         meta = {"kind": "acceptance", "settings": run.meta(), "prompts_done": n_done,
-                "prompts_total": len(prompts), "positions": total.positions,
+                "prompts_total": len(prompts), "prompt_hashes": hashes[:n_done],
+                "positions": total.positions,
                 "steps": sum(total.depth_counts[0]) + total.depth_none[0],
                 "no_candidate": total.empty,
                 "no_candidate_steps": total.step_empty,
                 "seconds": round(secs, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "treeopt_version": _version()}
+        if window:
+            meta["window"] = dict(window)
         return total.to_profile(meta)
 
     bar = None
@@ -666,8 +787,8 @@ def profile_acceptance(target, draft, prompts: Sequence[Sequence[int]], run: Acc
     counted = done
     try:
         for index in range(done, len(prompts)):
-            counts = measure_prompt(target, draft, prompts[index], run, index, eos_token_id,
-                                    traces)
+            counts = measure_prompt(target, draft, prompts[index], measured, index,
+                                    eos_token_id, traces)
             total.add(counts)
             counted = index + 1
             if bar is not None:

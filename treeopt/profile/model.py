@@ -322,7 +322,14 @@ class Profile:
     def merge(self, other: "Profile") -> "Profile":
         """Pool two profiles of the same pair by adding raw counts (both need counts and the
         same width). Per-depth counts are pooled depth by depth when both have them and
-        dropped otherwise. Latency is kept from ``self`` (else ``other``)."""
+        dropped otherwise. Latency is kept from ``self`` (else ``other``).
+
+        Refused (one line): profiles whose recorded settings differ in any of
+        ``MERGE_KEYS`` (target, draft, temperature, top-k, top-p, rule, width, depth, mode,
+        continuation; top-k/top-p/rule are ignored when both are greedy), a profile with
+        settings and one without, and the same measurement twice (same prompt record and
+        counts). The merged meta keeps the settings and both prompt records, so the next
+        merge is checked too."""
         if self.counts is None or other.counts is None:
             which = "first" if self.counts is None else "second"
             raise ProfileError(f"cannot merge: the {which} profile has no raw counts "
@@ -330,6 +337,11 @@ class Profile:
         if self.width != other.width:
             raise ProfileError(f"cannot merge profiles of width {self.width} and "
                                f"{other.width}; profile both with the same width")
+        _check_same_setting(self.meta, other.meta)
+        if _measurement(self) == _measurement(other):
+            raise ProfileError("cannot merge: both profiles hold the same measurement (the same "
+                               "prompts and counts); pooling it twice would count every "
+                               "position twice")
         counts = [a + b for a, b in zip(self.counts, other.counts)]
         none_count = self.none_count + other.none_count
         depth_counts = depth_none = None
@@ -346,6 +358,13 @@ class Profile:
                 depth_none.append(an + bn)
         meta = {"description": "merged profile (counts added)",
                 "merged_from": [dict(self.meta), dict(other.meta)]}
+        mine, theirs = _settings(self.meta), _settings(other.meta)
+        if mine is not None and theirs is not None:  # the next merge checks against these
+            meta["settings"] = {k: v for k, v in mine.items()
+                                if k in MERGE_KEYS or theirs.get(k) == v}
+        hashes = [_prompt_record(self.meta), _prompt_record(other.meta)]
+        if all(h is not None for h in hashes):
+            meta["prompt_hashes"] = hashes[0] + hashes[1]
         return Profile.from_counts(counts, none_count, depth_counts, depth_none, meta=meta,
                                    latency=self.latency or other.latency)
 
@@ -466,9 +485,10 @@ def write_json_atomic(path: str | Path, doc: Any) -> Path:
     return atomic_write(path, lambda fh: fh.write(text), binary=False)
 
 
-def _check_replaceable(path: Path) -> None:
+def check_replaceable(path: str | Path) -> None:
     """Refuse to overwrite an existing non-empty file that is not a profile: a growmap, a
     picture, anything else (``save`` would destroy it)."""
+    path = Path(path)
     if path.is_dir():
         raise ProfileError(f"{path}: is a folder, not a profile file")
     if not path.exists() or path.stat().st_size == 0:
@@ -491,6 +511,53 @@ def _check_replaceable(path: Path) -> None:
             kind = "a file that is not a Sequoia acceptance vector"
     raise ProfileError(f"{path}: refusing to overwrite {kind} with a profile; choose another "
                        "output path or remove the file")
+
+
+_check_replaceable = check_replaceable
+
+
+#: Settings (``meta["settings"]`` of a measured profile) that must agree for two profiles
+#: to be pooled: counts of another pair or sampling setting measure something else.
+MERGE_KEYS = ("target", "draft", "temperature", "top_k", "top_p", "rule", "width", "depth",
+              "mode", "continuation")
+#: Ignored when both profiles are greedy (they do not change the argmax).
+SAMPLING_ONLY = ("top_k", "top_p", "rule")
+
+
+def _settings(meta: Any) -> dict | None:
+    settings = meta.get("settings") if isinstance(meta, dict) else None
+    return settings if isinstance(settings, dict) else None
+
+
+def _prompt_record(meta: Any) -> list | None:
+    hashes = meta.get("prompt_hashes") if isinstance(meta, dict) else None
+    return list(hashes) if isinstance(hashes, list) else None
+
+
+def _check_same_setting(a_meta: dict, b_meta: dict) -> None:
+    a, b = _settings(a_meta), _settings(b_meta)
+    if a is None and b is None:
+        return  # hand-made profiles: nothing recorded to compare
+    if a is None or b is None:
+        which = "first" if a is None else "second"
+        raise ProfileError(f"cannot merge: the {which} profile does not record its settings "
+                           "(pair, sampling), so it cannot be shown to match the other")
+    missing = object()
+    greedy = a.get("temperature") == 0 and b.get("temperature") == 0
+    for key in MERGE_KEYS:
+        if greedy and key in SAMPLING_ONLY:
+            continue
+        x, y = a.get(key, missing), b.get(key, missing)
+        if x != y:
+            show = [("not recorded" if v is missing else show_number(v)) for v in (x, y)]
+            raise ProfileError(f"cannot merge: the profiles differ in {key} ({show[0]} vs "
+                               f"{show[1]}); pool only profiles of the same pair and settings")
+
+
+def _measurement(profile: "Profile") -> tuple:
+    """What makes two profiles the same measurement: the prompt record and every count."""
+    return (_prompt_record(profile.meta), profile.counts, profile.none_count,
+            profile.depth_counts, profile.depth_none)
 
 
 def wilson_interval(successes: int, total: int, z: float = 1.959963984540054

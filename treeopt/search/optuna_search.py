@@ -33,6 +33,13 @@ Objectives (all maximised, one value per instance reported with ``trial.report``
 Storage: any Optuna storage URL; a plain path means an SQLite file. Re-running with the same
 study name and storage continues the study (``load_if_exists``); several processes pointing
 at one storage share the study. The sampler is ``TPESampler(seed=...)``.
+
+Killed workers. A database storage records a heartbeat of every running trial
+(``HEARTBEAT_INTERVAL``); a trial whose heartbeat is older than ``GRACE_PERIOD`` (its worker
+was killed) is marked FAIL by the next worker, when it starts and before each of its trials
+(``optuna.storages.fail_stale_trials``), and its tree is queued once more. Only COMPLETE (and
+PRUNED) trials count: toward the trials a process was asked to run (a trial that fails, e.g.
+on a NaN score, is replaced) and in the counts a result reports.
 """
 
 from __future__ import annotations
@@ -53,6 +60,13 @@ from treeopt.tree import Tree
 
 OBJECTIVES = ("model", "replay", "engine")
 METRICS = ("tokens", "speed")
+# Heartbeats of running trials in a database storage (seconds): every HEARTBEAT_INTERVAL; a
+# RUNNING trial silent for GRACE_PERIOD is a killed worker's (generous: a live worker may wait
+# up to two minutes for an SQLite lock).
+HEARTBEAT_INTERVAL = 30
+GRACE_PERIOD = 300
+# Times a killed worker's trial is queued again (its tree may be what killed the worker).
+STALE_RETRIES = 1
 
 
 class OptunaSearchError(TreeoptError, ValueError):
@@ -250,7 +264,12 @@ class EngineObjective:
 # ---------------------------------------------------------------------------- the study
 @dataclass
 class OptunaResult:
-    """Best tree found and the baseline (DP) tree, scored by the same objective."""
+    """Best tree found and the baseline (DP) tree, scored by the same objective.
+
+    ``trials``: the study's finished trials (COMPLETE or PRUNED; ``complete`` of them ran in
+    full, ``pruned`` were stopped early). ``failed``: the study's FAIL trials, not counted
+    (killed workers' trials, NaN scores). ``stale``: numbers of the killed workers' trials
+    this process marked FAIL."""
 
     tree: Tree
     value: float
@@ -264,12 +283,15 @@ class OptunaResult:
     complete: int
     pruned: int
     per_instance: list[float] = field(default_factory=list)
+    failed: int = 0
+    stale: list[int] = field(default_factory=list)
 
     def meta(self) -> dict:
         return {"method": "optuna", "objective": self.objective, "metric": self.metric,
                 "score": self.value, "dp_score": self.baseline_value,
                 "dp_tree": self.baseline.to_parents(), "study": self.study_name,
-                "trials": self.trials, "complete": self.complete, "pruned": self.pruned}
+                "trials": self.trials, "complete": self.complete, "pruned": self.pruned,
+                "failed": self.failed}
 
 
 def resolve_storage(storage: str | None, default: str | os.PathLike) -> str:
@@ -337,21 +359,46 @@ def resolve_storage(storage: str | None, default: str | os.PathLike) -> str:
     return target
 
 
-def _storage(url: str | None):
-    """Optuna storage for ``url`` (None = in memory). SQLite files wait for locks, and the
-    first-time schema creation is retried when another worker creates it at the same time."""
+def _storage(url: str | None, heartbeat_interval: int = HEARTBEAT_INTERVAL,
+             grace_period: int = GRACE_PERIOD, on_stale: Callable | None = None):
+    """Optuna storage for ``url`` (None = in memory). A database storage records heartbeats
+    (a killed worker's RUNNING trial is failed once silent for ``grace_period`` seconds and
+    queued again ``STALE_RETRIES`` times; ``on_stale(study, trial)`` is told). SQLite files
+    wait for locks, and the first-time schema creation is retried when another worker creates
+    it at the same time."""
+    import inspect
     import time
 
     import optuna
 
-    if url is None or not url.startswith("sqlite:"):
-        return url
+    if url is None:
+        return None
+    storages = optuna.storages
+    retry_cls = getattr(storages, "RetryHeartbeatStaleTrialCallback", None) or \
+        storages.RetryFailedTrialCallback
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = retry_cls(max_retry=STALE_RETRIES)
+
+    def stale(study, trial) -> None:
+        retry(study, trial)
+        if on_stale is not None:
+            on_stale(study, trial)
+
+    params = inspect.signature(storages.RDBStorage).parameters
+    callback_arg = ("heartbeat_stale_trial_callback"
+                    if "heartbeat_stale_trial_callback" in params else "failed_trial_callback")
+    kwargs = {"heartbeat_interval": int(heartbeat_interval), "grace_period": int(grace_period),
+              callback_arg: stale}
+    if url.startswith("sqlite:"):
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}
     for attempt in range(5):
         try:
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs={"connect_args": {"timeout": 120}})
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return storages.RDBStorage(url, **kwargs)
         except Exception:  # a concurrent worker created the schema first
-            if attempt == 4:
+            if attempt == 4 or not url.startswith("sqlite:"):
                 raise
             time.sleep(0.5 * (attempt + 1))
 
@@ -369,7 +416,9 @@ def run_search(objective, *, width: int, max_size: int, levels: int, n_trials: i
                seeds: Sequence[Tree] = (), baseline: Tree | None = None, seed: int = 0,
                study_name: str = "treeopt", storage: str | None = None,
                timeout: float | None = None, worker: str | None = None,
-               settings: dict | None = None, pruning: bool = True) -> OptunaResult:
+               settings: dict | None = None, pruning: bool = True,
+               heartbeat_interval: int = HEARTBEAT_INTERVAL,
+               grace_period: int = GRACE_PERIOD) -> OptunaResult:
     """Run (or continue) a study maximising ``objective`` over trees.
 
     ``objective`` has ``instances`` and ``score(tree, index) -> float``; a trial's value is
@@ -378,7 +427,13 @@ def run_search(objective, *, width: int, max_size: int, levels: int, n_trials: i
     several instances. ``seeds`` are enqueued (skipped when already in the study);
     ``baseline`` (default: the first seed) is scored beside the best. ``settings`` is stored
     with a new study and must match when an existing one is continued. ``storage``: an
-    Optuna storage URL (see ``resolve_storage``) or None for an in-memory study."""
+    Optuna storage URL (see ``resolve_storage``) or None for an in-memory study.
+
+    ``n_trials``: trials this process finishes (COMPLETE or PRUNED; a trial that fails is
+    replaced). A killed worker's trial, silent for ``grace_period`` seconds (heartbeats every
+    ``heartbeat_interval``), is marked FAIL here and its tree queued once more."""
+    import time
+
     import numpy as np
     import optuna
 
@@ -397,9 +452,15 @@ def run_search(objective, *, width: int, max_size: int, levels: int, n_trials: i
         pruner = optuna.pruners.WilcoxonPruner(p_threshold=0.1) if multi and pruning \
             else optuna.pruners.NopPruner()
     sampler = optuna.samplers.TPESampler(seed=seed)
-    study = optuna.create_study(study_name=study_name, storage=_storage(storage),
+    stale: list[int] = []
+    store = _storage(storage, heartbeat_interval, grace_period,
+                     on_stale=lambda study, trial: stale.append(trial.number))
+    study = optuna.create_study(study_name=study_name, storage=store,
                                 sampler=sampler, pruner=pruner, direction="maximize",
                                 load_if_exists=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # killed workers' trials, before counting
     want = fingerprint(width=width, max_size=max_size, levels=levels,
                        objective=getattr(objective, "name", "?"), **(settings or {}))
     have = study.user_attrs.get("fingerprint")
@@ -418,9 +479,12 @@ def run_search(objective, *, width: int, max_size: int, levels: int, n_trials: i
     cache: dict[tuple[Tree, int], float] = {}
 
     def score(tree: Tree, i: int) -> float:
-        if (tree, i) not in cache:
-            cache[(tree, i)] = float(objective.score(tree, i))
-        return cache[(tree, i)]
+        if (tree, i) in cache:
+            return cache[(tree, i)]
+        value = float(objective.score(tree, i))
+        if math.isfinite(value):  # a NaN fails its trial; scoring it again may work
+            cache[(tree, i)] = value
+        return value
 
     def trial_objective(trial) -> float:
         tree = tree_from_trial(trial, width, max_size, levels)
@@ -448,11 +512,30 @@ def run_search(objective, *, width: int, max_size: int, levels: int, n_trials: i
                 return _mean(values)
         return _mean(values)
 
-    if n_trials > 0 or timeout:
-        study.optimize(trial_objective, n_trials=n_trials or None, timeout=timeout,
-                       gc_after_trial=False)
+    State = optuna.trial.TrialState
+    counted = (State.COMPLETE, State.PRUNED)
+    finished = [0]  # trials this process finished (COMPLETE or PRUNED)
 
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    def count(study, trial) -> None:
+        if trial.state in counted:
+            finished[0] += 1
+
+    if n_trials > 0 or timeout:
+        end = None if not timeout else time.monotonic() + timeout
+        while True:
+            left = None if end is None else end - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            want = n_trials - finished[0] if n_trials > 0 else None
+            before = finished[0]
+            study.optimize(trial_objective, n_trials=want, timeout=left, gc_after_trial=False,
+                           callbacks=[count])
+            # done, or a round whose every trial failed (no point in repeating it)
+            if want is None or finished[0] >= n_trials or finished[0] == before:
+                break
+
+    trials = study.trials
+    done = [t for t in trials if t.state == State.COMPLETE]
     full = [t for t in done if not t.user_attrs.get("pruned") and "parents" in t.user_attrs]
     if not full:
         raise OptunaSearchError("the study has no complete trial yet; run more --trials")
@@ -463,5 +546,9 @@ def run_search(objective, *, width: int, max_size: int, levels: int, n_trials: i
     return OptunaResult(tree=best_tree, value=float(best.value), baseline=baseline,
                         baseline_value=base_value, objective=getattr(objective, "name", "?"),
                         metric=getattr(objective, "metric", "?"), study_name=study_name,
-                        storage=storage, trials=len(study.trials), complete=len(full),
-                        pruned=len(done) - len(full), per_instance=per)
+                        storage=storage,
+                        trials=sum(t.state in counted for t in trials), complete=len(full),
+                        pruned=len(done) - len(full) + sum(t.state == State.PRUNED
+                                                           for t in trials),
+                        per_instance=per, failed=sum(t.state == State.FAIL for t in trials),
+                        stale=stale)
