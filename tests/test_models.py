@@ -303,3 +303,35 @@ def test_smollm2_loads_and_caches(monkeypatch):
     assert tok.chat_template
     draft = early_exit_draft(model, 4)
     check_vocab(model, draft, tok, tok)
+
+
+def test_damaged_or_hostile_model_folders_give_one_line(tmp_path, monkeypatch):
+    """A truncated safetensors file and a pickle that weights_only refuses are one-line
+    ModelErrors, never tracebacks or code execution."""
+    import pickle
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no safetensors-conversion request for .bin
+
+    model = tiny_causal_lm("llama")
+    folder = tmp_path / "cut"
+    model.save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(ModelError) as exc:
+        load_model(str(folder), device="cpu")
+    assert "damaged or unsafe" in str(exc.value) and "\n" not in str(exc.value)
+
+    hostile = tmp_path / "hostile"
+    model.save_pretrained(hostile, safe_serialization=False)
+    for f in hostile.glob("*.safetensors"):
+        f.unlink()
+
+    class Boom:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    with open(hostile / "pytorch_model.bin", "wb") as fh:
+        pickle.dump({"model.embed_tokens.weight": Boom()}, fh)
+    with pytest.raises(ModelError) as exc:
+        load_model(str(hostile), device="cpu")
+    assert "damaged or unsafe" in str(exc.value)

@@ -211,10 +211,25 @@ def resolve_spec(spec: str | os.PathLike) -> str:
     return text
 
 
+def _damaged_folder_error(exc: Exception) -> bool:
+    """Errors that a damaged or hostile model folder raises while loading (a corrupt
+    safetensors file, a pickle that weights_only refuses, a malformed config)."""
+    import pickle
+
+    return isinstance(exc, (pickle.UnpicklingError, ValueError, RuntimeError, EOFError,
+                            KeyError, TypeError)) or type(exc).__name__ == "SafetensorError"
+
+
 def _from_pretrained(loader, name: str, what: str, **kw):
     try:
         return loader.from_pretrained(name, local_files_only=True, **kw)
-    except OSError as exc:
+    except Exception as exc:
+        if os.path.isdir(name) and not isinstance(exc, OSError) and _damaged_folder_error(exc):
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"cannot load {what} from folder {name!r}: its files are damaged "
+                             f"or unsafe ({type(exc).__name__}: {first[:160]})") from None
+        if not isinstance(exc, OSError):
+            raise
         if os.path.isdir(name):
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"cannot load {what} from folder {name!r}: {first[:200]}") from None
