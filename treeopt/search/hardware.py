@@ -254,6 +254,12 @@ class StepCost(NamedTuple):
         return self.draft_ms + self.verify_ms
 
 
+def average_step(step, empty_rate: float, plain: float):
+    """Average cost of a speculative step when a fraction ``empty_rate`` of steps propose
+    nothing and cost one plain forward ``plain`` instead of ``step`` (floats or arrays)."""
+    return empty_rate * plain + (1 - empty_rate) * step
+
+
 def step_cost(tree: Tree, latency, draft_cost: str = DEFAULT_DRAFT_COST,
               empty_rate: float = 0.0) -> StepCost:
     """Draft and verify time of one step with ``tree`` (averaged over steps when a fraction
@@ -266,7 +272,7 @@ def step_cost(tree: Tree, latency, draft_cost: str = DEFAULT_DRAFT_COST,
     d_ms = draft_ms(tree, latency, draft_cost)
     v_ms = float(target(tree.size))
     if tree.size > 1 and empty_rate:
-        d_ms, v_ms = (1 - empty_rate) * d_ms, empty_rate * plain + (1 - empty_rate) * v_ms
+        d_ms, v_ms = (1 - empty_rate) * d_ms, average_step(v_ms, empty_rate, plain)
     return StepCost(d_ms, v_ms, plain)
 
 
@@ -384,7 +390,7 @@ def choose(profile_table, latency, max_size: int, max_levels: int,
         allowed[[t - 1 for t in _measured_sizes(latency, max_size) | {1}]] = True
     feasible = np.isfinite(F) & allowed[:, None]
     with np.errstate(invalid="ignore", divide="ignore"):
-        step_seq = e * plain + (1 - e) * (levels[None, :] * t1 + verify[:, None])
+        step_seq = average_step(levels[None, :] * t1 + verify[:, None], e, plain)
         step_seq[0, :] = verify[0]  # size 1 is plain decoding: no draft forward
         ratio_seq = np.where(feasible, step_seq / F, np.inf)
 
@@ -401,7 +407,7 @@ def choose(profile_table, latency, max_size: int, max_levels: int,
                 tree = table.tree(n, l)
                 step = draft_ms(tree, env, draft_cost) + verify[n - 1]
                 if n > 1:
-                    step = e * plain + (1 - e) * step
+                    step = average_step(step, e, plain)
                 scored[(n, l)] = (step / float(F[n - 1, l - 1]), tree)
         return scored[(n, l)][0]
 
@@ -416,7 +422,7 @@ def choose(profile_table, latency, max_size: int, max_levels: int,
         deeper = np.ones_like(F, dtype=bool)
         deeper[:, 1:] = F[:, 1:] > F[:, :-1]  # a shallower limit reaches the same optimum
         with np.errstate(invalid="ignore", divide="ignore"):
-            lower = e * plain + (1 - e) * (levels[None, :] * tmin + verify[:, None])
+            lower = average_step(levels[None, :] * tmin + verify[:, None], e, plain)
             lower[0, :] = verify[0]  # size 1: no draft forward
             bound = np.where(feasible & deeper, lower / F, np.inf)
         order = np.argsort(bound, axis=None, kind="stable")
