@@ -121,11 +121,11 @@ def height_levels(args: argparse.Namespace) -> int | None:
 
 def _command_modules() -> list:
     """The sub-command modules, in the order ``treeopt --help`` lists them."""
-    from treeopt.cli import (bench, compare, datastore, eval, generate, profile, report, search,
-                             shapes, show, tune)
+    from treeopt.cli import (bench, chat, compare, datastore, eval, export, generate, models,
+                             profile, report, search, shapes, show, tune)
 
-    return [search, show, compare, shapes, generate, profile, tune, eval, report, bench,
-            datastore]
+    return [search, show, compare, shapes, generate, chat, profile, tune, eval, report, bench,
+            datastore, models, export]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -53,7 +53,8 @@ DEFAULT_CANDIDATE_SHAPE = Tree((-1, 0, 1, 2))
 # Modules that register drafters; imported on the first look-up so that the registry is
 # complete without importing every drafter at start-up.
 DRAFTER_MODULES = ("treeopt.decode.model_drafter", "treeopt.decode.ngram",
-                   "treeopt.decode.datastore")
+                   "treeopt.decode.datastore", "treeopt.decode.dynamic", "treeopt.decode.egag",
+                   "treeopt.decode.cascade")
 
 
 class DrafterError(TreeoptError, ValueError):

@@ -39,12 +39,16 @@ class DecodeError(TreeoptError, ValueError):
 @dataclass
 class StepStats:
     """One verification step: ``accepted`` draft tokens accepted by the rule (before any
-    EOS / max_new_tokens cut), their sibling ``ranks`` by depth (1 = top choice), and
-    ``tokens`` actually committed (accepted + bonus, after the cut)."""
+    EOS / max_new_tokens cut), their sibling ``ranks`` by depth (1 = top choice), ``tokens``
+    actually committed (accepted + bonus, after the cut), and the size of the verified tree:
+    ``nodes`` (root included; 1 = a plain decoding step) and ``depth`` (edges below the
+    root). Adaptive drafters change the last two from step to step."""
 
     accepted: int
     ranks: list[int]
     tokens: int
+    nodes: int = 1
+    depth: int = 0
 
 
 @dataclass
@@ -75,7 +79,8 @@ class DecodeStats:
         self.draft_forwards += proposal.forwards
         self.drafted_tokens += proposal.drafted
         self.accepted_tokens += len(path) - 1
-        self.steps.append(StepStats(len(path) - 1, ranks, committed))
+        self.steps.append(StepStats(len(path) - 1, ranks, committed, proposal.tree.size,
+                                    proposal.tree.depth))
 
     @property
     def tokens_per_step(self) -> float:

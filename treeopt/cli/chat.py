@@ -1,0 +1,5 @@
+"""``treeopt chat`` (being written)."""
+
+
+def register(sub) -> None:
+    """Not registered yet."""

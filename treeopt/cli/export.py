@@ -1,0 +1,5 @@
+"""``treeopt export`` (being written)."""
+
+
+def register(sub) -> None:
+    """Not registered yet."""

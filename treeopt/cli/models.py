@@ -1,0 +1,5 @@
+"""``treeopt models`` (being written)."""
+
+
+def register(sub) -> None:
+    """Not registered yet."""

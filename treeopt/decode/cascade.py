@@ -1,0 +1,1 @@
+"""Cascades of drafters (CS-Drafting): vertical, horizontal and fallback."""

@@ -1,0 +1,1 @@
+"""Dynamic per-step trees (EAGLE-2 style expansion and a per-step exact DP)."""

@@ -1,0 +1,1 @@
+"""Entropy-adaptive draft length (EGAG)."""
