@@ -31,7 +31,8 @@ from treeopt.errors import TreeoptError, UserError
 DEFAULT_TARGET = "smollm2"
 DEFAULT_DRAFT = "early-exit:4"
 
-__all__ = ["DEFAULT_DRAFT", "DEFAULT_TARGET", "TreeoptError", "UserError", "add_height_arguments",
+__all__ = ["DEFAULT_DRAFT", "DEFAULT_TARGET", "TreeoptError", "UserError",
+           "add_draft_variant_arguments", "add_height_arguments", "draft_spec_with_variant",
            "height_levels", "int_list", "main", "passive_openmp", "set_threads"]
 
 
@@ -75,6 +76,44 @@ def set_threads(threads: int | None) -> None:
     import torch
 
     torch.set_num_threads(int(threads))
+
+
+def add_draft_variant_arguments(parser) -> None:
+    """``--draft-quant {none,int8}``, ``--draft-vocab N``, ``--draft-vocab-corpus PATH``:
+    cheaper variants of a model --draft, appended to it as spec options by
+    :func:`draft_spec_with_variant` (``--draft X --draft-quant int8`` is the spec
+    ``X,quant=int8``; see ``treeopt.decode.cheap_drafts``)."""
+    group = parser.add_argument_group("cheaper drafts (lossless: the target is never touched)")
+    group.add_argument("--draft-quant", choices=["none", "int8"], default="none",
+                       help="int8: per-channel dynamic int8 linear layers in the --draft model "
+                            "(CPU, float32; same as the spec option quant=int8) "
+                            "(default: none)")
+    group.add_argument("--draft-vocab", type=int, default=None, metavar="N",
+                       help="the --draft model proposes only from the N most frequent tokens "
+                            "(its LM head shrinks; the target still verifies over the whole "
+                            "vocabulary; spec option vocab=N) (default: the full vocabulary)")
+    group.add_argument("--draft-vocab-corpus", default=None, metavar="PATH",
+                       help="text/.jsonl/.json file (or spec_bench, humaneval) whose token "
+                            "frequencies --draft-vocab ranks (default: the shipped Spec-Bench "
+                            "and HumanEval prompts)")
+
+
+def draft_spec_with_variant(args: argparse.Namespace) -> str | None:
+    """``args.draft`` with the options of ``--draft-quant`` / ``--draft-vocab`` /
+    ``--draft-vocab-corpus`` appended (unchanged when none is given); a drafter they cannot
+    apply to (none, a model-free drafter) is a one-line UserError."""
+    quant = getattr(args, "draft_quant", None) or "none"
+    vocab = getattr(args, "draft_vocab", None)
+    corpus = getattr(args, "draft_vocab_corpus", None)
+    if quant == "none" and vocab is None and corpus is None:
+        return args.draft
+    from treeopt.decode.cheap_drafts import DraftVariant, add_variant
+
+    try:
+        return add_variant(args.draft, DraftVariant(quant, vocab, corpus))
+    except TreeoptError as exc:
+        raise UserError(f"--draft {args.draft!r} with --draft-quant/--draft-vocab: {exc}"
+                        ) from None
 
 
 def add_height_arguments(parser, default_levels: int | None, what: str = "the search") -> None:

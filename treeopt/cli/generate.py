@@ -7,7 +7,8 @@ import json
 import sys
 import time
 
-from treeopt.cli import DEFAULT_DRAFT, DEFAULT_TARGET, THREADS_HELP, UserError, set_threads
+from treeopt.cli import (DEFAULT_DRAFT, DEFAULT_TARGET, THREADS_HELP, UserError,
+                         add_draft_variant_arguments, draft_spec_with_variant, set_threads)
 
 
 def register(subparsers) -> None:
@@ -27,8 +28,11 @@ def register(subparsers) -> None:
                         "layers), 'ngram[:min=,max=,k=,topk=,keep=]' (prompt lookup / n-gram "
                         "tree), 'datastore:PATH', 'bigram:PATH', or 'none' for plain "
                         f"autoregressive decoding (default: {DEFAULT_DRAFT})")
+    add_draft_variant_arguments(p)
     p.add_argument("--growmap", "--tree", dest="growmap", default=None,
-                   help="tree: a growmap file (.pt/.json) or a shape such as chain:5 (a chain "
+                   help="tree: a growmap file (.pt/.json), a tree set (.json: one tree per "
+                        "context range, picked by prompt tokens + max-new-tokens // 2) or a "
+                        "shape such as chain:5 (a chain "
                         "of size 5 = 4 drafted tokens per step), kary:2x3 or specinfer:1,2,1: "
                         "what a model drafter drafts, or the most an n-gram/datastore drafter "
                         "fills (default: the drafter's own: chain:5 for model drafters, "
@@ -104,7 +108,8 @@ def format_stats(stats, load_s: float) -> list[str]:
 def run(args) -> int:
     import torch
 
-    from treeopt.decode.api import generate, resolve_tree
+    from treeopt.decode.api import encode_prompt, generate, resolve_tree
+    from treeopt.treeset import TreeSet
     from transformers.utils import logging as hf_logging
 
     from treeopt.decode.models import cache_dir, load_pair, pending_conversion
@@ -114,6 +119,7 @@ def run(args) -> int:
     check_settings(args.temperature, args.top_k, args.top_p, args.rule)
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be >= 1")
+    args.draft = draft_spec_with_variant(args)
     set_threads(args.threads)
     prompt = read_prompt(args)
     tree = resolve_tree(args.growmap)
@@ -132,6 +138,14 @@ def run(args) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
+    picked = {}
+    if isinstance(tree, TreeSet) and pair.drafter is not None:
+        n = encode_prompt(pair.tokenizer, prompt, not args.no_chat_template).shape[1]
+        bucket, used = tree.pick(n, args.max_new_tokens)
+        picked = {"tree_bucket": bucket, "tree_nodes": used.size}
+        print(f"tree set: {n} prompt tokens + {args.max_new_tokens} // 2 new tokens -> "
+              f"contexts {tree.span(bucket)}: size {used.size}, depth {used.depth}",
+              file=sys.stderr)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     _, stats = generate(prompt, pair=pair, tree=tree if pair.drafter is not None else None,
@@ -143,7 +157,8 @@ def run(args) -> int:
     sys.stdout.flush()
     if args.stats_json:
         record = dict(stats.to_dict(), load_s=load_s, target=args.target, draft=args.draft,
-                      growmap=str(args.growmap) if pair.drafter is not None else None)
+                      growmap=str(args.growmap) if pair.drafter is not None else None,
+                      **picked)
         record.pop("steps", None)
         print(json.dumps(record), file=sys.stderr)
     else:

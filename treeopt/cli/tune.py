@@ -26,7 +26,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from treeopt.cli import UserError, add_height_arguments, height_levels
+from treeopt.cli import UserError, add_height_arguments, draft_spec_with_variant, height_levels
 from treeopt.cli.profile import (
     add_acceptance_arguments,
     add_model_arguments,
@@ -62,6 +62,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     lat.add_argument("--context", type=int,
                      help=f"cached prefix length (default {CPU_LATENCY['context']} on CPU, "
                           f"{GPU_LATENCY['context']} on GPU)")
+    lat.add_argument("--contexts", metavar="C1,C2,...",
+                     help="time several cached prefix lengths instead (e.g. 128,512,1024) and "
+                          "choose one tree per context range: treeset.json, used per prompt "
+                          "by its length wherever a tree is accepted")
     lat.add_argument("--repeats", type=int,
                      help=f"timed runs per point, sizes interleaved (default "
                           f"{CPU_LATENCY['repeats']} on CPU, {GPU_LATENCY['repeats']} on GPU)")
@@ -89,11 +93,15 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     import treeopt
-    from treeopt.profile.latency import parse_tokens
+    from treeopt.profile.latency import parse_contexts, parse_tokens
 
     check_acceptance_args(args)
     check_latency_args(args)
+    args.draft = draft_spec_with_variant(args)
     tokens = parse_tokens(args.tokens) if args.tokens is not None else None
+    contexts = parse_contexts(args.contexts) if args.contexts is not None else None
+    if contexts is not None and args.context is not None:
+        raise UserError("give --context N or --contexts C1,C2,..., not both")
     if args.max_size is not None:
         if args.max_size < 1:
             raise UserError(f"--max-size must be >= 1, got {args.max_size}")
@@ -108,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     defaults = tune_defaults(device, n_prompts=args.prompts,
                              max_new_tokens=args.max_new_tokens, tokens=tokens,
-                             context=args.context, repeats=args.repeats, warmup=args.warmup)
+                             context=args.context or (contexts[0] if contexts else None),
+                             repeats=args.repeats, warmup=args.warmup)
     if defaults:  # said before the profiling starts, not after it
         print(f"defaults on {device.type} (smaller samples without a GPU): "
               f"{'; '.join(defaults)}", flush=True)
@@ -120,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
             top_k=args.top_k, top_p=args.top_p, rule=args.rule, width=args.width,
             depth=args.depth, mode=args.mode, continuation=args.continuation, seed=args.seed,
             chat_template=not args.no_chat_template, tokens=tokens, context=args.context,
+            contexts=contexts,
             repeats=args.repeats, warmup=args.warmup, max_size=args.max_size,
             max_levels=levels, draft_cost=args.draft_cost,
             measured_sizes_only=args.measured_sizes_only, optuna_trials=args.optuna_trials,
@@ -153,6 +163,11 @@ def report(run_) -> None:
               "(use plain decoding); a better draft or a GPU changes that")
     for note in run_.notes:
         print(f"note: {note}")
+    if run_.treeset is not None:
+        print(f"tree set ({len(run_.treeset.buckets)} context ranges; a prompt uses the tree "
+              "of prompt tokens + max_new_tokens // 2; the tree above is the first range's):")
+        for line in run_.treeset.describe():
+            print(f"  {line}")
     if run_.optuna_note:
         print(run_.optuna_note)
     print("files: " + ", ".join(str(path) for path in run_.files.values()))

@@ -14,8 +14,11 @@ from typing import Sequence
 import torch
 
 from treeopt.decode.attention import check_cache, compact, forward_tree, new_cache
+from treeopt.decode.cheap_drafts import (apply_variant, proposable_tokens,
+                                         split_early_exit_options, split_model_options)
 from treeopt.decode.draft import draft_plan, draft_tree
 from treeopt.decode.drafter import Drafter, DrafterError, Proposal, register_drafter, root_only
+from treeopt.decode.models import _lm_head_rows
 from treeopt.decode.sampling import Sampling
 from treeopt.shapes import chain
 from treeopt.tree import Tree
@@ -52,13 +55,21 @@ class ModelDrafter(Drafter):
         device = next(target.parameters()).device
         if next(self.model.parameters()).device != device:
             raise DecodeError("target and draft are on different devices; load both on one")
-        vt = target.get_output_embeddings().weight.shape[0]
-        vd = self.model.get_output_embeddings().weight.shape[0]
+        vt, vd = _lm_head_rows(target), _lm_head_rows(self.model)
         if vt != vd:
             raise DecodeError(f"target vocabulary ({vt}) and draft vocabulary ({vd}) differ; "
                               "use a draft with the same tokenizer")
-        if self.shape.width > vd:
-            raise DecodeError(f"tree width {self.shape.width} exceeds the vocabulary size {vd}")
+        proposable = proposable_tokens(self.model)
+        width, what_width = self.children_per_node()
+        if width > proposable:
+            what = "vocabulary size" if proposable == vd else \
+                "draft's token subset (vocab=N)"
+            raise DecodeError(f"{what_width}{width} exceeds the {what} {proposable}")
+
+    def children_per_node(self) -> tuple[int, str]:
+        """The most children a node can get, and what to call that number in an error (a
+        fixed tree's width; subclasses growing their own trees say theirs)."""
+        return self.shape.width, "tree width "
 
     def start(self, prompt_ids: torch.Tensor) -> None:
         positions = torch.arange(prompt_ids.shape[1], device=prompt_ids.device)[None]
@@ -87,35 +98,50 @@ class ModelDrafter(Drafter):
                target_topk: torch.Tensor | None = None) -> None:
         """Keep, of the fed tree nodes, those on the accepted path (a prefix of path[1:]:
         all of it, or all but an accepted leaf the draft never expanded)."""
-        tree = self._tree
-        if tree is None or tree.size == 1:
+        fed_index = self.fed_index()
+        if fed_index is None:
             return
-        fed_index = draft_plan(tree, str(self.cache.layers[0].keys.device)).fed_index
         fed = [fed_index[v] for v in path[1:] if fed_index[v] >= 0]
         compact(self.cache, self._root_pos + 1, fed)
         self.cached = self._root_pos + 1 + len(fed)
 
+    def fed_index(self) -> Sequence[int] | None:
+        """Per node of the last proposal, its offset among the tokens the draft fed after the
+        root (-1 for nodes never fed), or None when nothing was fed (a root-only step)."""
+        tree = self._tree
+        if tree is None or tree.size == 1:
+            return None
+        return draft_plan(tree, str(self.cache.layers[0].keys.device)).fed_index
 
-@register_drafter("model", "a draft model: a folder, a .gguf file or a Hugging Face id")
+
+@register_drafter("model", "a draft model: a folder, a .gguf file or a Hugging Face id, "
+                           "[model:]SPEC[,quant=int8][,vocab=N][,vocab_corpus=PATH]")
 def _model(options: str, *, target, tokenizer, tree):
+    """``options``: the model spec with optional trailing variant options (see
+    ``treeopt.decode.cheap_drafts``: int8 weights, a head over the N most frequent tokens)."""
     from treeopt.decode.drafter import known_names
     from treeopt.decode.models import ModelError, check_vocab, load_model, load_tokenizer
 
+    spec, variant = split_model_options(options)
     try:
-        draft = load_model(options, dtype=target.dtype, device=target.device)
+        draft = load_model(spec, dtype=target.dtype, device=target.device)
     except ModelError as exc:
-        raise DrafterError(f"draft {options!r} is not a drafter ({known_names()}) and "
+        raise DrafterError(f"draft {spec!r} is not a drafter ({known_names()}) and "
                            f"cannot be loaded as a model: {exc}") from None
-    check_vocab(target, draft, tokenizer, load_tokenizer(options) if tokenizer else None)
+    draft_tokenizer = load_tokenizer(spec) if tokenizer or variant.vocab is not None else None
+    check_vocab(target, draft, tokenizer, draft_tokenizer if tokenizer else None)
+    draft = apply_variant(draft, variant, target=target, tokenizer=tokenizer or draft_tokenizer)
     return ModelDrafter(draft, tree)
 
 
 @register_drafter("early-exit", "the target's first K layers, final norm and LM head "
-                                "(early-exit:K)")
+                                "(early-exit:K[,quant=int8][,vocab=N][,vocab_corpus=PATH])")
 def _early_exit(options: str, *, target, tokenizer, tree):
+    """``options``: ``K`` with optional variant options; a variant is built on copies of the
+    shared modules, so the target is never changed."""
     from treeopt.decode.models import early_exit_draft
 
-    if not options.isdigit():
-        raise DrafterError(f"draft 'early-exit:{options}': early-exit takes a layer count, "
-                           "e.g. early-exit:4")
-    return ModelDrafter(early_exit_draft(target, int(options)), tree)
+    k, variant = split_early_exit_options(options)
+    draft = apply_variant(early_exit_draft(target, k), variant, target=target,
+                          tokenizer=tokenizer)
+    return ModelDrafter(draft, tree)
