@@ -281,6 +281,10 @@ def _read_json(path: Path) -> dict:
         raise GrowmapError(f"{path}: expected a JSON object with growmap keys, "
                            f"got {type(d).__name__}")
     fmt = d.get("format", JSON_FORMAT)
+    if fmt == "treeopt-treeset":  # treeopt.treeset: one tree per context range
+        raise GrowmapError(f"{path}: a tree set (one tree per context range), not a growmap; "
+                           "decoding (generate, eval --tree) takes it, other commands need "
+                           "one growmap (treeopt search --context N writes the tree for N)")
     if fmt != JSON_FORMAT:
         raise GrowmapError(f"{path}: 'format' is {fmt!r}, expected {JSON_FORMAT!r}")
     version = d.get("version", JSON_VERSION)

@@ -116,7 +116,9 @@ class SearchResult:
     l <= ``max_levels``. ``max_size``: the budget, or the largest size the sweep considered.
     ``notes``: one-line warnings (falling latency curves, extrapolated costs). ``meta``: what
     the growmap records. ``path``: the saved growmap, if any. ``optuna``: the study's result
-    (:func:`optuna_tree` only)."""
+    (:func:`optuna_tree` only). ``treeset``: with a latency table measured at several
+    contexts and no fixed budget, one tree per context bucket (``treeopt.treeset.TreeSet``;
+    ``tree`` is then its first bucket's, the choice at the smallest context), else None."""
 
     tree: Tree
     expected_tokens: float
@@ -133,6 +135,7 @@ class SearchResult:
     meta: dict = field(default_factory=dict)
     path: Path | None = None
     optuna: Any = None
+    treeset: Any = None
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the tree as a growmap (.pt, Sequoia-compatible, or .json) with ``meta``."""
@@ -147,7 +150,8 @@ def search_tree(profile, *, budget: int | None = None, at_most: bool = False,
                 max_size: int | None = None, draft_cost: str = DEFAULT_DRAFT_COST,
                 depth_aware: bool = True, measured_sizes_only: bool = False,
                 out: str | os.PathLike | None = None,
-                picture: str | os.PathLike | None = None) -> SearchResult:
+                picture: str | os.PathLike | None = None,
+                context: int | None = None) -> SearchResult:
     """The exact DP's best tree for ``profile`` (a Profile or a profile file).
 
     With ``budget``: the best tree of exactly ``budget`` nodes (at most, with ``at_most``).
@@ -156,7 +160,14 @@ def search_tree(profile, *, budget: int | None = None, at_most: bool = False,
     the largest measured latency point, clamped to ``MAX_TREE_NODES``), or only the measured
     sizes with ``measured_sizes_only``. Height: ``max_levels`` (root counted) or
     ``max_depth`` (edges); default ``DEFAULT_MAX_LEVELS`` levels. ``out`` saves the growmap,
-    ``picture`` draws it (.png/.svg/.pdf/.dot)."""
+    ``picture`` draws it (.png/.svg/.pdf/.dot).
+
+    Latency measured at several contexts (``treeopt.search.hardware``): ``context`` prices
+    every cost at that many cached tokens (interpolated between measured contexts); without
+    it the hardware-aware choice is made at every measured context and ``treeset`` holds one
+    tree per context bucket (``choose_per_context``; save it with
+    ``treeopt.treeset.save_treeset``), ``tree`` being the smallest context's."""
+    from treeopt.profile.latency import contexts_of
     from treeopt.search.dp import solve
     from treeopt.search.hardware import (choose, curve_notes, default_max_size,
                                          empty_step_rate, predict)
@@ -194,12 +205,27 @@ def search_tree(profile, *, budget: int | None = None, at_most: bool = False,
         sweep = max_size or default_max_size(latency)
         dp = solve(table_p, sweep, levels)
         choice = choose(table_p, latency, sweep, levels, draft_cost, table=dp, empty_rate=empty,
-                        measured_only=measured_sizes_only)
+                        measured_only=measured_sizes_only, context=context)
         tree, expected = choice.tree, choice.expected_tokens
         mode = "hardware-aware"
-    pred = predict(tree, table_p, latency, draft_cost, empty) if latency is not None else None
+    pred = predict(tree, table_p, latency, draft_cost, empty, context) \
+        if latency is not None else None
     notes = list(choice.notes) if choice is not None else (
         curve_notes(latency, tree, draft_cost) if latency is not None else [])
+    treeset = None
+    if choice is not None and context is None and len(contexts_of(latency)) > 1:
+        from treeopt.search.hardware import choose_per_context
+        from treeopt.treeset import from_choices
+
+        per = choose_per_context(table_p, latency, sweep, levels, draft_cost, table=dp,
+                                 empty_rate=empty, measured_only=measured_sizes_only)
+        set_meta = {"method": "dp", "mode": "hardware-aware per context",
+                    "draft_cost": draft_cost, "max_size": sweep, "max_levels": levels,
+                    "measured_sizes_only": bool(measured_sizes_only),
+                    "depth_aware": len(table_p) > 1}
+        if isinstance(profile, (str, os.PathLike)):
+            set_meta["profile"] = str(profile)
+        treeset = from_choices(per, set_meta)
 
     meta: dict = {"method": "dp", "mode": mode, "expected_tokens": expected,
                   "size": tree.size, "depth": tree.depth, "max_levels": levels,
@@ -213,10 +239,12 @@ def search_tree(profile, *, budget: int | None = None, at_most: bool = False,
     if pred is not None:
         meta.update(draft_cost=draft_cost, predicted_step_ms=pred.step_ms,
                     predicted_tokens_per_s=pred.tokens_per_s, predicted_speedup=pred.speedup)
+    if latency is not None and (context is not None or len(contexts_of(latency)) > 1):
+        meta["context"] = context if context is not None else latency.context
     result = SearchResult(tree=tree, expected_tokens=expected, prediction=pred, choice=choice,
                           table=dp, rank_table=table_p, profile=prof, mode=mode,
                           max_size=sweep, max_levels=levels, draft_cost=draft_cost,
-                          notes=notes, meta=meta)
+                          notes=notes, meta=meta, treeset=treeset)
     if out is not None:
         result.save(out)
     if picture is not None:
@@ -456,8 +484,9 @@ def tune_defaults(device, *, n_prompts: int | None = None, max_new_tokens: int |
 def latency_progress(enabled: bool = True):
     """A progress bar on stderr per latency curve (target, then draft) while
     ``treeopt.profile.latency.measure_latency`` runs: one step per forward (warm-up and timed
-    runs of every size), advanced between the timed calls so that it never runs inside a
-    timing. Nothing when ``enabled`` is false or the profiler has no timing loop to follow."""
+    runs of every point: a size, or a (context, size) pair with several contexts), advanced
+    between the timed calls so that it never runs inside a timing. Nothing when ``enabled``
+    is false or the profiler has no timing loop to follow."""
     import treeopt.profile.latency as latency_mod
 
     loop = getattr(latency_mod, "_interleaved", None)
@@ -470,7 +499,7 @@ def latency_progress(enabled: bool = True):
 
     def interleaved(calls, timer, repeats, warmup, after=None):
         bar = tqdm(total=len(calls) * (repeats + warmup), unit="run", dynamic_ncols=True,
-                   desc=f"latency {next(curves, 'curve')} ({len(calls)} sizes)")
+                   desc=f"latency {next(curves, 'curve')} ({len(calls)} points)")
 
         def done(i):
             if after is not None:
@@ -554,6 +583,7 @@ class TuneResult:
     files: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
+    treeset: Any = None  # one tree per context bucket, with ``contexts`` (else None)
 
 
 def _load_pair(target, draft, tokenizer, device, dtype):
@@ -586,6 +616,7 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
          depth: int = TUNE_ACCEPTANCE_DEPTH, mode: str = "teacher-forced",
          continuation: str = "target", seed: int = 0, chat_template: bool = True,
          tokens: Sequence[int] | str | None = None, context: int | None = None,
+         contexts: Sequence[int] | str | None = None,
          repeats: int | None = None, warmup: int | None = None, max_size: int | None = None,
          max_levels: int | None = None, max_depth: int | None = None,
          draft_cost: str = DEFAULT_DRAFT_COST, measured_sizes_only: bool = False,
@@ -611,7 +642,14 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
     tree. Ctrl-C keeps what was measured in ``profile.json``. ``summary.json`` is written
     atomically (``treeopt.limits.atomic_write``). ``progress``: progress bars on stderr for
     the acceptance prompts and the latency runs (:func:`latency_progress`); the defaults used
-    are known before any work (:func:`tune_defaults`)."""
+    are known before any work (:func:`tune_defaults`).
+
+    ``contexts`` (several cached prefix lengths, e.g. ``[128, 512, 1024]`` or
+    ``"128,512,1024"``, instead of the one ``context``): latency is timed at each, the tree
+    is chosen at each and ``treeset`` holds one tree per context bucket
+    (``treeopt.treeset``), written as ``treeset.json`` beside ``tree.pt`` (which holds the
+    smallest context's tree); decoding with the set picks each prompt's tree by its
+    length."""
     from treeopt.decode.models import resolve_device
     from treeopt.profile.acceptance import AcceptanceRun
 
@@ -631,6 +669,14 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
         from treeopt.profile.latency import parse_tokens
 
         tokens = parse_tokens(tokens)
+    if contexts is not None:
+        from treeopt.profile.latency import parse_contexts
+
+        contexts = parse_contexts(contexts if isinstance(contexts, str)
+                                  else ",".join(str(int(c)) for c in contexts))
+        if context is not None:
+            raise PipelineError(f"give context={context} or contexts={contexts}, not both")
+        context = contexts[0]
     out = Path(out_dir) if out_dir is not None else None
     profile_path = out / "profile.json" if out is not None else None
     if resume and profile_path is None:
@@ -682,9 +728,11 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
     with latency_progress(progress):
         latency = measure_latency(pair.target, pair.drafter, tokens=lat_settings["tokens"],
                                   context=lat_settings["context"],
+                                  contexts=contexts,
                                   repeats=lat_settings["repeats"],
                                   warmup=lat_settings["warmup"],
-                                  names={"target": _name(target), "draft": _name(draft)})
+                                  names={"target": _name(target), "draft": _name(draft)},
+                                  out=profile_path)
     if profile_path is not None:
         from treeopt.profile import Profile
 
@@ -752,6 +800,13 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
                                      title=f"{_name(target)} + {_name(draft)}: n={tree.size}")
         files["summary"] = out / "summary.json"
         summary.update(profile=profile_path.name, growmap=files["growmap"].name)
+    if found.treeset is not None:
+        summary["treeset"] = found.treeset.to_dict()["buckets"]
+        if out is not None:
+            from treeopt.treeset import save_treeset
+
+            files["treeset"] = save_treeset(found.treeset, out / "treeset.json")
+            summary["treeset_file"] = files["treeset"].name
     seconds["total"] = round(time.perf_counter() - t0, 1)
     summary["seconds"] = seconds
     if out is not None:
@@ -763,4 +818,4 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
                       prediction=pred, method=method, device=str(latency.meta.get("device")),
                       defaults=defaults, warnings=warnings, notes=notes,
                       optuna_note=optuna_note,
-                      files=files, seconds=seconds, summary=summary)
+                      files=files, seconds=seconds, summary=summary, treeset=found.treeset)

@@ -15,19 +15,24 @@ from treeopt.decode.models import ModelError, Pair, check_vocab, load_pair
 from treeopt.decode.sampling import Sampling
 from treeopt.errors import TreeoptError
 from treeopt.tree import Tree
+from treeopt.treeset import TreeSet, is_treeset_file, load_treeset
 
 
 class GenerateError(TreeoptError, ValueError):
     """Arguments to ``generate`` that do not fit together."""
 
 
-def resolve_tree(spec: Tree | str | os.PathLike | None) -> Tree | None:
+def resolve_tree(spec: Tree | TreeSet | str | os.PathLike | None) -> Tree | TreeSet | None:
     """A ``Tree`` from a Tree, a growmap file (.pt/.json), or a shape string such as
-    ``"chain:4"``, ``"kary:2x3"`` (see ``treeopt.shapes.from_name``); ``None`` stays None."""
-    if spec is None or isinstance(spec, Tree):
+    ``"chain:4"``, ``"kary:2x3"`` (see ``treeopt.shapes.from_name``); ``None`` stays None. A
+    tree set (``treeopt.treeset``: a TreeSet or its .json file) comes back as a TreeSet, whose
+    tree for a prompt :func:`tree_for_prompt` picks."""
+    if spec is None or isinstance(spec, (Tree, TreeSet)):
         return spec
     text = str(spec).strip()
     path = Path(text).expanduser()
+    if is_treeset_file(path):
+        return load_treeset(path)
     if path.is_file():
         from treeopt.growmap import load_growmap
 
@@ -35,6 +40,16 @@ def resolve_tree(spec: Tree | str | os.PathLike | None) -> Tree | None:
     from treeopt.shapes import from_name
 
     return from_name(text)
+
+
+def tree_for_prompt(tree: Tree | TreeSet | None, prompt_tokens: int, max_new_tokens: int
+                    ) -> Tree | None:
+    """The tree a prompt of ``prompt_tokens`` tokens decodes with: ``tree`` itself, or for a
+    tree set the tree of the prompt's bucket (``TreeSet.pick``: by prompt tokens +
+    max_new_tokens // 2)."""
+    if isinstance(tree, TreeSet):
+        return tree.pick(prompt_tokens, max_new_tokens)[1]
+    return tree
 
 
 # Prompts longer than this are cut to their last tokens when profiling and searching.
@@ -146,7 +161,8 @@ def as_drafter(draft: Drafter | str | os.PathLike | Any, target, tokenizer=None,
 
 def generate(prompt: str | Sequence[dict], *, pair: Pair | None = None, target=None, draft=None,
              tokenizer=None, growmap: Tree | str | os.PathLike | None = None,
-             tree: Tree | None = None, chat_template: bool = True, max_new_tokens: int = 128,
+             tree: Tree | TreeSet | None = None, chat_template: bool = True,
+             max_new_tokens: int = 128,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              rule: str = "sequoia", seed: int | None = None,
              on_text: Callable[[str], Any] | None = None):
@@ -159,7 +175,9 @@ def generate(prompt: str | Sequence[dict], *, pair: Pair | None = None, target=N
     ``draft=None`` decodes plain autoregressively (the same engine). The tree is ``tree`` or
     ``growmap`` (a growmap file or a shape string like ``"chain:5"``): what a model drafter
     drafts, or the most a candidate drafter (n-gram, datastore) fills; without either each
-    drafter uses its default (a chain of ``DEFAULT_CHAIN`` drafted tokens for models).
+    drafter uses its default (a chain of ``DEFAULT_CHAIN`` drafted tokens for models). A tree
+    set (``treeopt.treeset.TreeSet`` or its .json file) decodes the prompt with the tree of
+    its bucket, by prompt tokens + ``max_new_tokens // 2`` (:func:`tree_for_prompt`).
 
     The chat template is applied when the tokenizer has one (``chat_template=False`` feeds the
     raw text). ``temperature=0`` is greedy: the text equals the target's own greedy output;
@@ -201,9 +219,10 @@ def generate(prompt: str | Sequence[dict], *, pair: Pair | None = None, target=N
     if tokenizer is None:
         raise GenerateError("generate needs a tokenizer (the target's folder has none); "
                             "pass tokenizer=")
+    input_ids = encode_prompt(tokenizer, prompt, chat_template).to(target.device)
+    tree = tree_for_prompt(tree, input_ids.shape[1], max_new_tokens)
     drafter = as_drafter(draft, target, tokenizer, tree)
 
-    input_ids = encode_prompt(tokenizer, prompt, chat_template).to(target.device)
     stream = TextStream(tokenizer, on_text)
     eos = eos_ids(tokenizer, target)
     with torch.inference_mode():
@@ -214,4 +233,5 @@ def generate(prompt: str | Sequence[dict], *, pair: Pair | None = None, target=N
 
 
 __all__ = ["GenerateError", "ModelError", "generate", "encode_prompt", "encode_prompts",
-           "eos_ids", "resolve_tree", "as_drafter", "DEFAULT_CHAIN", "MAX_PROMPT_TOKENS"]
+           "eos_ids", "resolve_tree", "tree_for_prompt", "as_drafter", "DEFAULT_CHAIN",
+           "MAX_PROMPT_TOKENS"]

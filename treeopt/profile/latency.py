@@ -14,6 +14,36 @@ CPU timings need ``OMP_WAIT_POLICY=PASSIVE`` (set before torch is imported; the 
 command does it unless the user set it) or one thread: OpenMP's default spin-waiting makes
 timings meaningless when other processes are busy. ``timing_warnings`` flags points whose
 spread is comparable to their median and curves that fall as the size grows.
+
+Several contexts (``measure_latency(..., contexts=[128, 512, 1024])``, ``treeopt profile
+latency --contexts 128,512,1024``). A forward's cost grows with the cached prefix (attention
+reads it), and more so for multi-token forwards: one KV cache per context is prefilled, and
+every round times every (context, size) pair once, contexts ascending and sizes within each,
+so drift hits every context alike (the target's rounds first, then the draft's). After each
+timed round the table measured so far is written to ``out`` (atomically), so an interrupted
+run keeps every finished round of every context; such a file says so in
+``meta["partial"]`` (``{"target_repeats": r, "draft_repeats": r2, "of": repeats}``; the draft
+curves are absent until a draft round finished) and ``timing_warnings`` reports it. A
+context plus the largest size beyond the model window (``max_position_embeddings`` of the
+target or the draft model) is refused before anything is timed.
+
+File format of a multi-context table (an extension of the ``latency`` section that every
+reader of the single-context format still reads):
+
+    "latency": {"context": 128, "meta": {..., "curves_by_context": [
+                   {"context": 128, "target": {curve}, "draft": {curve}},
+                   {"context": 512, "target": {curve}, "draft": {curve}}, ...]},
+                "target": {curve}, "draft": {curve}}
+
+``context``, ``target`` and ``draft`` are the first (smallest) context's, exactly as a
+single-context table holds them, so older readers see a valid table measured at that
+context; ``meta.curves_by_context`` lists every measured context (the first included, equal
+to the keys above), ascending, each with its curves in the same curve format (``tokens``,
+``ms``, ``spread_ms``). The list lives in ``meta`` because ``meta`` is carried unchanged by
+every reader and writer of profiles (merging, acceptance re-profiling, ``Profile.save``),
+which therefore never drop contexts. A table without the key has one context.
+:func:`latencies_by_context` reads it (validated, one-line ``LatencyError`` otherwise) and
+``treeopt.search.hardware.latency_at`` prices any context from it.
 """
 
 from __future__ import annotations
@@ -50,6 +80,19 @@ def parse_tokens(spec: str) -> list[int]:
                            "e.g. 1,2,4,8") from None
     if not values or values[0] < 1:
         raise LatencyError(f"--tokens {spec!r} needs integers >= 1, e.g. 1,2,4,8")
+    return values
+
+
+def parse_contexts(spec: str) -> list[int]:
+    """``"128,512,1024"`` -> [128, 512, 1024] (sorted, unique, each >= 1): the cached prefix
+    lengths ``--contexts`` times curves at."""
+    try:
+        values = sorted({int(x) for x in spec.split(",") if x.strip()})
+    except ValueError:
+        raise LatencyError(f"--contexts {spec!r} is not a comma-separated list of integers, "
+                           "e.g. 128,512,1024") from None
+    if not values or values[0] < 1:
+        raise LatencyError(f"--contexts {spec!r} needs integers >= 1, e.g. 128,512,1024")
     return values
 
 
@@ -104,6 +147,19 @@ def _check_counts(context: int, repeats: int, warmup: int) -> None:
         raise LatencyError(f"--repeats must be >= 1 and --warmup >= 0, got {repeats} and {warmup}")
 
 
+def check_window(model, contexts: Sequence[int], tokens: Sequence[int]) -> None:
+    """One-line LatencyError when the largest context plus the largest size exceeds the
+    model's ``max_position_embeddings`` (nothing to check when the model has none)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit is None or not contexts or not tokens:
+        return
+    context, n = max(contexts), max(tokens)
+    if context + n > int(limit):
+        flag = "--contexts" if len(contexts) > 1 else "--context"
+        raise LatencyError(f"context {context} + {n} tokens exceeds the model's {limit} "
+                           f"positions; lower {flag} or --tokens")
+
+
 def _interleaved(calls: Sequence, timer, repeats: int, warmup: int, after=None
                  ) -> list[list[float]]:
     """Time each of ``calls`` ``repeats`` times, interleaved: ``warmup`` untimed rounds over
@@ -120,59 +176,126 @@ def _interleaved(calls: Sequence, timer, repeats: int, warmup: int, after=None
     return samples
 
 
+class _Rounds:
+    """Follows an :func:`_interleaved` loop from outside it: ``timer`` records every sample,
+    ``after`` runs the per-call hook and, once a timed round is complete, calls
+    ``on_round(samples so far)`` (one list of samples per call). The loop itself stays as it
+    is, so a progress display wrapping it keeps working."""
+
+    def __init__(self, timer, n_calls: int, warmup: int, after=None, on_round=None):
+        self.inner, self.n, self.warmup = timer, n_calls, warmup
+        self.hook, self.on_round = after, on_round
+        self.log: list[float] = []
+
+    def timer(self, fn) -> float:
+        ms = self.inner(fn)
+        self.log.append(ms)
+        return ms
+
+    def after(self, i: int) -> None:
+        if self.hook is not None:
+            self.hook(i)
+        done, rest = divmod(len(self.log), self.n)
+        if self.on_round is not None and rest == 0 and done > self.warmup:
+            timed = self.log[self.warmup * self.n:]
+            self.on_round([timed[i::self.n] for i in range(self.n)])
+
+
+def _split(samples: list[list[float]], groups: int) -> list[list[list[float]]]:
+    """Per-call samples of ``groups`` equal blocks of calls -> one block per group."""
+    k = len(samples) // groups
+    return [samples[g * k:(g + 1) * k] for g in range(groups)]
+
+
+def time_tree_forwards_by_context(model, tokens: Sequence[int], contexts: Sequence[int], *,
+                                  repeats: int = 10, warmup: int = 2, seed: int = 0,
+                                  on_round=None) -> list[list[list[float]]]:
+    """Milliseconds of one tree forward of n tokens after a c-token prefix, for each c in
+    ``contexts`` and n in ``tokens``: ``[context][size]`` lists of ``repeats`` samples. One
+    KV cache per context; every round times every (context, size) pair once (contexts in
+    the given order, sizes within each). ``on_round(samples)`` is called after each timed
+    round with the samples so far, in the same ``[context][size]`` layout."""
+    from treeopt.decode.attention import forward_tree, run_model
+
+    contexts = [int(c) for c in contexts]
+    for c in contexts:
+        _check_counts(c, repeats, warmup)
+    tokens = [int(n) for n in tokens]
+    check_window(model, contexts, tokens)
+    device = _device(model)
+    vocab = int(model.config.vocab_size)
+    gen = torch.Generator().manual_seed(seed)
+    from transformers import DynamicCache
+
+    timer = _Timer(device)
+    calls, crops = [], []
+    with torch.no_grad():
+        for context in contexts:
+            prefix = torch.randint(0, vocab, (1, context), generator=gen).to(device)
+            cache = DynamicCache(config=model.config)
+            run_model(model, prefix, cache)
+            for n in tokens:
+                buf = bushy_tree(n).buffers(device)
+                ids = torch.randint(0, vocab, (1, n), generator=gen).to(device)
+                pos = (buf.depth + context).unsqueeze(0)
+                calls.append(lambda ids=ids, pos=pos, mask=buf.mask, cache=cache:
+                             forward_tree(model, ids, pos, mask, cache))
+                crops.append(lambda cache=cache, n=n: cache.crop(-n))
+        rounds = _Rounds(timer, len(calls), warmup, lambda i: crops[i](),
+                         None if on_round is None
+                         else lambda s: on_round(_split(s, len(contexts))))
+        samples = _interleaved(calls, rounds.timer, repeats, warmup, after=rounds.after)
+    return _split(samples, len(contexts))
+
+
 def time_tree_forwards(model, tokens: Sequence[int], *, context: int = 256, repeats: int = 10,
                        warmup: int = 2, seed: int = 0) -> list[list[float]]:
     """Milliseconds of one tree forward of n tokens after a ``context``-token prefix, for each
     n in ``tokens``: ``repeats`` timed samples per n (after ``warmup`` untimed runs), the
     sizes interleaved (each round times every size once)."""
-    from treeopt.decode.attention import forward_tree, run_model
-
     _check_counts(context, repeats, warmup)
-    tokens = [int(n) for n in tokens]
-    device = _device(model)
-    vocab = int(model.config.vocab_size)
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and context + max(tokens) > int(limit):
-        raise LatencyError(f"context {context} + {max(tokens)} tokens exceeds the model's "
-                           f"{limit} positions; lower --context or --tokens")
-    gen = torch.Generator().manual_seed(seed)
-    prefix = torch.randint(0, vocab, (1, context), generator=gen).to(device)
-    from transformers import DynamicCache
+    return time_tree_forwards_by_context(model, tokens, [context], repeats=repeats,
+                                         warmup=warmup, seed=seed)[0]
 
-    cache = DynamicCache(config=model.config)
-    timer = _Timer(device)
+
+def time_proposals_by_context(drafter, tokens: Sequence[int], contexts: Sequence[int], *,
+                              vocab: int, repeats: int = 10, warmup: int = 2, seed: int = 0,
+                              on_round=None) -> list[list[list[float]]]:
+    """Milliseconds of one ``propose`` of a model-free drafter (n-gram, datastore, ...) that
+    fills one level of q candidates, after a c-token text, for each c in ``contexts`` and q
+    in ``tokens``: ``[context][size]`` sample lists, interleaved like
+    :func:`time_tree_forwards_by_context`. The text repeats a random 32-token phrase, so
+    lookups find matches and pay their full cost."""
+    from treeopt.decode.sampling import GREEDY
+    from treeopt.shapes import kary
+
+    contexts = [int(c) for c in contexts]
+    for c in contexts:
+        _check_counts(c, repeats, warmup)
+    gen = torch.Generator().manual_seed(seed)
+    phrase = torch.randint(0, vocab, (32,), generator=gen).tolist()
+    timer = _Timer(torch.device("cpu"))
     calls = []
-    for n in tokens:
-        buf = bushy_tree(n).buffers(device)
-        ids = torch.randint(0, vocab, (1, n), generator=gen).to(device)
-        pos = (buf.depth + context).unsqueeze(0)
-        calls.append(lambda ids=ids, pos=pos, mask=buf.mask: forward_tree(model, ids, pos, mask,
-                                                                          cache))
-    with torch.no_grad():
-        run_model(model, prefix, cache)
-        return _interleaved(calls, timer, repeats, warmup, after=lambda i: cache.crop(-tokens[i]))
+    for context in contexts:
+        text = (phrase * (context // 32 + 1))[:context]
+        for q in tokens:
+            level = drafter.reshaped(kary(q, 1))
+            level.start(torch.tensor([text], dtype=torch.int64))
+            calls.append(lambda level=level, text=text: level.propose(text, 1, GREEDY))
+    rounds = _Rounds(timer, len(calls), warmup, None,
+                     None if on_round is None else lambda s: on_round(_split(s, len(contexts))))
+    samples = _interleaved(calls, rounds.timer, repeats, warmup, after=rounds.after)
+    return _split(samples, len(contexts))
 
 
 def time_proposals(drafter, tokens: Sequence[int], *, vocab: int, context: int = 256,
                    repeats: int = 10, warmup: int = 2, seed: int = 0) -> list[list[float]]:
     """Milliseconds of one ``propose`` of a model-free drafter (n-gram, datastore, ...) that
     fills one level of q candidates, after a ``context``-token text, for each q in
-    ``tokens`` (interleaved like ``time_tree_forwards``). The text repeats a random 32-token
-    phrase, so lookups find matches and pay their full cost."""
-    from treeopt.decode.sampling import GREEDY
-    from treeopt.shapes import kary
-
+    ``tokens`` (interleaved like ``time_tree_forwards``)."""
     _check_counts(context, repeats, warmup)
-    gen = torch.Generator().manual_seed(seed)
-    phrase = torch.randint(0, vocab, (32,), generator=gen).tolist()
-    text = (phrase * (context // 32 + 1))[:context]
-    timer = _Timer(torch.device("cpu"))
-    calls = []
-    for q in tokens:
-        level = drafter.reshaped(kary(q, 1))
-        level.start(torch.tensor([text], dtype=torch.int64))
-        calls.append(lambda level=level: level.propose(text, 1, GREEDY))
-    return _interleaved(calls, timer, repeats, warmup)
+    return time_proposals_by_context(drafter, tokens, [context], vocab=vocab, repeats=repeats,
+                                     warmup=warmup, seed=seed)[0]
 
 
 def curve_from_samples(tokens: Sequence[int], samples: Sequence[Sequence[float]]):
@@ -209,84 +332,191 @@ def threading_settings(model=None, draft=None) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------- contexts
+# At most this many contexts in one table (a hand-made file claiming more is refused).
+MAX_CONTEXTS = 256
+
+
+def with_contexts(tables: Sequence, meta: dict | None = None):
+    """One ``Latency`` holding the tables (``Latency`` objects, one per context, each with its
+    ``context``) in the multi-context format of the module docstring: the smallest context's
+    curves at the top level, every context's in ``meta["curves_by_context"]``. ``meta``
+    defaults to the first table's. A single table comes back with ``meta`` and no list."""
+    from treeopt.profile import Latency
+
+    tables = sorted(tables, key=lambda t: -1 if t.context is None else t.context)
+    if not tables:
+        raise LatencyError("no latency table to combine")
+    contexts = [t.context for t in tables]
+    if len(tables) > 1 and (None in contexts or len(set(contexts)) != len(contexts)):
+        raise LatencyError(f"latency tables need distinct contexts to be combined, got "
+                           f"{contexts}")
+    if len({t.draft is None for t in tables}) > 1:
+        raise LatencyError("every context needs a draft curve, or none does")
+    first = tables[0]
+    meta = dict(first.meta if meta is None else meta)
+    meta.pop("curves_by_context", None)
+    if len(tables) > 1:
+        meta["context"] = first.context
+        meta["curves_by_context"] = [
+            {"context": t.context, "target": t.target.to_dict(),
+             **({"draft": t.draft.to_dict()} if t.draft is not None else {})} for t in tables]
+    return Latency(first.target, first.draft, first.context, meta)
+
+
+def latencies_by_context(latency) -> list:
+    """The single-context tables of ``latency``, one ``Latency`` per measured context,
+    ascending (each with the shared meta, without the list): ``[latency]`` for a
+    single-context table. A malformed ``curves_by_context`` is a one-line LatencyError."""
+    from treeopt.profile import Latency, LatencyCurve, ProfileError
+
+    meta = dict(getattr(latency, "meta", None) or {})
+    raw = meta.pop("curves_by_context", None)
+    if raw is None:
+        return [latency]
+    where = "latency meta 'curves_by_context'"
+    if not isinstance(raw, list) or not raw:
+        raise LatencyError(f"{where} must be a non-empty list of per-context curves")
+    if len(raw) > MAX_CONTEXTS:
+        raise LatencyError(f"{where} lists {len(raw)} contexts, more than the limit "
+                           f"{MAX_CONTEXTS}")
+    out = []
+    for i, entry in enumerate(raw):
+        if not isinstance(entry, dict) or "target" not in entry or "context" not in entry:
+            raise LatencyError(f"{where}[{i}] must be an object with 'context' and 'target'")
+        unknown = set(entry) - {"context", "target", "draft"}
+        if unknown:
+            raise LatencyError(f"{where}[{i}] has unknown field(s) {sorted(unknown)}")
+        c = entry["context"]
+        if isinstance(c, bool) or not isinstance(c, int) or c < 0:
+            raise LatencyError(f"{where}[{i}].context = {c!r} must be a non-negative integer")
+        if out and c <= out[-1].context:
+            raise LatencyError(f"{where} must list contexts in increasing order, but "
+                               f"{c} follows {out[-1].context}")
+        try:
+            target = LatencyCurve.from_dict(entry["target"], f"{where}[{i}].target")
+            draft = (LatencyCurve.from_dict(entry["draft"], f"{where}[{i}].draft")
+                     if entry.get("draft") is not None else None)
+        except ProfileError as exc:
+            raise LatencyError(str(exc)) from None
+        out.append(Latency(target, draft, c, dict(meta, context=c)))
+    if len({t.draft is None for t in out}) > 1:
+        raise LatencyError(f"{where}: every context needs a draft curve, or none does")
+    first = out[0]
+    same = (first.context == latency.context and first.target == latency.target
+            and first.draft == latency.draft)
+    if not same:
+        raise LatencyError(f"{where}[0] (context {first.context}) differs from the table's own "
+                           f"curves (context {latency.context}); they must be the same "
+                           "measurement: re-measure, or remove 'curves_by_context'")
+    return out
+
+
+def contexts_of(latency) -> list[int | None]:
+    """The contexts a latency table was measured at, ascending (one for a single-context
+    table: its ``context``, possibly None)."""
+    return [t.context for t in latencies_by_context(latency)]
+
+
 def timing_warnings(latency, noisy: float = NOISY_SPREAD,
                     fall: float = FALL_TOLERANCE) -> list[str]:
     """One line per problem with a measured latency table: points whose spread (IQR) exceeds
     ``noisy`` times their median, and curves that fall (a point more than ``fall`` below a
-    smaller size's median). Each line says what to do about it."""
-    cpu = (latency.meta or {}).get("device_type", "cpu") != "cuda"
+    smaller size's median), per context for a multi-context table (the line starts
+    "at context C:"), and a table whose measurement was interrupted (``meta["partial"]``).
+    Each line says what to do about it."""
+    meta = latency.meta or {}
+    cpu = meta.get("device_type", "cpu") != "cuda"
     fix = ("more --repeats (e.g. 20), --threads 1, or a quieter machine" if cpu
            else "more --repeats or a quieter GPU")
     out = []
-    for name, curve in (("target", latency.target), ("draft", latency.draft)):
-        if curve is None:
-            continue
-        spread = curve.spread_ms or [0.0] * len(curve.ms)
-        wide = [(n, ms, s) for n, ms, s in zip(curve.tokens, curve.ms, spread)
-                if ms > 0 and s > noisy * ms]
-        if wide:
-            pts = ", ".join(f"{n} tokens (IQR {s:.2f} of {ms:.2f} ms)" for n, ms, s in wide[:4])
-            more = f" and {len(wide) - 4} more sizes" if len(wide) > 4 else ""
-            out.append(f"{name} latency is noisy: the IQR exceeds {noisy:.0%} of the median at "
-                       f"{pts}{more}; re-measure with {fix}")
-        for i in range(1, len(curve.ms)):
-            j = max(range(i), key=lambda k: curve.ms[k])
-            if curve.ms[i] < curve.ms[j] * (1 - fall):
-                out.append(f"{name} latency falls: {curve.ms[j]:.2f} ms at {curve.tokens[j]} "
-                           f"tokens but {curve.ms[i]:.2f} ms at {curve.tokens[i]}; the "
-                           "hardware-aware choice prices sizes at the curve's non-decreasing "
-                           f"envelope; if this is noise, re-measure with {fix}")
-                break
+    partial = meta.get("partial")
+    if isinstance(partial, dict):
+        got = f"{partial.get('target_repeats', 0)} of {partial.get('of', '?')} timed repeats"
+        draft = partial.get("draft_repeats")
+        drafted = (f", draft {draft} of {partial.get('of', '?')}" if draft
+                   else ", draft not measured" if draft is not None else "")
+        out.append(f"the latency measurement was interrupted: the medians are of {got} "
+                   f"(target{drafted}); run treeopt profile latency again to measure it in "
+                   "full")
+    tables = latencies_by_context(latency)
+    for table in tables:
+        where = f"at context {table.context}: " if len(tables) > 1 else ""
+        for name, curve in (("target", table.target), ("draft", table.draft)):
+            if curve is None:
+                continue
+            spread = curve.spread_ms or [0.0] * len(curve.ms)
+            wide = [(n, ms, s) for n, ms, s in zip(curve.tokens, curve.ms, spread)
+                    if ms > 0 and s > noisy * ms]
+            if wide:
+                pts = ", ".join(f"{n} tokens (IQR {s:.2f} of {ms:.2f} ms)"
+                                for n, ms, s in wide[:4])
+                more = f" and {len(wide) - 4} more sizes" if len(wide) > 4 else ""
+                out.append(f"{where}{name} latency is noisy: the IQR exceeds {noisy:.0%} of "
+                           f"the median at {pts}{more}; re-measure with {fix}")
+            for i in range(1, len(curve.ms)):
+                j = max(range(i), key=lambda k: curve.ms[k])
+                if curve.ms[i] < curve.ms[j] * (1 - fall):
+                    out.append(f"{where}{name} latency falls: {curve.ms[j]:.2f} ms at "
+                               f"{curve.tokens[j]} tokens but {curve.ms[i]:.2f} ms at "
+                               f"{curve.tokens[i]}; the hardware-aware choice prices sizes at "
+                               "the curve's non-decreasing envelope; if this is noise, "
+                               f"re-measure with {fix}")
+                    break
     return out
 
 
 def measure_latency(target, draft=None, *, tokens: Sequence[int] = DEFAULT_TOKENS,
                     draft_tokens: Sequence[int] | None = None, context: int = 256,
-                    repeats: int = 10, warmup: int = 2, seed: int = 0,
-                    names: dict | None = None):
+                    contexts: Sequence[int] | None = None, repeats: int = 10, warmup: int = 2,
+                    seed: int = 0, names: dict | None = None, out=None):
     """Latency curves of the target (tree forward of n tokens) and, if given, the draft
     (forward of the q tokens one level expands; ``draft_tokens`` defaults to ``tokens``).
     ``draft`` is a draft model, a Drafter with a model, or a model-free Drafter, whose curve
     is the cost of proposing one level of q candidates (``time_proposals``).
 
+    ``contexts``: several cached prefix lengths (instead of the one ``context``), timed
+    interleaved with one cache each; the result is a multi-context table (module docstring).
+    Contexts beyond the model window are refused before anything is timed. ``out``: a
+    profile .json that receives the table measured so far after every timed round (see
+    :func:`write_latency`; checked before anything is timed) and the full table at the end.
+
     Returns ``treeopt.profile.Latency`` with meta: device, dtype, threading settings
-    (``threading_settings``), context, repeats, warmup, library versions and ``names`` (e.g.
-    the model specs)."""
+    (``threading_settings``), context (the first), repeats, warmup, library versions and
+    ``names`` (e.g. the model specs)."""
     import transformers
 
     from treeopt import __version__
+    from treeopt.decode.drafter import Drafter
     from treeopt.profile import Latency
 
     tokens = sorted({int(n) for n in tokens})
     if not tokens or tokens[0] < 1:
         raise LatencyError("token counts must be integers >= 1")
-    t0 = time.perf_counter()
-    target_curve = curve_from_samples(
-        tokens, time_tree_forwards(target, tokens, context=context, repeats=repeats,
-                                   warmup=warmup, seed=seed))
-    draft_curve = None
-    from treeopt.decode.drafter import Drafter
-
+    ctxs = [int(context)] if contexts is None else sorted({int(c) for c in contexts})
+    if not ctxs:
+        raise LatencyError("--contexts needs at least one context, e.g. 128,512,1024")
+    for c in ctxs:
+        _check_counts(c, repeats, warmup)
+    if len(ctxs) > MAX_CONTEXTS:
+        raise LatencyError(f"{len(ctxs)} contexts exceed the limit {MAX_CONTEXTS}")
     if isinstance(draft, Drafter) and getattr(draft, "model", None) is not None:
         draft = draft.model
-    if draft is not None:
-        dt = sorted({int(n) for n in (draft_tokens or tokens)})
-        if isinstance(draft, Drafter):
-            samples = time_proposals(draft, dt, vocab=int(target.config.vocab_size),
-                                     context=context, repeats=repeats, warmup=warmup,
-                                     seed=seed + 1)
-        else:
-            samples = time_tree_forwards(draft, dt, context=context, repeats=repeats,
-                                         warmup=warmup, seed=seed + 1)
-        draft_curve = curve_from_samples(dt, samples)
+    dt = sorted({int(n) for n in (draft_tokens or tokens)}) if draft is not None else []
+    check_window(target, ctxs, tokens)
+    if draft is not None and not isinstance(draft, Drafter):
+        check_window(draft, ctxs, dt)
+    if out is not None:
+        _profile_doc(Path(out))  # refuse a bad --out before minutes of timing
+    t0 = time.perf_counter()
     device = _device(target)
-    meta = {
+    base = {
         "device": device_name(device),
         "device_type": device.type,
         "dtype": str(_dtype(target)).replace("torch.", ""),
         **threading_settings(target, draft if draft is not None
                              and not isinstance(draft, Drafter) else None),
-        "context": context,
+        "context": ctxs[0],
         "repeats": repeats,
         "warmup": warmup,
         "statistic": "median ms; spread_ms = inter-quartile range",
@@ -294,24 +524,60 @@ def measure_latency(target, draft=None, *, tokens: Sequence[int] = DEFAULT_TOKEN
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "treeopt": __version__,
-        "seconds": round(time.perf_counter() - t0, 2),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     if draft is not None and not isinstance(draft, Drafter):
-        meta["draft_dtype"] = str(_dtype(draft)).replace("torch.", "")
+        base["draft_dtype"] = str(_dtype(draft)).replace("torch.", "")
     elif draft is not None:
-        meta["draft_kind"] = f"{draft.name} drafter (propose time per level of q candidates)"
-    meta.update(names or {})
-    return Latency(target=target_curve, draft=draft_curve, context=context, meta=meta)
+        base["draft_kind"] = f"{draft.name} drafter (propose time per level of q candidates)"
+    samples: dict = {"target": None, "draft": None}
+
+    def table(partial: bool):
+        meta = dict(base, seconds=round(time.perf_counter() - t0, 2),
+                    created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        if partial:
+            meta["partial"] = {"target_repeats": len(samples["target"][0][0]),
+                               "draft_repeats": (len(samples["draft"][0][0])
+                                                 if samples["draft"] else 0) if dt else None,
+                               "of": repeats}
+        meta.update(names or {})
+        tables = [Latency(curve_from_samples(tokens, samples["target"][i]),
+                          curve_from_samples(dt, samples["draft"][i]) if samples["draft"]
+                          else None, c, {}) for i, c in enumerate(ctxs)]
+        return with_contexts(tables, meta)
+
+    last = "draft" if draft is not None else "target"
+
+    def checkpoint(phase: str):
+        def keep(so_far):
+            samples[phase] = so_far
+            finished = phase == last and len(so_far[0][0]) == repeats  # written below
+            if out is not None and not finished:
+                write_latency(table(partial=True), out)
+        return keep
+
+    samples["target"] = time_tree_forwards_by_context(
+        target, tokens, ctxs, repeats=repeats, warmup=warmup, seed=seed,
+        on_round=checkpoint("target"))
+    if draft is not None:
+        if isinstance(draft, Drafter):
+            samples["draft"] = time_proposals_by_context(
+                draft, dt, ctxs, vocab=int(target.config.vocab_size), repeats=repeats,
+                warmup=warmup, seed=seed + 1, on_round=checkpoint("draft"))
+        else:
+            samples["draft"] = time_tree_forwards_by_context(
+                draft, dt, ctxs, repeats=repeats, warmup=warmup, seed=seed + 1,
+                on_round=checkpoint("draft"))
+    latency = table(partial=False)
+    if out is not None:
+        write_latency(latency, out)
+    return latency
 
 
-def write_latency(latency, out) -> Path:
-    """Write ``latency`` as the latency section of the profile file ``out``: replaced in place
-    when the file holds a profile (its acceptance is kept), else a latency-only file (format
-    treeopt-profile without an acceptance section; ``load_latency`` reads it)."""
-    from treeopt.profile.model import JSON_FORMAT, JSON_VERSION, write_json_atomic
+def _profile_doc(path: Path) -> dict:
+    """The profile document ``path`` holds (a fresh latency-only document when there is no
+    file); a one-line LatencyError when the path is no place for a latency table."""
+    from treeopt.profile.model import JSON_FORMAT, JSON_VERSION
 
-    path = Path(out)
     if path.suffix.lower() != ".json":
         raise LatencyError(f"--out {path.name}: latency is written into a .json profile")
     doc = {"format": JSON_FORMAT, "version": JSON_VERSION, "meta": {}}
@@ -326,12 +592,26 @@ def write_latency(latency, out) -> Path:
         if not isinstance(doc, dict) or doc.get("format") != JSON_FORMAT:
             raise LatencyError(f"{path} exists but is not a treeopt profile; choose another "
                                "--out")
+    return doc
+
+
+def write_latency(latency, out) -> Path:
+    """Write ``latency`` as the latency section of the profile file ``out``: replaced in place
+    when the file holds a profile (its acceptance is kept), else a latency-only file (format
+    treeopt-profile without an acceptance section; ``load_latency`` reads it). A
+    multi-context table is written in the format of the module docstring."""
+    from treeopt.profile.model import write_json_atomic
+
+    path = Path(out)
+    latencies_by_context(latency)  # a malformed multi-context table is never written
+    doc = _profile_doc(path)
     doc["latency"] = latency.to_dict()
     return write_json_atomic(path, doc)
 
 
 def load_latency(path):
-    """The latency section of a profile .json (also a latency-only file), or None."""
+    """The latency section of a profile .json (also a latency-only file), or None. A
+    multi-context table is checked (:func:`latencies_by_context`)."""
     from treeopt.profile import Latency
 
     try:
@@ -342,4 +622,9 @@ def load_latency(path):
                                                     f"({msg})"))
     if not isinstance(doc, dict) or doc.get("latency") is None:
         return None
-    return Latency.from_dict(doc["latency"])
+    latency = Latency.from_dict(doc["latency"])
+    try:
+        latencies_by_context(latency)
+    except LatencyError as exc:
+        raise LatencyError(f"{path}: {exc}") from None
+    return latency

@@ -54,6 +54,26 @@ at 8) is priced at the larger cost. :func:`choose` says so in ``Choice.notes`` w
 falls, and when the chosen size lies beyond the measured range (an extrapolation);
 ``measured_only=True`` restricts the choice to measured sizes (Sequoia's ``valid_budget``),
 so no chosen cost is interpolated or extrapolated.
+
+Latency that depends on the context (``context=`` in :func:`step_cost`, :func:`predict`,
+:func:`choose`; tables measured at several contexts, see ``treeopt.profile.latency``). A
+forward's cost grows with the tokens already cached, multi-token forwards more so, so the
+best tree for a long prompt can be smaller than for a short one. :func:`latency_at` gives
+the table for a context c, and every cost here is read from it, by the same code as for a
+single-context table: at a measured context, that context's curves; between two measured
+contexts c0 < c < c1, curves whose price at every size n is the linear interpolation in c of
+the two contexts' envelope prices, ``(1 - w) · E_c0(n) + w · E_c1(n)`` with
+``w = (c - c0) / (c1 - c0)`` (at every size measured at either context, so within the
+measured sizes every step cost interpolates linearly in c too); below the smallest or above
+the largest measured context, the nearest measured context's curves (clamped: never
+extrapolated in c; :func:`choose` says so in its notes). A single-context table is used for
+every context, and ``context=None`` means the table's first (smallest) context, which is
+what a reader of the single-context format sees.
+
+:func:`choose_per_context` makes the choice at every measured context and splits the context
+axis into buckets, one tree each: between two neighbouring measured contexts the boundary is
+where their two trees are predicted equally fast (both step costs are linear in c there, so
+the crossover is exact), and the first bucket starts at 0 and the last one has no end.
 """
 
 from __future__ import annotations
@@ -196,6 +216,7 @@ class Choice:
     plain_ms: float = float("nan")
     notes: list[str] = field(default_factory=list)
     measured_only: bool = False
+    context: int | None = None  # the context the choice was made for (None: the first)
 
 
 def _check_cost(draft_cost: str) -> None:
@@ -261,12 +282,14 @@ def average_step(step, empty_rate: float, plain: float):
 
 
 def step_cost(tree: Tree, latency, draft_cost: str = DEFAULT_DRAFT_COST,
-              empty_rate: float = 0.0) -> StepCost:
+              empty_rate: float = 0.0, context: int | None = None) -> StepCost:
     """Draft and verify time of one step with ``tree`` (averaged over steps when a fraction
     ``empty_rate`` of them propose nothing), read through the curves' non-decreasing
-    envelopes: the one cost every prediction and every search objective uses."""
+    envelopes: the one cost every prediction and every search objective uses. ``context``:
+    the cached tokens the step sees (:func:`latency_at`; None = the table's first context)."""
     _check_latency(latency)
     _check_empty(empty_rate)
+    latency = latency_at(latency, context)
     target = monotone(latency.target)
     plain = float(target(1))
     d_ms = draft_ms(tree, latency, draft_cost)
@@ -277,15 +300,16 @@ def step_cost(tree: Tree, latency, draft_cost: str = DEFAULT_DRAFT_COST,
 
 
 def predict(tree: Tree, profile_table, latency, draft_cost: str = DEFAULT_DRAFT_COST,
-            empty_rate: float = 0.0) -> Prediction:
+            empty_rate: float = 0.0, context: int | None = None) -> Prediction:
     """Step time, expected tokens, tokens/s and speed-up over plain decoding for any tree.
 
     profile_table: 1-D rank profile (W,) or depth-aware (R, W), as ``Tree.expected_tokens``.
     latency: ``treeopt.profile.Latency`` (``target(n)`` and optional ``draft(n)`` in ms),
     read through the curves' non-decreasing envelopes (see the module docstring).
     empty_rate: fraction of steps that propose nothing (see the module docstring); the draft
-    and verify times are then averages over all steps (:func:`step_cost`)."""
-    d_ms, v_ms, plain = step_cost(tree, latency, draft_cost, empty_rate)
+    and verify times are then averages over all steps (:func:`step_cost`). ``context``: the
+    cached tokens the step sees (:func:`latency_at`; None = the table's first context)."""
+    d_ms, v_ms, plain = step_cost(tree, latency, draft_cost, empty_rate, context)
     f = tree.expected_tokens(profile_table)
     step = d_ms + v_ms
     return Prediction(size=tree.size, depth=tree.depth, expected_tokens=f, draft_ms=d_ms,
@@ -353,7 +377,8 @@ def default_max_size(latency) -> int:
 
 def choose(profile_table, latency, max_size: int, max_levels: int,
            draft_cost: str = DEFAULT_DRAFT_COST, table: DPTable | None = None,
-           empty_rate: float = 0.0, measured_only: bool = False) -> Choice:
+           empty_rate: float = 0.0, measured_only: bool = False,
+           context: int | None = None) -> Choice:
     """Pick the (size, levels) with the most tokens/s; see the module docstring for the model.
 
     profile_table: 1-D (W,) or depth-aware (R, W) rank profile. ``max_levels`` counts levels
@@ -362,10 +387,14 @@ def choose(profile_table, latency, max_size: int, max_levels: int,
     ``measured_only``: consider only the sizes the target curve measured (and size 1, plain
     decoding), as Sequoia's ``valid_budget`` does, so the chosen size's verify cost is
     neither interpolated nor extrapolated. Latency is read through the curves'
-    non-decreasing envelopes; ``Choice.notes`` warns about falling curves and extrapolation."""
+    non-decreasing envelopes; ``Choice.notes`` warns about falling curves and extrapolation.
+    ``context``: the cached tokens the steps see (:func:`latency_at`; None = the table's
+    first context); ``Choice.context`` records it."""
     _check_cost(draft_cost)
     _check_latency(latency)
     _check_empty(empty_rate)
+    clamp_note = _clamp_note(latency, context)
+    latency = latency_at(latency, context)
     e = float(empty_rate)
     if table is None:
         table = solve(profile_table, max_size, max_levels)
@@ -457,4 +486,124 @@ def choose(profile_table, latency, max_size: int, max_levels: int,
     return Choice(size=n_best, levels=l_best, tree=tree, expected_tokens=pred.expected_tokens,
                   step_ms=pred.step_ms, tokens_per_s=pred.tokens_per_s, speedup=pred.speedup,
                   candidates=candidates, draft_cost=draft_cost, plain_ms=plain,
-                  notes=curve_notes(latency, tree, draft_cost), measured_only=measured_only)
+                  notes=curve_notes(latency, tree, draft_cost) + clamp_note,
+                  measured_only=measured_only, context=context)
+
+
+# ---------------------------------------------------------------------------- contexts
+def latency_at(latency, context: int | None = None):
+    """The single-context latency table for ``context`` cached tokens (see the module
+    docstring): a measured context's own table; between two measured contexts, curves whose
+    envelope prices interpolate linearly in the context; outside the measured contexts, the
+    nearest one's (clamped). ``context=None`` and single-context tables give ``latency``
+    itself."""
+    from treeopt.profile.latency import latencies_by_context
+
+    if context is None:
+        return latency
+    tables = latencies_by_context(latency)
+    if len(tables) == 1:
+        return latency
+    c = float(context)
+    if c <= tables[0].context:
+        return tables[0]
+    if c >= tables[-1].context:
+        return tables[-1]
+    hi = next(i for i, t in enumerate(tables) if t.context >= c)
+    a, b = tables[hi - 1], tables[hi]
+    if b.context == c:
+        return b
+    return _between(a, b, (c - a.context) / (b.context - a.context), context)
+
+
+def _between(a, b, w: float, context):
+    """The table ``w`` of the way from ``a`` to ``b``: at every size either measured, the
+    linear mix of the two envelopes' prices."""
+    from treeopt.profile import Latency, LatencyCurve
+
+    def mix(ca, cb):
+        if ca is None or cb is None:
+            return None
+        ea, eb = MonotoneCurve(ca), MonotoneCurve(cb)
+        sizes = sorted(set(ea.tokens) | set(eb.tokens))
+        return LatencyCurve(sizes, [(1 - w) * ea(n) + w * eb(n) for n in sizes])
+
+    meta = dict(a.meta, context=context, interpolated={"between": [a.context, b.context],
+                                                       "weight": w})
+    return Latency(mix(a.target, b.target), mix(a.draft, b.draft), int(round(context)), meta)
+
+
+def _clamp_note(latency, context) -> list[str]:
+    """A note when ``context`` lies outside the measured contexts of a multi-context table."""
+    if context is None:
+        return []
+    from treeopt.profile.latency import contexts_of
+
+    measured = contexts_of(latency)
+    if len(measured) < 2 or measured[0] <= context <= measured[-1]:
+        return []
+    near = measured[0] if context < measured[0] else measured[-1]
+    return [f"context {context} lies outside the measured contexts {measured[0]}..{measured[-1]}: "
+            f"priced with the curves measured at {near} (not extrapolated); measure it with "
+            "treeopt profile latency --contexts"]
+
+
+@dataclass
+class ContextChoice:
+    """One bucket of :func:`choose_per_context`: the tree chosen at the measured ``context``,
+    used for contexts ``start`` .. ``end`` - 1 (``end`` None: no end)."""
+
+    start: int
+    end: int | None
+    context: int
+    choice: Choice
+
+
+def ms_per_token(tree: Tree, profile_table, latency, draft_cost: str = DEFAULT_DRAFT_COST,
+                 empty_rate: float = 0.0, context: int | None = None) -> float:
+    """Predicted milliseconds per generated token with ``tree`` at ``context``
+    (step ms / expected tokens per step, :func:`predict`)."""
+    pred = predict(tree, profile_table, latency, draft_cost, empty_rate, context)
+    return pred.step_ms / pred.expected_tokens
+
+
+def crossover(a: Tree, b: Tree, profile_table, latency, c0: int, c1: int,
+              draft_cost: str = DEFAULT_DRAFT_COST, empty_rate: float = 0.0) -> int:
+    """The first context in ``c0 + 1 .. c1`` from which ``b`` is predicted faster than
+    ``a`` (``c1`` when it never is before ``c1``): both trees' ms per token are linear in the
+    context between two neighbouring measured contexts, so the crossing point is exact."""
+    d0 = (ms_per_token(a, profile_table, latency, draft_cost, empty_rate, c0)
+          - ms_per_token(b, profile_table, latency, draft_cost, empty_rate, c0))
+    d1 = (ms_per_token(a, profile_table, latency, draft_cost, empty_rate, c1)
+          - ms_per_token(b, profile_table, latency, draft_cost, empty_rate, c1))
+    if d1 <= 0:  # a is at least as fast all the way (identical trees included)
+        return c1
+    if d0 > 0:  # b is faster from the start
+        return c0 + 1
+    x = c0 + (c1 - c0) * (-d0) / (d1 - d0)  # d(x) = 0; b is faster just after x
+    return int(min(max(np.floor(x) + 1, c0 + 1), c1))
+
+
+def choose_per_context(profile_table, latency, max_size: int, max_levels: int,
+                       draft_cost: str = DEFAULT_DRAFT_COST, table: DPTable | None = None,
+                       empty_rate: float = 0.0, measured_only: bool = False
+                       ) -> list[ContextChoice]:
+    """:func:`choose` at every measured context of ``latency``, ascending, as buckets of the
+    context axis (see the module docstring): bucket i serves contexts ``start`` to
+    ``end - 1``; the first starts at 0, the last has no end. A single-context table gives
+    one bucket covering every context."""
+    from treeopt.profile.latency import contexts_of
+
+    _check_latency(latency)
+    contexts = contexts_of(latency)
+    if table is None:
+        table = solve(profile_table, max_size, max_levels)
+    choices = [choose(profile_table, latency, max_size, max_levels, draft_cost, table,
+                      empty_rate, measured_only, context=c) for c in contexts]
+    starts = [0]
+    for i in range(1, len(choices)):
+        starts.append(crossover(choices[i - 1].tree, choices[i].tree, profile_table, latency,
+                                contexts[i - 1], contexts[i], draft_cost, empty_rate))
+    ends = starts[1:] + [None]
+    return [ContextChoice(s, e, int(c) if c is not None else 0, ch)
+            for s, e, c, ch in zip(starts, ends, contexts, choices)]
