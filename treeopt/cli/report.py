@@ -18,12 +18,30 @@ def register(subparsers) -> None:
                    help="acceptance profile for expected tokens per step (default: the one "
                         "the run recorded, if any)")
     p.add_argument("--no-trees", action="store_true", help="skip the tree pictures")
+    p.add_argument("--pass-at-1", action="store_true",
+                   help="first score the run's outputs for pass@1 (as treeopt eval "
+                        "--pass-at-1: each output's code against its problem's tests in a "
+                        "best-effort sandbox), without generating again; programs already "
+                        "scored are not run again; rewrites the run's results files")
+    p.add_argument("--problems", default=None, metavar="SPEC",
+                   help="problems with tests for --pass-at-1: humaneval or a JSONL file with "
+                        "prompt, test and entry_point (default: the run's dataset)")
+    p.add_argument("--pass-timeout", type=float, default=10.0, metavar="S",
+                   help="wall-clock seconds per program (default %(default)s)")
+    p.add_argument("--pass-workers", type=int, choices=[1, 2], default=1,
+                   help="programs run at once (default %(default)s)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from treeopt.evaluate.report import write_report
 
+    if args.pass_at_1:
+        from treeopt.evaluate.passk import Limits, format_pass, score_run
+
+        scored = score_run(args.results, args.problems, Limits(timeout_s=args.pass_timeout),
+                           workers=args.pass_workers)
+        print(format_pass(scored))
     page = write_report(args.results, args.out, profile=args.profile, trees=not args.no_trees)
     print(page)
     return 0
