@@ -1,5 +1,239 @@
-"""``treeopt export`` (being written)."""
+"""treeopt export: a tree as a serving engine's settings (vLLM, SGLang, EAGLE-2), or back.
+
+  treeopt export GROWMAP_OR_SHAPE --engine vllm|sglang|eagle [--format json|python|cli]
+  treeopt export --from vllm|sglang|eagle FILE_OR_TEXT --out tree.pt
+
+vllm: speculative_config with speculative_token_tree (0-based rank paths, root excluded);
+exact both ways. vLLM's EAGLE drafter gives every node of a level the same number of
+children, so other shapes are refused unless --any-shape (treeopt search --family
+uniform-per-level finds the best shape it can draft).
+sglang / eagle: the knobs of their dynamic top-k tree (num_steps = depth / depth = depth - 1,
+topk / top_k, num_draft_tokens / total_token = nodes, root included). A static tree is an
+approximation of such knobs; with --profile the knobs are checked to build this very tree
+(treeopt search --family topk-per-level finds the best tree they can build). Reading knobs
+back builds the tree they mean under --profile.
+
+The settings go to stdout (or --out FILE), notes on what is exact to stderr.
+
+examples:
+  treeopt export growmaps/sequoia-l40-7b.pt --engine vllm --any-shape --format python
+  treeopt export specinfer:4,2,1 --engine vllm --format cli
+  treeopt export dp:64x6 --profile profiles/sequoia-reference.json --engine sglang
+  treeopt export --from vllm "[(0,), (1,), (0, 0)]" --out tree.pt
+  treeopt export --from sglang knobs.json --profile profiles/sequoia-reference.json --out t.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from treeopt.cli import UserError
+from treeopt.export import DEFAULT_FORMAT, ENGINES, FORMATS
 
 
-def register(sub) -> None:
-    """Not registered yet."""
+def register(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "export", help="a tree as vLLM / SGLang / EAGLE settings, or settings back to a growmap",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", metavar="GROWMAP_OR_SHAPE",
+                        help="growmap file (.pt/.json) or shape spec such as specinfer:4,2; "
+                             "with --from: engine settings, as text or a file holding them")
+    parser.add_argument("--engine", choices=ENGINES, help="engine to write settings for")
+    parser.add_argument("--from", dest="from_engine", choices=ENGINES, metavar="ENGINE",
+                        help="read ENGINE's settings (vllm, sglang, eagle) instead and write "
+                             "the tree they mean to --out (a growmap)")
+    parser.add_argument("--format", choices=FORMATS,
+                        help="json, python or cli (default: "
+                             + ", ".join(f"{e} {f}" for e, f in DEFAULT_FORMAT.items()) + ")")
+    parser.add_argument("--out", metavar="FILE",
+                        help="write the settings here instead of stdout; with --from: the "
+                             "growmap to write (.pt or .json)")
+    parser.add_argument("--profile", metavar="PROFILE",
+                        help="acceptance profile: needed by greedy:/dp: shapes and by --from "
+                             "sglang|eagle; checks whether SGLang/EAGLE knobs build this tree")
+    parser.add_argument("--method", default="eagle",
+                        help="vLLM's speculative method (eagle, eagle3, ...) or SGLang's "
+                             "algorithm (upper-cased: EAGLE, EAGLE3) (default %(default)s)")
+    parser.add_argument("--draft-model", metavar="NAME",
+                        help="vLLM: the draft model to name in speculative_config")
+    parser.add_argument("--any-shape", action="store_true",
+                        help="vLLM: write a tree that is not uniform per level anyway (vLLM "
+                             "verifies any tree; its EAGLE drafter fills only uniform ones)")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.from_engine:
+        return run_import(args)
+    if not args.engine:
+        raise UserError("give --engine vllm|sglang|eagle (or --from ENGINE to read settings "
+                        "back)")
+    from treeopt.export import export_tree
+    from treeopt.growmap import load_growmap
+    from treeopt.shapes import describe, from_name, is_file_spec
+
+    table = _table(args.profile)
+    meta: dict = {}
+    if is_file_spec(args.source):
+        tree, meta = load_growmap(args.source)
+    else:
+        tree = from_name(args.source, table)
+    hint = meta.get("top_k") if meta.get("family") == "topk-per-level" else None
+    if args.out:
+        _check_out(args.out, [args.source, args.profile])
+    found = export_tree(tree, args.engine, args.format, profile=table, method=args.method,
+                        model=args.draft_model, any_shape=args.any_shape,
+                        top_k=hint if isinstance(hint, int) else None)
+    head = (f"{describe(args.source)}: size {tree.size}, depth {tree.depth}, width "
+            f"{tree.width} -> {args.engine} ({found.match})")
+    if args.out:
+        from treeopt.limits import atomic_write
+
+        path = atomic_write(args.out, lambda fh: fh.write(found.text + "\n"), binary=False)
+        print(head)
+        for note in found.notes:
+            print(f"note: {note}")
+        print(f"settings: {path}")
+    else:
+        print(found.text)
+        print(head, file=sys.stderr)
+        for note in found.notes:
+            print(f"note: {note}", file=sys.stderr)
+    return 0
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from treeopt.export import read_settings
+    from treeopt.growmap import check_writable, save_growmap
+
+    if args.engine:
+        raise UserError("give --from ENGINE to read settings, or --engine ENGINE to write "
+                        "them, not both")
+    if not args.out:
+        raise UserError("--from writes a growmap: give --out tree.pt (or .json)")
+    _check_out(args.out, [args.source, args.profile], growmap=True)
+    check_writable(args.out)
+    table = _table(args.profile)
+    tree = read_settings(args.from_engine, args.source, profile=table)
+    meta = {"method": "import", "engine": args.from_engine}
+    if Path(args.source).is_file():
+        meta["source"] = str(args.source)
+    if args.profile:
+        meta.update(profile=str(args.profile), expected_tokens=tree.expected_tokens(table))
+    path = save_growmap(tree, args.out, meta)
+    line = f"{args.from_engine} settings: size {tree.size}, depth {tree.depth}, width {tree.width}"
+    if table is not None:
+        line += f", expected tokens per step {tree.expected_tokens(table):.4f}"
+    print(line)
+    print(f"growmap: {path}")
+    return 0
+
+
+def _table(profile):
+    """The rank table ``treeopt search`` uses for this profile (None without one)."""
+    if not profile:
+        return None
+    from treeopt.pipeline import load_profile, rank_table
+
+    return rank_table(load_profile(profile))
+
+
+def _check_out(out: str, inputs: list, growmap: bool = False) -> None:
+    """Refuse an output path that is one of the inputs, or (for settings) an existing
+    growmap or treeopt file that writing text over would destroy."""
+    target = Path(out).expanduser().resolve()
+    for src in inputs:
+        if src and Path(src).expanduser().resolve() == target:
+            raise UserError(f"--out {out} is also an input; refusing to overwrite it")
+    if growmap or not Path(out).is_file() or Path(out).stat().st_size == 0:
+        return
+    from treeopt.growmap import file_kind
+
+    kind = file_kind(out)
+    if kind == "growmap" or kind.startswith("a '"):
+        what = "a growmap" if kind == "growmap" else kind
+        raise UserError(f"--out {out}: refusing to overwrite {what} with engine settings; "
+                        "choose another path")
+
+
+# ---------------------------------------------------------------------------- search --family
+def add_family_arguments(parser: argparse.ArgumentParser) -> None:
+    """``treeopt search``'s ``--family`` and ``--engine`` (:func:`run_family`)."""
+    from treeopt.search.family import FAMILIES
+
+    g = parser.add_argument_group("engine families (--family / --engine, with --budget)")
+    g.add_argument("--family", choices=FAMILIES,
+                   help="best tree within a family an engine drafts, against the "
+                        "unconstrained optimum: topk-per-level = EAGLE-2 / SGLang's top-k "
+                        "beam (knobs top_k, steps, nodes); uniform-per-level = vLLM's tree "
+                        "drafter (every node of a level gets the same number of children)")
+    g.add_argument("--engine", choices=ENGINES,
+                   help="engine to export to next (vllm, sglang, eagle); alone it picks its "
+                        "family (vllm: uniform-per-level, else topk-per-level)")
+
+
+def run_family(args: argparse.Namespace, levels: int) -> int:
+    """``treeopt search --family F`` (or ``--engine E``): the best tree an engine can draft
+    (``treeopt.search.family``), its F against the unconstrained DP optimum at the same
+    budget, the growmap, and the export command to run next."""
+    from treeopt.cli.search import _default_out, height
+    from treeopt.pipeline import load_profile, rank_table
+    from treeopt.search.family import FAMILY_ENGINES, TOPK, UNIFORM, search_family
+
+    family = args.family or (UNIFORM if args.engine == "vllm" else TOPK)
+    if args.method != "dp":
+        raise UserError(f"--family searches its few parameters exactly; drop --method "
+                        f"{args.method}")
+    if args.budget is None:
+        raise UserError("--family needs --budget N (the node budget both the family and the "
+                        "unconstrained optimum get)")
+    if args.budget < 2:
+        raise UserError(f"--family needs a budget of at least 2 nodes (one drafted token), "
+                        f"got {args.budget}")
+    if args.table:
+        raise UserError("--table writes the unconstrained DP's table; drop it with --family")
+    engine = args.engine or FAMILY_ENGINES[family][0]
+    profile = load_profile(args.profile)
+    table = rank_table(profile, not args.no_depth_aware)
+    found = search_family(table, family, args.budget, levels)
+    tree = found.tree
+    out = Path(args.out) if args.out else _default_out(
+        args, f"{Path(args.profile).stem}-{family}-n{tree.size}.pt")
+    meta = {"method": "family", "family": family, **found.params,
+            "expected_tokens": found.expected_tokens, "dp_expected_tokens": found.optimum,
+            "restriction_loss": found.loss, "budget": args.budget, "max_levels": levels,
+            "size": tree.size, "depth": tree.depth, "depth_aware": len(table) > 1,
+            "profile": str(args.profile)}
+    from treeopt.growmap import save_growmap
+
+    saved = save_growmap(tree, out, meta)
+    if family == TOPK:
+        knobs = (f"top_k {found.params['top_k']}, steps {found.params['steps']}, "
+                 f"nodes {found.params['nodes']}")
+        who = "EAGLE-2 / SGLang top-k beam"
+    else:
+        knobs = "children per level " + ",".join(str(c) for c in found.params["expansion"])
+        who = "vLLM, every node of a level the same number of children"
+    print(f"search family {family} ({who}), budget {args.budget} nodes: best member {knobs}: "
+          f"size {tree.size}, {height(tree.depth, found.max_levels)}, width {tree.width}")
+    print(f"expected tokens per step: {found.expected_tokens:.6f} (family best)")
+    print(f"unconstrained DP optimum, same budget and level limit: {found.optimum:.6f} "
+          f"(size {found.optimum_tree.size}, depth {found.optimum_tree.depth})")
+    print(f"restriction costs {100 * max(found.loss, 0.0):.2f}% of F "
+          f"({max(found.optimum - found.expected_tokens, 0.0):.4f} tokens per step)")
+    for note in found.notes:
+        print(f"note: {note}")
+    if engine not in FAMILY_ENGINES[family]:
+        print(f"note: {engine} drafts the "
+              f"{UNIFORM if engine == 'vllm' else TOPK} family, not {family}")
+    print(f"growmap: {saved}")
+    if args.picture:
+        from treeopt.viz import draw_tree
+
+        print(f"picture: {draw_tree(tree, args.picture, profile=table)}")
+    extra = f" --profile {args.profile}" if engine != "vllm" else ""
+    print(f"export: treeopt export {saved} --engine {engine}{extra}")
+    return 0

@@ -6,6 +6,9 @@ over every size up to --max-size or only the measured ones (--measured-sizes-onl
 --method optuna: an Optuna search seeded with the DP's trees, for objectives the DP cannot
 model (measured or replayed decoding); several workers may share one --storage, and a trial
 whose worker was killed is marked failed (and its tree retried) by the next worker.
+--family topk-per-level|uniform-per-level (or --engine sglang|eagle|vllm), with --budget: the
+best tree a serving engine can draft, its F against the unconstrained optimum, and the
+`treeopt export` command that writes the engine's settings.
 
 Units: sizes count nodes, root included. Height: --max-levels L counts levels with the root
 (Sequoia's max_depth; a chain of N nodes needs N levels), --max-depth D counts edges
@@ -37,6 +40,9 @@ def register(subparsers) -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     add_optuna_arguments(parser)
+    from treeopt.cli.export import add_family_arguments
+
+    add_family_arguments(parser)
     parser.set_defaults(func=run)
     return parser
 
@@ -68,9 +74,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="choose the tree size among the latency table's measured sizes "
                              "only, as Sequoia's valid_budget does, instead of every size up "
                              "to --max-size (whose costs are interpolated between them)")
+    parser.add_argument("--context", type=int, metavar="N",
+                        help="price every cost at N cached tokens (a latency table measured at "
+                             "several contexts is interpolated between them). Default: the "
+                             "table's context; with several, one tree per context range, "
+                             "written as a tree set (.json) that decoding applies per prompt")
     parser.add_argument("--out", metavar="PATH",
                         help="growmap to write, .pt (Sequoia) or .json (default: "
-                             "growmaps/<profile>-dp-n<size>.pt)")
+                             "growmaps/<profile>-dp-n<size>.pt); a tree set .json (default "
+                             "growmaps/<profile>-dp-treeset.json) when the latency table has "
+                             "several contexts and neither --budget nor --context is given")
     parser.add_argument("--picture", metavar="PATH",
                         help="also draw the tree (.png/.svg/.pdf/.dot)")
     parser.add_argument("--table", metavar="CSV",
@@ -128,9 +141,10 @@ def check_limits(args: argparse.Namespace) -> int:
     return height_levels(args)
 
 
-def check_outputs(args: argparse.Namespace) -> None:
+def check_outputs(args: argparse.Namespace, treeset: bool = False) -> None:
     """Every output path, before the search: known suffixes, no input overwritten, no file
-    of another kind replaced (the growmap check lives in ``treeopt.growmap``)."""
+    of another kind replaced (the growmap check lives in ``treeopt.growmap``, the tree-set
+    check, with ``treeset``, in ``treeopt.treeset``)."""
     from treeopt.growmap import check_writable
     from treeopt.viz import SUFFIXES
 
@@ -152,8 +166,29 @@ def check_outputs(args: argparse.Namespace) -> None:
         if key in inputs:
             raise UserError(f"{flag} {path} is also {inputs[key]}; refusing to overwrite it")
         inputs[key] = flag
-    if args.out:
+    if args.out and treeset:
+        from treeopt.treeset import check_writable as check_treeset
+
+        check_treeset(args.out)
+    elif args.out:
         check_writable(args.out)
+
+
+def wants_treeset(args: argparse.Namespace) -> bool:
+    """A hardware-aware DP search (no --budget, no --context) on a profile whose latency was
+    measured at several contexts: the result is a tree set."""
+    if args.method != "dp" or args.budget is not None or getattr(args, "context", None) \
+            is not None or getattr(args, "family", None) or getattr(args, "engine", None):
+        return False
+    from treeopt.errors import TreeoptError
+    from treeopt.pipeline import load_profile
+    from treeopt.profile.latency import contexts_of
+
+    try:
+        latency = load_profile(args.profile).latency
+        return latency is not None and len(contexts_of(latency)) > 1
+    except TreeoptError:
+        return False  # the search reports it
 
 
 def _same(path: str | Path) -> str:
@@ -170,7 +205,13 @@ def _default_out(args: argparse.Namespace, name: str) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     levels = check_limits(args)
-    check_outputs(args)
+    if getattr(args, "context", None) is not None and args.context < 0:
+        raise UserError(f"--context counts cached tokens: at least 0, got {args.context}")
+    check_outputs(args, wants_treeset(args))
+    if args.family or args.engine:
+        from treeopt.cli.export import run_family
+
+        return run_family(args, levels)
     if args.method == "optuna":
         return run_optuna(args, levels)
 
@@ -179,11 +220,19 @@ def run(args: argparse.Namespace) -> int:
     found = search_tree(args.profile, budget=args.budget, at_most=args.at_most,
                         max_levels=levels, max_size=args.max_size, draft_cost=args.draft_cost,
                         depth_aware=not args.no_depth_aware,
-                        measured_sizes_only=args.measured_sizes_only)
+                        measured_sizes_only=args.measured_sizes_only,
+                        context=getattr(args, "context", None))
     tree = found.tree
-    out = Path(args.out) if args.out else _default_out(
-        args, f"{Path(args.profile).stem}-dp-n{tree.size}.pt")
-    saved = found.save(out)
+    if found.treeset is not None:
+        from treeopt.treeset import save_treeset
+
+        out = Path(args.out) if args.out else _default_out(
+            args, f"{Path(args.profile).stem}-dp-treeset.json")
+        saved = save_treeset(found.treeset, out)
+    else:
+        out = Path(args.out) if args.out else _default_out(
+            args, f"{Path(args.profile).stem}-dp-n{tree.size}.pt")
+        saved = found.save(out)
 
     mode = found.mode
     if found.choice is not None:
@@ -208,7 +257,12 @@ def run(args: argparse.Namespace) -> int:
                   f"{c['step_ms']:8.3f} {c['tokens_per_s']:7.1f} {c['speedup']:6.2f}{mark}")
     for note in found.notes:
         print(f"note: {note}")
-    print(f"growmap: {saved}")
+    if found.treeset is not None:
+        print(f"tree set ({len(found.treeset.buckets)} context ranges; a prompt uses the tree "
+              "of prompt tokens + max_new_tokens // 2; the tree above is the first range's):")
+        for line in found.treeset.describe():
+            print(f"  {line}")
+    print(f"{'treeset' if found.treeset is not None else 'growmap'}: {saved}")
     if args.table:
         print(f"table: {write_table(found.table.values, args.table)}")
     if args.picture:
