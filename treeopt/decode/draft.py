@@ -98,6 +98,30 @@ class DraftedTree:
     forwards: int
 
 
+def feed_pending(draft, cache, pending: torch.Tensor, root_pos: int) -> torch.Tensor:
+    """The first draft forward of a step: the committed tokens the draft has not processed,
+    ``pending`` (1, p) int64 ending with the root, at positions root_pos - p + 1 .. root_pos.
+    Returns the draft logits (1, V) at the root."""
+    p = pending.shape[1]
+    positions = torch.arange(root_pos - p + 1, root_pos + 1, device=pending.device)[None]
+    return forward_tree(draft, pending, positions, None, cache, logits_to_keep=1)[0]
+
+
+def pick_children(logits: torch.Tensor, k: int, sampling: Sampling = GREEDY,
+                  generator: torch.Generator | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The k children of each expanded node, as every model drafter chooses them.
+
+    logits: (e, V) draft logits of the expanded nodes. Greedy ``sampling``: the draft's top-k
+    tokens, q None. Otherwise Q = ``sampling.probs(logits)`` and k children drawn from it
+    (``draw_children``: with replacement for the SpecInfer rule, else without), q = Q.
+    Returns (children (e, k) int64 in rank order, q (e, V) float32 or None)."""
+    if sampling.greedy:
+        return logits.topk(k, dim=-1).indices, None
+    q = sampling.probs(logits)
+    return draw_children(q, k, sampling.rule == "specinfer", generator), q
+
+
 def draft_tree(draft, cache, pending: torch.Tensor, root_pos: int, tree: Tree, *,
                sampling: Sampling = GREEDY, generator: torch.Generator | None = None
                ) -> DraftedTree:
@@ -115,24 +139,18 @@ def draft_tree(draft, cache, pending: torch.Tensor, root_pos: int, tree: Tree, *
     plan = draft_plan(tree, str(device))
     tokens = torch.empty(tree.size, dtype=torch.int64, device=device)
     tokens[0] = pending[0, -1]
-    p = pending.shape[1]
-    positions = torch.arange(root_pos - p + 1, root_pos + 1, device=device)[None]
-    logits = forward_tree(draft, pending, positions, None, cache, logits_to_keep=1)[0]
+    logits = feed_pending(draft, cache, pending, root_pos)
     forwards = 1
     qs: list[torch.Tensor] | None = None if sampling.greedy else []
-    replacement = sampling.rule == "specinfer"
     for level in plan.levels:
         if level.depth > 0:
             ids = tokens[level.nodes][None]
             positions = torch.full_like(ids, root_pos + level.depth)
             logits = forward_tree(draft, ids, positions, level.mask, cache)[0]
             forwards += 1
-        if qs is None:
-            pick = logits.topk(level.k, dim=-1).indices
-        else:
-            q = sampling.probs(logits)
+        pick, q = pick_children(logits, level.k, sampling, generator)
+        if qs is not None:
             qs.append(q)
-            pick = draw_children(q, level.k, replacement, generator)
         first, end = level.children
         tokens[first:end] = pick[level.rows, level.cols]
     return DraftedTree(tokens, qs, forwards)
