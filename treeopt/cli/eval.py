@@ -7,15 +7,22 @@ from __future__ import annotations
 import argparse
 import sys
 
-from treeopt.cli import (DEFAULT_DRAFT, DEFAULT_TARGET, THREADS_HELP, UserError, int_list,
+from treeopt.cli import (DEFAULT_DRAFT, DEFAULT_TARGET, THREADS_HELP, UserError,
+                         add_draft_variant_arguments, draft_spec_with_variant, int_list,
                          set_threads)
 
 # Written out so that --help needs no import of the drafter modules (see
 # treeopt.decode.drafter.describe_drafters() for the registered list).
 DRAFTER_SPECS = ("a draft model: folder, .gguf file or Hugging Face id; early-exit:K: the "
-                 "target's first K layers; ngram[:min=,max=,k=,topk=,keep=]: prompt lookup / "
+                 "target's first K layers (model drafts and early exits take the options "
+                 ",quant=int8 and ,vocab=N: cheaper drafts, still lossless); "
+                 "ngram[:min=,max=,k=,topk=,keep=]: prompt lookup / "
                  "n-gram tree; datastore:PATH and bigram:PATH: a corpus index from "
-                 "`treeopt datastore build`")
+                 "`treeopt datastore build`; adaptive: egag:draft=SPEC,gamma_min=,gamma_max=,"
+                 "ema=[,tree=,threshold=] (entropy-adaptive draft length), "
+                 "fallback:first=SPEC,then=SPEC, horizontal:model=SPEC,levels=L,deep=SPEC, "
+                 "vertical:draft=SPEC,helper=SPEC (cascades); a nested SPEC with commas goes "
+                 "in parentheses: fallback:first=(ngram:max=3,k=8),then=early-exit:4")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -59,6 +66,7 @@ def register(subparsers) -> None:
     m.add_argument("--draft", default=DEFAULT_DRAFT,
                    help="the default drafter, used by --chain, --tree, --dp and --hf-assisted: "
                         f"any drafter spec ({DRAFTER_SPECS}); 'none' for no drafter")
+    add_draft_variant_arguments(p)
     m.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights' dtype: auto = float32 on CPU, bfloat16 on CUDA")
     m.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -98,7 +106,8 @@ def register(subparsers) -> None:
                    help="a method drafting with the drafter SPEC (as for --draft), over SHAPE "
                         "(a growmap file or shape spec as for --tree; default: the drafter's "
                         "own), named as given: ngram, ngram@chain:3, ngram:max=3@kary:2x1, "
-                        "datastore:store.npz@chain:4; repeatable")
+                        "datastore:store.npz@chain:4, egag:gamma_max=4@kary:2x3; adaptive "
+                        "drafters' tree sizes and depths go into the report; repeatable")
     t.add_argument("--hf-prompt-lookup", type=int_list, default=[], metavar="K[,K...]",
                    help="reference: Hugging Face generate(prompt_lookup_num_tokens=K), as "
                         "methods hf-pld:K")
@@ -143,6 +152,21 @@ def register(subparsers) -> None:
                         "decoding settings differ from that run's")
     o.add_argument("--no-report", action="store_true", help="skip plots and report page")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    k = p.add_argument_group("pass@1 (code problems with tests: humaneval, or a JSONL file "
+                             "with prompt, test and entry_point)")
+    k.add_argument("--pass-at-1", action=argparse.BooleanOptionalAction, default=None,
+                   help="run each output's code against its problem's tests and report "
+                        "pass@1 per method: a subprocess per program with a timeout, resource "
+                        "limits, a temporary folder and no network where the kernel allows "
+                        "(a best-effort sandbox, not a security boundary: the file system "
+                        "is not isolated). It runs model-written code, so it is off "
+                        "unless asked, or unless --out already holds pass@1 results (a "
+                        "--resume keeps scoring; programs already scored are not run again)")
+    k.add_argument("--pass-timeout", type=float, default=10.0, metavar="S",
+                   help="wall-clock seconds per program before it is killed (a timeout "
+                        "costs that sample only)")
+    k.add_argument("--pass-workers", type=int, choices=[1, 2], default=1,
+                   help="programs run at once")
     p.set_defaults(func=run)
 
 
@@ -203,6 +227,7 @@ def run(args) -> int:
 
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
+    args.draft = draft_spec_with_variant(args)
     config = EvalConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, rule=args.rule,
                         stop_at_eos=args.stop_at_eos, chat_template=not args.no_chat_template,
@@ -210,6 +235,7 @@ def run(args) -> int:
     # Every setting is checked before any model is loaded or any file is written.
     check_config(config)
     check_out_dir(args.out)
+    scoring = _pass_at_1_setup(args)
     set_threads(args.threads)
     profile = None
     if args.profile:
@@ -235,7 +261,12 @@ def run(args) -> int:
     result = run_eval(pair.target, draft, prompts, methods, config=config,
                       tokenizer=pair.tokenizer, out_dir=args.out, resume=args.resume,
                       profile=profile, progress=not args.no_progress, meta=meta)
+    scored = _score(result, scoring, not args.no_progress)
     print(format_summary(result.summary))
+    if scored is not None:
+        from treeopt.evaluate.passk import format_pass
+
+        print(format_pass(scored))
     _explain_flags(result.summary)
     print(f"results: {result.out_dir}", file=sys.stderr)
     if not args.no_report:
@@ -275,3 +306,35 @@ def load_pair_for(args):
     from treeopt.decode.models import load_pair
 
     return load_pair(args.target, args.draft, dtype=args.dtype, device=args.device)
+
+
+def _pass_at_1_setup(args):
+    """(problems, limits, workers) when this run scores pass@1 (checked before any model
+    is loaded), else None; a note when a code dataset runs without it."""
+    from pathlib import Path
+
+    from treeopt.evaluate.passk import CACHE_FILE, Limits, load_problems
+
+    wanted = args.pass_at_1
+    if wanted is None:
+        wanted = (Path(args.out) / CACHE_FILE).exists()
+        if not wanted and str(args.dataset) == "humaneval":
+            print("treeopt eval: note: add --pass-at-1 to score pass@1 (runs the generated "
+                  "code against HumanEval's tests in a best-effort sandbox)", file=sys.stderr)
+    if not wanted:
+        return None
+    limits = Limits(timeout_s=args.pass_timeout)
+    return load_problems(args.dataset), limits, args.pass_workers
+
+
+def _score(result, scoring, progress: bool):
+    """Score the run's outputs (``treeopt.evaluate.passk.score_run``) and put pass@1 into
+    ``result``'s summary; None when not scoring."""
+    if scoring is None or result.out_dir is None:
+        return None
+    from treeopt.evaluate.passk import score_run
+
+    problems, limits, workers = scoring
+    scored = score_run(result.out_dir, problems, limits, workers=workers, progress=progress)
+    result.summary, result.rows = scored.summary, scored.rows
+    return scored

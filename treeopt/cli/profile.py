@@ -5,6 +5,7 @@
   treeopt profile latency --target smollm2 --draft early-exit:4 --tokens 1,2,4,8,16,32,64 \\
       --context 256 --out profiles/smollm2-ee4.json
   treeopt profile merge A.json B.json --out C.json
+  treeopt profile quality --target smollm2 --draft early-exit:4 --out quality.json
 
 Acceptance: teacher-forced (default; the target's own continuation of each prompt, or the
 dataset text with --continuation dataset) or online (the engine decodes with a full W-ary tree
@@ -21,7 +22,8 @@ import json
 import os
 from pathlib import Path
 
-from treeopt.cli import THREADS_HELP, UserError, set_threads
+from treeopt.cli import (THREADS_HELP, UserError, add_draft_variant_arguments,
+                         draft_spec_with_variant, set_threads)
 from treeopt.pipeline import CPU_NEW_TOKENS, CPU_PROMPTS, GPU_NEW_TOKENS, GPU_PROMPTS
 
 ACCEPTANCE_DESCRIPTION = """\
@@ -52,10 +54,33 @@ profile).
   treeopt profile latency --target smollm2 --draft early-exit:4 --tokens 1,2,4,8,16,32,64 \\
       --context 256 --out profiles/smollm2-ee4.json
 
+--contexts 128,512,1024 times every context instead (one cache each, every round timing every
+context and size) into one table; tune and search then choose one tree per context range, a
+tree set that decoding applies per prompt by its length. The table measured so far is written
+to --out after every round, so an interrupted run keeps it (marked partial). Contexts beyond
+the model window are refused before anything is timed.
+
 CPU timings: run on a quiet machine; treeopt sets OMP_WAIT_POLICY=PASSIVE unless it is set
 (spin-waiting threads distort timings when anything else runs) and warns when a point's IQR
 exceeds 25 % of its median or the curve falls as the size grows (then use more --repeats or
 --threads 1).
+"""
+
+QUALITY_DESCRIPTION = """\
+Measure how far the draft's next-token distribution Q is from the target's P at every
+position of the target's own continuation of each prompt (or the dataset text), after
+temperature / top-k / top-p: total variation TV = 1/2 sum |P - Q|, KL(P || Q) (infinite where
+Q = 0 < P: reported with the share of such positions), alpha = sum min(P, Q) = 1 - TV (the
+chance one drafted token is accepted), per draft depth 1..D of a chain (weighted by the
+chance the chain gets there), and the chain acceptance that implies; with --profile, the
+measured rank profile's top-1 acceptance p1 per depth beside it.
+
+  treeopt profile quality --target smollm2 --draft early-exit:4 --dataset spec_bench \\
+      -n 8 --depth 6 --profile profiles/smollm2-ee4.json --out quality.json
+
+The default temperature is 1 (the models' own distributions): at temperature 0 both are
+one-hot and alpha is the greedy top-1 agreement (TV 0 or 1, KL 0 or infinite). Needs a draft
+with a distribution (a draft model or early-exit:K), not a model-free drafter.
 """
 
 
@@ -85,6 +110,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     add_latency_arguments(lat)
     lat.add_argument("--out", required=True, metavar="PATH",
                      help="profile .json to write (its latency section is replaced if it exists)")
+    lat.add_argument("--quiet", action="store_true", help="no progress bars")
     lat.set_defaults(func=run_latency)
 
     merge = sub.add_parser("merge", help="pool profiles by adding their counts",
@@ -97,6 +123,15 @@ def register(subparsers) -> argparse.ArgumentParser:
     merge.add_argument("inputs", nargs="+", metavar="PROFILE", help="profiles with raw counts")
     merge.add_argument("--out", required=True, metavar="PATH", help="merged profile .json")
     merge.set_defaults(func=run_merge)
+
+    qual = sub.add_parser("quality", help="draft quality per position: TV, KL, alpha, chain "
+                                          "acceptance",
+                          description=QUALITY_DESCRIPTION,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(qual)
+    add_quality_arguments(qual)
+    qual.set_defaults(func=run_quality)
+    add_calibration_parser(sub)
     return parser
 
 
@@ -106,6 +141,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, draft_required: bool = 
     parser.add_argument("--draft", required=draft_required,
                         help="drafter: early-exit:K, a draft model with the same tokenizer, "
                              "ngram[:min=,max=,k=,topk=,keep=], datastore:PATH or bigram:PATH")
+    add_draft_variant_arguments(parser)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     parser.add_argument("--threads", type=int, metavar="N", help=THREADS_HELP)
@@ -155,8 +191,13 @@ def add_latency_arguments(parser: argparse.ArgumentParser) -> None:
                         help="target tree sizes to time (default %(default)s)")
     parser.add_argument("--draft-tokens",
                         help="tokens per draft level to time (default: --tokens)")
-    parser.add_argument("--context", type=int, default=256,
-                        help="cached prefix length (default %(default)s)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--context", type=int, default=256,
+                       help="cached prefix length (default %(default)s)")
+    where.add_argument("--contexts", metavar="C1,C2,...",
+                       help="several cached prefix lengths, e.g. 128,512,1024, timed "
+                            "interleaved into one table (the hardware-aware choice then picks "
+                            "one tree per context range: a tree set)")
     parser.add_argument("--repeats", type=int, default=10,
                         help="timed runs per point, sizes interleaved (default %(default)s)")
     parser.add_argument("--warmup", type=int, default=2,
@@ -268,6 +309,7 @@ def run_acceptance(args: argparse.Namespace) -> int:
         _check_overwrite(out)
         check_profile_out(out)
     check_acceptance_args(args)
+    args.draft = draft_spec_with_variant(args)
     pair, device = load_models(args)
     try:
         profile, notes = measure_acceptance(args, pair, device, out, progress=not args.quiet)
@@ -308,15 +350,32 @@ def check_profile_out(out: Path) -> None:
 
 
 def run_latency(args: argparse.Namespace) -> int:
-    from treeopt.profile.latency import measure_latency, parse_tokens, write_latency
+    from treeopt.profile.latency import (measure_latency, parse_contexts, parse_tokens,
+                                         write_latency)
 
     tokens = parse_tokens(args.tokens)
     draft_tokens = parse_tokens(args.draft_tokens) if args.draft_tokens else None
+    contexts = parse_contexts(args.contexts) if getattr(args, "contexts", None) else None
     check_latency_args(args)
+    check_profile_out(Path(args.out))
+    args.draft = draft_spec_with_variant(args)
     pair, device = load_models(args)
-    latency = measure_latency(pair.target, pair.drafter, tokens=tokens, draft_tokens=draft_tokens,
-                              context=args.context, repeats=args.repeats, warmup=args.warmup,
-                              names={"target": args.target, "draft": args.draft})
+    from treeopt.pipeline import latency_progress
+
+    try:
+        with latency_progress(not getattr(args, "quiet", False)):
+            latency = measure_latency(pair.target, pair.drafter, tokens=tokens,
+                                      draft_tokens=draft_tokens, context=args.context,
+                                      contexts=contexts, repeats=args.repeats,
+                                      warmup=args.warmup,
+                                      names={"target": args.target, "draft": args.draft},
+                                      out=args.out)
+    except KeyboardInterrupt:
+        if Path(args.out).exists():
+            raise KeyboardInterrupt(f"every finished timing round is kept in {args.out} "
+                                    "(marked partial); run the command again to measure it "
+                                    "in full") from None
+        raise
     path = write_latency(latency, args.out)
     print(describe_latency(latency))
     print_timing_warnings(latency)
@@ -348,15 +407,21 @@ def print_timing_warnings(latency) -> list[str]:
 
 
 def describe_latency(latency) -> str:
-    lines = [f"latency on {latency.meta.get('device')} ({latency.meta.get('dtype')}), context "
-             f"{latency.context}, median ms (IQR):"]
-    for name, curve in (("target", latency.target), ("draft", latency.draft)):
-        if curve is None:
-            continue
-        pts = "  ".join(f"{n}:{ms:.2f}({s:.2f})"
-                        for n, ms, s in zip(curve.tokens, curve.ms, curve.spread_ms or
-                                            [0.0] * len(curve.ms)))
-        lines.append(f"  {name}: {pts}")
+    from treeopt.profile.latency import latencies_by_context
+
+    tables = latencies_by_context(latency)
+    contexts = ", ".join(str(t.context) for t in tables)
+    lines = [f"latency on {latency.meta.get('device')} ({latency.meta.get('dtype')}), "
+             f"context{'s' if len(tables) > 1 else ''} {contexts}, median ms (IQR):"]
+    for table in tables:
+        at = f" at {table.context}" if len(tables) > 1 else ""
+        for name, curve in (("target", table.target), ("draft", table.draft)):
+            if curve is None:
+                continue
+            pts = "  ".join(f"{n}:{ms:.2f}({s:.2f})"
+                            for n, ms, s in zip(curve.tokens, curve.ms, curve.spread_ms or
+                                                [0.0] * len(curve.ms)))
+            lines.append(f"  {name}{at}: {pts}")
     return "\n".join(lines)
 
 
@@ -389,3 +454,157 @@ def _same_file(a: str, b: str) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return os.path.abspath(a) == os.path.abspath(b)
+
+
+# ---------------------------------------------------------------------------- quality
+def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", default="spec_bench",
+                        help="prompts: spec_bench, mt_bench, humaneval, a .jsonl/.txt file or "
+                             "hf:NAME (default %(default)s)")
+    parser.add_argument("--categories", help="comma-separated categories to keep")
+    parser.add_argument("-n", "--prompts", type=int, metavar="N",
+                        help=f"number of prompts (default {CPU_PROMPTS} on CPU, {GPU_PROMPTS} "
+                             "on GPU)")
+    parser.add_argument("--max-new-tokens", type=int, metavar="T",
+                        help=f"continuation length per prompt (default {CPU_NEW_TOKENS} on CPU, "
+                             f"{GPU_NEW_TOKENS} on GPU)")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="temperature of P and Q (default 1: the models' own "
+                             "distributions; 0: one-hot argmax, alpha = top-1 agreement)")
+    parser.add_argument("--top-k", type=int, default=0,
+                        help="top-k for P and Q (>= 0; 0 = off, the default)")
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="top-p for P and Q (in (0, 1]; 1 = off, the default)")
+    parser.add_argument("--depth", type=int, default=6,
+                        help="chain depth D: figures for draft positions 1..D "
+                             "(default %(default)s)")
+    parser.add_argument("--continuation", choices=["target", "dataset"], default="target",
+                        help="positions along the target's own continuation (default) or the "
+                             "dataset text")
+    parser.add_argument("--seed", type=int, default=0, help="prompt selection and sampling seed")
+    parser.add_argument("--no-chat-template", action="store_true",
+                        help="feed the raw prompt text instead of the chat template")
+    parser.add_argument("--profile", metavar="PATH",
+                        help="an acceptance profile whose top-1 acceptance p1 per depth is "
+                             "shown beside (default: none)")
+    parser.add_argument("--out", required=True, metavar="PATH",
+                        help="quality .json to write (rewritten after every prompt)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_quality(args: argparse.Namespace) -> int:
+    from treeopt.decode.api import encode_prompts, eos_ids
+    from treeopt.decode.sampling import check_settings
+    from treeopt.profile.quality import (QualityRun, check_quality_out, draft_model,
+                                         format_quality, profile_quality)
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".json":
+        raise UserError(f"--out {out.name}: draft quality is written as .json")
+    check_quality_out(out)
+    check_settings(args.temperature, args.top_k, args.top_p)
+    for name in ("prompts", "max_new_tokens", "depth"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    profile = None
+    if args.profile:
+        from treeopt.profile import Profile
+
+        profile = Profile.load(args.profile)
+    args.draft = draft_spec_with_variant(args)
+    pair, device = load_models(args)
+    model = draft_model(pair.draft if pair.draft is not None else pair.drafter)
+    notes = acceptance_defaults(args, device)
+    run = QualityRun(depth=args.depth, max_new_tokens=args.max_new_tokens,
+                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                     continuation=args.continuation, seed=args.seed, target=args.target,
+                     draft=args.draft, dataset=str(args.dataset),
+                     chat_template=not args.no_chat_template)
+    run.check()
+    ids = encode_prompts(pair.tokenizer, select_prompts(args), run.chat_template)
+    eos = eos_ids(pair.tokenizer, pair.target) if pair.tokenizer is not None else []
+    quality = profile_quality(pair.target, model, ids, run, out=out,
+                              eos_token_id=eos[0] if eos else None, progress=not args.quiet)
+    if notes:
+        print(f"defaults on {device.type}: {', '.join(notes)}")
+    print(format_quality(quality, profile))
+    print(f"quality: {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- calibration
+CALIBRATION_DESCRIPTION = """\
+Measure how often the target accepts a drafted candidate by the draft's confidence in it
+(its softmax probability at its parent): along the target's own greedy continuation of each
+prompt, the draft's top --topk tokens at every position are candidates, accepted when equal
+to the target's token; counted in --bins bins of confidence (quantile or log-spaced). The
+map (made non-decreasing) prices candidates for dynamic-dp:...,profile=PATH;
+--latency-from copies a profile's latency table in, so dynamic-dp also weighs step cost.
+
+  treeopt profile calibration --target smollm2 --draft early-exit:4 --dataset spec_bench \\
+      --prompts 16 --latency-from profiles/smollm2-ee4-cpu.json --out calibration.json
+"""
+
+
+def add_calibration_parser(sub) -> None:
+    cal = sub.add_parser("calibration", help="acceptance by draft confidence (for dynamic-dp)",
+                         description=CALIBRATION_DESCRIPTION,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(cal)
+    cal.add_argument("--dataset", default="spec_bench",
+                     help="prompts: spec_bench, mt_bench, humaneval, a .jsonl/.txt file or "
+                          "hf:NAME (default %(default)s)")
+    cal.add_argument("--categories", help="comma-separated categories to keep")
+    cal.add_argument("--prompts", type=int, metavar="N",
+                     help=f"number of prompts (default {CPU_PROMPTS} on CPU, {GPU_PROMPTS} on "
+                          "GPU)")
+    cal.add_argument("--max-new-tokens", type=int, metavar="T",
+                     help=f"continuation length per prompt (default {CPU_NEW_TOKENS} on CPU, "
+                          f"{GPU_NEW_TOKENS} on GPU)")
+    cal.add_argument("--topk", type=int, default=8, help="candidates per position (default "
+                                                        "%(default)s)")
+    cal.add_argument("--bins", type=int, default=10, help="confidence bins (default "
+                                                         "%(default)s)")
+    cal.add_argument("--binning", choices=["quantile", "log"], default="quantile",
+                     help="bin edges at quantiles of the confidences (default) or log-spaced")
+    cal.add_argument("--latency-from", metavar="PROFILE",
+                     help="a profile whose latency table is copied into the calibration")
+    cal.add_argument("--seed", type=int, default=0, help="prompt selection seed")
+    cal.add_argument("--no-chat-template", action="store_true",
+                     help="feed the raw prompt text instead of the chat template")
+    cal.add_argument("--out", required=True, metavar="PATH", help="calibration .json to write")
+    cal.set_defaults(func=run_calibration)
+
+
+def run_calibration(args: argparse.Namespace) -> int:
+    from treeopt.profile.calibration import calibrate_pair, check_settings, check_writable
+
+    out = Path(args.out)
+    check_writable(out)
+    for name in ("prompts", "max_new_tokens"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    check_settings(args.bins, args.binning, args.topk)
+    latency = None
+    if args.latency_from:
+        from treeopt.profile import Profile
+
+        latency = Profile.load(args.latency_from).latency
+        if latency is None:
+            raise UserError(f"{args.latency_from} holds no latency table; measure one with "
+                            "treeopt profile latency")
+    args.draft = draft_spec_with_variant(args)
+    pair, device = load_models(args)
+    notes = acceptance_defaults(args, device)
+    calibration = calibrate_pair(pair, select_prompts(args), topk=args.topk, bins=args.bins,
+                                 binning=args.binning, max_new_tokens=args.max_new_tokens,
+                                 latency=latency, chat_template=not args.no_chat_template)
+    path = calibration.save(out)
+    if notes:
+        print(f"defaults on {device.type}: {', '.join(notes)}")
+    print(calibration.summary())
+    print(calibration.table())
+    print(f"calibration: {path}")
+    return 0

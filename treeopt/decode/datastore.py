@@ -587,6 +587,16 @@ class DatastoreDrafter(Drafter):
                         break
         return out
 
+    def path_candidates(self, committed: Sequence[int]):
+        """``children(path)``: the ranked candidates after ``committed`` + ``path`` (drafted
+        tokens below the root), as ``propose`` fills its shape; indexes ``committed``
+        first. Cascades (``treeopt.decode.cascade``) draft through it."""
+        if hasattr(committed, "tolist"):
+            committed = committed.reshape(-1).tolist()
+        self._sync(committed)
+        tail = _ints(committed[-self._tail:])
+        return lambda path: self.children(tail + list(path))
+
     def propose(self, committed, max_depth, sampling=None, generator=None) -> Proposal:
         if hasattr(committed, "tolist"):
             committed = committed.reshape(-1).tolist()
@@ -646,6 +656,13 @@ class BigramDrafter(Drafter):
             row = [int(t) for t in self.table[token] if t >= 0]
             self._rows[token] = row
         return row[: self.k]
+
+    def path_candidates(self, committed: Sequence[int]):
+        """``children(path)``: the top-k successors of the path's last token (of the root
+        when the path is empty), as ``propose`` fills its shape. Cascades draft through
+        it."""
+        last = int(committed[-1])
+        return lambda path: self.next_tokens(int(path[-1]) if path else last)
 
     def propose(self, committed, max_depth, sampling=None, generator=None) -> Proposal:
         if max_depth < 1:

@@ -88,8 +88,9 @@ class Proposal:
     fixed_shape: bool = True
 
     def q_at(self, node: int) -> torch.Tensor | None:
-        """(V,) draft distribution the children of ``node`` were drawn from, or None."""
-        if self.q is None or self.q_row is None:
+        """(V,) draft distribution the children of ``node`` were drawn from, or None (no
+        distributions, or a node without children)."""
+        if self.q is None or self.q_row is None or self.q_row[node] < 0:
             return None
         return self.q[self.tree.depths[node]][self.q_row[node]]
 
@@ -250,24 +251,70 @@ def split_spec(spec: str) -> tuple[DrafterEntry | None, str]:
     return entry, options.strip()
 
 
+def split_options(text: str, drafter: str) -> list[str]:
+    """``"a=1,b=(x:y=2,z=3)"`` -> ["a=1", "b=(x:y=2,z=3)"]: the comma-separated parts of an
+    option text, where commas inside parentheses do not split (a nested drafter spec with
+    options of its own is wrapped in parentheses). Unbalanced parentheses raise
+    DrafterError."""
+    parts: list[str] = []
+    depth, start = 0, 0
+    for i, ch in enumerate(text):
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth < 0:
+                raise DrafterError(f"drafter {drafter!r}: unbalanced ')' at character {i + 1} "
+                                   f"of {text!r}; wrap a nested spec as key=(SPEC)")
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth:
+        raise DrafterError(f"drafter {drafter!r}: {depth} unclosed '(' in {text!r}; wrap a "
+                           "nested spec as key=(SPEC)")
+    parts.append(text[start:])
+    return [x.strip() for x in parts if x.strip()]
+
+
+def unwrap(value: str) -> str:
+    """``"(SPEC)"`` -> ``"SPEC"`` when the outer parentheses enclose the whole value (repeated
+    for ``((SPEC))``); anything else is returned stripped, unchanged."""
+    value = value.strip()
+    while value.startswith("(") and value.endswith(")"):
+        depth = 0
+        for i, ch in enumerate(value):
+            depth += ch == "("
+            depth -= ch == ")"
+            if depth == 0 and i < len(value) - 1:
+                return value  # "(a),(b)": the first ')' closes before the end
+        value = value[1:-1].strip()
+    return value
+
+
 def parse_options(text: str, allowed: dict[str, type], drafter: str) -> dict[str, Any]:
     """``"min=1,max=4,k=8"`` -> {"min": 1, "max": 4, "k": 8}, typed by ``allowed``
-    (name -> int/float/bool/str); an unknown or malformed option raises DrafterError."""
+    (name -> int/float/bool/str); an unknown or malformed option raises DrafterError.
+
+    A value may be wrapped in parentheses so that it can hold commas, colons and ``=``:
+    ``first=(ngram:max=3,k=8),then=early-exit:4`` gives first="ngram:max=3,k=8" (the outer
+    parentheses are removed; a nested drafter spec is a ``str`` option). Unbalanced
+    parentheses raise DrafterError."""
     out: dict[str, Any] = {}
-    for part in filter(None, (x.strip() for x in text.split(","))):
+    for part in split_options(text, drafter):
         key, eq, value = part.partition("=")
         key = key.strip().lower()
         if not eq or key not in allowed:
             names = ", ".join(f"{k}=" for k in allowed) or "none"
             raise DrafterError(f"drafter {drafter!r}: bad option {part!r}; options: {names}")
         kind = allowed[key]
+        value = unwrap(value)
         try:
             if kind is bool:
-                if value.strip().lower() not in ("0", "1", "true", "false", "yes", "no"):
+                if value.lower() not in ("0", "1", "true", "false", "yes", "no"):
                     raise ValueError
-                out[key] = value.strip().lower() in ("1", "true", "yes")
+                out[key] = value.lower() in ("1", "true", "yes")
             else:
-                out[key] = kind(value.strip())
+                out[key] = kind(value)
         except ValueError:
             raise DrafterError(f"drafter {drafter!r}: option {key}={value!r} must be of type "
                                f"{kind.__name__}") from None
@@ -308,4 +355,4 @@ def describe_drafters() -> str:
 
 __all__ = ["Drafter", "DrafterError", "Proposal", "ROOT_ONLY", "build_drafter",
            "describe_drafters", "parse_options", "proposal_from_paths", "register_drafter",
-           "registered", "root_only", "split_spec"]
+           "registered", "root_only", "split_options", "split_spec", "unwrap"]

@@ -278,6 +278,18 @@ class NgramDrafter(Drafter):
             self._last = (len(committed), proposal.tokens.tolist())
         return proposal
 
+    def path_candidates(self, committed: Sequence[int]):
+        """``children(path)``: the ranked candidates (at most ``k``) after ``committed`` +
+        ``path`` (drafted tokens below the root), the callback ``propose`` fills its shape
+        with; indexes ``committed`` first. Cascades (``treeopt.decode.cascade``) draft
+        through it."""
+        if isinstance(committed, torch.Tensor):
+            committed = committed.reshape(-1).tolist()
+        self._sync(committed)
+        tail = tuple(int(t) for t in committed[-self.index.max_n:])
+        candidates, k = self.index.candidates, self.k
+        return lambda path: candidates(tail + tuple(path), k)
+
     def update(self, path: Sequence[int], committed: Sequence[int],
                target_topk: torch.Tensor | None = None) -> None:
         if not self.topk or target_topk is None or len(path) == 0:

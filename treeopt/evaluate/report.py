@@ -20,6 +20,7 @@ from __future__ import annotations
 import html
 import math
 import re
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,99 @@ def depth_rank_table(rows: list[dict], method: Method) -> list[list[float]]:
              for k in range(width)] for d in range(depth)]
 
 
+def adaptive_methods(rows: list[dict], methods: list[str],
+                     max_new_tokens: int | None = None) -> list[str]:
+    """The methods whose tree changed from step to step (an adaptive drafter: EGAG, dynamic
+    trees, cascades, an n-gram fill), from the rows' per-step tree sizes. Steps whose tree
+    the remaining token budget may have cut (fewer than the method's deepest tree before
+    ``max_new_tokens``; without it, the last step of each turn) are left out, so a fixed
+    tree cut at the end of a turn does not count."""
+    deepest: dict[str, int] = {}
+    for r in rows:
+        if r.get("depth_per_step"):
+            deepest[r["method"]] = max(deepest.get(r["method"], 0), max(r["depth_per_step"]))
+    out = []
+    for m in methods:
+        if m == AR or m not in deepest:
+            continue
+        for r in rows:
+            if r["method"] != m or not r.get("nodes_per_step"):
+                continue
+            produced, free = 1, set()
+            steps = list(zip(r["nodes_per_step"], r.get("accepted_per_step") or []))
+            for i, (nodes, accepted) in enumerate(steps):
+                room = (max_new_tokens - produced - 1 if max_new_tokens
+                        else (deepest[m] if i < len(steps) - 1 else -1))
+                if room >= deepest[m]:
+                    free.add(nodes)
+                produced += accepted + 1
+            if len(free) > 1:
+                out.append(m)
+                break
+    return out
+
+
+def tree_size_hist(rows: list[dict], methods: list[str], path: Path) -> bool:
+    """Histograms of the tree sizes (nodes, root included) and depths (edges) verified per
+    step, one column per method (top: sizes, bottom: depths)."""
+    data = {m: ([n for r in rows if r["method"] == m for n in (r.get("nodes_per_step") or [])],
+                [d for r in rows if r["method"] == m for d in (r.get("depth_per_step") or [])])
+            for m in methods}
+    data = {m: v for m, v in data.items() if v[0]}
+    if not data:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(2, len(data), squeeze=False, figsize=(3.2 * len(data), 5.4))
+    for j, (m, (sizes, depths)) in enumerate(data.items()):
+        for ax, vals, label in ((axes[0][j], sizes, "tree nodes per step (root included)"),
+                                (axes[1][j], depths, "tree depth per step")):
+            lo, hi = min(vals), max(vals)
+            ax.hist(vals, bins=[x - 0.5 for x in range(lo, hi + 2)], density=True, rwidth=0.85)
+            ax.set_xlabel(label, fontsize=8)
+            if hi - lo <= 20:
+                ax.set_xticks(range(lo, hi + 1))
+            ax.tick_params(labelsize=7)
+        axes[0][j].set_title(textwrap.fill(m, 34), fontsize=8)  # long nested specs wrap
+    axes[0][0].set_ylabel("share of steps")
+    axes[1][0].set_ylabel("share of steps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+BUDGET_COLUMNS = ["method", "trees", "mean_nodes", "mean_depth", "tokens_per_step",
+                  "tokens_per_s", "speedup"]
+
+
+def budget_tables(doc: dict) -> list[tuple[str, list[dict]]]:
+    """Per category: every method with the tree budget it actually used (mean nodes and depth
+    per step), its tokens per step, tokens/s and speed-up, and whether its trees were
+    adaptive or static (``adaptive_methods``), ordered by budget so that methods of the same
+    budget sit together; plain decoding first. Empty for results without tree sizes."""
+    summary, rows = doc.get("summary") or [], doc.get("rows") or []
+    if not any(r.get("mean_nodes") is not None for r in summary):
+        return []
+    names = list(dict.fromkeys(r["method"] for r in summary))
+    cfg = (doc.get("settings") or {}).get("config") or {}
+    adaptive = set(adaptive_methods(rows, names, cfg.get("max_new_tokens")))
+    out = []
+    for cat in dict.fromkeys(r["category"] for r in summary):
+        recs = [r for r in summary if r["category"] == cat and r.get("mean_nodes") is not None]
+        recs.sort(key=lambda r: (r["method"] != AR, _nan(r.get("mean_nodes"))))
+        out.append((cat, [{**{k: r.get(k) for k in BUDGET_COLUMNS},
+                           "trees": "-" if r["method"] == AR else
+                           ("adaptive" if r["method"] in adaptive else "static")}
+                          for r in recs]))
+    return out
+
+
+BUDGET_NOTE = ("Tokens per step and tokens/s of adaptive trees (the tree changed from step to "
+               "step) and static trees, with the budget each actually spent: mean tree nodes "
+               "(root included) and depth per verification step. Compare methods of similar "
+               "mean_nodes.")
+
+
 def acceptance_heatmap(rows: list[dict], methods: list[Method], path: Path) -> bool:
     """One heat map per tree method: acceptance by depth (rows) and sibling rank (columns)."""
     plt = _plt()
@@ -198,7 +292,8 @@ def expected_vs_measured(points: list[tuple[str, float, float]], path: Path) -> 
     plt.close(fig)
 
 
-PERCENT_COLUMNS = ("acceptance_rate",)  # shown as percentages, as format_summary does
+# Shown as percentages, as format_summary does.
+PERCENT_COLUMNS = ("acceptance_rate", "pass_at_1")
 
 
 def _percent(v: Any) -> Any:
@@ -253,6 +348,10 @@ def write_report(results: str | Path | dict, out_dir: str | Path, profile: Any =
     bar_plot(summary, "tokens_per_step", "tokens per target forward", out / "tokens_per_step.png",
              1.0)
     figures.append(("Tokens per step, by method and category", "tokens_per_step.png"))
+    max_new = (settings.get("config") or {}).get("max_new_tokens")
+    if tree_size_hist(rows, adaptive_methods(rows, names, max_new), out / "tree_sizes.png"):
+        figures.append(("Tree sizes and depths used (methods whose tree changed from step "
+                        "to step)", "tree_sizes.png"))
     if accepted_hist(rows, names, out / "accepted_hist.png"):
         figures.append(("Accepted draft tokens per verification step", "accepted_hist.png"))
     if acceptance_heatmap(rows, methods, out / "acceptance_heatmap.png"):
@@ -272,6 +371,15 @@ def write_report(results: str | Path | dict, out_dir: str | Path, profile: Any =
     else:
         notes.append("No acceptance profile recorded or given: expected-vs-measured plot "
                      "skipped (pass --profile).")
+
+    scoring = doc.get("pass_at_1")
+    if isinstance(scoring, dict):
+        limits = scoring.get("limits") or {}
+        notes.append(f"pass@1: each output's code ran against its problem's tests in a "
+                     f"subprocess (timeout {limits.get('timeout_s')} s, memory "
+                     f"{limits.get('memory_mb')} MiB, network "
+                     f"{'isolated' if scoring.get('network_isolated') else 'NOT isolated'}); "
+                     "a best-effort sandbox (treeopt.evaluate.passk), not a security boundary.")
 
     tree_pics: list[tuple[str, str]] = []
     if trees:
@@ -328,7 +436,7 @@ def _draw_trees(methods: list[Method], out: Path, profile: Any
 SHOW = ["method", "category", "prompts", "new_tokens", "tokens_per_s", "speedup",
         "speedup_median", "speedup_ci95_low", "speedup_ci95_high", "flag", "tokens_per_step",
         "acceptance_rate", "mean_accepted", "expected_tokens_per_step", "matches_ar",
-        "draft_ms_per_step", "verify_ms_per_step", "other_ms_per_step"]
+        "pass_at_1", "draft_ms_per_step", "verify_ms_per_step", "other_ms_per_step"]
 
 
 def _columns(summary: list[dict]) -> list[str]:
@@ -363,6 +471,21 @@ def _ties(doc: dict) -> list[str]:
     return [tie_line(r["method"], r["prompt_key"], int(r.get("turn") or 1),
                      r.get("first_mismatch"), r.get("tie_gap"), r.get("tie_tolerance"))
             for r in doc.get("rows") or [] if row_exactness(r) == TIE]
+
+
+def _pass_notes(doc: dict) -> list[str]:
+    """Greedy runs scored for pass@1 whose methods disagree on some prompt (every lossless
+    method must pass or fail alike): a heading line, then one line per prompt; empty when
+    they agree or the run is not greedy."""
+    from treeopt.evaluate.passk import disagreements
+
+    if (doc.get("settings", {}).get("config", {}) or {}).get("temperature"):
+        return []
+    lines = disagreements(doc.get("rows") or [])
+    if not lines:
+        return []
+    return [f"PASS@1 DIFFERS BETWEEN GREEDY LOSSLESS METHODS on {len(lines)} prompt(s): "
+            "their outputs must equal plain decoding's, so their pass@1 must be equal"] + lines
 
 
 TIE_NOTE = ("differ from plain decoding only at a numerical tie: where they first differ, "
@@ -406,11 +529,19 @@ def _markdown(doc, summary, figures, tree_pics, notes, expected) -> str:
     if ties:
         lines += [f"**{len(ties)} greedy output(s) {TIE_NOTE}**", ""]
         lines += [f"- {t}" for t in ties[:50]] + [""]
+    passes = _pass_notes(doc)
+    if passes:
+        lines += [f"**{passes[0]}**", ""] + [f"- {t}" for t in passes[1:51]] + [""]
     lines += ["## Summary", "", _md_table(summary, cols)]
     flags = _flag_notes(summary)
     if flags:
         lines += ["**Figures that cannot be trusted** (flag column):", ""]
         lines += [f"- {f}" for f in flags] + [""]
+    budgets = budget_tables(doc)
+    if budgets:
+        lines += ["## Adaptive vs static trees", "", BUDGET_NOTE, ""]
+        for cat, recs in budgets:
+            lines += [f"### {cat}", "", _md_table(recs, BUDGET_COLUMNS)]
     lines += ["## Figures", ""]
     for title, rel in figures:
         lines += [f"### {title}", "", f"![{title}]({rel})", ""]
@@ -448,11 +579,21 @@ def _html(doc, summary, figures, tree_pics, notes) -> str:
         parts.append(f"<p><b>{len(ties)} greedy output(s) {html.escape(TIE_NOTE)}</b></p>"
                      "<ul>" + "".join(f"<li>{html.escape(t)}</li>" for t in ties[:50])
                      + "</ul>")
+    passes = _pass_notes(doc)
+    if passes:
+        parts.append(f"<p class='fail'>{html.escape(passes[0])}</p><ul>"
+                     + "".join(f"<li>{html.escape(t)}</li>" for t in passes[1:51]) + "</ul>")
     parts += ["<h2>Summary</h2>", table]
     flags = _flag_notes(summary)
     if flags:
         parts.append("<p><b>Figures that cannot be trusted</b> (flag column):</p><ul>"
                      + "".join(f"<li>{html.escape(f)}</li>" for f in flags) + "</ul>")
+    budgets = budget_tables(doc)
+    if budgets:
+        parts += ["<h2>Adaptive vs static trees</h2>", f"<p>{html.escape(BUDGET_NOTE)}</p>"]
+        for cat, recs in budgets:
+            parts += [f"<h3>{html.escape(str(cat))}</h3>", pd.DataFrame(recs)[BUDGET_COLUMNS]
+                      .to_html(index=False, na_rep="-", float_format=lambda v: f"{v:.3g}")]
     parts.append("<h2>Figures</h2>")
     for title, rel in figures:
         parts.append(f"<h3>{html.escape(title)}</h3><img src='{html.escape(rel)}' "

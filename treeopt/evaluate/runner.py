@@ -88,6 +88,11 @@ METRICS = {
                        "hf-* methods: candidates counted from the lengths of the target's "
                        "inputs, accepted = new tokens - target forwards",
     "mean_accepted": "accepted draft tokens per verification step (mean accepted length)",
+    "mean_nodes": "tree nodes verified per verification step, root included (1 = a plain "
+                  "decoding step): the draft budget a method actually spent; adaptive drafters "
+                  "(egag, dynamic trees, cascades, n-gram fills) change it from step to step, "
+                  "and a fixed tree shrinks only where the remaining tokens cut it",
+    "mean_depth": "depth (edges below the root) of the verified tree per verification step",
     "expected_tokens_per_step": "F(tree) under the acceptance profile given to the run, when "
                                 "one was given",
     "matches_ar": "greedy only: turns whose output equals plain decoding's token for token / "
@@ -111,6 +116,11 @@ METRICS = {
                      "numerical tie: the model dtype's relative tolerance (float32 1e-4, "
                      "bfloat16 2**-7, float16 2**-10: one or two representable steps of "
                      "half precision) times the larger magnitude of the logits compared",
+    "tree_bucket": "tree-set methods only (treeopt.treeset): the index of the context range "
+                   "whose tree decoded this prompt, chosen by prompt tokens + "
+                   "max_new_tokens // 2",
+    "tree_nodes": "tree-set methods only: nodes (root included) of the tree that decoded this "
+                  "prompt",
     "prefill_ms": "milliseconds of the prefill (prompt forwards and the first token) per turn",
     "draft_ms_per_step": "drafting milliseconds (draft forwards, candidate look-ups) per "
                          "verification step; hf-pld: inside other_ms_per_step",
@@ -119,6 +129,18 @@ METRICS = {
                          "bookkeeping; Hugging Face's own loop for hf-* methods) in "
                          "milliseconds per verification step; (draft + verify + other) / "
                          "tokens_per_step is the time per generated token",
+    "output_text": "results.json and rows.jsonl only: the generated text up to the first "
+                   "end-of-sequence id (the answer; a fixed-length generation goes on past "
+                   "it), special tokens removed; empty without a tokenizer",
+    "output_ids": "results.json and rows.jsonl only: every generated token id",
+    "pass_status": "pass@1 runs only (treeopt.evaluate.passk): 'passed' (exit 0 after every "
+                   "test of the problem ran), 'failed' (a test assertion failed), 'timeout' "
+                   "or 'error' (an exception, a crash, a resource limit, an early exit); "
+                   "empty = not scored",
+    "pass_reason": "pass@1 runs only: why a sample did not pass, one short line",
+    "pass_at_1": "pass@1 runs only: samples passed / samples scored (one sample per prompt: "
+                 "the unbiased pass@1 estimate); in greedy mode equal for every lossless "
+                 "method",
 }
 
 
@@ -134,6 +156,9 @@ class Method:
              method, see ``treeopt.evaluate.reference``).
     drafter: a drafter spec for this method (``treeopt.decode.drafter``); None = the run's
              default drafter. For "hf" methods the Hugging Face option it stands for.
+    treeset: a ``treeopt.treeset.TreeSet``: each prompt is decoded with the tree of its
+             context range (``TreeSet.pick``; rows record ``tree_bucket`` and
+             ``tree_nodes``); ``tree`` is then its first range's tree. None otherwise.
     """
 
     name: str
@@ -141,24 +166,32 @@ class Method:
     kind: str = "tree"
     source: str = ""
     drafter: str | None = None
+    treeset: Any = None
 
     def to_dict(self) -> dict:
         d = {"name": self.name, "kind": self.kind, "source": self.source,
              "parents": None if self.tree is None else list(self.tree.parents)}
         if self.drafter is not None:  # absent when None: older run.json files stay equal
             d["drafter"] = self.drafter
+        if self.treeset is not None:  # likewise
+            d["treeset"] = self.treeset.to_dict()
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Method":
         tree = None if d.get("parents") is None else Tree.from_parents(d["parents"])
+        treeset = None
+        if d.get("treeset") is not None:
+            from treeopt.treeset import TreeSet
+
+            treeset = TreeSet.from_dict(d["treeset"], f"method {d['name']}")
         return cls(d["name"], tree, d.get("kind", "tree"), d.get("source", ""),
-                   d.get("drafter"))
+                   d.get("drafter"), treeset)
 
     @property
     def is_plain(self) -> bool:
         """Plain autoregressive decoding through the engine (no drafter at all)."""
-        return self.kind != "hf" and self.drafter is None and (
+        return self.kind != "hf" and self.drafter is None and self.treeset is None and (
             self.tree is None or self.tree.size <= 1)
 
     @property
@@ -191,6 +224,15 @@ def tree_method(spec: str, profile: Any = None) -> Method:
     from treeopt.shapes import describe, from_name
 
     path = Path(spec.strip())
+    from treeopt.treeset import is_treeset_file, load_treeset
+
+    if is_treeset_file(path):  # one tree per context range, picked per prompt
+        ts = load_treeset(path)
+        name = ts.meta.get("name")
+        label = name.strip() if isinstance(name, str) and name.strip() else spec.strip()
+        return Method(f"treeset:{label}", ts.trees[0], "tree",
+                      f"tree set of {len(ts.buckets)} context ranges ({spec.strip()})",
+                      treeset=ts)
     if path.suffix.lower() in (".pt", ".pth", ".json"):
         from treeopt.growmap import load_growmap
 
@@ -210,7 +252,7 @@ def drafter_method(text: str, profile: Any = None) -> Method:
     "datastore:store.npz@chain:4"); SHAPE is a growmap file or a shape spec as for
     ``tree_method``. The method's name is ``text``."""
     name = text.strip()
-    spec, at, shape = name.rpartition("@")
+    spec, at, shape = _split_at(name)
     if not at:
         spec, shape = name, ""
     spec, shape = spec.strip(), shape.strip()
@@ -221,9 +263,22 @@ def drafter_method(text: str, profile: Any = None) -> Method:
         raise EvalError(f"drafter method {text!r}: give a shape after '@', e.g. {spec}@chain:3")
     if spec.lower() in ("none", "ar"):
         raise EvalError(f"drafter method {text!r}: plain decoding always runs; give a drafter")
-    tree = tree_method(shape, profile).tree if shape else None
+    shaped = tree_method(shape, profile) if shape else None
+    tree = shaped.tree if shaped is not None else None
     source = f"drafter {spec}" + (f" over {shape}" if shape else " (its default shape)")
-    return Method(name, tree, "drafter", source, spec)
+    return Method(name, tree, "drafter", source, spec,
+                  shaped.treeset if shaped is not None else None)
+
+
+def _split_at(text: str) -> tuple[str, str, str]:
+    """``text.rpartition("@")`` at the last '@' outside parentheses (a nested drafter spec in
+    parentheses may hold one); ("", "", text) when there is none."""
+    depth = 0
+    for i in range(len(text) - 1, -1, -1):
+        depth += (text[i] == ")") - (text[i] == "(")
+        if text[i] == "@" and depth == 0:
+            return text[:i], "@", text[i + 1:]
+    return "", "", text
 
 
 def disambiguate(methods: Sequence[Method], paths: Sequence[str | None]) -> list[Method]:
@@ -236,7 +291,9 @@ def disambiguate(methods: Sequence[Method], paths: Sequence[str | None]) -> list
     out = []
     for m, path in zip(methods, paths):
         if path is not None and names.count(m.name) > 1:
-            m = Method(f"tree:{str(path).strip()}", m.tree, m.kind, m.source, m.drafter)
+            prefix = "treeset" if m.treeset is not None else "tree"
+            m = Method(f"{prefix}:{str(path).strip()}", m.tree, m.kind, m.source, m.drafter,
+                       m.treeset)
         out.append(m)
     return out
 
@@ -373,6 +430,7 @@ class _Runner:
     method: Method
     drafter: Any = None
     hf_options: dict | None = None
+    by_bucket: list | None = None  # a tree-set method's drafter per context range
 
 
 def _run_one(generate: Callable, target: Any, runner: _Runner, ids: list[int],
@@ -385,6 +443,11 @@ def _run_one(generate: Callable, target: Any, runner: _Runner, ids: list[int],
     device = getattr(target, "device", torch.device("cpu"))
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)
     sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p, cfg.rule, seed)
+    drafter, picked = runner.drafter, {}
+    if runner.by_bucket is not None:  # a tree set: the drafter of this prompt's range
+        bucket, tree = runner.method.treeset.pick(len(ids), max_new)
+        drafter, picked = runner.by_bucket[bucket], {"tree_bucket": bucket,
+                                                     "tree_nodes": tree.size}
     _sync(device)
     t0 = time.perf_counter()
     if runner.hf_options is not None:
@@ -393,7 +456,7 @@ def _run_one(generate: Callable, target: Any, runner: _Runner, ids: list[int],
         gen = run_hf(target, input_ids, max_new_tokens=max_new, sampling=sampling,
                      eos_token_id=eos, options=runner.hf_options)
     else:
-        gen = generate(target, runner.drafter, input_ids, max_new_tokens=max_new,
+        gen = generate(target, drafter, input_ids, max_new_tokens=max_new,
                        sampling=sampling, eos_token_id=eos)
     _sync(device)
     seconds = time.perf_counter() - t0
@@ -429,7 +492,31 @@ def _run_one(generate: Callable, target: Any, runner: _Runner, ids: list[int],
         "accepted_per_step": [int(s.accepted) for s in steps],
         "ranks_per_step": [[int(r) for r in s.ranks] for s in steps],
     }
+    row.update(_tree_sizes(steps))
+    row.update(picked)
     return tokens, row
+
+
+def _answer_text(tokenizer: Any, target: Any, tokens: list[int]) -> str | None:
+    """The generated text up to the first end-of-sequence id, special tokens removed (the
+    answer a fixed-length generation holds); None without a tokenizer that decodes."""
+    if getattr(tokenizer, "decode", None) is None:
+        return None
+    from treeopt.decode.api import eos_ids
+
+    stops = set(eos_ids(tokenizer, target))
+    end = next((i for i, t in enumerate(tokens) if t in stops), len(tokens))
+    return tokenizer.decode(tokens[:end], skip_special_tokens=True)
+
+
+def _tree_sizes(steps: Sequence[Any]) -> dict:
+    """Per-step tree sizes of a generation (``StepStats.nodes`` root included, ``depth`` in
+    edges) and their means; NaN means for runs without engine steps (hf-* methods)."""
+    nodes = [int(getattr(s, "nodes", 1)) for s in steps]
+    depths = [int(getattr(s, "depth", 0)) for s in steps]
+    return {"mean_nodes": sum(nodes) / len(nodes) if nodes else math.nan,
+            "mean_depth": sum(depths) / len(depths) if depths else math.nan,
+            "nodes_per_step": nodes, "depth_per_step": depths}
 
 
 def _seconds(stats: Any, name: str) -> float:
@@ -767,6 +854,9 @@ def _runners(methods: list[Method], target: Any, draft: Any, tokenizer: Any
                 runners[m.name] = _Runner(m, None)
             else:
                 runners[m.name] = _Runner(m, default.reshaped(m.tree))
+            if m.treeset is not None and runners[m.name].drafter is not None:
+                runners[m.name].by_bucket = [runners[m.name].drafter.reshaped(t)
+                                             for t in m.treeset.trees]
         except DrafterError as exc:
             raise EvalError(f"method {m.name}: {exc}") from None
     return runners
@@ -782,6 +872,8 @@ def _expected(methods: list[Method], profile: Any) -> dict[str, float]:
     for m in methods:
         if m.is_plain:
             out[m.name] = 1.0
+        elif m.uses_default_drafter and m.treeset is not None:  # per range; rows pick theirs
+            out[m.name] = [t.expected_tokens(table) for t in m.treeset.trees]
         elif m.uses_default_drafter:
             out[m.name] = m.tree.expected_tokens(table)
     return out
@@ -888,8 +980,12 @@ def _run_prompt(generate, target, runners, it: _Item, index: int, order: list[Me
             prev_ids = ids + tokens
             row.update({"prompt_key": it.key, "prompt_id": it.id, "category": it.category,
                         "turn": turn + 1, "method": m.name, "position": position,
-                        "truncated_tokens": cut,
+                        "truncated_tokens": cut, "output_ids": tokens,
+                        "output_text": _answer_text(tokenizer, target, tokens),
                         "expected_tokens_per_step": expected.get(m.name)})
+            if isinstance(row["expected_tokens_per_step"], list):  # a tree set: its range's
+                row["expected_tokens_per_step"] = row["expected_tokens_per_step"][
+                    row["tree_bucket"]]
             rows[m.name].append(row)
         bar.update(1)
     greedy = cfg.temperature == 0
@@ -916,7 +1012,8 @@ def _run_prompt(generate, target, runners, it: _Item, index: int, order: list[Me
 SUMMARY_COLUMNS = ["method", "category", "prompts", "new_tokens", "seconds", "tokens_per_s",
                    "speedup", "speedup_median", "speedup_ci95_low", "speedup_ci95_high",
                    "flag", "tokens_per_step", "acceptance_rate", "mean_accepted",
-                   "expected_tokens_per_step", "matches_ar", "prefill_ms",
+                   "mean_nodes", "mean_depth",
+                   "expected_tokens_per_step", "matches_ar", "pass_at_1", "prefill_ms",
                    "draft_ms_per_step", "verify_ms_per_step", "other_ms_per_step"]
 TIME_SPLIT = (("draft_s", "draft_ms_per_step"), ("verify_s", "verify_ms_per_step"),
               ("other_s", "other_ms_per_step"))
@@ -975,8 +1072,11 @@ def summarise(rows: Any, methods: Sequence[str] | None = None) -> Any:
                 "acceptance_rate": accepted / drafted if drafted else math.nan,
                 "mean_accepted": (accepted / steps if steps and (drafted or accepted)
                                   else math.nan),
+                "mean_nodes": _per_forward(m, "mean_nodes"),
+                "mean_depth": _per_forward(m, "mean_depth"),
                 "expected_tokens_per_step": math.nan,
                 "matches_ar": "-",
+                "pass_at_1": _pass_at_1(m),
                 "prefill_ms": 1000 * _total(m, "prefill_s") / len(m),
             }
             for col, split in TIME_SPLIT:
@@ -991,6 +1091,27 @@ def summarise(rows: Any, methods: Sequence[str] | None = None) -> Any:
                     states.count(_exactness.EQUAL), states.count(_exactness.TIE), len(states))
             out.append(rec)
     return pd.DataFrame(out, columns=SUMMARY_COLUMNS)
+
+
+def _pass_at_1(rows: Any) -> float:
+    """Samples passed / samples scored (``pass_status``, set by
+    ``treeopt.evaluate.passk``); NaN when no row was scored."""
+    if "pass_status" not in rows:
+        return math.nan
+    scored = [s for s in rows["pass_status"] if isinstance(s, str)]
+    return sum(s == "passed" for s in scored) / len(scored) if scored else math.nan
+
+
+def _per_forward(rows: Any, col: str) -> float:
+    """Pooled per-step mean of a per-row mean ``col`` (rows weighted by their target
+    forwards); NaN when no row has it."""
+    if col not in rows:
+        return math.nan
+    known = rows[rows[col].notna()]
+    forwards = float(known["target_forwards"].sum()) if len(known) else 0.0
+    if not forwards:
+        return math.nan
+    return float((known[col] * known["target_forwards"]).sum()) / forwards
 
 
 def _total(rows: Any, col: str) -> float:
@@ -1022,7 +1143,8 @@ def exactness_ties(rows: Any) -> list[str]:
             for r in rows.to_dict("records") if _exactness.row_exactness(r) == _exactness.TIE]
 
 
-STEP_COLUMNS = ("accepted_per_step", "ranks_per_step")
+STEP_COLUMNS = ("accepted_per_step", "ranks_per_step", "nodes_per_step", "depth_per_step")
+OUTPUT_COLUMNS = ("output_ids", "output_text")  # results.json / rows.jsonl only
 
 
 def metric_definitions(columns: Sequence[str]) -> dict[str, str]:
@@ -1037,7 +1159,8 @@ def write_results(out: Path, rows: Any, summary: Any, meta: dict) -> None:
     replaced atomically (a crash leaves the previous version, never a truncated file)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    per_prompt = rows.drop(columns=[c for c in STEP_COLUMNS if c in rows.columns])
+    per_prompt = rows.drop(columns=[c for c in STEP_COLUMNS + OUTPUT_COLUMNS
+                                    if c in rows.columns])
     definitions = {"format": "treeopt-eval-metrics", "version": 1,
                    "files": {SUMMARY_CSV: "one row per method and category (category 'all' "
                                           "pools every category)",
@@ -1099,18 +1222,21 @@ def format_summary(summary: Any) -> str:
             show = show.drop(columns=["flag"])
     for col, fmt in (("seconds", "{:.2f}"), ("tokens_per_s", "{:.1f}"), ("speedup", "{:.2f}x"),
                      ("tokens_per_step", "{:.2f}"), ("acceptance_rate", "{:.1%}"),
-                     ("mean_accepted", "{:.2f}"), ("expected_tokens_per_step", "{:.2f}"),
+                     ("mean_accepted", "{:.2f}"), ("mean_nodes", "{:.1f}"),
+                     ("mean_depth", "{:.1f}"), ("expected_tokens_per_step", "{:.2f}"),
+                     ("pass_at_1", "{:.1%}"),
                      ("prefill_ms", "{:.1f}"), ("draft_ms_per_step", "{:.2f}"),
                      ("verify_ms_per_step", "{:.2f}"), ("other_ms_per_step", "{:.2f}")):
         if col in show:
             show[col] = [("-" if v is None or (isinstance(v, float) and math.isnan(v))
                           else fmt.format(v)) for v in show[col]]
-    for col in ("expected_tokens_per_step", "prefill_ms", "draft_ms_per_step",
+    for col in ("expected_tokens_per_step", "pass_at_1", "prefill_ms", "draft_ms_per_step",
                 "verify_ms_per_step", "other_ms_per_step"):
         if col in show and (show[col] == "-").all():
             show = show.drop(columns=[col])
     # Short headers for the time split (ms per verification step) so the table stays narrow.
-    show = show.rename(columns={"speedup_median": "median",
+    show = show.rename(columns={"speedup_median": "median", "mean_nodes": "nodes/step",
+                                "mean_depth": "depth/step",
                                 "draft_ms_per_step": "draft_ms/step",
                                 "verify_ms_per_step": "verify_ms/step",
                                 "other_ms_per_step": "other_ms/step"})

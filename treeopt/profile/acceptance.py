@@ -342,23 +342,27 @@ def target_continuation(target, prompt_ids: Sequence[int], max_new_tokens: int, 
 
 def candidate_ranks(drafter, prompt_ids: Sequence[int], tokens: Sequence[int],
                     target_logits: torch.Tensor, width: int, *, temperature: float = 0.0,
-                    top_k: int = 0, top_p: float = 1.0,
+                    top_k: int = 0, top_p: float = 1.0, rule: str = "sequoia",
                     generator: torch.Generator | None = None) -> tuple[list[int], int]:
     """Accepted rank at each position of a continuation for a drafter without a model
     (n-gram, datastore, ...): at position t the drafter, having seen ``prompt_ids +
     tokens[:t]``, proposes a one-level tree of up to ``width`` ranked candidates; greedy: the
     rank of ``tokens[t]`` among them; stochastic: the candidate the point-mass rule accepts
-    against the target's P (``verify_candidates``, as in decoding). target_logits: (T, V),
-    row t predicting tokens[t]. Returns (ranks, per position: whether the drafter had no
-    candidate)."""
-    from treeopt.decode.sampling import Sampling, verify_candidates
+    against the target's P (``verify_candidates``, as in decoding), or ``rule`` against the
+    proposal's Q where it has one (a cascade's model-drafted positions). target_logits:
+    (T, V), row t predicting tokens[t]. Returns (ranks, per position: whether the drafter
+    had no candidate)."""
+    from treeopt.decode.sampling import Sampling, verify_candidates, verify_children
     from treeopt.shapes import kary
 
-    sampling = Sampling(temperature, top_k, top_p)
+    sampling = Sampling(temperature, top_k, top_p, rule)
     one_level = drafter.reshaped(kary(width, 1))
     device = _device_of_drafter(drafter)
     committed = [int(t) for t in prompt_ids]
-    one_level.start(torch.tensor([committed], dtype=torch.int64, device=device))
+    # As in decoding, the drafter starts on the text before the root (a model drafter then
+    # feeds the root with its first proposal).
+    one_level.start(torch.tensor([committed[:-1] or committed], dtype=torch.int64,
+                                 device=device))
     ranks, empty = [], []
     for t, tok in enumerate(tokens):
         proposal = one_level.propose(committed, 1, sampling, generator)
@@ -369,7 +373,11 @@ def candidate_ranks(drafter, prompt_ids: Sequence[int], tokens: Sequence[int],
         elif sampling.greedy:
             ranks.append(children.index(tok) + 1 if tok in children else 0)
         else:
-            i, _ = verify_candidates(sampling.probs(target_logits[t]), children, generator)
+            p, q = sampling.probs(target_logits[t]), proposal.q_at(0)
+            if q is None:
+                i, _ = verify_candidates(p, children, generator)
+            else:
+                i, _ = verify_children(p, q.to(p.device), children, rule, generator)
             ranks.append(0 if i is None else i + 1)
         committed.append(int(tok))
         one_level.update([0], committed)
@@ -414,7 +422,8 @@ def _teacher_forced(target, draft, prompt_ids: Sequence[int], *, width: int,
             return _candidates_forced(target, draft, prompt_ids, width=width,
                                       max_new_tokens=max_new_tokens, continuation=continuation,
                                       temperature=temperature, top_k=top_k, top_p=top_p,
-                                      generator=generator, eos_token_id=eos_token_id)
+                                      generator=generator, eos_token_id=eos_token_id,
+                                      rule=rule)
         draft = model
     if continuation not in CONTINUATIONS:
         raise AcceptanceError(f"unknown continuation {continuation!r}; use target or dataset")
@@ -450,7 +459,8 @@ def _teacher_forced(target, draft, prompt_ids: Sequence[int], *, width: int,
 def _candidates_forced(target, drafter, prompt_ids: Sequence[int], *, width: int,
                        max_new_tokens: int, continuation: str, temperature: float, top_k: int,
                        top_p: float, generator: torch.Generator | None,
-                       eos_token_id: int | None) -> tuple[list[int], int, int]:
+                       eos_token_id: int | None, rule: str = "sequoia"
+                       ) -> tuple[list[int], int, int]:
     """Teacher-forced ranks of a model-free drafter along the chosen continuation."""
     if continuation not in CONTINUATIONS:
         raise AcceptanceError(f"unknown continuation {continuation!r}; use target or dataset")
@@ -469,7 +479,7 @@ def _candidates_forced(target, drafter, prompt_ids: Sequence[int], *, width: int
         return [], 0, None
     ranks, empty = candidate_ranks(drafter, context, tokens, p_logits, width,
                                    temperature=temperature, top_k=top_k, top_p=top_p,
-                                   generator=generator)
+                                   rule=rule, generator=generator)
     return ranks, start, empty
 
 
