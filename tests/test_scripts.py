@@ -186,3 +186,41 @@ def test_bench_drafters_on_a_saved_tiny_model(folder, tmp_path, monkeypatch, cap
     every = [r for r in summary if r["category"] == "all"]
     assert len(every) == len(methods)
     assert all(r["matches_ar"] == "13/13" for r in every)
+
+
+def test_bench_real_pair_on_a_saved_tiny_pair(folder, tmp_path, capsys):
+    """Tune every draft variant on held-out HumanEval prompts, then eval HumanEval and a
+    Spec-Bench category with HF assisted generation, chains and the tuned trees."""
+    draft = tmp_path / "tiny-draft"
+    tiny_causal_lm("llama", seed=1).save_pretrained(draft)
+    tiny_tokenizer().save_pretrained(draft)
+    out = tmp_path / "bench"
+    args = ["--target", str(folder), "--draft", str(draft), "--variants", "fp32,int8",
+            "--humaneval", "2", "--categories", "translation", "--per-category", "1",
+            "--chains", "1,2", "--tune-prompts", "2", "--tune-tokens", "6", "--max-size", "4",
+            "--latency-tokens", "1,2,4", "--repeats", "1", "--max-new-tokens", "6",
+            "--threads", "1", "--out", str(out)]
+    assert load_script("bench_real_pair").main(args) == 0
+    text = capsys.readouterr().out
+    assert "== humaneval: speed-up over plain decoding" in text
+    assert re.search(r"fp32 +predicted .* tok/s .*, measured .* tok/s", text)
+    for label, n in (("humaneval", 2), ("spec_bench", 1)):
+        summary = json.loads((out / f"eval-{label}" / "results.json").read_text())["summary"]
+        cats = {r["category"] for r in summary}
+        overall = "all" if "all" in cats else cats.pop()  # one category: no "all" rows
+        every = {r["method"]: r for r in summary if r["category"] == overall}
+        assert {"ar", "chain:2", "chain:3", "hf-assisted"} <= set(every)
+        assert sum(m.endswith("tune-fp32/tree.pt") for m in every) == 1
+        assert sum("quant=int8@" in m for m in every) == 2  # tuned tree and the chain
+        assert all(r["matches_ar"] == f"{n}/{n}" for r in every.values())
+    assert (out / "tune-int8" / "summary.json").exists()
+
+
+def test_bench_adaptive_tiny(tmp_path, capsys):
+    """Per-step choice time by budget, then every adaptive method on a tiny pair, interleaved
+    with plain decoding and the static DP tree, outputs checked against plain decoding."""
+    args = ["--tiny", "--budgets", "8,64", "--out", str(tmp_path), "--n", "2", "--calib", "2",
+            "--max-new-tokens", "8", "--threads", "1"]
+    assert load_script("bench_adaptive").main(args) == 0
+    out = capsys.readouterr().out
+    assert "dynamic-dp" in out and "2/2" in out and "FAILURE" not in out
