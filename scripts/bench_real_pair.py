@@ -72,6 +72,9 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-hf", action="store_true", help="skip HF assisted generation")
+    ap.add_argument("--no-pass-at-1", action="store_true",
+                    help="skip scoring HumanEval pass@1 (runs the generated code in treeopt's "
+                         "best-effort sandbox)")
     ap.add_argument("--out", required=True, help="results folder")
     ap.add_argument("--resume", action="store_true", help="continue an interrupted run")
     return ap.parse_args(argv)
@@ -168,11 +171,26 @@ def _run(args) -> int:
         t0 = time.perf_counter()
         rc = cli(["eval", *data, *common, "--out", str(out / f"eval-{label}")]) or rc
         print(f"eval {label}: {time.perf_counter() - t0:.0f} s, exit {rc}", flush=True)
+    humaneval = out / "eval-humaneval"
+    if (humaneval / "results.json").exists() and not args.no_pass_at_1:
+        score_pass_at_1(humaneval)
     for label, _ in runs:
         folder = out / f"eval-{label}"
         if (folder / "results.json").exists():
             verdict(folder, label, tuned)
     return rc
+
+
+def score_pass_at_1(folder: Path) -> None:
+    """pass@1 of every method's HumanEval completions (a lossless greedy method must score
+    exactly what plain decoding scores), run in treeopt's sandbox; already scored programs
+    are not run again."""
+    from treeopt.evaluate.passk import format_pass, score_run
+
+    t0 = time.perf_counter()
+    scored = score_run(folder)
+    print(f"pass@1 scoring: {time.perf_counter() - t0:.0f} s", flush=True)
+    print(format_pass(scored), flush=True)
 
 
 def verdict(folder: Path, label: str, tuned: dict[str, tuple[str, Path]]) -> None:

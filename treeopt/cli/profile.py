@@ -137,7 +137,8 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def add_model_arguments(parser: argparse.ArgumentParser, draft_required: bool = True) -> None:
     parser.add_argument("--target", required=True,
-                        help="target model: smollm2, a folder, a .gguf file or a hub id")
+                        help="target model: smollm2, qwen2.5-coder-1.5b, a folder, a .gguf "
+                             "file or a hub id")
     parser.add_argument("--draft", required=draft_required,
                         help="drafter: early-exit:K, a draft model with the same tokenizer, "
                              "ngram[:min=,max=,k=,topk=,keep=], datastore:PATH or bigram:PATH")

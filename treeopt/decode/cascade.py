@@ -97,17 +97,6 @@ def refeed_root(drafter: Drafter, committed: Sequence[int]) -> None:
         drafter.cached = len(committed) - 1
 
 
-class _MixedProposal(Proposal):
-    """A proposal whose nodes with children are partly drafted by a model (with a
-    distribution) and partly by a statistical drafter (point masses): ``q_row[v] == -1``
-    marks a node whose children have no distribution."""
-
-    def q_at(self, node: int) -> torch.Tensor | None:
-        if self.q is None or self.q_row is None or self.q_row[node] < 0:
-            return None
-        return self.q[self.tree.depths[node]][self.q_row[node]]
-
-
 # ---------------------------------------------------------------------------- fallback
 class FallbackDrafter(Drafter):
     """``first``'s proposal when it has one beyond the root, else ``then``'s."""
@@ -247,9 +236,10 @@ class HorizontalDrafter(Drafter):
         q_row = None
         if head.q is not None:
             q_row = list(head.q_row) + [-1] * (len(parents) - tree.size)
-        return _MixedProposal(Tree(tuple(parents)),
-                              torch.tensor(tokens, dtype=torch.int64, device=head.tokens.device),
-                              head.q, q_row, head.forwards, fixed_shape=False)
+        # q_row[v] == -1: children drafted by the statistical drafter (point masses).
+        return Proposal(Tree(tuple(parents)),
+                        torch.tensor(tokens, dtype=torch.int64, device=head.tokens.device),
+                        head.q, q_row, head.forwards, fixed_shape=False)
 
     def update(self, path: Sequence[int], committed: Sequence[int],
                target_topk: torch.Tensor | None = None) -> None:
