@@ -87,6 +87,33 @@ def test_dynamic_dp_greedy_equals_plain(arch, latency):
         assert sizes[0] == 24  # a fixed budget: every node the expansion offers, up to 24
 
 
+def test_dynamic_dp_never_drafts_when_no_tree_can_pay():
+    """Verifying n tokens costs 10 n ms and a draft forward 2 ms: even a tree whose every node
+    is accepted commits n tokens in 10 n + 2 ms or more, slower than plain decoding's 10 ms a
+    token, so no step can pay and none drafts (not even the prompt is fed to the draft). The
+    same calibration with flat verification costs pays, and drafts."""
+    conf = np.linspace(0.0, 1.0, 200)
+    dear = Latency(LatencyCurve([1, 2, 4, 8], [10.0, 20.0, 40.0, 80.0]),
+                   LatencyCurve([1, 4], [2.0, 2.5]))
+    flat = Latency(LatencyCurve([1, 2, 4, 8], [10.0, 10.0, 10.5, 11.0]),
+                   LatencyCurve([1, 4], [2.0, 2.5]))
+    target, draft = models("llama")
+    ref = generate(target, None, IDS, max_new_tokens=20).tokens
+    never = DynamicDrafter(draft, budget=8, depth=3, topk=2,
+                           calibration=from_samples(conf, conf > 0.5, bins=5, latency=dear))
+    assert never.calibration.acceptance(np.array([1.0]))[0] == 1.0
+    assert never.never_pays and never.cache is None
+    got = generate(target, never, IDS, max_new_tokens=20)
+    assert got.tokens == ref and never.cache is None
+    assert got.stats.draft_forwards == 0 and all(s.nodes == 1 for s in got.stats.steps)
+    pays = DynamicDrafter(draft, budget=8, depth=3, topk=2,
+                          calibration=from_samples(conf, conf ** 0.5 > 0.5, bins=5,
+                                                   latency=flat))
+    assert not pays.never_pays
+    got = generate(target, pays, IDS, max_new_tokens=20)
+    assert got.tokens == ref and got.stats.draft_forwards > 0
+
+
 def test_self_draft_accepts_every_level():
     """With the target as its own draft the top-1 chain is always accepted: every step
     accepts `depth` tokens only if the draft cache holds the right context after each

@@ -255,6 +255,10 @@ class DynamicDrafter(ModelDrafter):
             self.draft_curve = monotone(latency.draft)
         if calibration is not None:
             self.name = "dynamic-dp"
+        # Decided once, from the calibration and the latency alone (so still lossless): when
+        # no tree can pay even at the best calibrated acceptance, every step is plain decoding
+        # and the draft is never run.
+        self.never_pays = not self.can_pay()
         self._fed: list[int] | None = None
         self.last_draft_ms = 0.0
 
@@ -277,15 +281,40 @@ class DynamicDrafter(ModelDrafter):
         # non-increasing along each row (the ranks), also where interpolation rounds
         return np.minimum.accumulate(self.calibration.acceptance(c), axis=1)
 
+    def can_pay(self) -> bool:
+        """Whether any step's tree can beat plain decoding under the calibrated costs: an
+        upper bound with every candidate at the highest calibrated acceptance a (the
+        ``topk**d`` nodes of depth d worth ``a**d``) and the cheapest draft work (one
+        one-token draft forward) against a plain step, verify(1). True without a latency
+        table (nothing to weigh)."""
+        if self.verify_ms is None or self.calibration is None:
+            return True
+        best = float(self.factors(torch.ones(1, 1))[0, 0])
+        values = [1.0]
+        for d in range(1, self.depth + 1):
+            values += [best ** d] * min(self.topk ** d, self.budget)
+            if len(values) >= self.budget:
+                break
+        f = np.cumsum(values[:self.budget])
+        n = np.arange(1, f.shape[0] + 1)
+        speculative = f[1:] / (self._draft_ms([1]) + self.verify_ms[n[1:] - 1])
+        return bool(speculative.size) and float(speculative.max()) > 1.0 / self.verify_ms[0]
+
+    def start(self, prompt_ids: torch.Tensor) -> None:
+        if not self.never_pays:  # a draft that never drafts needs no cache
+            super().start(prompt_ids)
+
     def _draft_ms(self, widths: list[int]) -> float:
         curve = self.draft_curve
         return 0.0 if curve is None else float(sum(curve(w) for w in widths))
 
     def propose(self, committed: Sequence[int], max_depth: int, sampling: Sampling,
                 generator: torch.Generator | None = None) -> Proposal:
+        self._fed = None
+        if self.never_pays:
+            return root_only(committed, next(self.model.parameters()).device)
         device = self.cache.layers[0].keys.device if self.cache.layers else torch.device("cpu")
         depth = min(self.depth, max_depth)
-        self._fed = None
         if depth < 1 or self.budget == 1:
             return root_only(committed, device)
         self._root_pos = root_pos = len(committed) - 1
