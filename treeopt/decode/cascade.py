@@ -86,17 +86,6 @@ def _build(spec: str, owner: str, key: str, *, target, tokenizer, tree) -> Draft
     return drafter
 
 
-def refeed_root(drafter: Drafter, committed: Sequence[int]) -> None:
-    """A model drafter started on text that already ends with the root (the acceptance
-    profiler's one-token contexts) has nothing left to feed; drop the root from its cache
-    so that its next forward feeds it again. Nothing to do in decoding, where the root is
-    always new."""
-    if isinstance(drafter, ModelDrafter) and drafter.cache is not None \
-            and drafter.cached >= len(committed):
-        compact(drafter.cache, len(committed) - 1, [])
-        drafter.cached = len(committed) - 1
-
-
 # ---------------------------------------------------------------------------- fallback
 class FallbackDrafter(Drafter):
     """``first``'s proposal when it has one beyond the root, else ``then``'s."""
@@ -129,13 +118,11 @@ class FallbackDrafter(Drafter):
 
     def propose(self, committed: Sequence[int], max_depth: int, sampling: Sampling,
                 generator: torch.Generator | None = None) -> Proposal:
-        refeed_root(self.first, committed)
         proposal = self.first.propose(committed, max_depth, sampling, generator)
         if proposal.tree.size > 1 or max_depth < 1:
             self._used = self.first
             self.used_first += proposal.tree.size > 1
             return proposal
-        refeed_root(self.then, committed)
         other = self.then.propose(committed, max_depth, sampling, generator)
         other.forwards += proposal.forwards
         self._used = self.then
@@ -196,7 +183,6 @@ class HorizontalDrafter(Drafter):
     def propose(self, committed: Sequence[int], max_depth: int, sampling: Sampling,
                 generator: torch.Generator | None = None) -> Proposal:
         top = self.levels - 1
-        refeed_root(self.model_drafter, committed)
         head = self.model_drafter.propose(committed, min(max_depth, top), sampling, generator)
         self._model_size = head.tree.size
         if head.tree.size == 1 or max_depth <= top:
@@ -294,7 +280,7 @@ class VerticalDrafter(ModelDrafter):
         device = self.cache.layers[0].keys.device if self.cache.layers else torch.device("cpu")
         self._root_pos = root_pos = len(committed) - 1
         guesses: Callable = self.helper.path_candidates(committed)
-        unfed = [int(t) for t in committed[self.cached:]]
+        unfed = self.pending(committed, device)[0].tolist()
         pos = self.cached  # position of unfed[0]
         drafted: list[int] = []
         qs: list[torch.Tensor] | None = None if sampling.greedy else []

@@ -318,8 +318,7 @@ class DynamicDrafter(ModelDrafter):
         if depth < 1 or self.budget == 1:
             return root_only(committed, device)
         self._root_pos = root_pos = len(committed) - 1
-        pending = torch.tensor([list(committed[self.cached:])], dtype=torch.int64,
-                               device=device)
+        pending = self.pending(committed, device)
         k = self.topk
         tree = Expansion(depth, k, self.budget, pending[0, -1])
         logits = feed_pending(self.model, self.cache, pending, root_pos)

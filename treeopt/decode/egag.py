@@ -261,8 +261,7 @@ class EgagDrafter(ModelDrafter):
         if shape.size == 1:
             return root_only(committed, device)
         self._root_pos = len(committed) - 1
-        pending = torch.tensor([list(committed[self.cached:])], dtype=torch.int64,
-                               device=device)
+        pending = self.pending(committed, device)
         grown = grow_tree(self.model, self.cache, pending, self._root_pos, shape, self.expands,
                           sampling=sampling, generator=generator)
         self.cached = len(committed)

@@ -86,13 +86,22 @@ class ModelDrafter(Drafter):
         if tree.size == 1:
             return root_only(committed, device)
         self._root_pos = len(committed) - 1
-        pending = torch.tensor([list(committed[self.cached:])], dtype=torch.int64,
-                               device=device)
+        pending = self.pending(committed, device)
         drafted = draft_tree(self.model, self.cache, pending, self._root_pos, tree,
                              sampling=sampling, generator=generator)
         self.cached = len(committed)
         row = None if drafted.q is None else draft_plan(tree, str(device)).row
         return Proposal(tree, drafted.tokens, drafted.q, row, drafted.forwards)
+
+    def pending(self, committed: Sequence[int], device: torch.device | str) -> torch.Tensor:
+        """(1, P) int64: the committed tokens the draft cache lacks, the root last. A cache
+        that already holds the root (a drafter started on text ending with it, as the
+        acceptance profiler's one-token contexts are, or one whose steps another drafter
+        drafted) drops it first, so the root is always fed and drafted from."""
+        if self.cached >= len(committed):
+            compact(self.cache, len(committed) - 1, [])
+            self.cached = len(committed) - 1
+        return torch.tensor([list(committed[self.cached:])], dtype=torch.int64, device=device)
 
     def update(self, path: Sequence[int], committed: Sequence[int],
                target_topk: torch.Tensor | None = None) -> None:
