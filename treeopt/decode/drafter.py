@@ -54,7 +54,7 @@ DEFAULT_CANDIDATE_SHAPE = Tree((-1, 0, 1, 2))
 # complete without importing every drafter at start-up.
 DRAFTER_MODULES = ("treeopt.decode.model_drafter", "treeopt.decode.ngram",
                    "treeopt.decode.datastore", "treeopt.decode.dynamic", "treeopt.decode.egag",
-                   "treeopt.decode.cascade")
+                   "treeopt.decode.cascade", "treeopt.drafters.suffix")
 
 
 class DrafterError(TreeoptError, ValueError):

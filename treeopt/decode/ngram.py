@@ -33,9 +33,13 @@ from treeopt.decode.drafter import (DEFAULT_CANDIDATE_SHAPE, Drafter, DrafterErr
                                     parse_options, proposal_from_paths, register_drafter,
                                     root_only)
 from treeopt.decode.sampling import Sampling
+from treeopt.drafters.copylen import StepSizer, bfs_subtree
+from treeopt.profile.copytable import CopyTable, Features
 from treeopt.tree import Tree
 
 DEFAULT_SHAPE = DEFAULT_CANDIDATE_SHAPE
+# len=auto without a tree: the largest chain filled, cut per step by the copy table.
+AUTO_SHAPE = Tree(tuple(range(-1, 16)))
 _SORT_ALL = 32  # continuation lists up to this long are ranked fully and cached
 
 
@@ -168,6 +172,28 @@ class NgramIndex:
                             return out
         return out
 
+    def candidates_with_features(self, context: Sequence[int], k: int
+                                 ) -> tuple[list[int], list[Features]]:
+        """``candidates`` with, per token, what the index knew (copy-acceptance features:
+        rank, the n-gram length it followed, its count / the n-gram's count; 0 for fillers)."""
+        toks = self.candidates(context, k)
+        n_ctx = min(len(context), self.max_n)
+        ctx = tuple(int(t) for t in context[len(context) - n_ctx:])
+        feats, left = [], set(toks)
+        found: dict[int, Features] = {}
+        for n in range(n_ctx, self.min_n - 1, -1):
+            conts = self._table.get(ctx[n_ctx - n:])
+            if not conts or not left:
+                continue
+            total = sum(c[0] for c in conts.values())
+            for t in [t for t in toks if t in left and t in conts]:
+                found[t] = Features(0, n, conts[t][0] / total)
+                left.discard(t)
+        for r, t in enumerate(toks, 1):
+            f = found.get(t)
+            feats.append(Features(r, f.match if f else 0, f.prob if f else 0.0))
+        return toks, feats
+
     def __repr__(self) -> str:
         return (f"NgramIndex(min_n={self.min_n}, max_n={self.max_n}, tokens={len(self)}, "
                 f"ngrams={len(self._table)}, fillers={len(self._filler)})")
@@ -189,8 +215,12 @@ class NgramDrafter(Drafter):
 
     def __init__(self, shape: Tree | None = None, *, min_n: int = 1, max_n: int = 4,
                  k: int | None = None, topk: int = 0, keep: bool = False,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", sizer: StepSizer | None = None,
+                 recorder: CopyTable | None = None):
         self.shape = shape if shape is not None else DEFAULT_SHAPE
+        self.sizer = sizer  # len=auto: keep each step's best part of the filled shape
+        self.recorder = recorder  # counts each step's outcome by copy features
+        self.last_draft: tuple[list[int], list] | None = None
         if not isinstance(self.shape, Tree):
             raise DrafterError(f"drafter 'ngram': shape must be a Tree, got "
                                f"{type(self.shape).__name__}")
@@ -272,11 +302,42 @@ class NgramDrafter(Drafter):
             return root_only(committed, self.device)
         tail = tuple(int(t) for t in committed[-self.index.max_n:])
         candidates, k = self.index.candidates, self.k
-        proposal = proposal_from_paths(committed, lambda path: candidates(tail + path, k),
-                                       self.shape, max_depth, self.device)
+        if self.sizer is not None or self.recorder is not None:
+            proposal = self._sized(committed, tail, max_depth)
+        else:
+            proposal = proposal_from_paths(committed, lambda path: candidates(tail + path, k),
+                                           self.shape, max_depth, self.device)
         if self.topk:
             self._last = (len(committed), proposal.tokens.tolist())
         return proposal
+
+    def _sized(self, committed: Sequence[int], tail: tuple[int, ...], max_depth: int
+               ) -> Proposal:
+        """Fill the shape recording each node's copy features; with a sizer keep only the
+        part worth verifying (``treeopt.drafters.copylen``)."""
+        feats: dict[tuple[int, ...], list[Features]] = {}
+
+        def children(path):
+            toks, fs = self.index.candidates_with_features(tail + path, self.k)
+            feats[path] = fs
+            return toks
+
+        full = proposal_from_paths(committed, children, self.shape, max_depth, self.device)
+        tree, toks = full.tree, full.tokens.tolist()
+        paths: list[tuple[int, ...]] = [()]
+        features: list = [None]
+        for v in range(1, tree.size):
+            u = tree.parents[v]
+            paths.append(paths[u] + (toks[v],))
+            features.append(feats[paths[u]][tree.ranks[v] - 1])
+        if self.sizer is not None and tree.size > 1:
+            keep = self.sizer.choose(tree.parents, features).nodes
+            tree, old = bfs_subtree(tree.parents, tree.ranks, keep)
+            features = [features[v] for v in old]
+            full = Proposal(tree, torch.tensor([toks[v] for v in old], dtype=torch.int64,
+                                               device=self.device), fixed_shape=False)
+        self.last_draft = (list(tree.parents), features)
+        return full
 
     def path_candidates(self, committed: Sequence[int]):
         """``children(path)``: the ranked candidates (at most ``k``) after ``committed`` +
@@ -292,6 +353,9 @@ class NgramDrafter(Drafter):
 
     def update(self, path: Sequence[int], committed: Sequence[int],
                target_topk: torch.Tensor | None = None) -> None:
+        if self.recorder is not None and self.last_draft is not None:
+            self.recorder.record(*self.last_draft, path)
+        self.last_draft = None
         if not self.topk or target_topk is None or len(path) == 0:
             return
         rows = target_topk.tolist() if isinstance(target_topk, torch.Tensor) else target_topk
@@ -319,19 +383,30 @@ class NgramDrafter(Drafter):
 
 
 @register_drafter("ngram", "n-gram / prompt lookup tree from the prompt and the text so far "
-                           "(options min=, max=, k=, topk=, keep=)")
+                           "(options min=, max=, k=, topk=, keep=, len=auto|fixed, table=, "
+                           "latency=)")
 def _build_ngram(options: str, *, target, tokenizer=None, tree: Tree | None = None
                  ) -> NgramDrafter:
     opts = parse_options(options, {"min": int, "max": int, "k": int, "topk": int,
-                                   "keep": bool}, "ngram")
+                                   "keep": bool, "len": str, "table": str, "latency": str},
+                         "ngram")
     device = next(target.parameters()).device if target is not None else "cpu"
     min_n = opts.get("min", 1)
     max_n = opts.get("max", 4)
     if min_n > max_n and "max" not in opts:
         raise DrafterError(f"drafter 'ngram': min={min_n} is above the default max=4; "
                            f"give max= as well")
+    length = opts.get("len", "auto" if "table" in opts else "fixed")
+    if length not in ("auto", "fixed") or (length == "auto") != ("table" in opts):
+        raise DrafterError("drafter 'ngram': len=auto goes with table=PROFILE.json (from "
+                           "`treeopt tune --draft ngram`); len=fixed drafts the whole shape")
+    if length == "auto" and tree is None:
+        tree = AUTO_SHAPE
+    sizer = (StepSizer.from_files(opts["table"], opts.get("latency"), tree.size, "ngram")
+             if length == "auto" else None)
     return NgramDrafter(tree, min_n=min_n, max_n=max_n, k=opts.get("k"),
-                        topk=opts.get("topk", 0), keep=opts.get("keep", False), device=device)
+                        topk=opts.get("topk", 0), keep=opts.get("keep", False), device=device,
+                        sizer=sizer)
 
 
 __all__ = ["NgramDrafter", "NgramIndex", "DEFAULT_SHAPE"]
