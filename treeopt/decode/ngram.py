@@ -38,7 +38,7 @@ from treeopt.profile.copytable import CopyTable, Features
 from treeopt.tree import Tree
 
 DEFAULT_SHAPE = DEFAULT_CANDIDATE_SHAPE
-# len=auto without a tree: the largest chain filled, cut per step by the copy table.
+# len=auto without a tree: a chain of 16 drafted tokens, cut per step by the copy table.
 AUTO_SHAPE = Tree(tuple(range(-1, 16)))
 _SORT_ALL = 32  # continuation lists up to this long are ranked fully and cached
 

@@ -575,6 +575,9 @@ class SuffixDrafter(Drafter):
             parents, features = self.last_draft
             self.recorder.record(parents, features, path)
         self.last_draft = None
+        if isinstance(committed, torch.Tensor):
+            committed = committed.reshape(-1).tolist()
+        self._sync(committed)  # so that the last step's tokens reach the global trie too
 
     def __repr__(self) -> str:
         size = "auto" if self.length == "auto" else f"alpha={self.alpha},offset={self.offset}"

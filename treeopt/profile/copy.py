@@ -117,7 +117,7 @@ def teacher_forced_table(target, drafter: Drafter, prompts: Sequence[Sequence[in
             committed = ids + cont[:t]
             proposal = d.propose(committed, len(cont) - t, GREEDY)
             path = greedy_path(proposal.tree.parents, proposal.tokens.tolist(), cont[t:])
-            d.update(path, committed + cont[t:t + len(path)])
+            d.update(path, committed)
     table.meta.update(prompts=len(prompts), max_new_tokens=max_new_tokens,
                       max_tokens=max_tokens, drafter=repr(drafter), temperature=0.0)
     return table
