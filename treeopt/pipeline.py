@@ -652,6 +652,7 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
     length."""
     from treeopt.decode.models import resolve_device
     from treeopt.profile.acceptance import AcceptanceRun
+    from treeopt.profile.copy import tune_copy_table
 
     t0 = time.perf_counter()
     _check_cost(draft_cost)
@@ -742,6 +743,7 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
         profile = dataclasses.replace(profile, latency=latency)
     t_lat = time.perf_counter() - t0 - t_acc
     warnings = latency_warnings(latency)
+    copy_summary = tune_copy_table(pair, chosen, run, profile_path)  # ngram / suffix only
 
     found = search_tree(profile, max_size=max_size, max_levels=levels, draft_cost=draft_cost,
                         measured_sizes_only=measured_sizes_only)
@@ -789,6 +791,8 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
                "prediction": pred.to_dict(), "method": method, "draft_cost": draft_cost,
                "max_levels": levels, "max_size": found.max_size,
                "measured_sizes_only": measured_sizes_only, "warnings": warnings + notes}
+    if copy_summary is not None:
+        summary["copy"] = copy_summary
     if out is not None:
         from treeopt.growmap import save_growmap
         from treeopt.viz import draw_tree

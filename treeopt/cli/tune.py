@@ -170,4 +170,8 @@ def report(run_) -> None:
             print(f"  {line}")
     if run_.optuna_note:
         print(run_.optuna_note)
+    copy = run_.summary.get("copy")
+    if copy:
+        print(f"{copy['summary']}; per-step lengths: --draft "
+              f"{copy.get('draft_spec', run_.summary['draft'] + ':len=auto,table=PROFILE')}")
     print("files: " + ", ".join(str(path) for path in run_.files.values()))

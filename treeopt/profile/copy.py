@@ -26,6 +26,7 @@ from typing import Sequence
 
 import torch
 
+from treeopt.decode.api import encode_prompts, eos_ids
 from treeopt.decode.drafter import Drafter
 from treeopt.decode.engine import generate
 from treeopt.decode.ngram import NgramDrafter
@@ -150,5 +151,26 @@ def write_copy_table(table: CopyTable, path: str | Path, merge: bool = False) ->
     return write_json_atomic(path, doc)
 
 
-__all__ = ["CopyProfileError", "greedy_path", "is_copy_drafter", "measure_copy",
+def tune_copy_table(pair, prompts, run, out: str | Path | None = None) -> dict | None:
+    """For a copy drafter (``ngram``, ``suffix``): its copy table measured online on
+    ``prompts`` under ``run``'s sampling and length (an ``AcceptanceRun``), written into the
+    profile ``out`` (when given) and summarised for ``tune``'s summary (None for other
+    drafters). The summary names the drafter spec that uses it: ``DRAFT:len=auto,table=OUT``."""
+    if not is_copy_drafter(pair.drafter):
+        return None
+    ids = encode_prompts(pair.tokenizer, prompts, run.chat_template)
+    eos = eos_ids(pair.tokenizer, pair.target) if pair.tokenizer is not None else []
+    sampling = Sampling(run.temperature, run.top_k, run.top_p, run.rule, run.seed)
+    table = online_table(pair.target, pair.drafter, ids, max_new_tokens=run.max_new_tokens,
+                         sampling=sampling, eos_token_id=eos[0] if eos else None)
+    table.meta.update(draft=run.draft, target=run.target, dataset=run.dataset)
+    summary = {"summary": table.summary(), "trials": table.total_trials,
+               "by_depth": [list(row) for row in table.by_depth(1)]}
+    if out is not None:
+        write_copy_table(table, out)
+        summary["draft_spec"] = f"{pair.drafter.name}:len=auto,table={out}"
+    return summary
+
+
+__all__ = ["CopyProfileError", "tune_copy_table", "greedy_path", "is_copy_drafter", "measure_copy",
            "measuring_copy", "online_table", "teacher_forced_table", "write_copy_table"]

@@ -1,0 +1,37 @@
+"""`treeopt tune --draft ngram|suffix` writes a copy-acceptance table into profile.json and
+names the drafter spec that sizes each step from it; that spec decodes exactly."""
+
+import json
+
+import pytest
+import torch
+
+from treeopt.cli import main
+from treeopt.profile.copytable import CopyTable
+from test_tune import workspace  # noqa: F401  (the tiny model folder and prompts)
+
+
+@pytest.mark.parametrize("draft", ["ngram", "suffix"])
+def test_tune_writes_a_copy_table_that_decodes_exactly(workspace, tmp_path, capsys, draft):  # noqa: F811
+    from treeopt.decode.drafter import build_drafter
+    from treeopt.decode.engine import generate
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    assert main(["tune", "--target", str(workspace / "tiny"), "--draft", draft, "--device",
+                 "cpu", "--threads", "1", "--dataset", str(workspace / "prompts.jsonl"),
+                 "--prompts", "2", "--max-new-tokens", "12", "--width", "2", "--depth", "2",
+                 "--tokens", "1,2,4", "--context", "8", "--repeats", "1", "--warmup", "0",
+                 "--out-dir", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    spec = f"{draft}:len=auto,table={out / 'profile.json'}"
+    assert spec in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["copy"]["draft_spec"] == spec and summary["copy"]["trials"] > 0
+    table = CopyTable.load(out / "profile.json")
+    assert table.total_trials == summary["copy"]["trials"] and table.mode == "online"
+    target = AutoModelForCausalLM.from_pretrained(workspace / "tiny")
+    drafter = build_drafter(spec, target=target)
+    ids = torch.tensor([[40, 41, 42, 40, 41, 42, 40]])
+    assert generate(target, drafter, ids, max_new_tokens=20).tokens == \
+        generate(target, None, ids, max_new_tokens=20).tokens
