@@ -12,7 +12,8 @@ from test_tune import workspace  # noqa: F401  (the tiny model folder and prompt
 
 
 @pytest.mark.parametrize("draft", ["ngram", "suffix"])
-def test_tune_writes_a_copy_table_that_decodes_exactly(workspace, tmp_path, capsys, draft):  # noqa: F811
+def test_tune_writes_a_copy_table_that_decodes_exactly(workspace, tmp_path, capsys,  # noqa: F811
+                                                        draft):
     from treeopt.decode.drafter import build_drafter
     from treeopt.decode.engine import generate
     from transformers import AutoModelForCausalLM

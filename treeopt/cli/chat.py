@@ -28,7 +28,8 @@ def register(subparsers) -> None:
     p.add_argument("--target", default=DEFAULT_TARGET, help=TARGET_HELP)
     p.add_argument("--draft", default=DEFAULT_DRAFT,
                    help="drafter of speculative decoding: a draft model spec, 'early-exit:K', "
-                        "'ngram[:...]', 'datastore:PATH', or 'none' to start with speculation "
+                        "'ngram[:...]', 'suffix[:...]', 'datastore:PATH', or 'none' to start "
+                        "with speculation "
                         f"off (/speculative turns it on with {DEFAULT_DRAFT}) (default: "
                         f"{DEFAULT_DRAFT})")
     p.add_argument("--tree", "--growmap", dest="tree", default=None,

@@ -24,7 +24,8 @@ def register(subparsers) -> None:
     p.add_argument("--draft", default=DEFAULT_DRAFT,
                    help="drafter: a draft model spec, 'early-exit:K' (the target's first K "
                         "layers), 'ngram[:min=,max=,k=,topk=,keep=]' (prompt lookup / n-gram "
-                        "tree), 'datastore:PATH', 'bigram:PATH', or 'none' for plain "
+                        "tree), 'suffix[:len=auto,table=PROFILE.json,...]' (SuffixDecoding), "
+                        "'datastore:PATH', 'bigram:PATH', or 'none' for plain "
                         f"autoregressive decoding (default: {DEFAULT_DRAFT})")
     add_draft_variant_arguments(p)
     p.add_argument("--growmap", "--tree", dest="growmap", default=None,

@@ -141,7 +141,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, draft_required: bool = 
                              "file or a hub id")
     parser.add_argument("--draft", required=draft_required,
                         help="drafter: early-exit:K, a draft model with the same tokenizer, "
-                             "ngram[:min=,max=,k=,topk=,keep=], datastore:PATH or bigram:PATH")
+                             "ngram[:min=,max=,k=,topk=,keep=], suffix[:...], datastore:PATH "
+                             "or bigram:PATH")
     add_draft_variant_arguments(parser)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
