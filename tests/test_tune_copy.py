@@ -36,3 +36,19 @@ def test_tune_writes_a_copy_table_that_decodes_exactly(workspace, tmp_path, caps
     ids = torch.tensor([[40, 41, 42, 40, 41, 42, 40]])
     assert generate(target, drafter, ids, max_new_tokens=20).tokens == \
         generate(target, None, ids, max_new_tokens=20).tokens
+
+
+@pytest.mark.parametrize("mode", ["online", "teacher-forced"])
+def test_profile_copy_cli_writes_and_merges(workspace, tmp_path, capsys, mode):  # noqa: F811
+    out = tmp_path / "copy.json"
+    args = ["profile", "copy", "--target", str(workspace / "tiny"), "--draft", "suffix",
+            "--device", "cpu", "--threads", "1", "--dataset", str(workspace / "prompts.jsonl"),
+            "--prompts", "2", "--max-new-tokens", "10", "--mode", mode, "--max-tokens", "8",
+            "--out", str(out)]
+    assert main(args) == 0
+    first = CopyTable.load(out)
+    assert first.mode == mode and "copy table" in capsys.readouterr().out
+    assert main(args + ["--merge"]) == 0
+    assert CopyTable.load(out).total_trials == 2 * first.total_trials
+    assert main(args[:-2] + ["--out", str(tmp_path / "x.pt")]) == 2
+    assert ".json" in capsys.readouterr().err

@@ -26,6 +26,17 @@ from treeopt.cli import (THREADS_HELP, UserError, add_draft_variant_arguments,
                          draft_spec_with_variant, set_threads)
 from treeopt.pipeline import CPU_NEW_TOKENS, CPU_PROMPTS, GPU_NEW_TOKENS, GPU_PROMPTS
 
+COPY_DESCRIPTION = """\
+Measure a copy drafter's acceptance by what it knew when it proposed (sibling rank, its
+estimated probability of the candidate, the matched suffix length, the depth in the step;
+treeopt.profile.copytable), letting it draft its largest tree every step. --mode online
+counts along real decoding (what decoding sees; sampling allowed); --mode teacher-forced
+along the target's greedy continuation, every position a step start (one target pass per
+prompt). The table is written as the "copy" section of the profile --out (other sections
+kept; --merge adds to a table already there). With a latency section in the same file it
+drives per-step lengths: --draft ngram:len=auto,table=OUT or suffix:len=auto,table=OUT."""
+
+
 ACCEPTANCE_DESCRIPTION = """\
 Measure which sibling rank the verifier accepts, per rank (Sequoia's p[k]) and per depth
 (p[d][k]), at many positions of real continuations: draft a width-W set of siblings, verify
@@ -132,6 +143,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     add_quality_arguments(qual)
     qual.set_defaults(func=run_quality)
     add_calibration_parser(sub)
+    add_copy_parser(sub)
     return parser
 
 
@@ -609,4 +621,64 @@ def run_calibration(args: argparse.Namespace) -> int:
     print(calibration.summary())
     print(calibration.table())
     print(f"calibration: {path}")
+    return 0
+
+
+def add_copy_parser(sub) -> None:
+    p = sub.add_parser("copy", help="copy-acceptance table of ngram / suffix drafters",
+                       description=COPY_DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(p)
+    p.add_argument("--dataset", default="spec_bench",
+                   help="prompts: spec_bench, mt_bench, humaneval, a .jsonl/.txt file or "
+                        "hf:NAME (default %(default)s)")
+    p.add_argument("--categories", help="comma-separated categories to keep")
+    p.add_argument("--prompts", type=int, metavar="N", help="number of prompts (default by "
+                                                           "device, as profile acceptance)")
+    p.add_argument("--max-new-tokens", type=int, metavar="T",
+                   help="tokens per prompt (default by device)")
+    p.add_argument("--mode", choices=["online", "teacher-forced"], default="online",
+                   help="online (default) or teacher-forced")
+    p.add_argument("--max-tokens", type=int, default=32,
+                   help="drafted tokens per step at most while measuring (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="online mode: sampling temperature (0 = greedy, the default)")
+    p.add_argument("--seed", type=int, default=0, help="prompt selection and sampling seed")
+    p.add_argument("--no-chat-template", action="store_true",
+                   help="feed the raw prompt text instead of the chat template")
+    p.add_argument("--merge", action="store_true", help="add to the table already in --out")
+    p.add_argument("--out", required=True, metavar="PATH", help="profile .json to write into")
+    p.set_defaults(func=run_copy)
+
+
+def run_copy(args: argparse.Namespace) -> int:
+    from treeopt.decode.api import encode_prompts, eos_ids
+    from treeopt.decode.sampling import Sampling
+    from treeopt.profile.copy import measure_copy, write_copy_table
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".json":
+        raise UserError(f"--out {out.name}: the copy table goes into a .json profile")
+    if not 1 <= args.max_tokens <= 255:
+        raise UserError(f"--max-tokens must be in 1..255, got {args.max_tokens}")
+    if args.mode == "teacher-forced" and args.temperature > 0:
+        raise UserError("--mode teacher-forced is greedy; use --mode online with sampling")
+    args.draft = draft_spec_with_variant(args)
+    pair, device = load_models(args)
+    notes = acceptance_defaults(args, device)
+    ids = encode_prompts(pair.tokenizer, select_prompts(args), not args.no_chat_template)
+    eos = eos_ids(pair.tokenizer, pair.target) if pair.tokenizer is not None else []
+    kw = {"max_new_tokens": args.max_new_tokens, "eos_token_id": eos[0] if eos else None,
+          "max_tokens": args.max_tokens}
+    if args.mode == "online":
+        kw["sampling"] = Sampling(args.temperature, seed=args.seed)
+    table = measure_copy(pair.target, pair.drafter, ids, mode=args.mode, **kw)
+    table.meta.update(draft=args.draft, target=args.target, dataset=str(args.dataset))
+    write_copy_table(table, out, merge=args.merge)
+    if notes:
+        print(f"defaults on {device.type}: {', '.join(notes)}")
+    print(table.summary())
+    print("depth: trials/accepted " + "  ".join(f"{d}:{n}/{a}" for d, n, a in
+                                                table.by_depth(1)[:16]))
+    print(f"copy table: {out}")
     return 0
