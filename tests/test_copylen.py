@@ -8,7 +8,7 @@ import torch
 
 from treeopt.decode.drafter import DrafterError, build_drafter
 from treeopt.decode.engine import generate
-from treeopt.decode.ngram import NgramIndex
+from treeopt.drafters.ngram import NgramIndex
 from treeopt.drafters.copylen import StepSizer, bfs_subtree
 from treeopt.profile.copytable import CopyTable, Features
 

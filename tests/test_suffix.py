@@ -12,10 +12,12 @@ import torch
 import treeopt.decode.verify as verify_module
 from treeopt.decode.drafter import DrafterError, build_drafter
 from treeopt.decode.engine import generate
-from treeopt.decode.sampling import GREEDY, Sampling
+from treeopt.decode.sampling import GREEDY, Sampling, sample
 from treeopt.drafters.suffix import (Draft, SuffixCache, SuffixDrafter, SuffixTrie,
                                      distinct_matches, expand_path, expand_tree, naive_count)
 from treeopt.tree import Tree
+from helpers import NEW, PROMPT, pair
+from lossless import exact_joint, pair_pvalues
 
 
 def all_nodes(trie):
@@ -227,9 +229,17 @@ def test_a_table_without_latency_is_refused(tmp_path):
 
 
 # ---------------------------------------------------------------------------- sampling
-def suffix_samples(n):
-    from test_engine_sampling import NEW, PROMPT, pair
+def broken_candidates(p, children, generator=None):
+    """Accepts x_i with its target probability but never removes rejected candidates: the
+    bonus then over-produces them (the negative control of the point-mass rule)."""
+    u = torch.rand(len(children), generator=generator)
+    for i, x in enumerate(children):
+        if float(u[i]) < float(p[x]):
+            return i, int(x)
+    return None, int(sample(p[None].float(), 1, generator))
 
+
+def suffix_samples(n):
     target = pair()[0]
     out = []
     for s in range(n):
@@ -242,23 +252,15 @@ def suffix_samples(n):
 
 
 def exact_after_repeat():
-    from test_engine_sampling import NEW, PROMPT, pair
-    from lossless import exact_joint
-
     return exact_joint(pair()[0], torch.cat([PROMPT, PROMPT, PROMPT], 1), NEW, 1.0)
 
 
 def test_sampling_with_suffix_drafts_is_lossless():
-    from lossless import pair_pvalues
-
     samples = suffix_samples(1000)
     assert min(pair_pvalues(samples, exact_after_repeat())) > 1e-3
 
 
 def test_broken_rule_fails_the_same_test(monkeypatch):
-    from lossless import pair_pvalues
-    from test_candidate_sampling import broken_candidates
-
     monkeypatch.setattr(verify_module, "verify_candidates", broken_candidates)
     samples = suffix_samples(400)
     assert min(pair_pvalues(samples, exact_after_repeat())) < 1e-6
@@ -268,9 +270,9 @@ def test_broken_rule_fails_the_same_test(monkeypatch):
 @pytest.mark.slow
 def test_smollm2_greedy_is_exact():
     pytest.importorskip("gguf")
-    from treeopt.decode.api import encode_prompt
-    from treeopt.decode.models import ModelError, load_pair
-    from treeopt.evaluate.datasets import load_prompts
+    from treeopt.api import encode_prompt, load_pair
+    from treeopt.datasets import load_prompts
+    from treeopt.models.loading import ModelError
 
     try:
         pair = load_pair("smollm2", None, device="cpu")

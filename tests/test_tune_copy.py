@@ -8,12 +8,26 @@ import torch
 
 from treeopt.cli import main
 from treeopt.profile.copytable import CopyTable
-from test_tune import workspace  # noqa: F401  (the tiny model folder and prompts)
+from treeopt.testing import tiny_causal_lm
+from helpers import char_tokenizer
+
+PROMPTS = ["The cat sat on", "Write a poem", "What is 2+2?", "Say hi"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny model folder with a character tokenizer, and a prompt file."""
+    root = tmp_path_factory.mktemp("tune-copy")
+    tiny_causal_lm(num_layers=2, seed=11).save_pretrained(root / "tiny")
+    char_tokenizer().save_pretrained(root / "tiny")
+    (root / "prompts.jsonl").write_text("".join(
+        json.dumps({"id": f"p{i}", "category": "c", "text": t}) + "\n"
+        for i, t in enumerate(PROMPTS)))
+    return root
 
 
 @pytest.mark.parametrize("draft", ["ngram", "suffix"])
-def test_tune_writes_a_copy_table_that_decodes_exactly(workspace, tmp_path, capsys,  # noqa: F811
-                                                        draft):
+def test_tune_writes_a_copy_table_that_decodes_exactly(workspace, tmp_path, capsys, draft):
     from treeopt.decode.drafter import build_drafter
     from treeopt.decode.engine import generate
     from transformers import AutoModelForCausalLM
@@ -39,7 +53,7 @@ def test_tune_writes_a_copy_table_that_decodes_exactly(workspace, tmp_path, caps
 
 
 @pytest.mark.parametrize("mode", ["online", "teacher-forced"])
-def test_profile_copy_cli_writes_and_merges(workspace, tmp_path, capsys, mode):  # noqa: F811
+def test_profile_copy_cli_writes_and_merges(workspace, tmp_path, capsys, mode):
     out = tmp_path / "copy.json"
     args = ["profile", "copy", "--target", str(workspace / "tiny"), "--draft", "suffix",
             "--device", "cpu", "--threads", "1", "--dataset", str(workspace / "prompts.jsonl"),

@@ -26,13 +26,14 @@ from typing import Sequence
 
 import torch
 
-from treeopt.decode.api import encode_prompts, eos_ids
+from treeopt.api import encode_prompts
 from treeopt.decode.drafter import Drafter
 from treeopt.decode.engine import generate
-from treeopt.decode.ngram import NgramDrafter
+from treeopt.drafters.ngram import NgramDrafter
 from treeopt.decode.sampling import GREEDY, Sampling
 from treeopt.drafters.suffix import SuffixDrafter
 from treeopt.errors import TreeoptError
+from treeopt.models.loading import eos_ids
 from treeopt.profile.acceptance import target_continuation
 from treeopt.profile.copytable import CopyTable, CopyTableError, read_document
 from treeopt.profile.model import JSON_FORMAT, JSON_VERSION, write_json_atomic
