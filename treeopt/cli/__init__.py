@@ -9,7 +9,8 @@ shape strings such as ``dp:64x8``); a command takes one or the other.
 
 Errors: a :class:`treeopt.errors.TreeoptError` (bad input, an impossible request, a broken
 file) and an unreadable file the user named are printed as one line, exit status 2; any other
-exception is a bug and keeps its traceback.
+exception is a bug and keeps its traceback. A reader that closes the pipe early
+(``treeopt compare ... | head -1``) stops the command quietly, with status 0, as Unix tools do.
 
 CPU timing: unless ``OMP_WAIT_POLICY`` is already set, the command sets it to ``PASSIVE``
 before torch is imported. OpenMP's default spin-waiting makes every timing treeopt takes
@@ -212,6 +213,16 @@ def _one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _quiet_stdout() -> None:
+    """The reader of stdout went away: point stdout at the null device so that Python's
+    final flush does not raise again (the Python docs' recipe for SIGPIPE)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout replaced (tests) or closed
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     passive_openmp()
     parser = build_parser()
@@ -223,7 +234,12 @@ def main(argv: list[str] | None = None) -> int:
                                  getattr(args, "bench", None)) if isinstance(x, str))
     try:
         check_threads(args)
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 0
     except KeyboardInterrupt as exc:
         # A command may say what it kept and how to continue (KeyboardInterrupt("...")).
         note = _one_line(exc) if str(exc).strip() else ""
