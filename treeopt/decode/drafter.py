@@ -35,8 +35,11 @@ from __future__ import annotations
 
 import copy
 import importlib
+import importlib.util
 import os
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -220,8 +223,10 @@ def register_drafter(name: str, help: str, *, takes_path: bool = False):
 
 def registered() -> dict[str, DrafterEntry]:
     """Every registered drafter by name. On first use this imports treeopt's drafter modules,
-    then third-party ones: the modules named in ``$TREEOPT_DRAFTERS`` (comma-separated) and
-    the entry points of the group ``treeopt.drafters`` (a module importing registers)."""
+    then third-party ones: the modules named in ``$TREEOPT_DRAFTERS`` (comma-separated module
+    names, found on ``sys.path`` or as ``NAME.py`` in the working folder, or ``.py`` file
+    paths) and the entry points of the group ``treeopt.drafters`` (a module importing
+    registers)."""
     global _loaded
     if not _loaded:
         _loaded = True
@@ -230,7 +235,7 @@ def registered() -> dict[str, DrafterEntry]:
         for module in filter(None, (m.strip() for m in
                                     os.environ.get("TREEOPT_DRAFTERS", "").split(","))):
             try:
-                importlib.import_module(module)
+                _import_plugin(module)
             except ImportError as exc:
                 raise DrafterError(f"TREEOPT_DRAFTERS names {module!r}, which cannot be "
                                    f"imported ({exc}); fix the name or PYTHONPATH") from None
@@ -239,6 +244,39 @@ def registered() -> dict[str, DrafterEntry]:
         for ep in entry_points(group="treeopt.drafters"):
             ep.load()
     return dict(_REGISTRY)
+
+
+def _import_plugin(name: str) -> None:
+    """Import one ``$TREEOPT_DRAFTERS`` entry: a file path (``mydrafters.py``,
+    ``plugins/x.py``), a module on ``sys.path``, or else a module file in the working folder
+    (``mydrafters`` for ``./mydrafters.py``: the ``treeopt`` script does not put the working
+    folder on ``sys.path`` as ``python -m`` does)."""
+    path = Path(name).expanduser()
+    if name.endswith(".py") or os.sep in name or "/" in name:
+        if not path.is_file():
+            raise ImportError(f"no such file {name!r}")
+        _import_file(path.stem, path)
+        return
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        local = Path.cwd() / f"{name}.py"
+        if exc.name != name or not name.isidentifier() or not local.is_file():
+            raise
+        _import_file(name, local)
+
+
+def _import_file(name: str, path: Path) -> None:
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{str(path)!r} is not a Python module file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
 
 
 def split_spec(spec: str) -> tuple[DrafterEntry | None, str]:
