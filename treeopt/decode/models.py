@@ -233,6 +233,68 @@ def resolve_spec(spec: str | os.PathLike) -> str:
         or text.count("/") > 1 or path.suffix in {".pt", ".bin", ".safetensors", ".json"}
     if looks_like_path or path.exists():
         raise ModelError(f"model {text!r} is not a folder, a .gguf file or a Hugging Face id")
+    return _hub_id(text)
+
+
+def known_names() -> list[str]:
+    """The model names treeopt knows without a path: 'smollm2' and the fetchable models."""
+    import treeopt.fetch as fetch
+
+    return [SMOLLM2, *fetch.MODELS, *fetch.GROUPS]
+
+
+def _hub_cached(repo_id: str) -> bool:
+    """Whether the Hugging Face cache holds ``repo_id``'s config.json (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an invalid id, an unreadable cache: not cached
+        return False
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """One quick TCP connection to the hub's host (``$HF_ENDPOINT``), instead of the
+    retries a download makes for half a minute without network."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co",
+                                       url.port or (80 if url.scheme == "http" else 443)),
+                                      timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_id(text: str) -> str:
+    """``text`` as a Hugging Face id to load: at once when cached; an id that cannot be one
+    (no ``org/``), or any uncached id offline or without a reachable hub, is a one-line
+    ModelError naming the closest known name."""
+    if _hub_cached(text):
+        return text
+    import difflib
+
+    near = difflib.get_close_matches(text.lower(), known_names(), n=1, cutoff=0.6)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    if "/" not in text:
+        raise ModelError(f"model {text!r} is not a known name ({', '.join(known_names())}), "
+                         "a folder, a .gguf file or a cached Hugging Face id (org/name)"
+                         f"{hint}")
+    if _hub_offline():
+        raise ModelError(f"cannot load model {text!r}: not found locally and offline mode is "
+                         f"on; download it first or give a folder/.gguf/smollm2{hint}")
+    if not _hub_reachable():
+        raise ModelError(f"cannot load model {text!r}: not in the Hugging Face cache and the "
+                         f"hub cannot be reached; give a folder, a .gguf file or a known name"
+                         f"{hint}")
     return text
 
 
