@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -152,6 +153,7 @@ def convert_gguf(gguf: str | Path) -> Path:
         raise ModelError(f"GGUF file {str(gguf)!r} does not exist")
     folder = _gguf_cache_folder(gguf)
     if (folder / "config.json").is_file():
+        clean_config(folder)  # converted by an older treeopt
         return folder
     for module in ("gguf", "accelerate"):
         try:
@@ -178,6 +180,7 @@ def convert_gguf(gguf: str | Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    clean_config(tmp)
     try:
         os.replace(tmp, folder)
     except OSError:
@@ -185,6 +188,33 @@ def convert_gguf(gguf: str | Path) -> Path:
         if not (folder / "config.json").is_file():
             raise
     return folder
+
+
+def clean_config(folder: str | Path) -> bool:
+    """Drop the GGUF ``quantization_config`` that a conversion copies into ``config.json``
+    (True when it did): the folder holds plain safetensors, but transformers 5.25 with the
+    ``kernels`` package takes such a config for a packed GGUF checkpoint (a warning on every
+    bfloat16 load, and GGUF kernels). A folder that still holds a .gguf file, or whose
+    quantization is not GGUF, is left alone; an unwritable one too (it loads as before)."""
+    folder = Path(folder)
+    path = folder / "config.json"
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    quant = doc.get("quantization_config") if isinstance(doc, dict) else None
+    if not isinstance(quant, dict) or str(quant.get("quant_method", "")).lower() != "gguf" \
+            or any(folder.glob("*.gguf")):
+        return False
+    del doc["quantization_config"]
+    tmp = path.with_name(f"config.json.tmp{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        return False
+    return True
 
 
 # ---------------------------------------------------------------- spec resolution
@@ -204,6 +234,7 @@ def _fetched_spec(text: str) -> str | None:
     folder = fetch.fetched_folder(name)
     if folder is None:
         raise ModelError(fetch.not_fetched_message(name))
+    clean_config(folder)  # fetched by an older treeopt
     return str(folder)
 
 
