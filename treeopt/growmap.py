@@ -75,6 +75,12 @@ def growmap_dict(tree: Tree, meta: dict | None = None) -> dict:
     return d
 
 
+def growmap_json(tree: Tree, meta: dict | None = None, *, with_mask: bool = True) -> str:
+    """The JSON text :func:`save_growmap` writes for ``tree`` (with the mask by default:
+    readers such as UMbreLLa's static engine take it from the file)."""
+    return _to_json(growmap_dict(tree, meta), with_mask)
+
+
 def save_growmap(tree: Tree, path: str | Path, meta: dict | None = None, *,
                  json_mask: bool = False) -> Path:
     """Write ``tree`` to ``path``: ``.pt`` (``torch.save``, Sequoia-compatible) or ``.json``.
