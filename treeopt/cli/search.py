@@ -238,9 +238,12 @@ def run(args: argparse.Namespace) -> int:
     if found.choice is not None:
         sizes = "measured sizes" if args.measured_sizes_only else f"sizes 1..{found.max_size}"
         mode = f"{mode} ({sizes}, levels 1..{found.max_levels})"
+    from treeopt.pipeline import load_profile
+    from treeopt.profile.acceptance import describe_table
+
+    table = describe_table(load_profile(args.profile), not args.no_depth_aware)
     print(f"search dp, {mode}: size {tree.size}, {height(tree.depth, found.max_levels)}, "
-          f"width {tree.width}, {'depth-aware' if len(found.rank_table) > 1 else 'rank'} "
-          "profile")
+          f"width {tree.width}, {table}")
     print(f"expected tokens per step: {found.expected_tokens:.6f}")
     pred = found.prediction
     if pred is not None:

@@ -248,6 +248,27 @@ def reliable_table(profile, min_samples: int = 50) -> list[list[float]]:
     return rows or profile.table(depth_aware=False)
 
 
+def describe_table(profile, depth_aware: bool = True, min_samples: int = 50) -> str:
+    """Which rank table a search uses for ``profile`` (as :func:`reliable_table` picks it),
+    in words: the pooled rank row, or which depth rows."""
+    if profile.depth_counts is None or profile.by_depth is None:
+        return "rank profile (one row, no per-depth rows)"
+    if not depth_aware:
+        return "rank profile (one row pooled over all depths; --no-depth-aware)"
+    kept = len(reliable_table(profile, min_samples)) if profile.depth_counts is not None else 0
+    total = len(profile.by_depth)
+    enough = all(sum(profile.depth_counts[d]) + profile.depth_none[d] >= min_samples
+                 for d in range(kept))
+    if not kept or not enough:
+        return (f"rank profile (one row pooled over all depths: no depth row has "
+                f"{min_samples} steps)")
+    if kept == total:
+        return f"depth-aware profile ({total} depth rows)"
+    rows = "the depth-0 row" if kept == 1 else f"depth rows 0..{kept - 1}"
+    return (f"depth-aware profile ({rows} of {total}; deeper rows have fewer than "
+            f"{min_samples} steps and reuse row {kept - 1})")
+
+
 def with_intervals(profile):
     """The profile with ``meta["ci95"]``: sample sizes and Wilson 95 % intervals of every
     p[k] (and every per-depth p[d][k]) computed from its raw counts."""
