@@ -159,7 +159,7 @@ def add_height_arguments(parser, default_levels: int | None, what: str = "the se
 def height_levels(args: argparse.Namespace) -> int | None:
     """The level limit (root counted) from ``--max-levels`` / ``--max-depth`` (checked
     against the caps, naming the flag), or the command's default."""
-    from treeopt.limits import MAX_TREE_LEVELS
+    from treeopt.limits import MAX_TREE_LEVELS, MAX_TREE_NODES
     from treeopt.search.dp import depth_for_levels, levels_for_depth
 
     if args.max_depth is not None:
@@ -169,7 +169,7 @@ def height_levels(args: argparse.Namespace) -> int | None:
         if levels_for_depth(args.max_depth) > MAX_TREE_LEVELS:
             raise UserError(f"--max-depth = {args.max_depth} edges exceeds the limit of "
                             f"{depth_for_levels(MAX_TREE_LEVELS)} edges ({MAX_TREE_LEVELS} "
-                            "levels: a tree of at most MAX_TREE_NODES nodes has no more)")
+                            f"levels: a tree of at most {MAX_TREE_NODES} nodes has no more)")
         return levels_for_depth(args.max_depth)
     if args.max_levels is not None:
         if args.max_levels < 1:
@@ -177,7 +177,7 @@ def height_levels(args: argparse.Namespace) -> int | None:
                             f"{args.max_levels}")
         if args.max_levels > MAX_TREE_LEVELS:
             raise UserError(f"--max-levels = {args.max_levels} exceeds the limit of "
-                            f"{MAX_TREE_LEVELS} levels (a tree of at most MAX_TREE_NODES "
+                            f"{MAX_TREE_LEVELS} levels (a tree of at most {MAX_TREE_NODES} "
                             "nodes has no more)")
         return args.max_levels
     return args.default_levels

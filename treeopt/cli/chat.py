@@ -8,6 +8,7 @@ import sys
 
 from treeopt.cli import (DEFAULT_DRAFT, DEFAULT_TARGET, TARGET_HELP, THREADS_HELP, UserError,
                          add_sampling_arguments, set_threads)
+from treeopt.cli.generate import DRAFTER_SPECS
 
 PROMPT = "> "
 
@@ -27,10 +28,9 @@ def register(subparsers) -> None:
     )
     p.add_argument("--target", default=DEFAULT_TARGET, help=TARGET_HELP)
     p.add_argument("--draft", default=DEFAULT_DRAFT,
-                   help="drafter of speculative decoding: a draft model spec, 'early-exit:K', "
-                        "'ngram[:...]', 'datastore:PATH', or 'none' to start with speculation "
-                        f"off (/speculative turns it on with {DEFAULT_DRAFT}) (default: "
-                        f"{DEFAULT_DRAFT})")
+                   help=f"drafter of speculative decoding: {DRAFTER_SPECS}; or 'none' to "
+                        f"start with speculation off (/speculative turns it on with "
+                        f"{DEFAULT_DRAFT}) (default: {DEFAULT_DRAFT})")
     p.add_argument("--tree", "--growmap", dest="tree", default=None,
                    help="tree: a shape such as chain:5 or kary:2x3, or a growmap file (.pt or "
                         ".json); /tree changes it (default: the drafter's own)")

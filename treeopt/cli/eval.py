@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from treeopt.cli import (DEFAULT_DRAFT, DEFAULT_TARGET, THREADS_HELP, UserError,
                          add_draft_variant_arguments, draft_spec_with_variant, int_list,
@@ -151,6 +152,10 @@ def register(subparsers) -> None:
                         "refused when the target, draft, dataset, prompts, methods or "
                         "decoding settings differ from that run's")
     o.add_argument("--no-report", action="store_true", help="skip plots and report page")
+    o.add_argument("--wide", action="store_true",
+                   help="print every summary column (time split, acceptance, nodes, ...) "
+                        "instead of the compact table (method, speed-up and its interval, "
+                        "tokens/step, equal, flags); the CSVs and the report always have all")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     k = p.add_argument_group("pass@1 (code problems with tests: humaneval, or a JSONL file "
                              "with prompt, test and entry_point)")
@@ -224,9 +229,17 @@ def run(args) -> int:
     from treeopt.evaluate.datasets import load_prompts
     from treeopt.evaluate.runner import (EvalConfig, check_config, check_out_dir,
                                          format_summary, run_eval)
+    from treeopt.evaluate.table import format_compact
 
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
+    # The output folder and the prompts are checked first: seconds before torch is imported,
+    # not after the models are loaded.
+    select = dict(categories=args.categories, n=args.num_prompts, seed=args.seed,
+                  turns=args.turns, window=args.window, window_unit=args.window_unit)
+    token_windows = args.window is not None and args.window_unit == "tokens"
+    prompts = None if token_windows else load_prompts(args.dataset, **select)
+    check_out_dir(args.out, resume=args.resume)
     args.draft = draft_spec_with_variant(args)
     config = EvalConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, rule=args.rule,
@@ -234,7 +247,6 @@ def run(args) -> int:
                         warmup=not args.no_warmup, long_prompts=args.long_prompts)
     # Every setting is checked before any model is loaded or any file is written.
     check_config(config)
-    check_out_dir(args.out)
     scoring = _pass_at_1_setup(args)
     set_threads(args.threads)
     profile = None
@@ -246,10 +258,6 @@ def run(args) -> int:
     if len(methods) == 1:
         print("treeopt eval: note: only plain decoding requested (add --chain, --tree, --dp, "
               "--drafter, --hf-prompt-lookup or --hf-assisted)", file=sys.stderr)
-    select = dict(categories=args.categories, n=args.num_prompts, seed=args.seed,
-                  turns=args.turns, window=args.window, window_unit=args.window_unit)
-    token_windows = args.window is not None and args.window_unit == "tokens"
-    prompts = None if token_windows else load_prompts(args.dataset, **select)
     pair = load_pair_for(args)
     if prompts is None:
         prompts = load_prompts(args.dataset, tokenizer=pair.tokenizer, **select)
@@ -258,11 +266,17 @@ def run(args) -> int:
             "profile": args.profile}
     # The pair's drafter (any spec); loaders that return only a draft model work too.
     draft = getattr(pair, "drafter", None) or getattr(pair, "draft", None)
-    result = run_eval(pair.target, draft, prompts, methods, config=config,
-                      tokenizer=pair.tokenizer, out_dir=args.out, resume=args.resume,
-                      profile=profile, progress=not args.no_progress, meta=meta)
+    try:
+        result = run_eval(pair.target, draft, prompts, methods, config=config,
+                          tokenizer=pair.tokenizer, out_dir=args.out, resume=args.resume,
+                          profile=profile, progress=not args.no_progress, meta=meta)
+    except KeyboardInterrupt:
+        if args.out and Path(args.out).is_dir():
+            raise KeyboardInterrupt(f"every finished prompt is kept in {args.out}; run the "
+                                    "same command with --resume to continue from it") from None
+        raise
     scored = _score(result, scoring, not args.no_progress)
-    print(format_summary(result.summary))
+    print(format_summary(result.summary) if args.wide else format_compact(result.summary))
     if scored is not None:
         from treeopt.evaluate.passk import format_pass
 

@@ -12,6 +12,17 @@ from treeopt.cli import (DEFAULT_DRAFT, DEFAULT_TARGET, TARGET_HELP, THREADS_HEL
                          draft_spec_with_variant, set_threads)
 
 
+#: Every built-in drafter spec, for the --draft help of generate and chat (the registry in
+#: treeopt.decode.drafter is not imported at start-up; a test keeps the two in step).
+DRAFTER_SPECS = ("a draft model spec ([model:]SPEC[,quant=int8][,vocab=N]), 'early-exit:K' "
+                 "(the target's first K layers), 'ngram[:min=,max=,k=,topk=,keep=]' (prompt "
+                 "lookup / n-gram tree), 'datastore:PATH', 'bigram:PATH', "
+                 "'dynamic:draft=SPEC,budget=N,depth=D,topk=K' (EAGLE-2-style dynamic tree), "
+                 "'dynamic-dp:...,profile=PATH', 'egag:draft=SPEC,...' (entropy-adaptive "
+                 "length), the cascades 'fallback:first=,then=', 'horizontal:model=,levels=,"
+                 "deep=' and 'vertical:draft=,helper=', or a plugin's name (TREEOPT_DRAFTERS)")
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "generate", help="decode a prompt with tree speculative decoding",
@@ -22,10 +33,8 @@ def register(subparsers) -> None:
     )
     p.add_argument("--target", default=DEFAULT_TARGET, help=TARGET_HELP)
     p.add_argument("--draft", default=DEFAULT_DRAFT,
-                   help="drafter: a draft model spec, 'early-exit:K' (the target's first K "
-                        "layers), 'ngram[:min=,max=,k=,topk=,keep=]' (prompt lookup / n-gram "
-                        "tree), 'datastore:PATH', 'bigram:PATH', or 'none' for plain "
-                        f"autoregressive decoding (default: {DEFAULT_DRAFT})")
+                   help=f"drafter: {DRAFTER_SPECS}; or 'none' for plain autoregressive "
+                        f"decoding (default: {DEFAULT_DRAFT})")
     add_draft_variant_arguments(p)
     p.add_argument("--growmap", "--tree", dest="growmap", default=None,
                    help="tree: a growmap file (.pt/.json), a tree set (.json: one tree per "

@@ -27,7 +27,7 @@ import argparse
 from pathlib import Path
 
 from treeopt.cli import UserError, add_height_arguments, height_levels
-from treeopt.limits import check_nodes
+from treeopt.limits import MAX_TREE_NODES, check_nodes
 from treeopt.search.hardware import DEFAULT_DRAFT_COST, DEFAULT_MAX_LEVELS, DRAFT_COSTS
 
 OBJECTIVES = ("model", "replay", "engine")
@@ -37,7 +37,8 @@ METRICS = ("tokens", "speed")
 def register(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "search", help="find the optimal tree shape for a profile (exact DP or Optuna)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=__doc__.replace("MAX_TREE_NODES", str(MAX_TREE_NODES)),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     add_optuna_arguments(parser)
     from treeopt.cli.export import add_family_arguments
@@ -69,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default %(default)s)")
     parser.add_argument("--max-size", type=int, metavar="N",
                         help="largest size the hardware-aware sweep considers (default: the "
-                             "largest measured latency point, at most MAX_TREE_NODES)")
+                             f"largest measured latency point, at most {MAX_TREE_NODES})")
     parser.add_argument("--measured-sizes-only", action="store_true",
                         help="choose the tree size among the latency table's measured sizes "
                              "only, as Sequoia's valid_budget does, instead of every size up "

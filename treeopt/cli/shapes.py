@@ -22,6 +22,7 @@ import re
 from pathlib import Path
 
 from treeopt.cli import UserError
+from treeopt.limits import MAX_TREE_NODES
 
 DEFAULT_DIR = "growmaps"
 
@@ -29,7 +30,8 @@ DEFAULT_DIR = "growmaps"
 def register(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "shapes", help="write named/baseline shapes as growmaps (Sequoia .pt or .json)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=__doc__.replace("MAX_TREE_NODES", str(MAX_TREE_NODES)),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", metavar="NAME", help="shape specs or preset names")
     parser.add_argument("--out", metavar="PATH",
                         help="output file for a single NAME (.pt or .json); default "

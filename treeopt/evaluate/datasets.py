@@ -213,6 +213,13 @@ def _read_lines(path: Path) -> list[str]:
     return lines
 
 
+def _where(exc: json.JSONDecodeError) -> str:
+    """``"Unterminated string starting at column 2"``: json's message (some end in "at",
+    naming the position themselves) and the column."""
+    msg = exc.msg[:-3] if exc.msg.endswith(" at") else exc.msg
+    return f"{msg} at column {exc.colno}"
+
+
 def _load_jsonl(path: Path, default_category: str) -> list[Prompt]:
     prompts = []
     for lineno, line in enumerate(_read_lines(path), start=1):
@@ -221,8 +228,7 @@ def _load_jsonl(path: Path, default_category: str) -> list[Prompt]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DatasetError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column "
-                               f"{exc.colno})") from None
+            raise DatasetError(f"{path}:{lineno}: invalid JSON ({_where(exc)})") from None
         prompts.append(_record(obj, f"{path}:{lineno}", str(lineno), default_category,
                                TEXT_FIELDS))
     if not prompts:
@@ -238,8 +244,7 @@ def _load_json_list(path: Path, default_category: str) -> list[Prompt]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DatasetError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg} at column "
-                           f"{exc.colno})") from None
+        raise DatasetError(f"{path}:{exc.lineno}: invalid JSON ({_where(exc)})") from None
     if isinstance(data, dict):
         data = data.get("prompts", data.get("data"))
     if not isinstance(data, list):

@@ -682,14 +682,19 @@ def check_config(cfg: EvalConfig) -> None:
                         f"{cfg.long_prompts!r}")
 
 
-def check_out_dir(out_dir: str | Path | None) -> Path | None:
-    """The results folder as a Path (None for none); EvalError when it names a file."""
+def check_out_dir(out_dir: str | Path | None, resume: bool | None = None) -> Path | None:
+    """The results folder as a Path (None for none); EvalError when it names a file, or
+    (``resume`` False) when it already holds results."""
     if out_dir is None:
         return None
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise EvalError(f"{out} is a file, not a folder; give a folder for the results (it is "
                         "created when missing)")
+    rows = out / ROWS_FILE
+    if resume is False and rows.is_file() and rows.stat().st_size > 0:
+        raise EvalError(f"{out} already holds results; pass --resume to continue that run "
+                        "or choose another --out")
     return out
 
 
