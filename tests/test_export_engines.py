@@ -170,8 +170,11 @@ def test_vllm_and_llama_cpp_chains():
     assert read_settings("llama.cpp", out.text) == chain(7)
     with pytest.raises(ExportError, match="chains only; this tree has a node with 2 children"):
         export_tree(Tree((-1, 0, 0)), "llama.cpp")
-    with pytest.raises(ExportError, match="no counterpart"):
-        export_tree(chain(4), "vllm", draft="early-exit:4")
+    assert chain_settings(chain(3), "vllm", draft="none")[0] == {
+        "method": "eagle", "num_speculative_tokens": 2}
+    for spec in ("early-exit:4", "egag:draft=x", "dynamic"):
+        with pytest.raises(ExportError, match="no counterpart"):
+            export_tree(chain(4), "vllm", draft=spec)
     with pytest.raises(ExportError, match="not a chain"):
         export_tree(specinfer([2, 1]), "vllm", draft="ngram")
     with pytest.raises(ExportError, match="min <= max"):

@@ -465,8 +465,10 @@ def _drafter_parts(spec: str | None) -> tuple[str, dict]:
         return "ngram", opts
     if name == "model":
         return "model", {"path": options.strip()}
-    if sep and name in ("early-exit", "datastore", "bigram", "dynamic", "dynamic-dp", "egag",
-                        "fallback", "horizontal", "vertical", "none"):
+    if name == "none":
+        return "", {}
+    if name in ("early-exit", "datastore", "bigram", "dynamic", "dynamic-dp", "egag",
+                "fallback", "horizontal", "vertical"):
         raise ExportError(f"drafter {name!r} has no counterpart in vLLM's or llama.cpp's "
                           "speculation; give --draft ngram[:min=,max=] or a draft model")
     return "model", {"path": text}
