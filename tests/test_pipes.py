@@ -58,14 +58,34 @@ def test_commands_stop_quietly_when_the_reader_has_gone(args, tmp_path):
     assert quiet(done.stderr), done.stderr
 
 
-def test_generate_stops_streaming_quietly(tmp_path):
+def tiny_folder(tmp_path: Path) -> Path:
     folder = tmp_path / "tiny"
     tiny_causal_lm("llama", num_layers=2, seed=3).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
-    done = into_closed_pipe(["generate", "--target", str(folder), "--draft", "none",
-                             "--prompt", "w5 w6 w7", "--no-chat-template", "--max-new-tokens",
-                             "30", "--device", "cpu", "--threads", "1"], tmp_path)
+    return folder
+
+
+def test_generate_stops_streaming_quietly(tmp_path):
+    done = into_closed_pipe(["generate", "--target", str(tiny_folder(tmp_path)), "--draft",
+                             "none", "--prompt", "w5 w6 w7", "--no-chat-template",
+                             "--max-new-tokens", "30", "--device", "cpu", "--threads", "1"],
+                            tmp_path)
     assert done.returncode == 0, done.stderr
     assert quiet(done.stderr), done.stderr
     # it stopped at the first write: no statistics of a finished decode follow
     assert "tokens per step" not in done.stderr
+
+
+def test_chat_on_a_pipe_stops_quietly(tmp_path):
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "treeopt", "chat", "--target", str(tiny_folder(tmp_path)),
+             "--draft", "none", "--no-chat-template", "--max-new-tokens", "20", "--threads",
+             "1"], input="w5 w6\nw7 w8\n", stdout=write, stderr=subprocess.PIPE, text=True,
+            cwd=tmp_path, env=ENV, timeout=300)
+    finally:
+        os.close(write)
+    assert done.returncode == 0, done.stderr
+    assert quiet(done.stderr), done.stderr
