@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import treeopt.decode.models as models
-from treeopt.decode.models import clean_config, load_model
+import treeopt.models.loading as models
+from treeopt.models.loading import clean_config, load_model
 from treeopt.testing import tiny_causal_lm
 
 GGUF_QUANT = {"dequantize": False, "gguf_file": "m.gguf", "quant_method": "gguf"}

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import transformers
 
-import treeopt.decode.models as models
-from treeopt.decode.models import ModelError, known_names, load_model, resolve_spec
+from treeopt.models.loading import ModelError, known_names, load_model, resolve_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 

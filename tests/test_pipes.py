@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from test_models import tiny_tokenizer
+from helpers import tiny_tokenizer
 from treeopt.testing import tiny_causal_lm
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import tiny_tokenizer
 from treeopt.decode import drafter as drafter_mod
 from treeopt.decode.drafter import build_drafter
 from treeopt.decode.engine import generate
@@ -119,10 +120,6 @@ def run_plugin_line(tmp_path, line: str):
 def tiny_line(tmp_path, plugin: str = "mydrafters") -> str:
     """The README's line with a tiny model folder as the target (and ``plugin`` as the
     value of TREEOPT_DRAFTERS)."""
-    from test_models import tiny_tokenizer
-
-    from treeopt.testing import tiny_causal_lm
-
     folder = tmp_path / "tiny"
     tiny_causal_lm("llama", num_layers=2, seed=3).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from treeopt.cli import main
 from treeopt.profile import Profile
-from treeopt.profile.acceptance import describe_table, reliable_table
+from treeopt.profile.model import describe_table, reliable_table
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -66,7 +66,6 @@ def test_eval_interrupted_names_resume(tmp_path, capsys, monkeypatch):
     from types import SimpleNamespace
 
     import treeopt.cli.eval as cli_eval
-    import treeopt.evaluate.runner as runner
 
     monkeypatch.setattr(cli_eval, "load_pair_for",
                         lambda args: SimpleNamespace(target=None, draft=None, tokenizer=None))
@@ -75,7 +74,7 @@ def test_eval_interrupted_names_resume(tmp_path, capsys, monkeypatch):
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runner, "run_eval", interrupted)
+    monkeypatch.setattr(cli_eval, "run_eval", interrupted)
     data = tmp_path / "q.txt"
     data.write_text("say one\n")
     out = tmp_path / "run"
@@ -88,14 +87,14 @@ def test_eval_interrupted_names_resume(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize("command", ["generate", "chat"])
 def test_draft_help_lists_every_built_in_drafter(command, capsys):
-    from treeopt.decode.drafter import DRAFTER_MODULES, registered
+    from treeopt.decode.drafter import registered
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     (draft,) = [a for a in sub.choices[command]._actions if a.dest == "draft"]
     text = draft.help
     builtin = [name for name, entry in registered().items()
-               if entry.factory.__module__ in DRAFTER_MODULES]
+               if entry.factory.__module__.startswith("treeopt.drafters.")]
     assert len(builtin) >= 11
     for name in builtin:
         assert f"'{name}" in text or f"{name}:" in text or name == "model", name
@@ -116,7 +115,7 @@ def test_help_texts_print_the_node_cap_as_a_number(capsys):
 
 
 def test_json_errors_name_the_column_once(tmp_path):
-    from treeopt.evaluate.datasets import DatasetError, load_prompts
+    from treeopt.datasets import DatasetError, load_prompts
 
     bad = tmp_path / "q.jsonl"
     bad.write_text('{"prompt": "unterminated}\n')

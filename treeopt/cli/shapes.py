@@ -22,7 +22,10 @@ import re
 from pathlib import Path
 
 from treeopt.cli import UserError
+from treeopt.growmap import check_writable, load_growmap, save_growmap
 from treeopt.limits import MAX_TREE_NODES
+from treeopt.search.api import load_profile, rank_table
+from treeopt.shapes import PRESETS, SPEC_HELP, from_name, is_file_spec
 
 DEFAULT_DIR = "growmaps"
 
@@ -62,10 +65,6 @@ def file_stem(spec: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from treeopt.growmap import check_writable, load_growmap, save_growmap
-    from treeopt.pipeline import load_profile, rank_table
-    from treeopt.shapes import PRESETS, SPEC_HELP, from_name, is_file_spec
-
     if args.list:
         print(f"specs: {SPEC_HELP}")
         for name, preset in sorted(PRESETS.items()):
