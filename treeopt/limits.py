@@ -51,6 +51,14 @@ MAX_LATENCY_TOKENS = 1 << 24
 #: default 12 levels at the node cap need 7.4e8).
 MAX_DP_BYTES = 2 << 30
 MAX_DP_OPS = 30_000_000_000
+#: Largest vocabulary a file may declare (16x the largest in use, 262144): datastores and
+#: tables are sized by the token ids they really hold, never by a declared number past it.
+MAX_VOCAB_SIZE = 1 << 22
+#: Most characters of user input an error message quotes (hostile input can be megabytes).
+MAX_QUOTE = 80
+#: Largest JSON file treeopt reads (profiles, calibrations, tree sets, settings): parsing
+#: costs ~10x the file in memory.
+MAX_JSON_BYTES = 64 << 20
 #: Metadata (the growmap's ``treeopt`` dict): most values in all and deepest nesting.
 MAX_META_ITEMS = 100_000
 MAX_META_DEPTH = 64
@@ -65,12 +73,27 @@ class LimitError(TreeoptError, ValueError):
 ErrorFactory = Callable[[str], BaseException]
 
 
+def quote(x: Any, limit: int = MAX_QUOTE) -> str:
+    """``repr(x)`` for an error message, cut to about ``limit`` characters (a string's
+    length said after the cut), never failing: the one way treeopt quotes user input in a
+    message."""
+    if isinstance(x, int) and not isinstance(x, bool) and x.bit_length() > 64:
+        return f"about 10^{int(x.bit_length() * math.log10(2))}"
+    try:
+        text = repr(x) if not isinstance(x, str) or len(x) <= 4 * limit else repr(x[:2 * limit])
+    except Exception:  # noqa: BLE001 - a hostile __repr__
+        text = f"<{type(x).__name__}>"
+    if len(text) <= limit:
+        return text
+    size = f" ({len(x)} characters)" if isinstance(x, str) else ""
+    return text[:limit - 3] + "..." + size
+
+
 def show_number(x: Any) -> str:
     """``x`` for an error message, never failing and never longer than ~30 characters
     (Python refuses to print integers of more than 4300 digits)."""
     if isinstance(x, bool) or not isinstance(x, (int, float)):
-        text = repr(x)
-        return text if len(text) <= 30 else text[:27] + "..."
+        return quote(x, 30)
     if isinstance(x, int) and x.bit_length() > 64:
         return f"about 10^{int(x.bit_length() * math.log10(2))}"
     return repr(x)
