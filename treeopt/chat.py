@@ -52,6 +52,7 @@ from treeopt.decode.drafter import Drafter, build_drafter, registered
 from treeopt.decode.engine import DecodeStats, generate, max_positions
 from treeopt.decode.sampling import Sampling
 from treeopt.errors import TreeoptError
+from treeopt.limits import first_line
 from treeopt.tree import Tree
 
 #: The draft a session uses when none is named: the target's first four layers.
@@ -587,8 +588,7 @@ def _number(text: str, usage: str) -> float:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return first_line(exc, 300)
 
 
 __all__ = ["Answer", "ChatError", "ChatSession", "DEFAULT_DRAFT", "DEFAULT_LENGTH",

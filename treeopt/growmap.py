@@ -48,6 +48,7 @@ from treeopt.limits import (
     atomic_write,
     check_plain,
     check_tensor,
+    first_line as _first_line,
     parse_json,
     show_number,
 )
@@ -293,12 +294,6 @@ def _read_json(path: Path) -> dict:
                            f"(this treeopt reads version {JSON_VERSION})")
     d["format"] = JSON_FORMAT
     return d
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
-    return line if len(line) <= 160 else line[:157] + "..."
 
 
 def _is_int(x: Any) -> bool:

@@ -73,14 +73,18 @@ class LimitError(TreeoptError, ValueError):
 ErrorFactory = Callable[[str], BaseException]
 
 
-def quote(x: Any, limit: int = MAX_QUOTE) -> str:
-    """``repr(x)`` for an error message, cut to about ``limit`` characters (a string's
-    length said after the cut), never failing: the one way treeopt quotes user input in a
-    message."""
+def quote(x: Any, limit: int = MAX_QUOTE, *, plain: bool = False) -> str:
+    """``repr(x)`` (a string as is with ``plain``) for an error message, cut to about
+    ``limit`` characters (a string's length said after the cut), never failing: the one way
+    treeopt quotes user input in a message."""
     if isinstance(x, int) and not isinstance(x, bool) and x.bit_length() > 64:
         return f"about 10^{int(x.bit_length() * math.log10(2))}"
     try:
-        text = repr(x) if not isinstance(x, str) or len(x) <= 4 * limit else repr(x[:2 * limit])
+        if isinstance(x, str):
+            head = x if len(x) <= 4 * limit else x[:2 * limit]
+            text = head if plain else repr(head)
+        else:
+            text = repr(x)
     except Exception:  # noqa: BLE001 - a hostile __repr__
         text = f"<{type(x).__name__}>"
     if len(text) <= limit:
@@ -223,7 +227,7 @@ def read_json(path: str | Path, error: ErrorFactory = LimitError) -> Any:
     try:
         text = Path(path).read_text()
     except UnicodeDecodeError as exc:
-        raise error(f"not valid JSON ({_first_line(exc)})") from None
+        raise error(f"not valid JSON ({first_line(exc)})") from None
     return parse_json(text, error)
 
 
@@ -234,13 +238,18 @@ def parse_json(text: str, error: ErrorFactory = LimitError) -> Any:
     except RecursionError:
         raise error("not valid JSON: nested too deeply") from None
     except (json.JSONDecodeError, ValueError) as exc:  # ValueError: ints beyond 4300 digits
-        raise error(f"not valid JSON ({_first_line(exc)})") from None
+        raise error(f"not valid JSON ({first_line(exc)})") from None
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException | str, limit: int = 160) -> str:
+    """The first line of an exception's message (or of a text), cut to ``limit``
+    characters: the one way treeopt turns an error into a line of a message."""
     text = str(exc).strip()
     line = text.splitlines()[0] if text else type(exc).__name__
-    return line if len(line) <= 160 else line[:157] + "..."
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+
 
 
 # ---------------------------------------------------------------------------- writing

@@ -24,6 +24,7 @@ import os
 import sys
 
 from treeopt.errors import TreeoptError, UserError
+from treeopt.limits import first_line, quote
 
 
 # The pair commands use when none is named: real weights that work offline (SmolLM2-135M from
@@ -208,8 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """An error as the one line the command prints: cut, whatever it quotes."""
+    return first_line(exc, MAX_ERROR_LINE)
+
+
+# Longest error line the command prints (a message quoting hostile input is cut).
+MAX_ERROR_LINE = 1000
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         if exc.filename is None:
             raise
         reason = exc.strerror or _one_line(exc)
-        print(f"treeopt {where}: error: {exc.filename}: {reason}", file=sys.stderr)
+        print(f"treeopt {where}: error: {quote(str(exc.filename), 300, plain=True)}: "
+              f"{reason}", file=sys.stderr)
         return 2
     # Anything else (a ValueError from torch or numpy, a KeyError, ...) is a bug in treeopt
     # or a library: Python prints its traceback.

@@ -20,6 +20,7 @@ import argparse
 import json
 
 from treeopt.cli import UserError
+from treeopt.limits import quote
 
 FORMATS = ("summary", "choices", "parents", "paths", "successors")
 
@@ -119,5 +120,4 @@ def _number(x) -> bool:
 
 
 def _short(text: str) -> str:
-    text = " ".join(text.split())  # one line, whatever the file holds
-    return text if len(text) <= 80 else text[:77] + "..."
+    return quote(" ".join(text.split()), 80, plain=True)  # one line, whatever the file holds

@@ -53,8 +53,8 @@ import numpy as np
 from treeopt.decode.drafter import (DEFAULT_CANDIDATE_SHAPE, Drafter, DrafterError, Proposal,
                                     proposal_from_paths, register_drafter, root_only)
 from treeopt.errors import TreeoptError
-from treeopt.limits import (MAX_VOCAB_SIZE, integer, parse_json, quote as _short,
-                            show_number)
+from treeopt.limits import (MAX_VOCAB_SIZE, first_line, integer, parse_json,
+                            quote as _short, show_number)
 from treeopt.tree import Tree
 
 FORMAT = "treeopt-datastore"
@@ -461,10 +461,7 @@ def _read_array(zf: zipfile.ZipFile, name: str, path: Path, kinds: str, ndim: in
     return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else type(exc).__name__
-    return line if len(line) <= 160 else line[:157] + "..."
+_one_line = first_line
 
 
 def _meta_of(zf: zipfile.ZipFile, path: Path) -> dict[str, Any]:

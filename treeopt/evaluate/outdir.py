@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from treeopt.evaluate.errors import EvalError
+from treeopt.limits import quote
 
 LOCK_FILE = ".lock"
 
@@ -145,8 +146,7 @@ SETTING_WORDS = {"target": "target model", "draft": "default drafter (--draft)",
 
 
 def _short(v: Any, limit: int = 60) -> str:
-    text = repr(v)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return quote(v, limit)
 
 
 def resume_difference(old: dict, new: dict) -> str | None:
