@@ -244,7 +244,10 @@ def parse_json(text: str, error: ErrorFactory = LimitError) -> Any:
 def first_line(exc: BaseException | str, limit: int = 160) -> str:
     """The first line of an exception's message (or of a text), cut to ``limit``
     characters: the one way treeopt turns an error into a line of a message."""
-    text = str(exc).strip()
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        text = f"{quote(str(exc.filename), min(limit, MAX_QUOTE), plain=True)}: {exc.strerror}"
+    else:
+        text = str(exc).strip()
     line = text.splitlines()[0] if text else type(exc).__name__
     return line if len(line) <= limit else line[:limit - 3] + "..."
 

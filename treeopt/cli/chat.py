@@ -78,6 +78,7 @@ def run(args) -> int:
     from treeopt.decode.models import cache_dir, load_pair, pending_conversion
     from treeopt.decode.sampling import Sampling, check_settings
     from treeopt.errors import TreeoptError
+    from treeopt.limits import first_line
 
     check_settings(args.temperature, args.top_k, args.top_p, args.rule)
     if args.max_new_tokens < 1:
@@ -102,6 +103,10 @@ def run(args) -> int:
     print(f"treeopt chat: {args.target}; {session.mode()}. /help lists the commands, /quit "
           "or Ctrl-D leaves.", file=sys.stderr)
     interactive = sys.stdin.isatty()
+    if callable(getattr(sys.stdin, "reconfigure", None)):
+        # Bytes that are not UTF-8 reach the session as such (which refuses the line)
+        # instead of ending the loop with a decoding error.
+        sys.stdin.reconfigure(errors="surrogateescape")
     while not session.finished:
         try:
             line = _read_line(interactive)
@@ -122,8 +127,12 @@ def run(args) -> int:
             prompt = text[1:] if text.startswith("//") else text
             try:
                 answer = session.answer(prompt, on_text=_write)
-            except TreeoptError as exc:
-                _write(f"error: {str(exc).strip().splitlines()[0]}\n")
+            except (TreeoptError, OSError) as exc:
+                _write(f"error: {first_line(exc, 300)}\n")
+                continue
+            except Exception as exc:  # noqa: BLE001 - the session survives any line
+                _write(f"error: the answer failed ({type(exc).__name__}: "
+                       f"{first_line(exc, 300)}); the conversation is kept\n")
                 continue
             _write(" [interrupted]\n" if answer.interrupted else "\n")
             print(summary(answer), file=sys.stderr)

@@ -42,9 +42,11 @@ import hashlib
 import json
 import math
 import os
+import struct
 import tempfile
 import time
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -70,7 +72,7 @@ DEFAULT_SHAPE = DEFAULT_CANDIDATE_SHAPE  # a 4-node chain: 3 drafted tokens
 BIGRAM_TOP = 8
 # What numpy/zipfile raise on a file that is not a (complete, intact) npz.
 _READ_ERRORS = (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile,
-                NotImplementedError)
+                NotImplementedError, zlib.error, struct.error, RuntimeError)
 # Caps checked before anything is allocated (a hostile 50 KB file must not cost gigabytes).
 MAX_MEMBERS = 8  # a datastore has 3 members
 MAX_MEMBER_BYTES = 16 << 30  # largest array member (uncompressed): 4 G tokens
