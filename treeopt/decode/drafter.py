@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import importlib
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -44,7 +45,7 @@ import torch
 
 from treeopt.decode.sampling import Sampling
 from treeopt.errors import TreeoptError
-from treeopt.limits import quote
+from treeopt.limits import first_line, quote
 from treeopt.tree import Tree
 
 ROOT_ONLY = Tree((-1,))
@@ -237,16 +238,67 @@ def registered() -> dict[str, DrafterEntry]:
             importlib.import_module(module)
         for module in filter(None, (m.strip() for m in
                                     os.environ.get("TREEOPT_DRAFTERS", "").split(","))):
-            try:
-                importlib.import_module(module)
-            except ImportError as exc:
-                raise DrafterError(f"TREEOPT_DRAFTERS names {module!r}, which cannot be "
-                                   f"imported ({exc}); fix the name or PYTHONPATH") from None
-        from importlib.metadata import entry_points
+            _load_plugin(f"{quote(module)} (TREEOPT_DRAFTERS)",
+                         lambda module=module: importlib.import_module(module))
+        try:
+            from importlib.metadata import entry_points
 
-        for ep in entry_points(group="treeopt.drafters"):
-            ep.load()
+            points = list(entry_points(group="treeopt.drafters"))
+        except Exception as exc:  # noqa: BLE001 - broken installed metadata
+            points = []
+            _disable("entry points of treeopt.drafters", f"{type(exc).__name__}: "
+                     f"{first_line(exc)}")
+        for ep in points:
+            _load_plugin(f"{quote(ep.name)} (entry point {quote(ep.value)})", ep.load)
     return dict(_REGISTRY)
+
+
+#: Seconds a third-party drafter module may take to load (``$TREEOPT_PLUGIN_TIMEOUT_S``).
+PLUGIN_TIMEOUT_S = 30.0
+#: Plugins that failed to load and were disabled: what names them -> why, one line.
+FAILED_PLUGINS: dict[str, str] = {}
+
+
+def _plugin_timeout() -> float:
+    try:
+        return max(0.01, float(os.environ.get("TREEOPT_PLUGIN_TIMEOUT_S", PLUGIN_TIMEOUT_S)))
+    except ValueError:
+        return PLUGIN_TIMEOUT_S
+
+
+def _load_plugin(label: str, load: Callable[[], Any]) -> None:
+    """Run ``load`` (a plugin's import) guarded: any exception, or not returning within
+    :func:`_plugin_timeout` seconds, disables the plugin (whatever it registered is taken
+    back) with one warning line; treeopt's own drafters keep working. A plugin that never
+    returns is left running in a daemon thread (Python cannot stop an import)."""
+    before = dict(_REGISTRY)
+    outcome: dict[str, BaseException] = {}
+
+    def run() -> None:
+        try:
+            load()
+        except BaseException as exc:  # noqa: BLE001 - SystemExit too: a plugin must not exit
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name="treeopt-drafter-plugin", daemon=True)
+    thread.start()
+    timeout = _plugin_timeout()
+    thread.join(timeout)
+    if thread.is_alive():
+        reason = f"did not finish loading within {timeout:g} s (TREEOPT_PLUGIN_TIMEOUT_S)"
+    elif "error" in outcome:
+        exc = outcome["error"]
+        reason = f"{type(exc).__name__}: {first_line(exc)}"
+    else:
+        return
+    _REGISTRY.clear()
+    _REGISTRY.update(before)
+    _disable(label, reason)
+
+
+def _disable(label: str, reason: str) -> None:
+    FAILED_PLUGINS[label] = reason
+    print(f"treeopt: warning: drafter plugin {label} disabled: {reason}", file=sys.stderr)
 
 
 def check_spec(text: str, drafter: str = "") -> str:
