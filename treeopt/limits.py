@@ -59,6 +59,10 @@ MAX_QUOTE = 80
 #: Largest JSON file treeopt reads (profiles, calibrations, tree sets, settings): parsing
 #: costs ~10x the file in memory.
 MAX_JSON_BYTES = 64 << 20
+#: Largest results file of an eval run (rows with their output texts) treeopt reads back.
+MAX_RESULTS_BYTES = 1 << 30
+#: Largest data set file (after decompression): prompts, problems.
+MAX_DATASET_BYTES = 1 << 30
 #: Metadata (the growmap's ``treeopt`` dict): most values in all and deepest nesting.
 MAX_META_ITEMS = 100_000
 MAX_META_DEPTH = 64
@@ -220,15 +224,33 @@ def check_plain(value: Any, what: str, error: ErrorFactory = LimitError, *,
                         "float, bool, None, lists and dicts of those) are allowed")
 
 
-def read_json(path: str | Path, error: ErrorFactory = LimitError) -> Any:
-    """``json.loads`` of a file, every failure a one-line ``error`` (message without the
-    path: callers add it): invalid JSON or text, nesting too deep for the parser
-    (RecursionError), integers too long to convert."""
+def read_text(path: str | Path, error: ErrorFactory = LimitError, *,
+              max_bytes: int = MAX_JSON_BYTES, errors: str = "strict") -> str:
+    """A UTF-8 text file of at most ``max_bytes`` bytes, refused (one-line ``error``, message
+    without the path) before it is read when larger; never more than ``max_bytes + 1`` bytes
+    are read (a file that grows, a device). OSError (missing, unreadable) passes through."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise error(f"a file of {size} bytes, more than the limit of {max_bytes} for the "
+                    "files treeopt reads as text (MAX_JSON_BYTES); refused")
+    with open(path, "rb") as fh:
+        data = fh.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise error(f"more than the limit of {max_bytes} bytes (MAX_JSON_BYTES); refused")
     try:
-        text = Path(path).read_text()
+        return data.decode("utf-8", errors=errors)
     except UnicodeDecodeError as exc:
         raise error(f"not valid JSON ({first_line(exc)})") from None
-    return parse_json(text, error)
+
+
+def read_json(path: str | Path, error: ErrorFactory = LimitError, *,
+              max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """``json.loads`` of a file, every failure a one-line ``error`` (message without the
+    path: callers add it): a file past ``max_bytes`` (refused before it is read), invalid
+    JSON or text, nesting too deep for the parser (RecursionError), integers too long to
+    convert. Every JSON file treeopt reads goes through here."""
+    return parse_json(read_text(path, error, max_bytes=max_bytes), error)
 
 
 def parse_json(text: str, error: ErrorFactory = LimitError) -> Any:

@@ -25,6 +25,7 @@ from pathlib import Path
 from treeopt.cli import (THREADS_HELP, UserError, add_draft_variant_arguments,
                          draft_spec_with_variant, set_threads)
 from treeopt.pipeline import CPU_NEW_TOKENS, CPU_PROMPTS, GPU_NEW_TOKENS, GPU_PROMPTS
+from treeopt.limits import read_json
 
 ACCEPTANCE_DESCRIPTION = """\
 Measure which sibling rank the verifier accepts, per rank (Sequoia's p[k]) and per depth
@@ -334,7 +335,7 @@ def resume_hint(path: Path) -> str:
 def _check_overwrite(out: Path) -> None:
     """Refuse to overwrite an acceptance profile a run could be resumed from."""
     try:
-        d = json.loads(out.read_text())
+        d = read_json(out)
     except (OSError, ValueError):
         return
     if isinstance(d, dict) and d.get("acceptance"):

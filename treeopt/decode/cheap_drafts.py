@@ -56,6 +56,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from treeopt.decode.drafter import DrafterError, parse_options
+from treeopt.limits import read_json
 
 QUANTS = ("none", "int8")
 VARIANT_OPTIONS: dict[str, type] = {"quant": str, "vocab": int, "vocab_corpus": str}
@@ -468,8 +469,8 @@ def frequent_tokens(tokenizer, texts: Sequence[str], n: int, *, vocab_size: int 
 def _read_token_map(path: Path, size: int) -> list[int] | None:
     """The cached token list, or None when there is none (or it is unreadable: recomputed)."""
     try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        d = read_json(path)
+    except (OSError, ValueError):  # LimitError is a ValueError
         return None
     tokens = d.get("tokens") if isinstance(d, dict) and d.get("format") == TOKEN_MAP_FORMAT \
         else None

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from treeopt.evaluate.errors import EvalError
-from treeopt.limits import quote
+from treeopt.limits import MAX_RESULTS_BYTES, quote, read_text
 
 LOCK_FILE = ".lock"
 
@@ -129,7 +129,9 @@ def read_rows(path: Path) -> list[dict]:
     if not Path(path).exists():
         return []
     rows: dict[tuple, dict] = {}
-    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+    data = read_text(path, lambda msg: EvalError(f"{path}: {msg}"), max_bytes=MAX_RESULTS_BYTES,
+                     errors="replace")
+    for line in data.splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:

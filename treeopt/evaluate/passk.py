@@ -79,6 +79,7 @@ from typing import Any, Iterable, Sequence
 
 from treeopt.evaluate.sandbox import (SANDBOX_PREFIX, ExecResult, Isolation, Limits,
                                       SandboxError, execute, require_isolation)
+from treeopt.limits import MAX_RESULTS_BYTES, read_text
 
 __all__ = ["ExecResult", "Isolation", "Limits", "SANDBOX_PREFIX", "run_program"]
 
@@ -391,7 +392,9 @@ class ResultCache:
         self.path = None if path is None else Path(path)
         self.results: dict[str, dict] = {}
         if self.path is not None and self.path.exists():
-            for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            text = read_text(self.path, lambda msg: PassKError(f"{self.path}: {msg}"),
+                             max_bytes=MAX_RESULTS_BYTES, errors="replace")
+            for line in text.splitlines():
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError:

@@ -42,6 +42,7 @@ from treeopt.evaluate.datasets import Prompt
 from treeopt.evaluate.errors import EvalError
 from treeopt.evaluate.outdir import (append_rows, atomic_write, locked, read_rows,
                                      resume_difference)
+from treeopt.limits import MAX_RESULTS_BYTES, first_line, read_json
 from treeopt.shapes import chain
 from treeopt.tree import Tree
 
@@ -903,11 +904,10 @@ def _prepare_out(out: Path, settings: dict, resume: bool, items: Sequence[_Item]
         atomic_write(run_file, text)
         return [], None
     try:
-        old = json.loads(run_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        old = read_json(run_file)
+    except (OSError, ValueError) as exc:  # LimitError is a ValueError
         raise EvalError(f"cannot resume {out}: its {RUN_FILE} is unreadable "
-                        f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
-                        f"restore it or choose another --out") from None
+                        f"({first_line(exc)}); restore it or choose another --out") from None
     if not isinstance(old, dict):
         raise EvalError(f"cannot resume {out}: its {RUN_FILE} is not a treeopt eval run file")
     diff = resume_difference(old, json.loads(text))
@@ -1252,9 +1252,9 @@ def load_results(path: str | Path) -> dict:
         raise EvalError(f"{p}: no results file; give a folder written by treeopt eval or its "
                         f"{RESULTS_JSON}")
     try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise EvalError(f"{p}: not a treeopt eval results file ({exc})") from None
+        doc = read_json(p, max_bytes=MAX_RESULTS_BYTES)
+    except ValueError as exc:  # LimitError: invalid JSON, not text, too large
+        raise EvalError(f"{p}: not a treeopt eval results file ({first_line(exc)})") from None
     if doc.get("format") != "treeopt-eval":
         raise EvalError(f"{p}: not a treeopt eval results file (no format 'treeopt-eval')")
     return doc

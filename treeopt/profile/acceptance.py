@@ -65,7 +65,11 @@ from typing import Callable, Sequence
 import torch
 
 from treeopt.errors import TreeoptError
-from treeopt.limits import integer, parse_json, show_number
+from treeopt.limits import integer, parse_json, read_text, show_number
+
+
+class _NotText(Exception):
+    """A file that is not JSON text (binary, or past the size cap)."""
 from treeopt.profile.model import (
     JSON_FORMAT,
     check_replaceable,
@@ -658,8 +662,8 @@ def write_atomic(profile, path: Path) -> None:
         return
     doc = profile.to_dict()
     try:
-        old = parse_json(path.read_text(), AcceptanceError)
-    except UnicodeDecodeError:  # binary: a torch growmap, a picture, ...
+        old = parse_json(read_text(path, _NotText), AcceptanceError)
+    except _NotText:  # binary (a torch growmap, a picture, ...) or too large
         check_replaceable(path)
         old = None
     except (OSError, AcceptanceError):

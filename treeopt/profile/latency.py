@@ -57,7 +57,7 @@ from typing import Sequence
 import torch
 
 from treeopt.errors import TreeoptError
-from treeopt.limits import parse_json
+from treeopt.limits import read_json
 from treeopt.tree import Tree
 
 DEFAULT_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -583,12 +583,11 @@ def _profile_doc(path: Path) -> dict:
     doc = {"format": JSON_FORMAT, "version": JSON_VERSION, "meta": {}}
     if path.exists():
         try:
-            text = path.read_text()
-        except (OSError, UnicodeDecodeError):
+            doc = read_json(path, lambda msg: LatencyError(
+                f"{path} exists but is not a JSON profile ({msg}); choose another --out"))
+        except OSError:
             raise LatencyError(f"{path} exists but is not a JSON profile; choose another "
                                "--out") from None
-        doc = parse_json(text, lambda msg: LatencyError(
-            f"{path} exists but is not a JSON profile ({msg}); choose another --out"))
         if not isinstance(doc, dict) or doc.get("format") != JSON_FORMAT:
             raise LatencyError(f"{path} exists but is not a treeopt profile; choose another "
                                "--out")
@@ -615,11 +614,10 @@ def load_latency(path):
     from treeopt.profile import Latency
 
     try:
-        text = Path(path).read_text()
-    except (OSError, UnicodeDecodeError):
+        doc = read_json(path, lambda msg: LatencyError(f"{path}: not a readable JSON profile "
+                                                       f"({msg})"))
+    except OSError:
         raise LatencyError(f"{path}: not a readable JSON profile") from None
-    doc = parse_json(text, lambda msg: LatencyError(f"{path}: not a readable JSON profile "
-                                                    f"({msg})"))
     if not isinstance(doc, dict) or doc.get("latency") is None:
         return None
     latency = Latency.from_dict(doc["latency"])

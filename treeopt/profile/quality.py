@@ -60,6 +60,7 @@ from typing import Any, Sequence
 import torch
 
 from treeopt.errors import TreeoptError
+from treeopt.limits import read_json
 
 FORMAT = "treeopt-quality"
 CONTINUATIONS = ("target", "dataset")
@@ -404,8 +405,8 @@ def check_quality_out(path: str | Path) -> None:
     if not path.exists():
         return
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        doc = read_json(path)
+    except (OSError, ValueError):  # LimitError is a ValueError
         doc = None
     if not (isinstance(doc, dict) and doc.get("format") == FORMAT):
         raise QualityError(f"{path} holds another kind of file (not a draft-quality result); "
