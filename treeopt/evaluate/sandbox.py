@@ -113,8 +113,9 @@ class Limits:
 
 @dataclass(frozen=True)
 class Isolation:
-    """What the sandbox achieved for one program. user: "nobody" (another user) or "same"
-    (treeopt's user); pid_ns: own PID namespace and /proc; read_only: the file system is
+    """What the sandbox achieved for one program. user: "nobody" (another user), "userns"
+    (``nobody`` without capabilities in a user namespace; treeopt's user outside it) or
+    "same" (treeopt's user); pid_ns: own PID namespace and /proc; read_only: the file system is
     read-only outside the working folder; network: an empty network namespace."""
 
     user: str = "same"
@@ -140,7 +141,9 @@ class Isolation:
         if self.rlimits_only and not self.pid_ns and not self.network:
             return ("rlimits only: same user as treeopt, file system writable, network "
                     "reachable")
-        parts = ["user nobody" if self.user == "nobody" else "SAME user as treeopt",
+        parts = [{"nobody": "user nobody",
+                  "userns": "user nobody in a user namespace (treeopt's user outside)"}.get(
+                      self.user, "SAME user as treeopt"),
                  "own PID namespace" if self.pid_ns else "shared PID namespace",
                  "read-only file system outside the work folder" if self.read_only
                  else "WRITABLE file system",
@@ -281,7 +284,7 @@ def limits():
 
 def run_program(reachable):
     if mode == "userns":
-        got["user"] = "nobody" if os.getuid() == 65534 else "same"
+        got["user"] = "userns" if os.getuid() == 65534 else "same"
     elif root and reachable and cfg["drop"]:
         try:
             os.setgroups([])
