@@ -182,3 +182,14 @@ def test_out_of_range_token_error_names_token_and_vocabulary():
         check_compatible(store, vocab_size=6)
     msg = str(e.value)
     assert "token id 6" in msg and "6 entries" in msg, msg
+
+
+@needs_proc
+@pytest.mark.parametrize("how", ["load", "bigram"])
+def test_largest_allowed_vocab_size_costs_what_the_file_holds(tmp_path, how):
+    from treeopt.limits import MAX_VOCAB_SIZE
+
+    path = _write(tmp_path / "v.npz", _meta(vocab_size=MAX_VOCAB_SIZE))
+    lines, growth_kb = load_limited(path, tmp_path, how, extra_mb=300)
+    assert lines == ["LOADED"], lines
+    assert growth_kb < 30_000  # not 32 MB of offsets nor a 128 MB bigram table

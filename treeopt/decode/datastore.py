@@ -730,7 +730,10 @@ class BigramDrafter(Drafter):
     def from_datastore(cls, store: Datastore, shape: Tree | None = None, k: int | None = None,
                        device="cpu", top: int = BIGRAM_TOP) -> "BigramDrafter":
         width = shape.width if shape is not None else DEFAULT_SHAPE.width
-        return cls(store.bigram_table(max(top, k or 0, width)), shape, k, device)
+        # Rows up to the largest token the corpus holds (later tokens have no successors):
+        # memory follows the file, not the vocabulary size its metadata declares.
+        table = bigram_table(store.tokens, store.max_token + 1, max(top, k or 0, width))
+        return cls(table, shape, k, device)
 
     def check(self, target) -> None:
         size = target_vocab_size(target)

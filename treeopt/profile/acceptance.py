@@ -68,7 +68,7 @@ from treeopt.errors import TreeoptError
 from treeopt.limits import integer, parse_json, read_text, show_number
 
 
-class _NotText(Exception):
+class _NotText(TreeoptError):
     """A file that is not JSON text (binary, or past the size cap)."""
 from treeopt.profile.model import (
     JSON_FORMAT,
