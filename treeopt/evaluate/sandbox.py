@@ -236,21 +236,34 @@ def setup_mounts():
     read-only but the work folder. Returns whether the interpreter is reachable."""
     reachable = True
     mount(None, "/", None, 0x4000 | 0x40000)  # MS_REC | MS_PRIVATE
-    if mode == "root":
+    if mode == "root" and cfg["expose"]:
+        covered = []
         try:
-            for i, (cover, exposed) in enumerate(cfg["expose"]):
-                mount(exposed, "%s/stage%d" % (cfg["base"], i), None, 0x1000 | 0x4000)
+            # Detached copies of what is exposed (open_tree), taken before the covers hide
+            # it, then attached inside the covers (move_mount).
+            trees = []
+            for cover, exposed in cfg["expose"]:
+                fd = libc.syscall(ctypes.c_long(428), ctypes.c_int(-100), exposed.encode(),
+                                  ctypes.c_uint(1 | 0o2000000 | 0x8000))  # CLONE|CLOEXEC|REC
+                if fd < 0:
+                    raise OSError(ctypes.get_errno(), "open_tree %s" % exposed)
+                trees.append((fd, os.path.isdir(exposed)))
             for cover in sorted({c for c, _ in cfg["expose"]}):
                 mount("tmpfs", cover, "tmpfs", 0x2 | 0x4, "mode=755,size=64k")
-            for i, (cover, exposed) in enumerate(cfg["expose"]):
+                covered.append(cover)
+            for (cover, exposed), (fd, is_dir) in zip(cfg["expose"], trees):
                 os.makedirs(os.path.dirname(exposed), mode=0o755, exist_ok=True)
-                if os.path.isdir("%s/stage%d" % (cfg["base"], i)):
+                if is_dir:
                     os.mkdir(exposed, 0o755)
                 else:
                     open(exposed, "w").close()
-                mount("%s/stage%d" % (cfg["base"], i), exposed, None, 0x2000)  # MS_MOVE
+                if libc.syscall(ctypes.c_long(429), ctypes.c_int(fd), b"", ctypes.c_int(-100),
+                                exposed.encode(), ctypes.c_uint(4)) != 0:  # F_EMPTY_PATH
+                    raise OSError(ctypes.get_errno(), "move_mount %s" % exposed)
         except OSError:
-            reachable = not cfg["expose"]
+            reachable = False
+            for cover in reversed(covered):  # back to the file system as it was
+                libc.umount2(cover.encode(), ctypes.c_int(2))  # MNT_DETACH
     mount(work, work, None, 0x1000)  # MS_BIND: its own mount, left writable
     try:
         mount("proc", "/proc", "proc", 0x2 | 0x4 | 0x8)  # nosuid, nodev, noexec
@@ -440,21 +453,19 @@ def execute(program: str, limits: Limits) -> Raw:
         prog = base / "program.py"
         prog.write_text(program, encoding="utf-8")
         drop = hasattr(os, "geteuid") and os.geteuid() == 0
-        expose = exposures(_interpreter_paths()) if drop else []
+        expose = exposures(_interpreter_paths() + [str(base)]) if drop else []
         if drop:
             os.chmod(base, 0o711)  # nobody may reach program.py and work, not list them
             os.chmod(prog, 0o644)
             os.chown(work, NOBODY, NOBODY)
-            for i, (_, exposed) in enumerate(expose):
-                stage = base / f"stage{i}"
-                stage.mkdir() if os.path.isdir(exposed) else stage.touch()
         out_path, err_path = base / "stdout", base / "stderr"
         cfg = {"net": limits.isolate_network, "rlimits": limits.rlimits(),
                "prefix": SANDBOX_PREFIX, "work": str(work), "base": str(base),
                "exe": sys.executable, "drop": drop, "expose": expose}
         cmd = [sys.executable, "-I", "-c", LAUNCHER, json.dumps(cfg), str(prog)]
         t0 = time.perf_counter()
-        with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        private = {"opener": lambda p, flags: os.open(p, flags, 0o600)}  # not for nobody
+        with open(out_path, "wb", **private) as out, open(err_path, "wb", **private) as err:
             proc = subprocess.Popen(cmd, cwd=work, env=_env(str(work)), stdin=subprocess.DEVNULL,
                                     stdout=out, stderr=err, start_new_session=True,
                                     close_fds=True)
@@ -488,8 +499,13 @@ def probe(limits: Limits = Limits()) -> Isolation:
     setting and remembered)."""
     key = limits.isolate_network
     if key not in _PROBED:
-        _PROBED[key] = execute("pass\n", Limits(timeout_s=30.0, memory_mb=256,
-                                                 isolate_network=key)).isolation
+        raw = execute("print('ok')\n", Limits(timeout_s=30.0, memory_mb=256,
+                                              isolate_network=key))
+        if raw.returncode != 0 or raw.stdout.strip() != "ok":
+            why = (raw.stderr_tail.strip().splitlines() or [f"exit status {raw.returncode}"])[-1]
+            raise SandboxError(f"the pass@1 sandbox cannot run Python on this machine "
+                               f"({why[:200]}); nothing was scored")
+        _PROBED[key] = raw.isolation
     return _PROBED[key]
 
 
