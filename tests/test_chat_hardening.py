@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 
 import pytest
 
-from test_chat import TEMPLATE, _chat_process, one_line_error, session  # noqa: F401
+from test_chat import _chat_process, one_line_error, session
 from test_chat import target, tok  # noqa: F401  (fixtures)
 from treeopt.testing import tiny_causal_lm
 

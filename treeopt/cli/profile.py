@@ -18,7 +18,6 @@ once and draft forward time by tokens per level, median and IQR over --repeats; 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
