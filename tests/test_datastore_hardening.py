@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from treeopt.decode.datastore import (Datastore, DatastoreError, check_compatible,
+from treeopt.drafters.datastore import (Datastore, DatastoreError, check_compatible,
                                       load_datastore)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +25,7 @@ needs_proc = pytest.mark.skipif(not Path("/proc/self/status").exists(),
 LIMITED = textwrap.dedent("""
     import resource, sys
     from treeopt.cli import main
-    from treeopt.decode.datastore import Datastore, DatastoreError, load_datastore
+    from treeopt.drafters.datastore import Datastore, DatastoreError, load_datastore
     from treeopt.decode.drafter import build_drafter
     warm = Datastore.from_token_lists([[1, 2, 3]]).save(sys.argv[2] + "/warm.npz")
     load_datastore(warm)

@@ -36,7 +36,7 @@ def test_failing_plugins_disable_themselves_in_one_line(tmp_path):
         from treeopt.decode.drafter import FAILED_PLUGINS, build_drafter, registered
         names = registered()
         print("NAMES", sorted(names))
-        print("NGRAM", names["ngram"].help[:20])
+        print("NGRAM", names["ngram"].description[:20])
         print("BUILT", type(build_drafter("ngram", target=None)).__name__)
         print("FAILED", len(FAILED_PLUGINS))
     """)

@@ -76,7 +76,6 @@ def test_cli_cuts_any_error_line(capsys):
         assert main(["show", name]) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and len(err) <= 400, len(err)
-    from treeopt.cli import _one_line
-    from treeopt.errors import TreeoptError
+    from treeopt.errors import TreeoptError, one_line
 
-    assert len(_one_line(TreeoptError("y" * 100_000))) <= MAX_ERROR_LINE
+    assert len(one_line(TreeoptError("y" * 100_000), MAX_ERROR_LINE)) <= MAX_ERROR_LINE

@@ -42,13 +42,12 @@ from typing import Any
 
 import torch
 
-from treeopt.errors import TreeoptError
+from treeopt.errors import TreeoptError, one_line
 from treeopt.limits import (
     MAX_TREE_NODES,
     atomic_write,
     check_plain,
     check_tensor,
-    first_line as _first_line,
     read_json,
     show_number,
 )
@@ -266,10 +265,10 @@ def _read_torch(path: Path) -> Any:
         if "weights only" in text:
             raise GrowmapError(f"{path}: refused to load: not a torch-saved growmap (corrupt "
                                "bytes, or a raw pickle the safe loader cannot read)") from None
-        raise GrowmapError(f"{path}: not a readable torch file ({_first_line(exc)})") from None
+        raise GrowmapError(f"{path}: not a readable torch file ({one_line(exc, 160)})") from None
     except Exception as exc:  # truncated zip, empty file, garbage bytes, ...
         raise GrowmapError(f"{path}: not a readable torch file, truncated or corrupt "
-                           f"({_first_line(exc)})") from None
+                           f"({one_line(exc, 160)})") from None
 
 
 def _read_json(path: Path) -> dict:

@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from treeopt.errors import TreeoptError
+from treeopt.errors import TreeoptError, one_line
 
 #: Most nodes (root included) of any tree treeopt builds, reads, searches or verifies; see
 #: the module docstring for why 4096.
@@ -241,7 +241,7 @@ def read_text(path: str | Path, error: ErrorFactory = LimitError, *,
     try:
         return data.decode("utf-8", errors=errors)
     except UnicodeDecodeError as exc:
-        raise error(f"not valid JSON ({first_line(exc)})") from None
+        raise error(f"not valid JSON ({one_line(exc, 160)})") from None
 
 
 def read_json(path: str | Path, error: ErrorFactory = LimitError, *,
@@ -260,21 +260,33 @@ def parse_json(text: str, error: ErrorFactory = LimitError) -> Any:
     except RecursionError:
         raise error("not valid JSON: nested too deeply") from None
     except (json.JSONDecodeError, ValueError) as exc:  # ValueError: ints beyond 4300 digits
-        raise error(f"not valid JSON ({first_line(exc)})") from None
-
-
-def first_line(exc: BaseException | str, limit: int = 160) -> str:
-    """The first line of an exception's message (or of a text), cut to ``limit``
-    characters: the one way treeopt turns an error into a line of a message."""
-    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
-        text = f"{quote(str(exc.filename), min(limit, MAX_QUOTE), plain=True)}: {exc.strerror}"
-    else:
-        text = str(exc).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
-    return line if len(line) <= limit else line[:limit - 3] + "..."
+        raise error(f"not valid JSON ({one_line(exc, 160)})") from None
 
 
 
+def positive_ints(text: str, what: str, example: str, error=ValueError, *,
+                  sort: bool = True) -> list[int]:
+    """The one parser of comma-separated integers >= 1 (``"1,2,4"`` -> [1, 2, 4]; sorted and
+    unique with ``sort``, in the given order without). ``error(message)`` is raised naming
+    ``what`` (e.g. "--tokens") and an ``example`` when the text is not such a list; numbers
+    longer than 30 digits are refused before they are converted."""
+    where = f"{what} " if what else ""
+    parts = [x.strip() for x in str(text).split(",") if x.strip()]
+    try:
+        if any(len(x) > 30 for x in parts):
+            raise ValueError
+        values = [int(x) for x in parts]
+    except ValueError:
+        raise error(f"{where}{_short_text(text)!r} is not a comma-separated list of integers, "
+                    f"e.g. {example}") from None
+    if not values or min(values) < 1:
+        raise error(f"{where}{_short_text(text)!r} needs integers >= 1, e.g. {example}")
+    return sorted(set(values)) if sort else values
+
+
+def _short_text(text: str, limit: int = 60) -> str:
+    text = str(text)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # ---------------------------------------------------------------------------- writing

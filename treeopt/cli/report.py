@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from treeopt.evaluate.passk import Limits, format_pass, score_run
+from treeopt.evaluate.report import write_report
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -37,11 +40,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from treeopt.evaluate.report import write_report
-
     if args.pass_at_1:
-        from treeopt.evaluate.passk import Limits, format_pass, score_run
-
         limits = Limits(timeout_s=args.pass_timeout,
                         allow_unisolated=args.pass_allow_unisolated)
         scored = score_run(args.results, args.problems, limits, workers=args.pass_workers)

@@ -77,6 +77,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from treeopt import datasets
+from treeopt.datasets import DatasetError, _read_lines
+from treeopt.evaluate.outdir import locked
+from treeopt.evaluate.results import RESULTS_JSON, load_results, summarise, write_results
 from treeopt.evaluate.sandbox import (SANDBOX_PREFIX, ExecResult, Isolation, Limits,
                                       SandboxError, execute, require_isolation)
 from treeopt.limits import MAX_RESULTS_BYTES, read_text
@@ -112,8 +116,6 @@ def load_problems(spec: str | os.PathLike = "humaneval") -> dict[str, Problem]:
     ``prompt``, ``test`` and ``entry_point``. One-line ``PassKError`` otherwise."""
     from importlib import resources
 
-    from treeopt.evaluate import datasets
-
     spec_s = str(spec)
     if spec_s == "humaneval":
         res = resources.files("treeopt").joinpath("data", "humaneval", "HumanEval.jsonl.gz")
@@ -130,8 +132,6 @@ def load_problems(spec: str | os.PathLike = "humaneval") -> dict[str, Problem]:
 
 
 def _problems_from(path: Path) -> dict[str, Problem]:
-    from treeopt.evaluate.datasets import DatasetError, _read_lines
-
     try:
         lines = _read_lines(path)
     except DatasetError as exc:
@@ -563,9 +563,6 @@ def score_run(results: str | Path, problems: dict[str, Problem] | str | None = N
     run again. ``problems``: a dict, a problems spec for :func:`load_problems`, or None for
     the dataset the run recorded. The folder is locked while it is scored."""
     import pandas as pd
-
-    from treeopt.evaluate.outdir import locked
-    from treeopt.evaluate.runner import RESULTS_JSON, load_results, summarise, write_results
 
     out = Path(results)
     if out.is_file() and out.name == RESULTS_JSON:

@@ -52,11 +52,19 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from treeopt.decode.drafter import (DEFAULT_CANDIDATE_SHAPE, Drafter, DrafterError, Proposal,
-                                    proposal_from_paths, register_drafter, root_only)
-from treeopt.errors import TreeoptError
-from treeopt.limits import (MAX_VOCAB_SIZE, first_line, integer, parse_json,
-                            quote as _short, show_number)
+from treeopt.decode.drafter import (
+    DEFAULT_CANDIDATE_SHAPE,
+    Drafter,
+    DrafterError,
+    Proposal,
+    proposal_from_paths,
+    register_drafter,
+    root_only,
+)
+from treeopt.drafters.ngram import NgramIndex
+from treeopt.errors import TreeoptError, one_line
+from treeopt.limits import (MAX_VOCAB_SIZE, integer, parse_json, quote as _short,
+                            show_number)
 from treeopt.tree import Tree
 
 FORMAT = "treeopt-datastore"
@@ -403,7 +411,7 @@ def _open_npz(path: Path) -> zipfile.ZipFile:
             raise DatastoreError(f"{path}: a single numpy array, not a treeopt datastore; "
                                  f"{REBUILD}") from None
         raise DatastoreError(f"{path}: not a treeopt datastore, or truncated/corrupt "
-                             f"({_one_line(exc)}); {REBUILD}") from None
+                             f"({one_line(exc, 160)}); {REBUILD}") from None
     try:
         if len(infos) > MAX_MEMBERS:
             raise DatastoreError(f"{path}: {len(infos)} members, a datastore has 3; {REBUILD}")
@@ -457,13 +465,10 @@ def _read_array(zf: zipfile.ZipFile, name: str, path: Path, kinds: str, ndim: in
         raise
     except _READ_ERRORS + (zipfile.LargeZipFile,) as exc:
         raise DatastoreError(f"{path}: truncated or corrupt datastore member {name!r} "
-                             f"({_one_line(exc)}); {REBUILD}") from None
+                             f"({one_line(exc, 160)}); {REBUILD}") from None
     if len(data) != nbytes:
         raise DatastoreError(f"{path}: truncated datastore member {name!r}; {REBUILD}")
     return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
-
-
-_one_line = first_line
 
 
 def _meta_of(zf: zipfile.ZipFile, path: Path) -> dict[str, Any]:
@@ -607,7 +612,7 @@ def _ints(seq: Sequence[int]) -> list[int]:
 
 class DatastoreDrafter(Drafter):
     """REST-style retrieval drafter: at each node of ``shape``, the run's own n-gram
-    continuations (prompt + generated text, via :class:`~treeopt.decode.ngram.NgramIndex`)
+    continuations (prompt + generated text, via :class:`~treeopt.drafters.ngram.NgramIndex`)
     first, then the datastore's most frequent continuations of the longest matching suffix,
     distinct, at most ``k`` per node. Nodes without a candidate are dropped."""
 
@@ -615,7 +620,6 @@ class DatastoreDrafter(Drafter):
 
     def __init__(self, store: Datastore, shape: Tree | None = None, k: int | None = None,
                  device="cpu", ngram_max_n: int = 4):
-        from treeopt.decode.ngram import NgramIndex
 
         self.store = store
         self.shape = shape if shape is not None else DEFAULT_SHAPE
@@ -635,7 +639,6 @@ class DatastoreDrafter(Drafter):
 
     def reshaped(self, shape: Tree) -> "DatastoreDrafter":
         """A copy filling ``shape``: the store is shared, the run's own index is not."""
-        from treeopt.decode.ngram import NgramIndex
 
         new = super().reshaped(shape)
         new.index = NgramIndex(self.index.min_n, self.index.max_n)
@@ -684,7 +687,7 @@ class DatastoreDrafter(Drafter):
     def path_candidates(self, committed: Sequence[int]):
         """``children(path)``: the ranked candidates after ``committed`` + ``path`` (drafted
         tokens below the root), as ``propose`` fills its shape; indexes ``committed``
-        first. Cascades (``treeopt.decode.cascade``) draft through it."""
+        first. Cascades (``treeopt.drafters.cascade``) draft through it."""
         if hasattr(committed, "tolist"):
             committed = committed.reshape(-1).tolist()
         self._sync(committed)
