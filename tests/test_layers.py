@@ -250,3 +250,15 @@ def test_public_functions_take_few_parameters():
                 if len(params) > 12:
                     wide.append(f"{name}.{node.name}: {len(params)}")
     assert wide == []
+
+
+def test_no_test_file_imports_another():
+    """Shared test helpers live in ``tests/helpers.py`` (and ``tests/lossless.py``), never in a
+    test file another one imports."""
+    offenders = []
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0].startswith("test_")]
+    assert offenders == []
