@@ -6,12 +6,20 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+from helpers import tiny_tokenizer
 
-from test_chat import _chat_process, one_line_error, session
-from test_chat import target, tok  # noqa: F401  (fixtures)
+from treeopt.chat import ChatSession
 from treeopt.testing import tiny_causal_lm
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE = ("{% for m in messages %}<s> {{ m['content'] }} {% endfor %}"
+            "{% if add_generation_prompt %}w3{% endif %}")
 
 
 @pytest.fixture(autouse=True)
@@ -20,14 +28,36 @@ def _offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture
+def tok():
+    t = tiny_tokenizer()
+    t.chat_template = TEMPLATE
+    return t
+
+
+def one_line_error(reply: str) -> bool:
+    return reply.startswith("error: ") and "\n" not in reply
+
+
+def _chat_process(folder: Path, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=str(ROOT))
+    return subprocess.Popen(
+        [sys.executable, "-m", "treeopt", "chat", "--target", str(folder), "--device", "cpu",
+         "--threads", "1", *extra], cwd=ROOT, env=env, stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        if os.name == "posix" else None)
+
+
 def _broken_datastore(tmp_path):
     path = tmp_path / "broken.npz"
     path.write_bytes(b"PK\x03\x04" + os.urandom(300))
     return path
 
 
-def test_library_refuses_bad_lines_and_keeps_the_history(target, tok, tmp_path):  # noqa: F811
-    s = session(target, tok, draft="none", max_new_tokens=3)
+def test_library_refuses_bad_lines_and_keeps_the_history(tok, tmp_path):
+    target = tiny_causal_lm("llama", num_layers=3, seed=7)
+    s = ChatSession(target, tok, draft="none", max_new_tokens=3)
     s.answer("w5 w6")
     history = list(s.history)
     for line in ("/tree " + "x" * 300, "/draft " + "y" * 300, "/tree " + "/a" * 200,
@@ -42,7 +72,7 @@ def test_library_refuses_bad_lines_and_keeps_the_history(target, tok, tmp_path):
     assert s.history == history
 
 
-def test_cli_session_survives_garbage_long_arguments_and_broken_files(tmp_path, tok):  # noqa: F811,E501
+def test_cli_session_survives_garbage_long_arguments_and_broken_files(tmp_path, tok):
     model = tiny_causal_lm("llama", num_layers=2, seed=5)
     folder = tmp_path / "tiny"
     model.save_pretrained(folder)
