@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 import random
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from treeopt.errors import TreeoptError
+from treeopt.errors import TreeoptError, one_line
+from treeopt.limits import MAX_DATASET_BYTES
 
 SHIPPED = ("spec_bench", "mt_bench", "humaneval")
 MT_BENCH_SIZE = 80
@@ -196,11 +198,18 @@ def _read_lines(path: Path) -> list[str]:
     try:
         if path.name.lower().endswith(".gz"):
             with gzip.open(path, "rb") as fh:
-                raw = fh.read()
+                raw = fh.read(MAX_DATASET_BYTES + 1)  # a gzip bomb stops at the cap
         else:
-            raw = path.read_bytes()
-    except (OSError, EOFError) as exc:
-        raise DatasetError(f"{path}: cannot read ({exc})") from None
+            if path.stat().st_size > MAX_DATASET_BYTES:
+                raise DatasetError(f"{path}: {path.stat().st_size} bytes, more than the limit "
+                                   f"of {MAX_DATASET_BYTES} for a data set file; refused")
+            with open(path, "rb") as fh:
+                raw = fh.read(MAX_DATASET_BYTES + 1)
+    except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise DatasetError(f"{path}: cannot read ({one_line(exc, 160)})") from None
+    if len(raw) > MAX_DATASET_BYTES:
+        raise DatasetError(f"{path}: more than the limit of {MAX_DATASET_BYTES} bytes "
+                           "(uncompressed) for a data set file; refused")
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
     lines = []

@@ -60,7 +60,7 @@ from typing import Any, Sequence
 
 from treeopt.errors import TreeoptError
 from treeopt.growmap import GrowmapError, growmap_dict, growmap_json, validate_growmap
-from treeopt.limits import MAX_TREE_NODES, parse_json, show_number
+from treeopt.limits import MAX_TREE_NODES, parse_json, quote, show_number
 from treeopt.search.family import FamilyError, topk_tree
 from treeopt.tree import Tree, TreeError
 
@@ -837,8 +837,4 @@ def _source_text(source: str) -> str:
 
 
 def _short(x: Any) -> str:
-    try:
-        text = repr(x) if not isinstance(x, str) else x
-    except ValueError:  # integers beyond Python's 4300-digit conversion limit
-        text = f"a {type(x).__name__} too large to print"
-    return text if len(text) <= 60 else text[:57] + "..."
+    return quote(x, 60, plain=True)

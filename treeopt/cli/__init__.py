@@ -75,6 +75,8 @@ def _quiet_stdout() -> None:
         os.dup2(devnull, sys.stdout.fileno())
     except (OSError, ValueError, AttributeError):  # stdout replaced (tests) or closed
         pass
+# Longest error line the command prints (a message quoting hostile input is cut).
+MAX_ERROR_LINE = 1000
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,14 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     except TreeoptError as exc:
         # Our own errors (TreeError, ProfileError, SamplingError, UserError, ...) carry a
         # one-line message naming the problem: show it, not a traceback.
-        print(f"treeopt {where}: error: {one_line(exc)}", file=sys.stderr)
+        print(f"treeopt {where}: error: {one_line(exc, MAX_ERROR_LINE)}", file=sys.stderr)
         return 2
     except OSError as exc:
         # A file the user named cannot be read or written (missing, a folder, no permission).
         if exc.filename is None:
             raise
-        reason = exc.strerror or one_line(exc)
-        print(f"treeopt {where}: error: {exc.filename}: {reason}", file=sys.stderr)
+        print(f"treeopt {where}: error: {one_line(exc, MAX_ERROR_LINE)}", file=sys.stderr)
         return 2
     # Anything else (a ValueError from torch or numpy, a KeyError, ...) is a bug in treeopt
     # or a library: Python prints its traceback.

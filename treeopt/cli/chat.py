@@ -20,7 +20,7 @@ from treeopt.cli.args import (
 )
 from treeopt.cli.generate import DRAFTER_SPECS
 from treeopt.decode.sampling import check_settings
-from treeopt.errors import TreeoptError
+from treeopt.errors import TreeoptError, one_line
 from treeopt.models.cache import cache_dir
 from treeopt.models.loading import pending_conversion
 
@@ -111,6 +111,10 @@ def run(args) -> int:
     print(f"treeopt chat: {args.target}; {session.mode()}. /help lists the commands, /quit "
           "or Ctrl-D leaves.", file=sys.stderr)
     interactive = sys.stdin.isatty()
+    if callable(getattr(sys.stdin, "reconfigure", None)):
+        # Bytes that are not UTF-8 reach the session as such (which refuses the line)
+        # instead of ending the loop with a decoding error.
+        sys.stdin.reconfigure(errors="surrogateescape")
     while not session.finished:
         try:
             line = _read_line(interactive)
@@ -131,8 +135,12 @@ def run(args) -> int:
             prompt = text[1:] if text.startswith("//") else text
             try:
                 answer = session.answer(prompt, on_text=_write)
-            except TreeoptError as exc:
-                _write(f"error: {str(exc).strip().splitlines()[0]}\n")
+            except (TreeoptError, OSError) as exc:
+                _write(f"error: {one_line(exc, 300)}\n")
+                continue
+            except Exception as exc:  # noqa: BLE001 - the session survives any line
+                _write(f"error: the answer failed ({type(exc).__name__}: "
+                       f"{one_line(exc, 300)}); the conversation is kept\n")
                 continue
             _write(" [interrupted]\n" if answer.interrupted else "\n")
             print(summary(answer), file=sys.stderr)

@@ -40,6 +40,7 @@ from treeopt.datasets import Prompt
 from treeopt.decode.drafter import DrafterError, build_drafter
 from treeopt.decode.engine import generate as engine_generate, model_window
 from treeopt.decode.sampling import GREEDY, Sampling
+from treeopt.errors import one_line
 from treeopt.evaluate import exactness as _exactness
 from treeopt.evaluate.errors import EvalError
 from treeopt.evaluate.methods import AR, Method, ar_method
@@ -56,6 +57,7 @@ from treeopt.evaluate.results import (
     tokens_per_second,
     write_results,
 )
+from treeopt.limits import read_json
 from treeopt.models.loading import eos_ids
 from treeopt.models.machine import threading_settings, threads_text
 
@@ -605,11 +607,10 @@ def _prepare_out(out: Path, settings: dict, resume: bool, items: Sequence[_Item]
         atomic_write(run_file, text)
         return [], None
     try:
-        old = json.loads(run_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        old = read_json(run_file)
+    except (OSError, ValueError) as exc:  # LimitError is a ValueError
         raise EvalError(f"cannot resume {out}: its {RUN_FILE} is unreadable "
-                        f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
-                        f"restore it or choose another --out") from None
+                        f"({one_line(exc, 160)}); restore it or choose another --out") from None
     if not isinstance(old, dict):
         raise EvalError(f"cannot resume {out}: its {RUN_FILE} is not a treeopt eval run file")
     diff = resume_difference(old, json.loads(text))

@@ -42,7 +42,7 @@ from treeopt.limits import (
     MAX_PROFILE_WIDTH,
     atomic_write,
     check_tensor,
-    parse_json,
+    read_json,
     show_number,
 )
 
@@ -437,11 +437,7 @@ class Profile:
         try:
             if path.suffix.lower() in (".pt", ".pth"):
                 return _load_sequoia_vector(path)
-            try:
-                text = path.read_text()
-            except UnicodeDecodeError as exc:
-                raise ProfileError(f"not valid JSON ({str(exc).splitlines()[0]})") from None
-            return cls.from_dict(parse_json(text, ProfileError))
+            return cls.from_dict(read_json(path, ProfileError))
         except ProfileError as exc:
             raise ProfileError(f"{path}: {exc}") from None
 
@@ -496,8 +492,8 @@ def check_replaceable(path: str | Path) -> None:
     kind = "a file that is not a treeopt profile"
     if path.suffix.lower() == ".json":
         try:
-            doc = parse_json(path.read_text(), ProfileError)
-        except (ProfileError, OSError, UnicodeDecodeError):
+            doc = read_json(path, ProfileError)
+        except (ProfileError, OSError):
             doc = None
         if isinstance(doc, dict) and doc.get("format") == JSON_FORMAT:
             return
