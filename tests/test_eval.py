@@ -241,3 +241,48 @@ def test_cli_eval_end_to_end(models, tmp_path, monkeypatch, capsys):
                str(out)])
     err = capsys.readouterr().err
     assert rc == 2 and "no such file" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_prints_a_compact_table_unless_wide(models, tmp_path, monkeypatch, capsys):
+    """The default table is narrow (method, speed-up and interval, tokens/step, equal[,
+    flags]); --wide prints every summary column; summary.csv has them all either way."""
+    from types import SimpleNamespace
+
+    import treeopt.cli.eval as cli_eval
+    from treeopt.cli import main
+    from treeopt.evaluate.table import compact_rows, format_compact
+
+    target, draft = models
+    monkeypatch.setattr(cli_eval, "load_pair_for",
+                        lambda args: SimpleNamespace(target=target, draft=draft,
+                                                     tokenizer=CharTokenizer()))
+    data = tmp_path / "q.jsonl"
+    data.write_text("\n".join(json.dumps({"id": i, "category": c, "prompt": f"say {w}"})
+                              for i, (c, w) in enumerate([("x", "one"), ("x", "two"),
+                                                          ("y", "three"), ("y", "four")])))
+    argv = ["eval", "--dataset", str(data), "--chain", "2", "--tree", "kary:2x2",
+            "--max-new-tokens", "6", "--no-progress", "--no-warmup", "--no-report"]
+    assert main(argv + ["--out", str(tmp_path / "a")]) == 0
+    compact = capsys.readouterr().out.splitlines()
+    assert compact[0].split()[:5] == ["method", "category", "speed-up", "(95%", "CI)"]
+    assert max(len(line) for line in compact) <= 100
+    assert len(compact) == 1 + 3 * 3  # 3 methods x (x, y, all)
+    assert main(argv + ["--out", str(tmp_path / "b"), "--wide"]) == 0
+    wide = capsys.readouterr().out.splitlines()
+    assert "acceptance_rate" in wide[0] and "verify_ms/step" in wide[0]
+    assert max(len(line) for line in wide) > max(len(line) for line in compact)
+    csv = pd.read_csv(tmp_path / "a" / "summary.csv", comment="#")
+    assert {"acceptance_rate", "verify_ms_per_step", "speedup_ci95_low"} <= set(csv.columns)
+    # the cells, by hand
+    summary = pd.DataFrame([
+        {"method": "plain", "category": "all", "speedup": 1.0, "speedup_ci95_low": 1.0,
+         "speedup_ci95_high": 1.0, "tokens_per_step": 1.0, "matches_ar": "-", "flag": ""},
+        {"method": "chain:3", "category": "all", "speedup": 1.234, "speedup_ci95_low": 1.1,
+         "speedup_ci95_high": float("nan"), "tokens_per_step": 2.5, "matches_ar": "4/4",
+         "flag": "noisy"}])
+    assert compact_rows(summary) == [["plain", "all", "1.00x (1.00-1.00)", "1.00", "-", "-"],
+                                     ["chain:3", "all", "1.23x", "2.50", "4/4", "noisy"]]
+    assert format_compact(summary).splitlines() == [
+        "method   speed-up (95% CI)  tokens/step  equal  flags",
+        "plain    1.00x (1.00-1.00)         1.00  -      -",
+        "chain:3              1.23x         2.50  4/4    noisy"]

@@ -169,7 +169,8 @@ def test_cli_eval_with_adaptive_drafters(target, tmp_path, monkeypatch, capsys):
     rc = main(["eval", "--dataset", str(data), "--draft", "none", "--drafter",
                "egag:draft=early-exit:1,gamma_max=3", "--drafter",
                "fallback:first=(ngram:max=3,k=2),then=early-exit:1@chain:3",
-               "--max-new-tokens", "6", "--out", str(out), "--no-progress", "--no-warmup"])
+               "--max-new-tokens", "6", "--out", str(out), "--no-progress", "--no-warmup",
+               "--wide"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "egag:draft=early-exit:1,gamma_max=3" in captured.out and "nodes/step" in captured.out

@@ -240,7 +240,7 @@ def test_cli_eval_with_drafters(models, tmp_path, monkeypatch, capsys):
     rc = main(["eval", "--dataset", str(data), "--draft", "tiny", "--chain", "2",
                "--drafter", "ngram@chain:3",
                "--hf-prompt-lookup", "2", "--hf-assisted", "--max-new-tokens", "6", "--out",
-               str(out), "--no-progress", "--no-warmup", "--no-report"])
+               str(out), "--no-progress", "--no-warmup", "--no-report", "--wide"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     for name in ("ngram@chain:3", "hf-pld:2", "hf-assisted", "verify_ms/step", "2/2"):

@@ -453,7 +453,8 @@ def test_cli_search_family_then_export(tmp_path, capsys):
                         "--out", uni], capsys)
     assert code == 0 and "uniform-per-level" in out
     code, out, _ = run(["export", uni, "--engine", "vllm", "--format", "python"], capsys)
-    assert code == 0 and out.startswith("speculative_config = {")
+    assert code == 0 and out.splitlines()[1].startswith("speculative_config = {")
+    assert out.startswith("# vLLM 0.10.1 to 0.20.x only")
     assert read_settings("vllm", out) == load_growmap(uni)[0]
 
 

@@ -254,8 +254,10 @@ class ChatSession:
             return f"error: unknown command {shown!r}; /help lists the commands"
         try:
             return handler(self, rest)
-        except TreeoptError as exc:
-            return "error: " + one_line(exc)
+        except (TreeoptError, OSError) as exc:  # OSError: a file name too long, unreadable
+            return "error: " + one_line(exc, 300)
+        except Exception as exc:  # noqa: BLE001 - a session survives any line
+            return f"error: {name} failed ({type(exc).__name__}: {one_line(exc, 300)})"
 
     def _toggle(self, rest: str, current: bool, what: str) -> bool:
         word = rest.lower()
@@ -449,9 +451,15 @@ class ChatSession:
         """Answer ``prompt`` after the conversation so far, streaming text pieces through
         ``on_text``; the exchange joins the history. A ``KeyboardInterrupt`` while decoding
         stops the answer (``interrupted=True``, see the module docstring). Raises a
-        TreeoptError when the drafter cannot be built or the prompt cannot be decoded."""
+        TreeoptError when the drafter cannot be built or the prompt cannot be decoded (or
+        is not text: undecodable bytes read from a pipe); the history is then unchanged."""
         if not prompt.strip():
             raise ChatError("the prompt is empty; type some text")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ChatError("the line holds bytes that are not UTF-8 text; refused (type "
+                            "text)") from None
         drafter = self.drafter()
         ids, dropped = self.encode(prompt, drafter)
         ids = ids.to(next(self.target.parameters()).device)

@@ -48,7 +48,7 @@ from treeopt.limits import (
     atomic_write,
     check_plain,
     check_tensor,
-    parse_json,
+    read_json,
     show_number,
 )
 from treeopt.tree import Tree, TreeError, ancestor_mask
@@ -73,6 +73,12 @@ def growmap_dict(tree: Tree, meta: dict | None = None) -> dict:
     if meta:
         d[META_KEY] = _plain_meta(meta, "meta")
     return d
+
+
+def growmap_json(tree: Tree, meta: dict | None = None, *, with_mask: bool = True) -> str:
+    """The JSON text :func:`save_growmap` writes for ``tree`` (with the mask by default:
+    readers such as UMbreLLa's static engine take it from the file)."""
+    return _to_json(growmap_dict(tree, meta), with_mask)
 
 
 def save_growmap(tree: Tree, path: str | Path, meta: dict | None = None, *,
@@ -125,7 +131,7 @@ def file_kind(path: str | Path) -> str:
     path = Path(path)
     try:
         if path.suffix.lower() == ".json" or _looks_like_json(path):
-            d = parse_json(path.read_text(), GrowmapError)
+            d = read_json(path, GrowmapError)
         else:
             d = _read_torch(path)
     except (GrowmapError, OSError, UnicodeDecodeError):
@@ -272,11 +278,7 @@ def _read_torch(path: Path) -> Any:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        text = path.read_text()
-    except UnicodeDecodeError as exc:
-        raise GrowmapError(f"{path}: not valid JSON ({one_line(exc, 160)})") from None
-    d = parse_json(text, lambda msg: GrowmapError(f"{path}: {msg}"))
+    d = read_json(path, lambda msg: GrowmapError(f"{path}: {msg}"))
     if not isinstance(d, dict):
         raise GrowmapError(f"{path}: expected a JSON object with growmap keys, "
                            f"got {type(d).__name__}")

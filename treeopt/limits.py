@@ -51,6 +51,18 @@ MAX_LATENCY_TOKENS = 1 << 24
 #: default 12 levels at the node cap need 7.4e8).
 MAX_DP_BYTES = 2 << 30
 MAX_DP_OPS = 30_000_000_000
+#: Largest vocabulary a file may declare (16x the largest in use, 262144): datastores and
+#: tables are sized by the token ids they really hold, never by a declared number past it.
+MAX_VOCAB_SIZE = 1 << 22
+#: Most characters of user input an error message quotes (hostile input can be megabytes).
+MAX_QUOTE = 80
+#: Largest JSON file treeopt reads (profiles, calibrations, tree sets, settings): parsing
+#: costs ~10x the file in memory.
+MAX_JSON_BYTES = 64 << 20
+#: Largest results file of an eval run (rows with their output texts) treeopt reads back.
+MAX_RESULTS_BYTES = 1 << 30
+#: Largest data set file (after decompression): prompts, problems.
+MAX_DATASET_BYTES = 1 << 30
 #: Metadata (the growmap's ``treeopt`` dict): most values in all and deepest nesting.
 MAX_META_ITEMS = 100_000
 MAX_META_DEPTH = 64
@@ -65,12 +77,31 @@ class LimitError(TreeoptError, ValueError):
 ErrorFactory = Callable[[str], BaseException]
 
 
+def quote(x: Any, limit: int = MAX_QUOTE, *, plain: bool = False) -> str:
+    """``repr(x)`` (a string as is with ``plain``) for an error message, cut to about
+    ``limit`` characters (a string's length said after the cut), never failing: the one way
+    treeopt quotes user input in a message."""
+    if isinstance(x, int) and not isinstance(x, bool) and x.bit_length() > 64:
+        return f"about 10^{int(x.bit_length() * math.log10(2))}"
+    try:
+        if isinstance(x, str):
+            head = x if len(x) <= 4 * limit else x[:2 * limit]
+            text = head if plain else repr(head)
+        else:
+            text = repr(x)
+    except Exception:  # noqa: BLE001 - a hostile __repr__
+        text = f"<{type(x).__name__}>"
+    if len(text) <= limit:
+        return text
+    size = f" ({len(x)} characters)" if isinstance(x, str) else ""
+    return text[:limit - 3] + "..." + size
+
+
 def show_number(x: Any) -> str:
     """``x`` for an error message, never failing and never longer than ~30 characters
     (Python refuses to print integers of more than 4300 digits)."""
     if isinstance(x, bool) or not isinstance(x, (int, float)):
-        text = repr(x)
-        return text if len(text) <= 30 else text[:27] + "..."
+        return quote(x, 30)
     if isinstance(x, int) and x.bit_length() > 64:
         return f"about 10^{int(x.bit_length() * math.log10(2))}"
     return repr(x)
@@ -193,15 +224,33 @@ def check_plain(value: Any, what: str, error: ErrorFactory = LimitError, *,
                         "float, bool, None, lists and dicts of those) are allowed")
 
 
-def read_json(path: str | Path, error: ErrorFactory = LimitError) -> Any:
-    """``json.loads`` of a file, every failure a one-line ``error`` (message without the
-    path: callers add it): invalid JSON or text, nesting too deep for the parser
-    (RecursionError), integers too long to convert."""
+def read_text(path: str | Path, error: ErrorFactory = LimitError, *,
+              max_bytes: int = MAX_JSON_BYTES, errors: str = "strict") -> str:
+    """A UTF-8 text file of at most ``max_bytes`` bytes, refused (one-line ``error``, message
+    without the path) before it is read when larger; never more than ``max_bytes + 1`` bytes
+    are read (a file that grows, a device). OSError (missing, unreadable) passes through."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise error(f"a file of {size} bytes, more than the limit of {max_bytes} for the "
+                    "files treeopt reads as text (MAX_JSON_BYTES); refused")
+    with open(path, "rb") as fh:
+        data = fh.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise error(f"more than the limit of {max_bytes} bytes (MAX_JSON_BYTES); refused")
     try:
-        text = Path(path).read_text()
+        return data.decode("utf-8", errors=errors)
     except UnicodeDecodeError as exc:
         raise error(f"not valid JSON ({one_line(exc, 160)})") from None
-    return parse_json(text, error)
+
+
+def read_json(path: str | Path, error: ErrorFactory = LimitError, *,
+              max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """``json.loads`` of a file, every failure a one-line ``error`` (message without the
+    path: callers add it): a file past ``max_bytes`` (refused before it is read), invalid
+    JSON or text, nesting too deep for the parser (RecursionError), integers too long to
+    convert. Every JSON file treeopt reads goes through here."""
+    return parse_json(read_text(path, error, max_bytes=max_bytes), error)
 
 
 def parse_json(text: str, error: ErrorFactory = LimitError) -> Any:
@@ -212,6 +261,7 @@ def parse_json(text: str, error: ErrorFactory = LimitError) -> Any:
         raise error("not valid JSON: nested too deeply") from None
     except (json.JSONDecodeError, ValueError) as exc:  # ValueError: ints beyond 4300 digits
         raise error(f"not valid JSON ({one_line(exc, 160)})") from None
+
 
 
 def positive_ints(text: str, what: str, example: str, error=ValueError, *,

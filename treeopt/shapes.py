@@ -38,7 +38,7 @@ from typing import Sequence
 
 from treeopt.errors import TreeoptError
 from treeopt.growmap import load_growmap
-from treeopt.limits import MAX_TREE_NODES, parse_json, show_number
+from treeopt.limits import MAX_TREE_NODES, parse_json, quote, show_number
 from treeopt.profile.model import reliable_table
 from treeopt.search.dp import levels_for_depth, solve
 from treeopt.tree import Tree, TreeError, as_depth_table
@@ -361,7 +361,7 @@ def _cap(n: int, what: str, at_least: bool = False) -> None:
 
 
 def _short_spec(text: str) -> str:
-    return text if len(text) <= 60 else text[:57] + "..."
+    return quote(text, 60, plain=True)
 
 
 def _short_list(values: list) -> str:

@@ -33,7 +33,7 @@ def _table(profile):
 def tree_summary(tree: Tree, profile=None) -> str:
     """One line: size, depth, width and, with a profile, F (expected tokens per step)."""
     parts = [f"size {tree.size}", f"depth {tree.depth}", f"width {tree.width}",
-             f"{len(tree.leaves)} leaves"]
+             f"{len(tree.leaves)} leaf" if len(tree.leaves) == 1 else f"{len(tree.leaves)} leaves"]
     if profile is not None:
         parts.append(f"F = {tree.expected_tokens(_table(profile)):.4f} tokens/step")
     return ", ".join(parts)

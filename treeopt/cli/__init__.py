@@ -12,7 +12,8 @@ shape strings such as ``dp:64x8``); a command takes one or the other.
 
 Errors: a :class:`treeopt.errors.TreeoptError` (bad input, an impossible request, a broken
 file) and an unreadable file the user named are printed as one line, exit status 2; any other
-exception is a bug and keeps its traceback.
+exception is a bug and keeps its traceback. A reader that closes the pipe early
+(``treeopt compare ... | head -1``) stops the command quietly, with status 0, as Unix tools do.
 
 CPU timing: unless ``OMP_WAIT_POLICY`` is already set, the command sets it to ``PASSIVE``
 before torch is imported. OpenMP's default spin-waiting makes every timing treeopt takes
@@ -66,6 +67,18 @@ def build_parser(commands: Sequence[str] = COMMANDS) -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_stdout() -> None:
+    """The reader of stdout went away: point stdout at the null device so that Python's
+    final flush does not raise again (the Python docs' recipe for SIGPIPE)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout replaced (tests) or closed
+        pass
+# Longest error line the command prints (a message quoting hostile input is cut).
+MAX_ERROR_LINE = 1000
+
+
 def main(argv: list[str] | None = None) -> int:
     passive_openmp()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -78,7 +91,12 @@ def main(argv: list[str] | None = None) -> int:
                                  getattr(args, "bench", None)) if isinstance(x, str))
     try:
         check_threads(getattr(args, "threads", None))
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 0
     except KeyboardInterrupt as exc:
         # A command may say what it kept and how to continue (KeyboardInterrupt("...")).
         note = one_line(exc) if str(exc).strip() else ""
@@ -87,14 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     except TreeoptError as exc:
         # Our own errors (TreeError, ProfileError, SamplingError, UserError, ...) carry a
         # one-line message naming the problem: show it, not a traceback.
-        print(f"treeopt {where}: error: {one_line(exc)}", file=sys.stderr)
+        print(f"treeopt {where}: error: {one_line(exc, MAX_ERROR_LINE)}", file=sys.stderr)
         return 2
     except OSError as exc:
         # A file the user named cannot be read or written (missing, a folder, no permission).
         if exc.filename is None:
             raise
-        reason = exc.strerror or one_line(exc)
-        print(f"treeopt {where}: error: {exc.filename}: {reason}", file=sys.stderr)
+        print(f"treeopt {where}: error: {one_line(exc, MAX_ERROR_LINE)}", file=sys.stderr)
         return 2
     # Anything else (a ValueError from torch or numpy, a KeyError, ...) is a bug in treeopt
     # or a library: Python prints its traceback.

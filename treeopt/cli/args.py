@@ -12,7 +12,7 @@ import torch
 from treeopt.cli import check_threads
 from treeopt.decode.sampling import RULES, Sampling
 from treeopt.errors import TreeoptError, UserError
-from treeopt.limits import MAX_TREE_LEVELS, positive_ints
+from treeopt.limits import MAX_TREE_LEVELS, MAX_TREE_NODES, positive_ints
 from treeopt.models.loading import DEFAULT_DRAFT_MODEL
 from treeopt.models.variants import DraftVariant, add_variant
 from treeopt.search.dp import depth_for_levels, levels_for_depth
@@ -155,7 +155,7 @@ def height_levels(args: argparse.Namespace) -> int | None:
         if levels_for_depth(args.max_depth) > MAX_TREE_LEVELS:
             raise UserError(f"--max-depth = {args.max_depth} edges exceeds the limit of "
                             f"{depth_for_levels(MAX_TREE_LEVELS)} edges ({MAX_TREE_LEVELS} "
-                            "levels: a tree of at most MAX_TREE_NODES nodes has no more)")
+                            f"levels: a tree of at most {MAX_TREE_NODES} nodes has no more)")
         return levels_for_depth(args.max_depth)
     if args.max_levels is not None:
         if args.max_levels < 1:
@@ -163,7 +163,7 @@ def height_levels(args: argparse.Namespace) -> int | None:
                             f"{args.max_levels}")
         if args.max_levels > MAX_TREE_LEVELS:
             raise UserError(f"--max-levels = {args.max_levels} exceeds the limit of "
-                            f"{MAX_TREE_LEVELS} levels (a tree of at most MAX_TREE_NODES "
+                            f"{MAX_TREE_LEVELS} levels (a tree of at most {MAX_TREE_NODES} "
                             "nodes has no more)")
         return args.max_levels
     return args.default_levels

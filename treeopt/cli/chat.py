@@ -18,8 +18,9 @@ from treeopt.cli.args import (
     sampling_from_args,
     set_threads,
 )
+from treeopt.cli.generate import DRAFTER_SPECS
 from treeopt.decode.sampling import check_settings
-from treeopt.errors import TreeoptError
+from treeopt.errors import TreeoptError, one_line
 from treeopt.models.cache import cache_dir
 from treeopt.models.loading import pending_conversion
 
@@ -41,11 +42,9 @@ def register(subparsers) -> None:
     )
     p.add_argument("--target", default=DEFAULT_TARGET, help=TARGET_HELP)
     p.add_argument("--draft", default=DEFAULT_DRAFT,
-                   help="drafter of speculative decoding: a draft model spec, 'early-exit:K', "
-                        "'ngram[:...]', 'suffix[:...]', 'datastore:PATH', or 'none' to start "
-                        "with speculation "
-                        f"off (/speculative turns it on with {DEFAULT_DRAFT}) (default: "
-                        f"{DEFAULT_DRAFT})")
+                   help=f"drafter of speculative decoding: {DRAFTER_SPECS}; or 'none' to "
+                        f"start with speculation off (/speculative turns it on with "
+                        f"{DEFAULT_DRAFT}) (default: {DEFAULT_DRAFT})")
     p.add_argument("--tree", "--growmap", dest="tree", default=None,
                    help="tree: a shape such as chain:5 or kary:2x3, or a growmap file (.pt or "
                         ".json); /tree changes it (default: the drafter's own)")
@@ -112,6 +111,10 @@ def run(args) -> int:
     print(f"treeopt chat: {args.target}; {session.mode()}. /help lists the commands, /quit "
           "or Ctrl-D leaves.", file=sys.stderr)
     interactive = sys.stdin.isatty()
+    if callable(getattr(sys.stdin, "reconfigure", None)):
+        # Bytes that are not UTF-8 reach the session as such (which refuses the line)
+        # instead of ending the loop with a decoding error.
+        sys.stdin.reconfigure(errors="surrogateescape")
     while not session.finished:
         try:
             line = _read_line(interactive)
@@ -132,8 +135,12 @@ def run(args) -> int:
             prompt = text[1:] if text.startswith("//") else text
             try:
                 answer = session.answer(prompt, on_text=_write)
-            except TreeoptError as exc:
-                _write(f"error: {str(exc).strip().splitlines()[0]}\n")
+            except (TreeoptError, OSError) as exc:
+                _write(f"error: {one_line(exc, 300)}\n")
+                continue
+            except Exception as exc:  # noqa: BLE001 - the session survives any line
+                _write(f"error: the answer failed ({type(exc).__name__}: "
+                       f"{one_line(exc, 300)}); the conversation is kept\n")
                 continue
             _write(" [interrupted]\n" if answer.interrupted else "\n")
             print(summary(answer), file=sys.stderr)

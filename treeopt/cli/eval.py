@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from treeopt.api import load_pair
 from treeopt.cli import UserError
@@ -36,6 +37,7 @@ from treeopt.evaluate.report import write_report
 from treeopt.evaluate.results import format_summary
 from treeopt.evaluate.runner import EvalConfig, check_config, check_out_dir, run_eval
 from treeopt.evaluate.spread import FLAGS
+from treeopt.evaluate.table import format_compact
 from treeopt.profile import Profile
 
 # Written out so that --help needs no import of the drafter modules (see
@@ -156,15 +158,20 @@ def register(subparsers) -> None:
                         "refused when the target, draft, dataset, prompts, methods or "
                         "decoding settings differ from that run's")
     o.add_argument("--no-report", action="store_true", help="skip plots and report page")
+    o.add_argument("--wide", action="store_true",
+                   help="print every summary column (time split, acceptance, nodes, ...) "
+                        "instead of the compact table (method, speed-up and its interval, "
+                        "tokens/step, equal, flags); the CSVs and the report always have all")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     k = p.add_argument_group("pass@1 (code problems with tests: humaneval, or a JSONL file "
                              "with prompt, test and entry_point)")
     k.add_argument("--pass-at-1", action=argparse.BooleanOptionalAction, default=None,
                    help="run each output's code against its problem's tests and report "
-                        "pass@1 per method: a subprocess per program with a timeout, resource "
-                        "limits, a temporary folder and no network where the kernel allows "
-                        "(a best-effort sandbox, not a security boundary: the file system "
-                        "is not isolated). It runs model-written code, so it is off "
+                        "pass@1 per method: each program runs as user nobody in its own "
+                        "PID, mount and network namespaces with a read-only file system "
+                        "outside a temporary folder, limits and a timeout, where the kernel "
+                        "allows (the report says what was achieved; refused where only the "
+                        "limits hold). It runs model-written code, so it is off "
                         "unless asked, or unless --out already holds pass@1 results (a "
                         "--resume keeps scoring; programs already scored are not run again)")
     k.add_argument("--pass-timeout", type=float, default=10.0, metavar="S",
@@ -172,6 +179,9 @@ def register(subparsers) -> None:
                         "costs that sample only)")
     k.add_argument("--pass-workers", type=int, choices=[1, 2], default=1,
                    help="programs run at once")
+    k.add_argument("--pass-allow-unisolated", action="store_true",
+                   help="score even where the sandbox can only set rlimits (the program "
+                        "would run as your user with your file system writable)")
     p.set_defaults(func=run)
 
 
@@ -225,6 +235,12 @@ def _is_growmap(spec: str) -> bool:
 def run(args) -> int:
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
+    # The prompts and the output folder are checked first, not after the models are loaded.
+    select = dict(categories=args.categories, n=args.num_prompts, seed=args.seed,
+                  turns=args.turns, window=args.window, window_unit=args.window_unit)
+    token_windows = args.window is not None and args.window_unit == "tokens"
+    prompts = None if token_windows else load_prompts(args.dataset, **select)
+    check_out_dir(args.out, resume=args.resume)
     args.draft = draft_spec_with_variant(args)
     config = EvalConfig(max_new_tokens=args.max_new_tokens, seed=args.seed,
                         stop_at_eos=args.stop_at_eos, chat_template=not args.no_chat_template,
@@ -232,7 +248,6 @@ def run(args) -> int:
                         sampling=sampling_from_args(args))
     # Every setting is checked before any model is loaded or any file is written.
     check_config(config)
-    check_out_dir(args.out)
     scoring = _pass_at_1_setup(args)
     set_threads(args.threads)
     profile = None
@@ -242,10 +257,6 @@ def run(args) -> int:
     if len(methods) == 1:
         print("treeopt eval: note: only plain decoding requested (add --chain, --tree, --dp, "
               "--drafter, --hf-prompt-lookup or --hf-assisted)", file=sys.stderr)
-    select = dict(categories=args.categories, n=args.num_prompts, seed=args.seed,
-                  turns=args.turns, window=args.window, window_unit=args.window_unit)
-    token_windows = args.window is not None and args.window_unit == "tokens"
-    prompts = None if token_windows else load_prompts(args.dataset, **select)
     pair = load_pair_for(args)
     if prompts is None:
         prompts = load_prompts(args.dataset, tokenizer=pair.tokenizer, **select)
@@ -254,11 +265,17 @@ def run(args) -> int:
             "profile": args.profile}
     # The pair's drafter (any spec); loaders that return only a draft model work too.
     draft = getattr(pair, "drafter", None) or getattr(pair, "draft", None)
-    result = run_eval(pair.target, draft, prompts, methods, config=config,
-                      tokenizer=pair.tokenizer, out_dir=args.out, resume=args.resume,
-                      profile=profile, progress=not args.no_progress, meta=meta)
+    try:
+        result = run_eval(pair.target, draft, prompts, methods, config=config,
+                          tokenizer=pair.tokenizer, out_dir=args.out, resume=args.resume,
+                          profile=profile, progress=not args.no_progress, meta=meta)
+    except KeyboardInterrupt:
+        if args.out and Path(args.out).is_dir():
+            raise KeyboardInterrupt(f"every finished prompt is kept in {args.out}; run the "
+                                    "same command with --resume to continue from it") from None
+        raise
     scored = _score(result, scoring, not args.no_progress)
-    print(format_summary(result.summary))
+    print(format_summary(result.summary) if args.wide else format_compact(result.summary))
     if scored is not None:
         print(format_pass(scored))
     _explain_flags(result.summary)
@@ -308,10 +325,10 @@ def _pass_at_1_setup(args):
         wanted = (Path(args.out) / CACHE_FILE).exists()
         if not wanted and str(args.dataset) == "humaneval":
             print("treeopt eval: note: add --pass-at-1 to score pass@1 (runs the generated "
-                  "code against HumanEval's tests in a best-effort sandbox)", file=sys.stderr)
+                  "code against HumanEval's tests in a sandbox)", file=sys.stderr)
     if not wanted:
         return None
-    limits = Limits(timeout_s=args.pass_timeout)
+    limits = Limits(timeout_s=args.pass_timeout, allow_unisolated=args.pass_allow_unisolated)
     return load_problems(args.dataset), limits, args.pass_workers
 
 

@@ -18,7 +18,6 @@ once and draft forward time by tokens per level, median and IQR over --repeats; 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from treeopt.cli.args import (
 )
 from treeopt.datasets import select
 from treeopt.decode.sampling import Sampling, check_settings
+from treeopt.limits import read_json
 from treeopt.models.loading import eos_ids, resolve_device
 from treeopt.profile import Profile
 from treeopt.profile.acceptance import AcceptanceRun, with_intervals, write_atomic
@@ -364,7 +364,7 @@ def resume_hint(path: Path) -> str:
 def _check_overwrite(out: Path) -> None:
     """Refuse to overwrite an acceptance profile a run could be resumed from."""
     try:
-        d = json.loads(out.read_text())
+        d = read_json(out)
     except (OSError, ValueError):
         return
     if isinstance(d, dict) and d.get("acceptance"):

@@ -31,8 +31,8 @@ from treeopt.cli.args import add_height_arguments, height_levels, print_treeset
 from treeopt.errors import TreeoptError
 from treeopt.export import ENGINES
 from treeopt.growmap import check_writable, save_growmap
-from treeopt.limits import check_nodes
-from treeopt.profile.model import contexts_of
+from treeopt.limits import MAX_TREE_NODES, check_nodes
+from treeopt.profile.model import contexts_of, describe_table
 from treeopt.search.api import (
     ReplaySettings,
     SearchSettings,
@@ -62,7 +62,8 @@ METRICS = ("tokens", "speed")
 def register(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "search", help="find the optimal tree shape for a profile (exact DP or Optuna)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=__doc__.replace("MAX_TREE_NODES", str(MAX_TREE_NODES)),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     add_optuna_arguments(parser)
     add_family_arguments(parser)
@@ -92,7 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default %(default)s)")
     parser.add_argument("--max-size", type=int, metavar="N",
                         help="largest size the hardware-aware sweep considers (default: the "
-                             "largest measured latency point, at most MAX_TREE_NODES)")
+                             f"largest measured latency point, at most {MAX_TREE_NODES})")
     parser.add_argument("--measured-sizes-only", action="store_true",
                         help="choose the tree size among the latency table's measured sizes "
                              "only, as Sequoia's valid_budget does, instead of every size up "
@@ -249,9 +250,9 @@ def run(args: argparse.Namespace) -> int:
     if found.choice is not None:
         sizes = "measured sizes" if args.measured_sizes_only else f"sizes 1..{found.max_size}"
         mode = f"{mode} ({sizes}, levels 1..{found.max_levels})"
+    table = describe_table(load_profile(args.profile), not args.no_depth_aware)
     print(f"search dp, {mode}: size {tree.size}, {height(tree.depth, found.max_levels)}, "
-          f"width {tree.width}, {'depth-aware' if len(found.rank_table) > 1 else 'rank'} "
-          "profile")
+          f"width {tree.width}, {table}")
     print(f"expected tokens per step: {found.expected_tokens:.6f}")
     pred = found.prediction
     if pred is not None:

@@ -21,6 +21,7 @@ import json
 
 from treeopt.cli import UserError
 from treeopt.growmap import load_growmap
+from treeopt.limits import quote
 from treeopt.search.api import load_profile, rank_table
 from treeopt.shapes import describe, from_name, is_file_spec
 from treeopt.viz import SUFFIXES, draw_tree, tree_summary
@@ -118,5 +119,4 @@ def _number(x) -> bool:
 
 
 def _short(text: str) -> str:
-    text = " ".join(text.split())  # one line, whatever the file holds
-    return text if len(text) <= 80 else text[:77] + "..."
+    return quote(" ".join(text.split()), 80, plain=True)  # one line, whatever the file holds

@@ -45,7 +45,7 @@ from treeopt.cli.profile import (
     resume_hint,
 )
 from treeopt.cli.search import height
-from treeopt.limits import check_nodes
+from treeopt.limits import MAX_TREE_NODES, check_nodes
 from treeopt.models.loading import resolve_device
 from treeopt.models.machine import Machine
 from treeopt.profile.latency import LatencySettings, parse_contexts, parse_tokens
@@ -67,7 +67,8 @@ def _tokens(value) -> str:
 def register(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "tune", help="profile a pair, find its best tree on this machine, save it",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=__doc__.replace("MAX_TREE_NODES", str(MAX_TREE_NODES)),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     add_acceptance_arguments(parser)
     parser.set_defaults(depth=TUNE_ACCEPTANCE_DEPTH)
@@ -93,7 +94,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                           f"{GPU_LATENCY['warmup']} on GPU)")
     s = parser.add_argument_group("search")
     s.add_argument("--max-size", type=int, help="largest tree considered (default: the largest "
-                                                "timed size, at most MAX_TREE_NODES)")
+                                                f"timed size, at most {MAX_TREE_NODES})")
     add_height_arguments(s, DEFAULT_MAX_LEVELS, "the tree")
     s.add_argument("--draft-cost", choices=DRAFT_COSTS, default=DEFAULT_DRAFT_COST,
                    help="draft cost model, as in `treeopt search` (default %(default)s)")

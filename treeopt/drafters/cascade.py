@@ -57,6 +57,7 @@ from treeopt.decode.drafter import (
 from treeopt.decode.sampling import Sampling, sample, verify_candidates
 from treeopt.drafters.egag import model_of
 from treeopt.drafters.model import DEFAULT_CHAIN, ModelDrafter, truncate_tree
+from treeopt.limits import quote
 from treeopt.models.loading import DEFAULT_DRAFT_MODEL
 from treeopt.shapes import chain
 from treeopt.tree import Tree
@@ -78,7 +79,7 @@ def _candidates(drafter: Drafter, owner: str, key: str, spec: str) -> Drafter:
     """``drafter`` when it can give ranked candidates after any path (``path_candidates``),
     else a one-line DrafterError."""
     if not callable(getattr(drafter, "path_candidates", None)):
-        raise DrafterError(f"drafter {owner!r}: {key}={spec} is not a statistical drafter; "
+        raise DrafterError(f"drafter {owner!r}: {key}={quote(spec, plain=True)} is not a statistical drafter; "
                            "give ngram[:...], datastore:PATH or bigram:PATH")
     return drafter
 
@@ -88,9 +89,15 @@ def _build(spec: str, owner: str, key: str, *, target, tokenizer, tree) -> Draft
     try:
         drafter = build_drafter(spec, target=target, tokenizer=tokenizer, tree=tree)
     except DrafterError as exc:
-        raise DrafterError(f"drafter {owner!r}: {key}={spec}: {exc}") from None
+        # A deeper level already said which spec failed: add only the way down to it, so
+        # that nested specs do not repeat themselves in the message.
+        where = f"{owner}.{key} > " if getattr(exc, "nested", False) else \
+            f"drafter {owner!r}: {key}={quote(spec, 60, plain=True)}: "
+        err = DrafterError(where + str(exc))
+        err.nested = True
+        raise err from None
     if drafter is None:
-        raise DrafterError(f"drafter {owner!r}: {key}= needs a drafter, got {spec!r}")
+        raise DrafterError(f"drafter {owner!r}: {key}= needs a drafter, got {quote(spec)}")
     return drafter
 
 

@@ -384,7 +384,8 @@ def write_report(results: str | Path | dict, out_dir: str | Path, profile: Any =
                      f"subprocess (timeout {limits.get('timeout_s')} s, memory "
                      f"{limits.get('memory_mb')} MiB, network "
                      f"{'isolated' if scoring.get('network_isolated') else 'NOT isolated'}); "
-                     "a best-effort sandbox (treeopt.evaluate.passk), not a security boundary.")
+                     f"sandbox: {scoring.get('isolation') or 'not recorded'} "
+                     "(treeopt.evaluate.sandbox; the README says what it cannot stop).")
 
     tree_pics: list[tuple[str, str]] = []
     if trees:

@@ -9,10 +9,12 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+from treeopt.errors import one_line
 from treeopt.evaluate import exactness as _exactness, spread as _spread
 from treeopt.evaluate.errors import EvalError
 from treeopt.evaluate.methods import ALL, AR
 from treeopt.evaluate.outdir import atomic_write
+from treeopt.limits import MAX_RESULTS_BYTES, read_json
 
 ROWS_FILE = "rows.jsonl"
 
@@ -368,9 +370,9 @@ def load_results(path: str | Path) -> dict:
         raise EvalError(f"{p}: no results file; give a folder written by treeopt eval or its "
                         f"{RESULTS_JSON}")
     try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise EvalError(f"{p}: not a treeopt eval results file ({exc})") from None
+        doc = read_json(p, max_bytes=MAX_RESULTS_BYTES)
+    except ValueError as exc:  # LimitError: invalid JSON, not text, too large
+        raise EvalError(f"{p}: not a treeopt eval results file ({one_line(exc, 160)})") from None
     if doc.get("format") != "treeopt-eval":
         raise EvalError(f"{p}: not a treeopt eval results file (no format 'treeopt-eval')")
     return doc

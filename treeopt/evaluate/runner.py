@@ -40,6 +40,7 @@ from treeopt.datasets import Prompt
 from treeopt.decode.drafter import DrafterError, build_drafter
 from treeopt.decode.engine import generate as engine_generate, model_window
 from treeopt.decode.sampling import GREEDY, Sampling
+from treeopt.errors import one_line
 from treeopt.evaluate import exactness as _exactness
 from treeopt.evaluate.errors import EvalError
 from treeopt.evaluate.methods import AR, Method, ar_method
@@ -56,6 +57,7 @@ from treeopt.evaluate.results import (
     tokens_per_second,
     write_results,
 )
+from treeopt.limits import read_json
 from treeopt.models.loading import eos_ids
 from treeopt.models.machine import threading_settings, threads_text
 
@@ -414,14 +416,19 @@ def check_config(cfg: EvalConfig) -> None:
                         f"{cfg.long_prompts!r}")
 
 
-def check_out_dir(out_dir: str | Path | None) -> Path | None:
-    """The results folder as a Path (None for none); EvalError when it names a file."""
+def check_out_dir(out_dir: str | Path | None, resume: bool | None = None) -> Path | None:
+    """The results folder as a Path (None for none); EvalError when it names a file, or
+    (``resume`` False) when it already holds results."""
     if out_dir is None:
         return None
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise EvalError(f"{out} is a file, not a folder; give a folder for the results (it is "
                         "created when missing)")
+    rows = out / ROWS_FILE
+    if resume is False and rows.is_file() and rows.stat().st_size > 0:
+        raise EvalError(f"{out} already holds results; pass --resume to continue that run "
+                        "or choose another --out")
     return out
 
 
@@ -600,11 +607,10 @@ def _prepare_out(out: Path, settings: dict, resume: bool, items: Sequence[_Item]
         atomic_write(run_file, text)
         return [], None
     try:
-        old = json.loads(run_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        old = read_json(run_file)
+    except (OSError, ValueError) as exc:  # LimitError is a ValueError
         raise EvalError(f"cannot resume {out}: its {RUN_FILE} is unreadable "
-                        f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
-                        f"restore it or choose another --out") from None
+                        f"({one_line(exc, 160)}); restore it or choose another --out") from None
     if not isinstance(old, dict):
         raise EvalError(f"cannot resume {out}: its {RUN_FILE} is not a treeopt eval run file")
     diff = resume_difference(old, json.loads(text))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from treeopt.errors import TreeoptError
+from treeopt.limits import read_json
 from treeopt.models.cache import cache_dir
 
 MARKER = "treeopt-fetch.json"
@@ -149,7 +150,7 @@ def fetched_folder(name: str) -> Path | None:
     model = _one(name)
     folder = models_dir() / model.name
     try:
-        record = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+        record = read_json(folder / MARKER)
     except (OSError, ValueError):
         return None
     ok = isinstance(record, dict) and record.get("sha256") == model.sha256 \

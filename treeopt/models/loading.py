@@ -26,13 +26,18 @@ autoregressive).
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
+import json
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
+from huggingface_hub import try_to_load_from_cache
 
 from treeopt.errors import TreeoptError
 from treeopt.models import catalogue
@@ -136,6 +141,7 @@ def convert_gguf(gguf: str | Path) -> Path:
         raise ModelError(f"GGUF file {str(gguf)!r} does not exist")
     folder = _gguf_cache_folder(gguf)
     if (folder / "config.json").is_file():
+        clean_config(folder)  # converted by an older treeopt
         return folder
     for module in ("gguf", "accelerate"):
         try:
@@ -162,6 +168,7 @@ def convert_gguf(gguf: str | Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    clean_config(tmp)
     try:
         os.replace(tmp, folder)
     except OSError:
@@ -169,6 +176,33 @@ def convert_gguf(gguf: str | Path) -> Path:
         if not (folder / "config.json").is_file():
             raise
     return folder
+
+
+def clean_config(folder: str | Path) -> bool:
+    """Drop the GGUF ``quantization_config`` that a conversion copies into ``config.json``
+    (True when it did): the folder holds plain safetensors, but transformers 5.25 with the
+    ``kernels`` package takes such a config for a packed GGUF checkpoint (a warning on every
+    bfloat16 load, and GGUF kernels). A folder that still holds a .gguf file, or whose
+    quantization is not GGUF, is left alone; an unwritable one too (it loads as before)."""
+    folder = Path(folder)
+    path = folder / "config.json"
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    quant = doc.get("quantization_config") if isinstance(doc, dict) else None
+    if not isinstance(quant, dict) or str(quant.get("quant_method", "")).lower() != "gguf" \
+            or any(folder.glob("*.gguf")):
+        return False
+    del doc["quantization_config"]
+    tmp = path.with_name(f"config.json.tmp{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        return False
+    return True
 
 
 # ---------------------------------------------------------------- spec resolution
@@ -186,6 +220,7 @@ def _fetched_spec(text: str) -> str | None:
     folder = catalogue.fetched_folder(name)
     if folder is None:
         raise ModelError(catalogue.not_fetched_message(name))
+    clean_config(folder)  # fetched by an older treeopt
     return str(folder)
 
 
@@ -215,6 +250,59 @@ def resolve_spec(spec: str | os.PathLike) -> str:
         or text.count("/") > 1 or path.suffix in {".pt", ".bin", ".safetensors", ".json"}
     if looks_like_path or path.exists():
         raise ModelError(f"model {text!r} is not a folder, a .gguf file or a Hugging Face id")
+    return _hub_id(text)
+
+
+def known_names() -> list[str]:
+    """The model names treeopt knows without a path: 'smollm2' and the fetchable models."""
+    return [SMOLLM2, *catalogue.MODELS, *catalogue.GROUPS]
+
+
+def _hub_cached(repo_id: str) -> bool:
+    """Whether the Hugging Face cache holds ``repo_id``'s config.json (no network)."""
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an invalid id, an unreadable cache: not cached
+        return False
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """One quick TCP connection to the hub's host (``$HF_ENDPOINT``), instead of the
+    retries a download makes for half a minute without network."""
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co",
+                                       url.port or (80 if url.scheme == "http" else 443)),
+                                      timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_id(text: str) -> str:
+    """``text`` as a Hugging Face id to load: at once when cached; an id that cannot be one
+    (no ``org/``), or any uncached id offline or without a reachable hub, is a one-line
+    ModelError naming the closest known name."""
+    if _hub_cached(text):
+        return text
+    near = difflib.get_close_matches(text.lower(), known_names(), n=1, cutoff=0.6)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    if "/" not in text:
+        raise ModelError(f"model {text!r} is not a known name ({', '.join(known_names())}), "
+                         "a folder, a .gguf file or a cached Hugging Face id (org/name)"
+                         f"{hint}")
+    if _hub_offline():
+        raise ModelError(f"cannot load model {text!r}: not found locally and offline mode is "
+                         f"on; download it first or give a folder/.gguf/smollm2{hint}")
+    if not _hub_reachable():
+        raise ModelError(f"cannot load model {text!r}: not in the Hugging Face cache and the "
+                         f"hub cannot be reached; give a folder, a .gguf file or a known name"
+                         f"{hint}")
     return text
 
 

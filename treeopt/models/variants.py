@@ -57,7 +57,7 @@ import torch
 
 from treeopt.datasets import load_prompts
 from treeopt.decode.drafter import DrafterError, parse_options, split_spec
-from treeopt.limits import atomic_write
+from treeopt.limits import atomic_write, read_json
 from treeopt.models.cache import cache_dir
 from treeopt.models.cpu_kernels import PackedLinear, pack_linear_layers
 from treeopt.models.loading import eos_ids, lm_head_rows
@@ -453,8 +453,8 @@ def frequent_tokens(tokenizer, texts: Sequence[str], n: int, *, vocab_size: int 
 def _read_token_map(path: Path, size: int) -> list[int] | None:
     """The cached token list, or None when there is none (or it is unreadable: recomputed)."""
     try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        d = read_json(path)
+    except (OSError, ValueError):  # LimitError is a ValueError
         return None
     tokens = d.get("tokens") if isinstance(d, dict) and d.get("format") == TOKEN_MAP_FORMAT \
         else None

@@ -80,7 +80,7 @@ from treeopt.decode.sampling import (
     verify_children_batch,
 )
 from treeopt.errors import TreeoptError
-from treeopt.limits import integer, parse_json, show_number
+from treeopt.limits import integer, parse_json, read_text, show_number
 from treeopt.profile import Profile
 from treeopt.profile.model import (
     JSON_FORMAT,
@@ -88,6 +88,11 @@ from treeopt.profile.model import (
     write_json_atomic,
 )
 from treeopt.shapes import kary
+
+
+class _NotText(TreeoptError):
+    """A file that is not JSON text (binary, or past the size cap)."""
+
 
 MODES = ("teacher-forced", "online")
 CONTINUATIONS = ("target", "dataset")
@@ -646,8 +651,8 @@ def write_atomic(profile, path: Path) -> None:
         return
     doc = profile.to_dict()
     try:
-        old = parse_json(path.read_text(), AcceptanceError)
-    except UnicodeDecodeError:  # binary: a torch growmap, a picture, ...
+        old = parse_json(read_text(path, _NotText), AcceptanceError)
+    except _NotText:  # binary (a torch growmap, a picture, ...) or too large
         check_replaceable(path)
         old = None
     except (OSError, AcceptanceError):

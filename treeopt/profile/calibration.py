@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from treeopt.errors import TreeoptError
-from treeopt.limits import parse_json
+from treeopt.limits import MAX_COUNT, integer, read_json
 from treeopt.profile.model import (
     JSON_FORMAT as PROFILE_FORMAT,
     Latency,
@@ -207,14 +207,19 @@ class Calibration:
                 raise CalibrationError(f"'bins[{i}]' needs lo, hi, count and accepted")
             try:
                 lo, hi = float(b["lo"]), float(b["hi"])
-                n, a = b["count"], b["accepted"]
-                if isinstance(n, bool) or isinstance(a, bool) or int(n) != n or int(a) != a:
-                    raise ValueError
                 m = b.get("mean_confidence")
                 m = float("nan") if m is None else float(m)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 raise CalibrationError(f"'bins[{i}]': lo, hi, mean_confidence must be numbers "
                                        "and count, accepted integers") from None
+            try:
+                n = integer(b["count"], f"'bins[{i}]' count", CalibrationError,
+                            maximum=MAX_COUNT)
+                a = integer(b["accepted"], f"'bins[{i}]' accepted", CalibrationError,
+                            maximum=n)
+            except CalibrationError as exc:
+                raise CalibrationError(f"{exc} (count and accepted are integers, 0 <= accepted "
+                                       "<= count <= 2^53)") from None
             if i == 0:
                 edges.append(lo)
             elif lo != edges[-1]:
@@ -242,11 +247,7 @@ class Calibration:
             raise CalibrationError(f"{path}: no such calibration file; measure one with "
                                    "treeopt profile calibration")
         try:
-            try:
-                text = path.read_text()
-            except UnicodeDecodeError as exc:
-                raise CalibrationError(f"not valid JSON ({str(exc).splitlines()[0]})") from None
-            return cls.from_dict(parse_json(text, CalibrationError))
+            return cls.from_dict(read_json(path, CalibrationError))
         except CalibrationError as exc:
             raise CalibrationError(f"{path}: {exc}") from None
 
@@ -272,8 +273,8 @@ def check_writable(path: str | Path) -> None:
         raise CalibrationError(f"{path}: is a folder, not a calibration file")
     if path.exists() and path.stat().st_size:
         try:
-            doc = parse_json(path.read_text(), CalibrationError)
-        except (CalibrationError, OSError, UnicodeDecodeError):
+            doc = read_json(path, CalibrationError)
+        except (CalibrationError, OSError):
             doc = None
         if not (isinstance(doc, dict) and doc.get("format") == JSON_FORMAT):
             raise CalibrationError(f"{path}: refusing to overwrite a file that is not a "

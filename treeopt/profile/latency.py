@@ -62,7 +62,7 @@ from treeopt.decode.attention import forward_tree, run_model
 from treeopt.decode.drafter import Drafter
 from treeopt.decode.engine import model_window
 from treeopt.decode.sampling import GREEDY
-from treeopt.limits import parse_json, positive_ints
+from treeopt.limits import positive_ints, read_json
 from treeopt.models.machine import threading_settings
 from treeopt.profile import Latency, LatencyCurve
 from treeopt.profile.model import (
@@ -514,12 +514,11 @@ def _profile_doc(path: Path) -> dict:
     doc = {"format": JSON_FORMAT, "version": JSON_VERSION, "meta": {}}
     if path.exists():
         try:
-            text = path.read_text()
-        except (OSError, UnicodeDecodeError):
+            doc = read_json(path, lambda msg: LatencyError(
+                f"{path} exists but is not a JSON profile ({msg}); choose another --out"))
+        except OSError:
             raise LatencyError(f"{path} exists but is not a JSON profile; choose another "
                                "--out") from None
-        doc = parse_json(text, lambda msg: LatencyError(
-            f"{path} exists but is not a JSON profile ({msg}); choose another --out"))
         if not isinstance(doc, dict) or doc.get("format") != JSON_FORMAT:
             raise LatencyError(f"{path} exists but is not a treeopt profile; choose another "
                                "--out")
@@ -544,11 +543,10 @@ def load_latency(path):
     multi-context table is checked (:func:`latencies_by_context`)."""
 
     try:
-        text = Path(path).read_text()
-    except (OSError, UnicodeDecodeError):
+        doc = read_json(path, lambda msg: LatencyError(f"{path}: not a readable JSON profile "
+                                                       f"({msg})"))
+    except OSError:
         raise LatencyError(f"{path}: not a readable JSON profile") from None
-    doc = parse_json(text, lambda msg: LatencyError(f"{path}: not a readable JSON profile "
-                                                    f"({msg})"))
     if not isinstance(doc, dict) or doc.get("latency") is None:
         return None
     latency = Latency.from_dict(doc["latency"])

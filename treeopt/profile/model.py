@@ -42,7 +42,7 @@ from treeopt.limits import (
     MAX_PROFILE_WIDTH,
     atomic_write,
     check_tensor,
-    parse_json,
+    read_json,
     show_number,
 )
 
@@ -437,11 +437,7 @@ class Profile:
         try:
             if path.suffix.lower() in (".pt", ".pth"):
                 return _load_sequoia_vector(path)
-            try:
-                text = path.read_text()
-            except UnicodeDecodeError as exc:
-                raise ProfileError(f"not valid JSON ({str(exc).splitlines()[0]})") from None
-            return cls.from_dict(parse_json(text, ProfileError))
+            return cls.from_dict(read_json(path, ProfileError))
         except ProfileError as exc:
             raise ProfileError(f"{path}: {exc}") from None
 
@@ -496,8 +492,8 @@ def check_replaceable(path: str | Path) -> None:
     kind = "a file that is not a treeopt profile"
     if path.suffix.lower() == ".json":
         try:
-            doc = parse_json(path.read_text(), ProfileError)
-        except (ProfileError, OSError, UnicodeDecodeError):
+            doc = read_json(path, ProfileError)
+        except (ProfileError, OSError):
             doc = None
         if isinstance(doc, dict) and doc.get("format") == JSON_FORMAT:
             return
@@ -741,6 +737,27 @@ class LatencyError(TreeoptError, ValueError):
 
 # At most this many contexts in one table (a hand-made file claiming more is refused).
 MAX_CONTEXTS = 256
+
+
+def describe_table(profile, depth_aware: bool = True, min_samples: int = 50) -> str:
+    """Which rank table a search uses for ``profile`` (as :func:`reliable_table` picks it),
+    in words: the pooled rank row, or which depth rows."""
+    if profile.depth_counts is None or profile.by_depth is None:
+        return "rank profile (one row, no per-depth rows)"
+    if not depth_aware:
+        return "rank profile (one row pooled over all depths; --no-depth-aware)"
+    kept = len(reliable_table(profile, min_samples)) if profile.depth_counts is not None else 0
+    total = len(profile.by_depth)
+    enough = all(sum(profile.depth_counts[d]) + profile.depth_none[d] >= min_samples
+                 for d in range(kept))
+    if not kept or not enough:
+        return (f"rank profile (one row pooled over all depths: no depth row has "
+                f"{min_samples} steps)")
+    if kept == total:
+        return f"depth-aware profile ({total} depth rows)"
+    rows = "the depth-0 row" if kept == 1 else f"depth rows 0..{kept - 1}"
+    return (f"depth-aware profile ({rows} of {total}; deeper rows have fewer than "
+            f"{min_samples} steps and reuse row {kept - 1})")
 
 
 def latencies_by_context(latency) -> list:

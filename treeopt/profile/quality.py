@@ -62,7 +62,7 @@ import torch
 from treeopt.decode.engine import model_window
 from treeopt.decode.sampling import Sampling, logits_to_probs
 from treeopt.errors import TreeoptError
-from treeopt.limits import atomic_write
+from treeopt.limits import atomic_write, read_json
 from treeopt.profile.acceptance import (
     _device,
     _logits,
@@ -417,8 +417,8 @@ def check_quality_out(path: str | Path) -> None:
     if not path.exists():
         return
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        doc = read_json(path)
+    except (OSError, ValueError):  # LimitError is a ValueError
         doc = None
     if not (isinstance(doc, dict) and doc.get("format") == FORMAT):
         raise QualityError(f"{path} holds another kind of file (not a draft-quality result); "
