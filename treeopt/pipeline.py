@@ -35,6 +35,7 @@ from typing import Any, Sequence
 
 from treeopt.errors import TreeoptError
 from treeopt.limits import MAX_TREE_LEVELS, check_nodes
+from treeopt.rules import default_width
 from treeopt.search.hardware import DEFAULT_DRAFT_COST, DEFAULT_MAX_LEVELS, DRAFT_COSTS
 from treeopt.tree import Tree
 
@@ -279,7 +280,8 @@ def optuna_tree(profile, *, objective: str = "model", metric: str | None = None,
                 worker: str | None = None, target: str | None = None, draft: str | None = None,
                 dataset: str = "spec_bench", prompts: int = 8, max_new_tokens: int = 64,
                 temperature: float = 0.0, device: str = "auto", progress: bool = False,
-                out: str | os.PathLike | None = None) -> SearchResult:
+                out: str | os.PathLike | None = None, rule: str | None = None
+                ) -> SearchResult:
     """An Optuna search over trees (``treeopt.search.optuna_search``), seeded with the DP's
     trees and a chain, for objectives the DP cannot model.
 
@@ -293,7 +295,9 @@ def optuna_tree(profile, *, objective: str = "model", metric: str | None = None,
     default 200 (20 for "engine"). ``storage``: an Optuna storage URL or an SQLite file path
     (checked before any work; ``None`` = in memory); a study with the same ``study_name``
     there is continued, and a trial left RUNNING by a killed worker is marked FAIL (its tree
-    queued again) instead of being counted (``treeopt.search.optuna_search.run_search``)."""
+    queued again) instead of being counted (``treeopt.search.optuna_search.run_search``).
+    ``rule``: the verification rule "engine" decodes with (default: the profile's own), so
+    trees are chosen for the rule in use (the DP's model is exact for token-level rules only)."""
     from treeopt.search.dp import solve
     from treeopt.search.hardware import choose, empty_step_rate, predict
     from treeopt.search.optuna_search import (EngineObjective, ModelObjective, ReplayObjective,
@@ -346,6 +350,7 @@ def optuna_tree(profile, *, objective: str = "model", metric: str | None = None,
         settings.update(target=target, draft=draft, dataset=dataset,
                         prompts=[p.id for p in chosen], max_new_tokens=max_new_tokens,
                         temperature=temperature)
+        rule = rule or prof.meta.get("rule") or "sequoia"
         if objective == "replay":
             traces = record_traces(pair.target, pair.drafter, ids, width=prof.width,
                                    max_new_tokens=max_new_tokens, temperature=temperature,
@@ -356,7 +361,8 @@ def optuna_tree(profile, *, objective: str = "model", metric: str | None = None,
             scorer = EngineObjective(pair.target, pair.drafter, ids,
                                      max_new_tokens=max_new_tokens, metric=metric,
                                      temperature=temperature, seed=seed,
-                                     eos_token_id=eos or None)
+                                     eos_token_id=eos or None, rule=rule)
+            settings.update(rule=rule)
     if trials is None:
         trials = 20 if objective == "engine" else 200
     found = run_search(scorer, width=prof.width, max_size=size_limit, levels=levels,
@@ -612,7 +618,7 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
          resume: bool = False, tokenizer=None, n_prompts: int | None = None,
          categories: str | Sequence[str] | None = None, positions: int | None = None,
          max_new_tokens: int | None = None, temperature: float = 0.0, top_k: int = 0,
-         top_p: float = 1.0, rule: str = "sequoia", width: int = 8,
+         top_p: float = 1.0, rule: str = "sequoia", width: int | None = None,
          depth: int = TUNE_ACCEPTANCE_DEPTH, mode: str = "teacher-forced",
          continuation: str = "target", seed: int = 0, chat_template: bool = True,
          tokens: Sequence[int] | str | None = None, context: int | None = None,
@@ -630,7 +636,8 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
     set spec or a list of prompts (:func:`load_prompt_set`); ``n_prompts`` of them are used
     (default by device, as ``max_new_tokens``).
 
-    Steps: acceptance profile (``width`` siblings, ``depth`` per-depth rows in edges;
+    Steps: acceptance profile (``width`` siblings, default 8 or 1 for ``rule="block"``,
+    ``depth`` per-depth rows in edges;
     teacher-forced along the target's own continuations by default) -> latency profile
     (target tree forwards of ``tokens`` sizes and draft levels; unset settings by device) ->
     :func:`search_tree` with the hardware-aware choice (``max_size``, ``max_levels`` or
@@ -695,7 +702,8 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
         chosen = select(every, n=n_prompts, seed=seed, source=dataset_name, order="draw")
     else:
         chosen, dataset_name = load_prompt_set(prompts, n_prompts, seed, categories)
-    run = AcceptanceRun(width=width, depth=depth, temperature=temperature, top_k=top_k,
+    run = AcceptanceRun(width=default_width(rule) if width is None else width, depth=depth,
+                        temperature=temperature, top_k=top_k,
                         top_p=top_p, rule=rule, mode=mode, continuation=continuation,
                         max_new_tokens=max_new_tokens, seed=seed, draft=_name(draft),
                         target=_name(target), dataset=dataset_name,

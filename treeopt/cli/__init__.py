@@ -24,6 +24,7 @@ import os
 import sys
 
 from treeopt.errors import TreeoptError, UserError
+from treeopt.rules import RULE_HELP, RULES
 
 
 # The pair commands use when none is named: real weights that work offline (SmolLM2-135M from
@@ -135,9 +136,8 @@ def add_sampling_arguments(parser, changed_by: str = "") -> None:
                         help="keep the k likeliest tokens (>= 0; 0 = off, the default)")
     parser.add_argument("--top-p", type=float, default=1.0,
                         help="nucleus sampling mass (in (0, 1]; 1.0 = off, the default)")
-    parser.add_argument("--rule", choices=["sequoia", "specinfer"], default="sequoia",
-                        help="stochastic verification rule; greedy ignores it (default: "
-                             "sequoia)")
+    parser.add_argument("--rule", choices=list(RULES), default="sequoia",
+                        help=RULE_HELP + " (default: sequoia)")
 
 
 def add_height_arguments(parser, default_levels: int | None, what: str = "the search") -> None:

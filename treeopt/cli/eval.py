@@ -10,6 +10,7 @@ import sys
 from treeopt.cli import (DEFAULT_DRAFT, DEFAULT_TARGET, THREADS_HELP, UserError,
                          add_draft_variant_arguments, draft_spec_with_variant, int_list,
                          set_threads)
+from treeopt.rules import RULE_HELP, RULES
 
 # Written out so that --help needs no import of the drafter modules (see
 # treeopt.decode.drafter.describe_drafters() for the registered list).
@@ -128,9 +129,8 @@ def register(subparsers) -> None:
                    help="keep the k likeliest tokens when sampling (>= 0; 0 = off)")
     g.add_argument("--top-p", type=float, default=1.0,
                    help="nucleus sampling mass (in (0, 1]; 1.0 = off)")
-    g.add_argument("--rule", choices=["sequoia", "specinfer"], default="sequoia",
-                   help="stochastic verification rule of chains and trees; greedy ignores "
-                        "it")
+    g.add_argument("--rule", choices=list(RULES), default="sequoia",
+                   help=RULE_HELP + " (default: sequoia)")
     g.add_argument("--stop-at-eos", action="store_true",
                    help="stop at EOS (default: every method generates exactly "
                         "--max-new-tokens, so speed-ups compare equal token counts)")

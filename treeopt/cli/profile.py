@@ -25,6 +25,7 @@ from pathlib import Path
 from treeopt.cli import (THREADS_HELP, UserError, add_draft_variant_arguments,
                          draft_spec_with_variant, set_threads)
 from treeopt.pipeline import CPU_NEW_TOKENS, CPU_PROMPTS, GPU_NEW_TOKENS, GPU_PROMPTS
+from treeopt.rules import RULE_HELP, RULES, default_width
 
 ACCEPTANCE_DESCRIPTION = """\
 Measure which sibling rank the verifier accepts, per rank (Sequoia's p[k]) and per depth
@@ -169,10 +170,11 @@ def add_acceptance_arguments(parser: argparse.ArgumentParser) -> None:
                         help="top-k for P and Q (>= 0; 0 = off, the default)")
     parser.add_argument("--top-p", type=float, default=1.0,
                         help="top-p for P and Q (in (0, 1]; 1 = off, the default)")
-    parser.add_argument("--rule", choices=["sequoia", "specinfer"], default="sequoia",
-                        help="stochastic verification rule (default %(default)s)")
-    parser.add_argument("--width", type=int, default=8,
-                        help="siblings drafted (default %(default)s)")
+    parser.add_argument("--rule", choices=list(RULES), default="sequoia",
+                        help=RULE_HELP + " (default %(default)s; traversal and block "
+                             "profile one-level trees as sequoia does, block with --width 1)")
+    parser.add_argument("--width", type=int, default=None,
+                        help="siblings drafted (default 8; 1 with --rule block)")
     parser.add_argument("--depth", type=int, default=6,
                         help="depth D of the profiled tree in edges: parents at depths "
                              "0..D-1 each get their own acceptance row (default %(default)s)")
@@ -232,6 +234,8 @@ def check_acceptance_args(args) -> None:
     from treeopt.decode.sampling import check_settings
 
     check_settings(args.temperature, args.top_k, args.top_p, args.rule)
+    if args.width is None:
+        args.width = default_width(args.rule)
     for name in ("width", "depth"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")

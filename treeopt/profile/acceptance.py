@@ -75,7 +75,6 @@ from treeopt.profile.model import (
 
 MODES = ("teacher-forced", "online")
 CONTINUATIONS = ("target", "dataset")
-RULES = ("sequoia", "specinfer")
 # Settings that must match for --resume to add to an existing file.
 RESUME_KEYS = ("mode", "continuation", "draft", "target", "dataset", "temperature", "top_k",
                "top_p", "rule", "width", "depth", "max_new_tokens", "seed", "chat_template")
@@ -117,16 +116,21 @@ def stochastic_ranks(target_probs: torch.Tensor, draft_probs: torch.Tensor, widt
     engine's own ``draw_children`` and ``verify_children_batch`` (``verify_children`` on all
     positions at once). Returns T ints in 0..width (0 = none accepted). Verification is
     sequential, so the first b of the W drawn siblings give the outcome a width-b tree would
-    have with the same draws."""
-    from treeopt.decode.sampling import draw_children, verify_children_batch
+    have with the same draws. The sequence-level rules verify a one-level tree exactly as
+    their token-level counterpart does (``one_level_rule``: traversal and block as sequoia),
+    so their one-level profiles are measured with it."""
+    from treeopt.decode.sampling import (RULES, WITH_REPLACEMENT, draw_children, one_level_rule,
+                                         verify_children_batch)
 
     if rule not in RULES:
-        raise AcceptanceError(f"unknown verification rule {rule!r}; use sequoia or specinfer")
+        raise AcceptanceError(f"unknown verification rule {rule!r}; use one of "
+                              f"{', '.join(RULES)}")
     if target_probs.shape[0] == 0:
         return []
-    children = draw_children(draft_probs, width, replacement=(rule == "specinfer"),
+    children = draw_children(draft_probs, width, replacement=rule in WITH_REPLACEMENT,
                              generator=generator)
-    accepted, _ = verify_children_batch(target_probs, draft_probs, children, rule, generator)
+    accepted, _ = verify_children_batch(target_probs, draft_probs, children,
+                                        one_level_rule(rule), generator)
     return [int(a) + 1 for a in accepted.tolist()]
 
 
@@ -352,7 +356,8 @@ def candidate_ranks(drafter, prompt_ids: Sequence[int], tokens: Sequence[int],
     proposal's Q where it has one (a cascade's model-drafted positions). target_logits:
     (T, V), row t predicting tokens[t]. Returns (ranks, per position: whether the drafter
     had no candidate)."""
-    from treeopt.decode.sampling import Sampling, verify_candidates, verify_children
+    from treeopt.decode.sampling import (Sampling, one_level_rule, verify_candidates,
+                                         verify_children)
     from treeopt.shapes import kary
 
     sampling = Sampling(temperature, top_k, top_p, rule)
@@ -377,7 +382,8 @@ def candidate_ranks(drafter, prompt_ids: Sequence[int], tokens: Sequence[int],
             if q is None:
                 i, _ = verify_candidates(p, children, generator)
             else:
-                i, _ = verify_children(p, q.to(p.device), children, rule, generator)
+                i, _ = verify_children(p, q.to(p.device), children, one_level_rule(rule),
+                                       generator)
             ranks.append(0 if i is None else i + 1)
         committed.append(int(tok))
         one_level.update([0], committed)
@@ -548,12 +554,15 @@ class AcceptanceRun:
         if self.continuation not in CONTINUATIONS:
             raise AcceptanceError(f"unknown continuation {self.continuation!r}; use target or "
                                   "dataset")
-        from treeopt.decode.sampling import SamplingError, check_settings
+        from treeopt.decode.sampling import CHAIN_RULES, SamplingError, check_settings
 
         try:  # the same sampling rules as decoding (temperature, top-k, top-p, rule)
             check_settings(self.temperature, self.top_k, self.top_p, self.rule)
         except SamplingError as exc:
             raise AcceptanceError(str(exc)) from None
+        if self.rule in CHAIN_RULES and self.width > 1:
+            raise AcceptanceError(f"rule {self.rule!r} verifies chains (one child per node): "
+                                  f"profile it with width 1, not {self.width}")
         if self.max_new_tokens < 2:
             raise AcceptanceError(f"max_new_tokens must be >= 2, got {self.max_new_tokens}")
 
