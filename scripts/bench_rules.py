@@ -131,8 +131,9 @@ def main(argv=None) -> int:
     print("tok/step = 1 + exact expected accepted tokens given each step's draft, averaged over "
           "steps; DP err = (F - tok/step) / tok/step with F the token-level DP's depth-aware "
           "prediction; gain = paired difference over sequoia on the same drafts, relative to "
-          "sequoia's tok/step (+-SE in tokens); rule ms = the rule's accept() per step; step ms "
-          "= draft + verify per step; share = rule ms / (step ms + rule ms)")
+          "sequoia's tok/step (+-SE in tokens); rule ms = median time of the rule's accept() per "
+          "step; step ms = median draft + verify time per step; share = rule ms / (step ms + "
+          "rule ms)")
     print(f"total {time.perf_counter() - t0:.0f} s")
     return 0
 

@@ -196,7 +196,7 @@ BUGS = {
     "weight kept": lambda mp: mp.setattr(tv, "_after_rejection", lambda a, r: a),
     # the residual ignores the sequence weight: max(P - Q, 0) instead of max(a P - Q, 0)
     "residual unweighted": lambda mp: mp.setattr(
-        tv, "_residual", (lambda f: lambda a, p, q, x: f(1.0, p, q, x))(tv._residual)),
+        tv, "_residual", (lambda f: lambda a, *rest: f(1.0, *rest))(tv._residual)),
 }
 
 

@@ -88,39 +88,59 @@ class GeneratorSource:
         return int(sample(probs[None], 1, self.generator))
 
 
-def _residual(a: float, p: torch.Tensor, q: torch.Tensor | None, x: int
-              ) -> tuple[torch.Tensor, float]:
-    """(normalised max(a·p − q, 0), its mass r) with q = δ_x when ``q`` is None. When r is
-    numerical noise (p == q) p is kept."""
-    if q is None:
+def _residual(a: float, p: torch.Tensor, pm: float, q: torch.Tensor | None, qm: float, x: int
+              ) -> tuple[torch.Tensor, float, float]:
+    """The residual max(a·P − Q, 0) of P = p / pm and Q = q / qm (Q = δ_x when ``q`` is
+    None), unnormalised: (tensor, its mass, r) where r = Σ max(a·P − Q, 0); the normalised
+    residual is tensor / mass. Rows are never modified in place. When r is numerical noise
+    (P == Q) P is kept."""
+    if q is None:  # max(a P − δ_x, 0) = a P without x (a P(x) <= 1)
         px = float(p[x])
-        r = a * (1.0 - px)
-        if 1.0 - px <= RESIDUAL_EPS:
-            return p, r
+        r = a * (pm - px) / pm
+        if (pm - px) / pm <= RESIDUAL_EPS:
+            return p, pm, r
         out = p.clone()
         out[x] = 0.0
-        return out / (1.0 - px), r
-    res = (a * p - q).clamp_min_(0.0)
+        return out, pm - px, r
+    res = p.mul(a / pm).sub_(q, alpha=1.0 / qm).clamp_min_(0.0)
     r = float(res.sum())
     if r <= RESIDUAL_EPS:
-        return p, r
-    return res.div_(r), r
-
-
-def _without(q: torch.Tensor | None, x: int) -> torch.Tensor | None:
-    """q with token x removed, renormalised (the distribution the next sibling comes from)."""
-    if q is None:
-        return None
-    out = q.clone()
-    out[x] = 0.0
-    s = float(out.sum())
-    return out / s if s > 0 else out
+        return p, pm, r
+    return res, r, r
 
 
 def _after_rejection(a: float, r: float) -> float:
     """The parent's new weight r / (r + 1 − a) after a child's deletion."""
     d = r + 1.0 - a
     return r / d if d > 0 else 1.0
+
+
+class _Node:
+    """A tested node's current target and draft rows, kept unnormalised: P = p / pm,
+    Q = q / qm (q None: point masses). ``own_q``: q is our copy (a removal may write it)."""
+
+    __slots__ = ("p", "pm", "q", "qm", "own_q")
+
+    def __init__(self, p: torch.Tensor, q: torch.Tensor | None):
+        self.p, self.pm, self.q, self.qm, self.own_q = p, 1.0, q, 1.0, False
+
+    def remove(self, x: int) -> None:
+        """Q without x (the distribution the next sibling was drawn from)."""
+        if self.q is None:
+            return
+        qx = float(self.q[x])
+        if not self.own_q:
+            self.q, self.own_q = self.q.clone(), True
+        self.q[x] = 0.0
+        self.qm -= qx
+
+    def q_of(self, x: int) -> float:
+        """Current Q(x): 1 for a point mass, 0 once Q is exhausted."""
+        if self.q is None:
+            return 1.0
+        if self.qm <= RESIDUAL_EPS:
+            return 0.0
+        return float(self.q[x]) / self.qm
 
 
 def traversal_verify(tree: Tree, tokens: Sequence[int], target: TargetRows, draft: DraftRows,
@@ -131,13 +151,13 @@ def traversal_verify(tree: Tree, tokens: Sequence[int], target: TargetRows, draf
     node v; ``draft(v)``: (V,) draft probs v's children were drawn from, or None for point
     masses; ``source``: ``accept(node, prob) -> bool`` and ``draw(probs) -> token``.
     Returns (accepted path node ids from the root, their sibling ranks, bonus token).
-    Children whose current draft probability is 0 (fillers) are skipped.
+    Children whose current draft probability is 0 (fillers) are skipped. Rows are read, never
+    written: each deletion costs a few passes over the vocabulary at the parent.
     """
     children = tree.children
     weight = [0.0] * tree.size
     weight[0] = 1.0
-    p_rows: dict[int, torch.Tensor] = {}
-    q_rows: dict[int, torch.Tensor | None] = {}
+    nodes: dict[int, _Node] = {}
     nxt = [0] * tree.size
     stack = [0]
     while True:
@@ -146,25 +166,24 @@ def traversal_verify(tree: Tree, tokens: Sequence[int], target: TargetRows, draf
         if nxt[v] < len(kids):
             c = kids[nxt[v]]
             nxt[v] += 1
-            if v not in p_rows:
-                p_rows[v], q_rows[v] = target(v), draft(v)
-            x = tokens[c]
-            q = q_rows[v]
-            qx = 1.0 if q is None else float(q[x])
+            if v not in nodes:
+                nodes[v] = _Node(target(v), draft(v))
+            node, x = nodes[v], tokens[c]
+            qx = node.q_of(x)
             if qx <= 0:
                 continue
-            weight[c] = min(1.0, weight[v] * float(p_rows[v][x]) / qx)
+            weight[c] = min(1.0, weight[v] * float(node.p[x]) / node.pm / qx)
             stack.append(c)
             continue
         if v == 0 or source.accept(v, weight[v]):
-            p = p_rows[v] if v in p_rows else target(v)
+            p = nodes[v].p if v in nodes else target(v)
             return list(stack), [tree.ranks[u] for u in stack[1:]], source.draw(p)
         stack.pop()
         u, x = stack[-1], tokens[v]
-        q = q_rows[u]
-        p_rows[u], r = _residual(weight[u], p_rows[u], q, x)
+        node = nodes[u]
+        node.p, node.pm, r = _residual(weight[u], node.p, node.pm, node.q, node.qm, x)
         weight[u] = _after_rejection(weight[u], r)
-        q_rows[u] = _without(q, x)
+        node.remove(x)
 
 
 def block_verify(tree: Tree, tokens: Sequence[int], target: TargetRows, draft: DraftRows,
@@ -192,7 +211,7 @@ def block_verify(tree: Tree, tokens: Sequence[int], target: TargetRows, draft: D
         if i == gamma:
             h = weights[i]
         else:
-            _, r = _residual(weights[i], p_rows[i], q_rows[i], tokens[chain[i + 1]])
+            _, _, r = _residual(weights[i], p_rows[i], 1.0, q_rows[i], 1.0, tokens[chain[i + 1]])
             h = _after_rejection(weights[i], r)
         if source.accept(chain[i], h):
             tau = i
@@ -202,7 +221,8 @@ def block_verify(tree: Tree, tokens: Sequence[int], target: TargetRows, draft: D
     if tau == gamma:
         bonus = source.draw(p_rows[tau] if tau < len(p_rows) else target(chain[tau]))
     else:
-        res, _ = _residual(weights[tau], p_rows[tau], q_rows[tau], tokens[chain[tau + 1]])
+        res, _, _ = _residual(weights[tau], p_rows[tau], 1.0, q_rows[tau], 1.0,
+                              tokens[chain[tau + 1]])
         bonus = source.draw(res)
     path = chain[:tau + 1]
     return path, [1] * tau, bonus

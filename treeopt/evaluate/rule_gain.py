@@ -32,7 +32,7 @@ import torch
 from treeopt.decode.drafter import Drafter
 from treeopt.decode.engine import commit, prefill, propose
 from treeopt.decode.sampling import (WITH_REPLACEMENT, Sampling, check_rule_shape)
-from treeopt.decode.traversal import TREE_RULES, _residual, _without
+from treeopt.decode.traversal import TREE_RULES, _Node, _residual
 from treeopt.decode.verify import accept, keep, verify_tree
 from treeopt.tree import Tree
 
@@ -57,22 +57,22 @@ def _token_level(rule: str, tree: Tree, tokens: Sequence[int], target, draft, v:
     kids = tree.children[v]
     if not kids:
         return 0.0
-    p, q = target(v), draft(v)
+    node = _Node(target(v), draft(v))
     reach, total = 1.0, 0.0
     for c in kids:
         x = tokens[c]
-        qx = 1.0 if q is None else float(q[x])
+        qx = node.q_of(x)
         if qx <= 0:
             continue
-        alpha = min(1.0, float(p[x]) / qx)
+        alpha = min(1.0, float(node.p[x]) / node.pm / qx)
         if alpha > 0:
             total += reach * alpha * (1.0 + _token_level(rule, tree, tokens, target, draft, c))
         reach *= 1.0 - alpha
         if reach <= 0:
             break
-        p, _ = _residual(1.0, p, q, x)
-        if q is not None and rule not in WITH_REPLACEMENT:
-            q = _without(q, x)
+        node.p, node.pm, _ = _residual(1.0, node.p, node.pm, node.q, node.qm, x)
+        if rule not in WITH_REPLACEMENT:
+            node.remove(x)
     return total
 
 
@@ -129,11 +129,21 @@ class RuleRun:
 
     @property
     def step_ms(self) -> float:
-        """Mean draft + verify milliseconds per step (the rule's own time excluded)."""
-        return 1000.0 * (sum(self.draft_s) + sum(self.verify_s)) / max(1, self.steps)
+        """Median draft + verify milliseconds per step (the rule's own time excluded; medians,
+        as a shared CPU's preemptions inflate means)."""
+        return 1000.0 * _median([d + v for d, v in zip(self.draft_s, self.verify_s)])
 
     def rule_ms(self, rule: str) -> float:
-        return 1000.0 * sum(self.rules[rule].accept_s) / max(1, self.steps)
+        """Median milliseconds per step of ``rule``'s ``accept``."""
+        return 1000.0 * _median(self.rules[rule].accept_s)
+
+
+def _median(xs: Sequence[float]) -> float:
+    xs = sorted(xs)
+    if not xs:
+        return math.nan
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else 0.5 * (xs[mid - 1] + xs[mid])
 
 
 def _se(xs: Sequence[float]) -> float:
