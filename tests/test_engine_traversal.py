@@ -89,3 +89,23 @@ def test_self_draft_accepts_whole_paths():
         got = decode(target, target, tree, PROMPT, max_new_tokens=61, temperature=1.0,
                      rule=rule, seed=0)
         assert [s.accepted for s in got.stats.steps] == [tree.depth] * (60 // (tree.depth + 1))
+
+
+def test_profiles_of_sequence_level_rules():
+    """A one-level profile of traversal or block is the token-level one (the root's weight
+    stays 1); block profiles chains only (width 1, the default with --rule block)."""
+    from treeopt.profile.acceptance import AcceptanceError, AcceptanceRun, stochastic_ranks
+    from treeopt.rules import default_width
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(50, 8, generator=g) * 2, -1)
+    q = torch.softmax(torch.randn(50, 8, generator=g) * 2, -1)
+    ranks = {r: stochastic_ranks(p, q, 3, rule=r, generator=torch.Generator().manual_seed(1))
+             for r in ("sequoia", "traversal")}
+    assert ranks["traversal"] == ranks["sequoia"]
+    assert stochastic_ranks(p, q, 1, rule="block", generator=torch.Generator().manual_seed(1)) \
+        == stochastic_ranks(p, q, 1, rule="sequoia", generator=torch.Generator().manual_seed(1))
+    with pytest.raises(AcceptanceError, match="width 1"):
+        AcceptanceRun(width=8, rule="block").check()
+    AcceptanceRun(width=1, rule="block").check()
+    assert default_width("block") == 1 and default_width("traversal") == 8
