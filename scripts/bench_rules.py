@@ -46,6 +46,12 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--cost-only", metavar="VOCAB", type=int,
+                    help="only time the rules on synthetic steps over VOCAB tokens for each "
+                         "--cost-tree (no model, no profile)")
+    ap.add_argument("--cost-tree", action="append", default=None,
+                    help="shape spec timed by --cost-only (repeatable; default kary:4x2, "
+                         "specinfer:6,2,1 and chain:5)")
     ap.add_argument("--tiny", action="store_true",
                     help="tiny random models and token-id prompts: checks the script in seconds")
     return ap.parse_args(argv)
@@ -77,11 +83,35 @@ def setup(args):
                                                                        True))
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def cost_only(args) -> int:
+    """The rules' own time on synthetic steps (``time_rules``), per --cost-tree."""
     import torch
 
-    from treeopt.evaluate.rule_gain import measure_rules
+    from treeopt.evaluate.rule_gain import time_rules
+    from treeopt.shapes import from_name
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        for spec in args.cost_tree or ["kary:4x2", "specinfer:6,2,1", "chain:5"]:
+            tree = from_name(spec)
+            rules = ["sequoia", "traversal"] + (["block"] if tree.width == 1 else [])
+            cost = time_rules(tree, rules, vocab=args.cost_only)
+            print(f"{spec}: {tree.size} nodes, depth {tree.depth}, vocabulary {args.cost_only}, "
+                  f"{torch.get_num_threads()} threads, minimum of 40: " +
+                  ", ".join(f"{r} {ms:.2f} ms" for r, ms in cost.items()))
+    finally:
+        torch.set_num_threads(threads)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.cost_only:
+        return cost_only(args)
+    import torch
+
+    from treeopt.evaluate.rule_gain import measure_rules, time_rules
     from treeopt.evaluate.runner import dp_method
     from treeopt.profile.acceptance import AcceptanceRun, profile_acceptance, reliable_table
     from treeopt.shapes import chain
@@ -98,6 +128,7 @@ def main(argv=None) -> int:
         print(f"{'T':>4} {'tree':>10} {'n':>3} {'d':>2} {'rule':>9} {'tok/step':>8} {'+-SE':>6} "
               f"{'DP F':>6} {'DP err':>7} {'gain':>7} {'+-SE':>6} {'rule ms':>7} "
               f"{'step ms':>7} {'share':>6} {'steps':>5}")
+        trees_by_size = {}
         for temp in (float(t) for t in args.temperatures.split(",") if t.strip()):
             run = AcceptanceRun(width=args.width, depth=args.depth, temperature=temp,
                                 max_new_tokens=args.max_new_tokens, seed=args.seed,
@@ -110,6 +141,7 @@ def main(argv=None) -> int:
             if args.chain > 1:
                 trees.append((f"chain:{args.chain}", chain(args.chain)))
             for label, tree in trees:
+                trees_by_size.setdefault(int(label.split(":")[1].split("x")[0]), tree)
                 rules = ["sequoia", "traversal"] + (["block"] if tree.width == 1 else [])
                 res = measure_rules(target, drafter.reshaped(tree), eval_ids, rules,
                                     temperature=temp, max_new_tokens=args.max_new_tokens,
@@ -126,6 +158,15 @@ def main(argv=None) -> int:
                           f"{100 * (f - tau) / tau:>6.1f}% {100 * gain / base.tokens_per_step:>6.2f}% "
                           f"{gse:>6.3f} {res.rule_ms(r):>7.2f} {res.step_ms:>7.1f} "
                           f"{100 * share:>5.2f}% {res.steps:>5}", flush=True)
+        vocab = target.get_output_embeddings().weight.shape[0]
+        for size in [int(s) for s in args.sizes.split(",")] + [args.chain]:
+            if size > 1:
+                tree = trees_by_size.get(size) or chain(size)
+                cost = time_rules(tree, ["sequoia", "traversal"] +
+                                  (["block"] if tree.width == 1 else []), vocab=vocab)
+                print(f"rule cost, synthetic step on {tree.size} nodes (depth {tree.depth}), "
+                      f"vocabulary {vocab}, nearly every node rejected, minimum of 40: " +
+                      ", ".join(f"{r} {ms:.2f} ms" for r, ms in cost.items()))
     finally:
         torch.set_num_threads(threads)
     print("tok/step = 1 + exact expected accepted tokens given each step's draft, averaged over "

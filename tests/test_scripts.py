@@ -246,6 +246,15 @@ def test_bench_rules_tiny(capsys):
     assert chain["block"][5] == chain["traversal"][5]  # the same rule on a chain
 
 
+def test_bench_rules_cost_only(capsys):
+    args = ["--cost-only", "64", "--cost-tree", "kary:2x2", "--cost-tree", "chain:4",
+            "--threads", "1"]
+    assert load_script("bench_rules").main(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("kary:2x2: 7 nodes, depth 2, vocabulary 64")
+    assert "traversal" in out[0] and "block" not in out[0] and "block" in out[1]
+
+
 def test_bench_adaptive_tiny(tmp_path, capsys):
     """Per-step choice time by budget, then every adaptive method on a tiny pair, interleaved
     with plain decoding and the static DP tree, outputs checked against plain decoding."""

@@ -219,3 +219,40 @@ def measure_rules(target, drafter: Drafter, prompts: Sequence[Sequence[int]],
                     break
             run.tokens.append(committed[len(ids):])
     return run
+
+
+def time_rules(tree: Tree, rules: Sequence[str], *, vocab: int, repeats: int = 40,
+               temperature: float = 1.0, seed: int = 0) -> dict[str, float]:
+    """Minimum milliseconds of ``accept`` per rule on one synthetic step: random target and
+    draft logits over ``vocab`` tokens at every node of ``tree``, children drawn from the draft
+    (weakly related distributions: nearly every node is rejected, the rules' worst case).
+    The minimum over ``repeats`` runs is the cost without a busy machine's preemptions."""
+    from treeopt.decode.drafter import Proposal
+    from treeopt.decode.sampling import draw_children
+
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(tree.size, vocab, generator=g) * 3
+    sampling = Sampling(temperature)
+    q_all = sampling.probs(logits + torch.randn(tree.size, vocab, generator=g) * 3)
+    tokens = [0] * tree.size
+    q_rows, q_row = [], [-1] * tree.size
+    for d, level in enumerate(tree.levels):
+        inner = [v for v in level if tree.children[v]]
+        q_rows.append(q_all[inner] if inner else q_all[:0])
+        for j, v in enumerate(inner):
+            q_row[v] = j
+            kids = draw_children(q_all[v:v + 1], len(tree.children[v]), False, g)[0].tolist()
+            for c, x in zip(tree.children[v], kids):
+                tokens[c] = x
+    proposal = Proposal(tree, torch.tensor(tokens), q_rows, q_row)
+    out = {}
+    for rule in rules:
+        s = Sampling(temperature, rule=rule)
+        best = math.inf
+        for k in range(repeats):
+            gen = torch.Generator().manual_seed(k)
+            t = time.perf_counter()
+            accept(logits, proposal, s, gen)
+            best = min(best, time.perf_counter() - t)
+        out[rule] = 1000.0 * best
+    return out
