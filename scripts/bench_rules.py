@@ -153,9 +153,10 @@ def main(argv=None) -> int:
                     tau = st.tokens_per_step
                     gain, gse = st.gain_over(base)
                     share = res.rule_ms(r) / (res.step_ms + res.rule_ms(r))
+                    rel = 100 * gain / base.tokens_per_step
                     print(f"{temp:>4.1f} {label:>10} {tree.size:>3} {tree.depth:>2} {r:>9} "
                           f"{tau:>8.4f} {st.standard_error():>6.3f} {f:>6.3f} "
-                          f"{100 * (f - tau) / tau:>6.1f}% {100 * gain / base.tokens_per_step:>6.2f}% "
+                          f"{100 * (f - tau) / tau:>6.1f}% {rel:>6.2f}% "
                           f"{gse:>6.3f} {res.rule_ms(r):>7.2f} {res.step_ms:>7.1f} "
                           f"{100 * share:>5.2f}% {res.steps:>5}", flush=True)
         vocab = target.get_output_embeddings().weight.shape[0]

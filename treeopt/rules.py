@@ -19,6 +19,9 @@ RULES = {
     "block": "sequence level over one drafted block (Block Verification, Sun et al. 2025); "
              "chains only (one child per node)",
 }
+#: Rules that decide node by node from the root (``treeopt.decode.sampling.verify_children``);
+#: the others decide on whole sequences (``treeopt.decode.traversal``).
+TOKEN_RULES = ("sequoia", "specinfer")
 #: Rules that verify chains only: a tree with a node of several children is refused.
 CHAIN_RULES = ("block",)
 #: Rules whose children are drawn with replacement (the others draw without).

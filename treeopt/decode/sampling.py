@@ -22,7 +22,8 @@ from typing import Sequence
 import torch
 
 from treeopt.errors import TreeoptError
-from treeopt.rules import CHAIN_RULES, RULE_HELP, RULES, WITH_REPLACEMENT  # noqa: F401
+from treeopt.rules import (CHAIN_RULES, RULE_HELP, RULES, TOKEN_RULES,  # noqa: F401
+                           WITH_REPLACEMENT)
 
 # A residual max(P - Q, 0) whose mass is below this is numerical noise (P == Q): keep P.
 RESIDUAL_EPS = 1e-6
@@ -205,9 +206,9 @@ def verify_children_batch(p: torch.Tensor, q: torch.Tensor, children: torch.Tens
     token (B,) int64: the accepted child's token, or the bonus sampled from the residual P).
     Inputs are not modified.
     """
-    if rule not in ("sequoia", "specinfer"):
-        raise SamplingError(f"verify_children runs the token-level rules (sequoia, specinfer), "
-                            f"not {rule!r}")
+    if rule not in TOKEN_RULES:
+        raise SamplingError(f"verify_children runs the token-level rules "
+                            f"({', '.join(TOKEN_RULES)}), not {rule!r}")
     b, k = children.shape
     p = p.float()
     q = q.float()
