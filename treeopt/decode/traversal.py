@@ -1,5 +1,7 @@
 """Sequence-level verification rules: Traversal Verification (trees) and Block Verification
-(chains). Both are lossless and accept at least as much as the token-level rules on average.
+(chains). Both are lossless; Block Verification is optimal for one drafted block, Traversal
+Verification reduces to it on a chain (on trees it is not proven to beat token-level rules,
+though it did in every case measured).
 
 Notation. Node v of the drafted tree holds token x_v; P_v is the target's processed
 distribution after the path root..v, Q_v the draft distribution v's children were drawn from
@@ -39,7 +41,7 @@ x_v). The root is never deleted: once all its children are gone it is accepted w
 On a chain this is exactly Block Verification (the h_i above are the updated a_u); on a
 one-level tree the root's weight stays 1, so it makes Sequoia's decisions.
 
-Why it is lossless (our derivation; the paper proves the same). Claim: for a node v with
+Why it is lossless (our derivation; the paper gives its own proof). Claim: for a node v with
 weight a, current target P and any drafted subtree below it (children drawn from the
 current Q), the traversal of that subtree accepts with probability a, and given acceptance
 its output (followed by the target's own sampling) has the target's distribution starting
