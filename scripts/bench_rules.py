@@ -62,7 +62,7 @@ def setup(args):
     if args.tiny:
         import torch
 
-        from treeopt.decode.model_drafter import ModelDrafter
+        from treeopt.drafters.model import ModelDrafter
         from treeopt.testing import tiny_pair
 
         target, draft = tiny_pair("llama", vocab_size=96)
@@ -71,9 +71,9 @@ def setup(args):
                for _ in range(args.profile_prompts + args.eval_prompts)]
         return target, ModelDrafter(draft), [], ids[:args.profile_prompts], \
             ids[args.profile_prompts:]
-    from treeopt.decode.api import encode_prompts, eos_ids
-    from treeopt.decode.models import load_pair, resolve_device
-    from treeopt.pipeline import split_prompts
+    from treeopt.api import encode_prompts, load_pair
+    from treeopt.datasets import split_prompts
+    from treeopt.models.loading import eos_ids, resolve_device
 
     pair = load_pair(args.target, args.draft, device=resolve_device(args.device))
     prof, evals = split_prompts(args.dataset, args.profile_prompts, args.eval_prompts,
@@ -112,8 +112,10 @@ def main(argv=None) -> int:
     import torch
 
     from treeopt.evaluate.rule_gain import measure_rules, time_rules
-    from treeopt.evaluate.runner import dp_method
-    from treeopt.profile.acceptance import AcceptanceRun, profile_acceptance, reliable_table
+    from treeopt.decode.sampling import Sampling
+    from treeopt.evaluate.methods import dp_method
+    from treeopt.profile.acceptance import AcceptanceRun, profile_acceptance
+    from treeopt.profile.model import reliable_table
     from treeopt.shapes import chain
 
     threads = torch.get_num_threads()
@@ -130,7 +132,7 @@ def main(argv=None) -> int:
               f"{'step ms':>7} {'share':>6} {'steps':>5}")
         trees_by_size = {}
         for temp in (float(t) for t in args.temperatures.split(",") if t.strip()):
-            run = AcceptanceRun(width=args.width, depth=args.depth, temperature=temp,
+            run = AcceptanceRun(width=args.width, depth=args.depth, sampling=Sampling(temp),
                                 max_new_tokens=args.max_new_tokens, seed=args.seed,
                                 draft=args.draft, target=args.target, dataset=args.dataset)
             profile = profile_acceptance(target, drafter, prof_ids, run,

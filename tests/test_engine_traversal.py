@@ -8,9 +8,8 @@ import pytest
 import torch
 
 import treeopt.decode.traversal as tv
+from helpers import NEW, PROMPT, FixedCandidates, exact, pair
 from lossless import pair_pvalues
-from test_candidate_sampling import FixedCandidates
-from test_engine_sampling import NEW, PROMPT, exact, pair
 from treeopt.decode.engine import generate
 from treeopt.decode.sampling import Sampling, SamplingError
 from treeopt.testing import decode

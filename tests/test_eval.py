@@ -6,10 +6,13 @@ import math
 import pandas as pd
 import pytest
 import torch
+from helpers import CharTokenizer
 
-from treeopt.evaluate.datasets import Prompt
-from treeopt.evaluate.runner import (AR, METRICS, EvalConfig, EvalError, Method, chain_method,
-                                     load_results, run_eval, summarise, tree_method)
+from treeopt.datasets import Prompt
+from treeopt.decode.sampling import Sampling
+from treeopt.evaluate.methods import AR, Method, chain_method, tree_method
+from treeopt.evaluate.results import METRICS, load_results, summarise
+from treeopt.evaluate.runner import EvalConfig, EvalError, run_eval
 from treeopt.testing import tiny_pair
 from treeopt.tree import Tree
 
@@ -160,8 +163,9 @@ def test_resume_skips_finished_prompts(models, tmp_path):
 def test_sampling_and_failure_reporting(models):
     target, draft = models
     res = run_eval(target, draft, _prompts()[:2], [Method("kary", KARY)],
-                   config=EvalConfig(max_new_tokens=6, temperature=0.8, top_p=0.9, seed=3,
-                                     warmup=False), progress=False)
+                   config=EvalConfig(max_new_tokens=6, seed=3, warmup=False,
+                                     sampling=Sampling(temperature=0.8, top_p=0.9)),
+                   progress=False)
     assert res.rows["matches_ar"].isna().all()
     assert (res.summary["matches_ar"] == "-").all()
     assert (res.rows["new_tokens"] == 6).all()
@@ -181,29 +185,11 @@ def test_sampling_and_failure_reporting(models):
     assert res.summary.set_index("method").loc["kary", "matches_ar"] == "0/1"
 
 
-class _CharTokenizer:
-    """Characters 'a'..'z' and ' ' as ids 2..28; no chat template."""
-
-    chat_template = None
-
-    def encode(self, text, add_special_tokens=True):
-        return [2 + (ord(c) - 97 if c.isalpha() else 26) for c in text.lower()
-                if c.isalpha() or c == " "]
-
-    def decode(self, ids, skip_special_tokens=False):
-        return "".join(chr(97 + i - 2) if 2 <= i < 28 else " " for i in ids)
-
-    def __call__(self, text, add_special_tokens=True, return_tensors=None):
-        """The call ``treeopt.decode.api.encode_prompt`` makes (as Hugging Face tokenizers)."""
-        ids = self.encode(text, add_special_tokens=add_special_tokens)
-        return {"input_ids": torch.tensor([ids], dtype=torch.long) if return_tensors == "pt"
-                else ids}
-
 
 def test_text_prompts_multi_turn(models):
     target, draft = models
     prompts = [Prompt("q1", "writing", "hello there", ("hello there", "and more"))]
-    res = run_eval(target, draft, prompts, [chain_method(2)], tokenizer=_CharTokenizer(),
+    res = run_eval(target, draft, prompts, [chain_method(2)], tokenizer=CharTokenizer(),
                    config=EvalConfig(max_new_tokens=4, warmup=False), progress=False)
     assert list(res.rows["turn"]) == [1, 2, 1, 2]
     t1, t2 = res.rows[res.rows["method"] == AR]["prompt_tokens"]
@@ -233,7 +219,7 @@ def test_cli_eval_end_to_end(models, tmp_path, monkeypatch, capsys):
     target, draft = models
     monkeypatch.setattr(cli_eval, "load_pair_for",
                         lambda args: SimpleNamespace(target=target, draft=draft,
-                                                     tokenizer=_CharTokenizer()))
+                                                     tokenizer=CharTokenizer()))
     data = tmp_path / "q.jsonl"
     data.write_text("\n".join(json.dumps({"id": i, "category": c, "prompt": f"say {w}"})
                               for i, (c, w) in enumerate([("x", "one"), ("x", "two"),
@@ -255,3 +241,48 @@ def test_cli_eval_end_to_end(models, tmp_path, monkeypatch, capsys):
                str(out)])
     err = capsys.readouterr().err
     assert rc == 2 and "no such file" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_prints_a_compact_table_unless_wide(models, tmp_path, monkeypatch, capsys):
+    """The default table is narrow (method, speed-up and interval, tokens/step, equal[,
+    flags]); --wide prints every summary column; summary.csv has them all either way."""
+    from types import SimpleNamespace
+
+    import treeopt.cli.eval as cli_eval
+    from treeopt.cli import main
+    from treeopt.evaluate.table import compact_rows, format_compact
+
+    target, draft = models
+    monkeypatch.setattr(cli_eval, "load_pair_for",
+                        lambda args: SimpleNamespace(target=target, draft=draft,
+                                                     tokenizer=CharTokenizer()))
+    data = tmp_path / "q.jsonl"
+    data.write_text("\n".join(json.dumps({"id": i, "category": c, "prompt": f"say {w}"})
+                              for i, (c, w) in enumerate([("x", "one"), ("x", "two"),
+                                                          ("y", "three"), ("y", "four")])))
+    argv = ["eval", "--dataset", str(data), "--chain", "2", "--tree", "kary:2x2",
+            "--max-new-tokens", "6", "--no-progress", "--no-warmup", "--no-report"]
+    assert main(argv + ["--out", str(tmp_path / "a")]) == 0
+    compact = capsys.readouterr().out.splitlines()
+    assert compact[0].split()[:5] == ["method", "category", "speed-up", "(95%", "CI)"]
+    assert max(len(line) for line in compact) <= 100
+    assert len(compact) == 1 + 3 * 3  # 3 methods x (x, y, all)
+    assert main(argv + ["--out", str(tmp_path / "b"), "--wide"]) == 0
+    wide = capsys.readouterr().out.splitlines()
+    assert "acceptance_rate" in wide[0] and "verify_ms/step" in wide[0]
+    assert max(len(line) for line in wide) > max(len(line) for line in compact)
+    csv = pd.read_csv(tmp_path / "a" / "summary.csv", comment="#")
+    assert {"acceptance_rate", "verify_ms_per_step", "speedup_ci95_low"} <= set(csv.columns)
+    # the cells, by hand
+    summary = pd.DataFrame([
+        {"method": "plain", "category": "all", "speedup": 1.0, "speedup_ci95_low": 1.0,
+         "speedup_ci95_high": 1.0, "tokens_per_step": 1.0, "matches_ar": "-", "flag": ""},
+        {"method": "chain:3", "category": "all", "speedup": 1.234, "speedup_ci95_low": 1.1,
+         "speedup_ci95_high": float("nan"), "tokens_per_step": 2.5, "matches_ar": "4/4",
+         "flag": "noisy"}])
+    assert compact_rows(summary) == [["plain", "all", "1.00x (1.00-1.00)", "1.00", "-", "-"],
+                                     ["chain:3", "all", "1.23x", "2.50", "4/4", "noisy"]]
+    assert format_compact(summary).splitlines() == [
+        "method   speed-up (95% CI)  tokens/step  equal  flags",
+        "plain    1.00x (1.00-1.00)         1.00  -      -",
+        "chain:3              1.23x         2.50  4/4    noisy"]

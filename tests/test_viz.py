@@ -45,7 +45,7 @@ def test_summary():
     # F = 1 + .75 + .42 + .06 + .216 (DESIGN's size-8 tree under p = .6, .1, .05)
     assert tree_summary(EXAMPLE, P) == ("size 8, depth 3, width 3, 4 leaves, "
                                         "F = 2.4460 tokens/step")
-    assert tree_summary(chain(3)) == "size 3, depth 2, width 1, 1 leaves"
+    assert tree_summary(chain(3)) == "size 3, depth 2, width 1, 1 leaf"
 
 
 @pytest.mark.parametrize("tree", [EXAMPLE, kary(2, 3), chain(1)])

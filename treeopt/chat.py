@@ -47,15 +47,17 @@ from typing import Any, Callable
 
 import torch
 
-from treeopt.decode.api import TextStream, encode_prompt, eos_ids, resolve_tree
+from treeopt.api import TextStream, encode_prompt
 from treeopt.decode.drafter import Drafter, build_drafter, registered
-from treeopt.decode.engine import DecodeStats, generate, max_positions
+from treeopt.decode.engine import DecodeStats, generate, model_window
 from treeopt.decode.sampling import Sampling
-from treeopt.errors import TreeoptError
+from treeopt.errors import TreeoptError, one_line
+from treeopt.models.loading import DEFAULT_DRAFT_MODEL, eos_ids
+from treeopt.shapes import chain, resolve_tree
 from treeopt.tree import Tree
 
 #: The draft a session uses when none is named: the target's first four layers.
-DEFAULT_DRAFT = "early-exit:4"
+DEFAULT_DRAFT = DEFAULT_DRAFT_MODEL
 #: New tokens per answer when no length is given.
 DEFAULT_LENGTH = 128
 #: /processor names and their arguments (a trailing temperature is optional, default 1).
@@ -146,8 +148,6 @@ class ChatSession:
         if self.tree is not None:
             return self.tree
         if self.gamma is not None:
-            from treeopt.shapes import chain
-
             return chain(draft_tokens=self.gamma)
         return None
 
@@ -237,7 +237,6 @@ class ChatSession:
         if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1:
             raise ChatError(f"gamma counts drafted tokens per step: an integer >= 1, got "
                             f"{gamma!r}")
-        from treeopt.shapes import chain
 
         chain(draft_tokens=gamma)  # the tree-size cap
 
@@ -255,8 +254,10 @@ class ChatSession:
             return f"error: unknown command {shown!r}; /help lists the commands"
         try:
             return handler(self, rest)
-        except TreeoptError as exc:
-            return "error: " + _one_line(exc)
+        except (TreeoptError, OSError) as exc:  # OSError: a file name too long, unreadable
+            return "error: " + one_line(exc, 300)
+        except Exception as exc:  # noqa: BLE001 - a session survives any line
+            return f"error: {name} failed ({type(exc).__name__}: {one_line(exc, 300)})"
 
     def _toggle(self, rest: str, current: bool, what: str) -> bool:
         word = rest.lower()
@@ -432,7 +433,7 @@ class ChatSession:
         """(prompt ids (1, L), turns dropped): the conversation plus ``prompt``, without its
         oldest turns while it and ``max_new_tokens`` new tokens exceed the model window.
         Raises ChatError when ``prompt`` alone does not fit."""
-        limit = max_positions(self.target, getattr(drafter, "model", None))
+        limit = model_window(self.target, drafter)
         turns = len(self.history) // 2
         dropped = 0
         while True:
@@ -450,9 +451,15 @@ class ChatSession:
         """Answer ``prompt`` after the conversation so far, streaming text pieces through
         ``on_text``; the exchange joins the history. A ``KeyboardInterrupt`` while decoding
         stops the answer (``interrupted=True``, see the module docstring). Raises a
-        TreeoptError when the drafter cannot be built or the prompt cannot be decoded."""
+        TreeoptError when the drafter cannot be built or the prompt cannot be decoded (or
+        is not text: undecodable bytes read from a pipe); the history is then unchanged."""
         if not prompt.strip():
             raise ChatError("the prompt is empty; type some text")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ChatError("the line holds bytes that are not UTF-8 text; refused (type "
+                            "text)") from None
         drafter = self.drafter()
         ids, dropped = self.encode(prompt, drafter)
         ids = ids.to(next(self.target.parameters()).device)
@@ -584,11 +591,6 @@ def _number(text: str, usage: str) -> float:
     if value != value or value in (float("inf"), float("-inf")):
         raise ChatError(f"{text.strip()!r} is not a finite number; usage: {usage}")
     return value
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 __all__ = ["Answer", "ChatError", "ChatSession", "DEFAULT_DRAFT", "DEFAULT_LENGTH",

@@ -19,3 +19,19 @@ class TreeoptError(Exception):
 
 class UserError(TreeoptError):
     """Bad command-line input: printed as one line, exit status 2, no traceback."""
+
+
+def one_line(exc: object, limit: int | None = None) -> str:
+    """The first line of an exception's message (its type's name when the message is empty),
+    cut to ``limit`` characters with "..." when given: the one way treeopt turns an error
+    into the one line a user sees."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        name = str(exc.filename)  # a hostile file name can be megabytes long
+        name = name if len(name) <= 80 else f"{name[:77]}... ({len(name)} characters)"
+        text = f"{name}: {exc.strerror}"
+    else:
+        text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    if limit is not None and len(line) > limit:
+        return line[:limit - 3] + "..."
+    return line

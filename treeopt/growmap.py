@@ -42,13 +42,13 @@ from typing import Any
 
 import torch
 
-from treeopt.errors import TreeoptError
+from treeopt.errors import TreeoptError, one_line
 from treeopt.limits import (
     MAX_TREE_NODES,
     atomic_write,
     check_plain,
     check_tensor,
-    parse_json,
+    read_json,
     show_number,
 )
 from treeopt.tree import Tree, TreeError, ancestor_mask
@@ -73,6 +73,12 @@ def growmap_dict(tree: Tree, meta: dict | None = None) -> dict:
     if meta:
         d[META_KEY] = _plain_meta(meta, "meta")
     return d
+
+
+def growmap_json(tree: Tree, meta: dict | None = None, *, with_mask: bool = True) -> str:
+    """The JSON text :func:`save_growmap` writes for ``tree`` (with the mask by default:
+    readers such as UMbreLLa's static engine take it from the file)."""
+    return _to_json(growmap_dict(tree, meta), with_mask)
 
 
 def save_growmap(tree: Tree, path: str | Path, meta: dict | None = None, *,
@@ -125,7 +131,7 @@ def file_kind(path: str | Path) -> str:
     path = Path(path)
     try:
         if path.suffix.lower() == ".json" or _looks_like_json(path):
-            d = parse_json(path.read_text(), GrowmapError)
+            d = read_json(path, GrowmapError)
         else:
             d = _read_torch(path)
     except (GrowmapError, OSError, UnicodeDecodeError):
@@ -265,18 +271,14 @@ def _read_torch(path: Path) -> Any:
         if "weights only" in text:
             raise GrowmapError(f"{path}: refused to load: not a torch-saved growmap (corrupt "
                                "bytes, or a raw pickle the safe loader cannot read)") from None
-        raise GrowmapError(f"{path}: not a readable torch file ({_first_line(exc)})") from None
+        raise GrowmapError(f"{path}: not a readable torch file ({one_line(exc, 160)})") from None
     except Exception as exc:  # truncated zip, empty file, garbage bytes, ...
         raise GrowmapError(f"{path}: not a readable torch file, truncated or corrupt "
-                           f"({_first_line(exc)})") from None
+                           f"({one_line(exc, 160)})") from None
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        text = path.read_text()
-    except UnicodeDecodeError as exc:
-        raise GrowmapError(f"{path}: not valid JSON ({_first_line(exc)})") from None
-    d = parse_json(text, lambda msg: GrowmapError(f"{path}: {msg}"))
+    d = read_json(path, lambda msg: GrowmapError(f"{path}: {msg}"))
     if not isinstance(d, dict):
         raise GrowmapError(f"{path}: expected a JSON object with growmap keys, "
                            f"got {type(d).__name__}")
@@ -293,12 +295,6 @@ def _read_json(path: Path) -> dict:
                            f"(this treeopt reads version {JSON_VERSION})")
     d["format"] = JSON_FORMAT
     return d
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
-    return line if len(line) <= 160 else line[:157] + "..."
 
 
 def _is_int(x: Any) -> bool:

@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from treeopt.errors import TreeoptError
+from treeopt.errors import TreeoptError, one_line
 
 #: Most nodes (root included) of any tree treeopt builds, reads, searches or verifies; see
 #: the module docstring for why 4096.
@@ -51,6 +51,18 @@ MAX_LATENCY_TOKENS = 1 << 24
 #: default 12 levels at the node cap need 7.4e8).
 MAX_DP_BYTES = 2 << 30
 MAX_DP_OPS = 30_000_000_000
+#: Largest vocabulary a file may declare (16x the largest in use, 262144): datastores and
+#: tables are sized by the token ids they really hold, never by a declared number past it.
+MAX_VOCAB_SIZE = 1 << 22
+#: Most characters of user input an error message quotes (hostile input can be megabytes).
+MAX_QUOTE = 80
+#: Largest JSON file treeopt reads (profiles, calibrations, tree sets, settings): parsing
+#: costs ~10x the file in memory.
+MAX_JSON_BYTES = 64 << 20
+#: Largest results file of an eval run (rows with their output texts) treeopt reads back.
+MAX_RESULTS_BYTES = 1 << 30
+#: Largest data set file (after decompression): prompts, problems.
+MAX_DATASET_BYTES = 1 << 30
 #: Metadata (the growmap's ``treeopt`` dict): most values in all and deepest nesting.
 MAX_META_ITEMS = 100_000
 MAX_META_DEPTH = 64
@@ -65,12 +77,31 @@ class LimitError(TreeoptError, ValueError):
 ErrorFactory = Callable[[str], BaseException]
 
 
+def quote(x: Any, limit: int = MAX_QUOTE, *, plain: bool = False) -> str:
+    """``repr(x)`` (a string as is with ``plain``) for an error message, cut to about
+    ``limit`` characters (a string's length said after the cut), never failing: the one way
+    treeopt quotes user input in a message."""
+    if isinstance(x, int) and not isinstance(x, bool) and x.bit_length() > 64:
+        return f"about 10^{int(x.bit_length() * math.log10(2))}"
+    try:
+        if isinstance(x, str):
+            head = x if len(x) <= 4 * limit else x[:2 * limit]
+            text = head if plain else repr(head)
+        else:
+            text = repr(x)
+    except Exception:  # noqa: BLE001 - a hostile __repr__
+        text = f"<{type(x).__name__}>"
+    if len(text) <= limit:
+        return text
+    size = f" ({len(x)} characters)" if isinstance(x, str) else ""
+    return text[:limit - 3] + "..." + size
+
+
 def show_number(x: Any) -> str:
     """``x`` for an error message, never failing and never longer than ~30 characters
     (Python refuses to print integers of more than 4300 digits)."""
     if isinstance(x, bool) or not isinstance(x, (int, float)):
-        text = repr(x)
-        return text if len(text) <= 30 else text[:27] + "..."
+        return quote(x, 30)
     if isinstance(x, int) and x.bit_length() > 64:
         return f"about 10^{int(x.bit_length() * math.log10(2))}"
     return repr(x)
@@ -193,15 +224,33 @@ def check_plain(value: Any, what: str, error: ErrorFactory = LimitError, *,
                         "float, bool, None, lists and dicts of those) are allowed")
 
 
-def read_json(path: str | Path, error: ErrorFactory = LimitError) -> Any:
-    """``json.loads`` of a file, every failure a one-line ``error`` (message without the
-    path: callers add it): invalid JSON or text, nesting too deep for the parser
-    (RecursionError), integers too long to convert."""
+def read_text(path: str | Path, error: ErrorFactory = LimitError, *,
+              max_bytes: int = MAX_JSON_BYTES, errors: str = "strict") -> str:
+    """A UTF-8 text file of at most ``max_bytes`` bytes, refused (one-line ``error``, message
+    without the path) before it is read when larger; never more than ``max_bytes + 1`` bytes
+    are read (a file that grows, a device). OSError (missing, unreadable) passes through."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise error(f"a file of {size} bytes, more than the limit of {max_bytes} for the "
+                    "files treeopt reads as text (MAX_JSON_BYTES); refused")
+    with open(path, "rb") as fh:
+        data = fh.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise error(f"more than the limit of {max_bytes} bytes (MAX_JSON_BYTES); refused")
     try:
-        text = Path(path).read_text()
+        return data.decode("utf-8", errors=errors)
     except UnicodeDecodeError as exc:
-        raise error(f"not valid JSON ({_first_line(exc)})") from None
-    return parse_json(text, error)
+        raise error(f"not valid JSON ({one_line(exc, 160)})") from None
+
+
+def read_json(path: str | Path, error: ErrorFactory = LimitError, *,
+              max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """``json.loads`` of a file, every failure a one-line ``error`` (message without the
+    path: callers add it): a file past ``max_bytes`` (refused before it is read), invalid
+    JSON or text, nesting too deep for the parser (RecursionError), integers too long to
+    convert. Every JSON file treeopt reads goes through here."""
+    return parse_json(read_text(path, error, max_bytes=max_bytes), error)
 
 
 def parse_json(text: str, error: ErrorFactory = LimitError) -> Any:
@@ -211,13 +260,33 @@ def parse_json(text: str, error: ErrorFactory = LimitError) -> Any:
     except RecursionError:
         raise error("not valid JSON: nested too deeply") from None
     except (json.JSONDecodeError, ValueError) as exc:  # ValueError: ints beyond 4300 digits
-        raise error(f"not valid JSON ({_first_line(exc)})") from None
+        raise error(f"not valid JSON ({one_line(exc, 160)})") from None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
-    return line if len(line) <= 160 else line[:157] + "..."
+
+def positive_ints(text: str, what: str, example: str, error=ValueError, *,
+                  sort: bool = True) -> list[int]:
+    """The one parser of comma-separated integers >= 1 (``"1,2,4"`` -> [1, 2, 4]; sorted and
+    unique with ``sort``, in the given order without). ``error(message)`` is raised naming
+    ``what`` (e.g. "--tokens") and an ``example`` when the text is not such a list; numbers
+    longer than 30 digits are refused before they are converted."""
+    where = f"{what} " if what else ""
+    parts = [x.strip() for x in str(text).split(",") if x.strip()]
+    try:
+        if any(len(x) > 30 for x in parts):
+            raise ValueError
+        values = [int(x) for x in parts]
+    except ValueError:
+        raise error(f"{where}{_short_text(text)!r} is not a comma-separated list of integers, "
+                    f"e.g. {example}") from None
+    if not values or min(values) < 1:
+        raise error(f"{where}{_short_text(text)!r} needs integers >= 1, e.g. {example}")
+    return sorted(set(values)) if sort else values
+
+
+def _short_text(text: str, limit: int = 60) -> str:
+    text = str(text)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # ---------------------------------------------------------------------------- writing

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from treeopt.errors import TreeoptError
+from treeopt.search.dp import solve
+from treeopt.shapes import chain, independent_chains, kary, top_path_product
 from treeopt.tree import Tree
 
 IMAGE_SUFFIXES = (".png", ".svg", ".pdf")
@@ -31,7 +33,7 @@ def _table(profile):
 def tree_summary(tree: Tree, profile=None) -> str:
     """One line: size, depth, width and, with a profile, F (expected tokens per step)."""
     parts = [f"size {tree.size}", f"depth {tree.depth}", f"width {tree.width}",
-             f"{len(tree.leaves)} leaves"]
+             f"{len(tree.leaves)} leaf" if len(tree.leaves) == 1 else f"{len(tree.leaves)} leaves"]
     if profile is not None:
         parts.append(f"F = {tree.expected_tokens(_table(profile)):.4f} tokens/step")
     return ", ".join(parts)
@@ -311,8 +313,6 @@ def expected_vs_size(profile, sizes: Sequence[int], max_depth: int | None = None
     Returns ``{curve name: [(size, F), ...]}``: "DP optimum" (at most n nodes, depth <=
     ``max_depth``, exact), "chain", "best K×L" (best independent chains with at most n nodes),
     "Medusa greedy" and "k-ary (k=K)" (full trees, only at their own sizes)."""
-    from treeopt.search.dp import solve
-    from treeopt.shapes import chain, independent_chains, kary, top_path_product
 
     table = _table(profile)
     sizes = sorted({int(n) for n in sizes})

@@ -6,8 +6,23 @@ from __future__ import annotations
 
 import sys
 
-from treeopt.cli import (DEFAULT_DRAFT, DEFAULT_TARGET, TARGET_HELP, THREADS_HELP, UserError,
-                         add_sampling_arguments, set_threads)
+from treeopt.api import load_pair
+from treeopt.chat import ChatSession, summary
+from treeopt.cli import UserError
+from treeopt.cli.args import (
+    DEFAULT_DRAFT,
+    DEFAULT_TARGET,
+    TARGET_HELP,
+    THREADS_HELP,
+    add_sampling_arguments,
+    sampling_from_args,
+    set_threads,
+)
+from treeopt.cli.generate import DRAFTER_SPECS
+from treeopt.decode.sampling import check_settings
+from treeopt.errors import TreeoptError, one_line
+from treeopt.models.cache import cache_dir
+from treeopt.models.loading import pending_conversion
 
 PROMPT = "> "
 
@@ -27,10 +42,9 @@ def register(subparsers) -> None:
     )
     p.add_argument("--target", default=DEFAULT_TARGET, help=TARGET_HELP)
     p.add_argument("--draft", default=DEFAULT_DRAFT,
-                   help="drafter of speculative decoding: a draft model spec, 'early-exit:K', "
-                        "'ngram[:...]', 'datastore:PATH', or 'none' to start with speculation "
-                        f"off (/speculative turns it on with {DEFAULT_DRAFT}) (default: "
-                        f"{DEFAULT_DRAFT})")
+                   help=f"drafter of speculative decoding: {DRAFTER_SPECS}; or 'none' to "
+                        f"start with speculation off (/speculative turns it on with "
+                        f"{DEFAULT_DRAFT}) (default: {DEFAULT_DRAFT})")
     p.add_argument("--tree", "--growmap", dest="tree", default=None,
                    help="tree: a shape such as chain:5 or kary:2x3, or a growmap file (.pt or "
                         ".json); /tree changes it (default: the drafter's own)")
@@ -39,7 +53,7 @@ def register(subparsers) -> None:
                         "it (default: the drafter's own)")
     p.add_argument("--max-new-tokens", type=int, default=128,
                    help="new tokens per answer; /length changes it (default: 128)")
-    add_sampling_arguments(p, "/processor changes it")
+    add_sampling_arguments(p, changed_by="/processor changes it")
     p.add_argument("--seed", type=int, default=None,
                    help="seed for sampling, the same for every answer (default: none, a "
                         "different draw each time)")
@@ -74,11 +88,6 @@ def _read_line(interactive: bool) -> str | None:
 def run(args) -> int:
     from transformers.utils import logging as hf_logging
 
-    from treeopt.chat import ChatSession, summary
-    from treeopt.decode.models import cache_dir, load_pair, pending_conversion
-    from treeopt.decode.sampling import Sampling, check_settings
-    from treeopt.errors import TreeoptError
-
     check_settings(args.temperature, args.top_k, args.top_p, args.rule)
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be >= 1")
@@ -95,13 +104,17 @@ def run(args) -> int:
         raise UserError(f"target {args.target!r} has no tokenizer to turn prompts into ids")
     session = ChatSession(
         pair.target, pair.tokenizer, draft=args.draft, gamma=args.gamma, tree=args.tree,
-        sampling=Sampling(args.temperature, args.top_k, args.top_p, args.rule, args.seed),
+        sampling=sampling_from_args(args, seed=args.seed),
         max_new_tokens=args.max_new_tokens, system=args.system,
         chat_template=not args.no_chat_template)
     session.drafter()  # a draft that cannot be loaded fails here, before the first prompt
     print(f"treeopt chat: {args.target}; {session.mode()}. /help lists the commands, /quit "
           "or Ctrl-D leaves.", file=sys.stderr)
     interactive = sys.stdin.isatty()
+    if callable(getattr(sys.stdin, "reconfigure", None)):
+        # Bytes that are not UTF-8 reach the session as such (which refuses the line)
+        # instead of ending the loop with a decoding error.
+        sys.stdin.reconfigure(errors="surrogateescape")
     while not session.finished:
         try:
             line = _read_line(interactive)
@@ -122,8 +135,12 @@ def run(args) -> int:
             prompt = text[1:] if text.startswith("//") else text
             try:
                 answer = session.answer(prompt, on_text=_write)
-            except TreeoptError as exc:
-                _write(f"error: {str(exc).strip().splitlines()[0]}\n")
+            except (TreeoptError, OSError) as exc:
+                _write(f"error: {one_line(exc, 300)}\n")
+                continue
+            except Exception as exc:  # noqa: BLE001 - the session survives any line
+                _write(f"error: the answer failed ({type(exc).__name__}: "
+                       f"{one_line(exc, 300)}); the conversation is kept\n")
                 continue
             _write(" [interrupted]\n" if answer.interrupted else "\n")
             print(summary(answer), file=sys.stderr)

@@ -6,11 +6,39 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from treeopt.cli import (DEFAULT_DRAFT, DEFAULT_TARGET, THREADS_HELP, UserError,
-                         add_draft_variant_arguments, draft_spec_with_variant, int_list,
-                         set_threads)
-from treeopt.rules import RULE_HELP, RULES
+from treeopt.api import load_pair
+from treeopt.cli import UserError
+from treeopt.cli.args import (
+    DEFAULT_DRAFT,
+    DEFAULT_TARGET,
+    THREADS_HELP,
+    DefaultsFormatter,
+    add_draft_variant_arguments,
+    add_sampling_arguments,
+    draft_spec_with_variant,
+    int_list,
+    sampling_from_args,
+    set_threads,
+)
+from treeopt.datasets import load_prompts
+from treeopt.evaluate.methods import (
+    ar_method,
+    chain_method,
+    disambiguate,
+    dp_method,
+    drafter_method,
+    tree_method,
+)
+from treeopt.evaluate.passk import CACHE_FILE, Limits, format_pass, load_problems, score_run
+from treeopt.evaluate.reference import early_exit_layers, hf_assisted, hf_prompt_lookup
+from treeopt.evaluate.report import write_report
+from treeopt.evaluate.results import format_summary
+from treeopt.evaluate.runner import EvalConfig, check_config, check_out_dir, run_eval
+from treeopt.evaluate.spread import FLAGS
+from treeopt.evaluate.table import format_compact
+from treeopt.profile import Profile
 
 # Written out so that --help needs no import of the drafter modules (see
 # treeopt.decode.drafter.describe_drafters() for the registered list).
@@ -24,21 +52,6 @@ DRAFTER_SPECS = ("a draft model: folder, .gguf file or Hugging Face id; early-ex
                  "fallback:first=SPEC,then=SPEC, horizontal:model=SPEC,levels=L,deep=SPEC, "
                  "vertical:draft=SPEC,helper=SPEC (cascades); a nested SPEC with commas goes "
                  "in parentheses: fallback:first=(ngram:max=3,k=8),then=early-exit:4")
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends "(default: X)" to an option's help unless it says its default itself, it has
-    none to show (None: the help says what happens instead), it is an on/off flag or it is
-    required; an empty list reads "(default: none)"."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if action.default is None or action.default is False or action.required \
-                or "default" in text or action.default == argparse.SUPPRESS:
-            return text
-        if action.default == []:
-            return text + " (default: none)"
-        return super()._get_help_string(action)
 
 
 def register(subparsers) -> None:
@@ -61,7 +74,7 @@ def register(subparsers) -> None:
                     "tie (the target's two tokens in question within the dtype's rounding "
                     "tolerance of its best logit, as half precision produces: reported, not "
                     "a failure), or differ: exit status 1.",
-        formatter_class=_HelpFormatter)
+        formatter_class=DefaultsFormatter)
     m = p.add_argument_group("models")
     m.add_argument("--target", default=DEFAULT_TARGET, help="target model spec (see generate)")
     m.add_argument("--draft", default=DEFAULT_DRAFT,
@@ -122,15 +135,7 @@ def register(subparsers) -> None:
     g = p.add_argument_group("decoding")
     g.add_argument("--max-new-tokens", type=int, default=128,
                    help="tokens each method generates per prompt")
-    g.add_argument("--temperature", type=float, default=0.0,
-                   help="0 = greedy; sampling needs a temperature >= 1e-5 (smaller ones are "
-                        "rejected, not treated as greedy)")
-    g.add_argument("--top-k", type=int, default=0,
-                   help="keep the k likeliest tokens when sampling (>= 0; 0 = off)")
-    g.add_argument("--top-p", type=float, default=1.0,
-                   help="nucleus sampling mass (in (0, 1]; 1.0 = off)")
-    g.add_argument("--rule", choices=list(RULES), default="sequoia",
-                   help=RULE_HELP + " (default: sequoia)")
+    add_sampling_arguments(g)
     g.add_argument("--stop-at-eos", action="store_true",
                    help="stop at EOS (default: every method generates exactly "
                         "--max-new-tokens, so speed-ups compare equal token counts)")
@@ -151,15 +156,20 @@ def register(subparsers) -> None:
                         "refused when the target, draft, dataset, prompts, methods or "
                         "decoding settings differ from that run's")
     o.add_argument("--no-report", action="store_true", help="skip plots and report page")
+    o.add_argument("--wide", action="store_true",
+                   help="print every summary column (time split, acceptance, nodes, ...) "
+                        "instead of the compact table (method, speed-up and its interval, "
+                        "tokens/step, equal, flags); the CSVs and the report always have all")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     k = p.add_argument_group("pass@1 (code problems with tests: humaneval, or a JSONL file "
                              "with prompt, test and entry_point)")
     k.add_argument("--pass-at-1", action=argparse.BooleanOptionalAction, default=None,
                    help="run each output's code against its problem's tests and report "
-                        "pass@1 per method: a subprocess per program with a timeout, resource "
-                        "limits, a temporary folder and no network where the kernel allows "
-                        "(a best-effort sandbox, not a security boundary: the file system "
-                        "is not isolated). It runs model-written code, so it is off "
+                        "pass@1 per method: each program runs as user nobody in its own "
+                        "PID, mount and network namespaces with a read-only file system "
+                        "outside a temporary folder, limits and a timeout, where the kernel "
+                        "allows (the report says what was achieved; refused where only the "
+                        "limits hold). It runs model-written code, so it is off "
                         "unless asked, or unless --out already holds pass@1 results (a "
                         "--resume keeps scoring; programs already scored are not run again)")
     k.add_argument("--pass-timeout", type=float, default=10.0, metavar="S",
@@ -167,15 +177,15 @@ def register(subparsers) -> None:
                         "costs that sample only)")
     k.add_argument("--pass-workers", type=int, choices=[1, 2], default=1,
                    help="programs run at once")
+    k.add_argument("--pass-allow-unisolated", action="store_true",
+                   help="score even where the sandbox can only set rlimits (the program "
+                        "would run as your user with your file system writable)")
     p.set_defaults(func=run)
 
 
 def build_methods(args, profile) -> list:
     """The methods of the command line, plain decoding first, then --chain, --tree, --dp,
     --drafter, --hf-prompt-lookup and --hf-assisted in that order."""
-    from treeopt.evaluate.reference import early_exit_layers, hf_assisted, hf_prompt_lookup
-    from treeopt.evaluate.runner import (ar_method, chain_method, disambiguate, dp_method,
-                                         drafter_method, tree_method)
 
     methods = [ar_method()] + [chain_method(n) for n in args.chain]
     paths: list[str | None] = [None] * len(methods)
@@ -221,35 +231,30 @@ def _is_growmap(spec: str) -> bool:
 
 
 def run(args) -> int:
-    from treeopt.evaluate.datasets import load_prompts
-    from treeopt.evaluate.runner import (EvalConfig, check_config, check_out_dir,
-                                         format_summary, run_eval)
-
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
+    # The prompts and the output folder are checked first, not after the models are loaded.
+    select = dict(categories=args.categories, n=args.num_prompts, seed=args.seed,
+                  turns=args.turns, window=args.window, window_unit=args.window_unit)
+    token_windows = args.window is not None and args.window_unit == "tokens"
+    prompts = None if token_windows else load_prompts(args.dataset, **select)
+    check_out_dir(args.out, resume=args.resume)
     args.draft = draft_spec_with_variant(args)
-    config = EvalConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, rule=args.rule,
+    config = EvalConfig(max_new_tokens=args.max_new_tokens, seed=args.seed,
                         stop_at_eos=args.stop_at_eos, chat_template=not args.no_chat_template,
-                        warmup=not args.no_warmup, long_prompts=args.long_prompts)
+                        warmup=not args.no_warmup, long_prompts=args.long_prompts,
+                        sampling=sampling_from_args(args))
     # Every setting is checked before any model is loaded or any file is written.
     check_config(config)
-    check_out_dir(args.out)
     scoring = _pass_at_1_setup(args)
     set_threads(args.threads)
     profile = None
     if args.profile:
-        from treeopt.profile import Profile
-
         profile = Profile.load(args.profile)
     methods = build_methods(args, profile)
     if len(methods) == 1:
         print("treeopt eval: note: only plain decoding requested (add --chain, --tree, --dp, "
               "--drafter, --hf-prompt-lookup or --hf-assisted)", file=sys.stderr)
-    select = dict(categories=args.categories, n=args.num_prompts, seed=args.seed,
-                  turns=args.turns, window=args.window, window_unit=args.window_unit)
-    token_windows = args.window is not None and args.window_unit == "tokens"
-    prompts = None if token_windows else load_prompts(args.dataset, **select)
     pair = load_pair_for(args)
     if prompts is None:
         prompts = load_prompts(args.dataset, tokenizer=pair.tokenizer, **select)
@@ -258,20 +263,22 @@ def run(args) -> int:
             "profile": args.profile}
     # The pair's drafter (any spec); loaders that return only a draft model work too.
     draft = getattr(pair, "drafter", None) or getattr(pair, "draft", None)
-    result = run_eval(pair.target, draft, prompts, methods, config=config,
-                      tokenizer=pair.tokenizer, out_dir=args.out, resume=args.resume,
-                      profile=profile, progress=not args.no_progress, meta=meta)
+    try:
+        result = run_eval(pair.target, draft, prompts, methods, config=config,
+                          tokenizer=pair.tokenizer, out_dir=args.out, resume=args.resume,
+                          profile=profile, progress=not args.no_progress, meta=meta)
+    except KeyboardInterrupt:
+        if args.out and Path(args.out).is_dir():
+            raise KeyboardInterrupt(f"every finished prompt is kept in {args.out}; run the "
+                                    "same command with --resume to continue from it") from None
+        raise
     scored = _score(result, scoring, not args.no_progress)
-    print(format_summary(result.summary))
+    print(format_summary(result.summary) if args.wide else format_compact(result.summary))
     if scored is not None:
-        from treeopt.evaluate.passk import format_pass
-
         print(format_pass(scored))
     _explain_flags(result.summary)
     print(f"results: {result.out_dir}", file=sys.stderr)
     if not args.no_report:
-        from treeopt.evaluate.report import write_report
-
         page = write_report(result.out_dir, result.out_dir / "report", profile=profile)
         print(f"report: {page}", file=sys.stderr)
     ties = getattr(result, "ties", None) or []
@@ -293,7 +300,6 @@ def run(args) -> int:
 
 def _explain_flags(summary) -> None:
     """One stderr line per flag that appears in the summary, saying what it means."""
-    from treeopt.evaluate.spread import FLAGS
 
     seen = {f for v in summary.get("flag", []) if isinstance(v, str) for f in v.split(";") if f}
     for flag in (f for f in FLAGS if f in seen):
@@ -302,8 +308,7 @@ def _explain_flags(summary) -> None:
 
 def load_pair_for(args):
     """The target, the default drafter (``--draft``) and the tokenizer for the command line
-    (``treeopt.decode.models.Pair``; a seam for tests)."""
-    from treeopt.decode.models import load_pair
+    (``treeopt.models.loading.Pair``; a seam for tests)."""
 
     return load_pair(args.target, args.draft, dtype=args.dtype, device=args.device)
 
@@ -313,17 +318,15 @@ def _pass_at_1_setup(args):
     is loaded), else None; a note when a code dataset runs without it."""
     from pathlib import Path
 
-    from treeopt.evaluate.passk import CACHE_FILE, Limits, load_problems
-
     wanted = args.pass_at_1
     if wanted is None:
         wanted = (Path(args.out) / CACHE_FILE).exists()
         if not wanted and str(args.dataset) == "humaneval":
             print("treeopt eval: note: add --pass-at-1 to score pass@1 (runs the generated "
-                  "code against HumanEval's tests in a best-effort sandbox)", file=sys.stderr)
+                  "code against HumanEval's tests in a sandbox)", file=sys.stderr)
     if not wanted:
         return None
-    limits = Limits(timeout_s=args.pass_timeout)
+    limits = Limits(timeout_s=args.pass_timeout, allow_unisolated=args.pass_allow_unisolated)
     return load_problems(args.dataset), limits, args.pass_workers
 
 
@@ -332,7 +335,6 @@ def _score(result, scoring, progress: bool):
     ``result``'s summary; None when not scoring."""
     if scoring is None or result.out_dir is None:
         return None
-    from treeopt.evaluate.passk import score_run
 
     problems, limits, workers = scoring
     scored = score_run(result.out_dir, problems, limits, workers=workers, progress=progress)

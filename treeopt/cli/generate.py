@@ -7,9 +7,35 @@ import json
 import sys
 import time
 
-from treeopt.cli import (DEFAULT_DRAFT, DEFAULT_TARGET, TARGET_HELP, THREADS_HELP, UserError,
-                         add_draft_variant_arguments, add_sampling_arguments,
-                         draft_spec_with_variant, set_threads)
+from treeopt.api import encode_prompt, generate, load_pair
+from treeopt.cli import UserError
+from treeopt.cli.args import (
+    DEFAULT_DRAFT,
+    DEFAULT_TARGET,
+    TARGET_HELP,
+    THREADS_HELP,
+    add_draft_variant_arguments,
+    add_sampling_arguments,
+    draft_spec_with_variant,
+    sampling_from_args,
+    set_threads,
+)
+from treeopt.decode.sampling import check_settings
+from treeopt.models.cache import cache_dir
+from treeopt.models.loading import pending_conversion
+from treeopt.shapes import resolve_tree
+from treeopt.treeset import TreeSet
+
+
+#: Every built-in drafter spec, for the --draft help of generate and chat (the registry in
+#: treeopt.decode.drafter is not imported at start-up; a test keeps the two in step).
+DRAFTER_SPECS = ("a draft model spec ([model:]SPEC[,quant=int8][,vocab=N]), 'early-exit:K' "
+                 "(the target's first K layers), 'ngram[:min=,max=,k=,topk=,keep=]' (prompt "
+                 "lookup / n-gram tree), 'datastore:PATH', 'bigram:PATH', "
+                 "'dynamic:draft=SPEC,budget=N,depth=D,topk=K' (EAGLE-2-style dynamic tree), "
+                 "'dynamic-dp:...,profile=PATH', 'egag:draft=SPEC,...' (entropy-adaptive "
+                 "length), the cascades 'fallback:first=,then=', 'horizontal:model=,levels=,"
+                 "deep=' and 'vertical:draft=,helper=', or a plugin's name (TREEOPT_DRAFTERS)")
 
 
 def register(subparsers) -> None:
@@ -22,10 +48,8 @@ def register(subparsers) -> None:
     )
     p.add_argument("--target", default=DEFAULT_TARGET, help=TARGET_HELP)
     p.add_argument("--draft", default=DEFAULT_DRAFT,
-                   help="drafter: a draft model spec, 'early-exit:K' (the target's first K "
-                        "layers), 'ngram[:min=,max=,k=,topk=,keep=]' (prompt lookup / n-gram "
-                        "tree), 'datastore:PATH', 'bigram:PATH', or 'none' for plain "
-                        f"autoregressive decoding (default: {DEFAULT_DRAFT})")
+                   help=f"drafter: {DRAFTER_SPECS}; or 'none' for plain autoregressive "
+                        f"decoding (default: {DEFAULT_DRAFT})")
     add_draft_variant_arguments(p)
     p.add_argument("--growmap", "--tree", dest="growmap", default=None,
                    help="tree: a growmap file (.pt/.json), a tree set (.json: one tree per "
@@ -97,14 +121,7 @@ def format_stats(stats, load_s: float) -> list[str]:
 
 def run(args) -> int:
     import torch
-
-    from treeopt.decode.api import encode_prompt, generate, resolve_tree
-    from treeopt.treeset import TreeSet
     from transformers.utils import logging as hf_logging
-
-    from treeopt.decode.models import cache_dir, load_pair, pending_conversion
-
-    from treeopt.decode.sampling import check_settings
 
     check_settings(args.temperature, args.top_k, args.top_p, args.rule)
     if args.max_new_tokens < 1:
@@ -140,9 +157,8 @@ def run(args) -> int:
         torch.manual_seed(args.seed)
     _, stats = generate(prompt, pair=pair, tree=tree if pair.drafter is not None else None,
                         chat_template=not args.no_chat_template,
-                        max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        top_k=args.top_k, top_p=args.top_p, rule=args.rule, seed=args.seed,
-                        on_text=on_text)
+                        max_new_tokens=args.max_new_tokens,
+                        sampling=sampling_from_args(args, seed=args.seed), on_text=on_text)
     sys.stdout.write("\n")
     sys.stdout.flush()
     if args.stats_json:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from treeopt.evaluate.passk import Limits, format_pass, score_run
+from treeopt.evaluate.report import write_report
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -21,7 +24,7 @@ def register(subparsers) -> None:
     p.add_argument("--pass-at-1", action="store_true",
                    help="first score the run's outputs for pass@1 (as treeopt eval "
                         "--pass-at-1: each output's code against its problem's tests in a "
-                        "best-effort sandbox), without generating again; programs already "
+                        "sandbox), without generating again; programs already "
                         "scored are not run again; rewrites the run's results files")
     p.add_argument("--problems", default=None, metavar="SPEC",
                    help="problems with tests for --pass-at-1: humaneval or a JSONL file with "
@@ -30,17 +33,17 @@ def register(subparsers) -> None:
                    help="wall-clock seconds per program (default %(default)s)")
     p.add_argument("--pass-workers", type=int, choices=[1, 2], default=1,
                    help="programs run at once (default %(default)s)")
+    p.add_argument("--pass-allow-unisolated", action="store_true",
+                   help="score even where the sandbox can only set rlimits (the program "
+                        "would run as your user with your file system writable)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from treeopt.evaluate.report import write_report
-
     if args.pass_at_1:
-        from treeopt.evaluate.passk import Limits, format_pass, score_run
-
-        scored = score_run(args.results, args.problems, Limits(timeout_s=args.pass_timeout),
-                           workers=args.pass_workers)
+        limits = Limits(timeout_s=args.pass_timeout,
+                        allow_unisolated=args.pass_allow_unisolated)
+        scored = score_run(args.results, args.problems, limits, workers=args.pass_workers)
         print(format_pass(scored))
     page = write_report(args.results, args.out, profile=args.profile, trees=not args.no_trees)
     print(page)

@@ -22,6 +22,10 @@ import re
 from pathlib import Path
 
 from treeopt.cli import UserError
+from treeopt.growmap import check_writable, load_growmap, save_growmap
+from treeopt.limits import MAX_TREE_NODES
+from treeopt.search.api import load_profile, rank_table
+from treeopt.shapes import PRESETS, SPEC_HELP, from_name, is_file_spec
 
 DEFAULT_DIR = "growmaps"
 
@@ -29,7 +33,8 @@ DEFAULT_DIR = "growmaps"
 def register(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "shapes", help="write named/baseline shapes as growmaps (Sequoia .pt or .json)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=__doc__.replace("MAX_TREE_NODES", str(MAX_TREE_NODES)),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", metavar="NAME", help="shape specs or preset names")
     parser.add_argument("--out", metavar="PATH",
                         help="output file for a single NAME (.pt or .json); default "
@@ -60,10 +65,6 @@ def file_stem(spec: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from treeopt.growmap import check_writable, load_growmap, save_growmap
-    from treeopt.pipeline import load_profile, rank_table
-    from treeopt.shapes import PRESETS, SPEC_HELP, from_name, is_file_spec
-
     if args.list:
         print(f"specs: {SPEC_HELP}")
         for name, preset in sorted(PRESETS.items()):

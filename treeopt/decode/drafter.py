@@ -14,7 +14,7 @@ Drafters are chosen by spec strings (``"ngram"``, ``"ngram:min=1,max=4,k=8"``,
 ``"datastore:PATH"``, ``"early-exit:4"``, a model id or folder, ...): a module that defines a
 drafter registers a factory under its name with :func:`register_drafter`, and
 :func:`build_drafter` turns a spec into a drafter. Anything that is not a registered name is a
-model spec, drafted by :class:`~treeopt.decode.model_drafter.ModelDrafter`.
+model spec, drafted by :class:`~treeopt.drafters.model.ModelDrafter`.
 
 Writing a drafter (see the README for a complete example)::
 
@@ -35,14 +35,19 @@ from __future__ import annotations
 
 import copy
 import importlib
+import importlib.util
 import os
+import sys
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
 from treeopt.decode.sampling import Sampling
-from treeopt.errors import TreeoptError
+from treeopt.errors import TreeoptError, one_line
+from treeopt.limits import quote
 from treeopt.tree import Tree
 
 ROOT_ONLY = Tree((-1,))
@@ -50,11 +55,12 @@ ROOT_ONLY = Tree((-1,))
 # the CPU this was measured on, verifying 4 tokens with packed oneDNN weights costs about 1.15x
 # one token; over Spec-Bench it was never slower than plain decoding (README, drafters table).
 DEFAULT_CANDIDATE_SHAPE = Tree((-1, 0, 1, 2))
-# Modules that register drafters; imported on the first look-up so that the registry is
-# complete without importing every drafter at start-up.
-DRAFTER_MODULES = ("treeopt.decode.model_drafter", "treeopt.decode.ngram",
-                   "treeopt.decode.datastore", "treeopt.decode.dynamic", "treeopt.decode.egag",
-                   "treeopt.decode.cascade")
+# Longest drafter spec, in characters: a file path (up to 4096 bytes on Linux) and a few
+# levels of nested specs fit; a longer spec is refused before it is parsed.
+MAX_SPEC_CHARS = 8192
+# Deepest nesting of specs (parentheses, or a drafter built inside a drafter): cascades
+# need two or three levels.
+MAX_SPEC_DEPTH = 8
 
 
 class DrafterError(TreeoptError, ValueError):
@@ -76,8 +82,9 @@ class Proposal:
              None with ``q``.
     forwards: draft-model forwards spent on this proposal (0 for model-free drafters).
     fixed_shape: True when ``tree`` comes from a small fixed set of shapes (a growmap and its
-             truncations), so its verification buffers are worth caching; per-step trees are
-             built fresh (vectorised) and not cached.
+             truncations), so its verification buffers are worth caching. The default,
+             False, builds them fresh (vectorised) each step: always correct, and safe for a
+             drafter that makes a new tree every step and forgets to say so.
     """
 
     tree: Tree
@@ -85,7 +92,7 @@ class Proposal:
     q: Sequence[torch.Tensor] | None = None
     q_row: Sequence[int] | None = None
     forwards: int = 0
-    fixed_shape: bool = True
+    fixed_shape: bool = False
 
     def q_at(self, node: int) -> torch.Tensor | None:
         """(V,) draft distribution the children of ``node`` were drawn from, or None (no
@@ -103,7 +110,7 @@ class Proposal:
 def root_only(committed: Sequence[int], device: torch.device | str = "cpu") -> Proposal:
     """The empty proposal: the root alone (the step is plain decoding)."""
     return Proposal(ROOT_ONLY, torch.tensor([int(committed[-1])], dtype=torch.int64,
-                                            device=device))
+                                            device=device), fixed_shape=True)
 
 
 def proposal_from_paths(committed: Sequence[int], children: Callable[[tuple[int, ...]],
@@ -195,24 +202,34 @@ Factory = Callable[..., Drafter]
 
 @dataclass
 class DrafterEntry:
+    """A registered drafter: its spec ``name``, a one-line ``description`` for help texts,
+    its ``factory``, whether its options are a file path, and the ``spec_form`` messages
+    show (default ``name``, or ``name:PATH`` when it takes a path)."""
+
     name: str
-    help: str
+    description: str
     factory: Factory
     takes_path: bool = False
+    spec_form: str = ""
+
+    def form(self) -> str:
+        return self.spec_form or (f"{self.name}:PATH" if self.takes_path else self.name)
 
 
 _REGISTRY: dict[str, DrafterEntry] = {}
 _loaded = False
 
 
-def register_drafter(name: str, help: str, *, takes_path: bool = False):
+def register_drafter(name: str, description: str, *, takes_path: bool = False,
+                     spec_form: str = ""):
     """Decorator registering ``factory(options, *, target, tokenizer, tree) -> Drafter``
     under ``name``. ``options`` is the text after ``name:`` in the spec ("" when none);
     ``takes_path``: the options are a file path (``datastore:PATH``) rather than
-    ``key=value`` pairs."""
+    ``key=value`` pairs; ``spec_form``: how messages show the spec (e.g. ``early-exit:K``)."""
 
     def deco(factory: Factory) -> Factory:
-        _REGISTRY[name.lower()] = DrafterEntry(name.lower(), help, factory, takes_path)
+        _REGISTRY[name.lower()] = DrafterEntry(name.lower(), description, factory, takes_path,
+                                               spec_form)
         return factory
 
     return deco
@@ -220,30 +237,137 @@ def register_drafter(name: str, help: str, *, takes_path: bool = False):
 
 def registered() -> dict[str, DrafterEntry]:
     """Every registered drafter by name. On first use this imports treeopt's drafter modules,
-    then third-party ones: the modules named in ``$TREEOPT_DRAFTERS`` (comma-separated) and
-    the entry points of the group ``treeopt.drafters`` (a module importing registers)."""
+    then third-party ones: the modules named in ``$TREEOPT_DRAFTERS`` (comma-separated module
+    names, found on ``sys.path`` or as ``NAME.py`` in the working folder, or ``.py`` file
+    paths) and the entry points of the group ``treeopt.drafters`` (a module importing
+    registers)."""
     global _loaded
     if not _loaded:
         _loaded = True
-        for module in DRAFTER_MODULES:
-            importlib.import_module(module)
+        # treeopt's own drafters (importing the package registers every one). The interface
+        # never imports an implementation: the registry loads them on the first look-up as
+        # it loads third-party drafter modules (the one deliberate upward import here).
+        importlib.import_module("treeopt.drafters")
         for module in filter(None, (m.strip() for m in
                                     os.environ.get("TREEOPT_DRAFTERS", "").split(","))):
-            try:
-                importlib.import_module(module)
-            except ImportError as exc:
-                raise DrafterError(f"TREEOPT_DRAFTERS names {module!r}, which cannot be "
-                                   f"imported ({exc}); fix the name or PYTHONPATH") from None
-        from importlib.metadata import entry_points
+            _load_plugin(f"{quote(module)} (TREEOPT_DRAFTERS)",
+                         lambda module=module: _import_plugin(module))
+        try:
+            from importlib.metadata import entry_points
 
-        for ep in entry_points(group="treeopt.drafters"):
-            ep.load()
+            points = list(entry_points(group="treeopt.drafters"))
+        except Exception as exc:  # noqa: BLE001 - broken installed metadata
+            points = []
+            _disable("entry points of treeopt.drafters", f"{type(exc).__name__}: "
+                     f"{one_line(exc, 160)}")
+        for ep in points:
+            _load_plugin(f"{quote(ep.name)} (entry point {quote(ep.value)})", ep.load)
     return dict(_REGISTRY)
+
+
+def _import_plugin(name: str) -> None:
+    """Import one ``$TREEOPT_DRAFTERS`` entry: a file path (``mydrafters.py``,
+    ``plugins/x.py``), a module on ``sys.path``, or else a module file in the working folder
+    (``mydrafters`` for ``./mydrafters.py``: the ``treeopt`` script does not put the working
+    folder on ``sys.path`` as ``python -m`` does)."""
+    path = Path(name).expanduser()
+    if name.endswith(".py") or os.sep in name or "/" in name:
+        if not path.is_file():
+            raise ImportError(f"no such file {name!r}")
+        _import_file(path.stem, path)
+        return
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        local = Path.cwd() / f"{name}.py"
+        if exc.name != name or not name.isidentifier() or not local.is_file():
+            raise
+        _import_file(name, local)
+
+
+def _import_file(name: str, path: Path) -> None:
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{str(path)!r} is not a Python module file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+#: Seconds a third-party drafter module may take to load (``$TREEOPT_PLUGIN_TIMEOUT_S``).
+PLUGIN_TIMEOUT_S = 30.0
+#: Plugins that failed to load and were disabled: what names them -> why, one line.
+FAILED_PLUGINS: dict[str, str] = {}
+
+
+def _plugin_timeout() -> float:
+    try:
+        return max(0.01, float(os.environ.get("TREEOPT_PLUGIN_TIMEOUT_S", PLUGIN_TIMEOUT_S)))
+    except ValueError:
+        return PLUGIN_TIMEOUT_S
+
+
+def _load_plugin(label: str, load: Callable[[], Any]) -> None:
+    """Run ``load`` (a plugin's import) guarded: any exception, or not returning within
+    :func:`_plugin_timeout` seconds, disables the plugin (whatever it registered is taken
+    back) with one warning line; treeopt's own drafters keep working. A plugin that never
+    returns is left running in a daemon thread (Python cannot stop an import)."""
+    before = dict(_REGISTRY)
+    outcome: dict[str, BaseException] = {}
+
+    def run() -> None:
+        try:
+            load()
+        except BaseException as exc:  # noqa: BLE001 - SystemExit too: a plugin must not exit
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name="treeopt-drafter-plugin", daemon=True)
+    thread.start()
+    timeout = _plugin_timeout()
+    thread.join(timeout)
+    if thread.is_alive():
+        reason = f"did not finish loading within {timeout:g} s (TREEOPT_PLUGIN_TIMEOUT_S)"
+    elif "error" in outcome:
+        exc = outcome["error"]
+        reason = f"{type(exc).__name__}: {one_line(exc, 160)}"
+    else:
+        return
+    _REGISTRY.clear()
+    _REGISTRY.update(before)
+    _disable(label, reason)
+
+
+def _disable(label: str, reason: str) -> None:
+    FAILED_PLUGINS[label] = reason
+    print(f"treeopt: warning: drafter plugin {label} disabled: {reason}", file=sys.stderr)
+
+
+def check_spec(text: str, drafter: str = "") -> str:
+    """``text`` if it is at most :data:`MAX_SPEC_CHARS` long and its parentheses nest at
+    most :data:`MAX_SPEC_DEPTH` deep (one linear pass), else a one-line DrafterError naming
+    the limit."""
+    where = f"drafter {quote(drafter)}: " if drafter else ""
+    if len(text) > MAX_SPEC_CHARS:
+        raise DrafterError(f"{where}spec of {len(text)} characters, more than the limit "
+                           f"{MAX_SPEC_CHARS} (MAX_SPEC_CHARS): {quote(text)}")
+    depth = deepest = 0
+    for ch in text:
+        if ch == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch == ")":
+            depth -= 1
+    if deepest > MAX_SPEC_DEPTH:
+        raise DrafterError(f"{where}spec nested {deepest} levels deep, more than the limit "
+                           f"{MAX_SPEC_DEPTH} (MAX_SPEC_DEPTH): {quote(text)}")
+    return text
 
 
 def split_spec(spec: str) -> tuple[DrafterEntry | None, str]:
     """(registered entry, option text) for a spec, or (None, spec) for a model spec."""
-    text = str(spec).strip()
+    text = check_spec(str(spec).strip())
     name, _, options = text.partition(":")
     entry = registered().get(name.strip().lower())
     if entry is None:
@@ -254,8 +378,9 @@ def split_spec(spec: str) -> tuple[DrafterEntry | None, str]:
 def split_options(text: str, drafter: str) -> list[str]:
     """``"a=1,b=(x:y=2,z=3)"`` -> ["a=1", "b=(x:y=2,z=3)"]: the comma-separated parts of an
     option text, where commas inside parentheses do not split (a nested drafter spec with
-    options of its own is wrapped in parentheses). Unbalanced parentheses raise
-    DrafterError."""
+    options of its own is wrapped in parentheses). Unbalanced parentheses, or text past the
+    spec limits (:func:`check_spec`), raise DrafterError."""
+    check_spec(text, drafter)
     parts: list[str] = []
     depth, start = 0, 0
     for i, ch in enumerate(text):
@@ -264,22 +389,23 @@ def split_options(text: str, drafter: str) -> list[str]:
         elif ch == ")":
             depth -= 1
             if depth < 0:
-                raise DrafterError(f"drafter {drafter!r}: unbalanced ')' at character {i + 1} "
-                                   f"of {text!r}; wrap a nested spec as key=(SPEC)")
+                raise DrafterError(f"drafter {quote(drafter)}: unbalanced ')' at character "
+                                   f"{i + 1} of {quote(text)}; wrap a nested spec as key=(SPEC)")
         elif ch == "," and depth == 0:
             parts.append(text[start:i])
             start = i + 1
     if depth:
-        raise DrafterError(f"drafter {drafter!r}: {depth} unclosed '(' in {text!r}; wrap a "
-                           "nested spec as key=(SPEC)")
+        raise DrafterError(f"drafter {quote(drafter)}: {depth} unclosed '(' in {quote(text)}; "
+                           "wrap a nested spec as key=(SPEC)")
     parts.append(text[start:])
     return [x.strip() for x in parts if x.strip()]
 
 
 def unwrap(value: str) -> str:
     """``"(SPEC)"`` -> ``"SPEC"`` when the outer parentheses enclose the whole value (repeated
-    for ``((SPEC))``); anything else is returned stripped, unchanged."""
-    value = value.strip()
+    for ``((SPEC))``); anything else is returned stripped, unchanged. Linear: the nesting is
+    checked against :data:`MAX_SPEC_DEPTH` first, so at most that many passes are made."""
+    value = check_spec(value.strip())
     while value.startswith("(") and value.endswith(")"):
         depth = 0
         for i, ch in enumerate(value):
@@ -305,7 +431,8 @@ def parse_options(text: str, allowed: dict[str, type], drafter: str) -> dict[str
         key = key.strip().lower()
         if not eq or key not in allowed:
             names = ", ".join(f"{k}=" for k in allowed) or "none"
-            raise DrafterError(f"drafter {drafter!r}: bad option {part!r}; options: {names}")
+            raise DrafterError(f"drafter {quote(drafter)}: bad option {quote(part)}; "
+                               f"options: {names}")
         kind = allowed[key]
         value = unwrap(value)
         try:
@@ -316,8 +443,8 @@ def parse_options(text: str, allowed: dict[str, type], drafter: str) -> dict[str
             else:
                 out[key] = kind(value)
         except ValueError:
-            raise DrafterError(f"drafter {drafter!r}: option {key}={value!r} must be of type "
-                               f"{kind.__name__}") from None
+            raise DrafterError(f"drafter {quote(drafter)}: option {key}={quote(value)} must be "
+                               f"of type {kind.__name__}") from None
     return out
 
 
@@ -335,24 +462,35 @@ def build_drafter(spec: str | Drafter | None, *, target, tokenizer=None,
     if entry is None:
         name, colon, _ = text.partition(":")
         if colon and name.isidentifier() and not os.path.exists(text):
-            raise DrafterError(f"unknown drafter {name!r} in {text!r}; drafters: "
+            raise DrafterError(f"unknown drafter {quote(name)} in {quote(text)}; drafters: "
                                f"{known_names()}, or a model spec")
         entry, options = registered()["model"], text
-    return entry.factory(options, target=target, tokenizer=tokenizer, tree=tree)
+    depth = getattr(_building, "depth", 0)
+    if depth >= MAX_SPEC_DEPTH:
+        raise DrafterError(f"drafter specs nested more than {MAX_SPEC_DEPTH} levels deep "
+                           f"(MAX_SPEC_DEPTH) at {quote(text)}; a cascade needs two or three")
+    _building.depth = depth + 1
+    try:
+        return entry.factory(options, target=target, tokenizer=tokenizer, tree=tree)
+    finally:
+        _building.depth = depth
+
+
+# How deep build_drafter is in building drafters inside drafters, per thread.
+_building = threading.local()
 
 
 def known_names() -> str:
     """The registered drafter spec forms, for error messages."""
-    return ", ".join(f"{e.name}:PATH" if e.takes_path else
-                     ("early-exit:K" if e.name == "early-exit" else e.name)
-                     for e in registered().values() if e.name != "model")
+    return ", ".join(e.form() for e in registered().values() if e.name != "model")
 
 
 def describe_drafters() -> str:
     """One line per registered drafter, for help texts."""
-    return "; ".join(f"{e.name}: {e.help}" for e in registered().values() if e.name != "model")
+    return "; ".join(f"{e.name}: {e.description}" for e in registered().values()
+                     if e.name != "model")
 
 
 __all__ = ["Drafter", "DrafterError", "Proposal", "ROOT_ONLY", "build_drafter",
-           "describe_drafters", "parse_options", "proposal_from_paths", "register_drafter",
+           "check_spec", "describe_drafters", "parse_options", "proposal_from_paths", "register_drafter",
            "registered", "root_only", "split_options", "split_spec", "unwrap"]

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from treeopt.evaluate.errors import EvalError
+from treeopt.limits import MAX_RESULTS_BYTES, quote, read_text
+from treeopt.limits import atomic_write as _atomic
 
 LOCK_FILE = ".lock"
 
@@ -102,7 +104,6 @@ def locked(out: Path) -> Iterator[None]:
 def atomic_write(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` (UTF-8) atomically: temporary file, fsync, rename
     (``treeopt.limits.atomic_write``)."""
-    from treeopt.limits import atomic_write as _atomic
 
     data = text.encode("utf-8")
     _atomic(path, lambda fh: fh.write(data))
@@ -128,7 +129,9 @@ def read_rows(path: Path) -> list[dict]:
     if not Path(path).exists():
         return []
     rows: dict[tuple, dict] = {}
-    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+    data = read_text(path, lambda msg: EvalError(f"{path}: {msg}"), max_bytes=MAX_RESULTS_BYTES,
+                     errors="replace")
+    for line in data.splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
@@ -145,8 +148,7 @@ SETTING_WORDS = {"target": "target model", "draft": "default drafter (--draft)",
 
 
 def _short(v: Any, limit: int = 60) -> str:
-    text = repr(v)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return quote(v, limit)
 
 
 def resume_difference(old: dict, new: dict) -> str | None:

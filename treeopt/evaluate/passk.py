@@ -1,4 +1,4 @@
-"""pass@1 of generated code on HumanEval-style problems, run in a best-effort sandbox.
+"""pass@1 of generated code on HumanEval-style problems, run in a sandbox.
 
 A *problem* (:class:`Problem`) is a HumanEval record: ``task_id``, ``prompt`` (imports, any
 helper functions and the signature and docstring of the function to write), ``test`` (a
@@ -36,35 +36,16 @@ followed by ``test``, ``check(f)`` and a line printing a random marker: a sample
 only when the program exits with status 0 **and** prints the marker, so code that exits early
 (``sys.exit(0)``, ``os._exit(0)``) does not pass.
 
-The sandbox (:func:`run_program`) — best effort, **not a security boundary**:
-
-- a fresh temporary folder per program, deleted afterwards: the program's working folder,
-  ``HOME`` and ``TMPDIR``; ``sys.executable -I`` (isolated mode: no ``PYTHON*`` variables,
-  no user site-packages) with an environment of only ``PATH``, ``HOME``, ``TMPDIR``, ``LANG``
-  (no proxy or credential variables reach it);
-- a new session (process group) and a wall-clock timeout (default 10 s), after which the
-  whole group is killed; the group is also killed when the program ends, so children it left
-  are not kept;
-- resource limits, set by a small launcher that then ``exec``s the program (rather than in a
-  ``preexec_fn``, which is not safe in a process with threads, as torch's), where the
-  platform has them: address space
-  (``RLIMIT_AS``, default 1 GiB), CPU time (the timeout + 1 s), size of any file written
-  (``RLIMIT_FSIZE``, 16 MiB; stdout and stderr go to files, so this caps them too), no core
-  dumps, processes (``RLIMIT_NPROC``: counted per user, so it stops a fork bomb only for
-  an unprivileged user; root ignores it);
-- the network: on Linux the program gets its own empty network namespace when the kernel
-  allows it (``unshare``; as root, or through an unprivileged user namespace); each result
-  says whether it did (``network_isolated``). Otherwise the network is reachable;
-- a guard as the HumanEval harness's ``reliability_guard``: ``os.kill``, ``os.system``,
-  ``os.fork``, ``os.remove``/``unlink``/``rmdir``/``rename``/``chmod``..., ``shutil.rmtree``,
-  ``subprocess.Popen`` and a few more are replaced by ``None`` before the answer's code runs,
-  to stop accidents, not attacks (``ctypes`` gets around it).
-
-Not isolated: the file system (the program can read and write whatever the user running
-treeopt can; only its working folder is private and temporary), other processes of the same
-user (signals through ``ctypes``), a child that leaves the process group (``setsid``), and
-the machine's CPU and memory beyond the per-process limits. Run untrusted code from models
-you do not trust inside a container or a virtual machine.
+The sandbox (:func:`run_program`, built in ``treeopt.evaluate.sandbox``): a fresh temporary
+folder per program, as another user (``nobody``), in its own PID, mount and network
+namespaces, with the file system read-only outside that folder, an environment of only
+``PATH``, ``HOME``, ``TMPDIR`` and ``LANG``, rlimits and a wall-clock timeout, each where
+the platform allows it; what was achieved is reported per program. Scoring refuses to run
+anything where only the rlimits hold, unless ``Limits.allow_unisolated``. On top, a guard
+as the HumanEval harness's ``reliability_guard``: ``os.kill``, ``os.system``, ``os.fork``,
+``os.remove``/``unlink``/``rmdir``/``rename``/``chmod``..., ``shutil.rmtree``,
+``subprocess.Popen`` and a few more are replaced by ``None`` before the answer's code runs,
+to stop accidents, not attacks (``ctypes`` gets around it).
 
 Scoring a run (:func:`score_run`): every row of a ``treeopt eval`` results folder that has
 its answer text (``output_text``) and whose prompt id is a problem is scored; identical
@@ -89,18 +70,22 @@ import math
 import os
 import re
 import secrets
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from treeopt.evaluate.errors import EvalError
+from treeopt import datasets
+from treeopt.datasets import DatasetError, _read_lines
+from treeopt.evaluate.outdir import locked
+from treeopt.evaluate.results import RESULTS_JSON, load_results, summarise, write_results
+from treeopt.evaluate.sandbox import (SANDBOX_PREFIX, ExecResult, Isolation, Limits,
+                                      SandboxError, execute, require_isolation)
+from treeopt.limits import MAX_RESULTS_BYTES, read_text
+
+__all__ = ["ExecResult", "Isolation", "Limits", "SANDBOX_PREFIX", "run_program"]
 
 STATUSES = ("passed", "failed", "timeout", "error")
 CACHE_FILE = "pass_at_1.jsonl"
@@ -108,10 +93,9 @@ MAX_WORKERS = 2
 PYTHON_TAGS = ("", "python", "py", "python3", "py3")
 # The marker line a program prints after its tests pass: ``<MARKER_PREFIX> <random hex>``.
 MARKER_PREFIX = "treeopt-passk-done"
-SANDBOX_PREFIX = "treeopt-sandbox"
 
 
-class PassKError(EvalError):
+class PassKError(SandboxError):
     """Problems or results that cannot be scored; the message is one line."""
 
 
@@ -132,8 +116,6 @@ def load_problems(spec: str | os.PathLike = "humaneval") -> dict[str, Problem]:
     ``prompt``, ``test`` and ``entry_point``. One-line ``PassKError`` otherwise."""
     from importlib import resources
 
-    from treeopt.evaluate import datasets
-
     spec_s = str(spec)
     if spec_s == "humaneval":
         res = resources.files("treeopt").joinpath("data", "humaneval", "HumanEval.jsonl.gz")
@@ -150,8 +132,6 @@ def load_problems(spec: str | os.PathLike = "humaneval") -> dict[str, Problem]:
 
 
 def _problems_from(path: Path) -> dict[str, Problem]:
-    from treeopt.evaluate.datasets import DatasetError, _read_lines
-
     try:
         lines = _read_lines(path)
     except DatasetError as exc:
@@ -319,122 +299,17 @@ del _treeopt_guard
 
 
 # ---------------------------------------------------------------------------- the sandbox
-@dataclass(frozen=True)
-class Limits:
-    """What a program may use. timeout_s: wall clock (the process group is killed after
-    it); memory_mb: address space; cpu_s: CPU seconds (None: the timeout + 1); file_mb:
-    largest file written (stdout and stderr too); nproc: processes of the user
-    (``RLIMIT_NPROC``; root is exempt); output_chars: how much of stdout/stderr a result
-    keeps; isolate_network: try an empty network namespace (Linux)."""
-
-    timeout_s: float = 10.0
-    memory_mb: int = 1024
-    cpu_s: int | None = None
-    file_mb: int = 16
-    nproc: int = 64
-    output_chars: int = 2000
-    isolate_network: bool = True
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.timeout_s, (int, float)) and 0 < self.timeout_s <= 3600):
-            raise PassKError(f"the pass@1 timeout must be in (0, 3600] seconds, got "
-                             f"{self.timeout_s!r}")
-        for name in ("memory_mb", "file_mb", "nproc", "output_chars"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise PassKError(f"pass@1 limit {name} must be a positive integer, got {v!r}")
-        if self.memory_mb < 64:
-            raise PassKError(f"pass@1 memory limit {self.memory_mb} MiB is too small for "
-                             "Python to start; give at least 64")
-
-    def rlimits(self) -> list[tuple[str, int]]:
-        cpu = self.cpu_s if self.cpu_s is not None else int(math.ceil(self.timeout_s)) + 1
-        return [("RLIMIT_AS", self.memory_mb << 20), ("RLIMIT_CPU", cpu),
-                ("RLIMIT_FSIZE", self.file_mb << 20), ("RLIMIT_CORE", 0),
-                ("RLIMIT_NPROC", self.nproc)]
-
-    def key(self) -> str:
-        """The limits that can change an outcome, as text for the results cache."""
-        return f"t{self.timeout_s:g}/m{self.memory_mb}/c{self.cpu_s}/f{self.file_mb}"
-
-
-@dataclass(frozen=True)
-class ExecResult:
-    """The outcome of one program. status: "passed" (exit 0 after every test ran),
-    "failed" (an assertion of the tests failed), "timeout" (killed at the wall-clock
-    limit) or "error" (anything else: an exception, a crash, a limit, an early exit);
-    reason: a short line saying why (empty when passed); returncode: the exit status
-    (negative: killed by that signal; None on timeout); stdout, stderr: their first
-    ``output_chars`` characters; network_isolated: the program had no network."""
-
-    status: str
-    reason: str
-    seconds: float
-    returncode: int | None = None
-    stdout: str = ""
-    stderr: str = ""
-    network_isolated: bool = False
-
-    @property
-    def passed(self) -> bool:
-        return self.status == "passed"
-
-
-LAUNCHER = r'''
-import json, os, resource, sys
-cfg = json.loads(sys.argv[1])
-net = False
-if cfg["net"] and sys.platform.startswith("linux"):
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        net = libc.unshare(0x40000000) == 0 or libc.unshare(0x50000000) == 0
-    except Exception:
-        net = False
-for name, value in cfg["rlimits"]:
-    which = getattr(resource, name, None)
-    if which is None:
-        continue
-    try:
-        hard = resource.getrlimit(which)[1]
-        soft = value if hard == resource.RLIM_INFINITY else min(value, hard)
-        top = soft + 1 if name == "RLIMIT_CPU" else soft
-        resource.setrlimit(which, (soft, top if hard == resource.RLIM_INFINITY
-                                   else min(top, hard)))
-    except (ValueError, OSError):
-        pass
-os.write(2, ("%s network=%d\n" % (cfg["prefix"], net)).encode())
-os.execve(sys.executable, [sys.executable, "-I", sys.argv[2]], dict(os.environ))
-'''
-
-
-def _env(home: str) -> dict[str, str]:
-    return {"PATH": os.defpath, "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8"}
-
-
-def _kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError, OSError):
-        pass
-
-
-def _read_head(path: Path, chars: int) -> str:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(chars * 4).decode("utf-8", errors="replace")[:chars]
-    except OSError:
-        return ""
-
-
-def _read_tail(path: Path, size: int = 4096) -> str:
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - size))
-            return fh.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
+def run_program(program: str, limits: Limits = Limits(), marker: str | None = None
+                ) -> ExecResult:
+    """Run ``program`` (Python source) in the sandbox (``treeopt.evaluate.sandbox``) and
+    classify the outcome. ``marker``: the line the program prints when its tests finish;
+    exit status 0 without it is an "error" (exited early). Without a marker, exit status 0
+    passes."""
+    raw = execute(program, limits)
+    finished = marker is None or marker in raw.stdout_tail
+    status, reason = _classify(raw.returncode, raw.stderr_tail, finished, limits)
+    return ExecResult(status, reason, raw.seconds, raw.returncode, raw.stdout, raw.stderr,
+                      raw.isolation)
 
 
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning)\b")
@@ -458,51 +333,6 @@ def _signal_reason(sig: int) -> str:
         return f"killed by {signal.Signals(sig).name}"
     except ValueError:
         return f"killed by signal {sig}"
-
-
-def run_program(program: str, limits: Limits = Limits(), marker: str | None = None
-                ) -> ExecResult:
-    """Run ``program`` (Python source) in the sandbox (see the module docstring) and
-    classify the outcome. ``marker``: the line the program prints when its tests finish;
-    exit status 0 without it is an "error" (exited early). Without a marker, exit status 0
-    passes."""
-    base = Path(tempfile.mkdtemp(prefix="treeopt-passk-"))
-    try:
-        work = base / "work"
-        work.mkdir()
-        prog = base / "program.py"
-        prog.write_text(program, encoding="utf-8")
-        out_path, err_path = base / "stdout", base / "stderr"
-        cfg = {"net": limits.isolate_network, "rlimits": limits.rlimits(),
-               "prefix": SANDBOX_PREFIX}
-        cmd = [sys.executable, "-I", "-c", LAUNCHER, json.dumps(cfg), str(prog)]
-        t0 = time.perf_counter()
-        with open(out_path, "wb") as out, open(err_path, "wb") as err:
-            proc = subprocess.Popen(cmd, cwd=work, env=_env(str(work)), stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=err, start_new_session=True,
-                                    close_fds=True)
-            try:
-                rc: int | None = proc.wait(timeout=limits.timeout_s)
-            except subprocess.TimeoutExpired:
-                rc = None
-            finally:
-                _kill_group(proc.pid)
-                proc.wait()
-        seconds = time.perf_counter() - t0
-        stdout = _read_head(out_path, limits.output_chars)
-        stderr = _read_head(err_path, limits.output_chars + 200)
-        net = False
-        if stderr.startswith(SANDBOX_PREFIX):
-            head, _, stderr = stderr.partition("\n")
-            net = head.endswith("network=1")
-        stderr = stderr[:limits.output_chars]
-        finished = marker is None or marker in _read_tail(out_path)
-        tail = "\n".join(ln for ln in _read_tail(err_path).splitlines()
-                         if not ln.startswith(SANDBOX_PREFIX))
-        status, reason = _classify(rc, tail, finished, limits)
-        return ExecResult(status, reason, round(seconds, 4), rc, stdout, stderr, net)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def _classify(rc: int | None, stderr: str, finished: bool, limits: Limits) -> tuple[str, str]:
@@ -562,7 +392,9 @@ class ResultCache:
         self.path = None if path is None else Path(path)
         self.results: dict[str, dict] = {}
         if self.path is not None and self.path.exists():
-            for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            text = read_text(self.path, lambda msg: PassKError(f"{self.path}: {msg}"),
+                             max_bytes=MAX_RESULTS_BYTES, errors="replace")
+            for line in text.splitlines():
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
@@ -600,6 +432,8 @@ def score_answers(samples: Sequence[tuple[Problem, str]], limits: Limits = Limit
     for key, (p, a) in zip(keys, samples):
         if not reusable(cache.get(key), limits) and key not in todo:
             todo[key] = (p, a)
+    if todo:
+        require_isolation(limits)  # refuses where only the rlimits would hold
 
     def one(item):
         key, (p, a) = item
@@ -607,7 +441,8 @@ def score_answers(samples: Sequence[tuple[Problem, str]], limits: Limits = Limit
         _, how = extract_code(a, p.entry_point)
         return key, {"task_id": p.task_id, "status": res.status, "reason": res.reason,
                      "seconds": res.seconds, "how": how,
-                     "network_isolated": res.network_isolated, "limits": limits.key()}
+                     "network_isolated": res.network_isolated,
+                     "isolation": res.isolation.describe(), "limits": limits.key()}
 
     bar = None
     if progress and todo:
@@ -645,7 +480,9 @@ class PassRun:
     pass_reason; summary: the run's summary with pass_at_1; per_method: method -> (passed,
     scored); disagreements: greedy prompts on which the methods' outcomes differ; ran:
     programs run now (the rest came from the results file); unscored: rows without an
-    answer text or a problem; network_isolated: every program ran without network."""
+    answer text or a problem; network_isolated: every program ran without network;
+    isolation: what the sandbox achieved, one line (several joined by "; " if programs
+    differed)."""
 
     rows: Any
     summary: Any
@@ -655,6 +492,7 @@ class PassRun:
     unscored: int
     network_isolated: bool
     out_dir: Path | None = None
+    isolation: str = ""
 
 
 def score_rows(rows: Any, problems: dict[str, Problem], limits: Limits = Limits(), *,
@@ -726,9 +564,6 @@ def score_run(results: str | Path, problems: dict[str, Problem] | str | None = N
     the dataset the run recorded. The folder is locked while it is scored."""
     import pandas as pd
 
-    from treeopt.evaluate.outdir import locked
-    from treeopt.evaluate.runner import RESULTS_JSON, load_results, summarise, write_results
-
     out = Path(results)
     if out.is_file() and out.name == RESULTS_JSON:
         out = out.parent
@@ -754,6 +589,7 @@ def score_run(results: str | Path, problems: dict[str, Problem] | str | None = N
         cache = ResultCache(out / CACHE_FILE)
         rows, ran, unscored, isolated = score_rows(rows, problems, limits, workers=workers,
                                                    cache=cache, progress=progress)
+        isolation = isolation_line(cache.results.values())
         methods = [m.get("name") for m in (doc.get("settings") or {}).get("methods", [])]
         methods = [m for m in methods if m in set(rows["method"])] or None
         summary = summarise(rows, methods=methods)
@@ -763,9 +599,18 @@ def score_run(results: str | Path, problems: dict[str, Problem] | str | None = N
         lines = disagreements(rows.to_dict("records")) if greedy else []
         meta["pass_at_1"] = {"limits": asdict(limits), "programs_run": ran,
                              "results_file": CACHE_FILE, "network_isolated": isolated,
+                             "isolation": isolation,
                              "greedy_disagreements": lines}
         write_results(out, rows, summary, meta)
-    return PassRun(rows, summary, per_method(rows), lines, ran, unscored, isolated, out)
+    return PassRun(rows, summary, per_method(rows), lines, ran, unscored, isolated, out,
+                   isolation)
+
+
+def isolation_line(records: Iterable[dict]) -> str:
+    """What the sandbox achieved for these results, one line: the distinct descriptions
+    joined by "; " ("not recorded" for results of an older treeopt)."""
+    seen = dict.fromkeys(str(r.get("isolation") or "not recorded") for r in records)
+    return "; ".join(seen) or "nothing run"
 
 
 def format_pass(result: PassRun) -> str:
@@ -774,6 +619,7 @@ def format_pass(result: PassRun) -> str:
         f"{m} {p}/{n} = {p / n:.1%}" for m, (p, n) in result.per_method.items() if n)]
     lines.append(f"  {result.ran} program(s) run now, the rest from {CACHE_FILE}; network "
                  f"{'isolated' if result.network_isolated else 'NOT isolated'}")
+    lines.append(f"  sandbox: {result.isolation}")
     if result.disagreements:
         lines.append(f"  WARNING: greedy lossless methods disagree on {len(result.disagreements)}"
                      " prompt(s) (their outputs must equal plain decoding's):")

@@ -29,9 +29,9 @@ from typing import Sequence
 
 import torch
 
-from treeopt.decode.drafter import Drafter
+from treeopt.decode.drafter import Drafter, Proposal
 from treeopt.decode.engine import commit, prefill, propose
-from treeopt.decode.sampling import (WITH_REPLACEMENT, Sampling, check_rule_shape)
+from treeopt.decode.sampling import WITH_REPLACEMENT, Sampling, check_rule_shape, draw_children
 from treeopt.decode.traversal import TREE_RULES, _Node, _residual
 from treeopt.decode.verify import accept, keep, verify_tree
 from treeopt.tree import Tree
@@ -227,9 +227,6 @@ def time_rules(tree: Tree, rules: Sequence[str], *, vocab: int, repeats: int = 4
     draft logits over ``vocab`` tokens at every node of ``tree``, children drawn from the draft
     (weakly related distributions: nearly every node is rejected, the rules' worst case).
     The minimum over ``repeats`` runs is the cost without a busy machine's preemptions."""
-    from treeopt.decode.drafter import Proposal
-    from treeopt.decode.sampling import draw_children
-
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(tree.size, vocab, generator=g) * 3
     sampling = Sampling(temperature)

@@ -42,7 +42,7 @@ from treeopt.limits import (
     MAX_PROFILE_WIDTH,
     atomic_write,
     check_tensor,
-    parse_json,
+    read_json,
     show_number,
 )
 
@@ -437,11 +437,7 @@ class Profile:
         try:
             if path.suffix.lower() in (".pt", ".pth"):
                 return _load_sequoia_vector(path)
-            try:
-                text = path.read_text()
-            except UnicodeDecodeError as exc:
-                raise ProfileError(f"not valid JSON ({str(exc).splitlines()[0]})") from None
-            return cls.from_dict(parse_json(text, ProfileError))
+            return cls.from_dict(read_json(path, ProfileError))
         except ProfileError as exc:
             raise ProfileError(f"{path}: {exc}") from None
 
@@ -496,8 +492,8 @@ def check_replaceable(path: str | Path) -> None:
     kind = "a file that is not a treeopt profile"
     if path.suffix.lower() == ".json":
         try:
-            doc = parse_json(path.read_text(), ProfileError)
-        except (ProfileError, OSError, UnicodeDecodeError):
+            doc = read_json(path, ProfileError)
+        except (ProfileError, OSError):
             doc = None
         if isinstance(doc, dict) and doc.get("format") == JSON_FORMAT:
             return
@@ -718,3 +714,99 @@ def _check_matches(p: list[float], counts: list[int], none_count: int, name: str
         if abs(a - b) > TOLERANCE:
             raise ProfileError(f"'{name}.p[{k}]' = {a} disagrees with its counts "
                                f"({counts[k]}/{sum(counts) + none_count} = {b:.6f})")
+
+
+def reliable_table(profile, min_samples: int = 50) -> list[list[float]]:
+    """``profile.table()`` without the deep rows measured on fewer than ``min_samples``
+    steps (rows past the end reuse the last kept one); the flat row when no depth row has
+    enough. A deep row seen a handful of times (often all "none") would otherwise forbid
+    the DP from going deeper on noise."""
+    if profile.depth_counts is None:
+        return profile.table()
+    rows = []
+    for d, row in enumerate(profile.by_depth):
+        if sum(profile.depth_counts[d]) + profile.depth_none[d] < min_samples:
+            break
+        rows.append(list(row))
+    return rows or profile.table(depth_aware=False)
+
+
+class LatencyError(TreeoptError, ValueError):
+    """Bad latency-profiling input; the message says what to change."""
+
+
+# At most this many contexts in one table (a hand-made file claiming more is refused).
+MAX_CONTEXTS = 256
+
+
+def describe_table(profile, depth_aware: bool = True, min_samples: int = 50) -> str:
+    """Which rank table a search uses for ``profile`` (as :func:`reliable_table` picks it),
+    in words: the pooled rank row, or which depth rows."""
+    if profile.depth_counts is None or profile.by_depth is None:
+        return "rank profile (one row, no per-depth rows)"
+    if not depth_aware:
+        return "rank profile (one row pooled over all depths; --no-depth-aware)"
+    kept = len(reliable_table(profile, min_samples)) if profile.depth_counts is not None else 0
+    total = len(profile.by_depth)
+    enough = all(sum(profile.depth_counts[d]) + profile.depth_none[d] >= min_samples
+                 for d in range(kept))
+    if not kept or not enough:
+        return (f"rank profile (one row pooled over all depths: no depth row has "
+                f"{min_samples} steps)")
+    if kept == total:
+        return f"depth-aware profile ({total} depth rows)"
+    rows = "the depth-0 row" if kept == 1 else f"depth rows 0..{kept - 1}"
+    return (f"depth-aware profile ({rows} of {total}; deeper rows have fewer than "
+            f"{min_samples} steps and reuse row {kept - 1})")
+
+
+def latencies_by_context(latency) -> list:
+    """The single-context tables of ``latency``, one ``Latency`` per measured context,
+    ascending (each with the shared meta, without the list): ``[latency]`` for a
+    single-context table. A malformed ``curves_by_context`` is a one-line LatencyError."""
+    meta = dict(getattr(latency, "meta", None) or {})
+    raw = meta.pop("curves_by_context", None)
+    if raw is None:
+        return [latency]
+    where = "latency meta 'curves_by_context'"
+    if not isinstance(raw, list) or not raw:
+        raise LatencyError(f"{where} must be a non-empty list of per-context curves")
+    if len(raw) > MAX_CONTEXTS:
+        raise LatencyError(f"{where} lists {len(raw)} contexts, more than the limit "
+                           f"{MAX_CONTEXTS}")
+    out = []
+    for i, entry in enumerate(raw):
+        if not isinstance(entry, dict) or "target" not in entry or "context" not in entry:
+            raise LatencyError(f"{where}[{i}] must be an object with 'context' and 'target'")
+        unknown = set(entry) - {"context", "target", "draft"}
+        if unknown:
+            raise LatencyError(f"{where}[{i}] has unknown field(s) {sorted(unknown)}")
+        c = entry["context"]
+        if isinstance(c, bool) or not isinstance(c, int) or c < 0:
+            raise LatencyError(f"{where}[{i}].context = {c!r} must be a non-negative integer")
+        if out and c <= out[-1].context:
+            raise LatencyError(f"{where} must list contexts in increasing order, but "
+                               f"{c} follows {out[-1].context}")
+        try:
+            target = LatencyCurve.from_dict(entry["target"], f"{where}[{i}].target")
+            draft = (LatencyCurve.from_dict(entry["draft"], f"{where}[{i}].draft")
+                     if entry.get("draft") is not None else None)
+        except ProfileError as exc:
+            raise LatencyError(str(exc)) from None
+        out.append(Latency(target, draft, c, dict(meta, context=c)))
+    if len({t.draft is None for t in out}) > 1:
+        raise LatencyError(f"{where}: every context needs a draft curve, or none does")
+    first = out[0]
+    same = (first.context == latency.context and first.target == latency.target
+            and first.draft == latency.draft)
+    if not same:
+        raise LatencyError(f"{where}[0] (context {first.context}) differs from the table's own "
+                           f"curves (context {latency.context}); they must be the same "
+                           "measurement: re-measure, or remove 'curves_by_context'")
+    return out
+
+
+def contexts_of(latency) -> list[int | None]:
+    """The contexts a latency table was measured at, ascending (one for a single-context
+    table: its ``context``, possibly None)."""
+    return [t.context for t in latencies_by_context(latency)]

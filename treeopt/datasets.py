@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 import random
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from treeopt.errors import TreeoptError
+from treeopt.errors import TreeoptError, one_line
+from treeopt.limits import MAX_DATASET_BYTES
 
 SHIPPED = ("spec_bench", "mt_bench", "humaneval")
 MT_BENCH_SIZE = 80
@@ -196,11 +198,18 @@ def _read_lines(path: Path) -> list[str]:
     try:
         if path.name.lower().endswith(".gz"):
             with gzip.open(path, "rb") as fh:
-                raw = fh.read()
+                raw = fh.read(MAX_DATASET_BYTES + 1)  # a gzip bomb stops at the cap
         else:
-            raw = path.read_bytes()
-    except (OSError, EOFError) as exc:
-        raise DatasetError(f"{path}: cannot read ({exc})") from None
+            if path.stat().st_size > MAX_DATASET_BYTES:
+                raise DatasetError(f"{path}: {path.stat().st_size} bytes, more than the limit "
+                                   f"of {MAX_DATASET_BYTES} for a data set file; refused")
+            with open(path, "rb") as fh:
+                raw = fh.read(MAX_DATASET_BYTES + 1)
+    except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise DatasetError(f"{path}: cannot read ({one_line(exc, 160)})") from None
+    if len(raw) > MAX_DATASET_BYTES:
+        raise DatasetError(f"{path}: more than the limit of {MAX_DATASET_BYTES} bytes "
+                           "(uncompressed) for a data set file; refused")
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
     lines = []
@@ -213,6 +222,13 @@ def _read_lines(path: Path) -> list[str]:
     return lines
 
 
+def _where(exc: json.JSONDecodeError) -> str:
+    """``"Unterminated string starting at column 2"``: json's message (some end in "at",
+    naming the position themselves) and the column."""
+    msg = exc.msg[:-3] if exc.msg.endswith(" at") else exc.msg
+    return f"{msg} at column {exc.colno}"
+
+
 def _load_jsonl(path: Path, default_category: str) -> list[Prompt]:
     prompts = []
     for lineno, line in enumerate(_read_lines(path), start=1):
@@ -221,8 +237,7 @@ def _load_jsonl(path: Path, default_category: str) -> list[Prompt]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DatasetError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column "
-                               f"{exc.colno})") from None
+            raise DatasetError(f"{path}:{lineno}: invalid JSON ({_where(exc)})") from None
         prompts.append(_record(obj, f"{path}:{lineno}", str(lineno), default_category,
                                TEXT_FIELDS))
     if not prompts:
@@ -238,8 +253,7 @@ def _load_json_list(path: Path, default_category: str) -> list[Prompt]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DatasetError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg} at column "
-                           f"{exc.colno})") from None
+        raise DatasetError(f"{path}:{exc.lineno}: invalid JSON ({_where(exc)})") from None
     if isinstance(data, dict):
         data = data.get("prompts", data.get("data"))
     if not isinstance(data, list):
@@ -349,3 +363,30 @@ def _load_hf(spec: str) -> list[Prompt]:
     if not prompts:
         raise DatasetError(f"{spec}: the split is empty")
     return prompts
+
+
+def held_out_prompts(dataset: str, profile_meta: dict, n: int, seed: int = 0,
+                     categories: str | None = None):
+    """``n`` prompts of ``dataset`` that a profile measured with the same dataset did not use
+    (its selection is rebuilt from the settings in its meta), drawn with ``seed``."""
+
+    every = load_prompts(dataset, categories=categories)
+    meta = profile_meta or {}
+    settings = meta.get("settings", {})
+    used: set[str] = set()
+    if settings.get("dataset") == str(dataset) and meta.get("prompts_total"):
+        used = {p.id for p in load_prompts(dataset, categories=categories,
+                                           n=meta["prompts_total"],
+                                           seed=settings.get("seed", 0))}
+    rest = [p for p in every if p.id not in used]
+    return select(rest, n=n, seed=seed + 1, source=str(dataset))
+
+
+def split_prompts(dataset: str, n_profile: int, n_eval: int, seed: int = 0,
+                  categories: str | None = None):
+    """Two disjoint prompt sets: (``n_profile`` to profile on, ``n_eval`` to evaluate on)."""
+
+    first = load_prompts(dataset, categories=categories, n=n_profile, seed=seed)
+    used = {p.id for p in first}
+    rest = [p for p in load_prompts(dataset, categories=categories) if p.id not in used]
+    return first, select(rest, n=n_eval, seed=seed + 1, source=str(dataset))

@@ -40,19 +40,31 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import math
 import os
+import struct
 import tempfile
 import time
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from treeopt.decode.drafter import (DEFAULT_CANDIDATE_SHAPE, Drafter, DrafterError, Proposal,
-                                    proposal_from_paths, register_drafter, root_only)
-from treeopt.errors import TreeoptError
-from treeopt.limits import parse_json
+from treeopt.decode.drafter import (
+    DEFAULT_CANDIDATE_SHAPE,
+    Drafter,
+    DrafterError,
+    Proposal,
+    proposal_from_paths,
+    register_drafter,
+    root_only,
+)
+from treeopt.drafters.ngram import NgramIndex
+from treeopt.errors import TreeoptError, one_line
+from treeopt.limits import (MAX_VOCAB_SIZE, integer, parse_json, quote as _short,
+                            show_number)
 from treeopt.tree import Tree
 
 FORMAT = "treeopt-datastore"
@@ -68,7 +80,14 @@ DEFAULT_SHAPE = DEFAULT_CANDIDATE_SHAPE  # a 4-node chain: 3 drafted tokens
 BIGRAM_TOP = 8
 # What numpy/zipfile raise on a file that is not a (complete, intact) npz.
 _READ_ERRORS = (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile,
-                NotImplementedError)
+                NotImplementedError, zlib.error, struct.error, RuntimeError)
+# Caps checked before anything is allocated (a hostile 50 KB file must not cost gigabytes).
+MAX_MEMBERS = 8  # a datastore has 3 members
+MAX_MEMBER_BYTES = 16 << 30  # largest array member (uncompressed): 4 G tokens
+MAX_COMPRESSION_RATIO = 16  # token arrays deflate 2-4x; a ratio over 16 is a bomb
+MAX_META_BYTES = 4 << 20  # metadata JSON, as a numpy UTF-32 string
+MAX_MAX_N = 256  # longest context a look-up matches
+MAX_STORE_TOKENS = (1 << 32) - 2
 REBUILD = "rebuild it with `treeopt datastore build --tokenizer TARGET`"
 
 
@@ -142,7 +161,7 @@ class Datastore:
         self.max_n = int(self.meta["max_n"])
         first = self.tokens[self.positions]
         top = int(first.max()) + 1 if len(first) else 0
-        width = max(top, int(self.meta.get("vocab_size") or 0))
+        width = top  # token ids past the corpus' largest have no rows: look-ups check it
         counts = np.bincount(first, minlength=width) if len(first) else np.zeros(width, int)
         self._offsets = np.zeros(width + 1, dtype=np.int64)
         np.cumsum(counts, out=self._offsets[1:])
@@ -372,59 +391,125 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata of a datastore file, without reading its arrays (raises DatastoreError
     when the file is not a readable treeopt datastore)."""
     path = Path(path)
-    with _open_npz(path) as npz:
-        return _meta_of(npz, path)
+    with _open_npz(path) as zf:
+        return _meta_of(zf, path)
 
 
-def _open_npz(path: Path):
+def _open_npz(path: Path) -> zipfile.ZipFile:
+    """The file as a zip archive whose members are all checked against the size caps (not
+    yet read)."""
     if not path.exists():
         raise DatastoreError(f"{path}: no such datastore; build one with `treeopt datastore "
                              "build --corpus FILE --tokenizer TARGET --out PATH`")
     if path.is_dir():
         raise DatastoreError(f"{path}: is a folder, not a datastore file")
     try:
-        npz = np.load(path, allow_pickle=False)
+        zf = zipfile.ZipFile(path)
+        infos = zf.infolist()
     except _READ_ERRORS as exc:
+        if path.read_bytes()[:6] == b"\x93NUMPY":
+            raise DatastoreError(f"{path}: a single numpy array, not a treeopt datastore; "
+                                 f"{REBUILD}") from None
         raise DatastoreError(f"{path}: not a treeopt datastore, or truncated/corrupt "
-                             f"({_one_line(exc)}); {REBUILD}") from None
-    if not isinstance(npz, np.lib.npyio.NpzFile):
-        raise DatastoreError(f"{path}: a single numpy array, not a treeopt datastore; {REBUILD}")
-    return npz
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
-def _meta_of(npz, path: Path) -> dict[str, Any]:
-    if "meta" not in npz.files:
-        raise DatastoreError(f"{path}: not a treeopt datastore (no metadata); {REBUILD}")
+                             f"({one_line(exc, 160)}); {REBUILD}") from None
     try:
-        text = str(npz["meta"])
-    except _READ_ERRORS as exc:
-        raise DatastoreError(f"{path}: unreadable metadata, truncated or corrupt "
-                             f"({_one_line(exc)}); {REBUILD}") from None
+        if len(infos) > MAX_MEMBERS:
+            raise DatastoreError(f"{path}: {len(infos)} members, a datastore has 3; {REBUILD}")
+        for info in infos:
+            if info.file_size > MAX_MEMBER_BYTES:
+                raise DatastoreError(
+                    f"{path}: member {_short(info.filename)} declares "
+                    f"{show_number(info.file_size)} bytes uncompressed, more than the limit "
+                    f"{MAX_MEMBER_BYTES}; refused")
+            if info.compress_type != zipfile.ZIP_STORED and \
+                    info.file_size > MAX_COMPRESSION_RATIO * max(info.compress_size, 1024):
+                raise DatastoreError(
+                    f"{path}: member {_short(info.filename)} would decompress from "
+                    f"{info.compress_size} to {info.file_size} bytes (ratio over "
+                    f"{MAX_COMPRESSION_RATIO}); refused as a compression bomb")
+    except BaseException:
+        zf.close()
+        raise
+    return zf
+
+
+def _read_array(zf: zipfile.ZipFile, name: str, path: Path, kinds: str, ndim: int
+                ) -> np.ndarray:
+    """Member ``name`` as an array, its ``.npy`` header checked BEFORE anything is
+    allocated: dtype kind in ``kinds``, ``ndim`` dimensions, and exactly as many data bytes
+    as the member holds. Memory: the member's real size, once."""
+    try:
+        info = zf.getinfo(name + ".npy")
+    except KeyError:
+        raise DatastoreError(f"{path}: datastore without {name!r}; {REBUILD}") from None
+    try:
+        with zf.open(info) as fh:
+            version = np.lib.format.read_magic(fh)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f".npy format version {version}")
+            shape, fortran, dtype = read_header(fh)
+            if dtype.kind not in kinds or dtype.hasobject or len(shape) != ndim:
+                raise DatastoreError(f"{path}: datastore member {name!r} has dtype {dtype} and "
+                                     f"shape {shape}; {REBUILD}")
+            count = math.prod(int(d) for d in shape)
+            nbytes = count * dtype.itemsize
+            if nbytes != info.file_size - fh.tell():
+                raise DatastoreError(
+                    f"{path}: datastore member {name!r} declares {show_number(count)} elements "
+                    f"({show_number(nbytes)} bytes) but holds {info.file_size - fh.tell()} "
+                    f"bytes; refused as corrupt")
+            data = fh.read(nbytes)
+    except DatastoreError:
+        raise
+    except _READ_ERRORS + (zipfile.LargeZipFile,) as exc:
+        raise DatastoreError(f"{path}: truncated or corrupt datastore member {name!r} "
+                             f"({one_line(exc, 160)}); {REBUILD}") from None
+    if len(data) != nbytes:
+        raise DatastoreError(f"{path}: truncated datastore member {name!r}; {REBUILD}")
+    return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+
+
+def _meta_of(zf: zipfile.ZipFile, path: Path) -> dict[str, Any]:
+    if "meta.npy" not in zf.namelist():
+        raise DatastoreError(f"{path}: not a treeopt datastore (no metadata); {REBUILD}")
+    info = zf.getinfo("meta.npy")
+    if info.file_size > MAX_META_BYTES:
+        raise DatastoreError(f"{path}: datastore metadata of {show_number(info.file_size)} "
+                             f"bytes, more than the limit {MAX_META_BYTES}; {REBUILD}")
+    text = str(_read_array(zf, "meta", path, "U", 0)[()])
     # parse_json: invalid, too deeply nested or too-long-number JSON is one line, never a
     # RecursionError or a traceback.
     meta = parse_json(text, lambda msg: DatastoreError(
         f"{path}: unreadable metadata, {msg}; {REBUILD}"))
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise DatastoreError(f"{path}: not a treeopt datastore (format "
-                             f"{meta.get('format') if isinstance(meta, dict) else None!r}); "
+        fmt = meta.get("format") if isinstance(meta, dict) else None
+        raise DatastoreError(f"{path}: not a treeopt datastore (format {_short(fmt)}); "
                              f"{REBUILD}")
     version = meta.get("version")
-    if version != VERSION:
-        raise DatastoreError(f"{path}: datastore format version {version!r}, this treeopt reads "
-                             f"version {VERSION}; {REBUILD}")
-    try:
-        for key in ("max_n", "num_tokens", "num_documents"):
-            meta[key] = int(meta[key])
-        if meta["max_n"] < 1:
-            raise ValueError
-    except (KeyError, TypeError, ValueError):
-        raise DatastoreError(f"{path}: datastore metadata lacks max_n/num_tokens/num_documents; "
-                             f"{REBUILD}") from None
+    if version != VERSION or isinstance(version, bool):
+        raise DatastoreError(f"{path}: datastore format version {_short(version)}, this "
+                             f"treeopt reads version {VERSION}; {REBUILD}")
+
+    def error(msg: str) -> DatastoreError:
+        return DatastoreError(f"{path}: datastore metadata {msg}; {REBUILD}")
+
+    for key in ("max_n", "num_tokens", "num_documents"):
+        if key not in meta:
+            raise error(f"lacks {key}")
+    meta["max_n"] = integer(meta["max_n"], "max_n", error, minimum=1, maximum=MAX_MAX_N)
+    meta["num_tokens"] = integer(meta["num_tokens"], "num_tokens", error, minimum=1,
+                                 maximum=MAX_STORE_TOKENS)
+    meta["num_documents"] = integer(meta["num_documents"], "num_documents", error,
+                                    minimum=1, maximum=meta["num_tokens"])
+    if meta.get("vocab_size") is not None:
+        meta["vocab_size"] = integer(meta["vocab_size"], "vocab_size", error, minimum=1,
+                                     maximum=MAX_VOCAB_SIZE)
+    for key in ("tokenizer", "tokenizer_fingerprint", "description", "created",
+                "tokenizer_spec"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise error(f"{key} = {_short(meta[key])} must be a string")
     return meta
 
 
@@ -436,22 +521,16 @@ def load_datastore(path: str | os.PathLike, tokenizer=None,
     vocabulary fingerprint or size) is refused. ``vocab_size``: the target's vocabulary size
     (its output-embedding rows); every token must fit and the store's tokenizer size must be
     within :data:`VOCAB_PAD_TOLERANCE` of it. Every problem raises DatastoreError with a
-    one-line message.
+    one-line message. Hostile files cost no more memory than they really hold: every
+    metadata number and array header is checked against the caps (``MAX_*``) and against
+    the arrays present before anything is allocated.
     """
     path = Path(path)
-    with _open_npz(path) as npz:
-        meta = _meta_of(npz, path)
-        missing = [k for k in ("tokens", "positions") if k not in npz.files]
-        if missing:
-            raise DatastoreError(f"{path}: datastore without {missing[0]!r}; {REBUILD}")
-        try:
-            tokens = npz["tokens"]
-            positions = npz["positions"]
-        except _READ_ERRORS as exc:
-            raise DatastoreError(f"{path}: truncated or corrupt datastore "
-                                 f"({_one_line(exc)}); {REBUILD}") from None
-    if (tokens.dtype != np.int32 or tokens.ndim != 1 or positions.ndim != 1
-            or positions.dtype not in (np.int32, np.int64)):
+    with _open_npz(path) as zf:
+        meta = _meta_of(zf, path)
+        tokens = _read_array(zf, "tokens", path, "i", 1)
+        positions = _read_array(zf, "positions", path, "i", 1)
+    if tokens.dtype != np.int32 or positions.dtype not in (np.int32, np.int64):
         raise DatastoreError(f"{path}: datastore arrays of the wrong type or shape; {REBUILD}")
     n = len(tokens)
     if n < 2 or tokens[0] != SEP or tokens[-1] != SEP or int(tokens.min()) < SEP:
@@ -461,7 +540,21 @@ def load_datastore(path: str | os.PathLike, tokenizer=None,
     real = int(np.count_nonzero(tokens >= 0))
     if real != meta["num_tokens"]:
         raise DatastoreError(f"{path}: corrupt datastore ({real} tokens, metadata says "
-                             f"{meta['num_tokens']}); {REBUILD}")
+                             f"num_tokens {meta['num_tokens']}); {REBUILD}")
+    docs = n - real - 1
+    if docs != meta["num_documents"]:
+        raise DatastoreError(f"{path}: corrupt datastore ({docs} documents, metadata says "
+                             f"num_documents {meta['num_documents']}); {REBUILD}")
+    if len(positions) != real - docs:
+        raise DatastoreError(f"{path}: corrupt datastore ({len(positions)} rows for {real} "
+                             f"tokens in {docs} documents); {REBUILD}")
+    top = int(tokens.max())
+    if top >= MAX_VOCAB_SIZE:
+        raise DatastoreError(f"{path}: token id {top} exceeds the vocabulary limit "
+                             f"{MAX_VOCAB_SIZE}; {REBUILD}")
+    if meta.get("vocab_size") is not None and top >= meta["vocab_size"]:
+        raise DatastoreError(f"{path}: corrupt datastore (token id {top}, metadata says "
+                             f"vocab_size {meta['vocab_size']}); {REBUILD}")
     store = Datastore(tokens, positions, meta)
     check_compatible(store, tokenizer=tokenizer, vocab_size=vocab_size, where=str(path))
     return store
@@ -481,15 +574,21 @@ def check_compatible(store: Datastore, *, tokenizer=None, vocab_size: int | None
             raise DatastoreError(f"{where}: built with tokenizer {built!r} (vocabulary "
                                  f"{store.vocab_size}), not the target's {name!r} (vocabulary "
                                  f"{want_v}): its ids mean other text; {REBUILD}")
-        if want_v is not None and (store.max_token >= want_v
-                                   or (have_fp and store.vocab_size != want_v)):
+        if want_v is not None and store.max_token >= want_v:
+            raise DatastoreError(f"{where}: datastore token id {store.max_token} is outside "
+                                 f"the target tokenizer {_short(name)}'s vocabulary of "
+                                 f"{want_v} tokens (built with {_short(built)}); {REBUILD}")
+        if want_v is not None and have_fp and store.vocab_size != want_v:
             raise DatastoreError(f"{where}: built with tokenizer {built!r} (vocabulary "
                                  f"{store.vocab_size}), the target's {name!r} has {want_v} "
                                  f"tokens; {REBUILD}")
     if vocab_size is not None:
         vocab_size = int(vocab_size)
-        if (store.max_token >= vocab_size
-                or abs(store.vocab_size - vocab_size) > VOCAB_PAD_TOLERANCE):
+        if store.max_token >= vocab_size:
+            raise DatastoreError(f"{where}: datastore token id {store.max_token} is outside "
+                                 f"the target's vocabulary of {vocab_size} entries (built "
+                                 f"with {_short(built)}); {REBUILD}")
+        if abs(store.vocab_size - vocab_size) > VOCAB_PAD_TOLERANCE:
             raise DatastoreError(f"{where}: built with tokenizer {built!r} (vocabulary "
                                  f"{store.vocab_size}), the target's vocabulary has "
                                  f"{vocab_size} entries; {REBUILD}")
@@ -513,7 +612,7 @@ def _ints(seq: Sequence[int]) -> list[int]:
 
 class DatastoreDrafter(Drafter):
     """REST-style retrieval drafter: at each node of ``shape``, the run's own n-gram
-    continuations (prompt + generated text, via :class:`~treeopt.decode.ngram.NgramIndex`)
+    continuations (prompt + generated text, via :class:`~treeopt.drafters.ngram.NgramIndex`)
     first, then the datastore's most frequent continuations of the longest matching suffix,
     distinct, at most ``k`` per node. Nodes without a candidate are dropped."""
 
@@ -521,7 +620,6 @@ class DatastoreDrafter(Drafter):
 
     def __init__(self, store: Datastore, shape: Tree | None = None, k: int | None = None,
                  device="cpu", ngram_max_n: int = 4):
-        from treeopt.decode.ngram import NgramIndex
 
         self.store = store
         self.shape = shape if shape is not None else DEFAULT_SHAPE
@@ -541,7 +639,6 @@ class DatastoreDrafter(Drafter):
 
     def reshaped(self, shape: Tree) -> "DatastoreDrafter":
         """A copy filling ``shape``: the store is shared, the run's own index is not."""
-        from treeopt.decode.ngram import NgramIndex
 
         new = super().reshaped(shape)
         new.index = NgramIndex(self.index.min_n, self.index.max_n)
@@ -590,7 +687,7 @@ class DatastoreDrafter(Drafter):
     def path_candidates(self, committed: Sequence[int]):
         """``children(path)``: the ranked candidates after ``committed`` + ``path`` (drafted
         tokens below the root), as ``propose`` fills its shape; indexes ``committed``
-        first. Cascades (``treeopt.decode.cascade``) draft through it."""
+        first. Cascades (``treeopt.drafters.cascade``) draft through it."""
         if hasattr(committed, "tolist"):
             committed = committed.reshape(-1).tolist()
         self._sync(committed)
@@ -636,7 +733,10 @@ class BigramDrafter(Drafter):
     def from_datastore(cls, store: Datastore, shape: Tree | None = None, k: int | None = None,
                        device="cpu", top: int = BIGRAM_TOP) -> "BigramDrafter":
         width = shape.width if shape is not None else DEFAULT_SHAPE.width
-        return cls(store.bigram_table(max(top, k or 0, width)), shape, k, device)
+        # Rows up to the largest token the corpus holds (later tokens have no successors):
+        # memory follows the file, not the vocabulary size its metadata declares.
+        table = bigram_table(store.tokens, store.max_token + 1, max(top, k or 0, width))
+        return cls(table, shape, k, device)
 
     def check(self, target) -> None:
         size = target_vocab_size(target)
