@@ -105,6 +105,6 @@ def test_profiles_of_sequence_level_rules():
     assert stochastic_ranks(p, q, 1, rule="block", generator=torch.Generator().manual_seed(1)) \
         == stochastic_ranks(p, q, 1, rule="sequoia", generator=torch.Generator().manual_seed(1))
     with pytest.raises(AcceptanceError, match="width 1"):
-        AcceptanceRun(width=8, rule="block").check()
-    AcceptanceRun(width=1, rule="block").check()
+        AcceptanceRun(width=8, sampling=Sampling(1.0, rule="block")).check()
+    AcceptanceRun(width=1, sampling=Sampling(1.0, rule="block")).check()
     assert default_width("block") == 1 and default_width("traversal") == 8
