@@ -6,7 +6,8 @@ token for token against plain decoding. Before the run it builds a datastore fro
 Spec-Bench prompts that are *not* evaluated (so the datastore drafter is measured on text it
 has not indexed). Afterwards it prints, per category, the speed-up of every method, HF prompt
 lookup side by side with treeopt's best drafter, and the per-step time split (draft / verify /
-other milliseconds per step) that explains each figure.
+other milliseconds per step) that explains each figure. It does so at every --temperatures
+value (greedy, then sampled at 0.7 and 1.0 with fixed seeds and the --rule named).
 
     OMP_WAIT_POLICY=PASSIVE python scripts/bench_drafters.py --out runs/bench-drafters
 
@@ -61,6 +62,11 @@ def parse_args(argv=None):
                          "and the held-out datastore over chain:4)")
     ap.add_argument("--no-datastore", action="store_true",
                     help="skip building and evaluating the held-out datastore")
+    ap.add_argument("--temperatures", default="0,0.7,1.0",
+                    help="one eval run per temperature, same prompts and seed (0 = greedy, "
+                         "outputs checked against plain decoding; default 0,0.7,1.0)")
+    ap.add_argument("--rule", default="traversal",
+                    help="verification rule of the sampled runs (default traversal)")
     ap.add_argument("--out", required=True, help="results folder (treeopt eval --out)")
     ap.add_argument("--resume", action="store_true", help="continue an interrupted run")
     return ap.parse_args(argv)
@@ -112,22 +118,44 @@ def _run(args) -> int:
             if rc:
                 return rc
         drafters = drafters + [f"datastore:{store}@chain:4"]
-    eval_args = ["eval", "--target", args.target, "--draft", "none", "--dataset", "spec_bench",
-                 "-n", str(n), "--seed", str(args.seed), "--max-new-tokens",
-                 str(args.max_new_tokens), "--threads", str(args.threads), "--out",
-                 str(out / "eval"), "--no-report"]
-    for d in drafters:
-        eval_args += ["--drafter", d]
-    if args.hf_prompt_lookup:
-        eval_args += ["--hf-prompt-lookup", args.hf_prompt_lookup]
-    if args.resume:
-        eval_args.append("--resume")
-    t0 = time.perf_counter()
-    rc = cli(eval_args)
-    print(f"eval: {time.perf_counter() - t0:.0f} s, exit {rc}", flush=True)
-    if (out / "eval" / "results.json").exists():
-        verdict(out / "eval", drafters, args.hf_prompt_lookup)
+    rc = 0
+    for temp in temperatures(args.temperatures):
+        folder = out / run_name(temp, args.rule)
+        eval_args = ["eval", "--target", args.target, "--draft", "none", "--dataset",
+                     "spec_bench", "-n", str(n), "--seed", str(args.seed), "--max-new-tokens",
+                     str(args.max_new_tokens), "--threads", str(args.threads), "--out",
+                     str(folder), "--no-report", "--temperature", str(temp), "--rule",
+                     args.rule]
+        for d in drafters:
+            eval_args += ["--drafter", d]
+        if args.hf_prompt_lookup:
+            eval_args += ["--hf-prompt-lookup", args.hf_prompt_lookup]
+        if args.resume:
+            eval_args.append("--resume")
+        t0 = time.perf_counter()
+        rc = cli(eval_args) or rc
+        print(f"eval {run_label(temp, args.rule)}: {time.perf_counter() - t0:.0f} s, exit {rc}",
+              flush=True)
+        if (folder / "results.json").exists():
+            print(f"\n== {run_label(temp, args.rule)}")
+            verdict(folder, drafters, args.hf_prompt_lookup)
     return rc
+
+
+def temperatures(text: str) -> list[float]:
+    """"0,0.7,1.0" -> [0.0, 0.7, 1.0]."""
+    return [float(t) for t in text.split(",") if t.strip()]
+
+
+def run_name(temperature: float, rule: str) -> str:
+    """The eval folder of one temperature: "eval" for greedy (as before sampled rows were
+    added), "eval-T0.7-traversal" for a sampled run."""
+    return "eval" if temperature == 0 else f"eval-T{temperature:g}-{rule}"
+
+
+def run_label(temperature: float, rule: str) -> str:
+    return ("greedy (temperature 0)" if temperature == 0 else
+            f"temperature {temperature:g}, rule {rule}, seed per prompt fixed")
 
 
 def verdict(folder: Path, drafters: list[str], hf: str) -> None:

@@ -10,7 +10,9 @@ A thin wrapper around ``treeopt tune`` and ``treeopt eval``:
    tree chosen for it, and the int8 draft over the best chain, on HumanEval and on Spec-Bench
    categories (one eval run per data set; every output is checked against plain decoding);
 3. it prints, per data set and category, the speed-up of every method beside HF assisted
-   generation, and for every tuned tree its predicted tokens/s next to the measured one.
+   generation, and for every tuned tree its predicted tokens/s next to the measured one;
+   step 2 runs greedy and again sampled at each other --temperatures value (fixed seeds, the
+   --rule named; sampled outputs are not compared token for token, only greedy ones).
 
     OMP_WAIT_POLICY=PASSIVE python scripts/bench_real_pair.py --out runs/bench-real-pair
 
@@ -75,6 +77,11 @@ def parse_args(argv=None):
     ap.add_argument("--no-pass-at-1", action="store_true",
                     help="skip scoring HumanEval pass@1 (runs the generated code in treeopt's "
                          "best-effort sandbox)")
+    ap.add_argument("--temperatures", default="0,0.7,1.0",
+                    help="eval runs per temperature, same prompts and seed (0 = greedy, "
+                         "outputs checked against plain decoding; default 0,0.7,1.0)")
+    ap.add_argument("--rule", default="traversal",
+                    help="verification rule of the sampled runs (default traversal)")
     ap.add_argument("--out", required=True, help="results folder")
     ap.add_argument("--resume", action="store_true", help="continue an interrupted run")
     return ap.parse_args(argv)
@@ -167,18 +174,29 @@ def _run(args) -> int:
         runs.append(("spec_bench", ["--dataset", "spec_bench", "--categories", ",".join(cats),
                                     "-n", str(args.per_category * len(cats))]))
     rc = 0
-    for label, data in runs:
-        t0 = time.perf_counter()
-        rc = cli(["eval", *data, *common, "--out", str(out / f"eval-{label}")]) or rc
-        print(f"eval {label}: {time.perf_counter() - t0:.0f} s, exit {rc}", flush=True)
+    temps = [float(t) for t in args.temperatures.split(",") if t.strip()]
+    for temp in temps:
+        sampled = ["--temperature", str(temp), "--rule", args.rule]
+        for label, data in runs:
+            name = run_name(label, temp, args.rule)
+            t0 = time.perf_counter()
+            rc = cli(["eval", *data, *common, *sampled, "--out", str(out / name)]) or rc
+            print(f"eval {name}: {time.perf_counter() - t0:.0f} s, exit {rc}", flush=True)
     humaneval = out / "eval-humaneval"
     if (humaneval / "results.json").exists() and not args.no_pass_at_1:
         score_pass_at_1(humaneval)
-    for label, _ in runs:
-        folder = out / f"eval-{label}"
-        if (folder / "results.json").exists():
-            verdict(folder, label, tuned)
+    for temp in temps:
+        for label, _ in runs:
+            folder = out / run_name(label, temp, args.rule)
+            if (folder / "results.json").exists():
+                verdict(folder, label if temp == 0 else
+                        f"{label}, temperature {temp:g}, rule {args.rule}", tuned, temp == 0)
     return rc
+
+
+def run_name(label: str, temperature: float, rule: str) -> str:
+    """An eval folder: "eval-humaneval" greedy, "eval-humaneval-T0.7-traversal" sampled."""
+    return f"eval-{label}" if temperature == 0 else f"eval-{label}-T{temperature:g}-{rule}"
 
 
 def score_pass_at_1(folder: Path) -> None:
@@ -193,7 +211,8 @@ def score_pass_at_1(folder: Path) -> None:
     print(format_pass(scored), flush=True)
 
 
-def verdict(folder: Path, label: str, tuned: dict[str, tuple[str, Path]]) -> None:
+def verdict(folder: Path, label: str, tuned: dict[str, tuple[str, Path]],
+            greedy: bool = True) -> None:
     """Per category: every method's speed-up (95 % interval when recorded) beside HF assisted
     generation; for the tuned trees: predicted vs measured tokens/s."""
     from treeopt.evaluate.results import load_results
@@ -203,7 +222,8 @@ def verdict(folder: Path, label: str, tuned: dict[str, tuple[str, Path]]) -> Non
     by_cat: dict[str, dict[str, dict]] = {}
     for r in rows:
         by_cat.setdefault(r["category"], {})[r["method"]] = r
-    print(f"\n== {label}: speed-up over plain decoding (tokens/step; outputs equal to plain)")
+    note = "outputs equal to plain" if greedy else "sampled, outputs not compared"
+    print(f"\n== {label}: speed-up over plain decoding (tokens/step; {note})")
     for cat, methods in by_cat.items():
         hf = methods.get("hf-assisted", {}).get("speedup")
         print(f"-- {cat}" + (f"  (HF assisted {hf:.2f}x)" if hf else ""))

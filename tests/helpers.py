@@ -12,6 +12,7 @@ import torch
 from lossless import exact_joint, peaked_lm
 
 from treeopt.decode.attention import run_model
+from treeopt.decode.drafter import Drafter, Proposal
 from treeopt.evaluate.methods import AR, Method, ar_method
 from treeopt.evaluate.results import METRICS, summarise, write_results
 from treeopt.evaluate.runner import EvalConfig
@@ -158,3 +159,21 @@ class cpu_budget:
             assert self.used < self.seconds, \
                 f"used {self.used:.2f} s of CPU, budget {self.seconds}"
         return False
+
+
+class FixedCandidates(Drafter):
+    """A deterministic drafter: a fixed tree whose candidates depend on the context only."""
+
+    name = "fixed"
+
+    def __init__(self, shape: Tree):
+        self.shape = shape
+
+    def propose(self, committed, max_depth, sampling, generator=None):
+        tree = self.shape
+        if tree.depth > max_depth:
+            tree = Tree(tree.parents[:sum(1 for d in tree.depths if d <= max_depth)])
+        tokens = [committed[-1]]
+        for v in range(1, tree.size):
+            tokens.append((sum(committed) + 3 * tree.depths[v] + tree.ranks[v]) % V)
+        return Proposal(tree, torch.tensor(tokens), fixed_shape=False)

@@ -10,12 +10,14 @@ a small threshold) and a deliberately broken rule fails the same check.
 from __future__ import annotations
 
 import itertools
+from functools import lru_cache
 
 import torch
 from scipy.stats import chisquare
 
 from treeopt.decode.sampling import logits_to_probs
 from treeopt.testing import tiny_causal_lm
+from treeopt.tree import Tree
 
 
 def peaked_lm(seed: int, vocab: int = 8, sharpness: float = 40.0):
@@ -64,4 +66,108 @@ def pair_pvalues(samples: torch.Tensor, joint: torch.Tensor) -> list[float]:
             assert o[-1] == 0, "generated a token pair of probability zero"
             o, e = o[:-1], e[:-1]
         out.append(float(chisquare(o.numpy(), (e * o.sum() / e.sum()).numpy()).pvalue))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact enumeration: every draft of a tree and every decision of a sequence-level rule, with
+# their probabilities (tests/test_traversal.py, tests/test_rule_gain.py).
+class Branch(Exception):
+    def __init__(self, n: int):
+        self.n = n
+
+
+class Scripted:
+    """A rule's randomness replayed from a script of choices; raises Branch at the first
+    choice past the script (``outcomes`` then tries each option)."""
+
+    def __init__(self, script):
+        self.script, self.i, self.weight = script, 0, 1.0
+
+    def _choose(self, options):
+        options = [(o, w) for o, w in options if w > 0]
+        if self.i == len(self.script):
+            raise Branch(len(options))
+        o, w = options[self.script[self.i]]
+        self.i += 1
+        self.weight *= w
+        return o
+
+    def accept(self, node, prob):
+        prob = min(max(float(prob), 0.0), 1.0)
+        return self._choose([(True, prob), (False, 1.0 - prob)])
+
+    def draw(self, probs):
+        p = probs.double() / probs.double().sum()
+        return self._choose([(x, float(p[x])) for x in range(len(p))])
+
+
+def outcomes(run):
+    """[(probability, result)] of every way ``run(source)`` can go."""
+    out, stack = [], [[]]
+    while stack:
+        script = stack.pop()
+        src = Scripted(script)
+        try:
+            res = run(src)
+        except Branch as b:
+            stack.extend(script + [k] for k in range(b.n))
+            continue
+        out.append((src.weight, res))
+    return out
+
+
+def lm(seed: int, vocab: int, top_k: int = 0, top_p: float = 1.0, sharp: float = 1.5):
+    """A context -> next-token distribution (float64, (vocab,)) map, fixed by ``seed``."""
+
+    @lru_cache(maxsize=None)
+    def probs(ctx: tuple) -> torch.Tensor:
+        g = torch.Generator().manual_seed(hash((seed,) + ctx) % (2 ** 31))
+        logits = torch.randn(vocab, generator=g, dtype=torch.float64) * sharp
+        probs = logits_to_probs(logits, 1.0, top_k, top_p).double()
+        return probs / probs.sum()
+
+    return probs
+
+
+def drafts(tree: Tree, q, mode: str, prompt: tuple = (1,)):
+    """[(probability, tokens)] of every draft of ``tree`` after ``prompt``: children drawn from
+    q without replacement ("sample"; a filler of zero remaining mass once q is exhausted,
+    as ``draw_children`` pads) or q's ranked top tokens ("point", deterministic)."""
+    vocab = len(q(prompt))
+    out = []
+
+    def fill(v_index, tokens, prob, ctxs):
+        internal = [v for v in range(tree.size) if tree.children[v]]
+        if v_index == len(internal):
+            out.append((prob, list(tokens)))
+            return
+        v = internal[v_index]
+        kids, qv = tree.children[v], q(ctxs[v])
+        if mode == "point":
+            order = sorted(range(vocab), key=lambda x: -float(qv[x]))
+            choices = [(tuple(order[:len(kids)]), 1.0)]
+        else:
+            choices = []
+            for seq in itertools.product(range(vocab), repeat=len(kids)):
+                w, left, used = 1.0, qv.clone(), []
+                for x in seq:
+                    if left.sum() <= 0:  # exhausted: fillers are the smallest zero-mass token
+                        want = int(torch.nonzero(left == 0)[0])
+                        w *= 1.0 if x == want else 0.0
+                    else:
+                        w *= float(left[x] / left.sum())
+                    left = left.clone()
+                    left[x] = 0.0
+                    used.append(x)
+                if w > 0:
+                    choices.append((seq, w))
+        for seq, w in choices:
+            for c, x in zip(kids, seq):
+                tokens[c] = x
+                ctxs[c] = ctxs[v] + (x,)
+            fill(v_index + 1, tokens, prob * w, ctxs)
+
+    tokens = [prompt[-1]] + [0] * (tree.size - 1)
+    fill(0, tokens, 1.0, {0: prompt})
     return out

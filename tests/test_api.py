@@ -225,6 +225,8 @@ def test_cli_generate_errors_are_one_line(folder, tmp_path, capsys):
         ["--prompt", "w5", "--draft", "early-exit:9"],
         ["--prompt", "w5", "--max-new-tokens", "0"],
         ["--prompt", "   "],
+        ["--prompt", "w5", "--draft", "early-exit:1", "--growmap", "kary:2x2", "--rule",
+         "block", "--temperature", "1"],  # block verifies chains only
     ]
     for extra in cases:
         rc = cli_main(["generate", "--target", str(folder)] + extra)

@@ -4,7 +4,7 @@ the point-mass rule is lossless, on hand-made distributions and end to end throu
 
 import pytest
 import torch
-from helpers import NEW, PROMPT, V, exact, pair
+from helpers import NEW, PROMPT, V, FixedCandidates, exact, pair
 from lossless import pair_pvalues as pvalues
 from scipy.stats import chisquare
 
@@ -72,24 +72,6 @@ def test_point_mass_rule_edge_cases():
 
 def test_broken_point_mass_rule_fails_the_same_test():
     assert pvalue(outputs(broken_candidates, [0, 2, 4]), P) < 1e-6
-
-
-class FixedCandidates(Drafter):
-    """A deterministic drafter: a fixed tree whose candidates depend on the context only."""
-
-    name = "fixed"
-
-    def __init__(self, shape: Tree):
-        self.shape = shape
-
-    def propose(self, committed, max_depth, sampling, generator=None):
-        tree = self.shape
-        if tree.depth > max_depth:
-            tree = Tree(tree.parents[:sum(1 for d in tree.depths if d <= max_depth)])
-        tokens = [committed[-1]]
-        for v in range(1, tree.size):
-            tokens.append((sum(committed) + 3 * tree.depths[v] + tree.ranks[v]) % V)
-        return Proposal(tree, torch.tensor(tokens), fixed_shape=False)
 
 
 TREE = Tree.from_parents([-1, 0, 0, 0, 1, 1, 2])

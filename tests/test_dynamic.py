@@ -285,7 +285,8 @@ def sample_tokens(drafter, rule, temperature, top_p, n):
 
 
 @pytest.mark.parametrize("rule,temperature,top_p", [("sequoia", 1.0, 1.0),
-                                                    ("specinfer", 0.7, 0.9)])
+                                                    ("specinfer", 0.7, 0.9),
+                                                    ("traversal", 1.0, 1.0)])
 def test_dynamic_sampling_is_lossless(rule, temperature, top_p):
     drafter = DynamicDrafter(pair()[1], budget=6, depth=3, topk=3)
     samples = sample_tokens(drafter, rule, temperature, top_p, 600)

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "treeopt"
 
 LAYERS: list[tuple[str, list[str]]] = [
-    ("base", ["treeopt", "treeopt.errors", "treeopt.limits"]),
+    ("base", ["treeopt", "treeopt.errors", "treeopt.limits", "treeopt.rules"]),
     ("core types", ["treeopt.tree", "treeopt.growmap", "treeopt.treeset", "treeopt.datasets",
                     "treeopt.profile", "treeopt.profile.model", "treeopt.profile.calibration",
                     "treeopt.profile.copytable"]),

@@ -174,10 +174,16 @@ def test_bench_drafters_on_a_saved_tiny_model(folder, tmp_path, monkeypatch, cap
     out = tmp_path / "bench"
     rc = load_script("bench_drafters").main(["--target", str(folder), "--per-category", "1",
                                              "--max-new-tokens", "6", "--threads", "1",
-                                             "--out", str(out)])
+                                             "--temperatures", "0,0.7", "--out", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
     assert "datastore corpus:" in text and "categories >= HF best" in text
+    assert "== greedy (temperature 0)" in text
+    assert "== temperature 0.7, rule traversal, seed per prompt fixed" in text
+    sampled = json.loads((out / "eval-T0.7-traversal" / "results.json").read_text())
+    assert sampled["settings"]["config"]["temperature"] == 0.7 and \
+        sampled["settings"]["config"]["rule"] == "traversal"
+    assert {r["method"] for r in sampled["summary"]} >= {"ar", "ngram@chain:3"}
     summary = json.loads((out / "eval" / "results.json").read_text())["summary"]
     methods = {r["method"] for r in summary}
     assert {"ar", "ngram@chain:3", "ngram@chain:4", "ngram@chain:6", "hf-pld:2"} <= methods
@@ -199,10 +205,16 @@ def test_bench_real_pair_on_a_saved_tiny_pair(folder, tmp_path, capsys):
             "--humaneval", "2", "--categories", "translation", "--per-category", "1",
             "--chains", "1,2", "--tune-prompts", "2", "--tune-tokens", "6", "--max-size", "4",
             "--latency-tokens", "1,2,4", "--repeats", "1", "--max-new-tokens", "6",
-            "--threads", "1", "--out", str(out)]
+            "--threads", "1", "--temperatures", "0,1.0", "--out", str(out)]
     assert load_script("bench_real_pair").main(args) == 0
     text = capsys.readouterr().out
     assert "== humaneval: speed-up over plain decoding" in text
+    assert "== humaneval, temperature 1, rule traversal: speed-up over plain decoding " \
+           "(tokens/step; sampled, outputs not compared)" in text
+    for label in ("humaneval", "spec_bench"):
+        doc = json.loads((out / f"eval-{label}-T1-traversal" / "results.json").read_text())
+        assert doc["settings"]["config"]["temperature"] == 1.0 and \
+            doc["settings"]["config"]["rule"] == "traversal"
     assert "pass@1 (samples passed / scored): ar 0/2" in text  # tiny models write no code
     assert re.search(r"fp32 +predicted .* tok/s .*, measured .* tok/s", text)
     for label, n in (("humaneval", 2), ("spec_bench", 1)):
@@ -215,6 +227,32 @@ def test_bench_real_pair_on_a_saved_tiny_pair(folder, tmp_path, capsys):
         assert sum("quant=int8@" in m for m in every) == 2  # tuned tree and the chain
         assert all(r["matches_ar"] == f"{n}/{n}" for r in every.values())
     assert (out / "tune-int8" / "summary.json").exists()
+
+
+def test_bench_rules_tiny(capsys):
+    args = ["--tiny", "--profile-prompts", "3", "--eval-prompts", "2", "--max-new-tokens", "10",
+            "--sizes", "6", "--chain", "4", "--depth", "3", "--temperatures", "1.0",
+            "--threads", "1"]
+    assert load_script("bench_rules").main(args) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.startswith(" 1.0 ")]
+    assert {(r[1], r[4]) for r in rows} >= {("chain:4", "sequoia"), ("chain:4", "traversal"),
+                                           ("chain:4", "block")}
+    for r in rows:
+        assert float(r[5]) >= 1.0  # tokens per step
+        if r[4] == "sequoia":
+            assert r[9] == "0.00%"  # the gain of sequoia over itself
+    chain = {r[4]: r for r in rows if r[1] == "chain:4"}
+    assert chain["block"][5] == chain["traversal"][5]  # the same rule on a chain
+
+
+def test_bench_rules_cost_only(capsys):
+    args = ["--cost-only", "64", "--cost-tree", "kary:2x2", "--cost-tree", "chain:4",
+            "--threads", "1"]
+    assert load_script("bench_rules").main(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("kary:2x2: 7 nodes, depth 2, vocabulary 64")
+    assert "traversal" in out[0] and "block" not in out[0] and "block" in out[1]
 
 
 def test_bench_adaptive_tiny(tmp_path, capsys):

@@ -42,6 +42,7 @@ from treeopt.profile.latency import (
     timing_warnings,
     write_latency,
 )
+from treeopt.rules import default_width
 from treeopt.search.api import (
     PipelineError,
     SearchResult,
@@ -280,7 +281,7 @@ class AcceptanceSettings:
     categories: str | Sequence[str] | None = None
     positions: int | None = None
     max_new_tokens: int | None = None
-    width: int = 8
+    width: int | None = None  # 8, or 1 when the sampling rule verifies chains only (block)
     depth: int = TUNE_ACCEPTANCE_DEPTH
     mode: str = "teacher-forced"
     continuation: str = "target"
@@ -374,7 +375,8 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
         chosen = select(every, n=n_prompts, seed=seed, source=dataset_name, order="draw")
     else:
         chosen, dataset_name = load_prompt_set(prompts, n_prompts, seed, categories)
-    run = AcceptanceRun(width=acc.width, depth=acc.depth, mode=acc.mode,
+    width = default_width(samp.rule) if acc.width is None else acc.width
+    run = AcceptanceRun(width=width, depth=acc.depth, mode=acc.mode,
                         continuation=acc.continuation, max_new_tokens=max_new_tokens, seed=seed,
                         draft=_name(draft), target=_name(target), dataset=dataset_name,
                         chat_template=acc.chat_template, sampling=samp)

@@ -10,7 +10,7 @@ import argparse
 import torch
 
 from treeopt.cli import check_threads
-from treeopt.decode.sampling import RULES, Sampling
+from treeopt.decode.sampling import RULE_HELP, RULES, Sampling
 from treeopt.errors import TreeoptError, UserError
 from treeopt.limits import MAX_TREE_LEVELS, MAX_TREE_NODES, positive_ints
 from treeopt.models.loading import DEFAULT_DRAFT_MODEL
@@ -118,9 +118,8 @@ def add_sampling_arguments(parser, *, temperature: float = 0.0, temperature_help
                         help="nucleus sampling mass of P and Q (in (0, 1]; 1.0 = off) "
                              "(default: 1.0)")
     if rule:
-        parser.add_argument("--rule", choices=RULES, default="sequoia",
-                            help="stochastic verification rule of chains and trees; greedy "
-                                 "ignores it (default: sequoia)")
+        parser.add_argument("--rule", choices=list(RULES), default="sequoia",
+                            help=RULE_HELP + " (default: sequoia)")
 
 
 def sampling_from_args(args: argparse.Namespace, seed: int | None = None) -> Sampling:

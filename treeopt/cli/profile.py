@@ -50,6 +50,7 @@ from treeopt.profile.quality import (
     format_quality,
     profile_quality,
 )
+from treeopt.rules import default_width
 from treeopt.tuning import (
     CPU_NEW_TOKENS,
     CPU_PROMPTS,
@@ -212,8 +213,10 @@ def add_acceptance_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"continuation length per prompt (default {CPU_NEW_TOKENS} on CPU, "
                              f"{GPU_NEW_TOKENS} on GPU)")
     add_sampling_arguments(parser)
-    parser.add_argument("--width", type=int, default=8,
-                        help="siblings drafted (default %(default)s)")
+    parser.add_argument("--width", type=int, default=None,
+                        help="siblings drafted (default 8; 1 with --rule block, which "
+                             "verifies chains; traversal and block profile one-level trees "
+                             "as sequoia does)")
     parser.add_argument("--depth", type=int, default=6,
                         help="depth D of the profiled tree in edges: parents at depths "
                              "0..D-1 each get their own acceptance row (default %(default)s)")
@@ -267,6 +270,8 @@ def check_acceptance_args(args) -> None:
     ``treeopt.decode.sampling.check_settings``, as every command does)."""
 
     check_settings(args.temperature, args.top_k, args.top_p, args.rule)
+    if args.width is None:
+        args.width = default_width(args.rule)
     for name in ("width", "depth"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")

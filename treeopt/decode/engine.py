@@ -26,7 +26,7 @@ import torch
 
 from treeopt.decode.attention import check_cache, new_cache, run_model
 from treeopt.decode.drafter import Drafter, Proposal, root_only
-from treeopt.decode.sampling import GREEDY, Sampling, sample
+from treeopt.decode.sampling import GREEDY, Sampling, check_rule_shape, sample
 from treeopt.decode.verify import DecodeError, accept, greedy_choice, keep, verify_tree
 
 
@@ -231,6 +231,8 @@ def generate(target, drafter: Drafter | None, input_ids: torch.Tensor, *, max_ne
     split is exact (CPU timings are exact either way).
     """
     device, limit = check_inputs(target, drafter, input_ids, max_new_tokens)
+    if drafter is not None:  # a chain-only rule and a branching tree: refuse before any work
+        check_rule_shape(sampling.rule, drafter.shape)
     input_ids = input_ids.to(device=device, dtype=torch.int64)
     if eos_token_id is None:
         eos = frozenset()

@@ -1,4 +1,6 @@
-"""Logit processing and the lossless verification rules (greedy, Sequoia, SpecInfer).
+"""Logit processing, the names of the lossless verification rules, and the token-level ones
+(greedy, Sequoia, SpecInfer); the tree-level rules (Traversal, Block) are in
+:mod:`treeopt.decode.traversal`.
 
 One implementation serves the engine (one node at a time) and tests/profilers (many rows at
 once): :func:`verify_children_batch` works on B independent (P, Q, children) problems and
@@ -20,8 +22,9 @@ from typing import Sequence
 import torch
 
 from treeopt.errors import TreeoptError
+from treeopt.rules import (CHAIN_RULES, RULE_HELP, RULES, TOKEN_RULES,  # noqa: F401
+                           WITH_REPLACEMENT)
 
-RULES = ("sequoia", "specinfer")
 # A residual max(P - Q, 0) whose mass is below this is numerical noise (P == Q): keep P.
 RESIDUAL_EPS = 1e-6
 # top-p sorts only this many most likely tokens when they hold the top_p mass (else all).
@@ -52,8 +55,33 @@ def check_settings(temperature: float, top_k: int, top_p: float, rule: str = "se
         raise SamplingError(f"top_k must be an integer >= 0 (0 = off), got {top_k}")
     if not 0 < top_p <= 1:
         raise SamplingError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+    check_rule(rule)
+
+
+def check_rule(rule: str) -> None:
+    """Raise SamplingError unless ``rule`` is one of ``RULES``."""
     if rule not in RULES:
         raise SamplingError(f"unknown verification rule {rule!r}; use one of {', '.join(RULES)}")
+
+
+def one_level_rule(rule: str) -> str:
+    """The token-level rule that verifies a one-level tree (the root's children only) exactly
+    as ``rule`` does. On such a tree Traversal and Block Verification make Sequoia's
+    decisions: the root's sequence weight starts at 1 and stays 1 after every rejection
+    (r / (r + 1 - 1)), so each child is accepted with min(1, P/Q) and rejected children update
+    P and Q as in Sequoia. One-level acceptance profiles of these rules are therefore the
+    token-level ones; what they add shows on deeper trees only."""
+    check_rule(rule)
+    return rule if rule in WITH_REPLACEMENT else "sequoia"
+
+
+def check_rule_shape(rule: str, tree) -> None:
+    """Raise SamplingError (one line) when ``rule`` verifies chains only and ``tree`` (a
+    ``Tree``) has a node with several children: never a silent fallback to another rule."""
+    if rule in CHAIN_RULES and tree is not None and tree.width > 1:
+        raise SamplingError(f"rule {rule!r} verifies chains (one child per node) but this tree "
+                            f"has a node with {tree.width} children; use a chain shape or "
+                            "--rule traversal for trees")
 
 
 @dataclass(frozen=True)
@@ -64,9 +92,9 @@ class Sampling:
     temperature must be at least ``MIN_TEMPERATURE`` (1e-5; smaller ones are rejected, not
     treated as greedy: ask for greedy with 0). Logits are divided by ``temperature``, then
     ``top_k`` (0 = off) and ``top_p`` (1 = off) are applied to the target's and the draft's
-    distributions alike, and children are verified by ``rule`` ("sequoia": drawn without
-    replacement, "specinfer": with replacement). ``seed`` seeds the run's random stream
-    (None = torch's global one).
+    distributions alike, and children are verified by ``rule`` (one of ``RULES``: "sequoia",
+    "specinfer", "traversal", "block"; "block" verifies chains only). ``seed`` seeds the run's
+    random stream (None = torch's global one).
     """
 
     temperature: float = 0.0
@@ -81,6 +109,11 @@ class Sampling:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def replacement(self) -> bool:
+        """Whether drafters draw a node's children with replacement for this rule."""
+        return self.rule in WITH_REPLACEMENT
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """Processed distribution (..., V) float32 of logits (..., V)."""
@@ -173,8 +206,9 @@ def verify_children_batch(p: torch.Tensor, q: torch.Tensor, children: torch.Tens
     token (B,) int64: the accepted child's token, or the bonus sampled from the residual P).
     Inputs are not modified.
     """
-    if rule not in RULES:
-        raise SamplingError(f"unknown verification rule {rule!r}; use one of {', '.join(RULES)}")
+    if rule not in TOKEN_RULES:
+        raise SamplingError(f"verify_children runs the token-level rules "
+                            f"({', '.join(TOKEN_RULES)}), not {rule!r}")
     b, k = children.shape
     p = p.float()
     q = q.float()

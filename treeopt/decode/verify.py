@@ -9,7 +9,9 @@ import torch
 
 from treeopt.decode.attention import compact, forward_tree
 from treeopt.decode.drafter import Proposal
-from treeopt.decode.sampling import Sampling, verify_candidates, verify_children, verify_greedy
+from treeopt.decode.sampling import (Sampling, check_rule_shape, verify_candidates,
+                                     verify_children, verify_greedy)
+from treeopt.decode.traversal import TREE_RULES, verify_tree_rule
 from treeopt.errors import TreeoptError
 from treeopt.tree import Tree, TreeBuffers, build_buffers
 
@@ -84,8 +86,15 @@ def accept_stochastic(logits: torch.Tensor, tokens: Sequence[int], proposal: Pro
     """Stochastic walk: at every node P comes from the target's logits there; children with
     a draft distribution Q (``proposal.q_at``) are verified by ``sampling.rule``
     (``verify_children``), children without one as point masses (``verify_candidates``).
+    The sequence-level rules ("traversal", "block") verify the whole tree at once
+    (:mod:`treeopt.decode.traversal`), with Q = 1 for point-mass children.
     Returns (path, ranks, bonus token)."""
     tree = proposal.tree
+    if sampling.rule in TREE_RULES:
+        return verify_tree_rule(sampling.rule, tree, tokens,
+                                lambda v: sampling.probs(logits[v]),
+                                lambda v: _on(proposal.q_at(v), logits.device), generator,
+                                logits.device)
     path, ranks, v = [0], [], 0
     while True:
         kids = tree.children[v]
@@ -103,13 +112,19 @@ def accept_stochastic(logits: torch.Tensor, tokens: Sequence[int], proposal: Pro
         ranks.append(i + 1)
 
 
+def _on(q: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return q if q is None or q.device == device else q.to(device)
+
+
 def accept(logits: torch.Tensor, proposal: Proposal, sampling: Sampling,
            generator: torch.Generator | None, *, where: str = "a verification step"
            ) -> tuple[list[int], list[int], int]:
     """Pick the accepted path: greedy when ``sampling`` is greedy, else the stochastic rule.
     logits: (size, V). Returns (path node ids from the root, sibling ranks along it, bonus
     token). NaN logits raise ``DecodeError`` (greedy, naming ``where``) or ``SamplingError``
-    (stochastic, from the sampling rules)."""
+    (stochastic, from the sampling rules). A chain-only rule ("block") refuses a branching
+    tree with a one-line ``SamplingError``, greedy or not."""
+    check_rule_shape(sampling.rule, proposal.tree)
     tokens = proposal.tokens.tolist()
     if sampling.greedy:
         return accept_greedy(logits, tokens, proposal.tree, where=where)

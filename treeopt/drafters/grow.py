@@ -114,12 +114,13 @@ def pick_children(logits: torch.Tensor, k: int, sampling: Sampling = GREEDY,
 
     logits: (e, V) draft logits of the expanded nodes. Greedy ``sampling``: the draft's top-k
     tokens, q None. Otherwise Q = ``sampling.probs(logits)`` and k children drawn from it
-    (``draw_children``: with replacement for the SpecInfer rule, else without), q = Q.
+    (``draw_children``: with replacement for the SpecInfer rule, else without:
+    ``sampling.replacement``), q = Q.
     Returns (children (e, k) int64 in rank order, q (e, V) float32 or None)."""
     if sampling.greedy:
         return logits.topk(k, dim=-1).indices, None
     q = sampling.probs(logits)
-    return draw_children(q, k, sampling.rule == "specinfer", generator), q
+    return draw_children(q, k, sampling.replacement, generator), q
 
 
 def draft_tree(draft, cache, pending: torch.Tensor, root_pos: int, tree: Tree, *,

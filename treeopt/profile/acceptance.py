@@ -70,11 +70,14 @@ from treeopt.decode.attention import run_model
 from treeopt.decode.drafter import Drafter
 from treeopt.decode.engine import generate, model_window
 from treeopt.decode.sampling import (
+    CHAIN_RULES,
     GREEDY,
     RULES,
+    WITH_REPLACEMENT,
     Sampling,
     draw_children,
     logits_to_probs,
+    one_level_rule,
     verify_candidates,
     verify_children,
     verify_children_batch,
@@ -138,15 +141,19 @@ def stochastic_ranks(target_probs: torch.Tensor, draft_probs: torch.Tensor, widt
     engine's own ``draw_children`` and ``verify_children_batch`` (``verify_children`` on all
     positions at once). Returns T ints in 0..width (0 = none accepted). Verification is
     sequential, so the first b of the W drawn siblings give the outcome a width-b tree would
-    have with the same draws."""
+    have with the same draws. The sequence-level rules verify a one-level tree exactly as
+    their token-level counterpart does (``one_level_rule``: traversal and block as sequoia),
+    so their one-level profiles are measured with it."""
 
     if rule not in RULES:
-        raise AcceptanceError(f"unknown verification rule {rule!r}; use sequoia or specinfer")
+        raise AcceptanceError(f"unknown verification rule {rule!r}; use one of "
+                              f"{', '.join(RULES)}")
     if target_probs.shape[0] == 0:
         return []
-    children = draw_children(draft_probs, width, replacement=(rule == "specinfer"),
+    children = draw_children(draft_probs, width, replacement=rule in WITH_REPLACEMENT,
                              generator=generator)
-    accepted, _ = verify_children_batch(target_probs, draft_probs, children, rule, generator)
+    accepted, _ = verify_children_batch(target_probs, draft_probs, children,
+                                        one_level_rule(rule), generator)
     return [int(a) + 1 for a in accepted.tolist()]
 
 
@@ -377,7 +384,8 @@ def candidate_ranks(drafter, prompt_ids: Sequence[int], tokens: Sequence[int],
             if q is None:
                 i, _ = verify_candidates(p, children, generator)
             else:
-                i, _ = verify_children(p, q.to(p.device), children, rule, generator)
+                i, _ = verify_children(p, q.to(p.device), children, one_level_rule(rule),
+                                       generator)
             ranks.append(0 if i is None else i + 1)
         committed.append(int(tok))
         one_level.update([0], committed)
@@ -548,6 +556,9 @@ class AcceptanceRun:
         if not isinstance(self.sampling, Sampling):  # a Sampling checks itself when made
             raise AcceptanceError(f"sampling must be a Sampling, got "
                                   f"{type(self.sampling).__name__}")
+        if self.rule in CHAIN_RULES and self.width > 1:
+            raise AcceptanceError(f"rule {self.rule!r} verifies chains (one child per node): "
+                                  f"profile it with width 1, not {self.width}")
         if self.max_new_tokens < 2:
             raise AcceptanceError(f"max_new_tokens must be >= 2, got {self.max_new_tokens}")
 

@@ -289,7 +289,9 @@ def optuna_size_limit(profile, budget: int | None = None, max_size: int | None =
 class ReplaySettings:
     """What the "replay" and "engine" objectives of :func:`optuna_tree` decode: the pair
     (``target``, ``draft`` specs), ``prompts`` held-out prompts of ``dataset`` (ones the
-    profile did not use), ``max_new_tokens`` each, at ``temperature`` on ``device``."""
+    profile did not use), ``max_new_tokens`` each, at ``temperature`` on ``device``, verified
+    by ``rule`` (default: the profile's own rule, so "engine" chooses trees for the rule in
+    use; the DP's model is exact for token-level rules only)."""
 
     target: str | None = None
     draft: str | None = None
@@ -298,6 +300,7 @@ class ReplaySettings:
     max_new_tokens: int = 64
     temperature: float = 0.0
     device: str = "auto"
+    rule: str | None = None
 
 
 def optuna_tree(profile, *, objective: str = "model", metric: str | None = None,
@@ -369,6 +372,7 @@ def optuna_tree(profile, *, objective: str = "model", metric: str | None = None,
         settings.update(target=target, draft=draft, dataset=replay.dataset,
                         prompts=[p.id for p in chosen], max_new_tokens=max_new_tokens,
                         temperature=temperature)
+        rule = replay.rule or prof.meta.get("rule") or "sequoia"
         if objective == "replay":
             traces = record_traces(pair.target, pair.drafter, ids, width=prof.width,
                                    max_new_tokens=max_new_tokens, temperature=temperature,
@@ -379,7 +383,8 @@ def optuna_tree(profile, *, objective: str = "model", metric: str | None = None,
             scorer = EngineObjective(pair.target, pair.drafter, ids,
                                      max_new_tokens=max_new_tokens, metric=metric,
                                      temperature=temperature, seed=seed,
-                                     eos_token_id=eos or None)
+                                     eos_token_id=eos or None, rule=rule)
+            settings.update(rule=rule)
     trials = how.trials if how.trials is not None else (20 if objective == "engine" else 200)
     found = run_search(scorer, width=prof.width, max_size=size_limit, levels=levels, seeds=seeds,
                        baseline=baseline, settings=settings,

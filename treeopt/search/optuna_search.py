@@ -232,7 +232,7 @@ class EngineObjective:
 
     def __init__(self, target, draft, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                  metric: str = "speed", temperature: float = 0.0, seed: int = 0,
-                 eos_token_id=None):
+                 eos_token_id=None, rule: str = "sequoia"):
         import torch
 
         self.target, self.metric = target, metric
@@ -241,6 +241,7 @@ class EngineObjective:
         if not self.prompts:
             raise OptunaSearchError("the engine objective needs calibration prompts")
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
+        self.rule = rule
         self.eos_token_id = eos_token_id
         self.seed = seed
         self.instances = len(self.prompts)
@@ -250,7 +251,8 @@ class EngineObjective:
         drafter = self.drafter.reshaped(tree) if tree.size > 1 else None
         gen = generate(self.target, drafter, self.prompts[index],
                        max_new_tokens=self.max_new_tokens,
-                       sampling=Sampling(self.temperature, seed=self.seed + index),
+                       sampling=Sampling(self.temperature, rule=self.rule,
+                                         seed=self.seed + index),
                        eos_token_id=self.eos_token_id)
         if self.metric == "tokens":
             return gen.stats.tokens_per_step
