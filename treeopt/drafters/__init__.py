@@ -1,0 +1,1 @@
+"""Drafters: the proposers behind the drafter interface (treeopt.decode.drafter)."""

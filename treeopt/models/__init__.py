@@ -1,0 +1,1 @@
+"""Models: loading, CPU kernels, dtype choice."""
