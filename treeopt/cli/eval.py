@@ -68,7 +68,8 @@ def register(subparsers) -> None:
                         f"any drafter spec ({DRAFTER_SPECS}); 'none' for no drafter")
     add_draft_variant_arguments(p)
     m.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights' dtype: auto = float32 on CPU, bfloat16 on CUDA")
+                   help="auto: on a CPU the dtype measured faster for the target on this "
+                        "machine (once, then cached), bfloat16 on CUDA (default: auto)")
     m.add_argument("--device", default="auto", help="auto, cpu or cuda")
     m.add_argument("--threads", type=int, default=None, metavar="N", help=THREADS_HELP)
     d = p.add_argument_group("prompts")
@@ -223,7 +224,7 @@ def _is_growmap(spec: str) -> bool:
 def run(args) -> int:
     from treeopt.evaluate.datasets import load_prompts
     from treeopt.evaluate.runner import (EvalConfig, check_config, check_out_dir,
-                                         format_summary, run_eval)
+                                         choice_lines, format_summary, run_eval)
 
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
@@ -263,6 +264,8 @@ def run(args) -> int:
                       profile=profile, progress=not args.no_progress, meta=meta)
     scored = _score(result, scoring, not args.no_progress)
     print(format_summary(result.summary))
+    for line in choice_lines(result.rows):
+        print(line, file=sys.stderr)
     if scored is not None:
         from treeopt.evaluate.passk import format_pass
 

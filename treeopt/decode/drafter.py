@@ -54,7 +54,7 @@ DEFAULT_CANDIDATE_SHAPE = Tree((-1, 0, 1, 2))
 # complete without importing every drafter at start-up.
 DRAFTER_MODULES = ("treeopt.decode.model_drafter", "treeopt.decode.ngram",
                    "treeopt.decode.datastore", "treeopt.decode.dynamic", "treeopt.decode.egag",
-                   "treeopt.decode.cascade")
+                   "treeopt.decode.cascade", "treeopt.drafters.auto")
 
 
 class DrafterError(TreeoptError, ValueError):
@@ -180,6 +180,11 @@ class Drafter:
         is the root). The tree may be at most ``max_depth`` deep (0: propose the root
         alone). ``sampling``: the run's settings; ``generator``: its random stream."""
         raise NotImplementedError
+
+    def choice(self) -> str:
+        """One line saying what this drafter chose in the last generation ("" when it chooses
+        nothing: a fixed drafter). The engine copies it into ``DecodeStats.choice``."""
+        return ""
 
     def update(self, path: Sequence[int], committed: Sequence[int],
                target_topk: torch.Tensor | None = None) -> None:
