@@ -3,6 +3,7 @@ supported dtypes by CPU flags, and the per-(model, machine) cache: measured once
 measured again when damaged or foreign, pinned by $TREEOPT_AUTO_DTYPE."""
 
 import json
+import re
 
 import pytest
 
@@ -129,3 +130,29 @@ def test_load_model_auto_uses_the_measured_choice(tmp_path, monkeypatch):
     model = load_model(str(folder), dtype="auto", device="cpu")
     assert model.dtype == torch.bfloat16
     assert load_model(str(folder), dtype="float32", device="cpu").dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------- CLI reports
+from test_tune import model_args, workspace  # noqa: E402,F401  (a saved tiny pair, prompts)
+
+
+def test_tune_and_profile_latency_report_every_dtype(workspace, tmp_path, capsys, monkeypatch):
+    from treeopt.cli import main
+
+    monkeypatch.setenv("TREEOPT_CACHE", str(tmp_path / "cache"))
+    assert main(["tune", *model_args(workspace), "--dataset", str(workspace / "prompts.jsonl"),
+                 "--prompts", "2", "--max-new-tokens", "6", "--width", "2", "--depth", "2",
+                 "--tokens", "1,2,4", "--context", "8", "--repeats", "1", "--warmup", "0",
+                 "--dtype", "float32", "--dtypes", "float32,bfloat16",
+                 "--out-dir", str(tmp_path / "run"), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    lines = [x.strip() for x in text.splitlines()]
+    assert any(x.startswith("float32: plain ") and "predicted" in x for x in lines)
+    assert any(x.startswith("bfloat16: plain ") and "over plain bfloat16" in x for x in lines)
+    assert re.search(r"--dtype auto picks (float32|bfloat16) from these latency curves", text)
+    assert main(["profile", "latency", *model_args(workspace), "--tokens", "1,2",
+                 "--context", "8", "--repeats", "1", "--warmup", "0", "--dtype", "float32",
+                 "--dtypes", "float32,bfloat16", "--out", str(tmp_path / "l.json")]) == 0
+    text = capsys.readouterr().out
+    assert "float32: plain" in text and "bfloat16: plain" in text
+    assert re.search(r"--dtype auto picks (float32|bfloat16) on this machine", text)
