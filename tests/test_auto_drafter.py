@@ -260,3 +260,29 @@ def test_a_choice_that_peeks_at_the_target_fails_the_same_test():
 def test_interpolated_costs_are_what_the_rule_reads():
     assert interpolate(SOFT, 3) == 12.0 and interpolate(SOFT, 17) == pytest.approx(42.5)
     assert list(itertools.islice(iter(SOFT), 1)) == [1]
+
+
+def test_a_cached_tune_result_replaces_exploration(tmp_path):
+    """The tune result for (target, draft, machine, dtype) is read back exactly; a damaged or
+    foreign one is ignored; with one, the draft model's acceptance starts from it."""
+    from types import SimpleNamespace
+
+    target = tiny()
+    pred = SimpleNamespace(speedup=1.4)
+    auto_mod.remember_tune(target, "early-exit:1", [[0.9, 0.05], [0.6, 0.1]], pred, chain(3),
+                           tmp_path)
+    got = auto_mod.read_tuned(target, "early-exit:1", tmp_path)
+    assert got == {"p1_by_depth": [0.9, 0.6], "predicted_speedup": 1.4}
+    assert auto_mod.read_tuned(target, "early-exit:2", tmp_path) is None
+    (path,) = (tmp_path / "tuned").glob("*.json")
+    data = json.loads(path.read_text())
+    data["p1_by_depth"] = [1.5]
+    path.write_text(json.dumps(data))
+    assert auto_mod.read_tuned(target, "early-exit:1", tmp_path) is None
+    a = AutoDrafter(copies(target), SOFT, model=ModelDrafter(tiny(), chain(9)),
+                    draft_curve={1: 1.0}, model_prior=[0.9, 0.6])
+    assert a.explore == 0
+    k, rate = a._model_rate(3)
+    # rates 0.9, 0.6, 0.6 (the last depth repeats): E = .9, .9 + .54, .9 + .54 + .324
+    exp = [0, 0.9, 1.44, 1.764]
+    assert (k, rate) == best_chain(exp, 3, SOFT, lambda k: k * 1.0)

@@ -807,6 +807,11 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
 
             files["treeset"] = save_treeset(found.treeset, out / "treeset.json")
             summary["treeset_file"] = files["treeset"].name
+    if isinstance(draft, (str, os.PathLike)) and tree.size > 1:  # for `--draft auto:draft=`
+        from treeopt.decode.models import cache_dir
+        from treeopt.drafters.auto import remember_tune
+
+        remember_tune(pair.target, str(draft), found.rank_table, pred, tree, cache_dir())
     seconds["total"] = round(time.perf_counter() - t0, 1)
     summary["seconds"] = seconds
     if out is not None:

@@ -31,7 +31,10 @@ is the target's own (greedy-exact; sampled outputs follow its distribution).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -40,7 +43,8 @@ from treeopt.decode.drafter import (Drafter, DrafterError, Proposal, build_draft
                                     parse_options, register_drafter, registered, root_only)
 from treeopt.decode.models import cache_dir
 from treeopt.decode.sampling import Sampling
-from treeopt.models.dtype import check_curve, interpolate, latency_curve
+from treeopt.limits import atomic_write
+from treeopt.models.dtype import check_curve, interpolate, latency_curve, machine, model_key
 from treeopt.shapes import chain
 from treeopt.tree import Tree
 
@@ -135,7 +139,8 @@ class AutoDrafter(Drafter):
     def __init__(self, copies: Sequence[tuple[str, Drafter]], curve: dict[int, float], *,
                  model: Drafter | None = None, draft_curve: dict[int, float] | None = None,
                  max_draft: int = MAX_DRAFT, margin: float = MARGIN, prior: float = PRIOR,
-                 explore: int = EXPLORE, dtype: str = ""):
+                 explore: int = EXPLORE, dtype: str = "",
+                 model_prior: Sequence[float] | None = None, prior_weight: float = 8.0):
         check_curve(curve, "auto drafter: target latency curve")
         if model is not None:
             check_curve(draft_curve or {}, "auto drafter: draft latency curve")
@@ -149,6 +154,12 @@ class AutoDrafter(Drafter):
         self.max_draft = int(max_draft)
         self.margin, self.prior, self.explore = float(margin), float(prior), int(explore)
         self.dtype = dtype
+        # a tune result's top-1 acceptance by depth for the draft model (pseudo-counts of
+        # weight ``prior_weight`` per depth): no exploration needed
+        self.model_prior = None if model_prior is None else [float(x) for x in model_prior]
+        self.prior_weight = float(prior_weight)
+        if self.model_prior is not None:
+            self.explore = 0
         self.stats = {name: MatchStats() for name, _ in self.copies}
         self.model_tries = [0] * (MODEL_CHAIN + 1)  # steps that reached depth d
         self.model_hits = [0] * (MODEL_CHAIN + 1)  # of which depth d was accepted
@@ -173,7 +184,8 @@ class AutoDrafter(Drafter):
         return AutoDrafter(copies, self.curve, model=self.model_drafter,
                            draft_curve=self.draft_curve or None, max_draft=cap,
                            margin=self.margin, prior=self.prior, explore=self.explore,
-                           dtype=self.dtype)
+                           dtype=self.dtype, model_prior=self.model_prior,
+                           prior_weight=self.prior_weight)
 
     def check(self, target) -> None:
         for _, d in self.copies:
@@ -213,8 +225,14 @@ class AutoDrafter(Drafter):
         """(k, rate) of the draft model's best chain (k <= offered)."""
         exp, p = [0.0], 1.0
         rate = 0.5
+        prior = self.model_prior
         for d in range(1, offered + 1):
-            if d <= MODEL_CHAIN and self.model_tries[d]:
+            if prior:
+                q = prior[min(d, len(prior)) - 1]
+                tries = self.model_tries[d] if d <= MODEL_CHAIN else 0
+                hits = self.model_hits[d] if d <= MODEL_CHAIN else 0
+                rate = (hits + self.prior_weight * q) / (tries + self.prior_weight)
+            elif d <= MODEL_CHAIN and self.model_tries[d]:
                 rate = (self.model_hits[d] + 1.0) / (self.model_tries[d] + 2.0)
             p *= rate
             exp.append(exp[-1] + p)
@@ -317,6 +335,49 @@ class AutoDrafter(Drafter):
         return f"AutoDrafter(copies=[{names}], model={self.model_drafter is not None})"
 
 
+# ------------------------------------------------------------------ tune results
+def tuned_path(target, draft: str, folder: Path) -> tuple[Path, dict]:
+    """(file, identity) of the tune result for (target as loaded, draft spec, machine,
+    dtype) in treeopt's cache folder."""
+    params = next(target.parameters())
+    ident = {"target": model_key(target), "draft": str(draft).strip(),
+             "dtype": str(params.dtype).removeprefix("torch."),
+             "machine": machine(params.device)}
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
+    return folder / "tuned" / f"{digest}.json", ident
+
+
+def remember_tune(target, draft: str, rank_table, prediction, tree, folder: Path) -> Path:
+    """Cache what ``tune`` found for (target, draft, machine, dtype): the top-1 acceptance
+    by depth, the predicted speed-up and the tree's shape (written atomically)."""
+    path, ident = tuned_path(target, draft, folder)
+    p1 = [float(row[0]) if len(row) else 0.0 for row in rank_table]
+    text = json.dumps({"version": 1, "identity": ident, "p1_by_depth": p1,
+                       "predicted_speedup": float(prediction.speedup), "size": tree.size,
+                       "depth": tree.depth}, indent=1) + "\n"
+    atomic_write(path, lambda fh: fh.write(text), binary=False)
+    return path
+
+
+def read_tuned(target, draft: str, folder: Path) -> dict | None:
+    """The cached tune result for (target, draft, machine, dtype), or None (absent, damaged,
+    another identity, values out of range)."""
+    path, ident = tuned_path(target, draft, folder)
+    try:
+        if not path.is_file() or path.stat().st_size > 1 << 16:
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or data.get("version") != 1 \
+                or data.get("identity") != ident:
+            return None
+        p1 = [float(x) for x in data["p1_by_depth"]]
+        if not p1 or not all(0.0 <= x <= 1.0 for x in p1):
+            return None
+        return {"p1_by_depth": p1, "predicted_speedup": float(data["predicted_speedup"])}
+    except (OSError, ValueError, TypeError, KeyError, UnicodeDecodeError):
+        return None
+
+
 def candidate_specs() -> list[tuple[str, str]]:
     """The copy candidates: the three n-gram strictnesses, and ``suffix`` when a module
     registered it."""
@@ -338,7 +399,7 @@ def _auto(options: str, *, target, tokenizer=None, tree: Tree | None = None) -> 
               for name, spec in candidate_specs()]
     folder = cache_dir()
     curve = latency_curve(target, folder)
-    model = draft_curve = None
+    model = draft_curve = prior = None
     if opts.get("draft"):
         model = build_drafter(opts["draft"], target=target, tokenizer=tokenizer,
                               tree=chain(draft_tokens=MODEL_CHAIN))
@@ -346,9 +407,13 @@ def _auto(options: str, *, target, tokenizer=None, tree: Tree | None = None) -> 
             raise DrafterError(f"drafter 'auto': draft={opts['draft']!r} is not a draft model; "
                                "the copy drafters are candidates already")
         draft_curve = latency_curve(model.model, folder)
+        tuned = read_tuned(target, opts["draft"], folder)
+        prior = None if tuned is None else tuned["p1_by_depth"]
     dtype = str(next(target.parameters()).dtype).removeprefix("torch.")
     return AutoDrafter(copies, curve, model=model, draft_curve=draft_curve,
-                       max_draft=max_draft, margin=opts.get("margin", MARGIN), dtype=dtype)
+                       max_draft=max_draft, margin=opts.get("margin", MARGIN), dtype=dtype,
+                       model_prior=prior)
 
 
-__all__ = ["AutoDrafter", "MatchStats", "best_chain", "bucket", "candidate_specs"]
+__all__ = ["AutoDrafter", "MatchStats", "best_chain", "bucket", "candidate_specs",
+           "read_tuned", "remember_tune"]
