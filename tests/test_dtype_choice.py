@@ -156,3 +156,20 @@ def test_tune_and_profile_latency_report_every_dtype(workspace, tmp_path, capsys
     text = capsys.readouterr().out
     assert "float32: plain" in text and "bfloat16: plain" in text
     assert re.search(r"--dtype auto picks (float32|bfloat16) on this machine", text)
+
+
+def test_a_dtype_the_model_cannot_run_is_not_a_candidate(tmp_path, monkeypatch):
+    monkeypatch.delenv(dt.ENV_PIN, raising=False)
+
+    def load(name):
+        if name == "bfloat16":
+            raise RuntimeError("\"addmm_impl_cpu_\" not implemented for 'BFloat16'")
+        return tiny_causal_lm(num_layers=1)
+
+    choice, tables = dt.auto_dtype("m", load, "cpu", tmp_path, ["float32", "bfloat16"])
+    assert choice == "float32" and list(tables) == ["float32"]
+
+    def never(name):
+        raise AssertionError("the cached choice is read, nothing loaded")
+
+    assert dt.auto_dtype("m", never, "cpu", tmp_path, ["float32", "bfloat16"])[0] == "float32"

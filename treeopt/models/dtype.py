@@ -279,9 +279,18 @@ def auto_dtype(name: str, load: Callable[[str], object], device: torch.device | 
         return cached
     tables: dict[str, dict[int, float]] = {}
     for dt in dtypes:
-        model = load(dt)
-        tables[dt] = latency_curve(model, folder)
-        del model
+        try:
+            model = load(dt)
+            tables[dt] = latency_curve(model, folder)
+        except (RuntimeError, NotImplementedError, TypeError) as exc:
+            if dt == dtypes[0]:
+                raise
+            # a model whose layers cannot run in this dtype here: not a candidate
+            tables.pop(dt, None)
+            del exc
+            continue
+        finally:
+            model = None
     choice = choose_dtype(tables)
     text = json.dumps({"version": CACHE_VERSION, "identity": ident, "choice": choice,
                        "ms": {k: {str(n): round(v, 4) for n, v in sorted(c.items())}
@@ -300,7 +309,7 @@ def read_choice(path: Path, ident: dict) -> tuple[str, dict[str, dict[int, float
         data = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(data, dict) or data.get("version") != CACHE_VERSION \
                 or data.get("identity") != ident or not isinstance(data.get("ms"), dict) \
-                or sorted(data["ms"]) != sorted(ident["dtypes"]):
+                or not data["ms"] or not set(data["ms"]) <= set(ident["dtypes"]):
             return None
         tables = {k: {int(n): float(v) for n, v in c.items()} for k, c in data["ms"].items()}
         choice = choose_dtype(tables)
