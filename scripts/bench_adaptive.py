@@ -1,7 +1,7 @@
 """Dynamic per-step trees: what the per-step choice costs, and whether it pays on a real pair.
 
 (a) Choice time (always; no model forward). For budgets 8, 16, 32, 64, 128 nodes it grows
-many random candidate trees exactly as ``treeopt.decode.dynamic`` does per step (frontier
+many random candidate trees exactly as ``treeopt.drafters.dynamic`` does per step (frontier
 choice, tree masks, token gathers, child values: ``--topk`` children per fed node, ``--topk``
 fed nodes per level, ``--depth`` levels) from random draft confidences, then chooses the kept
 tree and builds the step's Proposal: for ``dynamic`` (top-budget by path probability) and for
@@ -37,6 +37,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+from treeopt.decode.sampling import Sampling
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: steady CPU timings
 
@@ -96,7 +98,7 @@ def random_step(drafter, draft, depth: int, topk: int, cost: bool):
     import numpy as np
     import torch
 
-    from treeopt.decode.dynamic import Expansion
+    from treeopt.drafters.dynamic import Expansion
 
     confs, kids = draft
     tree = Expansion(depth, topk, drafter.budget, torch.tensor(0))
@@ -120,7 +122,7 @@ def choice_times(budgets, steps: int, depth: int, topk: int, seed: int = 0) -> l
     dynamic-dp, and the mean number of candidates."""
     import numpy as np
 
-    from treeopt.decode.dynamic import DynamicDrafter
+    from treeopt.drafters.dynamic import DynamicDrafter
     from treeopt.profile.calibration import from_samples
     from treeopt.profile.model import Latency, LatencyCurve
 
@@ -171,7 +173,7 @@ def print_choice_times(rows, depth: int, topk: int) -> None:
 def split_prompts(args):
     """(calibration prompts, evaluated prompts): consecutive slices of one Spec-Bench draw,
     after the prompts the profile was measured on."""
-    from treeopt.evaluate.datasets import load_prompts, select
+    from treeopt.datasets import load_prompts, select
 
     every = load_prompts("spec_bench")
     skip, c, n = args.profile_prompts, args.calib, args.n
@@ -184,7 +186,7 @@ def tiny_setup(args):
     on tiny random models."""
     import torch
 
-    from treeopt.evaluate.datasets import Prompt
+    from treeopt.datasets import Prompt
     from treeopt.profile import Profile
     from treeopt.profile.model import Latency, LatencyCurve
     from treeopt.testing import tiny_causal_lm
@@ -202,8 +204,8 @@ def tiny_setup(args):
 
 
 def real_setup(args):
-    from treeopt.cli import set_threads
-    from treeopt.decode.models import load_pair
+    from treeopt.api import load_pair
+    from treeopt.cli.args import set_threads
     from treeopt.profile import Profile
 
     set_threads(args.threads)
@@ -223,9 +225,10 @@ def ensure_calibration(path: Path, target, draft_spec: str, tokenizer, profile, 
                        args) -> Path:
     """Measure the dynamic-dp calibration on the calibration prompts (kept in ``path`` and
     reused when it is there), with the profile's latency copied in."""
+    from treeopt.api import Pair
     from treeopt.decode.drafter import build_drafter
-    from treeopt.profile.calibration import Calibration, calibrate_pair
-    from treeopt.decode.models import Pair
+    from treeopt.profile.calibrate import calibrate_pair
+    from treeopt.profile.calibration import Calibration
 
     if path.is_file():
         print(f"calibration: reusing {path}: {Calibration.load(path).summary()}")
@@ -244,7 +247,7 @@ def ensure_calibration(path: Path, target, draft_spec: str, tokenizer, profile, 
 
 
 def methods_for(args, profile, calibration: Path):
-    from treeopt.evaluate.runner import ar_method, drafter_method, tree_method
+    from treeopt.evaluate.methods import ar_method, drafter_method, tree_method
 
     b, d, k = args.budget, args.tree_depth, args.tree_topk
     draft = args.draft if not args.tiny else "early-exit:2"
@@ -266,7 +269,8 @@ def run_real(args) -> int:
     cal_path = ensure_calibration(out / "calibration.json", target, draft, tokenizer, profile,
                                   calib, args)
     methods = methods_for(args, profile, cal_path.resolve())
-    config = EvalConfig(max_new_tokens=args.max_new_tokens, temperature=0.0, seed=args.seed)
+    config = EvalConfig(max_new_tokens=args.max_new_tokens, seed=args.seed,
+                        sampling=Sampling(temperature=0.0))
     t0 = time.perf_counter()
     result = run_eval(target, draft, bench, methods, config=config, tokenizer=tokenizer,
                       out_dir=out / "eval", resume=args.resume, profile=profile,

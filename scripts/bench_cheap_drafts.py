@@ -2,7 +2,7 @@
 
 For a target/draft pair the draft is built four ways through its drafter spec: as given
 (``SPEC``), ``SPEC,quant=int8``, ``SPEC,vocab=N`` and ``SPEC,quant=int8,vocab=N`` (see
-``treeopt.decode.cheap_drafts``). For each variant it prints
+``treeopt.models.variants``). For each variant it prints
 
 - the draft's forward time over 1 and 4 new tokens after ``--context`` cached tokens (median
   ms over ``--repeats``, the variants interleaved so a busy machine hurts them alike), and
@@ -84,7 +84,7 @@ def tiny_setup(folder: Path):
 
 def prompt_tokens(tokenizer, n: int, length: int, seed: int = 0) -> list[list[int]]:
     """Token ids (at most ``length``) of ``n`` shipped prompts drawn across categories."""
-    from treeopt.evaluate.datasets import load_prompts
+    from treeopt.datasets import load_prompts
 
     prompts = load_prompts("spec_bench", n=max(1, n - n // 4), seed=seed) + \
         load_prompts("humaneval", n=max(1, n // 4), seed=seed)
@@ -150,8 +150,8 @@ def main(argv=None) -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from treeopt.decode.cheap_drafts import DraftVariant, add_variant, proposable_tokens
     from treeopt.decode.drafter import build_drafter
+    from treeopt.models.variants import DraftVariant, add_variant, proposable_tokens
 
     threads = torch.get_num_threads()
     progress = hf_logging.is_progress_bar_enabled()
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
                 args.context, args.repeats = min(args.context, 64), min(args.repeats, 3)
                 names = ("tiny", draft_spec)
             else:
-                from treeopt.decode.models import load_model, load_tokenizer
+                from treeopt.models.loading import load_model, load_tokenizer
 
                 target = load_model(args.target)
                 tokenizer = load_tokenizer(args.target)

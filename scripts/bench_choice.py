@@ -61,7 +61,8 @@ def main(argv=None) -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from treeopt.evaluate.choice import bench_choice
+    from treeopt.evaluate.choice import ChoiceSettings, bench_choice
+    from treeopt.profile.latency import LatencySettings
 
     threads, verbosity = torch.get_num_threads(), hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
@@ -69,15 +70,15 @@ def main(argv=None) -> int:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        report = bench_choice(args.target, args.draft, args.dataset,
-                              tune_prompts=args.tune_prompts, eval_prompts=args.eval_prompts,
-                              dtypes=[d.strip() for d in args.dtypes.split(",") if d.strip()],
-                              max_new_tokens=args.max_new_tokens, tune_tokens=args.tune_tokens,
-                              chains=args.chains, dp_sizes=args.dp_sizes,
-                              hf_lookup=args.hf_prompt_lookup, seed=args.seed,
-                              latency_tokens=args.latency_tokens,
-                              latency_repeats=args.latency_repeats,
-                              categories=args.categories, stop_at_eos=args.stop_at_eos)
+        settings = ChoiceSettings(
+            tune_prompts=args.tune_prompts, eval_prompts=args.eval_prompts,
+            dtypes=tuple(d.strip() for d in args.dtypes.split(",") if d.strip()),
+            max_new_tokens=args.max_new_tokens, tune_tokens=args.tune_tokens,
+            chains=tuple(args.chains), dp_sizes=tuple(args.dp_sizes),
+            hf_lookup=tuple(args.hf_prompt_lookup), seed=args.seed,
+            categories=args.categories, stop_at_eos=args.stop_at_eos,
+            latency=LatencySettings(tokens=args.latency_tokens, repeats=args.latency_repeats))
+        report = bench_choice(args.target, args.draft, args.dataset, settings)
     finally:
         torch.set_num_threads(threads)
         hf_logging.set_verbosity(verbosity)

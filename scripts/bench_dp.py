@@ -28,6 +28,7 @@ if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
 
 from sequoia_reference_dp import reference_dp, reference_results  # noqa: E402
+
 from treeopt.search.dp import solve  # noqa: E402
 
 REF_P = [.6, .1, .05, .03, .02, .015, .01, .008]

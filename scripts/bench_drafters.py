@@ -68,7 +68,7 @@ def parse_args(argv=None):
 
 def held_out_corpus(eval_ids: set[str], path: Path) -> int:
     """Spec-Bench prompts not evaluated, as a JSONL corpus (one document per turn)."""
-    from treeopt.evaluate.datasets import load_prompts
+    from treeopt.datasets import load_prompts
 
     n = 0
     with open(path, "w", encoding="utf-8") as fh:
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
 
 def _run(args) -> int:
     from treeopt.cli import main as cli
-    from treeopt.evaluate.datasets import load_prompts
+    from treeopt.datasets import load_prompts
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -133,7 +133,7 @@ def _run(args) -> int:
 def verdict(folder: Path, drafters: list[str], hf: str) -> None:
     """Per category: HF prompt lookup's best speed-up beside treeopt's best drafter; per
     treeopt method: its lowest category speed-up and in how many categories it matches HF."""
-    from treeopt.evaluate.runner import load_results
+    from treeopt.evaluate.results import load_results
 
     rows = load_results(folder)["summary"]
     hf_names = [f"hf-pld:{k}" for k in hf.split(",") if k] if hf else []

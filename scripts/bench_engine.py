@@ -85,7 +85,7 @@ def parse_args(argv=None):
 def tiny_setup(args):
     """(target, draft model, tokenizer None, bench prompts, calibration token lists) of tiny
     random models; prompts are random token ids."""
-    from treeopt.evaluate.datasets import Prompt
+    from treeopt.datasets import Prompt
     from treeopt.testing import tiny_pair
 
     target, draft = tiny_pair("llama", vocab_size=96)
@@ -100,9 +100,8 @@ def real_setup(args):
     """(target, drafter, tokenizer, bench prompts, calibration token lists) from the specs:
     prompts encoded with the tokenizer's chat template and cut to their last
     ``--max-prompt-tokens`` tokens."""
-    from treeopt.decode.api import encode_prompt
-    from treeopt.decode.models import load_pair
-    from treeopt.evaluate.datasets import Prompt, load_prompts
+    from treeopt.api import encode_prompt, load_pair
+    from treeopt.datasets import Prompt, load_prompts
 
     pair = load_pair(args.target, args.draft, dtype=args.dtype, device=args.device)
     prompts = load_prompts(args.dataset, categories=args.categories, n=args.n + args.calib,
@@ -205,8 +204,8 @@ class Timed:
 
 # ---------------------------------------------------------------- methods
 def build_methods(args, profile, draft_spec: str | None):
+    from treeopt.evaluate.methods import Method, ar_method, chain_method, dp_method
     from treeopt.evaluate.reference import early_exit_layers, hf_assisted, hf_prompt_lookup
-    from treeopt.evaluate.runner import Method, ar_method, chain_method, dp_method
 
     engine = [ar_method(), chain_method(args.chain - 1)]
     for n in (int(s) for s in args.dp_sizes.split(",") if s.strip()):

@@ -49,8 +49,8 @@ def tiny_setup(args):
     """(target, drafter, eos ids, profile prompts, eval prompts) of tiny random models."""
     import torch
 
-    from treeopt.decode.model_drafter import ModelDrafter
-    from treeopt.evaluate.datasets import Prompt
+    from treeopt.datasets import Prompt
+    from treeopt.drafters.model import ModelDrafter
     from treeopt.testing import tiny_pair
 
     target, draft = tiny_pair("llama", vocab_size=96)
@@ -65,10 +65,9 @@ def tiny_setup(args):
 def real_setup(args):
     """(target, drafter, eos ids, profile prompts, eval prompts) from the specs; the two prompt
     sets are disjoint draws of the dataset."""
-    from treeopt.decode.api import encode_prompts, eos_ids
-    from treeopt.decode.models import load_pair, resolve_device
-    from treeopt.evaluate.datasets import Prompt
-    from treeopt.pipeline import split_prompts
+    from treeopt.api import encode_prompts, load_pair
+    from treeopt.datasets import Prompt, split_prompts
+    from treeopt.models.loading import eos_ids, resolve_device
 
     pair = load_pair(args.target, args.draft, device=resolve_device(args.device))
     eos = eos_ids(pair.tokenizer, pair.target)
@@ -85,8 +84,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from treeopt.evaluate.runner import EvalConfig, dp_method, run_eval
-    from treeopt.profile.acceptance import AcceptanceRun, profile_acceptance, reliable_table
+    from treeopt.evaluate.methods import dp_method
+    from treeopt.evaluate.runner import EvalConfig, run_eval
+    from treeopt.profile.acceptance import AcceptanceRun, profile_acceptance
+    from treeopt.profile.model import reliable_table
     from treeopt.search.optuna_search import replay_steps
 
     threads = torch.get_num_threads()

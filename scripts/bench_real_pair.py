@@ -88,7 +88,7 @@ def variant_spec(draft: str, options: str) -> str:
 def held_out_humaneval(n_eval: int, seed: int, path: Path) -> list[str]:
     """Writes the HumanEval prompts that are not evaluated as a JSONL prompt file (the
     acceptance profiles use them) and returns the ids of the evaluated ones."""
-    from treeopt.evaluate.datasets import load_prompts
+    from treeopt.datasets import load_prompts
 
     evaluated = load_prompts("humaneval", n=n_eval, seed=seed)
     ids = {p.id for p in evaluated}
@@ -196,7 +196,7 @@ def score_pass_at_1(folder: Path) -> None:
 def verdict(folder: Path, label: str, tuned: dict[str, tuple[str, Path]]) -> None:
     """Per category: every method's speed-up (95 % interval when recorded) beside HF assisted
     generation; for the tuned trees: predicted vs measured tokens/s."""
-    from treeopt.evaluate.runner import load_results
+    from treeopt.evaluate.results import load_results
 
     doc = load_results(folder)
     rows = doc["summary"]

@@ -339,7 +339,7 @@ class Check:
     def engine(self, budget: Budget) -> dict:
         import torch
 
-        from treeopt.pipeline import load_profile, rank_table
+        from treeopt.search.api import load_profile, rank_table
         from treeopt.search.dp import solve
         from treeopt.shapes import chain, specinfer
         from treeopt.testing import decode

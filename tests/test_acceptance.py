@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from treeopt.decode.sampling import Sampling
 from treeopt.profile import Profile
 from treeopt.profile.acceptance import (
     AcceptanceError,
@@ -124,7 +125,7 @@ PROMPTS = [[5, 6, 7, 8], [10, 20, 30], [40, 41, 42, 43, 44], [1, 2, 3], [60, 61]
 
 def test_profile_writes_counts_and_intervals(tmp_path):
     target, draft = tiny_pair(seed=0)
-    run = AcceptanceRun(width=4, depth=3, max_new_tokens=10, temperature=0.0)
+    run = AcceptanceRun(width=4, depth=3, max_new_tokens=10, sampling=Sampling(temperature=0.0))
     out = tmp_path / "p.json"
     prof = profile_acceptance(target, draft, PROMPTS[:3], run, out=out)
     saved = Profile.load(out)
@@ -159,7 +160,7 @@ def test_merge_adds_counts(tmp_path):
 
 
 def test_reliable_table_drops_thin_rows():
-    from treeopt.profile.acceptance import reliable_table
+    from treeopt.profile.model import reliable_table
 
     c = RankCounts(2, 3)
     c.counts, c.none_count = [50, 10], 40
@@ -173,7 +174,8 @@ def test_reliable_table_drops_thin_rows():
 
 def test_resume_after_interrupt_equals_one_run(tmp_path):
     target, draft = tiny_pair(seed=1)
-    run = AcceptanceRun(width=3, depth=3, max_new_tokens=8, temperature=1.0, seed=7)
+    run = AcceptanceRun(width=3, depth=3, max_new_tokens=8, seed=7,
+                        sampling=Sampling(temperature=1.0))
     whole = profile_acceptance(target, draft, PROMPTS, run)
     out = tmp_path / "r.json"
 
@@ -191,7 +193,8 @@ def test_resume_after_interrupt_equals_one_run(tmp_path):
     assert resumed.depth_counts == whole.depth_counts and resumed.depth_none == whole.depth_none
     assert Profile.load(out).meta["prompts_done"] == len(PROMPTS)
 
-    other = AcceptanceRun(width=3, depth=3, max_new_tokens=8, temperature=0.5, seed=7)
+    other = AcceptanceRun(width=3, depth=3, max_new_tokens=8, seed=7,
+                          sampling=Sampling(temperature=0.5))
     with pytest.raises(AcceptanceError, match="temperature"):
         profile_acceptance(target, draft, PROMPTS, other, out=out, resume=True)
 

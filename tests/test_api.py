@@ -1,4 +1,4 @@
-"""The text API (``treeopt.decode.api.generate``) and ``treeopt generate``, on tiny random
+"""The text API (``treeopt.api.generate``) and ``treeopt generate``, on tiny random
 models with a word-level tokenizer built offline."""
 
 from __future__ import annotations
@@ -9,12 +9,13 @@ import sys
 
 import pytest
 import torch
+from helpers import tiny_tokenizer
 
-from test_models import tiny_tokenizer
+from treeopt.api import GenerateError, Pair, encode_prompt, generate
 from treeopt.cli import main as cli_main
-from treeopt.decode.api import GenerateError, encode_prompt, eos_ids, generate, resolve_tree
-from treeopt.decode.models import ModelError, Pair, early_exit_draft
-from treeopt.shapes import chain
+from treeopt.decode.sampling import Sampling
+from treeopt.models.loading import ModelError, early_exit_draft, eos_ids
+from treeopt.shapes import chain, resolve_tree
 from treeopt.testing import tiny_causal_lm
 from treeopt.tree import Tree
 
@@ -154,7 +155,7 @@ def test_specs_and_pairs(tmp_path, target, tok):
 
 def test_seeded_sampling_is_reproducible(target, tok):
     kw = dict(target=target, draft=early_exit_draft(target, 1), tokenizer=tok, tree=KARY,
-              max_new_tokens=16, temperature=0.9, top_p=0.95, seed=3)
+              max_new_tokens=16, sampling=Sampling(temperature=0.9, top_p=0.95, seed=3))
     a, b = generate("w5 w6", **kw)[0], generate("w5 w6", **kw)[0]
     assert a == b
 

@@ -5,10 +5,16 @@ compaction keeps exactly the accepted path; level-by-level drafting sees the rig
 import pytest
 import torch
 
-from treeopt.decode.attention import (CacheError, check_cache, forward_tree, keep_tokens,
-                                      run_model,
-                                      new_cache, tree_attention_mask)
-from treeopt.decode.draft import draft_tree
+from treeopt.decode.attention import (
+    CacheError,
+    check_cache,
+    forward_tree,
+    keep_tokens,
+    new_cache,
+    run_model,
+    tree_attention_mask,
+)
+from treeopt.drafters.grow import draft_tree
 from treeopt.testing import tiny_causal_lm
 from treeopt.tree import Tree
 

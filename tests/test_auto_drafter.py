@@ -13,7 +13,7 @@ from lossless import exact_joint, pair_pvalues, peaked_lm
 
 from treeopt.decode.drafter import DrafterError, build_drafter, registered
 from treeopt.decode.engine import generate
-from treeopt.decode.model_drafter import ModelDrafter
+from treeopt.drafters.model import ModelDrafter
 from treeopt.decode.sampling import Sampling
 from treeopt.drafters import auto as auto_mod
 from treeopt.drafters.auto import (COPY_CANDIDATES, AutoDrafter, MatchStats, best_chain,

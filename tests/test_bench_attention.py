@@ -4,9 +4,17 @@ import pandas as pd
 import pytest
 import torch
 
-from treeopt.bench.attention import (BenchError, bench_attention, bench_tree, bench_verify,
-                                     branch_masks, check_against_branches, make_case,
-                                     run_branches, run_tree)
+from treeopt.bench.attention import (
+    BenchError,
+    bench_attention,
+    bench_tree,
+    bench_verify,
+    branch_masks,
+    check_against_branches,
+    make_case,
+    run_branches,
+    run_tree,
+)
 from treeopt.cli import main
 from treeopt.testing import tiny_causal_lm
 

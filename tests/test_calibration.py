@@ -8,8 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from treeopt.profile.calibration import (Calibration, CalibrationError, bin_edges, calibrate,
-                                         candidate_outcomes, from_samples, isotonic)
+from treeopt.profile.calibrate import calibrate, candidate_outcomes
+from treeopt.profile.calibration import (
+    Calibration,
+    CalibrationError,
+    bin_edges,
+    from_samples,
+    isotonic,
+)
 from treeopt.profile.model import Latency, LatencyCurve
 from treeopt.testing import tiny_causal_lm
 
@@ -180,7 +186,8 @@ def test_missing_file_and_overwrite_refusal(tmp_path):
 
 # ---------------------------------------------------------------------------- command
 def test_cli_profile_calibration(tmp_path, monkeypatch, capsys):
-    from test_models import tiny_tokenizer
+    from helpers import tiny_tokenizer
+
     from treeopt.cli import main
 
     monkeypatch.setenv("TREEOPT_CACHE", str(tmp_path / "cache"))

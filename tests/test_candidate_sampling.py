@@ -4,6 +4,8 @@ the point-mass rule is lossless, on hand-made distributions and end to end throu
 
 import pytest
 import torch
+from helpers import NEW, PROMPT, V, exact, pair
+from lossless import pair_pvalues as pvalues
 from scipy.stats import chisquare
 
 import treeopt.decode.verify as verify_module
@@ -11,8 +13,6 @@ from treeopt.decode.drafter import Drafter, Proposal
 from treeopt.decode.engine import generate
 from treeopt.decode.sampling import Sampling, sample, verify_candidates
 from treeopt.tree import Tree
-from lossless import pair_pvalues as pvalues
-from test_engine_sampling import NEW, PROMPT, V, exact, pair
 
 N = 20_000
 P = torch.tensor([0.35, 0.05, 0.2, 0.0, 0.15, 0.1, 0.1, 0.05])

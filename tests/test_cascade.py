@@ -13,14 +13,14 @@ import pytest
 import torch
 from lossless import exact_joint, pair_pvalues, peaked_lm
 
-from treeopt.decode.cascade import FallbackDrafter, HorizontalDrafter, VerticalDrafter
-from treeopt.decode.datastore import BigramDrafter
 from treeopt.decode.drafter import DrafterError, build_drafter
 from treeopt.decode.engine import generate
-from treeopt.decode.model_drafter import ModelDrafter
-from treeopt.decode.models import early_exit_draft
-from treeopt.decode.ngram import NgramDrafter
 from treeopt.decode.sampling import GREEDY, Sampling
+from treeopt.drafters.cascade import FallbackDrafter, HorizontalDrafter, VerticalDrafter
+from treeopt.drafters.datastore import BigramDrafter
+from treeopt.drafters.model import ModelDrafter
+from treeopt.drafters.ngram import NgramDrafter
+from treeopt.models.loading import early_exit_draft
 from treeopt.shapes import chain, kary
 from treeopt.testing import tiny_causal_lm
 
@@ -130,8 +130,8 @@ def test_horizontal_fills_deep_levels_from_the_statistical_drafter():
 def test_path_candidates_are_what_propose_fills():
     """The statistical drafters' ``path_candidates`` give exactly the candidates their own
     ``propose`` fills a shape with (so cascades draft what they would)."""
-    from treeopt.decode.datastore import Datastore, DatastoreDrafter
     from treeopt.decode.drafter import proposal_from_paths
+    from treeopt.drafters.datastore import Datastore, DatastoreDrafter
 
     store = Datastore.from_token_lists([[3, 4, 5, 6, 3, 4, 7], [5, 6, 3, 4, 5, 9]], max_n=3)
     table = np.array([[(t * 7 + 1) % 96, (t * 7 + 2) % 96] for t in range(96)], dtype=np.int32)
@@ -298,9 +298,9 @@ def test_sampling_vertical_draws_the_draft_chain_and_is_lossless():
 def test_smollm2_greedy_equals_plain():
     pytest.importorskip("gguf")
     pytest.importorskip("accelerate")
-    from treeopt.decode.api import encode_prompt
-    from treeopt.decode.models import ModelError, load_pair
-    from treeopt.evaluate.datasets import load_prompts
+    from treeopt.api import encode_prompt, load_pair
+    from treeopt.datasets import load_prompts
+    from treeopt.models.loading import ModelError
 
     try:
         pair_ = load_pair("smollm2", None, device="cpu")

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_tokenizer
 
-from test_models import tiny_tokenizer
-from treeopt.chat import (Answer, ChatError, ChatSession, acceptance_by_depth, format_stats,
-                          summary)
+from treeopt.api import encode_prompt
+from treeopt.chat import Answer, ChatError, ChatSession, acceptance_by_depth, format_stats, summary
 from treeopt.cli import main as cli_main
-from treeopt.decode.api import encode_prompt
 from treeopt.decode.drafter import registered
 from treeopt.decode.engine import DecodeStats, StepStats, generate
 from treeopt.decode.sampling import Sampling

@@ -10,21 +10,31 @@ from functools import lru_cache
 
 import pytest
 import torch
-
+from helpers import tiny_tokenizer
 from lossless import exact_joint, pair_pvalues, peaked_lm
-from test_models import tiny_tokenizer
-from treeopt.cli import UserError, draft_spec_with_variant, main
-from treeopt.decode import cheap_drafts as cd
-from treeopt.decode.cheap_drafts import (DraftVariant, RestrictedHead, add_variant,
-                                         frequent_tokens, is_quantized, proposable_tokens,
-                                         quantize_int8, restrict_vocab, split_model_options)
-from treeopt.decode.cpu_kernels import PackedLinear, pack_linear_layers
+
+from treeopt.cli import UserError, main
+from treeopt.cli.args import draft_spec_with_variant
 from treeopt.decode.drafter import DrafterError, build_drafter
-from treeopt.decode.engine import DecodeError, generate
-from treeopt.decode.model_drafter import ModelDrafter
-from treeopt.decode.models import ModelError, _lm_head_rows, check_vocab
+from treeopt.decode.engine import generate
 from treeopt.decode.sampling import Sampling
+from treeopt.decode.verify import DecodeError
+from treeopt.drafters.model import ModelDrafter
 from treeopt.errors import TreeoptError
+from treeopt.models import variants as cd
+from treeopt.models.cpu_kernels import PackedLinear, pack_linear_layers
+from treeopt.models.loading import ModelError, check_vocab, lm_head_rows
+from treeopt.models.variants import (
+    DraftVariant,
+    RestrictedHead,
+    add_variant,
+    frequent_tokens,
+    is_quantized,
+    proposable_tokens,
+    quantize_int8,
+    restrict_vocab,
+    split_model_options,
+)
 from treeopt.testing import tiny_causal_lm
 from treeopt.tree import Tree
 
@@ -145,7 +155,7 @@ def test_restricted_head_logits_and_tied_embedding(packed):
     assert m.get_output_embeddings() is not head  # the original model keeps its head
     assert r.model.embed_tokens.weight is m.model.embed_tokens.weight
     assert torch.equal(m.model.embed_tokens.weight, emb)
-    assert _lm_head_rows(r) == VOCAB
+    assert lm_head_rows(r) == VOCAB
     with torch.inference_mode():
         full = m(input_ids=PROMPT).logits
         got = r(input_ids=PROMPT).logits
@@ -210,7 +220,7 @@ def test_check_vocab_and_drafter_check_on_a_quantised_head():
     q = quantize_int8(target)
     head = q.get_output_embeddings()
     assert callable(head.weight)  # the shape of the crash: weight is a method here
-    assert _lm_head_rows(q) == VOCAB
+    assert lm_head_rows(q) == VOCAB
     check_vocab(target, q)
     ModelDrafter(q, TREE).check(target)
     other = quantize_int8(tiny_causal_lm("llama", vocab_size=VOCAB + 8, hidden_size=32))

@@ -11,12 +11,10 @@ import types
 import pytest
 import torch
 
+import treeopt.profile.latency as latency_mod
 from treeopt.cli import main
 from treeopt.profile import Latency, LatencyCurve, Profile
 from treeopt.profile.latency import (
-    LatencyError,
-    contexts_of,
-    latencies_by_context,
     load_latency,
     measure_latency,
     parse_contexts,
@@ -24,6 +22,7 @@ from treeopt.profile.latency import (
     with_contexts,
     write_latency,
 )
+from treeopt.profile.model import LatencyError, contexts_of, latencies_by_context
 from treeopt.search.hardware import (
     MonotoneCurve,
     choose,
@@ -73,7 +72,7 @@ def test_multi_context_measure_is_interleaved_and_writes_one_loadable_file(tmp_p
             order.append((int(pos.min()), ids.shape[1]))  # (context, tokens)
         return real(model, ids, pos, mask, cache)
 
-    monkeypatch.setattr(attention, "forward_tree", spy)
+    monkeypatch.setattr(latency_mod, "forward_tree", spy)
     path = tmp_path / "p.json"
     Profile.from_counts([5, 3], 2, meta={"kind": "acceptance"}).save(path)
     lat = measure_latency(target, draft, tokens=[1, 2, 4], draft_tokens=[1, 2],
@@ -142,7 +141,7 @@ def test_contexts_beyond_the_window_are_refused_before_timing(monkeypatch):
 
     calls = []
     real = attention.forward_tree
-    monkeypatch.setattr(attention, "forward_tree",
+    monkeypatch.setattr(latency_mod, "forward_tree",
                         lambda *a: calls.append(1) or real(*a))
     target, _ = tiny_pair(max_positions=64)
     with pytest.raises(LatencyError, match="context 62 \\+ 4 tokens exceeds the model's 64 "
@@ -206,7 +205,7 @@ def test_an_interrupted_run_keeps_every_finished_round(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     (tmp_path / "cli.json").write_text(path.read_text())
-    monkeypatch.setattr(latency_mod, "measure_latency", stop)
+    monkeypatch.setattr(cli_profile, "measure_latency", stop)
     rc = main(["profile", "latency", "--target", "x", "--contexts", "16,64",
                "--out", str(tmp_path / "cli.json")])
     assert rc == 130
@@ -381,7 +380,8 @@ def _plain(target, ids, n):
 
 def test_eval_picks_each_prompts_tree_and_stays_exact(tmp_path):
     from treeopt.decode.engine import generate
-    from treeopt.evaluate.runner import EvalConfig, drafter_method, run_eval, tree_method
+    from treeopt.evaluate.methods import drafter_method, tree_method
+    from treeopt.evaluate.runner import EvalConfig, run_eval
 
     target, draft = tiny_pair()
     path = save_treeset(SET, tmp_path / "set.json")
@@ -414,9 +414,10 @@ def test_eval_picks_each_prompts_tree_and_stays_exact(tmp_path):
 
 
 def test_generate_picks_the_tree_by_prompt_length_and_equals_plain(tmp_path):
+    from helpers import tiny_tokenizer
+
     import treeopt
-    from test_models import tiny_tokenizer
-    from treeopt.decode.models import early_exit_draft
+    from treeopt.models.loading import early_exit_draft
 
     target = tiny_causal_lm(num_layers=3, seed=7)
     tok = tiny_tokenizer()
@@ -434,7 +435,7 @@ def test_generate_picks_the_tree_by_prompt_length_and_equals_plain(tmp_path):
 
 
 def test_cli_generate_with_a_tree_set(tmp_path, capsys):
-    from test_models import tiny_tokenizer
+    from helpers import tiny_tokenizer
 
     target = tiny_causal_lm(num_layers=3, seed=7)
     folder = tmp_path / "tiny"
@@ -456,7 +457,7 @@ def test_cli_generate_with_a_tree_set(tmp_path, capsys):
 
 
 def test_tune_with_contexts_writes_a_tree_set(tmp_path, capsys):
-    from test_tune import char_tokenizer
+    from helpers import char_tokenizer
 
     folder = tmp_path / "tiny"
     tiny_causal_lm(num_layers=2, seed=11).save_pretrained(folder)

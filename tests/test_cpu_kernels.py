@@ -6,12 +6,17 @@ import copy
 import pytest
 import torch
 
-from treeopt.decode.cpu_kernels import (PackedLinear, apply_kernels, available, kernels_in_use,
-                                        pack_linear_layers)
 from treeopt.decode.engine import generate
-from treeopt.decode.model_drafter import ModelDrafter
-from treeopt.decode.models import early_exit_draft
-from treeopt.decode.ngram import NgramDrafter
+from treeopt.drafters.model import ModelDrafter
+from treeopt.drafters.ngram import NgramDrafter
+from treeopt.models.cpu_kernels import (
+    PackedLinear,
+    apply_kernels,
+    available,
+    kernels_in_use,
+    pack_linear_layers,
+)
+from treeopt.models.loading import early_exit_draft
 from treeopt.testing import tiny_causal_lm
 from treeopt.tree import Tree
 

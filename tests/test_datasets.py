@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from treeopt.evaluate.datasets import DatasetError, Prompt, load_prompts
+from treeopt.datasets import DatasetError, Prompt, load_prompts
 
 MT_CATS = ["writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem",
            "humanities"]

@@ -9,10 +9,18 @@ import pytest
 import torch
 
 from treeopt.cli import main
-from treeopt.decode.datastore import (SCAN_CAP, BigramDrafter, Datastore, DatastoreDrafter,
-                                      DatastoreError, build_datastore, load_datastore,
-                                      read_meta, tokenizer_fingerprint)
 from treeopt.decode.drafter import DrafterError, build_drafter
+from treeopt.drafters.datastore import (
+    SCAN_CAP,
+    BigramDrafter,
+    Datastore,
+    DatastoreDrafter,
+    DatastoreError,
+    build_datastore,
+    load_datastore,
+    read_meta,
+    tokenizer_fingerprint,
+)
 from treeopt.tree import Tree
 
 # Continuations, counted on paper:
@@ -266,7 +274,7 @@ def test_interrupted_save_leaves_destination_alone(tmp_path, monkeypatch):
 @pytest.fixture
 def toy_tokenizer(monkeypatch):
     tok = WordTokenizer(WORDS)
-    monkeypatch.setattr("treeopt.decode.models.load_tokenizer", lambda spec: tok)
+    monkeypatch.setattr("treeopt.cli.datastore.load_tokenizer", lambda spec: tok)
     return tok
 
 

@@ -8,8 +8,8 @@ from functools import lru_cache
 
 import numpy as np
 import pytest
-
 from sequoia_reference_dp import reference_dp, reference_parents, reference_results
+
 from treeopt.search.dp import DPError, solve
 from treeopt.tree import Tree
 

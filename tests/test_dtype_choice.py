@@ -119,7 +119,7 @@ def test_environment_pins_and_single_dtype_devices_never_load(tmp_path, monkeypa
 def test_load_model_auto_uses_the_measured_choice(tmp_path, monkeypatch):
     import torch
 
-    from treeopt.decode.models import load_model
+    from treeopt.models.loading import load_model
 
     folder = tmp_path / "m"
     tiny_causal_lm(num_layers=1).save_pretrained(folder)
@@ -133,13 +133,23 @@ def test_load_model_auto_uses_the_measured_choice(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------- CLI reports
-from test_tune import model_args, workspace  # noqa: E402,F401  (a saved tiny pair, prompts)
+def model_args(ws):
+    return ["--target", str(ws / "tiny"), "--draft", "early-exit:1", "--device", "cpu",
+            "--threads", "1"]
 
 
-def test_tune_and_profile_latency_report_every_dtype(workspace, tmp_path, capsys, monkeypatch):
+def test_tune_and_profile_latency_report_every_dtype(tmp_path, capsys, monkeypatch):
+    from helpers import char_tokenizer
+
     from treeopt.cli import main
 
     monkeypatch.setenv("TREEOPT_CACHE", str(tmp_path / "cache"))
+    workspace = tmp_path / "ws"
+    tiny_causal_lm(num_layers=2, seed=11).save_pretrained(workspace / "tiny")
+    char_tokenizer().save_pretrained(workspace / "tiny")
+    (workspace / "prompts.jsonl").write_text("".join(
+        json.dumps({"id": f"p{i}", "category": "c", "text": t}) + "\n"
+        for i, t in enumerate(["the cat sat on the mat. the cat", "one two one two one"])))
     assert main(["tune", *model_args(workspace), "--dataset", str(workspace / "prompts.jsonl"),
                  "--prompts", "2", "--max-new-tokens", "6", "--width", "2", "--depth", "2",
                  "--tokens", "1,2,4", "--context", "8", "--repeats", "1", "--warmup", "0",

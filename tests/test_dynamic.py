@@ -1,4 +1,4 @@
-"""Dynamic per-step trees (treeopt.decode.dynamic): greedy outputs equal plain decoding token
+"""Dynamic per-step trees (treeopt.drafters.dynamic): greedy outputs equal plain decoding token
 for token (tiny Llama and Qwen2, several budgets and depths, budget 1 and depth 1), the drafted
 tokens equal the draft's own choices at every node (tree mask, positions and cache after
 compaction), the kept set is parent-closed and equals a brute-force top-budget, the per-step
@@ -12,15 +12,20 @@ from functools import lru_cache
 import numpy as np
 import pytest
 import torch
-
+from helpers import NEW, PROMPT, exact, pair
 from lossless import pair_pvalues as pvalues
-from test_engine_sampling import NEW, PROMPT, exact, pair
+
 from treeopt.decode.drafter import DrafterError, build_drafter
-from treeopt.decode.dynamic import (DynamicDrafter, Expansion, best_nodes, best_size, choose,
-                                    renumber)
 from treeopt.decode.engine import generate
-from treeopt.decode.sampling import (Sampling, draw_children, verify_children,
-                                     verify_children_batch)
+from treeopt.decode.sampling import Sampling, draw_children, verify_children, verify_children_batch
+from treeopt.drafters.dynamic import (
+    DynamicDrafter,
+    Expansion,
+    best_nodes,
+    best_size,
+    choose,
+    renumber,
+)
 from treeopt.profile.calibration import from_samples
 from treeopt.profile.model import Latency, LatencyCurve
 from treeopt.testing import tiny_causal_lm
@@ -39,7 +44,7 @@ def one_line(exc) -> str:
 def models(arch: str):
     """(target, draft): a peaked 3-layer target and a 1-layer draft that agrees with it part
     of the time (the target's own first layer, final norm and head)."""
-    from treeopt.decode.models import early_exit_draft
+    from treeopt.models.loading import early_exit_draft
 
     target = tiny_causal_lm(arch, vocab_size=64, hidden_size=32, num_layers=3, seed=4)
     with torch.no_grad():
@@ -399,7 +404,7 @@ def test_spec_errors_are_one_line(tmp_path, spec, words):
 
 
 def test_shape_and_topk_beyond_vocabulary_are_refused():
-    from treeopt.decode.engine import DecodeError
+    from treeopt.decode.verify import DecodeError
 
     target = models("llama")[0]
     with pytest.raises(DrafterError) as exc:
@@ -418,10 +423,10 @@ def test_real_smollm2_greedy_equals_plain(tmp_path):
     here on other Spec-Bench prompts) equal plain greedy decoding on held-out prompts."""
     pytest.importorskip("gguf")
     pytest.importorskip("accelerate")
-    from treeopt.decode.api import encode_prompt
-    from treeopt.decode.models import ModelError, load_pair
-    from treeopt.evaluate.datasets import load_prompts, select
-    from treeopt.profile.calibration import calibrate_pair
+    from treeopt.api import encode_prompt, load_pair
+    from treeopt.datasets import load_prompts, select
+    from treeopt.models.loading import ModelError
+    from treeopt.profile.calibrate import calibrate_pair
 
     try:
         pair = load_pair("smollm2", "early-exit:4", device="cpu")

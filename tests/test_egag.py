@@ -6,52 +6,22 @@ options are validated with one-line errors."""
 from __future__ import annotations
 
 from functools import lru_cache
-from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import Sharpened
 from lossless import exact_joint, pair_pvalues, peaked_lm
 
-from treeopt.decode.attention import run_model
 from treeopt.decode.drafter import DrafterError, build_drafter, parse_options
-from treeopt.decode.egag import EgagDrafter, check_gammas, normalised_entropy
 from treeopt.decode.engine import generate
 from treeopt.decode.sampling import GREEDY, Sampling
+from treeopt.drafters.egag import EgagDrafter, check_gammas, normalised_entropy
 from treeopt.shapes import chain, kary
 from treeopt.testing import tiny_causal_lm
 from treeopt.tree import Tree
 
 REPEAT = [list(range(3, 12)) * 3 + [3, 4], [5, 9, 7, 5, 9, 7, 5, 9, 2, 5, 9]]
 
-
-class Sharpened(torch.nn.Module):
-    """A hand-made draft: a tiny model's logits with 50 added to the best one (normalised
-    entropy about 1e-20, so 1 - h == 1 in float64) at every position, except after the
-    tokens in ``unsure``, where every logit is 0 (the uniform distribution: normalised
-    entropy 1). Elsewhere its ranking of tokens is the tiny model's."""
-
-    def __init__(self, inner, unsure=()):
-        super().__init__()
-        self.inner = inner
-        self.config = inner.config
-        self.unsure = set(unsure)
-
-    @property
-    def dtype(self):
-        return self.inner.dtype
-
-    def get_output_embeddings(self):
-        return self.inner.get_output_embeddings()
-
-    def forward(self, input_ids=None, cache=None, **kw):
-        kw.pop("use_cache", None)
-        logits = run_model(self.inner, input_ids, cache, **kw).logits.clone()
-        best = logits.argmax(-1, keepdim=True)
-        logits.scatter_add_(-1, best, torch.full(best.shape, 50.0, dtype=logits.dtype))
-        rows = input_ids[:, input_ids.shape[1] - logits.shape[1]:]
-        flat = torch.tensor([int(t) in self.unsure for t in rows[0].tolist()])
-        logits[0, flat] = 0.0
-        return SimpleNamespace(logits=logits)
 
 
 @lru_cache(maxsize=None)
@@ -307,9 +277,9 @@ def test_parse_options_with_parentheses():
 def test_smollm2_greedy_equals_plain():
     pytest.importorskip("gguf")
     pytest.importorskip("accelerate")
-    from treeopt.decode.api import encode_prompt
-    from treeopt.decode.models import ModelError, load_pair
-    from treeopt.evaluate.datasets import load_prompts
+    from treeopt.api import encode_prompt, load_pair
+    from treeopt.datasets import load_prompts
+    from treeopt.models.loading import ModelError
 
     try:
         pair_ = load_pair("smollm2", None, device="cpu")

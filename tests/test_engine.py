@@ -210,7 +210,7 @@ def test_caches_hold_exactly_the_committed_tokens(arch, temperature, monkeypatch
     """Before every draft pass the draft cache holds the committed tokens not in ``pending``;
     before every verification the target cache holds all committed tokens but the root."""
     import treeopt.decode.engine as engine
-    import treeopt.decode.model_drafter as model_drafter
+    import treeopt.drafters.model as model_drafter
 
     target, close, _ = models(arch)
     prompt = PROMPTS[1]

@@ -3,33 +3,20 @@ distribution of generated token pairs matches the target's exact distribution (c
 enumerating every continuation), for Sequoia's and SpecInfer's rules, trees and chains,
 temperature and top-p; a deliberately broken rule fails the same test."""
 
-from functools import lru_cache
 
 import pytest
 import torch
+from helpers import NEW, PROMPT, exact, pair
+from lossless import pair_pvalues
 
 import treeopt.decode.verify as verify_module
-from treeopt.testing import decode
-from lossless import exact_joint, pair_pvalues, peaked_lm
 from treeopt.decode.sampling import verify_children
+from treeopt.testing import decode
 from treeopt.tree import Tree
 
-V = 8
-NEW = 4
-PROMPT = torch.tensor([[2, 3, 4]])
 TREE = Tree.from_parents([-1, 0, 0, 0, 1, 1, 2])
 CHAIN = Tree.from_parents([-1, 0, 1])
 
-
-@lru_cache(maxsize=None)
-def pair():
-    return peaked_lm(0, V), peaked_lm(1, V)
-
-
-@lru_cache(maxsize=None)
-def exact(temperature: float, top_p: float) -> torch.Tensor:
-    """(V,) * NEW joint probability of the first NEW generated tokens, by enumeration."""
-    return exact_joint(pair()[0], PROMPT, NEW, temperature, top_p=top_p)
 
 
 def sample(tree, rule, temperature, top_p, n) -> torch.Tensor:

@@ -6,10 +6,13 @@ import math
 import pandas as pd
 import pytest
 import torch
+from helpers import CharTokenizer
 
-from treeopt.evaluate.datasets import Prompt
-from treeopt.evaluate.runner import (AR, METRICS, EvalConfig, EvalError, Method, chain_method,
-                                     load_results, run_eval, summarise, tree_method)
+from treeopt.datasets import Prompt
+from treeopt.decode.sampling import Sampling
+from treeopt.evaluate.methods import AR, Method, chain_method, tree_method
+from treeopt.evaluate.results import METRICS, load_results, summarise
+from treeopt.evaluate.runner import EvalConfig, EvalError, run_eval
 from treeopt.testing import tiny_pair
 from treeopt.tree import Tree
 
@@ -160,8 +163,9 @@ def test_resume_skips_finished_prompts(models, tmp_path):
 def test_sampling_and_failure_reporting(models):
     target, draft = models
     res = run_eval(target, draft, _prompts()[:2], [Method("kary", KARY)],
-                   config=EvalConfig(max_new_tokens=6, temperature=0.8, top_p=0.9, seed=3,
-                                     warmup=False), progress=False)
+                   config=EvalConfig(max_new_tokens=6, seed=3, warmup=False,
+                                     sampling=Sampling(temperature=0.8, top_p=0.9)),
+                   progress=False)
     assert res.rows["matches_ar"].isna().all()
     assert (res.summary["matches_ar"] == "-").all()
     assert (res.rows["new_tokens"] == 6).all()
@@ -181,29 +185,11 @@ def test_sampling_and_failure_reporting(models):
     assert res.summary.set_index("method").loc["kary", "matches_ar"] == "0/1"
 
 
-class _CharTokenizer:
-    """Characters 'a'..'z' and ' ' as ids 2..28; no chat template."""
-
-    chat_template = None
-
-    def encode(self, text, add_special_tokens=True):
-        return [2 + (ord(c) - 97 if c.isalpha() else 26) for c in text.lower()
-                if c.isalpha() or c == " "]
-
-    def decode(self, ids, skip_special_tokens=False):
-        return "".join(chr(97 + i - 2) if 2 <= i < 28 else " " for i in ids)
-
-    def __call__(self, text, add_special_tokens=True, return_tensors=None):
-        """The call ``treeopt.decode.api.encode_prompt`` makes (as Hugging Face tokenizers)."""
-        ids = self.encode(text, add_special_tokens=add_special_tokens)
-        return {"input_ids": torch.tensor([ids], dtype=torch.long) if return_tensors == "pt"
-                else ids}
-
 
 def test_text_prompts_multi_turn(models):
     target, draft = models
     prompts = [Prompt("q1", "writing", "hello there", ("hello there", "and more"))]
-    res = run_eval(target, draft, prompts, [chain_method(2)], tokenizer=_CharTokenizer(),
+    res = run_eval(target, draft, prompts, [chain_method(2)], tokenizer=CharTokenizer(),
                    config=EvalConfig(max_new_tokens=4, warmup=False), progress=False)
     assert list(res.rows["turn"]) == [1, 2, 1, 2]
     t1, t2 = res.rows[res.rows["method"] == AR]["prompt_tokens"]
@@ -233,7 +219,7 @@ def test_cli_eval_end_to_end(models, tmp_path, monkeypatch, capsys):
     target, draft = models
     monkeypatch.setattr(cli_eval, "load_pair_for",
                         lambda args: SimpleNamespace(target=target, draft=draft,
-                                                     tokenizer=_CharTokenizer()))
+                                                     tokenizer=CharTokenizer()))
     data = tmp_path / "q.jsonl"
     data.write_text("\n".join(json.dumps({"id": i, "category": c, "prompt": f"say {w}"})
                               for i, (c, w) in enumerate([("x", "one"), ("x", "two"),

@@ -12,15 +12,17 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
+from helpers import Sharpened
 
-from test_egag import Sharpened
 from treeopt.decode.drafter import register_drafter
-from treeopt.decode.egag import EgagDrafter
 from treeopt.decode.engine import generate
-from treeopt.decode.models import early_exit_draft
+from treeopt.decode.sampling import Sampling
+from treeopt.drafters.egag import EgagDrafter
+from treeopt.evaluate.methods import AR, chain_method, drafter_method
 from treeopt.evaluate.report import adaptive_methods, budget_tables, write_report
-from treeopt.evaluate.runner import (AR, EvalConfig, chain_method, drafter_method,
-                                     format_summary, run_eval, summarise)
+from treeopt.evaluate.results import format_summary, summarise
+from treeopt.evaluate.runner import EvalConfig, run_eval
+from treeopt.models.loading import early_exit_draft
 from treeopt.shapes import chain, kary
 from treeopt.testing import tiny_causal_lm
 
@@ -134,9 +136,9 @@ def test_report_draws_tree_sizes_and_compares_budgets(run):
 
 def test_report_of_results_without_tree_sizes(tmp_path):
     """Older results (no per-step sizes): no histogram, no budget table, no error."""
-    from test_report import _results
+    from helpers import eval_results
 
-    res = _results(tmp_path / "old")
+    res = eval_results(tmp_path / "old")
     md = write_report(res, tmp_path / "rep", trees=False).read_text()
     assert "Adaptive vs static" not in md and not (tmp_path / "rep" / "tree_sizes.png").exists()
 
@@ -153,13 +155,14 @@ def test_method_names_with_nested_specs():
 
 
 def test_cli_eval_with_adaptive_drafters(target, tmp_path, monkeypatch, capsys):
+    from helpers import CharTokenizer
+
     import treeopt.cli.eval as cli_eval
-    from test_eval import _CharTokenizer
     from treeopt.cli import main
 
     monkeypatch.setattr(cli_eval, "load_pair_for",
                         lambda args: SimpleNamespace(target=target, draft=None, drafter=None,
-                                                     tokenizer=_CharTokenizer()))
+                                                     tokenizer=CharTokenizer()))
     data = tmp_path / "q.txt"
     data.write_text("say one one one\nsay two two two\n")
     out = tmp_path / "run"
@@ -188,9 +191,10 @@ def test_acceptance_profile_of_adaptive_drafters(target, spec):
     for mode, continuation in (("teacher-forced", "target"), ("teacher-forced", "dataset"),
                                ("online", "target")):
         for temperature in (0.0, 1.0):
-            prof = profile_acceptance(target, drafter, prompts, AcceptanceRun(
-                width=2, depth=2, mode=mode, continuation=continuation, max_new_tokens=10,
-                temperature=temperature))
+            prof = profile_acceptance(target, drafter, prompts,
+                                      AcceptanceRun(width=2, depth=2, mode=mode,
+                                                    continuation=continuation, max_new_tokens=10,
+                                                    sampling=Sampling(temperature=temperature)))
             assert prof.meta["positions"] > 0 and 0 <= sum(prof.p) <= 1
 
 
@@ -198,9 +202,9 @@ def test_stochastic_profile_of_a_fallback_uses_the_model_rule(target):
     """Where the model drafts, sampling verification uses its Q (as decoding does), not the
     point-mass rule: with the target as its own draft every such sibling is accepted (the
     point-mass rule would accept about P(x), near 1/96 for this tiny model)."""
-    from treeopt.decode.cascade import FallbackDrafter
     from treeopt.decode.drafter import Drafter, root_only
-    from treeopt.decode.model_drafter import ModelDrafter
+    from treeopt.drafters.cascade import FallbackDrafter
+    from treeopt.drafters.model import ModelDrafter
     from treeopt.profile.acceptance import AcceptanceRun, profile_acceptance
 
     class Never(Drafter):
@@ -211,6 +215,7 @@ def test_stochastic_profile_of_a_fallback_uses_the_model_rule(target):
             return root_only(committed)
 
     drafter = FallbackDrafter(Never(), ModelDrafter(target))
-    prof = profile_acceptance(target, drafter, [list(PROMPTS[1])], AcceptanceRun(
-        width=1, depth=1, max_new_tokens=12, temperature=1.0))
+    prof = profile_acceptance(target, drafter, [list(PROMPTS[1])],
+                              AcceptanceRun(width=1, depth=1, max_new_tokens=12,
+                                            sampling=Sampling(temperature=1.0)))
     assert prof.meta["positions"] >= 10 and prof.p[0] > 0.99

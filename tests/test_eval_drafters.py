@@ -6,14 +6,22 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import CharTokenizer
 
 from treeopt.decode.drafter import Drafter, proposal_from_paths, register_drafter
 from treeopt.decode.engine import generate as engine_generate
-from test_eval import _CharTokenizer
+from treeopt.decode.sampling import Sampling
+from treeopt.evaluate.methods import (
+    AR,
+    Method,
+    ar_method,
+    chain_method,
+    dp_method,
+    drafter_method,
+    tree_method,
+)
 from treeopt.evaluate.reference import hf_assisted, hf_prompt_lookup
-from treeopt.evaluate.runner import (AR, EvalConfig, EvalError, Method, ar_method,
-                                     chain_method, drafter_method, dp_method, run_eval,
-                                     tree_method)
+from treeopt.evaluate.runner import EvalConfig, EvalError, run_eval
 from treeopt.testing import tiny_pair
 from treeopt.tree import Tree
 
@@ -150,7 +158,8 @@ def test_hf_ignores_eos_unless_asked(models, monkeypatch):
 
 def test_sampling_runs_hf_methods(models):
     target, draft = models
-    cfg = EvalConfig(max_new_tokens=6, temperature=0.8, top_p=0.9, seed=2, warmup=False)
+    cfg = EvalConfig(max_new_tokens=6, seed=2, warmup=False,
+                     sampling=Sampling(temperature=0.8, top_p=0.9))
     res = run_eval(target, draft, _prompts()[:1], [hf_prompt_lookup(3), hf_assisted()],
                    config=cfg, progress=False)
     assert (res.rows["new_tokens"] == 6).all() and res.rows["matches_ar"].isna().all()
@@ -224,7 +233,7 @@ def test_cli_eval_with_drafters(models, tmp_path, monkeypatch, capsys):
     target, draft = models
     monkeypatch.setattr(cli_eval, "load_pair_for",
                         lambda args: SimpleNamespace(target=target, draft=draft, drafter=None,
-                                                     tokenizer=_CharTokenizer()))
+                                                     tokenizer=CharTokenizer()))
     data = tmp_path / "q.txt"
     data.write_text("say one one one\nsay two two two\n")
     out = tmp_path / "run"

@@ -1,18 +1,19 @@
 """treeopt eval: greedy exactness in half precision (equal / numerical tie / differs), --dp
-levels, prompts encoded as treeopt.decode.api.encode_prompt does, and the plots' labels."""
+levels, prompts encoded as treeopt.api.encode_prompt does, and the plots' labels."""
 
 import json
 from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import CharTokenizer
 
-from test_eval import _CharTokenizer
+from treeopt.datasets import Prompt
 from treeopt.decode.engine import generate as real_generate
 from treeopt.evaluate import exactness
-from treeopt.evaluate.datasets import Prompt
-from treeopt.evaluate.runner import (AR, METRICS, EvalConfig, EvalError, dp_method, run_eval,
-                                     tree_method)
+from treeopt.evaluate.methods import AR, dp_method, tree_method
+from treeopt.evaluate.results import METRICS
+from treeopt.evaluate.runner import EvalConfig, EvalError, run_eval
 from treeopt.testing import tiny_pair
 from treeopt.tree import Tree
 
@@ -96,8 +97,8 @@ def bf16_twins():
 
 @pytest.fixture(scope="module")
 def bf16_text_twins():
-    """The same for the text prompt SAY through _CharTokenizer (no chat template)."""
-    return _twins(_CharTokenizer()(SAY)["input_ids"])
+    """The same for the text prompt SAY through CharTokenizer (no chat template)."""
+    return _twins(CharTokenizer()(SAY)["input_ids"])
 
 
 def _flipping(pair, genuine=False, first_prompt_only=None):
@@ -158,7 +159,7 @@ def test_a_later_turn_after_a_tie_is_compared_on_its_own_prompt(bf16_text_twins)
     """The tie changes turn 2's prompt (it includes turn 1's answer): turn 2 is compared with
     plain decoding of that prompt, not with plain decoding's different turn-2 prompt."""
     target, draft, pair = bf16_text_twins
-    tok = _CharTokenizer()
+    tok = CharTokenizer()
     prompts = [Prompt("q", "c", SAY, (SAY, "and two"))]
     res = run_eval(target, draft, prompts, [tree_method(KARY)], tokenizer=tok,
                    config=EvalConfig(max_new_tokens=8, warmup=False), progress=False,
@@ -172,18 +173,18 @@ def test_a_later_turn_after_a_tie_is_compared_on_its_own_prompt(bf16_text_twins)
 def test_cli_exit_status_tie_versus_difference(bf16_text_twins, tmp_path, monkeypatch,
                                                capsys):
     import treeopt.cli.eval as cli_eval
-    import treeopt.decode.engine as engine
+    import treeopt.evaluate.runner as runner
     from treeopt.cli import main
 
     target, draft, pair = bf16_text_twins
     monkeypatch.setattr(cli_eval, "load_pair_for",
                         lambda args: SimpleNamespace(target=target, draft=draft,
-                                                     tokenizer=_CharTokenizer()))
+                                                     tokenizer=CharTokenizer()))
     data = tmp_path / "q.jsonl"
     data.write_text(json.dumps({"id": 0, "category": "x", "prompt": SAY}) + "\n")
     outcomes = {}
     for genuine in (False, True):
-        monkeypatch.setattr(engine, "generate", _flipping(pair, genuine=genuine))
+        monkeypatch.setattr(runner, "engine_generate", _flipping(pair, genuine=genuine))
         rc = main(["eval", "--dataset", str(data), "--tree", KARY, "--max-new-tokens", "8",
                    "--dtype", "bfloat16", "--out", str(tmp_path / f"run{genuine}"),
                    "--no-progress", "--no-warmup"])
@@ -251,7 +252,7 @@ def test_cli_dp_levels_count_the_root():
 
 
 # ---------------------------------------------------------------------------- prompts
-class _TemplateTokenizer(_CharTokenizer):
+class _TemplateTokenizer(CharTokenizer):
     """A chat template whose tokenize=True path adds a BOS the text path does not: encoding
     through the template's text (encode_prompt) and through tokenize=True differ."""
 
@@ -270,7 +271,7 @@ class _TemplateTokenizer(_CharTokenizer):
 
 
 def test_text_prompts_are_encoded_as_encode_prompt_does(monkeypatch):
-    from treeopt.decode.api import encode_prompt
+    from treeopt.api import encode_prompt
 
     target, draft = tiny_pair()
     tok = _TemplateTokenizer()
@@ -308,7 +309,7 @@ def test_a_prompt_that_encodes_to_nothing_is_one_line():
     target, draft = tiny_pair()
     with pytest.raises(EvalError, match="prompt c/q: .*zero tokens"):
         run_eval(target, draft, [Prompt("q", "c", "!!", ("!!",))], [tree_method("chain:2")],
-                 tokenizer=_CharTokenizer(), config=EvalConfig(max_new_tokens=3, warmup=False,
+                 tokenizer=CharTokenizer(), config=EvalConfig(max_new_tokens=3, warmup=False,
                                                                chat_template=False),
                  progress=False)
 

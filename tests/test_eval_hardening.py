@@ -11,14 +11,21 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
+from helpers import CharTokenizer
 
-from test_eval import _CharTokenizer
 from treeopt.cli import build_parser, main
+from treeopt.datasets import Prompt
 from treeopt.decode.engine import generate as real_generate
-from treeopt.evaluate.datasets import Prompt
-from treeopt.evaluate.runner import (AR, METRICS, EvalConfig, EvalError, chain_method,
-                                     format_summary, load_results, run_eval, summarise,
-                                     tree_method, write_results)
+from treeopt.decode.sampling import Sampling
+from treeopt.evaluate.methods import AR, chain_method, tree_method
+from treeopt.evaluate.results import (
+    METRICS,
+    format_summary,
+    load_results,
+    summarise,
+    write_results,
+)
+from treeopt.evaluate.runner import EvalConfig, EvalError, run_eval
 from treeopt.testing import tiny_pair
 
 CFG = EvalConfig(max_new_tokens=4, warmup=False)
@@ -50,7 +57,7 @@ def cli(models, tmp_path, monkeypatch):
 
     def loader(args):
         loads.append(args.target)
-        return SimpleNamespace(target=target, draft=draft, tokenizer=_CharTokenizer())
+        return SimpleNamespace(target=target, draft=draft, tokenizer=CharTokenizer())
 
     monkeypatch.setattr(cli_eval, "load_pair_for", loader)
     data = tmp_path / "q.jsonl"
@@ -134,9 +141,9 @@ def test_resume_refuses_changed_target_draft_dataset_prompts_and_sampling(models
         ({"meta": {**meta, "target": "other"}}, "target model differs"),
         ({"meta": {**meta, "draft": "ngram"}}, "drafter .*differs"),
         ({"meta": {**meta, "dataset": "spec_bench"}}, "dataset differs"),
-        ({"config": EvalConfig(max_new_tokens=4, warmup=False, temperature=0.7)},
+        ({"config": EvalConfig(max_new_tokens=4, warmup=False, sampling=Sampling(temperature=0.7))},
          "temperature differs"),
-        ({"config": EvalConfig(max_new_tokens=4, warmup=False, top_k=5)}, "top_k differs"),
+        ({"config": EvalConfig(max_new_tokens=4, warmup=False, sampling=Sampling(top_k=5))}, "top_k differs"),
         ({"config": EvalConfig(max_new_tokens=5, warmup=False)}, "max_new_tokens differs"),
         ({"prompts": _prompts(4)[1:3]}, "prompt selection differs"),
         ({"prompts": changed_prompt}, "content of prompt 'alpha/0'"),
@@ -259,7 +266,7 @@ def test_long_prompts_can_be_skipped(tmp_path, capsys):
 def test_a_later_turn_that_outgrows_the_window_is_cut(capsys):
     target, draft = tiny_pair(max_positions=40)
     prompts = [Prompt("q", "w", "hello there", ("hello there", "and some more words here"))]
-    res = run_eval(target, draft, prompts, [chain_method(2)], tokenizer=_CharTokenizer(),
+    res = run_eval(target, draft, prompts, [chain_method(2)], tokenizer=CharTokenizer(),
                    config=EvalConfig(max_new_tokens=8, warmup=False), progress=False)
     ar = res.rows[res.rows["method"] == AR].set_index("turn")
     # turn 2 = 11 prompt tokens + 8 generated + 24 new = 43 > 32: 11 cut.
@@ -356,7 +363,7 @@ def test_cli_checks_sampling_before_any_file(cli, tmp_path, capsys):
 # ---------------------------------------------------------------------------- 4. turns
 def test_resume_reruns_a_prompt_with_a_missing_turn(models, tmp_path):
     target, draft = models
-    tok = _CharTokenizer()
+    tok = CharTokenizer()
     prompts = [Prompt("q1", "w", "hello there", ("hello there", "and more")),
                Prompt("q2", "w", "good day", ("good day", "tell me more"))]
     run_eval(target, draft, prompts, [chain_method(2)], tokenizer=tok, config=CFG,
@@ -507,7 +514,7 @@ def test_growmap_methods_are_named_by_metadata_or_path(models, tmp_path):
 
 # ---------------------------------------------------------------------------- 8. threading
 def test_threading_settings_are_recorded(models, tmp_path):
-    from treeopt.decode.cpu_kernels import kernels_in_use
+    from treeopt.models.cpu_kernels import kernels_in_use
 
     target, draft = models
     res = run_eval(target, draft, _prompts(2), [chain_method(2)], config=CFG,
@@ -515,7 +522,8 @@ def test_threading_settings_are_recorded(models, tmp_path):
     run = json.loads((tmp_path / "run.json").read_text())
     doc = load_results(tmp_path)
     for t in (run["threading"], doc["threading"], res.meta["threading"]):
-        assert t["torch_threads"] == torch.get_num_threads()
-        assert t["torch_interop_threads"] == torch.get_num_interop_threads()
-        assert t["OMP_WAIT_POLICY"] == os.environ.get("OMP_WAIT_POLICY")
+        # one schema with latency profiles (treeopt.models.machine.threading_settings)
+        assert t["threads"] == torch.get_num_threads()
+        assert t["interop_threads"] == torch.get_num_interop_threads()
+        assert t["omp_wait_policy"] == os.environ.get("OMP_WAIT_POLICY")
         assert t["kernels"] == kernels_in_use(target)

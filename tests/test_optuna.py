@@ -14,6 +14,7 @@ from treeopt.search.hardware import choose
 from treeopt.search.optuna_search import (
     ModelObjective,
     OptunaSearchError,
+    OptunaSettings,
     ReplayObjective,
     build_tree,
     record_traces,
@@ -56,19 +57,25 @@ def test_replay_steps_by_hand():
 def test_model_objective_never_worse_than_dp(tmp_path):
     levels, size = 5, 16
     dp_tree = solve(P, size, levels).tree(size, levels, at_most=True)
-    res = run_search(ModelObjective([P]), width=4, max_size=size, levels=levels, n_trials=15,
-                     seeds=[dp_tree, chain(levels)], storage=f"sqlite:///{tmp_path / 's.db'}",
-                     study_name="m")
+    res = run_search(ModelObjective([P]), width=4, max_size=size, levels=levels,
+                     seeds=[dp_tree, chain(levels)],
+                     optuna_settings=OptunaSettings(trials=15,
+                                                    storage=f"sqlite:///{tmp_path / 's.db'}",
+                                                    study_name="m"))
     assert res.value >= res.baseline_value - 1e-12
     assert res.baseline_value == pytest.approx(solve(P, size, levels).value(size, levels, True))
     assert res.tree.expected_tokens([P]) == pytest.approx(res.value)
     # continuing the study adds trials; other settings are refused
-    again = run_search(ModelObjective([P]), width=4, max_size=size, levels=levels, n_trials=5,
-                       seeds=[dp_tree], storage=f"sqlite:///{tmp_path / 's.db'}", study_name="m")
+    again = run_search(ModelObjective([P]), width=4, max_size=size, levels=levels, seeds=[dp_tree],
+                       optuna_settings=OptunaSettings(trials=5,
+                                                      storage=f"sqlite:///{tmp_path / 's.db'}",
+                                                      study_name="m"))
     assert again.trials == res.trials + 5 and again.value >= res.value
     with pytest.raises(OptunaSearchError, match="other settings"):
-        run_search(ModelObjective([P]), width=4, max_size=size + 1, levels=levels, n_trials=1,
-                   seeds=[dp_tree], storage=f"sqlite:///{tmp_path / 's.db'}", study_name="m")
+        run_search(ModelObjective([P]), width=4, max_size=size + 1, levels=levels, seeds=[dp_tree],
+                   optuna_settings=OptunaSettings(trials=1,
+                                                  storage=f"sqlite:///{tmp_path / 's.db'}",
+                                                  study_name="m"))
 
 
 def test_speed_objective_beats_or_ties_hardware_choice():
@@ -77,14 +84,15 @@ def test_speed_objective_beats_or_ties_hardware_choice():
                   LatencyCurve([1, 16], [1.0, 1.5]))
     hw = choose([P], lat, 16, 6)
     res = run_search(ModelObjective([P], lat, "speed"), width=4, max_size=16, levels=6,
-                     n_trials=20, seeds=[hw.tree])
+                     seeds=[hw.tree], optuna_settings=OptunaSettings(trials=20))
     assert res.baseline_value == pytest.approx(hw.tokens_per_s)
     assert res.value >= hw.tokens_per_s - 1e-9
 
 
 def test_replay_objective_equals_engine_tokens_per_step():
-    from treeopt.testing import decode
     import torch
+
+    from treeopt.testing import decode
 
     target, draft = tiny_pair(seed=5)
     prompts = [[3, 14, 15, 92], [65, 35, 89], [79, 32, 38, 46, 26]]
@@ -104,8 +112,8 @@ def test_replay_search_prunes_and_keeps_best_complete():
     rng = random.Random(0)
     traces = [[rng.choice([0, 1, 1, 1, 2, 3]) for _ in range(60)] for _ in range(12)]
     base = chain(3)
-    res = run_search(ReplayObjective(traces), width=3, max_size=12, levels=5, n_trials=25,
-                     seeds=[base])
+    res = run_search(ReplayObjective(traces), width=3, max_size=12, levels=5, seeds=[base],
+                     optuna_settings=OptunaSettings(trials=25))
     assert res.value >= res.baseline_value
     assert sum(res.per_instance) / len(res.per_instance) == pytest.approx(res.value)
     assert res.complete + res.pruned == res.trials
@@ -113,11 +121,12 @@ def test_replay_search_prunes_and_keeps_best_complete():
 
 WORKER = textwrap.dedent("""
     import sys
-    from treeopt.search.optuna_search import ModelObjective, run_search
+    from treeopt.search.optuna_search import ModelObjective, OptunaSettings, run_search
     from treeopt.shapes import chain
     run_search(ModelObjective([[0.6, 0.1, 0.05, 0.03]]), width=4, max_size=10, levels=4,
-               n_trials=6, seeds=[chain(4)], storage=sys.argv[1], study_name="shared",
-               seed=int(sys.argv[2]), worker=sys.argv[3])
+               seeds=[chain(4)],
+               optuna_settings=OptunaSettings(trials=6, storage=sys.argv[1], study_name="shared",
+                                              seed=int(sys.argv[2]), worker=sys.argv[3]))
 """)
 
 
@@ -136,7 +145,7 @@ def test_two_workers_share_one_sqlite_study(tmp_path):
 
 HANGING_WORKER = textwrap.dedent("""
     import sys, time
-    from treeopt.search.optuna_search import run_search
+    from treeopt.search.optuna_search import OptunaSettings, run_search
     from treeopt.shapes import chain
 
     class Hang:
@@ -145,8 +154,9 @@ HANGING_WORKER = textwrap.dedent("""
         def score(self, tree, index):
             time.sleep(3600)  # killed while its trial runs
 
-    run_search(Hang(), width=4, max_size=10, levels=4, n_trials=5, seeds=[chain(4)],
-               storage=sys.argv[1], study_name="killed", heartbeat_interval=1, grace_period=2)
+    run_search(Hang(), width=4, max_size=10, levels=4, seeds=[chain(4)],
+               optuna_settings=OptunaSettings(trials=5, storage=sys.argv[1], study_name="killed",
+                                              heartbeat_interval=1, grace_period=2))
 """)
 
 
@@ -190,8 +200,9 @@ def test_killed_worker_trial_fails_and_is_not_counted(tmp_path):
         proc.kill()
         proc.wait(timeout=30)
     time.sleep(3)  # past the grace period
-    res = run_search(_Tokens(), width=4, max_size=10, levels=4, n_trials=3, seeds=[chain(4)],
-                     storage=url, study_name="killed", heartbeat_interval=1, grace_period=2)
+    res = run_search(_Tokens(), width=4, max_size=10, levels=4, seeds=[chain(4)],
+                     optuna_settings=OptunaSettings(trials=3, storage=url, study_name="killed",
+                                                    heartbeat_interval=1, grace_period=2))
     trials = optuna.load_study(study_name="killed", storage=url).trials
     states = [t.state for t in trials]
     assert states[0] == optuna.trial.TrialState.FAIL
@@ -204,10 +215,11 @@ def test_killed_worker_trial_fails_and_is_not_counted(tmp_path):
 
 
 def test_failed_trials_do_not_count_toward_the_requested_number(tmp_path):
-    res = run_search(_Tokens(nan=1), width=4, max_size=10, levels=4, n_trials=4,
-                     seeds=[chain(4)], storage=f"sqlite:///{tmp_path / 'nan.db'}",
-                     study_name="nan")
+    res = run_search(_Tokens(nan=1), width=4, max_size=10, levels=4, seeds=[chain(4)],
+                     optuna_settings=OptunaSettings(trials=4,
+                                                    storage=f"sqlite:///{tmp_path / 'nan.db'}",
+                                                    study_name="nan"))
     assert res.complete + res.pruned == res.trials == 4 and res.failed == 1
-    memory = run_search(_Tokens(nan=2), width=4, max_size=10, levels=4, n_trials=3,
-                        seeds=[chain(4)])
+    memory = run_search(_Tokens(nan=2), width=4, max_size=10, levels=4, seeds=[chain(4)],
+                        optuna_settings=OptunaSettings(trials=3))
     assert memory.trials == 3 and memory.failed == 2

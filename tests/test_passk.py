@@ -14,10 +14,22 @@ import pandas as pd
 import pytest
 import torch
 
-from treeopt.evaluate.passk import (CACHE_FILE, Limits, PassKError, ResultCache,
-                                    build_program, check_answer, disagreements,
-                                    extract_code, load_problems, pass_at_k, run_program,
-                                    sanitize, score_answers, score_run)
+from treeopt.evaluate.passk import (
+    CACHE_FILE,
+    Limits,
+    PassKError,
+    ResultCache,
+    build_program,
+    check_answer,
+    disagreements,
+    extract_code,
+    load_problems,
+    pass_at_k,
+    run_program,
+    sanitize,
+    score_answers,
+    score_run,
+)
 
 FAST = Limits(timeout_s=2.0, memory_mb=256, file_mb=1, output_chars=500)
 
@@ -151,7 +163,7 @@ def test_infinite_loop_times_out_and_the_run_goes_on():
     res = check_answer(P0, "    while True:\n        pass\n", FAST)
     took = time.perf_counter() - t0
     assert res.status == "timeout" and res.returncode is None
-    assert 1.9 < took < 6.0
+    assert took > 1.9  # the program ran until its limit (a lower bound: load cannot break it)
     assert check_answer(P0, CANONICAL, FAST).status == "passed"  # the next sample runs
 
 
@@ -306,8 +318,9 @@ def models():
 
 @pytest.fixture(scope="module")
 def humaneval_run(models, tmp_path_factory):
-    from treeopt.evaluate.datasets import load_prompts
-    from treeopt.evaluate.runner import EvalConfig, Method, chain_method, run_eval
+    from treeopt.datasets import load_prompts
+    from treeopt.evaluate.methods import Method, chain_method
+    from treeopt.evaluate.runner import EvalConfig, run_eval
     from treeopt.tree import Tree
 
     target, draft = models

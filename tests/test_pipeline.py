@@ -16,11 +16,24 @@ import treeopt
 from treeopt.cli import build_parser, main
 from treeopt.growmap import load_growmap
 from treeopt.limits import MAX_TREE_NODES
-from treeopt.pipeline import PipelineError, level_limit, optuna_size_limit, search_tree
 from treeopt.profile import Latency, LatencyCurve, Profile
+from treeopt.search.api import (
+    PipelineError,
+    SearchSettings,
+    level_limit,
+    optuna_size_limit,
+    search_tree,
+)
 from treeopt.search.dp import solve
-from treeopt.search.hardware import (DEFAULT_DRAFT_COST, DEFAULT_MAX_LEVELS, choose,
-                                     default_max_size, monotone, predict, step_cost)
+from treeopt.search.hardware import (
+    DEFAULT_DRAFT_COST,
+    DEFAULT_MAX_LEVELS,
+    choose,
+    default_max_size,
+    monotone,
+    predict,
+    step_cost,
+)
 from treeopt.shapes import chain
 from treeopt.tree import Tree
 
@@ -96,8 +109,13 @@ def test_one_draft_cost_default_everywhere():
         assert _subparser(parser, *path).get_default("draft_cost") == DEFAULT_DRAFT_COST, path
     functions = [hardware.draft_ms, hardware.step_cost, hardware.predict, hardware.choose,
                  hardware.curve_notes, optuna_search.ModelObjective,
-                 optuna_search.ReplayObjective, pipeline.search_tree, pipeline.optuna_tree,
-                 pipeline.tune]
+                 optuna_search.ReplayObjective]
+    # search_tree, optuna_tree and tune take it in their one settings object
+    from treeopt.search.api import SearchSettings
+
+    assert SearchSettings().draft_cost == DEFAULT_DRAFT_COST
+    for fn in (pipeline.search_tree, pipeline.optuna_tree, pipeline.tune):
+        assert "search" in inspect.signature(fn).parameters, fn
     for fn in functions:
         assert inspect.signature(fn).parameters["draft_cost"].default == DEFAULT_DRAFT_COST, fn
     # and the constant is defined once: no module repeats the literal as a default
@@ -117,46 +135,49 @@ def test_search_on_a_profile_picks_what_the_library_picks(tmp_path, capsys):
 
 # ------------------------------------------------------------------ 3. the pipeline as a library
 def test_search_tree_fixed_budget(tmp_path):
-    found = search_tree(Profile(P), budget=40, max_depth=5, out=tmp_path / "t.json")
+    found = search_tree(Profile(P), budget=40, out=tmp_path / "t.json",
+                        search=SearchSettings(max_depth=5))
     table = solve(P, 40, 6)
     assert found.tree == table.tree(40, 6) and found.expected_tokens == table.value(40, 6)
     assert found.prediction is None and found.choice is None and found.max_levels == 6
     tree, meta = load_growmap(tmp_path / "t.json")
     assert tree == found.tree and found.path == tmp_path / "t.json"
     assert meta["budget"] == 40 and meta["max_levels"] == 6 and meta["depth"] == tree.depth
-    at_most = search_tree(Profile(P), budget=40, max_levels=6, at_most=True)
+    at_most = search_tree(Profile(P), budget=40, at_most=True, search=SearchSettings(max_levels=6))
     assert at_most.tree == table.tree(40, 6, at_most=True)
     with pytest.raises(PipelineError, match="no latency table"):
         search_tree(Profile(P))
     with pytest.raises(PipelineError, match="fixed budget"):
-        search_tree(Profile(P, latency=LAT), budget=8, measured_sizes_only=True)
+        search_tree(Profile(P, latency=LAT), budget=8,
+                    search=SearchSettings(measured_sizes_only=True))
 
 
 def test_search_tree_hardware_aware(tmp_path):
     prof = Profile(P, latency=LAT)
-    found = search_tree(prof, max_levels=8, picture=tmp_path / "t.dot")
+    found = search_tree(prof, picture=tmp_path / "t.dot", search=SearchSettings(max_levels=8))
     choice = choose(P, LAT, 32, 8)
     assert found.tree == choice.tree and found.choice.levels == choice.levels
     assert found.prediction == predict(choice.tree, P, LAT)
     assert found.max_size == 32 and found.meta["predicted_speedup"] == found.prediction.speedup
     assert (tmp_path / "t.dot").is_file()
-    sequoia = search_tree(prof, max_levels=8, draft_cost="sequoia")
+    sequoia = search_tree(prof, search=SearchSettings(max_levels=8, draft_cost="sequoia"))
     assert sequoia.tree == choose(P, LAT, 32, 8, "sequoia").tree
     assert sequoia.meta["draft_cost"] == "sequoia"
-    only = search_tree(prof, max_size=20, measured_sizes_only=True)
+    only = search_tree(prof, search=SearchSettings(max_size=20, measured_sizes_only=True))
     assert only.tree.size in {1, 2, 4, 8, 16} and only.meta["measured_sizes_only"]
     assert treeopt.search_tree is search_tree
 
 
 def test_search_does_not_import_the_cli_and_guards_are_gone():
     code = ("import sys, treeopt.pipeline, treeopt.search.optuna_search, treeopt.shapes, "
-            "treeopt.decode.api\n"
+            "treeopt.api\n"
             "print(sorted(m for m in sys.modules if m.startswith('treeopt.cli')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, check=True)
     assert out.stdout.strip() == "[]"
     library = [*(ROOT / "treeopt" / "search").glob("*.py"), ROOT / "treeopt" / "pipeline.py",
-               ROOT / "treeopt" / "shapes.py", ROOT / "treeopt" / "decode" / "api.py"]
+               ROOT / "treeopt" / "shapes.py", ROOT / "treeopt" / "api.py",
+               ROOT / "treeopt" / "search" / "api.py", ROOT / "treeopt" / "tuning.py"]
     for path in library + sorted((ROOT / "treeopt" / "cli").glob("*.py")):
         text = path.read_text()
         if path in library:
@@ -175,10 +196,10 @@ def test_every_command_is_registered():
 
 # ------------------------------------------------------------------ 4. one helper each
 def test_chains_are_built_in_one_place():
-    from treeopt.decode import api
-    from treeopt.decode import model_drafter
-    from treeopt.decode.model_drafter import DEFAULT_CHAIN, ModelDrafter
-    from treeopt.evaluate.runner import chain_method
+    from treeopt import api
+    from treeopt.drafters import model as model_drafter
+    from treeopt.drafters.model import DEFAULT_CHAIN, ModelDrafter
+    from treeopt.evaluate.methods import chain_method
     from treeopt.shapes import ShapeError, from_name
 
     assert chain(4) == chain(nodes=4) == chain(draft_tokens=3) == from_name("chain:4")
@@ -194,9 +215,10 @@ def test_chains_are_built_in_one_place():
 
 
 def test_prompts_are_encoded_by_the_one_encoder():
-    from test_models import tiny_tokenizer
-    from treeopt.decode.api import encode_prompt, encode_prompts
-    from treeopt.evaluate.datasets import Prompt
+    from helpers import tiny_tokenizer
+
+    from treeopt.api import encode_prompt, encode_prompts
+    from treeopt.datasets import Prompt
 
     tok = tiny_tokenizer()
     tok.chat_template = ("{% for m in messages %}<s> {{ m['content'] }} {% endfor %}"
@@ -208,7 +230,8 @@ def test_prompts_are_encoded_by_the_one_encoder():
     assert ids[2] == [4, 5]
     import treeopt.cli.profile as cli_profile
 
-    assert not hasattr(cli_profile, "encode_prompts")  # no second copy in the CLI
+    # no second copy in the CLI: what it uses is the library's one encoder
+    assert getattr(cli_profile, "encode_prompts", encode_prompts) is encode_prompts
 
 
 # ------------------------------------------------------------------ 5. leftovers

@@ -11,7 +11,8 @@ import shutil
 import pytest
 
 from treeopt.cli import main
-from treeopt.evaluate.datasets import Prompt, load_prompts, select
+from treeopt.datasets import Prompt, load_prompts, select
+from treeopt.decode.sampling import Sampling
 from treeopt.profile import Profile, ProfileError
 from treeopt.profile.acceptance import AcceptanceError, AcceptanceRun, profile_acceptance
 from treeopt.testing import tiny_causal_lm, tiny_pair
@@ -80,7 +81,7 @@ def test_resume_refuses_a_file_without_a_prompt_record(tmp_path):
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    from test_tune import char_tokenizer
+    from helpers import char_tokenizer
 
     root = tmp_path_factory.mktemp("hardening")
     tiny_causal_lm(num_layers=2, seed=11).save_pretrained(root / "tiny")
@@ -125,9 +126,9 @@ def test_cli_resume_with_another_seed_is_refused(workspace, tmp_path, capsys):
 def _measured(temperature=0.0, seed=0, width=3, depth=2, target="t", draft="d",
               mode="teacher-forced", continuation="target", prompts=PROMPTS[:2]):
     pair = tiny_pair(seed=1)
-    run = AcceptanceRun(width=width, depth=depth, max_new_tokens=6, temperature=temperature,
-                        seed=seed, target=target, draft=draft, mode=mode,
-                        continuation=continuation)
+    run = AcceptanceRun(width=width, depth=depth, max_new_tokens=6, seed=seed, target=target,
+                        draft=draft, mode=mode, continuation=continuation,
+                        sampling=Sampling(temperature=temperature))
     return profile_acceptance(*pair, prompts, run)
 
 

@@ -8,9 +8,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from treeopt.profile.quality import (QualityError, QualityRun, QualityStats,
-                                     chain_acceptance, distribution_quality, draft_model,
-                                     format_quality, log_probs, profile_quality)
+from treeopt.decode.sampling import Sampling, SamplingError
+from treeopt.profile.quality import (
+    QualityError,
+    QualityRun,
+    QualityStats,
+    chain_acceptance,
+    distribution_quality,
+    draft_model,
+    format_quality,
+    log_probs,
+    profile_quality,
+)
 from treeopt.testing import tiny_causal_lm, tiny_pair
 
 
@@ -134,8 +143,8 @@ def test_run_settings_are_checked():
         QualityRun(depth=0).check()
     with pytest.raises(QualityError, match="at least 5"):
         QualityRun(depth=4, max_new_tokens=4).check()
-    with pytest.raises(QualityError, match="temperature"):
-        QualityRun(temperature=-1).check()
+    with pytest.raises(SamplingError, match="temperature"):  # checked when it is made
+        QualityRun(sampling=Sampling(temperature=-1)).check()
 
 
 # ---------------------------------------------------------------------------- tiny models
@@ -149,7 +158,7 @@ def pair():
 
 def test_draft_equal_to_target_is_perfect(pair):
     target, _ = pair
-    run = QualityRun(depth=3, max_new_tokens=8, temperature=1.0)
+    run = QualityRun(depth=3, max_new_tokens=8, sampling=Sampling(temperature=1.0))
     q = profile_quality(target, target, PROMPTS, run)
     flat = q.flat()
     assert flat["positions"] == 3 * 7  # the first continuation token is not drafted
@@ -166,7 +175,7 @@ def test_greedy_alpha_is_top1_agreement(pair):
     """At temperature 0 P and Q are one-hot: alpha is 1 where the draft's argmax is the
     target's greedy token, else 0 (and then KL is infinite)."""
     target, draft = pair
-    run = QualityRun(depth=2, max_new_tokens=10, temperature=0.0)
+    run = QualityRun(depth=2, max_new_tokens=10, sampling=Sampling(temperature=0.0))
     q = profile_quality(target, draft, PROMPTS, run)
     agree, n = 0, 0
     with torch.no_grad():
@@ -190,7 +199,8 @@ def test_greedy_alpha_is_top1_agreement(pair):
 
 def test_sampled_quality_of_a_different_draft(pair, tmp_path):
     target, draft = pair
-    run = QualityRun(depth=3, max_new_tokens=8, temperature=1.0, top_k=3, seed=5)
+    run = QualityRun(depth=3, max_new_tokens=8, seed=5,
+                     sampling=Sampling(temperature=1.0, top_k=3))
     out = tmp_path / "q.json"
     q = profile_quality(target, draft, PROMPTS, run, out=out)
     flat = q.flat()
@@ -214,7 +224,8 @@ def test_a_draft_near_the_target(pair):
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         near.lm_head.weight += 0.002 * torch.randn(near.lm_head.weight.shape, generator=g)
-    run = QualityRun(depth=3, max_new_tokens=8, temperature=1.0, top_k=3, seed=5)
+    run = QualityRun(depth=3, max_new_tokens=8, seed=5,
+                     sampling=Sampling(temperature=1.0, top_k=3))
     flat = profile_quality(target, near, PROMPTS, run).flat()
     far = profile_quality(target, pair[1], PROMPTS, run).flat()
     assert flat["alpha"] > far["alpha"] and flat["tv"] < far["tv"]
@@ -297,6 +308,7 @@ def test_quality_document_is_strict_json(pair, tmp_path):
     """Infinite KL never reaches the file as a non-JSON number."""
     target, draft = pair
     out = tmp_path / "q.json"
-    profile_quality(target, draft, PROMPTS[:1], QualityRun(depth=1, max_new_tokens=4,
-                                                            temperature=0.0), out=out)
+    profile_quality(target, draft, PROMPTS[:1],
+                    QualityRun(depth=1, max_new_tokens=4, sampling=Sampling(temperature=0.0)),
+                    out=out)
     json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))

@@ -26,7 +26,8 @@ TREES = {
 def smollm2():
     pytest.importorskip("gguf")
     pytest.importorskip("accelerate")
-    from treeopt.decode.models import ModelError, load_pair
+    from treeopt.api import load_pair
+    from treeopt.models.loading import ModelError
 
     try:
         pair = load_pair("smollm2", None, device="cpu")
@@ -37,8 +38,8 @@ def smollm2():
 
 @pytest.fixture(scope="module")
 def prompts(smollm2):
-    from treeopt.decode.api import encode_prompt
-    from treeopt.evaluate.datasets import load_prompts
+    from treeopt.api import encode_prompt
+    from treeopt.datasets import load_prompts
 
     chosen = load_prompts("spec_bench", n=2, seed=1)
     return [encode_prompt(smollm2.tokenizer, p.text)[:, -256:] for p in chosen]
@@ -76,8 +77,8 @@ def test_autoregressive_engine_equals_greedy(smollm2, prompts, references):
 
 @pytest.mark.parametrize("name,layers", CASES)
 def test_tree_decoding_equals_greedy(smollm2, prompts, references, name, layers):
+    from treeopt.models.loading import early_exit_draft
     from treeopt.testing import decode
-    from treeopt.decode.models import early_exit_draft
 
     draft = early_exit_draft(smollm2.target, layers)
     for ids, ref in zip(prompts, references):
@@ -92,8 +93,8 @@ def test_tree_decoding_equals_greedy(smollm2, prompts, references, name, layers)
 def copy_prompts(smollm2):
     """Prompts whose answers copy from the input (translation, RAG), so that model-free
     drafters have something to propose."""
-    from treeopt.decode.api import encode_prompt
-    from treeopt.evaluate.datasets import load_prompts
+    from treeopt.api import encode_prompt
+    from treeopt.datasets import load_prompts
 
     chosen = load_prompts("spec_bench", categories="translation,rag", n=2, seed=1)
     return [encode_prompt(smollm2.tokenizer, p.text)[:, -384:] for p in chosen]
@@ -105,10 +106,10 @@ def test_model_free_drafters_equal_greedy(smollm2, copy_prompts, spec, shape,
                                           tmp_path_factory):
     """Model-free drafters on the real model: token-exact with plain decoding, and they do
     get drafts accepted."""
-    from treeopt.decode.datastore import build_datastore
+    from treeopt.datasets import load_prompts
     from treeopt.decode.drafter import build_drafter
     from treeopt.decode.engine import generate
-    from treeopt.evaluate.datasets import load_prompts
+    from treeopt.drafters.datastore import build_datastore
     from treeopt.shapes import from_name
 
     if spec in ("bigram", "datastore"):

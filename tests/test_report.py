@@ -5,43 +5,17 @@ import math
 
 import pandas as pd
 import pytest
+from helpers import KARY, eval_results
 
 from treeopt.cli import main
+from treeopt.evaluate.methods import Method
 from treeopt.evaluate.report import ReportError, depth_rank_table, write_report
-from treeopt.evaluate.runner import (AR, METRICS, EvalConfig, Method, ar_method, summarise,
-                                     write_results)
+from treeopt.evaluate.results import summarise
 from treeopt.tree import Tree
-
-KARY = Tree.from_parents([-1, 0, 0, 1, 1, 2, 2])
-
-
-def _row(method, key, cat, acc, ranks, drafted, match=True):
-    steps = len(acc)
-    return {"method": method, "prompt_key": key, "prompt_id": key, "category": cat, "turn": 1,
-            "prompt_tokens": 20, "new_tokens": sum(acc) + steps + 1, "seconds": 0.5,
-            "target_forwards": steps, "step_tokens": sum(acc) + steps, "steps": steps,
-            "drafted": drafted * steps, "accepted": sum(acc), "accepted_per_step": acc,
-            "ranks_per_step": ranks, "matches_ar": match,
-            "first_mismatch": None if match else 3, "expected_tokens_per_step": None}
-
-
-def _results(tmp_path, mismatch=False):
-    rows = []
-    for key, cat in (("a/0", "a"), ("b/1", "b")):
-        rows.append(_row(AR, key, cat, [0] * 8, [[]] * 8, 0))
-        rows.append(_row("kary", key, cat, [2, 1, 0, 2], [[1, 2], [2], [], [1, 1]], 6,
-                         match=not (mismatch and key == "b/1")))
-    df = pd.DataFrame(rows)
-    methods = [ar_method(), Method("kary", KARY)]
-    meta = {"settings": {"config": vars(EvalConfig(max_new_tokens=9)),
-                         "methods": [m.to_dict() for m in methods]},
-            "metrics": METRICS, "prompts": 2, "expected_tokens_per_step": {}}
-    write_results(tmp_path, df, summarise(df, ["ar", "kary"]), meta)
-    return tmp_path
 
 
 def test_depth_rank_table_hand_computed(tmp_path):
-    doc = json.loads((_results(tmp_path) / "results.json").read_text())
+    doc = json.loads((eval_results(tmp_path) / "results.json").read_text())
     table = depth_rank_table(doc["rows"], Method("kary", KARY))
     # Depth 1: 8 steps reach the root; ranks accepted: 1,2,-,1 twice -> 4/8 rank 1, 2/8 rank 2.
     # Depth 2: reached when accepted >= 1: 6 steps; rank 2 twice, rank 1 twice.
@@ -52,7 +26,7 @@ def test_depth_rank_table_hand_computed(tmp_path):
 
 
 def test_report_writes_files_and_flags_failures(tmp_path):
-    res = _results(tmp_path / "run", mismatch=True)
+    res = eval_results(tmp_path / "run", mismatch=True)
     page = write_report(res, tmp_path / "rep", profile=[0.6, 0.2])
     out = tmp_path / "rep"
     for name in ("speedup.png", "tokens_per_step.png", "accepted_hist.png",
@@ -67,7 +41,7 @@ def test_report_writes_files_and_flags_failures(tmp_path):
 
 
 def test_report_cli_and_errors(tmp_path, capsys):
-    res = _results(tmp_path / "run")
+    res = eval_results(tmp_path / "run")
     assert main(["report", str(res / "results.json"), "--out", str(tmp_path / "r"),
                  "--no-trees"]) == 0
     md = (tmp_path / "r" / "report.md").read_text()
@@ -80,9 +54,9 @@ def test_report_cli_and_errors(tmp_path, capsys):
 
 
 def test_report_shows_acceptance_as_a_percentage_like_the_terminal(tmp_path):
-    from treeopt.evaluate.runner import format_summary
+    from treeopt.evaluate.results import format_summary
 
-    res = _results(tmp_path / "run")
+    res = eval_results(tmp_path / "run")
     page = write_report(res, tmp_path / "rep", trees=False)
     md, page_html = page.read_text(), (tmp_path / "rep" / "report.html").read_text()
     rate = 5 / 24  # kary: 2 + 1 + 0 + 2 accepted of 4 steps x 6 drafted, per prompt
@@ -94,7 +68,7 @@ def test_report_shows_acceptance_as_a_percentage_like_the_terminal(tmp_path):
 
 
 def test_report_lists_ties_apart_from_failures(tmp_path):
-    res = _results(tmp_path / "run", mismatch=True)
+    res = eval_results(tmp_path / "run", mismatch=True)
     doc = json.loads((res / "results.json").read_text())
     for r in doc["rows"]:
         if r["matches_ar"] is False:

@@ -5,9 +5,18 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from treeopt.decode.sampling import (MIN_TEMPERATURE, Sampling, SamplingError, check_settings,
-                                     draw_children, logits_to_probs, sample, verify_children,
-                                     verify_children_batch, verify_greedy)
+from treeopt.decode.sampling import (
+    MIN_TEMPERATURE,
+    Sampling,
+    SamplingError,
+    check_settings,
+    draw_children,
+    logits_to_probs,
+    sample,
+    verify_children,
+    verify_children_batch,
+    verify_greedy,
+)
 
 N = 40_000
 V = 8

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_tokenizer
 
-from test_models import tiny_tokenizer
 from treeopt.testing import tiny_causal_lm
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"

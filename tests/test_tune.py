@@ -7,27 +7,19 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import char_tokenizer
 
 from treeopt.cli import main
 from treeopt.growmap import load_growmap
+from treeopt.models.machine import Machine
 from treeopt.profile import Profile
+from treeopt.search.api import SearchSettings
 from treeopt.testing import tiny_causal_lm
+from treeopt.tuning import AcceptanceSettings
 
 PROMPTS = ["The cat sat on", "Write a poem", "What is 2+2?", "Name three colours",
            "Explain gravity", "Say hi", "Count to five"]
 
-
-def char_tokenizer():
-    """A 96-symbol character tokenizer matching ``tiny_causal_lm``'s vocabulary."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<s>": 0, "</s>": 1, **{chr(32 + i): i + 2 for i in range(94)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="</s>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   unk_token="</s>")
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +90,7 @@ def test_tune_end_to_end(workspace, tmp_path, capsys):
     assert (out_dir / "tree.png").stat().st_size > 0
     prof = Profile.load(out_dir / "profile.json")
     assert prof.latency is not None and prof.counts is not None
-    from treeopt.profile.acceptance import reliable_table
+    from treeopt.profile.model import reliable_table
 
     assert meta["expected_tokens"] == pytest.approx(tree.expected_tokens(reliable_table(prof)))
     assert meta["max_levels"] == 4 and meta["depth"] == tree.depth <= 3
@@ -125,7 +117,8 @@ def test_search_on_the_profile_tune_wrote_picks_tunes_tree(workspace, tmp_path, 
         assert smeta["predicted_tokens_per_s"] == pytest.approx(meta["predicted_tokens_per_s"])
     import treeopt
 
-    again = treeopt.search_tree(out_dir / "profile.json", max_levels=4, max_size=4)
+    again = treeopt.search_tree(out_dir / "profile.json",
+                                search=SearchSettings(max_levels=4, max_size=4))
     assert again.tree == tuned
     # compare prices it the same way too
     capsys.readouterr()
@@ -140,30 +133,35 @@ def test_tune_in_python(workspace, tmp_path, monkeypatch):
     """``treeopt.tune`` runs the whole pipeline without the CLI; the size derived from a
     latency table is clamped to the tree-size cap (the user did not type it)."""
     import treeopt
-    import treeopt.profile.latency as latency_mod
+    import treeopt.pipeline
+    import treeopt.tuning
     from treeopt.limits import MAX_TREE_NODES
     from treeopt.profile import Latency, LatencyCurve
 
     far = Latency(LatencyCurve([1, 2, 10**7], [10.0, 11.0, 1e6]), LatencyCurve([1], [1.0]),
                   context=8, meta={"device_type": "cpu", "threads": 1, "device": "cpu"})
-    monkeypatch.setattr(latency_mod, "measure_latency", lambda *a, **k: far)
-    run = treeopt.tune(str(workspace / "tiny"), "early-exit:1", PROMPTS[:2], n_prompts=2,
-                       max_new_tokens=6, width=3, depth=2, max_levels=3, device="cpu",
-                       threads=1)
+    monkeypatch.setattr(treeopt.tuning, "measure_latency", lambda *a, **k: far)
+    run = treeopt.tune(str(workspace / "tiny"), "early-exit:1", PROMPTS[:2],
+                       acceptance=AcceptanceSettings(prompts=2, max_new_tokens=6, width=3, depth=2),
+                       search=SearchSettings(max_levels=3),
+                       machine=Machine(device="cpu", threads=1))
     assert run.files == {} and run.search.max_size == MAX_TREE_NODES
     assert run.search.max_levels == 3 and run.tree.depth <= 2
-    assert run.tree == treeopt.search_tree(run.profile, max_levels=3).tree
+    assert run.tree == treeopt.search_tree(run.profile, search=SearchSettings(max_levels=3)).tree
     assert run.profile.latency is far and run.summary["draft_cost"] == "per-level"
     assert run.prediction.expected_tokens == pytest.approx(run.search.expected_tokens)
     with pytest.raises(treeopt.pipeline.PipelineError, match="max_size = 5000 exceeds"):
-        treeopt.tune(str(workspace / "tiny"), "early-exit:1", PROMPTS[:2], max_size=5000)
+        treeopt.tune(str(workspace / "tiny"), "early-exit:1", PROMPTS[:2],
+                     search=SearchSettings(max_size=5000))
     with pytest.raises(treeopt.pipeline.PipelineError, match="not both"):
-        treeopt.tune(str(workspace / "tiny"), "early-exit:1", PROMPTS[:2], max_levels=3,
-                     max_depth=2)
+        treeopt.tune(str(workspace / "tiny"), "early-exit:1", PROMPTS[:2],
+                     search=SearchSettings(max_levels=3, max_depth=2))
     out_dir = tmp_path / "py"
     done = treeopt.tune(str(workspace / "tiny"), "early-exit:1", PROMPTS[:2], out_dir=out_dir,
-                        n_prompts=2, max_new_tokens=6, width=3, depth=2, max_levels=3,
-                        device="cpu", threads=1)
+                        acceptance=AcceptanceSettings(prompts=2, max_new_tokens=6, width=3,
+                                                      depth=2),
+                        search=SearchSettings(max_levels=3),
+                        machine=Machine(device="cpu", threads=1))
     assert set(done.files) == {"profile", "growmap", "growmap_json", "picture", "summary"}
     assert load_growmap(done.files["growmap"])[0] == done.tree
     with pytest.raises(treeopt.pipeline.PipelineError, match="exists"):
@@ -220,7 +218,6 @@ def test_profile_latency_warns_about_noisy_and_falling_points(monkeypatch, tmp_p
     import torch
 
     import treeopt.cli.profile as cli_profile
-    import treeopt.profile.latency as latency_mod
     from treeopt.profile import Latency, LatencyCurve
 
     fake = Latency(LatencyCurve([1, 2, 4], [10.0, 30.0, 12.0], [1.0, 12.0, 1.0]),
@@ -228,7 +225,7 @@ def test_profile_latency_warns_about_noisy_and_falling_points(monkeypatch, tmp_p
     monkeypatch.setattr(cli_profile, "load_models",
                         lambda args: (types.SimpleNamespace(target=None, drafter=None),
                                       torch.device("cpu")))
-    monkeypatch.setattr(latency_mod, "measure_latency", lambda *a, **k: fake)
+    monkeypatch.setattr(cli_profile, "measure_latency", lambda *a, **k: fake)
     assert main(["profile", "latency", "--target", "x", "--out", str(tmp_path / "l.json")]) == 0
     err = capsys.readouterr().err
     assert "IQR exceeds 25% of the median at 2" in err and "falls" in err
@@ -269,12 +266,12 @@ def test_tune_writes_summary_atomically(workspace, tmp_path, monkeypatch):
     truncated. It is written with ``treeopt.limits.atomic_write`` like every other output."""
     import treeopt
     import treeopt.limits as limits
-    import treeopt.profile.latency as latency_mod
+    import treeopt.tuning
     from treeopt.profile import Latency, LatencyCurve
 
     fake = Latency(LatencyCurve([1, 2, 4], [10.0, 11.0, 12.0]), LatencyCurve([1, 4], [1.0, 1.2]),
                    context=8, meta={"device_type": "cpu", "threads": 1, "device": "cpu"})
-    monkeypatch.setattr(latency_mod, "measure_latency", lambda *a, **k: fake)
+    monkeypatch.setattr(treeopt.tuning, "measure_latency", lambda *a, **k: fake)
     real, written = limits.atomic_write, []
 
     def spy(path, write, **kw):
@@ -283,8 +280,9 @@ def test_tune_writes_summary_atomically(workspace, tmp_path, monkeypatch):
 
     monkeypatch.setattr(limits, "atomic_write", spy)
     run = treeopt.tune(str(workspace / "tiny"), "early-exit:1", PROMPTS[:2], out_dir=tmp_path,
-                       n_prompts=2, max_new_tokens=6, width=3, depth=2, max_levels=3,
-                       device="cpu", threads=1)
+                       acceptance=AcceptanceSettings(prompts=2, max_new_tokens=6, width=3, depth=2),
+                       search=SearchSettings(max_levels=3),
+                       machine=Machine(device="cpu", threads=1))
     assert "summary.json" in written
     assert json.loads(run.files["summary"].read_text()) == run.summary
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
@@ -295,7 +293,7 @@ def test_tune_prints_defaults_first_and_shows_latency_progress(workspace, tmp_pa
     """The "defaults on cpu" line came only after a minute or more of profiling, and the
     latency phase showed nothing while it ran: the line now comes before profiling starts
     and the latency phase has a progress bar on stderr (silenced by --quiet)."""
-    import treeopt.pipeline as pipeline
+    import treeopt.tuning as pipeline
 
     real = pipeline.measure_acceptance
     seen = []

@@ -47,11 +47,13 @@ from typing import Any, Callable
 
 import torch
 
-from treeopt.decode.api import TextStream, encode_prompt, eos_ids, resolve_tree
+from treeopt.api import TextStream, encode_prompt
 from treeopt.decode.drafter import Drafter, build_drafter, registered
-from treeopt.decode.engine import DecodeStats, generate, max_positions
+from treeopt.decode.engine import DecodeStats, generate, model_window
 from treeopt.decode.sampling import Sampling
-from treeopt.errors import TreeoptError
+from treeopt.errors import TreeoptError, one_line
+from treeopt.models.loading import eos_ids
+from treeopt.shapes import chain, resolve_tree
 from treeopt.tree import Tree
 
 #: The draft a session uses when none is named: ``auto`` (speculates only when it pays).
@@ -146,8 +148,6 @@ class ChatSession:
         if self.tree is not None:
             return self.tree
         if self.gamma is not None:
-            from treeopt.shapes import chain
-
             return chain(draft_tokens=self.gamma)
         return None
 
@@ -237,7 +237,6 @@ class ChatSession:
         if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1:
             raise ChatError(f"gamma counts drafted tokens per step: an integer >= 1, got "
                             f"{gamma!r}")
-        from treeopt.shapes import chain
 
         chain(draft_tokens=gamma)  # the tree-size cap
 
@@ -256,7 +255,7 @@ class ChatSession:
         try:
             return handler(self, rest)
         except TreeoptError as exc:
-            return "error: " + _one_line(exc)
+            return "error: " + one_line(exc)
 
     def _toggle(self, rest: str, current: bool, what: str) -> bool:
         word = rest.lower()
@@ -432,7 +431,7 @@ class ChatSession:
         """(prompt ids (1, L), turns dropped): the conversation plus ``prompt``, without its
         oldest turns while it and ``max_new_tokens`` new tokens exceed the model window.
         Raises ChatError when ``prompt`` alone does not fit."""
-        limit = max_positions(self.target, getattr(drafter, "model", None))
+        limit = model_window(self.target, drafter)
         turns = len(self.history) // 2
         dropped = 0
         while True:
@@ -584,11 +583,6 @@ def _number(text: str, usage: str) -> float:
     if value != value or value in (float("inf"), float("-inf")):
         raise ChatError(f"{text.strip()!r} is not a finite number; usage: {usage}")
     return value
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 __all__ = ["Answer", "ChatError", "ChatSession", "DEFAULT_DRAFT", "DEFAULT_LENGTH",

@@ -19,3 +19,14 @@ class TreeoptError(Exception):
 
 class UserError(TreeoptError):
     """Bad command-line input: printed as one line, exit status 2, no traceback."""
+
+
+def one_line(exc: object, limit: int | None = None) -> str:
+    """The first line of an exception's message (its type's name when the message is empty),
+    cut to ``limit`` characters with "..." when given: the one way treeopt turns an error
+    into the one line a user sees."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    if limit is not None and len(line) > limit:
+        return line[:limit - 3] + "..."
+    return line

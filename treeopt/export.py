@@ -46,6 +46,7 @@ from typing import Any, Sequence
 
 from treeopt.errors import TreeoptError
 from treeopt.limits import MAX_TREE_NODES, parse_json, show_number
+from treeopt.search.family import FamilyError, topk_tree
 from treeopt.tree import Tree, TreeError
 
 ENGINES = ("vllm", "sglang", "eagle")
@@ -205,7 +206,6 @@ def topk_knobs(tree: Tree, profile=None, top_k: int | None = None
     ``exact`` False. With a rank table ``profile``: the first top_k from that one up to
     ``MAX_EXACT_TOP_K`` whose static member (``topk_tree``) equals ``tree``, ``exact`` True;
     else the shape's top_k, ``exact`` False, and the F both trees have under the profile."""
-    from treeopt.search.family import FamilyError, topk_tree
 
     need = topk_shape(tree)
     start = max(need, top_k or 0)
@@ -297,8 +297,6 @@ def _knobs(knobs: Any, keys: Sequence[str], engine: str) -> list[int]:
 
 
 def _member(profile, k: int, steps: int, nodes: int, engine: str) -> Tree:
-    from treeopt.search.family import FamilyError, topk_tree
-
     if profile is None:
         raise ExportError(f"{engine}'s knobs describe a dynamic tree; the static tree they "
                           "build depends on the draft's confidence: give an acceptance "

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from treeopt.errors import TreeoptError
+from treeopt.errors import TreeoptError, one_line
 from treeopt.limits import (
     MAX_TREE_NODES,
     atomic_write,
@@ -265,17 +265,17 @@ def _read_torch(path: Path) -> Any:
         if "weights only" in text:
             raise GrowmapError(f"{path}: refused to load: not a torch-saved growmap (corrupt "
                                "bytes, or a raw pickle the safe loader cannot read)") from None
-        raise GrowmapError(f"{path}: not a readable torch file ({_first_line(exc)})") from None
+        raise GrowmapError(f"{path}: not a readable torch file ({one_line(exc, 160)})") from None
     except Exception as exc:  # truncated zip, empty file, garbage bytes, ...
         raise GrowmapError(f"{path}: not a readable torch file, truncated or corrupt "
-                           f"({_first_line(exc)})") from None
+                           f"({one_line(exc, 160)})") from None
 
 
 def _read_json(path: Path) -> dict:
     try:
         text = path.read_text()
     except UnicodeDecodeError as exc:
-        raise GrowmapError(f"{path}: not valid JSON ({_first_line(exc)})") from None
+        raise GrowmapError(f"{path}: not valid JSON ({one_line(exc, 160)})") from None
     d = parse_json(text, lambda msg: GrowmapError(f"{path}: {msg}"))
     if not isinstance(d, dict):
         raise GrowmapError(f"{path}: expected a JSON object with growmap keys, "
@@ -293,12 +293,6 @@ def _read_json(path: Path) -> dict:
                            f"(this treeopt reads version {JSON_VERSION})")
     d["format"] = JSON_FORMAT
     return d
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
-    return line if len(line) <= 160 else line[:157] + "..."
 
 
 def _is_int(x: Any) -> bool:

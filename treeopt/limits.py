@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from treeopt.errors import TreeoptError
+from treeopt.errors import TreeoptError, one_line
 
 #: Most nodes (root included) of any tree treeopt builds, reads, searches or verifies; see
 #: the module docstring for why 4096.
@@ -200,7 +200,7 @@ def read_json(path: str | Path, error: ErrorFactory = LimitError) -> Any:
     try:
         text = Path(path).read_text()
     except UnicodeDecodeError as exc:
-        raise error(f"not valid JSON ({_first_line(exc)})") from None
+        raise error(f"not valid JSON ({one_line(exc, 160)})") from None
     return parse_json(text, error)
 
 
@@ -211,13 +211,32 @@ def parse_json(text: str, error: ErrorFactory = LimitError) -> Any:
     except RecursionError:
         raise error("not valid JSON: nested too deeply") from None
     except (json.JSONDecodeError, ValueError) as exc:  # ValueError: ints beyond 4300 digits
-        raise error(f"not valid JSON ({_first_line(exc)})") from None
+        raise error(f"not valid JSON ({one_line(exc, 160)})") from None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
-    return line if len(line) <= 160 else line[:157] + "..."
+def positive_ints(text: str, what: str, example: str, error=ValueError, *,
+                  sort: bool = True) -> list[int]:
+    """The one parser of comma-separated integers >= 1 (``"1,2,4"`` -> [1, 2, 4]; sorted and
+    unique with ``sort``, in the given order without). ``error(message)`` is raised naming
+    ``what`` (e.g. "--tokens") and an ``example`` when the text is not such a list; numbers
+    longer than 30 digits are refused before they are converted."""
+    where = f"{what} " if what else ""
+    parts = [x.strip() for x in str(text).split(",") if x.strip()]
+    try:
+        if any(len(x) > 30 for x in parts):
+            raise ValueError
+        values = [int(x) for x in parts]
+    except ValueError:
+        raise error(f"{where}{_short_text(text)!r} is not a comma-separated list of integers, "
+                    f"e.g. {example}") from None
+    if not values or min(values) < 1:
+        raise error(f"{where}{_short_text(text)!r} needs integers >= 1, e.g. {example}")
+    return sorted(set(values)) if sort else values
+
+
+def _short_text(text: str, limit: int = 60) -> str:
+    text = str(text)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # ---------------------------------------------------------------------------- writing

@@ -1,4 +1,5 @@
-"""Baseline tree shapes and named presets, and the CLI's shape-spec parser.
+"""Baseline tree shapes and named presets, and tree specs: the one place a string (a shape, a
+preset, a growmap or tree-set file) becomes a tree (:func:`resolve_tree`).
 
 Every function returns a :class:`~treeopt.tree.Tree` (breadth-first ids, consecutive siblings,
 the i-th child of a node is the draft's i-th choice there).
@@ -30,13 +31,18 @@ are not integers (``1e400``, ``Infinity``) are refused, each with a one-line Sha
 from __future__ import annotations
 
 import heapq
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from treeopt.errors import TreeoptError
+from treeopt.growmap import load_growmap
 from treeopt.limits import MAX_TREE_NODES, parse_json, show_number
+from treeopt.profile.model import reliable_table
+from treeopt.search.dp import levels_for_depth, solve
 from treeopt.tree import Tree, TreeError, as_depth_table
+from treeopt.treeset import TreeSet, is_treeset_file, load_treeset
 
 GROWMAP_SUFFIXES = (".pt", ".pth", ".json")
 
@@ -243,8 +249,6 @@ def from_name(spec: str, profile=None) -> Tree:
     if spec in PRESETS:
         return PRESETS[spec].tree()
     if is_file_spec(spec):
-        from treeopt.growmap import load_growmap
-
         return load_growmap(spec)[0]
     raise ShapeError(f"unknown shape {_short_spec(spec)!r}; use {SPEC_HELP}")
 
@@ -274,15 +278,11 @@ def _table(profile, spec: str) -> list[list[float]]:
     if profile is None:
         raise ShapeError(f"shape {spec!r} needs an acceptance profile (--profile)")
     if hasattr(profile, "table"):
-        from treeopt.profile.acceptance import reliable_table
-
         return reliable_table(profile)
     return as_depth_table(profile)
 
 
 def _dp_tree(table: list[list[float]], n: int, depth: int | None) -> Tree:
-    from treeopt.search.dp import levels_for_depth, solve
-
     _cap(n, "dp tree")
     # ``depth`` counts edges; the DP counts levels, root included. An n-node tree has at most
     # n levels, so a larger limit changes nothing and is clamped (dp:64x1000000 is dp:64).
@@ -371,3 +371,22 @@ def _short_list(values: list) -> str:
 
 _KINDS = ("chain", "kary", "k-ary", "chains", "kxl", "specinfer", "greedy", "dp", "paths",
           "parents")
+
+
+def resolve_tree(spec: Tree | TreeSet | str | os.PathLike | None, profile=None
+                 ) -> Tree | TreeSet | None:
+    """treeopt's one rule from a tree spec to a tree: a ``Tree`` from a Tree, a growmap file
+    (.pt/.json), or a shape string such as ``"chain:4"``, ``"kary:2x3"``, ``"dp:64x8"``
+    (:func:`from_name`; ``dp:``/``greedy:`` need ``profile``); ``None`` stays None. A tree set
+    (``treeopt.treeset``: a TreeSet or its .json file) comes back as a TreeSet, whose tree for
+    a prompt ``treeopt.api.tree_for_prompt`` picks. Every caller (``generate``, ``eval``,
+    ``chat``, the CLI) resolves tree specs here."""
+    if spec is None or isinstance(spec, (Tree, TreeSet)):
+        return spec
+    text = str(spec).strip()
+    path = Path(text).expanduser()
+    if is_treeset_file(path):
+        return load_treeset(path)
+    if path.is_file():
+        return load_growmap(path)[0]
+    return from_name(text, profile=profile)

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import torch
 
+from treeopt.decode.engine import generate
+from treeopt.decode.sampling import Sampling
+from treeopt.drafters.model import ModelDrafter
+
 
 def tiny_causal_lm(arch: str = "llama", *, vocab_size: int = 96, hidden_size: int = 32,
                    num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
@@ -55,9 +59,6 @@ def decode(target, draft, tree, input_ids, *, max_new_tokens: int, temperature: 
            **kw):
     """Tests' shorthand for the engine with a draft model over a fixed tree: ``draft`` None
     (or ``tree`` None / size 1) decodes plainly. Returns the engine's ``Generation``."""
-    from treeopt.decode.engine import generate
-    from treeopt.decode.model_drafter import ModelDrafter
-    from treeopt.decode.sampling import Sampling
 
     drafter = None
     if draft is not None and tree is not None and tree.size > 1:

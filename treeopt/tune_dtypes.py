@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from treeopt.decode.drafter import build_drafter
-from treeopt.decode.models import cache_dir, load_model, load_tokenizer, resolve_device
+from treeopt.models.cache import cache_dir
 from treeopt.models.dtype import DtypeError, choose_dtype, latency_curve, supported_dtypes
-from treeopt.pipeline import latency_defaults, search_tree
-from treeopt.profile.latency import measure_latency
+from treeopt.models.loading import load_model, load_tokenizer, resolve_device
+from treeopt.profile.latency import LatencySettings, measure_latency
+from treeopt.search.api import SearchSettings, search_tree
+from treeopt.tuning import latency_defaults
 
 
 @dataclass
@@ -52,15 +54,15 @@ def row_from(dtype: str, latency, prediction, tree) -> DtypeRow:
 
 def compare_dtypes(target: str, draft: str, profile, *, done: DtypeRow | None = None,
                    dtypes: Sequence[str] | None = None, device: str = "auto",
-                   tokens=None, context: int | None = None, repeats: int | None = None,
-                   warmup: int | None = None, max_size: int | None = None,
-                   max_levels: int | None = None, draft_cost: str = "per-level"
-                   ) -> list[DtypeRow]:
+                   latency: LatencySettings | None = None,
+                   search: SearchSettings | None = None) -> list[DtypeRow]:
     """One row per dtype in ``dtypes`` (default: those the device supports well); the row of
     the dtype already tuned is ``done`` (not measured again). Each other dtype loads the
-    target afresh (and builds ``draft`` on it), times its latency with the given settings
-    and searches the best tree for ``profile``'s acceptance with that latency."""
+    target afresh (and builds ``draft`` on it), times its latency with ``latency`` (unset
+    fields by device) and searches the best tree for ``profile``'s acceptance with that
+    latency under ``search``."""
     dev = resolve_device(device)
+    lat = latency or LatencySettings()
     rows = [done] if done is not None else []
     tokenizer = load_tokenizer(target)
     for dtype in dtypes or supported_dtypes(dev):
@@ -68,12 +70,12 @@ def compare_dtypes(target: str, draft: str, profile, *, done: DtypeRow | None = 
             continue
         model = load_model(target, dtype=dtype, device=dev)
         drafter = build_drafter(draft, target=model, tokenizer=tokenizer)
-        kw, _ = latency_defaults(dev, tokens=tokens, context=context, repeats=repeats,
-                                 warmup=warmup)
-        latency = measure_latency(model, drafter, **kw)
-        found = search_tree(dataclasses.replace(profile, latency=latency), max_size=max_size,
-                            max_levels=max_levels, draft_cost=draft_cost)
-        rows.append(row_from(dtype, latency, found.prediction, found.tree))
+        kw, _ = latency_defaults(dev, tokens=lat.tokens, context=lat.context,
+                                 repeats=lat.repeats, warmup=lat.warmup)
+        measured = measure_latency(model, drafter, **kw)
+        found = search_tree(dataclasses.replace(profile, latency=measured),
+                            search=search or SearchSettings())
+        rows.append(row_from(dtype, measured, found.prediction, found.tree))
         del model, drafter
     return rows
 

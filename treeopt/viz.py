@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from treeopt.errors import TreeoptError
+from treeopt.search.dp import solve
+from treeopt.shapes import chain, independent_chains, kary, top_path_product
 from treeopt.tree import Tree
 
 IMAGE_SUFFIXES = (".png", ".svg", ".pdf")
@@ -311,8 +313,6 @@ def expected_vs_size(profile, sizes: Sequence[int], max_depth: int | None = None
     Returns ``{curve name: [(size, F), ...]}``: "DP optimum" (at most n nodes, depth <=
     ``max_depth``, exact), "chain", "best K×L" (best independent chains with at most n nodes),
     "Medusa greedy" and "k-ary (k=K)" (full trees, only at their own sizes)."""
-    from treeopt.search.dp import solve
-    from treeopt.shapes import chain, independent_chains, kary, top_path_product
 
     table = _table(profile)
     sizes = sorted({int(n) for n in sizes})

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from treeopt.errors import TreeoptError
+from treeopt.profile.latency import time_tree_forwards
 from treeopt.tree import Tree
 
 SHAPES = ("binary", "ternary", "chain", "star")
@@ -282,7 +283,6 @@ def bench_verify(model: Any, tree_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64
     Returns one row per size: tree_size, context, median_ms, q25_ms, q75_ms, iqr_ms, repeats,
     device, dtype.
     """
-    from treeopt.profile.latency import time_tree_forwards
 
     sizes = sorted({int(n) for n in tree_sizes})
     if not sizes or sizes[0] < 1:

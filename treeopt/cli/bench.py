@@ -3,19 +3,18 @@ vs one call per branch; ``verify``: the target's forward time against tree size.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from treeopt.cli import DEFAULT_TARGET, THREADS_HELP, UserError, int_list, set_threads
-
-
-class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, except when there is none to show (None, off flags)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
+from treeopt.bench.attention import (
+    bench_attention,
+    bench_verify,
+    format_attention_table,
+    plot_attention,
+    plot_verify,
+)
+from treeopt.cli import UserError
+from treeopt.cli.args import DEFAULT_TARGET, THREADS_HELP, DefaultsFormatter, int_list, set_threads
+from treeopt.models.loading import load_model
 
 
 def register(subparsers) -> None:
@@ -34,7 +33,7 @@ def register(subparsers) -> None:
                     "causal SDPA call per root-to-leaf branch, over batch size, context "
                     "length and tree size. Each tree result is checked against the "
                     "per-branch results. Median and IQR over --repeats after --warmup.",
-        formatter_class=_DefaultsFormatter)
+        formatter_class=DefaultsFormatter)
     a.add_argument("--batch", type=int_list, default=[1, 4], metavar="B,...",
                    help="batch sizes (comma-separated)")
     a.add_argument("--context", type=int_list, default=[128, 512, 2048], metavar="C,...",
@@ -61,7 +60,7 @@ def register(subparsers) -> None:
         description="Time one target forward over a tree of each size after --context cached "
                     "tokens (the latency profiler's measurement, sizes interleaved); median "
                     "and IQR over --repeats after --warmup.",
-        formatter_class=_DefaultsFormatter)
+        formatter_class=DefaultsFormatter)
     v.add_argument("--target", default=DEFAULT_TARGET,
                    help="target model: smollm2, qwen2.5-coder-1.5b, a folder, a .gguf file "
                         "or a hub id")
@@ -100,8 +99,6 @@ def run_attention(args) -> int:
 
     import pandas as pd
 
-    from treeopt.bench.attention import bench_attention, format_attention_table, plot_attention
-
     _check_counts(args)
     set_threads(args.threads)
     rows, notes = bench_attention(args.batch, args.context, args.tree_sizes, shape=args.shape,
@@ -128,9 +125,6 @@ def run_verify(args) -> int:
     from pathlib import Path
 
     import pandas as pd
-
-    from treeopt.bench.attention import bench_verify, plot_verify
-    from treeopt.decode.models import load_model
 
     _check_counts(args)
     set_threads(args.threads)

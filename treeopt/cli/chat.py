@@ -6,8 +6,22 @@ from __future__ import annotations
 
 import sys
 
-from treeopt.cli import (DEFAULT_DRAFT, DEFAULT_TARGET, TARGET_HELP, THREADS_HELP, UserError,
-                         add_sampling_arguments, set_threads)
+from treeopt.api import load_pair
+from treeopt.chat import ChatSession, summary
+from treeopt.cli import UserError
+from treeopt.cli.args import (
+    DEFAULT_DRAFT,
+    DEFAULT_TARGET,
+    TARGET_HELP,
+    THREADS_HELP,
+    add_sampling_arguments,
+    sampling_from_args,
+    set_threads,
+)
+from treeopt.decode.sampling import check_settings
+from treeopt.errors import TreeoptError
+from treeopt.models.cache import cache_dir
+from treeopt.models.loading import pending_conversion
 
 PROMPT = "> "
 
@@ -39,7 +53,7 @@ def register(subparsers) -> None:
                         "it (default: the drafter's own)")
     p.add_argument("--max-new-tokens", type=int, default=128,
                    help="new tokens per answer; /length changes it (default: 128)")
-    add_sampling_arguments(p, "/processor changes it")
+    add_sampling_arguments(p, changed_by="/processor changes it")
     p.add_argument("--seed", type=int, default=None,
                    help="seed for sampling, the same for every answer (default: none, a "
                         "different draw each time)")
@@ -75,11 +89,6 @@ def _read_line(interactive: bool) -> str | None:
 def run(args) -> int:
     from transformers.utils import logging as hf_logging
 
-    from treeopt.chat import ChatSession, summary
-    from treeopt.decode.models import cache_dir, load_pair, pending_conversion
-    from treeopt.decode.sampling import Sampling, check_settings
-    from treeopt.errors import TreeoptError
-
     check_settings(args.temperature, args.top_k, args.top_p, args.rule)
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be >= 1")
@@ -96,7 +105,7 @@ def run(args) -> int:
         raise UserError(f"target {args.target!r} has no tokenizer to turn prompts into ids")
     session = ChatSession(
         pair.target, pair.tokenizer, draft=args.draft, gamma=args.gamma, tree=args.tree,
-        sampling=Sampling(args.temperature, args.top_k, args.top_p, args.rule, args.seed),
+        sampling=sampling_from_args(args, seed=args.seed),
         max_new_tokens=args.max_new_tokens, system=args.system,
         chat_template=not args.no_chat_template)
     session.drafter()  # a draft that cannot be loaded fails here, before the first prompt

@@ -21,8 +21,13 @@ import argparse
 import math
 from pathlib import Path
 
-from treeopt.cli import UserError, add_height_arguments, height_levels
-from treeopt.search.hardware import DEFAULT_DRAFT_COST, DRAFT_COSTS
+from treeopt.cli import UserError
+from treeopt.cli.args import add_height_arguments, height_levels
+from treeopt.search.api import load_profile, rank_table
+from treeopt.search.dp import depth_for_levels
+from treeopt.search.hardware import DEFAULT_DRAFT_COST, DRAFT_COSTS, empty_step_rate, predict
+from treeopt.shapes import describe, from_name
+from treeopt.viz import expected_vs_size, plot_expected_vs_size
 
 DEFAULT_SHAPES = ["chain:8", "chains:4x4", "kary:2x3", "specinfer:1,1,3,1,1,1,1,1",
                   "mc_sim_7b_63", "greedy:64", "dp:64"]
@@ -57,10 +62,6 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from treeopt.pipeline import load_profile, rank_table
-    from treeopt.search.hardware import empty_step_rate
-    from treeopt.shapes import describe, from_name
-
     levels = height_levels(args)
     profile = load_profile(args.profile)
     table = rank_table(profile, depth_aware=not args.no_depth_aware)
@@ -75,9 +76,6 @@ def run(args: argparse.Namespace) -> int:
         print("(no latency table in the profile: run `treeopt profile` to add one for "
               "predicted speed)")
     if args.plot:
-        from treeopt.search.dp import depth_for_levels
-        from treeopt.viz import expected_vs_size, plot_expected_vs_size
-
         largest = max(r["size"] for r in rows)
         max_size = args.max_size or max(DEFAULT_MAX_SIZE, largest)
         if max_size < 2:
@@ -101,8 +99,6 @@ def evaluate(name: str, tree, table, latency, draft_cost: str = DEFAULT_DRAFT_CO
     row = {"shape": name, "size": tree.size, "depth": tree.depth,
            "expected_tokens": tree.expected_tokens(table)}
     if latency is not None:
-        from treeopt.search.hardware import predict
-
         pred = predict(tree, table, latency, draft_cost=draft_cost, empty_rate=empty_rate)
         row.update(step_ms=pred.step_ms, tokens_per_s=pred.tokens_per_s, speedup=pred.speedup)
     return row

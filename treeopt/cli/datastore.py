@@ -25,6 +25,9 @@ import time
 from pathlib import Path
 
 from treeopt.cli import UserError
+from treeopt.datasets import load_prompts
+from treeopt.drafters.datastore import DatastoreError, build_datastore, load_datastore, read_meta
+from treeopt.models.loading import load_tokenizer
 
 DEFAULT_MAX_N = 8
 
@@ -86,7 +89,6 @@ def _size(n: int) -> str:
 
 def _check_out(path: Path) -> None:
     """Refuse an --out that exists and is not a datastore (never overwrite other files)."""
-    from treeopt.decode.datastore import DatastoreError, read_meta
 
     if not path.exists():
         return
@@ -104,10 +106,6 @@ def run_build(args: argparse.Namespace) -> int:
         raise UserError(f"--max-n must be at least 1, got {args.max_n}")
     out = Path(args.out)
     _check_out(out)
-
-    from treeopt.decode.datastore import build_datastore
-    from treeopt.decode.models import load_tokenizer
-    from treeopt.evaluate.datasets import load_prompts
 
     prompts = load_prompts(args.corpus, categories=args.categories, turns="both")
     texts = [t for p in prompts for t in p.turns if t.strip()]
@@ -130,8 +128,6 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from treeopt.decode.datastore import load_datastore
-
     path = Path(args.path)
     start = time.perf_counter()
     store = load_datastore(path)

@@ -7,9 +7,36 @@ from __future__ import annotations
 import argparse
 import sys
 
-from treeopt.cli import (DEFAULT_DRAFT, DEFAULT_TARGET, THREADS_HELP, UserError,
-                         add_draft_variant_arguments, draft_spec_with_variant, int_list,
-                         set_threads)
+from treeopt.api import load_pair
+from treeopt.cli import UserError
+from treeopt.cli.args import (
+    DEFAULT_DRAFT,
+    DEFAULT_TARGET,
+    THREADS_HELP,
+    DefaultsFormatter,
+    add_draft_variant_arguments,
+    add_sampling_arguments,
+    draft_spec_with_variant,
+    int_list,
+    sampling_from_args,
+    set_threads,
+)
+from treeopt.datasets import load_prompts
+from treeopt.evaluate.methods import (
+    ar_method,
+    chain_method,
+    disambiguate,
+    dp_method,
+    drafter_method,
+    tree_method,
+)
+from treeopt.evaluate.passk import CACHE_FILE, Limits, format_pass, load_problems, score_run
+from treeopt.evaluate.reference import early_exit_layers, hf_assisted, hf_prompt_lookup
+from treeopt.evaluate.report import write_report
+from treeopt.evaluate.results import choice_lines, format_summary
+from treeopt.evaluate.runner import EvalConfig, check_config, check_out_dir, run_eval
+from treeopt.evaluate.spread import FLAGS
+from treeopt.profile import Profile
 
 # Written out so that --help needs no import of the drafter modules (see
 # treeopt.decode.drafter.describe_drafters() for the registered list).
@@ -23,21 +50,6 @@ DRAFTER_SPECS = ("a draft model: folder, .gguf file or Hugging Face id; early-ex
                  "fallback:first=SPEC,then=SPEC, horizontal:model=SPEC,levels=L,deep=SPEC, "
                  "vertical:draft=SPEC,helper=SPEC (cascades); a nested SPEC with commas goes "
                  "in parentheses: fallback:first=(ngram:max=3,k=8),then=early-exit:4")
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends "(default: X)" to an option's help unless it says its default itself, it has
-    none to show (None: the help says what happens instead), it is an on/off flag or it is
-    required; an empty list reads "(default: none)"."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if action.default is None or action.default is False or action.required \
-                or "default" in text or action.default == argparse.SUPPRESS:
-            return text
-        if action.default == []:
-            return text + " (default: none)"
-        return super()._get_help_string(action)
 
 
 def register(subparsers) -> None:
@@ -60,7 +72,7 @@ def register(subparsers) -> None:
                     "tie (the target's two tokens in question within the dtype's rounding "
                     "tolerance of its best logit, as half precision produces: reported, not "
                     "a failure), or differ: exit status 1.",
-        formatter_class=_HelpFormatter)
+        formatter_class=DefaultsFormatter)
     m = p.add_argument_group("models")
     m.add_argument("--target", default=DEFAULT_TARGET, help="target model spec (see generate)")
     m.add_argument("--draft", default=DEFAULT_DRAFT,
@@ -122,16 +134,7 @@ def register(subparsers) -> None:
     g = p.add_argument_group("decoding")
     g.add_argument("--max-new-tokens", type=int, default=128,
                    help="tokens each method generates per prompt")
-    g.add_argument("--temperature", type=float, default=0.0,
-                   help="0 = greedy; sampling needs a temperature >= 1e-5 (smaller ones are "
-                        "rejected, not treated as greedy)")
-    g.add_argument("--top-k", type=int, default=0,
-                   help="keep the k likeliest tokens when sampling (>= 0; 0 = off)")
-    g.add_argument("--top-p", type=float, default=1.0,
-                   help="nucleus sampling mass (in (0, 1]; 1.0 = off)")
-    g.add_argument("--rule", choices=["sequoia", "specinfer"], default="sequoia",
-                   help="stochastic verification rule of chains and trees; greedy ignores "
-                        "it")
+    add_sampling_arguments(g)
     g.add_argument("--stop-at-eos", action="store_true",
                    help="stop at EOS (default: every method generates exactly "
                         "--max-new-tokens, so speed-ups compare equal token counts)")
@@ -174,9 +177,6 @@ def register(subparsers) -> None:
 def build_methods(args, profile) -> list:
     """The methods of the command line, plain decoding first, then --chain, --tree, --dp,
     --drafter, --hf-prompt-lookup and --hf-assisted in that order."""
-    from treeopt.evaluate.reference import early_exit_layers, hf_assisted, hf_prompt_lookup
-    from treeopt.evaluate.runner import (ar_method, chain_method, disambiguate, dp_method,
-                                         drafter_method, tree_method)
 
     methods = [ar_method()] + [chain_method(n) for n in args.chain]
     paths: list[str | None] = [None] * len(methods)
@@ -222,17 +222,13 @@ def _is_growmap(spec: str) -> bool:
 
 
 def run(args) -> int:
-    from treeopt.evaluate.datasets import load_prompts
-    from treeopt.evaluate.runner import (EvalConfig, check_config, check_out_dir,
-                                         choice_lines, format_summary, run_eval)
-
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
     args.draft = draft_spec_with_variant(args)
-    config = EvalConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, rule=args.rule,
+    config = EvalConfig(max_new_tokens=args.max_new_tokens, seed=args.seed,
                         stop_at_eos=args.stop_at_eos, chat_template=not args.no_chat_template,
-                        warmup=not args.no_warmup, long_prompts=args.long_prompts)
+                        warmup=not args.no_warmup, long_prompts=args.long_prompts,
+                        sampling=sampling_from_args(args))
     # Every setting is checked before any model is loaded or any file is written.
     check_config(config)
     check_out_dir(args.out)
@@ -240,8 +236,6 @@ def run(args) -> int:
     set_threads(args.threads)
     profile = None
     if args.profile:
-        from treeopt.profile import Profile
-
         profile = Profile.load(args.profile)
     methods = build_methods(args, profile)
     if len(methods) == 1:
@@ -267,14 +261,10 @@ def run(args) -> int:
     for line in choice_lines(result.rows):
         print(line, file=sys.stderr)
     if scored is not None:
-        from treeopt.evaluate.passk import format_pass
-
         print(format_pass(scored))
     _explain_flags(result.summary)
     print(f"results: {result.out_dir}", file=sys.stderr)
     if not args.no_report:
-        from treeopt.evaluate.report import write_report
-
         page = write_report(result.out_dir, result.out_dir / "report", profile=profile)
         print(f"report: {page}", file=sys.stderr)
     ties = getattr(result, "ties", None) or []
@@ -296,7 +286,6 @@ def run(args) -> int:
 
 def _explain_flags(summary) -> None:
     """One stderr line per flag that appears in the summary, saying what it means."""
-    from treeopt.evaluate.spread import FLAGS
 
     seen = {f for v in summary.get("flag", []) if isinstance(v, str) for f in v.split(";") if f}
     for flag in (f for f in FLAGS if f in seen):
@@ -305,8 +294,7 @@ def _explain_flags(summary) -> None:
 
 def load_pair_for(args):
     """The target, the default drafter (``--draft``) and the tokenizer for the command line
-    (``treeopt.decode.models.Pair``; a seam for tests)."""
-    from treeopt.decode.models import load_pair
+    (``treeopt.models.loading.Pair``; a seam for tests)."""
 
     return load_pair(args.target, args.draft, dtype=args.dtype, device=args.device)
 
@@ -315,8 +303,6 @@ def _pass_at_1_setup(args):
     """(problems, limits, workers) when this run scores pass@1 (checked before any model
     is loaded), else None; a note when a code dataset runs without it."""
     from pathlib import Path
-
-    from treeopt.evaluate.passk import CACHE_FILE, Limits, load_problems
 
     wanted = args.pass_at_1
     if wanted is None:
@@ -335,7 +321,6 @@ def _score(result, scoring, progress: bool):
     ``result``'s summary; None when not scoring."""
     if scoring is None or result.out_dir is None:
         return None
-    from treeopt.evaluate.passk import score_run
 
     problems, limits, workers = scoring
     scored = score_run(result.out_dir, problems, limits, workers=workers, progress=progress)

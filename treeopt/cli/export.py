@@ -30,7 +30,11 @@ import sys
 from pathlib import Path
 
 from treeopt.cli import UserError
-from treeopt.export import DEFAULT_FORMAT, ENGINES, FORMATS
+from treeopt.export import DEFAULT_FORMAT, ENGINES, FORMATS, export_tree, read_settings
+from treeopt.growmap import check_writable, file_kind, load_growmap, save_growmap
+from treeopt.limits import atomic_write
+from treeopt.search.api import load_profile, rank_table
+from treeopt.shapes import describe, from_name, is_file_spec
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -71,9 +75,6 @@ def run(args: argparse.Namespace) -> int:
     if not args.engine:
         raise UserError("give --engine vllm|sglang|eagle (or --from ENGINE to read settings "
                         "back)")
-    from treeopt.export import export_tree
-    from treeopt.growmap import load_growmap
-    from treeopt.shapes import describe, from_name, is_file_spec
 
     table = _table(args.profile)
     meta: dict = {}
@@ -90,8 +91,6 @@ def run(args: argparse.Namespace) -> int:
     head = (f"{describe(args.source)}: size {tree.size}, depth {tree.depth}, width "
             f"{tree.width} -> {args.engine} ({found.match})")
     if args.out:
-        from treeopt.limits import atomic_write
-
         path = atomic_write(args.out, lambda fh: fh.write(found.text + "\n"), binary=False)
         print(head)
         for note in found.notes:
@@ -106,9 +105,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_import(args: argparse.Namespace) -> int:
-    from treeopt.export import read_settings
-    from treeopt.growmap import check_writable, save_growmap
-
     if args.engine:
         raise UserError("give --from ENGINE to read settings, or --engine ENGINE to write "
                         "them, not both")
@@ -136,7 +132,6 @@ def _table(profile):
     """The rank table ``treeopt search`` uses for this profile (None without one)."""
     if not profile:
         return None
-    from treeopt.pipeline import load_profile, rank_table
 
     return rank_table(load_profile(profile))
 
@@ -150,7 +145,6 @@ def _check_out(out: str, inputs: list, growmap: bool = False) -> None:
             raise UserError(f"--out {out} is also an input; refusing to overwrite it")
     if growmap or not Path(out).is_file() or Path(out).stat().st_size == 0:
         return
-    from treeopt.growmap import file_kind
 
     kind = file_kind(out)
     if kind == "growmap" or kind.startswith("a '"):
@@ -160,80 +154,4 @@ def _check_out(out: str, inputs: list, growmap: bool = False) -> None:
 
 
 # ---------------------------------------------------------------------------- search --family
-def add_family_arguments(parser: argparse.ArgumentParser) -> None:
-    """``treeopt search``'s ``--family`` and ``--engine`` (:func:`run_family`)."""
-    from treeopt.search.family import FAMILIES
 
-    g = parser.add_argument_group("engine families (--family / --engine, with --budget)")
-    g.add_argument("--family", choices=FAMILIES,
-                   help="best tree within a family an engine drafts, against the "
-                        "unconstrained optimum: topk-per-level = EAGLE-2 / SGLang's top-k "
-                        "beam (knobs top_k, steps, nodes); uniform-per-level = vLLM's tree "
-                        "drafter (every node of a level gets the same number of children)")
-    g.add_argument("--engine", choices=ENGINES,
-                   help="engine to export to next (vllm, sglang, eagle); alone it picks its "
-                        "family (vllm: uniform-per-level, else topk-per-level)")
-
-
-def run_family(args: argparse.Namespace, levels: int) -> int:
-    """``treeopt search --family F`` (or ``--engine E``): the best tree an engine can draft
-    (``treeopt.search.family``), its F against the unconstrained DP optimum at the same
-    budget, the growmap, and the export command to run next."""
-    from treeopt.cli.search import _default_out, height
-    from treeopt.pipeline import load_profile, rank_table
-    from treeopt.search.family import FAMILY_ENGINES, TOPK, UNIFORM, search_family
-
-    family = args.family or (UNIFORM if args.engine == "vllm" else TOPK)
-    if args.method != "dp":
-        raise UserError(f"--family searches its few parameters exactly; drop --method "
-                        f"{args.method}")
-    if args.budget is None:
-        raise UserError("--family needs --budget N (the node budget both the family and the "
-                        "unconstrained optimum get)")
-    if args.budget < 2:
-        raise UserError(f"--family needs a budget of at least 2 nodes (one drafted token), "
-                        f"got {args.budget}")
-    if args.table:
-        raise UserError("--table writes the unconstrained DP's table; drop it with --family")
-    engine = args.engine or FAMILY_ENGINES[family][0]
-    profile = load_profile(args.profile)
-    table = rank_table(profile, not args.no_depth_aware)
-    found = search_family(table, family, args.budget, levels)
-    tree = found.tree
-    out = Path(args.out) if args.out else _default_out(
-        args, f"{Path(args.profile).stem}-{family}-n{tree.size}.pt")
-    meta = {"method": "family", "family": family, **found.params,
-            "expected_tokens": found.expected_tokens, "dp_expected_tokens": found.optimum,
-            "restriction_loss": found.loss, "budget": args.budget, "max_levels": levels,
-            "size": tree.size, "depth": tree.depth, "depth_aware": len(table) > 1,
-            "profile": str(args.profile)}
-    from treeopt.growmap import save_growmap
-
-    saved = save_growmap(tree, out, meta)
-    if family == TOPK:
-        knobs = (f"top_k {found.params['top_k']}, steps {found.params['steps']}, "
-                 f"nodes {found.params['nodes']}")
-        who = "EAGLE-2 / SGLang top-k beam"
-    else:
-        knobs = "children per level " + ",".join(str(c) for c in found.params["expansion"])
-        who = "vLLM, every node of a level the same number of children"
-    print(f"search family {family} ({who}), budget {args.budget} nodes: best member {knobs}: "
-          f"size {tree.size}, {height(tree.depth, found.max_levels)}, width {tree.width}")
-    print(f"expected tokens per step: {found.expected_tokens:.6f} (family best)")
-    print(f"unconstrained DP optimum, same budget and level limit: {found.optimum:.6f} "
-          f"(size {found.optimum_tree.size}, depth {found.optimum_tree.depth})")
-    print(f"restriction costs {100 * max(found.loss, 0.0):.2f}% of F "
-          f"({max(found.optimum - found.expected_tokens, 0.0):.4f} tokens per step)")
-    for note in found.notes:
-        print(f"note: {note}")
-    if engine not in FAMILY_ENGINES[family]:
-        print(f"note: {engine} drafts the "
-              f"{UNIFORM if engine == 'vllm' else TOPK} family, not {family}")
-    print(f"growmap: {saved}")
-    if args.picture:
-        from treeopt.viz import draw_tree
-
-        print(f"picture: {draw_tree(tree, args.picture, profile=table)}")
-    extra = f" --profile {args.profile}" if engine != "vllm" else ""
-    print(f"export: treeopt export {saved} --engine {engine}{extra}")
-    return 0

@@ -7,9 +7,24 @@ import json
 import sys
 import time
 
-from treeopt.cli import (DEFAULT_DRAFT, DEFAULT_TARGET, TARGET_HELP, THREADS_HELP, UserError,
-                         add_draft_variant_arguments, add_sampling_arguments,
-                         draft_spec_with_variant, set_threads)
+from treeopt.api import encode_prompt, generate, load_pair
+from treeopt.cli import UserError
+from treeopt.cli.args import (
+    DEFAULT_DRAFT,
+    DEFAULT_TARGET,
+    TARGET_HELP,
+    THREADS_HELP,
+    add_draft_variant_arguments,
+    add_sampling_arguments,
+    draft_spec_with_variant,
+    sampling_from_args,
+    set_threads,
+)
+from treeopt.decode.sampling import check_settings
+from treeopt.models.cache import cache_dir
+from treeopt.models.loading import pending_conversion
+from treeopt.shapes import resolve_tree
+from treeopt.treeset import TreeSet
 
 
 def register(subparsers) -> None:
@@ -98,14 +113,7 @@ def format_stats(stats, load_s: float) -> list[str]:
 
 def run(args) -> int:
     import torch
-
-    from treeopt.decode.api import encode_prompt, generate, resolve_tree
-    from treeopt.treeset import TreeSet
     from transformers.utils import logging as hf_logging
-
-    from treeopt.decode.models import cache_dir, load_pair, pending_conversion
-
-    from treeopt.decode.sampling import check_settings
 
     check_settings(args.temperature, args.top_k, args.top_p, args.rule)
     if args.max_new_tokens < 1:
@@ -141,9 +149,8 @@ def run(args) -> int:
         torch.manual_seed(args.seed)
     _, stats = generate(prompt, pair=pair, tree=tree if pair.drafter is not None else None,
                         chat_template=not args.no_chat_template,
-                        max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        top_k=args.top_k, top_p=args.top_p, rule=args.rule, seed=args.seed,
-                        on_text=on_text)
+                        max_new_tokens=args.max_new_tokens,
+                        sampling=sampling_from_args(args, seed=args.seed), on_text=on_text)
     sys.stdout.write("\n")
     sys.stdout.flush()
     if args.stats_json:

@@ -23,6 +23,15 @@ import os
 import sys
 
 from treeopt.cli import UserError
+from treeopt.models.catalogue import (
+    GROUPS,
+    MODELS,
+    downloads_dir,
+    format_bytes,
+    models_dir,
+    models_for,
+)
+from treeopt.models.fetch import fetch, plan, status
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -64,8 +73,6 @@ def _no_action(parser) -> int:
 
 # ---------------------------------------------------------------- list
 def run_list(args: argparse.Namespace) -> int:
-    from treeopt.fetch import GROUPS, MODELS, downloads_dir, format_bytes, models_dir, status
-
     rows = [("NAME", "DOWNLOAD", "CACHE", "LICENCE", "STATUS")]
     for name, model in MODELS.items():
         st = status(name)
@@ -94,7 +101,6 @@ def run_list(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- fetch
 def describe_plan(name: str, plan) -> list[str]:
     """What fetching ``name`` will download, the disk it needs and what happens, as lines."""
-    from treeopt.fetch import format_bytes, status
 
     lines = []
     for model in plan.models:
@@ -131,8 +137,6 @@ def _confirm(args) -> None:
 
 
 def run_fetch(args: argparse.Namespace) -> int:
-    from treeopt.fetch import fetch, format_bytes, models_for, plan
-
     models_for(args.name)  # an unknown name fails before anything else
     p = plan(args.name)
     if not p.todo:
@@ -181,7 +185,7 @@ def _quiet_library_bars(quiet: bool):
 
 
 class ProgressPrinter:
-    """A ``treeopt.fetch.Progress`` for a terminal: a progress bar per file and step on
+    """A ``treeopt.models.fetch.Progress`` for a terminal: a progress bar per file and step on
     ``stream`` (tqdm) when it is a terminal, plain text lines (start, every quarter, done)
     otherwise."""
 
@@ -201,8 +205,6 @@ class ProgressPrinter:
         if not self.enabled:
             return
         import time
-
-        from treeopt.fetch import format_bytes
 
         label = f"{self.LABELS.get(stage, stage)} {item}"
         if (stage, item) != self.key:

@@ -22,9 +22,46 @@ import json
 import os
 from pathlib import Path
 
-from treeopt.cli import (THREADS_HELP, UserError, add_draft_variant_arguments,
-                         draft_spec_with_variant, set_threads)
-from treeopt.pipeline import CPU_NEW_TOKENS, CPU_PROMPTS, GPU_NEW_TOKENS, GPU_PROMPTS
+from treeopt.api import encode_prompts, load_pair
+from treeopt.models.dtype import choose_dtype, interpolate
+from treeopt.tune_dtypes import parse_dtypes, plain_rows
+from treeopt.cli import UserError
+from treeopt.cli.args import (
+    THREADS_HELP,
+    add_draft_variant_arguments,
+    add_prompt_arguments,
+    add_sampling_arguments,
+    draft_spec_with_variant,
+    sampling_from_args,
+    set_threads,
+)
+from treeopt.datasets import select
+from treeopt.decode.sampling import check_settings
+from treeopt.models.loading import eos_ids, resolve_device
+from treeopt.profile import Profile
+from treeopt.profile.acceptance import AcceptanceRun, with_intervals, write_atomic
+from treeopt.profile.calibrate import calibrate_pair
+from treeopt.profile.calibration import check_settings as check_calibration, check_writable
+from treeopt.profile.latency import measure_latency, parse_contexts, parse_tokens, write_latency
+from treeopt.profile.model import check_replaceable, latencies_by_context
+from treeopt.profile.quality import (
+    QualityRun,
+    check_quality_out,
+    draft_model,
+    format_quality,
+    profile_quality,
+)
+from treeopt.tuning import (
+    CPU_NEW_TOKENS,
+    CPU_PROMPTS,
+    GPU_NEW_TOKENS,
+    GPU_PROMPTS,
+    acceptance_defaults as defaults,
+    latency_progress,
+    latency_warnings,
+    load_prompt_set,
+    measure_acceptance as measure,
+)
 
 ACCEPTANCE_DESCRIPTION = """\
 Measure which sibling rank the verifier accepts, per rank (Sequoia's p[k]) and per depth
@@ -166,15 +203,7 @@ def add_acceptance_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, metavar="T",
                         help=f"continuation length per prompt (default {CPU_NEW_TOKENS} on CPU, "
                              f"{GPU_NEW_TOKENS} on GPU)")
-    parser.add_argument("--temperature", type=float, default=0.0,
-                        help="0 = greedy (default); stochastic verification at a temperature "
-                             ">= 1e-5 (smaller ones are rejected)")
-    parser.add_argument("--top-k", type=int, default=0,
-                        help="top-k for P and Q (>= 0; 0 = off, the default)")
-    parser.add_argument("--top-p", type=float, default=1.0,
-                        help="top-p for P and Q (in (0, 1]; 1 = off, the default)")
-    parser.add_argument("--rule", choices=["sequoia", "specinfer"], default="sequoia",
-                        help="stochastic verification rule (default %(default)s)")
+    add_sampling_arguments(parser)
     parser.add_argument("--width", type=int, default=8,
                         help="siblings drafted (default %(default)s)")
     parser.add_argument("--depth", type=int, default=6,
@@ -183,12 +212,9 @@ def add_acceptance_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=["teacher-forced", "online"], default="teacher-forced",
                         help="teacher-forced (fast; default) or online (engine, what decoding "
                              "sees)")
-    parser.add_argument("--continuation", choices=["target", "dataset"], default="target",
-                        help="teacher-forced positions along the target's own continuation "
-                             "(default, unbiased for decoding) or the dataset text")
-    parser.add_argument("--seed", type=int, default=0, help="prompt selection and sampling seed")
-    parser.add_argument("--no-chat-template", action="store_true",
-                        help="feed the raw prompt text instead of the chat template")
+    add_prompt_arguments(parser, "teacher-forced positions along the target's own "
+                                 "continuation (default, unbiased for decoding) or the dataset "
+                                 "text")
 
 
 def add_latency_arguments(parser: argparse.ArgumentParser) -> None:
@@ -212,7 +238,6 @@ def add_latency_arguments(parser: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------------- helpers
 def load_models(args):
     """(Pair, device) from --target/--draft/--device/--dtype/--threads."""
-    from treeopt.decode.models import load_pair, resolve_device
 
     set_threads(getattr(args, "threads", None))
     device = resolve_device(args.device)
@@ -223,7 +248,6 @@ def load_models(args):
 def acceptance_defaults(args, device) -> list[str]:
     """Fill --prompts / --max-new-tokens by device (``treeopt.pipeline.acceptance_defaults``);
     return notes on the defaults used."""
-    from treeopt.pipeline import acceptance_defaults as defaults
 
     args.prompts, args.max_new_tokens, notes = defaults(device, args.prompts,
                                                         args.max_new_tokens)
@@ -233,7 +257,6 @@ def acceptance_defaults(args, device) -> list[str]:
 def check_acceptance_args(args) -> None:
     """Validate the acceptance settings before any model is loaded (sampling settings by
     ``treeopt.decode.sampling.check_settings``, as every command does)."""
-    from treeopt.decode.sampling import check_settings
 
     check_settings(args.temperature, args.top_k, args.top_p, args.rule)
     for name in ("width", "depth"):
@@ -246,13 +269,11 @@ def check_acceptance_args(args) -> None:
 
 
 def acceptance_run(args):
-    from treeopt.profile.acceptance import AcceptanceRun
-
-    run = AcceptanceRun(width=args.width, depth=args.depth, temperature=args.temperature,
-                        top_k=args.top_k, top_p=args.top_p, rule=args.rule, mode=args.mode,
+    run = AcceptanceRun(width=args.width, depth=args.depth, mode=args.mode,
                         continuation=args.continuation, max_new_tokens=args.max_new_tokens,
                         seed=args.seed, draft=args.draft, target=args.target,
-                        dataset=str(args.dataset), chat_template=not args.no_chat_template)
+                        dataset=str(args.dataset), chat_template=not args.no_chat_template,
+                        sampling=sampling_from_args(args))
     run.check()
     return run
 
@@ -260,7 +281,6 @@ def acceptance_run(args):
 def measure_acceptance(args, pair, device, out: Path, progress: bool = True):
     """Load the prompts, run the profiler (``treeopt.pipeline.measure_acceptance``);
     returns (Profile, notes on the defaults used)."""
-    from treeopt.pipeline import measure_acceptance as measure
 
     if pair.drafter is None:
         raise UserError("acceptance profiling needs a --draft")
@@ -278,8 +298,6 @@ def select_prompts(args):
     the same prompts as every other command draws, ordered so that the first k of a draw of
     n are the draw of k. A --resume that asks for more prompts therefore continues with new
     ones (the profiler checks the measured ones are the same, by content)."""
-    from treeopt.evaluate.datasets import select
-    from treeopt.pipeline import load_prompt_set
 
     every, name = load_prompt_set(args.dataset, None, args.seed, args.categories)
     return select(every, n=args.prompts, seed=args.seed, source=name, order="draw")
@@ -349,15 +367,11 @@ def _check_overwrite(out: Path) -> None:
 def check_profile_out(out: Path) -> None:
     """Refuse (one line) an output path holding a file that is not a treeopt profile (a
     growmap, eval results, ...), before any model is loaded."""
-    from treeopt.profile.model import check_replaceable
 
     check_replaceable(out)
 
 
 def run_latency(args: argparse.Namespace) -> int:
-    from treeopt.profile.latency import (measure_latency, parse_contexts, parse_tokens,
-                                         write_latency)
-
     tokens = parse_tokens(args.tokens)
     draft_tokens = parse_tokens(args.draft_tokens) if args.draft_tokens else None
     contexts = parse_contexts(args.contexts) if getattr(args, "contexts", None) else None
@@ -365,7 +379,6 @@ def run_latency(args: argparse.Namespace) -> int:
     check_profile_out(Path(args.out))
     args.draft = draft_spec_with_variant(args)
     pair, device = load_models(args)
-    from treeopt.pipeline import latency_progress
 
     try:
         with latency_progress(not getattr(args, "quiet", False)):
@@ -395,9 +408,6 @@ def print_dtypes(args, target) -> None:
     model as loaded (its own dtype's curve is timed on it; nothing without a model)."""
     import torch
 
-    from treeopt.models.dtype import choose_dtype, interpolate
-    from treeopt.tune_dtypes import parse_dtypes, plain_rows
-
     dtypes = parse_dtypes(getattr(args, "dtypes", "none"), args.device)
     if len(dtypes) < 2 or not isinstance(target, torch.nn.Module):
         return
@@ -424,8 +434,6 @@ def print_timing_warnings(latency) -> list[str]:
     them."""
     import sys
 
-    from treeopt.pipeline import latency_warnings
-
     notes = latency_warnings(latency)
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)
@@ -433,8 +441,6 @@ def print_timing_warnings(latency) -> list[str]:
 
 
 def describe_latency(latency) -> str:
-    from treeopt.profile.latency import latencies_by_context
-
     tables = latencies_by_context(latency)
     contexts = ", ".join(str(t.context) for t in tables)
     lines = [f"latency on {latency.meta.get('device')} ({latency.meta.get('dtype')}), "
@@ -452,9 +458,6 @@ def describe_latency(latency) -> str:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from treeopt.profile import Profile
-    from treeopt.profile.acceptance import with_intervals, write_atomic
-
     if len(args.inputs) < 2:
         raise UserError("merge needs at least two profiles")
     for i, a in enumerate(args.inputs):
@@ -494,22 +497,14 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, metavar="T",
                         help=f"continuation length per prompt (default {CPU_NEW_TOKENS} on CPU, "
                              f"{GPU_NEW_TOKENS} on GPU)")
-    parser.add_argument("--temperature", type=float, default=1.0,
-                        help="temperature of P and Q (default 1: the models' own "
-                             "distributions; 0: one-hot argmax, alpha = top-1 agreement)")
-    parser.add_argument("--top-k", type=int, default=0,
-                        help="top-k for P and Q (>= 0; 0 = off, the default)")
-    parser.add_argument("--top-p", type=float, default=1.0,
-                        help="top-p for P and Q (in (0, 1]; 1 = off, the default)")
+    add_sampling_arguments(parser, temperature=1.0, rule=False, temperature_help=(
+        "temperature of P and Q (1: the models' own distributions; 0: one-hot argmax, alpha = "
+        "top-1 agreement)"))
     parser.add_argument("--depth", type=int, default=6,
                         help="chain depth D: figures for draft positions 1..D "
                              "(default %(default)s)")
-    parser.add_argument("--continuation", choices=["target", "dataset"], default="target",
-                        help="positions along the target's own continuation (default) or the "
-                             "dataset text")
-    parser.add_argument("--seed", type=int, default=0, help="prompt selection and sampling seed")
-    parser.add_argument("--no-chat-template", action="store_true",
-                        help="feed the raw prompt text instead of the chat template")
+    add_prompt_arguments(parser, "positions along the target's own continuation (default) or "
+                                 "the dataset text")
     parser.add_argument("--profile", metavar="PATH",
                         help="an acceptance profile whose top-1 acceptance p1 per depth is "
                              "shown beside (default: none)")
@@ -519,11 +514,6 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_quality(args: argparse.Namespace) -> int:
-    from treeopt.decode.api import encode_prompts, eos_ids
-    from treeopt.decode.sampling import check_settings
-    from treeopt.profile.quality import (QualityRun, check_quality_out, draft_model,
-                                         format_quality, profile_quality)
-
     out = Path(args.out)
     if out.suffix.lower() != ".json":
         raise UserError(f"--out {out.name}: draft quality is written as .json")
@@ -535,18 +525,16 @@ def run_quality(args: argparse.Namespace) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     profile = None
     if args.profile:
-        from treeopt.profile import Profile
-
         profile = Profile.load(args.profile)
     args.draft = draft_spec_with_variant(args)
     pair, device = load_models(args)
     model = draft_model(pair.draft if pair.draft is not None else pair.drafter)
     notes = acceptance_defaults(args, device)
     run = QualityRun(depth=args.depth, max_new_tokens=args.max_new_tokens,
-                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                      continuation=args.continuation, seed=args.seed, target=args.target,
                      draft=args.draft, dataset=str(args.dataset),
-                     chat_template=not args.no_chat_template)
+                     chat_template=not args.no_chat_template,
+                     sampling=sampling_from_args(args))
     run.check()
     ids = encode_prompts(pair.tokenizer, select_prompts(args), run.chat_template)
     eos = eos_ids(pair.tokenizer, pair.target) if pair.tokenizer is not None else []
@@ -604,19 +592,15 @@ def add_calibration_parser(sub) -> None:
 
 
 def run_calibration(args: argparse.Namespace) -> int:
-    from treeopt.profile.calibration import calibrate_pair, check_settings, check_writable
-
     out = Path(args.out)
     check_writable(out)
     for name in ("prompts", "max_new_tokens"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    check_settings(args.bins, args.binning, args.topk)
+    check_calibration(args.bins, args.binning, args.topk)
     latency = None
     if args.latency_from:
-        from treeopt.profile import Profile
-
         latency = Profile.load(args.latency_from).latency
         if latency is None:
             raise UserError(f"{args.latency_from} holds no latency table; measure one with "

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from treeopt.evaluate.passk import Limits, format_pass, score_run
+from treeopt.evaluate.report import write_report
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -34,11 +37,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from treeopt.evaluate.report import write_report
-
     if args.pass_at_1:
-        from treeopt.evaluate.passk import Limits, format_pass, score_run
-
         scored = score_run(args.results, args.problems, Limits(timeout_s=args.pass_timeout),
                            workers=args.pass_workers)
         print(format_pass(scored))

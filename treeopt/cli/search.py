@@ -26,9 +26,34 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from treeopt.cli import UserError, add_height_arguments, height_levels
+from treeopt.cli import UserError
+from treeopt.cli.args import add_height_arguments, height_levels, print_treeset
+from treeopt.errors import TreeoptError
+from treeopt.export import ENGINES
+from treeopt.growmap import check_writable, save_growmap
 from treeopt.limits import check_nodes
+from treeopt.profile.model import contexts_of
+from treeopt.search.api import (
+    ReplaySettings,
+    SearchSettings,
+    load_profile,
+    optuna_size_limit,
+    optuna_tree,
+    rank_table,
+    search_tree,
+)
+from treeopt.search.family import (
+    FAMILIES,
+    FAMILY_ENGINES,
+    TOPK,
+    UNIFORM,
+    family_meta,
+    search_family,
+)
 from treeopt.search.hardware import DEFAULT_DRAFT_COST, DEFAULT_MAX_LEVELS, DRAFT_COSTS
+from treeopt.search.optuna_search import OptunaSettings
+from treeopt.treeset import check_writable as check_treeset, save_treeset
+from treeopt.viz import SUFFIXES, draw_tree
 
 OBJECTIVES = ("model", "replay", "engine")
 METRICS = ("tokens", "speed")
@@ -40,8 +65,6 @@ def register(subparsers) -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     add_optuna_arguments(parser)
-    from treeopt.cli.export import add_family_arguments
-
     add_family_arguments(parser)
     parser.set_defaults(func=run)
     return parser
@@ -145,8 +168,6 @@ def check_outputs(args: argparse.Namespace, treeset: bool = False) -> None:
     """Every output path, before the search: known suffixes, no input overwritten, no file
     of another kind replaced (the growmap check lives in ``treeopt.growmap``, the tree-set
     check, with ``treeset``, in ``treeopt.treeset``)."""
-    from treeopt.growmap import check_writable
-    from treeopt.viz import SUFFIXES
 
     inputs = {_same(args.profile): "--profile"}
     outs = []
@@ -167,8 +188,6 @@ def check_outputs(args: argparse.Namespace, treeset: bool = False) -> None:
             raise UserError(f"{flag} {path} is also {inputs[key]}; refusing to overwrite it")
         inputs[key] = flag
     if args.out and treeset:
-        from treeopt.treeset import check_writable as check_treeset
-
         check_treeset(args.out)
     elif args.out:
         check_writable(args.out)
@@ -180,9 +199,6 @@ def wants_treeset(args: argparse.Namespace) -> bool:
     if args.method != "dp" or args.budget is not None or getattr(args, "context", None) \
             is not None or getattr(args, "family", None) or getattr(args, "engine", None):
         return False
-    from treeopt.errors import TreeoptError
-    from treeopt.pipeline import load_profile
-    from treeopt.profile.latency import contexts_of
 
     try:
         latency = load_profile(args.profile).latency
@@ -209,23 +225,18 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--context counts cached tokens: at least 0, got {args.context}")
     check_outputs(args, wants_treeset(args))
     if args.family or args.engine:
-        from treeopt.cli.export import run_family
-
         return run_family(args, levels)
     if args.method == "optuna":
         return run_optuna(args, levels)
 
-    from treeopt.pipeline import search_tree
-
     found = search_tree(args.profile, budget=args.budget, at_most=args.at_most,
-                        max_levels=levels, max_size=args.max_size, draft_cost=args.draft_cost,
-                        depth_aware=not args.no_depth_aware,
-                        measured_sizes_only=args.measured_sizes_only,
-                        context=getattr(args, "context", None))
+                        context=getattr(args, "context", None),
+                        search=SearchSettings(max_levels=levels, max_size=args.max_size,
+                                              draft_cost=args.draft_cost,
+                                              depth_aware=not args.no_depth_aware,
+                                              measured_sizes_only=args.measured_sizes_only))
     tree = found.tree
     if found.treeset is not None:
-        from treeopt.treeset import save_treeset
-
         out = Path(args.out) if args.out else _default_out(
             args, f"{Path(args.profile).stem}-dp-treeset.json")
         saved = save_treeset(found.treeset, out)
@@ -258,16 +269,11 @@ def run(args: argparse.Namespace) -> int:
     for note in found.notes:
         print(f"note: {note}")
     if found.treeset is not None:
-        print(f"tree set ({len(found.treeset.buckets)} context ranges; a prompt uses the tree "
-              "of prompt tokens + max_new_tokens // 2; the tree above is the first range's):")
-        for line in found.treeset.describe():
-            print(f"  {line}")
+        print_treeset(found.treeset)
     print(f"{'treeset' if found.treeset is not None else 'growmap'}: {saved}")
     if args.table:
         print(f"table: {write_table(found.table.values, args.table)}")
     if args.picture:
-        from treeopt.viz import draw_tree
-
         pic = draw_tree(tree, args.picture, profile=found.rank_table,
                         title=f"treeopt search dp: {Path(args.profile).name}")
         print(f"picture: {pic}")
@@ -285,22 +291,23 @@ def height(depth: int, max_levels: int) -> str:
 
 
 def run_optuna(args: argparse.Namespace, levels: int) -> int:
-    from treeopt.pipeline import load_profile, optuna_size_limit, optuna_tree
-
     profile = load_profile(args.profile)
     size = optuna_size_limit(profile, args.budget, args.max_size)
     out = Path(args.out) if args.out else _default_out(
         args, f"{Path(args.profile).stem}-optuna-{args.objective}-n{size}.json")
     storage = args.storage or str(out.with_suffix(".optuna.db"))
     name = args.study_name or f"treeopt-{out.stem}"
-    found = optuna_tree(profile, objective=args.objective, metric=args.metric,
-                        budget=args.budget, max_size=args.max_size, max_levels=levels,
-                        draft_cost=args.draft_cost, depth_aware=not args.no_depth_aware,
-                        trials=args.trials, timeout=args.timeout, study_name=name,
-                        storage=storage, seed=args.seed, worker=args.worker,
-                        target=args.target, draft=args.draft, dataset=args.dataset,
-                        prompts=args.prompts, max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature, device=args.device, progress=True)
+    found = optuna_tree(
+        profile, objective=args.objective, metric=args.metric, budget=args.budget,
+        search=SearchSettings(max_size=args.max_size, max_levels=levels,
+                              draft_cost=args.draft_cost, depth_aware=not args.no_depth_aware),
+        optuna_settings=OptunaSettings(trials=args.trials, timeout=args.timeout,
+                                       study_name=name, storage=storage, seed=args.seed,
+                                       worker=args.worker),
+        replay=ReplaySettings(target=args.target, draft=args.draft, dataset=args.dataset,
+                              prompts=args.prompts, max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature, device=args.device),
+        progress=True)
     found.meta["profile"] = str(args.profile)
     saved = found.save(out)
     result = found.optuna
@@ -316,8 +323,6 @@ def run_optuna(args: argparse.Namespace, levels: int) -> int:
     print(f"growmap: {saved}")
     print(f"storage: {result.storage}")
     if args.picture:
-        from treeopt.viz import draw_tree
-
         print(f"picture: {draw_tree(result.tree, args.picture, profile=found.rank_table)}")
     return 0
 
@@ -335,3 +340,69 @@ def write_table(values, path: str | Path) -> Path:
         rows.append(f"{m}," + ",".join(cells))
     path.write_text("\n".join(rows) + "\n")
     return path
+
+
+def add_family_arguments(parser: argparse.ArgumentParser) -> None:
+    """``treeopt search``'s ``--family`` and ``--engine`` (:func:`run_family`)."""
+    g = parser.add_argument_group("engine families (--family / --engine, with --budget)")
+    g.add_argument("--family", choices=FAMILIES,
+                   help="best tree within a family an engine drafts, against the "
+                        "unconstrained optimum: topk-per-level = EAGLE-2 / SGLang's top-k "
+                        "beam (knobs top_k, steps, nodes); uniform-per-level = vLLM's tree "
+                        "drafter (every node of a level gets the same number of children)")
+    g.add_argument("--engine", choices=ENGINES,
+                   help="engine to export to next (vllm, sglang, eagle); alone it picks its "
+                        "family (vllm: uniform-per-level, else topk-per-level)")
+
+
+def run_family(args: argparse.Namespace, levels: int) -> int:
+    """``treeopt search --family F`` (or ``--engine E``): the best tree an engine can draft
+    (``treeopt.search.family``), its F against the unconstrained DP optimum at the same
+    budget, the growmap, and the export command to run next."""
+    family = args.family or (UNIFORM if args.engine == "vllm" else TOPK)
+    if args.method != "dp":
+        raise UserError(f"--family searches its few parameters exactly; drop --method "
+                        f"{args.method}")
+    if args.budget is None:
+        raise UserError("--family needs --budget N (the node budget both the family and the "
+                        "unconstrained optimum get)")
+    if args.budget < 2:
+        raise UserError(f"--family needs a budget of at least 2 nodes (one drafted token), "
+                        f"got {args.budget}")
+    if args.table:
+        raise UserError("--table writes the unconstrained DP's table; drop it with --family")
+    engine = args.engine or FAMILY_ENGINES[family][0]
+    profile = load_profile(args.profile)
+    table = rank_table(profile, not args.no_depth_aware)
+    found = search_family(table, family, args.budget, levels)
+    tree = found.tree
+    out = Path(args.out) if args.out else _default_out(
+        args, f"{Path(args.profile).stem}-{family}-n{tree.size}.pt")
+    saved = save_growmap(tree, out, family_meta(found, family, args.budget, levels,
+                                                depth_aware=len(table) > 1,
+                                                profile=args.profile))
+    if family == TOPK:
+        knobs = (f"top_k {found.params['top_k']}, steps {found.params['steps']}, "
+                 f"nodes {found.params['nodes']}")
+        who = "EAGLE-2 / SGLang top-k beam"
+    else:
+        knobs = "children per level " + ",".join(str(c) for c in found.params["expansion"])
+        who = "vLLM, every node of a level the same number of children"
+    print(f"search family {family} ({who}), budget {args.budget} nodes: best member {knobs}: "
+          f"size {tree.size}, {height(tree.depth, found.max_levels)}, width {tree.width}")
+    print(f"expected tokens per step: {found.expected_tokens:.6f} (family best)")
+    print(f"unconstrained DP optimum, same budget and level limit: {found.optimum:.6f} "
+          f"(size {found.optimum_tree.size}, depth {found.optimum_tree.depth})")
+    print(f"restriction costs {100 * max(found.loss, 0.0):.2f}% of F "
+          f"({max(found.optimum - found.expected_tokens, 0.0):.4f} tokens per step)")
+    for note in found.notes:
+        print(f"note: {note}")
+    if engine not in FAMILY_ENGINES[family]:
+        print(f"note: {engine} drafts the "
+              f"{UNIFORM if engine == 'vllm' else TOPK} family, not {family}")
+    print(f"growmap: {saved}")
+    if args.picture:
+        print(f"picture: {draw_tree(tree, args.picture, profile=table)}")
+    extra = f" --profile {args.profile}" if engine != "vllm" else ""
+    print(f"export: treeopt export {saved} --engine {engine}{extra}")
+    return 0

@@ -22,6 +22,9 @@ import re
 from pathlib import Path
 
 from treeopt.cli import UserError
+from treeopt.growmap import check_writable, load_growmap, save_growmap
+from treeopt.search.api import load_profile, rank_table
+from treeopt.shapes import PRESETS, SPEC_HELP, from_name, is_file_spec
 
 DEFAULT_DIR = "growmaps"
 
@@ -60,10 +63,6 @@ def file_stem(spec: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from treeopt.growmap import check_writable, load_growmap, save_growmap
-    from treeopt.pipeline import load_profile, rank_table
-    from treeopt.shapes import PRESETS, SPEC_HELP, from_name, is_file_spec
-
     if args.list:
         print(f"specs: {SPEC_HELP}")
         for name, preset in sorted(PRESETS.items()):

@@ -20,6 +20,10 @@ import argparse
 import json
 
 from treeopt.cli import UserError
+from treeopt.growmap import load_growmap
+from treeopt.search.api import load_profile, rank_table
+from treeopt.shapes import describe, from_name, is_file_spec
+from treeopt.viz import SUFFIXES, draw_tree, tree_summary
 
 FORMATS = ("summary", "choices", "parents", "paths", "successors")
 
@@ -46,11 +50,6 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from treeopt.growmap import load_growmap
-    from treeopt.pipeline import load_profile, rank_table
-    from treeopt.shapes import describe, from_name, is_file_spec
-    from treeopt.viz import SUFFIXES, draw_tree, tree_summary
-
     if args.out and "." + args.out.lower().rsplit(".", 1)[-1] not in SUFFIXES:
         raise UserError(f"--out {args.out}: use a .png, .svg, .pdf or .dot file")
     # the rank table `treeopt search` and `compare` use for this profile

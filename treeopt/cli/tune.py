@@ -26,7 +26,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from treeopt.cli import UserError, add_height_arguments, draft_spec_with_variant, height_levels
+import treeopt
+from treeopt.cli import UserError
+from treeopt.cli.args import (
+    add_height_arguments,
+    draft_spec_with_variant,
+    height_levels,
+    print_treeset,
+    sampling_from_args,
+)
 from treeopt.cli.profile import (
     add_acceptance_arguments,
     add_model_arguments,
@@ -36,9 +44,21 @@ from treeopt.cli.profile import (
     describe_latency,
     resume_hint,
 )
+from treeopt.cli.search import height
 from treeopt.limits import check_nodes
-from treeopt.pipeline import CPU_LATENCY, GPU_LATENCY, TUNE_ACCEPTANCE_DEPTH
+from treeopt.models.loading import resolve_device
+from treeopt.models.machine import Machine
+from treeopt.profile.latency import LatencySettings, parse_contexts, parse_tokens
+from treeopt.search.api import SearchSettings
 from treeopt.search.hardware import DEFAULT_DRAFT_COST, DEFAULT_MAX_LEVELS, DRAFT_COSTS
+from treeopt.tuning import (
+    CPU_LATENCY,
+    GPU_LATENCY,
+    TUNE_ACCEPTANCE_DEPTH,
+    AcceptanceSettings,
+    tune_defaults,
+)
+from treeopt.tune_dtypes import auto_pick, compare_dtypes, parse_dtypes, row_from
 
 
 def _tokens(value) -> str:
@@ -96,9 +116,6 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import treeopt
-    from treeopt.profile.latency import parse_contexts, parse_tokens
-
     check_acceptance_args(args)
     check_latency_args(args)
     args.draft = draft_spec_with_variant(args)
@@ -114,8 +131,6 @@ def run(args: argparse.Namespace) -> int:
     if args.optuna_trials < 0:
         raise UserError(f"--optuna-trials must be >= 0, got {args.optuna_trials}")
     profile_path = Path(args.out_dir) / "profile.json"
-    from treeopt.decode.models import resolve_device
-    from treeopt.pipeline import tune_defaults
 
     device = resolve_device(args.device)
     defaults = tune_defaults(device, n_prompts=args.prompts,
@@ -128,16 +143,19 @@ def run(args: argparse.Namespace) -> int:
     try:
         run_ = treeopt.tune(
             args.target, args.draft, args.dataset, out_dir=args.out_dir, resume=args.resume,
-            n_prompts=args.prompts, categories=args.categories, positions=args.positions,
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-            top_k=args.top_k, top_p=args.top_p, rule=args.rule, width=args.width,
-            depth=args.depth, mode=args.mode, continuation=args.continuation, seed=args.seed,
-            chat_template=not args.no_chat_template, tokens=tokens, context=args.context,
-            contexts=contexts,
-            repeats=args.repeats, warmup=args.warmup, max_size=args.max_size,
-            max_levels=levels, draft_cost=args.draft_cost,
-            measured_sizes_only=args.measured_sizes_only, optuna_trials=args.optuna_trials,
-            device=args.device, dtype=args.dtype, threads=args.threads,
+            acceptance=AcceptanceSettings(
+                prompts=args.prompts, categories=args.categories, positions=args.positions,
+                max_new_tokens=args.max_new_tokens, width=args.width, depth=args.depth,
+                mode=args.mode, continuation=args.continuation, seed=args.seed,
+                chat_template=not args.no_chat_template),
+            sampling=sampling_from_args(args),
+            latency=LatencySettings(tokens=tokens, context=args.context, contexts=contexts,
+                                    repeats=args.repeats, warmup=args.warmup),
+            search=SearchSettings(max_size=args.max_size, max_levels=levels,
+                                  draft_cost=args.draft_cost,
+                                  measured_sizes_only=args.measured_sizes_only,
+                                  optuna_trials=args.optuna_trials),
+            machine=Machine(device=args.device, dtype=args.dtype, threads=args.threads),
             progress=not args.quiet)
     except KeyboardInterrupt:
         if profile_path.exists():
@@ -151,18 +169,19 @@ def run(args: argparse.Namespace) -> int:
 def report_dtypes(args, run_) -> None:
     """Plain and predicted tokens/s of the pair in every dtype of ``--dtypes`` (the tuned
     dtype from the run itself), and the dtype ``--dtype auto`` picks from those curves."""
-    from treeopt.tune_dtypes import auto_pick, compare_dtypes, parse_dtypes, row_from
-
     dtypes = parse_dtypes(args.dtypes, args.device)
     if len(dtypes) < 2 and not (dtypes and dtypes[0] != run_.latency.meta.get("dtype")):
         return
     done = row_from(str(run_.latency.meta.get("dtype")), run_.latency, run_.prediction,
                     run_.tree)
     rows = compare_dtypes(args.target, args.draft, run_.profile, done=done, dtypes=dtypes,
-                          device=args.device, tokens=run_.latency.target.tokens,
-                          context=run_.latency.context, repeats=args.repeats,
-                          warmup=args.warmup, max_size=args.max_size,
-                          max_levels=run_.search.max_levels, draft_cost=args.draft_cost)
+                          device=args.device,
+                          latency=LatencySettings(tokens=run_.latency.target.tokens,
+                                                  context=run_.latency.context,
+                                                  repeats=args.repeats, warmup=args.warmup),
+                          search=SearchSettings(max_size=args.max_size,
+                                                max_levels=run_.search.max_levels,
+                                                draft_cost=args.draft_cost))
     print("per dtype (same acceptance profile; speed-ups over plain decoding in that dtype):")
     for row in rows:
         print(f"  {row.line()}")
@@ -170,8 +189,7 @@ def report_dtypes(args, run_) -> None:
 
 
 def report(run_) -> None:
-    """Print what ``treeopt.tune`` measured and chose (warnings on stderr)."""
-    from treeopt.cli.search import height
+    """Print what ``treeopt.tuning`` measured and chose (warnings on stderr)."""
 
     for note in run_.warnings:
         print(f"warning: {note}", file=sys.stderr)
@@ -190,10 +208,7 @@ def report(run_) -> None:
     for note in run_.notes:
         print(f"note: {note}")
     if run_.treeset is not None:
-        print(f"tree set ({len(run_.treeset.buckets)} context ranges; a prompt uses the tree "
-              "of prompt tokens + max_new_tokens // 2; the tree above is the first range's):")
-        for line in run_.treeset.describe():
-            print(f"  {line}")
+        print_treeset(run_.treeset)
     if run_.optuna_note:
         print(run_.optuna_note)
     print("files: " + ", ".join(str(path) for path in run_.files.values()))

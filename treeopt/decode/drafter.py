@@ -14,7 +14,7 @@ Drafters are chosen by spec strings (``"ngram"``, ``"ngram:min=1,max=4,k=8"``,
 ``"datastore:PATH"``, ``"early-exit:4"``, a model id or folder, ...): a module that defines a
 drafter registers a factory under its name with :func:`register_drafter`, and
 :func:`build_drafter` turns a spec into a drafter. Anything that is not a registered name is a
-model spec, drafted by :class:`~treeopt.decode.model_drafter.ModelDrafter`.
+model spec, drafted by :class:`~treeopt.drafters.model.ModelDrafter`.
 
 Writing a drafter (see the README for a complete example)::
 
@@ -50,11 +50,6 @@ ROOT_ONLY = Tree((-1,))
 # the CPU this was measured on, verifying 4 tokens with packed oneDNN weights costs about 1.15x
 # one token; over Spec-Bench it was never slower than plain decoding (README, drafters table).
 DEFAULT_CANDIDATE_SHAPE = Tree((-1, 0, 1, 2))
-# Modules that register drafters; imported on the first look-up so that the registry is
-# complete without importing every drafter at start-up.
-DRAFTER_MODULES = ("treeopt.decode.model_drafter", "treeopt.decode.ngram",
-                   "treeopt.decode.datastore", "treeopt.decode.dynamic", "treeopt.decode.egag",
-                   "treeopt.decode.cascade", "treeopt.drafters.auto")
 
 
 class DrafterError(TreeoptError, ValueError):
@@ -76,8 +71,9 @@ class Proposal:
              None with ``q``.
     forwards: draft-model forwards spent on this proposal (0 for model-free drafters).
     fixed_shape: True when ``tree`` comes from a small fixed set of shapes (a growmap and its
-             truncations), so its verification buffers are worth caching; per-step trees are
-             built fresh (vectorised) and not cached.
+             truncations), so its verification buffers are worth caching. The default,
+             False, builds them fresh (vectorised) each step: always correct, and safe for a
+             drafter that makes a new tree every step and forgets to say so.
     """
 
     tree: Tree
@@ -85,7 +81,7 @@ class Proposal:
     q: Sequence[torch.Tensor] | None = None
     q_row: Sequence[int] | None = None
     forwards: int = 0
-    fixed_shape: bool = True
+    fixed_shape: bool = False
 
     def q_at(self, node: int) -> torch.Tensor | None:
         """(V,) draft distribution the children of ``node`` were drawn from, or None (no
@@ -103,7 +99,7 @@ class Proposal:
 def root_only(committed: Sequence[int], device: torch.device | str = "cpu") -> Proposal:
     """The empty proposal: the root alone (the step is plain decoding)."""
     return Proposal(ROOT_ONLY, torch.tensor([int(committed[-1])], dtype=torch.int64,
-                                            device=device))
+                                            device=device), fixed_shape=True)
 
 
 def proposal_from_paths(committed: Sequence[int], children: Callable[[tuple[int, ...]],
@@ -200,24 +196,34 @@ Factory = Callable[..., Drafter]
 
 @dataclass
 class DrafterEntry:
+    """A registered drafter: its spec ``name``, a one-line ``description`` for help texts,
+    its ``factory``, whether its options are a file path, and the ``spec_form`` messages
+    show (default ``name``, or ``name:PATH`` when it takes a path)."""
+
     name: str
-    help: str
+    description: str
     factory: Factory
     takes_path: bool = False
+    spec_form: str = ""
+
+    def form(self) -> str:
+        return self.spec_form or (f"{self.name}:PATH" if self.takes_path else self.name)
 
 
 _REGISTRY: dict[str, DrafterEntry] = {}
 _loaded = False
 
 
-def register_drafter(name: str, help: str, *, takes_path: bool = False):
+def register_drafter(name: str, description: str, *, takes_path: bool = False,
+                     spec_form: str = ""):
     """Decorator registering ``factory(options, *, target, tokenizer, tree) -> Drafter``
     under ``name``. ``options`` is the text after ``name:`` in the spec ("" when none);
     ``takes_path``: the options are a file path (``datastore:PATH``) rather than
-    ``key=value`` pairs."""
+    ``key=value`` pairs; ``spec_form``: how messages show the spec (e.g. ``early-exit:K``)."""
 
     def deco(factory: Factory) -> Factory:
-        _REGISTRY[name.lower()] = DrafterEntry(name.lower(), help, factory, takes_path)
+        _REGISTRY[name.lower()] = DrafterEntry(name.lower(), description, factory, takes_path,
+                                               spec_form)
         return factory
 
     return deco
@@ -230,8 +236,10 @@ def registered() -> dict[str, DrafterEntry]:
     global _loaded
     if not _loaded:
         _loaded = True
-        for module in DRAFTER_MODULES:
-            importlib.import_module(module)
+        # treeopt's own drafters (importing the package registers every one). The interface
+        # never imports an implementation: the registry loads them on the first look-up as
+        # it loads third-party drafter modules (the one deliberate upward import here).
+        importlib.import_module("treeopt.drafters")
         for module in filter(None, (m.strip() for m in
                                     os.environ.get("TREEOPT_DRAFTERS", "").split(","))):
             try:
@@ -348,14 +356,13 @@ def build_drafter(spec: str | Drafter | None, *, target, tokenizer=None,
 
 def known_names() -> str:
     """The registered drafter spec forms, for error messages."""
-    return ", ".join(f"{e.name}:PATH" if e.takes_path else
-                     ("early-exit:K" if e.name == "early-exit" else e.name)
-                     for e in registered().values() if e.name != "model")
+    return ", ".join(e.form() for e in registered().values() if e.name != "model")
 
 
 def describe_drafters() -> str:
     """One line per registered drafter, for help texts."""
-    return "; ".join(f"{e.name}: {e.help}" for e in registered().values() if e.name != "model")
+    return "; ".join(f"{e.name}: {e.description}" for e in registered().values()
+                     if e.name != "model")
 
 
 __all__ = ["Drafter", "DrafterError", "Proposal", "ROOT_ONLY", "build_drafter",

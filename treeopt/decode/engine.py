@@ -24,16 +24,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from treeopt.decode.attention import new_cache, run_model
+from treeopt.decode.attention import check_cache, new_cache, run_model
 from treeopt.decode.drafter import Drafter, Proposal, root_only
 from treeopt.decode.sampling import GREEDY, Sampling, sample
-from treeopt.decode.verify import accept, greedy_choice, keep, verify_tree
-from treeopt.errors import TreeoptError
-
-
-class DecodeError(TreeoptError, ValueError):
-    """Bad input to generate (shapes, lengths, mismatched models), or a target whose logits
-    are NaN in greedy decoding."""
+from treeopt.decode.verify import DecodeError, accept, greedy_choice, keep, verify_tree
 
 
 @dataclass
@@ -74,20 +68,31 @@ class DecodeStats:
     stop_reason: str = ""
     choice: str = ""  # what a choosing drafter (``auto``) chose, one line (Drafter.choice)
 
-    def record(self, proposal, path: Sequence[int], ranks: list[int], committed: int) -> None:
-        """Count one verification step: its proposal, accepted path and committed tokens."""
+    def record(self, proposal, path: Sequence[int], ranks: list[int], new_tokens: int) -> None:
+        """Count one verification step: its proposal, accepted path and the number of tokens
+        it committed (``new_tokens``: the accepted ones and the bonus token)."""
         self.target_forwards += 1
         self.draft_forwards += proposal.forwards
         self.drafted_tokens += proposal.drafted
         self.accepted_tokens += len(path) - 1
-        self.steps.append(StepStats(len(path) - 1, ranks, committed, proposal.tree.size,
+        self.steps.append(StepStats(len(path) - 1, ranks, new_tokens, proposal.tree.size,
                                     proposal.tree.depth))
+
+    @property
+    def num_steps(self) -> int:
+        """Verification steps (one target forward each)."""
+        return len(self.steps)
+
+    @property
+    def step_tokens(self) -> int:
+        """Tokens the verification steps committed (accepted ones and bonus tokens)."""
+        return sum(s.tokens for s in self.steps)
 
     @property
     def tokens_per_step(self) -> float:
         if not self.target_forwards:
             return 0.0
-        return sum(s.tokens for s in self.steps) / self.target_forwards
+        return self.step_tokens / self.target_forwards
 
     @property
     def acceptance_rate(self) -> float:
@@ -100,7 +105,7 @@ class DecodeStats:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.update(tokens_per_step=self.tokens_per_step, acceptance_rate=self.acceptance_rate,
-                 other_s=self.other_s)
+                 other_s=self.other_s, num_steps=self.num_steps, step_tokens=self.step_tokens)
         return d
 
 
@@ -112,10 +117,21 @@ class Generation:
     stats: DecodeStats
 
 
-def max_positions(*models) -> int | None:
-    """Smallest ``max_position_embeddings`` among the models' configs (None if unknown)."""
-    limits = [getattr(m.config, "max_position_embeddings", None) for m in models if m is not None]
-    limits = [int(x) for x in limits if x]
+def model_window(*models) -> int | None:
+    """treeopt's one model-window rule: the smallest position window
+    (``max_position_embeddings``, GPT-2's ``n_positions``) of the given models or drafters (a
+    drafter's model is used; model-free drafters and models without one are skipped); None
+    when none is known."""
+    limits = []
+    for m in models:
+        config = getattr(m, "config", None)
+        if config is None:
+            config = getattr(getattr(m, "model", None), "config", None)
+        for key in ("max_position_embeddings", "n_positions"):
+            value = getattr(config, key, None) if config is not None else None
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                limits.append(value)
+                break
     return min(limits) if limits else None
 
 
@@ -144,8 +160,6 @@ def prefill(target, drafter: Drafter | None, input_ids: torch.Tensor, sampling: 
     logits = run_model(target, input_ids, cache, position_ids=positions,
                        logits_to_keep=1).logits[0, -1]
     if drafter is not None:
-        from treeopt.decode.attention import check_cache
-
         check_cache(cache)
         drafter.start(input_ids)
     if sampling.greedy:
@@ -166,7 +180,7 @@ def check_inputs(target, drafter: Drafter | None, input_ids: torch.Tensor,
     device = next(target.parameters()).device
     if drafter is not None:
         drafter.check(target)
-    limit = max_positions(target, getattr(drafter, "model", None))
+    limit = model_window(target, drafter)
     if limit is not None and input_ids.shape[1] > limit:
         raise DecodeError(f"prompt has {input_ids.shape[1]} tokens but the model window is "
                           f"{limit}; shorten the prompt")

@@ -9,9 +9,15 @@ import torch
 
 from treeopt.decode.attention import compact, forward_tree
 from treeopt.decode.drafter import Proposal
-from treeopt.decode.sampling import (Sampling, verify_candidates, verify_children,
-                                     verify_greedy)
+from treeopt.decode.sampling import Sampling, verify_candidates, verify_children, verify_greedy
+from treeopt.errors import TreeoptError
 from treeopt.tree import Tree, TreeBuffers, build_buffers
+
+
+class DecodeError(TreeoptError, ValueError):
+    """Bad input to generate (shapes, lengths, mismatched models), or a target whose logits
+    are NaN in greedy decoding."""
+
 
 
 def proposal_buffers(proposal: Proposal, device: torch.device | str) -> TreeBuffers:
@@ -47,8 +53,6 @@ def greedy_choice(logits: torch.Tensor, where: str) -> torch.Tensor:
     best = logits.argmax(-1)
     picked = logits.gather(-1, best.unsqueeze(-1))
     if bool(torch.isnan(picked).any()):
-        from treeopt.decode.engine import DecodeError
-
         raise DecodeError(f"the target produced NaN logits at {where}; use float32 or check "
                           "the model")
     return best

@@ -1,7 +1,7 @@
 """How good treeopt's choices are: regret and prediction error on held-out prompts.
 
 For a pair and a data set (:func:`bench_choice`): the prompts are split in two; for each
-dtype, :func:`treeopt.pipeline.tune` profiles the pair on the first split and chooses a tree,
+dtype, :func:`treeopt.tuning.tune` profiles the pair on the first split and chooses a tree,
 then :func:`treeopt.evaluate.runner.run_eval` measures, interleaved on the held-out split, plain
 decoding, the tuned tree, the ``auto`` drafter and a grid: chains of 2..16 drafted tokens, the
 DP trees of 8/16/32 nodes (from the same profile) and Hugging Face prompt lookup.
@@ -25,14 +25,19 @@ from typing import Any, Sequence
 
 import pandas as pd
 
+from treeopt.api import Pair
+from treeopt.datasets import split_prompts
 from treeopt.decode.drafter import build_drafter
-from treeopt.decode.models import Pair, load_model, load_tokenizer
+from treeopt.evaluate.methods import (AR, Method, ar_method, chain_method, dp_method,
+                                      drafter_method)
 from treeopt.evaluate.reference import hf_prompt_lookup
-from treeopt.evaluate.runner import (AR, EvalConfig, Method, ar_method, chain_method,
-                                     dp_method, drafter_method, run_eval)
+from treeopt.evaluate.runner import EvalConfig, run_eval
 from treeopt.models.dtype import choose_dtype
-from treeopt.pipeline import split_prompts, tune
+from treeopt.models.loading import load_model, load_tokenizer
+from treeopt.models.machine import Machine
+from treeopt.profile.latency import LatencySettings
 from treeopt.search.hardware import empty_step_rate, predict
+from treeopt.tuning import AcceptanceSettings, tune
 
 CHAINS = (2, 4, 8, 16)
 DP_SIZES = (8, 16, 32)
@@ -89,27 +94,48 @@ def _pair(target: str, draft: str, dtype: str, device: str) -> Pair:
     return Pair(model, getattr(drafter, "model", None), tokenizer, target, draft, drafter)
 
 
-def bench_choice(target: str, draft: str, dataset: str = "spec_bench", *, tune_prompts: int = 8,
-                 eval_prompts: int = 13, dtypes: Sequence[str] = ("float32",),
-                 max_new_tokens: int = 64, tune_tokens: int = 32, chains=CHAINS,
-                 dp_sizes=DP_SIZES, hf_lookup=HF_LOOKUP, seed: int = 0, device: str = "cpu",
-                 latency_tokens: Sequence[int] | None = None, latency_repeats: int | None = None,
-                 categories: str | None = None, progress: bool = False,
-                 stop_at_eos: bool = False) -> ChoiceReport:
-    """Tune on ``tune_prompts`` prompts and measure on ``eval_prompts`` others, per dtype
-    (see the module docstring). ``latency_tokens`` / ``latency_repeats``: the tune's latency
-    settings (default: its own)."""
-    tune_set, held_out = split_prompts(dataset, tune_prompts, eval_prompts, seed, categories)
+@dataclass(frozen=True)
+class ChoiceSettings:
+    """What :func:`bench_choice` runs: ``tune_prompts`` prompts to tune on and
+    ``eval_prompts`` others to measure on (drawn with ``seed``, optionally only
+    ``categories``), each ``dtype``; ``tune_tokens`` per tuning continuation and
+    ``max_new_tokens`` per measured answer (``stop_at_eos``); the grid (``chains`` of drafted
+    tokens, ``dp_sizes`` nodes, ``hf_lookup`` tokens) and the tune's ``latency`` settings."""
+
+    tune_prompts: int = 8
+    eval_prompts: int = 13
+    dtypes: tuple[str, ...] = ("float32",)
+    max_new_tokens: int = 64
+    tune_tokens: int = 32
+    chains: tuple[int, ...] = CHAINS
+    dp_sizes: tuple[int, ...] = DP_SIZES
+    hf_lookup: tuple[int, ...] = HF_LOOKUP
+    seed: int = 0
+    categories: str | None = None
+    stop_at_eos: bool = False
+    latency: LatencySettings = field(default_factory=LatencySettings)
+
+
+def bench_choice(target: str, draft: str, dataset: str = "spec_bench",
+                 settings: ChoiceSettings | None = None, *, device: str = "cpu",
+                 progress: bool = False) -> ChoiceReport:
+    """Tune on one split and measure on the other, per dtype (see the module docstring)."""
+    cs = settings or ChoiceSettings()
+    tune_set, held_out = split_prompts(dataset, cs.tune_prompts, cs.eval_prompts, cs.seed,
+                                       cs.categories)
     report = ChoiceReport(settings={"target": target, "draft": draft, "dataset": dataset,
                                     "tune_prompts": [p.id for p in tune_set],
                                     "eval_prompts": [p.id for p in held_out],
-                                    "max_new_tokens": max_new_tokens, "dtypes": list(dtypes)})
-    for dtype in dtypes:
+                                    "max_new_tokens": cs.max_new_tokens,
+                                    "dtypes": list(cs.dtypes)})
+    for dtype in cs.dtypes:
         pair = _pair(target, draft, dtype, device)
-        tuned = tune(pair, prompts=tune_set, n_prompts=len(tune_set),
-                     max_new_tokens=tune_tokens, seed=seed, tokens=latency_tokens,
-                     repeats=latency_repeats, device=device, progress=progress)
-        methods = grid_methods(tuned.profile, chains, dp_sizes, hf_lookup, tuned.tree)
+        tuned = tune(pair, prompts=tune_set,
+                     acceptance=AcceptanceSettings(prompts=len(tune_set),
+                                                   max_new_tokens=cs.tune_tokens, seed=cs.seed),
+                     latency=cs.latency, machine=Machine(device=device), progress=progress)
+        methods = grid_methods(tuned.profile, cs.chains, cs.dp_sizes, cs.hf_lookup,
+                               tuned.tree)
         empty = empty_step_rate(tuned.profile)
         table = tuned.search.rank_table
         predicted = {AR: 1.0}
@@ -117,7 +143,8 @@ def bench_choice(target: str, draft: str, dataset: str = "spec_bench", *, tune_p
             if m.kind in ("chain", "dp", "tree") and m.tree is not None:
                 predicted[m.name] = predict(m.tree, table, tuned.latency, tuned.search.meta.get(
                     "draft_cost", "per-level"), empty).speedup
-        config = EvalConfig(max_new_tokens=max_new_tokens, seed=seed, stop_at_eos=stop_at_eos)
+        config = EvalConfig(max_new_tokens=cs.max_new_tokens, seed=cs.seed,
+                            stop_at_eos=cs.stop_at_eos)
         result = run_eval(pair.target, pair.drafter, held_out, methods, config=config,
                           tokenizer=pair.tokenizer, progress=progress)
         lat = tuned.latency.target
@@ -178,5 +205,5 @@ def dtype_table(runs: Sequence[ChoiceRun]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-__all__ = ["ChoiceReport", "ChoiceRun", "bench_choice", "choice_table", "dtype_table",
+__all__ = ["ChoiceReport", "ChoiceRun", "ChoiceSettings", "bench_choice", "choice_table", "dtype_table",
            "grid_methods"]

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from treeopt.evaluate.errors import EvalError
+from treeopt.limits import atomic_write as _atomic
 
 LOCK_FILE = ".lock"
 
@@ -102,7 +103,6 @@ def locked(out: Path) -> Iterator[None]:
 def atomic_write(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` (UTF-8) atomically: temporary file, fsync, rename
     (``treeopt.limits.atomic_write``)."""
-    from treeopt.limits import atomic_write as _atomic
 
     data = text.encode("utf-8")
     _atomic(path, lambda fh: fh.write(data))

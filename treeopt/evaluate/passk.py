@@ -100,7 +100,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from treeopt import datasets
+from treeopt.datasets import DatasetError, _read_lines
 from treeopt.evaluate.errors import EvalError
+from treeopt.evaluate.outdir import locked
+from treeopt.evaluate.results import RESULTS_JSON, load_results, summarise, write_results
 
 STATUSES = ("passed", "failed", "timeout", "error")
 CACHE_FILE = "pass_at_1.jsonl"
@@ -132,8 +136,6 @@ def load_problems(spec: str | os.PathLike = "humaneval") -> dict[str, Problem]:
     ``prompt``, ``test`` and ``entry_point``. One-line ``PassKError`` otherwise."""
     from importlib import resources
 
-    from treeopt.evaluate import datasets
-
     spec_s = str(spec)
     if spec_s == "humaneval":
         res = resources.files("treeopt").joinpath("data", "humaneval", "HumanEval.jsonl.gz")
@@ -150,8 +152,6 @@ def load_problems(spec: str | os.PathLike = "humaneval") -> dict[str, Problem]:
 
 
 def _problems_from(path: Path) -> dict[str, Problem]:
-    from treeopt.evaluate.datasets import DatasetError, _read_lines
-
     try:
         lines = _read_lines(path)
     except DatasetError as exc:
@@ -725,9 +725,6 @@ def score_run(results: str | Path, problems: dict[str, Problem] | str | None = N
     run again. ``problems``: a dict, a problems spec for :func:`load_problems`, or None for
     the dataset the run recorded. The folder is locked while it is scored."""
     import pandas as pd
-
-    from treeopt.evaluate.outdir import locked
-    from treeopt.evaluate.runner import RESULTS_JSON, load_results, summarise, write_results
 
     out = Path(results)
     if out.is_file() and out.name == RESULTS_JSON:

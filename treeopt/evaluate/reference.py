@@ -29,11 +29,12 @@ from typing import Any
 
 import torch
 
-from treeopt.evaluate.runner import EvalError, Method
+from treeopt.evaluate.errors import EvalError
+from treeopt.evaluate.methods import Method
+from treeopt.models.loading import EARLY_EXIT_PREFIX
 
 HF = "hf"
 PLD_PREFIX = "pld:"
-EARLY_EXIT_PREFIX = "early-exit:"
 
 
 def hf_prompt_lookup(k: int) -> Method:

@@ -25,7 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from treeopt.errors import TreeoptError
-from treeopt.evaluate.runner import AR, Method, load_results
+from treeopt.evaluate.exactness import DIFFERS, TIE, row_exactness, tie_line
+from treeopt.evaluate.methods import AR, Method
+from treeopt.evaluate.passk import disagreements
+from treeopt.evaluate.results import load_results
+from treeopt.evaluate.spread import FLAGS
+from treeopt.profile import Profile
+from treeopt.viz import draw_tree, place_labels
 
 
 class ReportError(TreeoptError, ValueError):
@@ -267,7 +273,6 @@ def expected_vs_measured(points: list[tuple[str, float, float]], path: Path) -> 
     """Scatter of (method, expected, measured) tokens per step with the y = x line; methods
     at the same point share one label, and no label overlaps another
     (``treeopt.viz.place_labels``)."""
-    from treeopt.viz import place_labels
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.0, 4.6))
@@ -397,7 +402,6 @@ def write_report(results: str | Path | dict, out_dir: str | Path, profile: Any =
 def _load_profile(profile: Any) -> Any:
     if profile is None or hasattr(profile, "table") or isinstance(profile, (list, tuple)):
         return profile
-    from treeopt.profile import Profile
 
     return Profile.load(profile)
 
@@ -418,10 +422,6 @@ def _draw_trees(methods: list[Method], out: Path, profile: Any
     wanted = [m for m in methods if m.tree is not None and m.tree.size > 1]
     if not wanted:
         return [], None
-    try:
-        from treeopt.viz import draw_tree
-    except ImportError:
-        return [], "Tree pictures skipped: treeopt.viz is not available in this install."
     prof = _load_profile(profile)
     (out / "trees").mkdir(exist_ok=True)
     pics = []
@@ -446,7 +446,6 @@ def _columns(summary: list[dict]) -> list[str]:
 
 def _flag_notes(summary: list[dict]) -> list[str]:
     """One line per flagged summary row, then what each flag that appears means."""
-    from treeopt.evaluate.spread import FLAGS
 
     flagged = [r for r in summary if r.get("flag")]
     lines = [f"{r['method']} / {r['category']}: {_nan(r.get('speedup')):.2f}x, flagged "
@@ -457,7 +456,6 @@ def _flag_notes(summary: list[dict]) -> list[str]:
 
 def _failures(doc: dict) -> list[str]:
     """Greedy outputs that differ from plain decoding (not at a numerical tie)."""
-    from treeopt.evaluate.exactness import DIFFERS, row_exactness
 
     return [f"{r['method']} differs from ar on prompt {r['prompt_key']} turn "
             f"{int(r.get('turn') or 1)} at new token {int(r.get('first_mismatch') or 0)}"
@@ -466,7 +464,6 @@ def _failures(doc: dict) -> list[str]:
 
 def _ties(doc: dict) -> list[str]:
     """Greedy outputs that differ from plain decoding only at a numerical tie."""
-    from treeopt.evaluate.exactness import TIE, row_exactness, tie_line
 
     return [tie_line(r["method"], r["prompt_key"], int(r.get("turn") or 1),
                      r.get("first_mismatch"), r.get("tie_gap"), r.get("tie_tolerance"))
@@ -477,7 +474,6 @@ def _pass_notes(doc: dict) -> list[str]:
     """Greedy runs scored for pass@1 whose methods disagree on some prompt (every lossless
     method must pass or fail alike): a heading line, then one line per prompt; empty when
     they agree or the run is not greedy."""
-    from treeopt.evaluate.passk import disagreements
 
     if (doc.get("settings", {}).get("config", {}) or {}).get("temperature"):
         return []

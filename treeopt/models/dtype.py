@@ -32,7 +32,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from treeopt.decode.cpu_kernels import kernels_in_use
+from treeopt.models.cpu_kernels import kernels_in_use
 from treeopt.errors import TreeoptError
 from treeopt.limits import atomic_write
 

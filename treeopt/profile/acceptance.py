@@ -64,18 +64,34 @@ from typing import Callable, Sequence
 
 import torch
 
+from treeopt import __version__
+from treeopt.api import as_drafter
+from treeopt.decode.attention import run_model
+from treeopt.decode.drafter import Drafter
+from treeopt.decode.engine import generate, model_window
+from treeopt.decode.sampling import (
+    GREEDY,
+    RULES,
+    Sampling,
+    draw_children,
+    logits_to_probs,
+    verify_candidates,
+    verify_children,
+    verify_children_batch,
+)
 from treeopt.errors import TreeoptError
 from treeopt.limits import integer, parse_json, show_number
+from treeopt.profile import Profile
 from treeopt.profile.model import (
     JSON_FORMAT,
     check_replaceable,
     write_json_atomic,
 )
-
+from treeopt.shapes import kary
 
 MODES = ("teacher-forced", "online")
 CONTINUATIONS = ("target", "dataset")
-RULES = ("sequoia", "specinfer")
+
 # Settings that must match for --resume to add to an existing file.
 RESUME_KEYS = ("mode", "continuation", "draft", "target", "dataset", "temperature", "top_k",
                "top_p", "rule", "width", "depth", "max_new_tokens", "seed", "chat_template")
@@ -118,7 +134,6 @@ def stochastic_ranks(target_probs: torch.Tensor, draft_probs: torch.Tensor, widt
     positions at once). Returns T ints in 0..width (0 = none accepted). Verification is
     sequential, so the first b of the W drawn siblings give the outcome a width-b tree would
     have with the same draws."""
-    from treeopt.decode.sampling import draw_children, verify_children_batch
 
     if rule not in RULES:
         raise AcceptanceError(f"unknown verification rule {rule!r}; use sequoia or specinfer")
@@ -218,7 +233,6 @@ class RankCounts:
         """Profile with these counts, a Wilson 95 % interval and the sample size per entry
         in ``meta["ci95"]``. Depth rows nobody reached (no samples) are left out: rows past
         the end reuse the last one."""
-        from treeopt.profile import Profile
 
         if self.positions == 0:
             raise AcceptanceError("no positions were measured; give longer prompts or more "
@@ -232,20 +246,6 @@ class RankCounts:
                                    depth_none=depth_none, meta=dict(meta or {}))
         return with_intervals(prof)
 
-
-def reliable_table(profile, min_samples: int = 50) -> list[list[float]]:
-    """``profile.table()`` without the deep rows measured on fewer than ``min_samples``
-    steps (rows past the end reuse the last kept one); the flat row when no depth row has
-    enough. A deep row seen a handful of times (often all "none") would otherwise forbid
-    the DP from going deeper on noise."""
-    if profile.depth_counts is None:
-        return profile.table()
-    rows = []
-    for d, row in enumerate(profile.by_depth):
-        if sum(profile.depth_counts[d]) + profile.depth_none[d] < min_samples:
-            break
-        rows.append(list(row))
-    return rows or profile.table(depth_aware=False)
 
 
 def with_intervals(profile):
@@ -314,9 +314,6 @@ def target_continuation(target, prompt_ids: Sequence[int], max_new_tokens: int, 
     logits[t] is the target's prediction for tokens[t]; stops after ``eos_token_id``."""
     from transformers import DynamicCache
 
-    from treeopt.decode.attention import run_model
-    from treeopt.decode.sampling import logits_to_probs
-
     device = _device(target)
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
     cache = DynamicCache(config=target.config)
@@ -352,8 +349,6 @@ def candidate_ranks(drafter, prompt_ids: Sequence[int], tokens: Sequence[int],
     proposal's Q where it has one (a cascade's model-drafted positions). target_logits:
     (T, V), row t predicting tokens[t]. Returns (ranks, per position: whether the drafter
     had no candidate)."""
-    from treeopt.decode.sampling import Sampling, verify_candidates, verify_children
-    from treeopt.shapes import kary
 
     sampling = Sampling(temperature, top_k, top_p, rule)
     one_level = drafter.reshaped(kary(width, 1))
@@ -414,7 +409,6 @@ def _teacher_forced(target, draft, prompt_ids: Sequence[int], *, width: int,
                     eos_token_id: int | None) -> tuple[list[int], int, int]:
     """``teacher_forced_ranks`` plus, per position, whether the drafter had no candidate
     (None for model drafters)."""
-    from treeopt.decode.drafter import Drafter
 
     if isinstance(draft, Drafter):
         model = getattr(draft, "model", None)
@@ -449,7 +443,6 @@ def _teacher_forced(target, draft, prompt_ids: Sequence[int], *, width: int,
                               f"{q_logits.shape[-1]}; the pair must share a tokenizer")
     if temperature <= 0:
         return greedy_ranks(p_logits, q_logits, width), start, None
-    from treeopt.decode.sampling import logits_to_probs
 
     p = logits_to_probs(p_logits, temperature, top_k, top_p)
     q = logits_to_probs(q_logits, temperature, top_k, top_p)
@@ -493,10 +486,6 @@ def online_steps(target, draft, prompt_ids: Sequence[int], *, width: int, depth:
     Returns (ranks per step, complete per step). Near ``max_new_tokens`` the engine cuts the
     tree to the depth that still fits; a step that accepted its whole cut tree says nothing
     about the next depth, so it is marked incomplete (no "none" is counted for it)."""
-    from treeopt.decode.api import as_drafter
-    from treeopt.decode.engine import generate
-    from treeopt.decode.sampling import Sampling
-    from treeopt.shapes import kary
 
     size = sum(width ** d for d in range(depth + 1))
     if size > MAX_ONLINE_TREE:
@@ -526,10 +515,7 @@ class AcceptanceRun:
 
     width: int = 8
     depth: int = 6
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    rule: str = "sequoia"
+    sampling: Sampling = GREEDY
     mode: str = "teacher-forced"
     continuation: str = "target"
     max_new_tokens: int = 64
@@ -538,6 +524,12 @@ class AcceptanceRun:
     target: str | None = None
     dataset: str | None = None
     chat_template: bool = True
+
+    # Read-only views of ``sampling`` (the one place the settings live).
+    temperature = property(lambda self: self.sampling.temperature)
+    top_k = property(lambda self: self.sampling.top_k)
+    top_p = property(lambda self: self.sampling.top_p)
+    rule = property(lambda self: self.sampling.rule)
 
     def check(self) -> None:
         if self.width < 1 or self.depth < 1:
@@ -548,12 +540,9 @@ class AcceptanceRun:
         if self.continuation not in CONTINUATIONS:
             raise AcceptanceError(f"unknown continuation {self.continuation!r}; use target or "
                                   "dataset")
-        from treeopt.decode.sampling import SamplingError, check_settings
-
-        try:  # the same sampling rules as decoding (temperature, top-k, top-p, rule)
-            check_settings(self.temperature, self.top_k, self.top_p, self.rule)
-        except SamplingError as exc:
-            raise AcceptanceError(str(exc)) from None
+        if not isinstance(self.sampling, Sampling):  # a Sampling checks itself when made
+            raise AcceptanceError(f"sampling must be a Sampling, got "
+                                  f"{type(self.sampling).__name__}")
         if self.max_new_tokens < 2:
             raise AcceptanceError(f"max_new_tokens must be >= 2, got {self.max_new_tokens}")
 
@@ -597,7 +586,6 @@ def _resume_state(path: Path, run: AcceptanceRun,
     """Counts, prompts done and seconds stored in ``path``, after checking that it was
     measured with ``run``'s settings on prompts whose content hashes (``prompt_hash``) are
     the first ones of ``hashes``: a resume never counts a prompt twice or skips one."""
-    from treeopt.profile import Profile
 
     prof = Profile.load(path)
     meta = prof.meta or {}
@@ -677,22 +665,6 @@ def prompt_hash(prompt_ids: Sequence[int]) -> str:
     blob = json.dumps([int(t) for t in prompt_ids], separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-
-def model_window(*models) -> int | None:
-    """The smallest position window (``max_position_embeddings``, GPT-2's ``n_positions``)
-    of the given models or drafters (a drafter's model is used; model-free drafters and
-    models without one are skipped); None when none is known."""
-    limits = []
-    for m in models:
-        config = getattr(m, "config", None)
-        if config is None:
-            config = getattr(getattr(m, "model", None), "config", None)
-        for key in ("max_position_embeddings", "n_positions"):
-            value = getattr(config, key, None) if config is not None else None
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                limits.append(value)
-                break
-    return min(limits) if limits else None
 
 
 def fit_window(prompts: Sequence[Sequence[int]], run: "AcceptanceRun", window: int | None
@@ -829,6 +801,4 @@ def _p1(counts: RankCounts) -> str:
 
 
 def _version() -> str:
-    from treeopt import __version__
-
     return __version__

@@ -1,7 +1,7 @@
 """Calibration: how often the target accepts a drafted candidate, by the draft's confidence.
 
 The rank profile (``treeopt.profile.acceptance``) says how often the k-th sibling is accepted
-on average; a dynamic tree (``treeopt.decode.dynamic``) knows more at each step: the draft's
+on average; a dynamic tree (``treeopt.drafters.dynamic``) knows more at each step: the draft's
 own probability of every candidate. This module measures the map from that confidence to
 acceptance, so that a step's candidates get calibrated acceptance probabilities:
 
@@ -32,16 +32,20 @@ step's tree; ``treeopt profile calibration --latency-from PROFILE`` copies it in
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
-import torch
 
 from treeopt.errors import TreeoptError
 from treeopt.limits import parse_json
+from treeopt.profile.model import (
+    JSON_FORMAT as PROFILE_FORMAT,
+    Latency,
+    ProfileError,
+    write_json_atomic,
+)
 
 JSON_FORMAT = "treeopt-calibration"
 JSON_VERSION = 1
@@ -183,8 +187,6 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, d: Any) -> "Calibration":
-        from treeopt.profile.model import JSON_FORMAT as PROFILE_FORMAT, Latency, ProfileError
-
         if not isinstance(d, dict):
             raise CalibrationError(f"expected a JSON object, got {type(d).__name__}")
         if d.get("format") == PROFILE_FORMAT:
@@ -250,7 +252,6 @@ class Calibration:
 
     def save(self, path: str | Path) -> Path:
         """Write the JSON form atomically; refuses to replace a file of another kind."""
-        from treeopt.profile.model import write_json_atomic
 
         check_writable(path)
         return write_json_atomic(Path(path), self.to_dict())
@@ -336,105 +337,6 @@ def check_settings(bins: int, binning: str, topk: int = 1, max_new_tokens: int =
 
 
 # ---------------------------------------------------------------------------- measuring
-def candidate_outcomes(target, draft, prompt_ids: Sequence[int], *, topk: int = DEFAULT_TOPK,
-                       max_new_tokens: int = 32, eos_token_id: int | None = None
-                       ) -> tuple[np.ndarray, np.ndarray]:
-    """(confidence (T, topk) float64, accepted (T, topk) bool) at the T positions of the
-    target's greedy continuation of one prompt: the draft's top-``topk`` softmax
-    probabilities there and whether each candidate equals the target's token."""
-    from treeopt.profile.acceptance import target_continuation
 
-    prompt_ids = [int(t) for t in prompt_ids]
-    tokens, _ = target_continuation(target, prompt_ids, max_new_tokens,
-                                    eos_token_id=eos_token_id)
-    if not tokens:
-        return np.zeros((0, topk)), np.zeros((0, topk), dtype=bool)
-    device = next(draft.parameters()).device
-    seq = torch.tensor([prompt_ids + tokens[:-1]], dtype=torch.int64, device=device)
-    with torch.inference_mode():
-        logits = draft(input_ids=seq, use_cache=False).logits[0, len(prompt_ids) - 1:]
-        probs = torch.softmax(logits.float(), dim=-1)
-        k = min(topk, probs.shape[-1])
-        conf, idx = probs.topk(k, dim=-1)
-        want = torch.tensor(tokens, dtype=torch.int64, device=device)[:, None]
-        hit = idx == want
-    return conf.double().cpu().numpy(), hit.cpu().numpy()
-
-
-def _draft_model(draft):
-    """The draft model of a model drafter, or ``draft`` itself when it is a model."""
-    from treeopt.decode.drafter import Drafter
-
-    model = getattr(draft, "model", None) if isinstance(draft, Drafter) else draft
-    if not hasattr(model, "parameters"):
-        raise CalibrationError("calibration needs a draft model (early-exit:K or a model "
-                               "with the target's tokenizer), not a model-free drafter")
-    return model
-
-
-def calibrate(target, draft, prompts: Sequence[Sequence[int]], *, topk: int = DEFAULT_TOPK,
-              bins: int = DEFAULT_BINS, binning: str = "quantile", max_new_tokens: int = 32,
-              latency=None, names: dict | None = None, eos_token_id: int | None = None,
-              window: int | None = None,
-              progress: Callable[[int, int], None] | None = None) -> Calibration:
-    """Measure the confidence -> acceptance map of a draft for a target (see the module
-    docstring).
-
-    draft: a draft model or a model drafter (its ``model``). prompts: token-id sequences,
-    each cut from the left so that it and its continuation fit ``window`` (default: the
-    models' smallest ``max_position_embeddings``). latency: copied into the result for
-    cost-aware choices. names: {"target": ..., "draft": ...} recorded in the meta.
-    progress(done, total) is called after each prompt."""
-    check_settings(bins, binning, topk, max_new_tokens)
-    model = _draft_model(draft)
-    if window is None:
-        from treeopt.decode.engine import max_positions
-
-        window = max_positions(target, model)
-    t0 = time.perf_counter()
-    confs, hits = [], []
-    for i, ids in enumerate(prompts):
-        ids = [int(t) for t in ids]
-        if window is not None and len(ids) + max_new_tokens > window:
-            ids = ids[len(ids) + max_new_tokens - window:]
-        if ids:
-            c, h = candidate_outcomes(target, model, ids, topk=topk,
-                                      max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
-            confs.append(c)
-            hits.append(h)
-        if progress is not None:
-            progress(i + 1, len(prompts))
-    conf = np.concatenate(confs) if confs else np.zeros((0, topk))
-    hit = np.concatenate(hits) if hits else np.zeros((0, topk), dtype=bool)
-    meta = {"kind": "calibration", **(names or {}),
-            "settings": {"topk": topk, "bins": bins, "binning": binning,
-                         "max_new_tokens": max_new_tokens, "temperature": 0.0,
-                         "continuation": "target", "confidence": "draft softmax probability "
-                         "(temperature 1) of the candidate at its parent",
-                         "accepted": "the candidate equals the target's greedy token"},
-            "prompts": len(prompts), "positions": int(conf.shape[0]),
-            "candidates": int(conf.size), "top1_accept": float(hit[:, 0].mean())
-            if hit.size else 0.0,
-            "seconds": round(time.perf_counter() - t0, 3),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    return from_samples(conf, hit, bins=bins, binning=binning, latency=latency, meta=meta)
-
-
-def calibrate_pair(pair, prompts, *, chat_template: bool = True, **kw) -> Calibration:
-    """:func:`calibrate` for a loaded ``treeopt.decode.models.Pair`` and prompts given as
-    ``Prompt`` objects, text or token ids (encoded as every command encodes them; decoding
-    stops at the first EOS id)."""
-    from treeopt.decode.api import encode_prompts, eos_ids
-
-    if pair.drafter is None:
-        raise CalibrationError("calibration needs a --draft")
-    ids = encode_prompts(pair.tokenizer, prompts, chat_template)
-    eos = eos_ids(pair.tokenizer, pair.target) if pair.tokenizer is not None else []
-    names = {"target": pair.target_spec, "draft": pair.draft_spec}
-    return calibrate(pair.target, pair.drafter, ids, eos_token_id=eos[0] if eos else None,
-                     names=names, **kw)
-
-
-__all__ = ["BINNINGS", "Calibration", "CalibrationError", "bin_edges", "calibrate",
-           "calibrate_pair", "candidate_outcomes", "check_writable", "from_samples",
-           "isotonic"]
+__all__ = ["BINNINGS", "Calibration", "CalibrationError", "bin_edges", "check_settings",
+           "check_writable", "from_samples", "isotonic"]

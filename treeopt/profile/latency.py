@@ -51,13 +51,29 @@ from __future__ import annotations
 import platform
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from treeopt.errors import TreeoptError
-from treeopt.limits import parse_json
+from treeopt import __version__
+from treeopt.decode.attention import forward_tree, run_model
+from treeopt.decode.drafter import Drafter
+from treeopt.decode.engine import model_window
+from treeopt.decode.sampling import GREEDY
+from treeopt.limits import parse_json, positive_ints
+from treeopt.models.machine import threading_settings
+from treeopt.profile import Latency, LatencyCurve
+from treeopt.profile.model import (
+    JSON_FORMAT,
+    JSON_VERSION,
+    MAX_CONTEXTS,
+    LatencyError,
+    latencies_by_context,
+    write_json_atomic,
+)
+from treeopt.shapes import kary
 from treeopt.tree import Tree
 
 DEFAULT_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -67,33 +83,31 @@ NOISY_SPREAD = 0.25
 FALL_TOLERANCE = 0.05
 
 
-class LatencyError(TreeoptError, ValueError):
-    """Bad latency-profiling input; the message says what to change."""
+
+@dataclass(frozen=True)
+class LatencySettings:
+    """What a latency profile times: target tree forwards of ``tokens`` sizes (a list or
+    "1,2,4"), at ``context`` cached tokens or at each of ``contexts`` (never both),
+    ``repeats`` timed rounds after ``warmup`` untimed ones. None leaves a field to the
+    caller's default for the device (``treeopt.tuning.latency_defaults``)."""
+
+    tokens: Sequence[int] | str | None = None
+    context: int | None = None
+    contexts: Sequence[int] | str | None = None
+    repeats: int | None = None
+    warmup: int | None = None
 
 
 def parse_tokens(spec: str) -> list[int]:
-    """``"1,2,4,8"`` -> [1, 2, 4, 8] (sorted, unique, each >= 1)."""
-    try:
-        values = sorted({int(x) for x in spec.split(",") if x.strip()})
-    except ValueError:
-        raise LatencyError(f"--tokens {spec!r} is not a comma-separated list of integers, "
-                           "e.g. 1,2,4,8") from None
-    if not values or values[0] < 1:
-        raise LatencyError(f"--tokens {spec!r} needs integers >= 1, e.g. 1,2,4,8")
-    return values
+    """``"1,2,4,8"`` -> [1, 2, 4, 8] (sorted, unique, each >= 1;
+    ``treeopt.limits.positive_ints``)."""
+    return positive_ints(spec, "--tokens", "1,2,4,8", LatencyError)
 
 
 def parse_contexts(spec: str) -> list[int]:
     """``"128,512,1024"`` -> [128, 512, 1024] (sorted, unique, each >= 1): the cached prefix
     lengths ``--contexts`` times curves at."""
-    try:
-        values = sorted({int(x) for x in spec.split(",") if x.strip()})
-    except ValueError:
-        raise LatencyError(f"--contexts {spec!r} is not a comma-separated list of integers, "
-                           "e.g. 128,512,1024") from None
-    if not values or values[0] < 1:
-        raise LatencyError(f"--contexts {spec!r} needs integers >= 1, e.g. 128,512,1024")
-    return values
+    return positive_ints(spec, "--contexts", "128,512,1024", LatencyError)
 
 
 def bushy_tree(n: int) -> Tree:
@@ -148,9 +162,9 @@ def _check_counts(context: int, repeats: int, warmup: int) -> None:
 
 
 def check_window(model, contexts: Sequence[int], tokens: Sequence[int]) -> None:
-    """One-line LatencyError when the largest context plus the largest size exceeds the
-    model's ``max_position_embeddings`` (nothing to check when the model has none)."""
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    """One-line LatencyError when the largest context plus the largest size exceeds the model's
+    window (``treeopt.decode.engine.model_window``; nothing to check when the model has none)."""
+    limit = model_window(model)
     if limit is None or not contexts or not tokens:
         return
     context, n = max(contexts), max(tokens)
@@ -215,7 +229,6 @@ def time_tree_forwards_by_context(model, tokens: Sequence[int], contexts: Sequen
     KV cache per context; every round times every (context, size) pair once (contexts in
     the given order, sizes within each). ``on_round(samples)`` is called after each timed
     round with the samples so far, in the same ``[context][size]`` layout."""
-    from treeopt.decode.attention import forward_tree, run_model
 
     contexts = [int(c) for c in contexts]
     for c in contexts:
@@ -266,8 +279,6 @@ def time_proposals_by_context(drafter, tokens: Sequence[int], contexts: Sequence
     in ``tokens``: ``[context][size]`` sample lists, interleaved like
     :func:`time_tree_forwards_by_context`. The text repeats a random 32-token phrase, so
     lookups find matches and pay their full cost."""
-    from treeopt.decode.sampling import GREEDY
-    from treeopt.shapes import kary
 
     contexts = [int(c) for c in contexts]
     for c in contexts:
@@ -300,7 +311,6 @@ def time_proposals(drafter, tokens: Sequence[int], *, vocab: int, context: int =
 
 def curve_from_samples(tokens: Sequence[int], samples: Sequence[Sequence[float]]):
     """A LatencyCurve of medians with IQR spreads."""
-    from treeopt.profile import LatencyCurve
 
     stats = [quartiles(s) for s in samples]
     return LatencyCurve(tokens=list(tokens), ms=[round(m, 4) for _, m, _ in stats],
@@ -314,35 +324,14 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({proc}, {torch.get_num_threads()} threads)"
 
 
-def threading_settings(model=None, draft=None) -> dict:
-    """What CPU timings depend on: torch's intra- and inter-op threads, ``OMP_WAIT_POLICY``
-    as set in this process (None = unset: OpenMP's default, active spin-waiting) and the CPU
-    linear kernels of the model (and draft model) timed."""
-    import os
-
-    from treeopt.decode.cpu_kernels import kernels_in_use
-
-    out = {"threads": torch.get_num_threads(),
-           "interop_threads": torch.get_num_interop_threads(),
-           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
-    if model is not None:
-        out["kernels"] = kernels_in_use(model)
-    if draft is not None:
-        out["draft_kernels"] = kernels_in_use(draft)
-    return out
-
 
 # ---------------------------------------------------------------------------- contexts
-# At most this many contexts in one table (a hand-made file claiming more is refused).
-MAX_CONTEXTS = 256
-
 
 def with_contexts(tables: Sequence, meta: dict | None = None):
     """One ``Latency`` holding the tables (``Latency`` objects, one per context, each with its
     ``context``) in the multi-context format of the module docstring: the smallest context's
     curves at the top level, every context's in ``meta["curves_by_context"]``. ``meta``
     defaults to the first table's. A single table comes back with ``meta`` and no list."""
-    from treeopt.profile import Latency
 
     tables = sorted(tables, key=lambda t: -1 if t.context is None else t.context)
     if not tables:
@@ -363,59 +352,6 @@ def with_contexts(tables: Sequence, meta: dict | None = None):
              **({"draft": t.draft.to_dict()} if t.draft is not None else {})} for t in tables]
     return Latency(first.target, first.draft, first.context, meta)
 
-
-def latencies_by_context(latency) -> list:
-    """The single-context tables of ``latency``, one ``Latency`` per measured context,
-    ascending (each with the shared meta, without the list): ``[latency]`` for a
-    single-context table. A malformed ``curves_by_context`` is a one-line LatencyError."""
-    from treeopt.profile import Latency, LatencyCurve, ProfileError
-
-    meta = dict(getattr(latency, "meta", None) or {})
-    raw = meta.pop("curves_by_context", None)
-    if raw is None:
-        return [latency]
-    where = "latency meta 'curves_by_context'"
-    if not isinstance(raw, list) or not raw:
-        raise LatencyError(f"{where} must be a non-empty list of per-context curves")
-    if len(raw) > MAX_CONTEXTS:
-        raise LatencyError(f"{where} lists {len(raw)} contexts, more than the limit "
-                           f"{MAX_CONTEXTS}")
-    out = []
-    for i, entry in enumerate(raw):
-        if not isinstance(entry, dict) or "target" not in entry or "context" not in entry:
-            raise LatencyError(f"{where}[{i}] must be an object with 'context' and 'target'")
-        unknown = set(entry) - {"context", "target", "draft"}
-        if unknown:
-            raise LatencyError(f"{where}[{i}] has unknown field(s) {sorted(unknown)}")
-        c = entry["context"]
-        if isinstance(c, bool) or not isinstance(c, int) or c < 0:
-            raise LatencyError(f"{where}[{i}].context = {c!r} must be a non-negative integer")
-        if out and c <= out[-1].context:
-            raise LatencyError(f"{where} must list contexts in increasing order, but "
-                               f"{c} follows {out[-1].context}")
-        try:
-            target = LatencyCurve.from_dict(entry["target"], f"{where}[{i}].target")
-            draft = (LatencyCurve.from_dict(entry["draft"], f"{where}[{i}].draft")
-                     if entry.get("draft") is not None else None)
-        except ProfileError as exc:
-            raise LatencyError(str(exc)) from None
-        out.append(Latency(target, draft, c, dict(meta, context=c)))
-    if len({t.draft is None for t in out}) > 1:
-        raise LatencyError(f"{where}: every context needs a draft curve, or none does")
-    first = out[0]
-    same = (first.context == latency.context and first.target == latency.target
-            and first.draft == latency.draft)
-    if not same:
-        raise LatencyError(f"{where}[0] (context {first.context}) differs from the table's own "
-                           f"curves (context {latency.context}); they must be the same "
-                           "measurement: re-measure, or remove 'curves_by_context'")
-    return out
-
-
-def contexts_of(latency) -> list[int | None]:
-    """The contexts a latency table was measured at, ascending (one for a single-context
-    table: its ``context``, possibly None)."""
-    return [t.context for t in latencies_by_context(latency)]
 
 
 def timing_warnings(latency, noisy: float = NOISY_SPREAD,
@@ -485,10 +421,6 @@ def measure_latency(target, draft=None, *, tokens: Sequence[int] = DEFAULT_TOKEN
     (``threading_settings``), context (the first), repeats, warmup, library versions and
     ``names`` (e.g. the model specs)."""
     import transformers
-
-    from treeopt import __version__
-    from treeopt.decode.drafter import Drafter
-    from treeopt.profile import Latency
 
     tokens = sorted({int(n) for n in tokens})
     if not tokens or tokens[0] < 1:
@@ -576,7 +508,6 @@ def measure_latency(target, draft=None, *, tokens: Sequence[int] = DEFAULT_TOKEN
 def _profile_doc(path: Path) -> dict:
     """The profile document ``path`` holds (a fresh latency-only document when there is no
     file); a one-line LatencyError when the path is no place for a latency table."""
-    from treeopt.profile.model import JSON_FORMAT, JSON_VERSION
 
     if path.suffix.lower() != ".json":
         raise LatencyError(f"--out {path.name}: latency is written into a .json profile")
@@ -600,7 +531,6 @@ def write_latency(latency, out) -> Path:
     when the file holds a profile (its acceptance is kept), else a latency-only file (format
     treeopt-profile without an acceptance section; ``load_latency`` reads it). A
     multi-context table is written in the format of the module docstring."""
-    from treeopt.profile.model import write_json_atomic
 
     path = Path(out)
     latencies_by_context(latency)  # a malformed multi-context table is never written
@@ -612,7 +542,6 @@ def write_latency(latency, out) -> Path:
 def load_latency(path):
     """The latency section of a profile .json (also a latency-only file), or None. A
     multi-context table is checked (:func:`latencies_by_context`)."""
-    from treeopt.profile import Latency
 
     try:
         text = Path(path).read_text()

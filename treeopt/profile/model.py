@@ -718,3 +718,78 @@ def _check_matches(p: list[float], counts: list[int], none_count: int, name: str
         if abs(a - b) > TOLERANCE:
             raise ProfileError(f"'{name}.p[{k}]' = {a} disagrees with its counts "
                                f"({counts[k]}/{sum(counts) + none_count} = {b:.6f})")
+
+
+def reliable_table(profile, min_samples: int = 50) -> list[list[float]]:
+    """``profile.table()`` without the deep rows measured on fewer than ``min_samples``
+    steps (rows past the end reuse the last kept one); the flat row when no depth row has
+    enough. A deep row seen a handful of times (often all "none") would otherwise forbid
+    the DP from going deeper on noise."""
+    if profile.depth_counts is None:
+        return profile.table()
+    rows = []
+    for d, row in enumerate(profile.by_depth):
+        if sum(profile.depth_counts[d]) + profile.depth_none[d] < min_samples:
+            break
+        rows.append(list(row))
+    return rows or profile.table(depth_aware=False)
+
+
+class LatencyError(TreeoptError, ValueError):
+    """Bad latency-profiling input; the message says what to change."""
+
+
+# At most this many contexts in one table (a hand-made file claiming more is refused).
+MAX_CONTEXTS = 256
+
+
+def latencies_by_context(latency) -> list:
+    """The single-context tables of ``latency``, one ``Latency`` per measured context,
+    ascending (each with the shared meta, without the list): ``[latency]`` for a
+    single-context table. A malformed ``curves_by_context`` is a one-line LatencyError."""
+    meta = dict(getattr(latency, "meta", None) or {})
+    raw = meta.pop("curves_by_context", None)
+    if raw is None:
+        return [latency]
+    where = "latency meta 'curves_by_context'"
+    if not isinstance(raw, list) or not raw:
+        raise LatencyError(f"{where} must be a non-empty list of per-context curves")
+    if len(raw) > MAX_CONTEXTS:
+        raise LatencyError(f"{where} lists {len(raw)} contexts, more than the limit "
+                           f"{MAX_CONTEXTS}")
+    out = []
+    for i, entry in enumerate(raw):
+        if not isinstance(entry, dict) or "target" not in entry or "context" not in entry:
+            raise LatencyError(f"{where}[{i}] must be an object with 'context' and 'target'")
+        unknown = set(entry) - {"context", "target", "draft"}
+        if unknown:
+            raise LatencyError(f"{where}[{i}] has unknown field(s) {sorted(unknown)}")
+        c = entry["context"]
+        if isinstance(c, bool) or not isinstance(c, int) or c < 0:
+            raise LatencyError(f"{where}[{i}].context = {c!r} must be a non-negative integer")
+        if out and c <= out[-1].context:
+            raise LatencyError(f"{where} must list contexts in increasing order, but "
+                               f"{c} follows {out[-1].context}")
+        try:
+            target = LatencyCurve.from_dict(entry["target"], f"{where}[{i}].target")
+            draft = (LatencyCurve.from_dict(entry["draft"], f"{where}[{i}].draft")
+                     if entry.get("draft") is not None else None)
+        except ProfileError as exc:
+            raise LatencyError(str(exc)) from None
+        out.append(Latency(target, draft, c, dict(meta, context=c)))
+    if len({t.draft is None for t in out}) > 1:
+        raise LatencyError(f"{where}: every context needs a draft curve, or none does")
+    first = out[0]
+    same = (first.context == latency.context and first.target == latency.target
+            and first.draft == latency.draft)
+    if not same:
+        raise LatencyError(f"{where}[0] (context {first.context}) differs from the table's own "
+                           f"curves (context {latency.context}); they must be the same "
+                           "measurement: re-measure, or remove 'curves_by_context'")
+    return out
+
+
+def contexts_of(latency) -> list[int | None]:
+    """The contexts a latency table was measured at, ascending (one for a single-context
+    table: its ``context``, possibly None)."""
+    return [t.context for t in latencies_by_context(latency)]

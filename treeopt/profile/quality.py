@@ -59,7 +59,18 @@ from typing import Any, Sequence
 
 import torch
 
+from treeopt.decode.engine import model_window
+from treeopt.decode.sampling import Sampling, logits_to_probs
 from treeopt.errors import TreeoptError
+from treeopt.limits import atomic_write
+from treeopt.profile.acceptance import (
+    _device,
+    _logits,
+    fit_window,
+    prompt_generator,
+    target_continuation,
+    window_note,
+)
 
 FORMAT = "treeopt-quality"
 CONTINUATIONS = ("target", "dataset")
@@ -230,9 +241,7 @@ class QualityRun:
 
     depth: int = 6
     max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
+    sampling: Sampling = Sampling(temperature=1.0)  # its rule is not used: nothing verifies
     continuation: str = "target"
     seed: int = 0
     target: str | None = None
@@ -240,18 +249,26 @@ class QualityRun:
     dataset: str | None = None
     chat_template: bool = True
 
+    # Read-only views of ``sampling`` (the one place the settings live).
+    temperature = property(lambda self: self.sampling.temperature)
+    top_k = property(lambda self: self.sampling.top_k)
+    top_p = property(lambda self: self.sampling.top_p)
+
     @property
     def mode(self) -> str:
         """Always teacher-forced (``treeopt.profile.acceptance.fit_window`` reads it)."""
         return "teacher-forced"
 
-    def check(self) -> None:
-        from treeopt.decode.sampling import SamplingError, check_settings
+    def to_dict(self) -> dict:
+        """The settings as recorded in a quality file (flat, as they always were)."""
+        out = {k: v for k, v in asdict(self).items() if k != "sampling"}
+        out.update(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        return out
 
-        try:
-            check_settings(self.temperature, self.top_k, self.top_p)
-        except SamplingError as exc:
-            raise QualityError(str(exc)) from None
+    def check(self) -> None:
+        if not isinstance(self.sampling, Sampling):  # a Sampling checks itself when made
+            raise QualityError(f"sampling must be a Sampling, got "
+                               f"{type(self.sampling).__name__}")
         if isinstance(self.depth, bool) or not isinstance(self.depth, int) or self.depth < 1:
             raise QualityError(f"depth must be an integer >= 1, got {self.depth!r}")
         if self.continuation not in CONTINUATIONS:
@@ -286,8 +303,6 @@ def position_quality(target: Any, draft: Any, prompt_ids: Sequence[int], run: Qu
     (figures as lists over positions, the first position a chain may start at: 1 for the
     target's continuation, whose first token comes from the prefill forward; 0 for the
     dataset text)."""
-    from treeopt.decode.sampling import logits_to_probs
-    from treeopt.profile.acceptance import _device, _logits, target_continuation
 
     model = draft_model(draft)
     prompt_ids = [int(t) for t in prompt_ids]
@@ -335,7 +350,7 @@ class Quality:
         return self.stats.by_depth()
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "version": 1, "settings": asdict(self.run),
+        return {"format": FORMAT, "version": 1, "settings": self.run.to_dict(),
                 "flat": self.flat(), "by_depth": self.by_depth(), "sums": asdict(self.stats),
                 "meta": self.meta}
 
@@ -348,8 +363,6 @@ def profile_quality(target: Any, draft: Any, prompts: Sequence[Sequence[int]],
     continuations are fitted into the models' position window (left cut, continuation
     capped at half the window) with a warning. With ``out`` the JSON is rewritten
     atomically after every prompt, so an interrupted run keeps what it measured."""
-    from treeopt.profile.acceptance import (fit_window, model_window, prompt_generator,
-                                            window_note)
 
     run.check()
     model = draft_model(draft)
@@ -416,8 +429,6 @@ def write_quality(quality: Quality, path: str | Path) -> Path:
     """Write the JSON document atomically (infinite numbers never reach the file: see
     ``kl``)."""
     import json
-
-    from treeopt.limits import atomic_write
 
     data = json.dumps(quality.to_dict(), indent=1, allow_nan=False).encode("utf-8")
     return atomic_write(Path(path), lambda fh: fh.write(data))

@@ -44,6 +44,8 @@ import numpy as np
 
 from treeopt.errors import TreeoptError
 from treeopt.limits import MAX_TREE_LEVELS, MAX_TREE_NODES, show_number
+from treeopt.search.dp import DPError, profile_rows, solve
+from treeopt.shapes import ShapeError, specinfer
 from treeopt.tree import Tree
 
 TOPK = "topk-per-level"
@@ -65,7 +67,6 @@ def _tables(p) -> tuple[np.ndarray, np.ndarray]:
     """(rows, scores): the profile as a float64 (R, W) array (``profile_rows``: one row per
     parent depth, rows past the end reuse the last) and its rows made non-increasing in rank,
     the confidence ordering the engines' drafts have."""
-    from treeopt.search.dp import DPError, profile_rows
 
     try:
         rows = profile_rows(p)
@@ -227,7 +228,6 @@ def uniform_expansion(tree: Tree) -> list[int] | None:
 def uniform_tree(expansion: Sequence[int]) -> Tree:
     """The ``uniform-per-level`` tree with these children counts per level (``[]`` = the
     root alone)."""
-    from treeopt.shapes import ShapeError, specinfer
 
     if not expansion:
         return Tree((-1,))
@@ -314,7 +314,6 @@ def search_family(p, family: str, budget: int, max_levels: int,
     (topk-per-level: exactly, as its engines verify exactly ``nodes``; uniform-per-level: at
     most) and at most ``max_levels`` levels, root counted; and the DP optimum it is compared
     with (at most ``budget`` nodes, same level limit)."""
-    from treeopt.search.dp import solve
 
     if family not in FAMILIES:
         raise FamilyError(f"unknown tree family {family!r}; use one of {', '.join(FAMILIES)}")
@@ -348,3 +347,16 @@ def search_family(p, family: str, budget: int, max_levels: int,
                         optimum=optimum, optimum_tree=optimum_tree, budget=budget,
                         max_levels=levels, members=None if members is None else len(members),
                         notes=notes)
+
+
+def family_meta(found: FamilyResult, family: str, budget: int, max_levels: int, *,
+                depth_aware: bool, profile: str | None = None) -> dict:
+    """The growmap metadata of a family search's best member: the family and its knobs, its
+    F against the unconstrained optimum at the same budget and level limit, and the
+    restriction's loss."""
+    tree = found.tree
+    return {"method": "family", "family": family, **found.params,
+            "expected_tokens": found.expected_tokens, "dp_expected_tokens": found.optimum,
+            "restriction_loss": found.loss, "budget": budget, "max_levels": max_levels,
+            "size": tree.size, "depth": tree.depth, "depth_aware": depth_aware,
+            "profile": None if profile is None else str(profile)}

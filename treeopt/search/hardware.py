@@ -85,6 +85,8 @@ import numpy as np
 
 from treeopt.errors import TreeoptError
 from treeopt.limits import MAX_TREE_NODES
+from treeopt.profile import Latency, LatencyCurve
+from treeopt.profile.model import contexts_of, latencies_by_context
 from treeopt.search.dp import DPTable, solve
 from treeopt.tree import Tree
 
@@ -219,7 +221,8 @@ class Choice:
     context: int | None = None  # the context the choice was made for (None: the first)
 
 
-def _check_cost(draft_cost: str) -> None:
+def check_cost(draft_cost: str) -> None:
+    """The one check of a draft-cost model name (one of ``DRAFT_COSTS``)."""
     if draft_cost not in DRAFT_COSTS:
         raise HardwareError(f"unknown draft cost model {draft_cost!r}; use one of "
                             f"{', '.join(DRAFT_COSTS)}")
@@ -239,7 +242,7 @@ def draft_ms(tree: Tree, latency, draft_cost: str = DEFAULT_DRAFT_COST) -> float
     ``levels * t_draft(1)``. per-level: what treeopt's engine runs, one draft forward per level
     that has children, over the nodes it expands: ``sum t_draft(expanded nodes at level)``.
     t_draft is the draft curve's non-decreasing envelope (:class:`MonotoneCurve`)."""
-    _check_cost(draft_cost)
+    check_cost(draft_cost)
     curve = monotone(getattr(latency, "draft", None))
     if curve is None or tree.size == 1:
         return 0.0
@@ -390,7 +393,7 @@ def choose(profile_table, latency, max_size: int, max_levels: int,
     non-decreasing envelopes; ``Choice.notes`` warns about falling curves and extrapolation.
     ``context``: the cached tokens the steps see (:func:`latency_at`; None = the table's
     first context); ``Choice.context`` records it."""
-    _check_cost(draft_cost)
+    check_cost(draft_cost)
     _check_latency(latency)
     _check_empty(empty_rate)
     clamp_note = _clamp_note(latency, context)
@@ -497,7 +500,6 @@ def latency_at(latency, context: int | None = None):
     envelope prices interpolate linearly in the context; outside the measured contexts, the
     nearest one's (clamped). ``context=None`` and single-context tables give ``latency``
     itself."""
-    from treeopt.profile.latency import latencies_by_context
 
     if context is None:
         return latency
@@ -519,7 +521,6 @@ def latency_at(latency, context: int | None = None):
 def _between(a, b, w: float, context):
     """The table ``w`` of the way from ``a`` to ``b``: at every size either measured, the
     linear mix of the two envelopes' prices."""
-    from treeopt.profile import Latency, LatencyCurve
 
     def mix(ca, cb):
         if ca is None or cb is None:
@@ -537,7 +538,6 @@ def _clamp_note(latency, context) -> list[str]:
     """A note when ``context`` lies outside the measured contexts of a multi-context table."""
     if context is None:
         return []
-    from treeopt.profile.latency import contexts_of
 
     measured = contexts_of(latency)
     if len(measured) < 2 or measured[0] <= context <= measured[-1]:
@@ -592,7 +592,6 @@ def choose_per_context(profile_table, latency, max_size: int, max_levels: int,
     context axis (see the module docstring): bucket i serves contexts ``start`` to
     ``end - 1``; the first starts at 0, the last has no end. A single-context table gives
     one bucket covering every context."""
-    from treeopt.profile.latency import contexts_of
 
     _check_latency(latency)
     contexts = contexts_of(latency)

@@ -54,8 +54,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from treeopt.api import as_drafter
+from treeopt.decode.engine import generate
+from treeopt.decode.sampling import Sampling
 from treeopt.errors import TreeoptError
-from treeopt.search.hardware import DEFAULT_DRAFT_COST
+from treeopt.profile.acceptance import prompt_generator, teacher_forced_ranks
+from treeopt.search.hardware import DEFAULT_DRAFT_COST, predict, step_cost
 from treeopt.tree import Tree
 
 OBJECTIVES = ("model", "replay", "engine")
@@ -152,7 +156,6 @@ def record_traces(target, draft, prompts: Sequence[Sequence[int]], *, width: int
     """Per prompt, the rank of each target continuation token among the draft's top-W
     (greedy; at temperature > 0 the stochastic rank along a sampled continuation, an
     approximation). Returns one list of ranks (0 = none) per prompt, token 0 included."""
-    from treeopt.profile.acceptance import prompt_generator, teacher_forced_ranks
 
     traces = []
     items = prompts
@@ -187,7 +190,6 @@ class ModelObjective:
     def score(self, tree: Tree, index: int) -> float:
         if self.metric == "tokens":
             return tree.expected_tokens(self.table)
-        from treeopt.search.hardware import predict
 
         return predict(tree, self.table, self.latency, self.draft_cost,
                        self.empty_rate).tokens_per_s
@@ -218,7 +220,6 @@ class ReplayObjective:
         tau = replay_tokens_per_step(tree, self.traces[index], self.start)
         if self.metric == "tokens":
             return tau
-        from treeopt.search.hardware import step_cost
 
         return 1000.0 * tau / step_cost(tree, self.latency, self.draft_cost).step_ms
 
@@ -234,8 +235,6 @@ class EngineObjective:
                  eos_token_id=None):
         import torch
 
-        from treeopt.decode.api import as_drafter
-
         self.target, self.metric = target, metric
         self.drafter = as_drafter(draft, target)  # a draft model or any Drafter
         self.prompts = [torch.tensor([list(p)], dtype=torch.long) for p in prompts]
@@ -248,9 +247,6 @@ class EngineObjective:
         self.score(Tree((-1, 0)), 0)  # warm-up: first calls pay one-off allocation costs
 
     def score(self, tree: Tree, index: int) -> float:
-        from treeopt.decode.engine import generate
-        from treeopt.decode.sampling import Sampling
-
         drafter = self.drafter.reshaped(tree) if tree.size > 1 else None
         gen = generate(self.target, drafter, self.prompts[index],
                        max_new_tokens=self.max_new_tokens,
@@ -412,13 +408,31 @@ def _mean(xs: Sequence[float]) -> float:
     return math.fsum(xs) / len(xs)
 
 
-def run_search(objective, *, width: int, max_size: int, levels: int, n_trials: int,
-               seeds: Sequence[Tree] = (), baseline: Tree | None = None, seed: int = 0,
-               study_name: str = "treeopt", storage: str | None = None,
-               timeout: float | None = None, worker: str | None = None,
-               settings: dict | None = None, pruning: bool = True,
-               heartbeat_interval: int = HEARTBEAT_INTERVAL,
-               grace_period: int = GRACE_PERIOD) -> OptunaResult:
+@dataclass(frozen=True)
+class OptunaSettings:
+    """How an Optuna study runs: the one settings object of :func:`run_search` and
+    ``treeopt.search.api.optuna_tree``. ``trials``: trials this process finishes (None: the
+    caller's default); ``timeout`` seconds; ``study_name`` and ``storage`` (an Optuna URL or
+    None for in memory) name a study to create or continue; ``seed`` seeds the TPE sampler;
+    ``worker`` is recorded on each trial; ``pruning`` enables the Wilcoxon pruner; a killed
+    worker's trial, silent for ``grace_period`` seconds (heartbeats every
+    ``heartbeat_interval``), is failed and its tree queued again."""
+
+    trials: int | None = None
+    timeout: float | None = None
+    study_name: str = "treeopt"
+    storage: str | None = None
+    seed: int = 0
+    worker: str | None = None
+    pruning: bool = True
+    heartbeat_interval: int = HEARTBEAT_INTERVAL
+    grace_period: int = GRACE_PERIOD
+
+
+def run_search(objective, *, width: int, max_size: int, levels: int,
+               optuna_settings: OptunaSettings,
+               seeds: Sequence[Tree] = (), baseline: Tree | None = None,
+               settings: dict | None = None) -> OptunaResult:
     """Run (or continue) a study maximising ``objective`` over trees.
 
     ``objective`` has ``instances`` and ``score(tree, index) -> float``; a trial's value is
@@ -429,9 +443,14 @@ def run_search(objective, *, width: int, max_size: int, levels: int, n_trials: i
     with a new study and must match when an existing one is continued. ``storage``: an
     Optuna storage URL (see ``resolve_storage``) or None for an in-memory study.
 
-    ``n_trials``: trials this process finishes (COMPLETE or PRUNED; a trial that fails is
-    replaced). A killed worker's trial, silent for ``grace_period`` seconds (heartbeats every
+    ``optuna_settings.trials``: trials this process finishes (COMPLETE or PRUNED; a trial
+    that fails is replaced); the rest of it (:class:`OptunaSettings`) names the study. A killed
+    worker's trial, silent for ``grace_period`` seconds (heartbeats every
     ``heartbeat_interval``), is marked FAIL here and its tree queued once more."""
+    how = optuna_settings
+    n_trials, seed, study_name = how.trials or 0, how.seed, how.study_name
+    storage, timeout, worker, pruning = how.storage, how.timeout, how.worker, how.pruning
+    heartbeat_interval, grace_period = how.heartbeat_interval, how.grace_period
     import time
 
     import numpy as np

@@ -8,7 +8,7 @@ that edge's token (its probability at the parent). Level by level, one draft for
 level with the tree mask, the ``topk`` candidates of the level with the highest values are
 fed to the draft, and each fed node gets ``topk`` children (the draft's top-k tokens in
 greedy mode; in sampling mode children drawn from the processed draft distribution Q exactly
-as the fixed-tree drafter draws them for the run's rule, ``treeopt.decode.draft.
+as the fixed-tree drafter draws them for the run's rule, ``treeopt.drafters.grow.
 pick_children``), down to depth ``depth``. The ``budget`` candidates with the highest
 values (root included; ties broken by the lower breadth-first id) are kept and renumbered
 breadth-first.
@@ -53,7 +53,7 @@ maximum of F(n) / cost(n) (node n + 1 is added while the ratio does not fall), w
 on node n + 1 from nodes 1..n + 1 only, and the draft time in cost(n) is that of full levels
 (``topk`` nodes fed per level), not of the levels this step's draws happened to fill.
 
-Cache. The drafter extends :class:`~treeopt.decode.model_drafter.ModelDrafter`: the same
+Cache. The drafter extends :class:`~treeopt.drafters.model.ModelDrafter`: the same
 cache invariant, ``start`` and first forward (``feed_pending``); the fed tree nodes are
 cached in the order they were fed and ``update`` keeps those on the accepted path with the
 one compaction (``treeopt.decode.attention.compact``).
@@ -68,15 +68,23 @@ import numpy as np
 import torch
 
 from treeopt.decode.attention import forward_tree
-from treeopt.decode.draft import feed_pending, pick_children
-from treeopt.decode.drafter import (DrafterError, Proposal, build_drafter, parse_options,
-                                    register_drafter, root_only)
-from treeopt.decode.model_drafter import ModelDrafter
+from treeopt.decode.drafter import (
+    DrafterError,
+    Proposal,
+    build_drafter,
+    parse_options,
+    register_drafter,
+    root_only,
+)
 from treeopt.decode.sampling import Sampling
+from treeopt.drafters.grow import feed_pending, pick_children
+from treeopt.drafters.model import ModelDrafter
 from treeopt.limits import MAX_TREE_NODES
+from treeopt.models.loading import DEFAULT_DRAFT_MODEL
+from treeopt.profile.calibration import Calibration, CalibrationError
+from treeopt.search.hardware import monotone
 from treeopt.tree import Tree
 
-DEFAULT_DRAFT = "early-exit:4"
 DEFAULT_BUDGET = 16
 DEFAULT_DEPTH = 5
 DEFAULT_TOPK = 4
@@ -248,8 +256,6 @@ class DynamicDrafter(ModelDrafter):
         self.verify_ms = self.draft_curve = None
         latency = getattr(calibration, "latency", None)
         if latency is not None:
-            from treeopt.search.hardware import monotone
-
             target = monotone(latency.target)
             self.verify_ms = np.array([target(n) for n in range(1, budget + 1)])
             self.draft_curve = monotone(latency.draft)
@@ -317,12 +323,11 @@ class DynamicDrafter(ModelDrafter):
         depth = min(self.depth, max_depth)
         if depth < 1 or self.budget == 1:
             return root_only(committed, device)
-        self._root_pos = root_pos = len(committed) - 1
-        pending = self.pending(committed, device)
+        root_pos, pending = self.begin_step(committed, device)
         k = self.topk
         tree = Expansion(depth, k, self.budget, pending[0, -1])
         logits = feed_pending(self.model, self.cache, pending, root_pos)
-        self.cached = len(committed)
+        self.mark_fed(committed)
         widths = [pending.shape[1]]
         qs: list[torch.Tensor] = []
         ids = np.zeros(1, dtype=np.int64)
@@ -407,8 +412,6 @@ def _build(name: str, options: str, target, tokenizer, tree, allowed: dict) -> D
                  opts.get("topk", DEFAULT_TOPK), name)
     calibration = None
     if name == "dynamic-dp":
-        from treeopt.profile.calibration import Calibration, CalibrationError
-
         if not opts.get("profile"):
             raise DrafterError("drafter 'dynamic-dp' needs profile=PATH, a calibration file "
                                "from treeopt profile calibration")
@@ -416,7 +419,7 @@ def _build(name: str, options: str, target, tokenizer, tree, allowed: dict) -> D
             calibration = Calibration.load(Path(opts["profile"]).expanduser())
         except CalibrationError as exc:
             raise DrafterError(f"drafter 'dynamic-dp': {exc}") from None
-    spec = opts.get("draft", DEFAULT_DRAFT)
+    spec = opts.get("draft", DEFAULT_DRAFT_MODEL)
     inner = build_drafter(spec, target=target, tokenizer=tokenizer)
     if not isinstance(inner, ModelDrafter):
         raise DrafterError(f"drafter {name!r}: draft={spec!r} is not a draft model; use "

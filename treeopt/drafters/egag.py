@@ -53,17 +53,25 @@ from typing import Callable, Sequence
 
 import torch
 
-from treeopt.decode.attention import compact, forward_tree
-from treeopt.decode.draft import feed_pending, pick_children
-from treeopt.decode.drafter import (Drafter, DrafterError, Proposal, build_drafter,
-                                    parse_options, register_drafter, root_only)
-from treeopt.decode.model_drafter import ModelDrafter, truncate_tree
+from treeopt.decode.attention import forward_tree
+from treeopt.decode.drafter import (
+    Drafter,
+    DrafterError,
+    Proposal,
+    build_drafter,
+    parse_options,
+    register_drafter,
+    root_only,
+)
 from treeopt.decode.sampling import GREEDY, Sampling
+from treeopt.drafters.grow import feed_pending, pick_children
+from treeopt.drafters.model import ModelDrafter, truncate_tree
+from treeopt.errors import TreeoptError
 from treeopt.limits import MAX_TREE_NODES
-from treeopt.shapes import chain
+from treeopt.models.loading import DEFAULT_DRAFT_MODEL
+from treeopt.shapes import chain, from_name
 from treeopt.tree import Tree
 
-DEFAULT_DRAFT = "early-exit:4"
 DEFAULT_GAMMA_MIN = 1
 DEFAULT_GAMMA_MAX = 6
 DEFAULT_EMA = 0.9
@@ -103,7 +111,7 @@ def grow_tree(draft, cache, pending: torch.Tensor, root_pos: int, shape: Tree, e
     ``expand(depth, h)`` at every node that has children in ``shape`` whether to give them
     (h: the normalised entropy of the node's draft distribution, see the module docstring).
 
-    draft, cache, pending, root_pos: as for ``treeopt.decode.draft.draft_tree`` (the cache
+    draft, cache, pending, root_pos: as for ``treeopt.drafters.grow.draft_tree`` (the cache
     holds the committed tokens before ``pending``; pending (1, p) ends with the root at
     ``root_pos``). Nodes that may get children are fed to the draft (their distribution is
     needed), leaves of ``shape`` are not. After the call the cache holds every committed
@@ -260,11 +268,10 @@ class EgagDrafter(ModelDrafter):
         self._fed = None
         if shape.size == 1:
             return root_only(committed, device)
-        self._root_pos = len(committed) - 1
-        pending = self.pending(committed, device)
-        grown = grow_tree(self.model, self.cache, pending, self._root_pos, shape, self.expands,
+        root_pos, pending = self.begin_step(committed, device)
+        grown = grow_tree(self.model, self.cache, pending, root_pos, shape, self.expands,
                           sampling=sampling, generator=generator)
-        self.cached = len(committed)
+        self.mark_fed(committed)
         self._fed = grown.fed
         self._depth = grown.tree.depth
         return Proposal(grown.tree, grown.tokens, grown.q, grown.q_row, grown.forwards,
@@ -277,9 +284,7 @@ class EgagDrafter(ModelDrafter):
         fed, self._fed = self._fed, None
         if fed is None:
             return
-        keep = [fed[v] for v in path[1:] if fed[v] >= 0]
-        compact(self.cache, self._root_pos + 1, keep)
-        self.cached = self._root_pos + 1 + len(keep)
+        self.keep_fed([fed[v] for v in path[1:] if fed[v] >= 0])
         self.observe(len(path) - 1, self._depth)
 
     def __repr__(self) -> str:
@@ -299,8 +304,6 @@ def model_of(drafter: Drafter | None, spec: str, owner: str, key: str):
 def shape_option(text: str, owner: str) -> Tree:
     """A shape spec or growmap file given as a drafter option, as a Tree (one-line
     DrafterError when it cannot be read)."""
-    from treeopt.errors import TreeoptError
-    from treeopt.shapes import from_name
 
     try:
         return from_name(text)
@@ -324,7 +327,7 @@ def _egag(options: str, *, target, tokenizer, tree: Tree | None):
             raise DrafterError("drafter 'egag': the tree is given twice (tree= and a method's "
                                "@SHAPE); give one")
         shape = shape_option(opts["tree"], "egag")
-    spec = opts.get("draft", DEFAULT_DRAFT)
+    spec = opts.get("draft", DEFAULT_DRAFT_MODEL)
     inner = build_drafter(spec, target=target, tokenizer=tokenizer)
     return EgagDrafter(model_of(inner, spec, "egag", "draft"), shape, gamma_min=gamma_min,
                        gamma_max=gamma_max, ema=opts.get("ema", DEFAULT_EMA),

@@ -349,3 +349,30 @@ def _load_hf(spec: str) -> list[Prompt]:
     if not prompts:
         raise DatasetError(f"{spec}: the split is empty")
     return prompts
+
+
+def held_out_prompts(dataset: str, profile_meta: dict, n: int, seed: int = 0,
+                     categories: str | None = None):
+    """``n`` prompts of ``dataset`` that a profile measured with the same dataset did not use
+    (its selection is rebuilt from the settings in its meta), drawn with ``seed``."""
+
+    every = load_prompts(dataset, categories=categories)
+    meta = profile_meta or {}
+    settings = meta.get("settings", {})
+    used: set[str] = set()
+    if settings.get("dataset") == str(dataset) and meta.get("prompts_total"):
+        used = {p.id for p in load_prompts(dataset, categories=categories,
+                                           n=meta["prompts_total"],
+                                           seed=settings.get("seed", 0))}
+    rest = [p for p in every if p.id not in used]
+    return select(rest, n=n, seed=seed + 1, source=str(dataset))
+
+
+def split_prompts(dataset: str, n_profile: int, n_eval: int, seed: int = 0,
+                  categories: str | None = None):
+    """Two disjoint prompt sets: (``n_profile`` to profile on, ``n_eval`` to evaluate on)."""
+
+    first = load_prompts(dataset, categories=categories, n=n_profile, seed=seed)
+    used = {p.id for p in first}
+    rest = [p for p in load_prompts(dataset, categories=categories) if p.id not in used]
+    return first, select(rest, n=n_eval, seed=seed + 1, source=str(dataset))

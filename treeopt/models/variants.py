@@ -55,7 +55,12 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from treeopt.decode.drafter import DrafterError, parse_options
+from treeopt.datasets import load_prompts
+from treeopt.decode.drafter import DrafterError, parse_options, split_spec
+from treeopt.limits import atomic_write
+from treeopt.models.cache import cache_dir
+from treeopt.models.cpu_kernels import PackedLinear, pack_linear_layers
+from treeopt.models.loading import eos_ids, lm_head_rows
 
 QUANTS = ("none", "int8")
 VARIANT_OPTIONS: dict[str, type] = {"quant": str, "vocab": int, "vocab_corpus": str}
@@ -150,7 +155,6 @@ def add_variant(spec: str | None, variant: DraftVariant) -> str | None:
     """``spec`` with ``variant``'s options appended (unchanged for a plain variant). Raises
     DrafterError when ``spec`` is not a model draft (a model spec, ``model:SPEC`` or
     ``early-exit:K``), or when an option is then given twice."""
-    from treeopt.decode.drafter import split_spec
 
     if variant.plain:
         return spec
@@ -175,10 +179,9 @@ def apply_variant(model, variant: DraftVariant, *, target=None, tokenizer=None):
     first the head restricted to the ``vocab`` most frequent tokens of the corpus (counted
     with ``tokenizer``; the special tokens and the EOS ids of ``target`` and ``model`` are
     always kept), then int8. Never changes ``model`` or ``target``."""
-    from treeopt.decode.models import _lm_head_rows
 
     if variant.vocab is not None:
-        rows = _lm_head_rows(model)
+        rows = lm_head_rows(model)
         if variant.vocab > rows:
             raise DrafterError(f"draft option vocab={variant.vocab} exceeds the draft's "
                                f"vocabulary of {rows} tokens; give at most {rows} (or drop "
@@ -189,7 +192,7 @@ def apply_variant(model, variant: DraftVariant, *, target=None, tokenizer=None):
                                    "tokenizer to count token frequencies, and this target "
                                    "has none")
             texts = corpus_texts(variant.vocab_corpus)
-            always = sorted(set(eos_ids(target)) | set(eos_ids(model)))
+            always = sorted(set(eos_ids(None, target)) | set(eos_ids(None, model)))
             tokens = frequent_tokens(tokenizer, texts, variant.vocab, vocab_size=rows,
                                      always=always)
             model = restrict_vocab(model, tokens)
@@ -197,18 +200,6 @@ def apply_variant(model, variant: DraftVariant, *, target=None, tokenizer=None):
         model = quantize_int8(model)
     return model
 
-
-def eos_ids(model) -> list[int]:
-    """EOS ids named by a model's generation config and config (int or list)."""
-    out: set[int] = set()
-    for cfg in (getattr(model, "generation_config", None), getattr(model, "config", None)):
-        value = getattr(cfg, "eos_token_id", None)
-        if value is None:
-            continue
-        for v in (value if isinstance(value, (list, tuple)) else [value]):
-            if v is not None and int(v) >= 0:
-                out.add(int(v))
-    return sorted(out)
 
 
 # ---------------------------------------------------------------------------- module copies
@@ -271,7 +262,6 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
         raise DrafterError(f"quant=int8 needs torch.ao.quantization's dynamic quantisation, "
                            f"which torch {torch.__version__} does not have; drop quant=int8"
                            ) from None
-    from treeopt.decode.cpu_kernels import PackedLinear
 
     out = copy_modules(model)
     for parent in list(out.modules()):
@@ -340,7 +330,6 @@ def restrict_vocab(model: torch.nn.Module, token_ids: Iterable[int]) -> torch.nn
     tokens and are ``-inf`` elsewhere. A oneDNN-packed head gives a packed restricted head.
     ``model`` (its head, its tied embedding) is left as it was. Restrict before quantising:
     a quantised head is refused."""
-    from treeopt.decode.cpu_kernels import PackedLinear, pack_linear_layers
 
     head = model.get_output_embeddings()
     if isinstance(head, RestrictedHead):
@@ -371,17 +360,15 @@ def restrict_vocab(model: torch.nn.Module, token_ids: Iterable[int]) -> torch.nn
 def proposable_tokens(model: torch.nn.Module) -> int:
     """How many tokens a draft can propose: its restricted head's subset size, else its
     full vocabulary."""
-    from treeopt.decode.models import _lm_head_rows
 
     head = model.get_output_embeddings()
-    return head.proposable if isinstance(head, RestrictedHead) else _lm_head_rows(model)
+    return head.proposable if isinstance(head, RestrictedHead) else lm_head_rows(model)
 
 
 # ---------------------------------------------------------------------------- frequencies
 def corpus_texts(spec: str | os.PathLike | None = None) -> list[str]:
     """Every user turn of a corpus: a text/.jsonl/.json file or a shipped dataset name (see
-    ``treeopt.evaluate.datasets.load_prompts``); None = Spec-Bench and HumanEval."""
-    from treeopt.evaluate.datasets import load_prompts
+    ``treeopt.datasets.load_prompts``); None = Spec-Bench and HumanEval."""
 
     specs = DEFAULT_CORPUS if spec is None else (str(spec),)
     return [turn for s in specs for p in load_prompts(s, turns="both") for turn in p.turns]
@@ -446,8 +433,6 @@ def frequent_tokens(tokenizer, texts: Sequence[str], n: int, *, vocab_size: int 
     texts = [str(t) for t in texts]
     path = None
     if cache:
-        from treeopt.decode.models import cache_dir
-
         folder = Path(cache) if not isinstance(cache, bool) else cache_dir() / "token-maps"
         key = _digest(TOKEN_MAP_FORMAT, _tokenizer_key(tokenizer), _digest(texts), n, size, keep)
         path = folder / f"top{n}-{key[:20]}.json"
@@ -480,8 +465,6 @@ def _read_token_map(path: Path, size: int) -> list[int] | None:
 
 
 def _write_token_map(path: Path, tokens: list[int], **meta: Any) -> None:
-    from treeopt.limits import atomic_write
-
     record = {"format": TOKEN_MAP_FORMAT, "version": 1, **meta, "tokens": tokens}
     data = json.dumps(record, separators=(",", ":")).encode("utf-8")
     atomic_write(path, lambda fh: fh.write(data))

@@ -49,9 +49,17 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from treeopt.decode.drafter import (DEFAULT_CANDIDATE_SHAPE, Drafter, DrafterError, Proposal,
-                                    proposal_from_paths, register_drafter, root_only)
-from treeopt.errors import TreeoptError
+from treeopt.decode.drafter import (
+    DEFAULT_CANDIDATE_SHAPE,
+    Drafter,
+    DrafterError,
+    Proposal,
+    proposal_from_paths,
+    register_drafter,
+    root_only,
+)
+from treeopt.drafters.ngram import NgramIndex
+from treeopt.errors import TreeoptError, one_line
 from treeopt.limits import parse_json
 from treeopt.tree import Tree
 
@@ -386,15 +394,10 @@ def _open_npz(path: Path):
         npz = np.load(path, allow_pickle=False)
     except _READ_ERRORS as exc:
         raise DatastoreError(f"{path}: not a treeopt datastore, or truncated/corrupt "
-                             f"({_one_line(exc)}); {REBUILD}") from None
+                             f"({one_line(exc)}); {REBUILD}") from None
     if not isinstance(npz, np.lib.npyio.NpzFile):
         raise DatastoreError(f"{path}: a single numpy array, not a treeopt datastore; {REBUILD}")
     return npz
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def _meta_of(npz, path: Path) -> dict[str, Any]:
@@ -404,7 +407,7 @@ def _meta_of(npz, path: Path) -> dict[str, Any]:
         text = str(npz["meta"])
     except _READ_ERRORS as exc:
         raise DatastoreError(f"{path}: unreadable metadata, truncated or corrupt "
-                             f"({_one_line(exc)}); {REBUILD}") from None
+                             f"({one_line(exc)}); {REBUILD}") from None
     # parse_json: invalid, too deeply nested or too-long-number JSON is one line, never a
     # RecursionError or a traceback.
     meta = parse_json(text, lambda msg: DatastoreError(
@@ -449,7 +452,7 @@ def load_datastore(path: str | os.PathLike, tokenizer=None,
             positions = npz["positions"]
         except _READ_ERRORS as exc:
             raise DatastoreError(f"{path}: truncated or corrupt datastore "
-                                 f"({_one_line(exc)}); {REBUILD}") from None
+                                 f"({one_line(exc)}); {REBUILD}") from None
     if (tokens.dtype != np.int32 or tokens.ndim != 1 or positions.ndim != 1
             or positions.dtype not in (np.int32, np.int64)):
         raise DatastoreError(f"{path}: datastore arrays of the wrong type or shape; {REBUILD}")
@@ -513,7 +516,7 @@ def _ints(seq: Sequence[int]) -> list[int]:
 
 class DatastoreDrafter(Drafter):
     """REST-style retrieval drafter: at each node of ``shape``, the run's own n-gram
-    continuations (prompt + generated text, via :class:`~treeopt.decode.ngram.NgramIndex`)
+    continuations (prompt + generated text, via :class:`~treeopt.drafters.ngram.NgramIndex`)
     first, then the datastore's most frequent continuations of the longest matching suffix,
     distinct, at most ``k`` per node. Nodes without a candidate are dropped."""
 
@@ -521,7 +524,6 @@ class DatastoreDrafter(Drafter):
 
     def __init__(self, store: Datastore, shape: Tree | None = None, k: int | None = None,
                  device="cpu", ngram_max_n: int = 4):
-        from treeopt.decode.ngram import NgramIndex
 
         self.store = store
         self.shape = shape if shape is not None else DEFAULT_SHAPE
@@ -541,7 +543,6 @@ class DatastoreDrafter(Drafter):
 
     def reshaped(self, shape: Tree) -> "DatastoreDrafter":
         """A copy filling ``shape``: the store is shared, the run's own index is not."""
-        from treeopt.decode.ngram import NgramIndex
 
         new = super().reshaped(shape)
         new.index = NgramIndex(self.index.min_n, self.index.max_n)
@@ -590,7 +591,7 @@ class DatastoreDrafter(Drafter):
     def path_candidates(self, committed: Sequence[int]):
         """``children(path)``: the ranked candidates after ``committed`` + ``path`` (drafted
         tokens below the root), as ``propose`` fills its shape; indexes ``committed``
-        first. Cascades (``treeopt.decode.cascade``) draft through it."""
+        first. Cascades (``treeopt.drafters.cascade``) draft through it."""
         if hasattr(committed, "tolist"):
             committed = committed.reshape(-1).tolist()
         self._sync(committed)

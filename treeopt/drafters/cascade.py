@@ -45,11 +45,19 @@ from typing import Callable, Sequence
 import torch
 
 from treeopt.decode.attention import compact, forward_tree
-from treeopt.decode.drafter import (DEFAULT_CANDIDATE_SHAPE, Drafter, DrafterError, Proposal,
-                                    build_drafter, parse_options, register_drafter)
-from treeopt.decode.egag import DEFAULT_DRAFT, model_of
-from treeopt.decode.model_drafter import DEFAULT_CHAIN, ModelDrafter, truncate_tree
+from treeopt.decode.drafter import (
+    DEFAULT_CANDIDATE_SHAPE,
+    Drafter,
+    DrafterError,
+    Proposal,
+    build_drafter,
+    parse_options,
+    register_drafter,
+)
 from treeopt.decode.sampling import Sampling, sample, verify_candidates
+from treeopt.drafters.egag import model_of
+from treeopt.drafters.model import DEFAULT_CHAIN, ModelDrafter, truncate_tree
+from treeopt.models.loading import DEFAULT_DRAFT_MODEL
 from treeopt.shapes import chain
 from treeopt.tree import Tree
 
@@ -278,9 +286,9 @@ class VerticalDrafter(ModelDrafter):
                      generator: torch.Generator | None) -> Proposal:
         n = tree.depth
         device = self.cache.layers[0].keys.device if self.cache.layers else torch.device("cpu")
-        self._root_pos = root_pos = len(committed) - 1
+        root_pos, pending = self.begin_step(committed, device)
         guesses: Callable = self.helper.path_candidates(committed)
-        unfed = self.pending(committed, device)[0].tolist()
+        unfed = pending[0].tolist()
         pos = self.cached  # position of unfed[0]
         drafted: list[int] = []
         qs: list[torch.Tensor] | None = None if sampling.greedy else []
@@ -321,12 +329,12 @@ class VerticalDrafter(ModelDrafter):
             compact(self.cache, pos, [])
             drafted += new
             unfed = [new[-1]]
-        self.cached = len(committed)
+        self.mark_fed(committed)
         self._chain_fed = pos - (root_pos + 1)
         tokens = torch.tensor([int(committed[-1])] + drafted, dtype=torch.int64, device=device)
         q = None if qs is None else [row[None] for row in qs]
         q_row = None if qs is None else [0] * n + [-1]
-        return Proposal(tree, tokens, q, q_row, forwards)
+        return Proposal(tree, tokens, q, q_row, forwards, fixed_shape=True)
 
     def update(self, path: Sequence[int], committed: Sequence[int],
                target_topk: torch.Tensor | None = None) -> None:
@@ -334,9 +342,7 @@ class VerticalDrafter(ModelDrafter):
         if fed is None:
             super().update(path, committed, target_topk)
             return
-        keep = min(len(path) - 1, fed)
-        compact(self.cache, self._root_pos + 1, list(range(keep)))
-        self.cached = self._root_pos + 1 + keep
+        self.keep_fed(range(min(len(path) - 1, fed)))
 
     def __repr__(self) -> str:
         return f"VerticalDrafter(shape={self.shape.size} nodes, helper={self.helper!r})"
@@ -350,7 +356,7 @@ def _fallback(options: str, *, target, tokenizer, tree: Tree | None):
     opts = parse_options(options, {"first": str, "then": str}, "fallback")
     first = _build(opts.get("first", DEFAULT_STATISTICAL), "fallback", "first", target=target,
                    tokenizer=tokenizer, tree=tree)
-    then = _build(opts.get("then", DEFAULT_DRAFT), "fallback", "then", target=target,
+    then = _build(opts.get("then", DEFAULT_DRAFT_MODEL), "fallback", "then", target=target,
                   tokenizer=tokenizer, tree=tree)
     return FallbackDrafter(first, then)
 
@@ -369,7 +375,7 @@ def _horizontal(options: str, *, target, tokenizer, tree: Tree | None):
         raise DrafterError(f"drafter 'horizontal': levels={levels} leaves no level for deep= "
                            f"in a tree of depth {shape.depth} ({shape.depth + 1} levels); give "
                            f"levels <= {shape.depth} or a deeper tree")
-    spec = opts.get("model", DEFAULT_DRAFT)
+    spec = opts.get("model", DEFAULT_DRAFT_MODEL)
     head = _build(spec, "horizontal", "model", target=target, tokenizer=tokenizer,
                   tree=truncate_tree(shape, levels - 1))
     model_of(head, spec, "horizontal", "model")
@@ -384,7 +390,7 @@ def _horizontal(options: str, *, target, tokenizer, tree: Tree | None):
                               "(options draft=, helper=)")
 def _vertical(options: str, *, target, tokenizer, tree: Tree | None):
     opts = parse_options(options, {"draft": str, "helper": str}, "vertical")
-    spec = opts.get("draft", DEFAULT_DRAFT)
+    spec = opts.get("draft", DEFAULT_DRAFT_MODEL)
     model = model_of(_build(spec, "vertical", "draft", target=target, tokenizer=tokenizer,
                             tree=None), spec, "vertical", "draft")
     helper_spec = opts.get("helper", DEFAULT_STATISTICAL)

@@ -8,7 +8,7 @@ small-row-count paths can be slow: measured on the 2-core AMD EPYC development m
 2-4 tokens cost about 2x one token. oneDNN's linear with the weight reordered once into its
 blocked layout (what ``torch.compile``'s CPU backend does when it freezes a model) took
 5.6 / 7.6 / 10.2 / 7.5 / 8.7 ms, and a whole forward over 2-8 tokens 1.1-1.3x one token
-(``python -m treeopt.decode.cpu_kernels`` prints these figures for any model).
+(``python -m treeopt.models.cpu_kernels`` prints these figures for any model).
 
 ``pack_linear_layers(model)`` swaps every ``nn.Linear`` of a float32 CPU model for a
 ``PackedLinear`` holding the reordered weight (the original weight stays, shared, so
@@ -110,48 +110,3 @@ def apply_kernels(model: torch.nn.Module, kernels: str = "auto") -> str:
 def kernels_in_use(model: torch.nn.Module) -> str:
     """"onednn" when the model's linear layers are packed, else "default"."""
     return "onednn" if any(isinstance(m, PackedLinear) for m in model.modules()) else "default"
-
-
-def _main() -> None:  # pragma: no cover - a measurement, run by hand
-    """Time one forward over 1..16 tokens with torch's and oneDNN's linear layers."""
-    import argparse
-    import copy
-    import time
-
-    from transformers import DynamicCache
-
-    from treeopt.decode.attention import run_model
-    from treeopt.decode.models import load_model
-
-    ap = argparse.ArgumentParser(description=_main.__doc__)
-    ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--context", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=15)
-    args = ap.parse_args()
-    base = load_model(args.model, kernels="default")
-    packed = copy.deepcopy(base)
-    pack_linear_layers(packed)
-    vocab = int(base.config.vocab_size)
-    prefix = torch.randint(0, vocab, (1, args.context))
-    caches = {}
-    with torch.inference_mode():
-        for name, m in (("default", base), ("onednn", packed)):
-            caches[name] = DynamicCache(config=m.config)
-            run_model(m, prefix, caches[name])
-        print("tokens  default ms  onednn ms  (medians, interleaved)")
-        for n in (1, 2, 3, 4, 6, 8, 16):
-            ids = torch.randint(0, vocab, (1, n))
-            pos = torch.arange(args.context, args.context + n)[None]
-            times: dict[str, list[float]] = {"default": [], "onednn": []}
-            for _ in range(args.repeats):
-                for name, m in (("default", base), ("onednn", packed)):
-                    t0 = time.perf_counter()
-                    run_model(m, ids, caches[name], position_ids=pos)
-                    times[name].append((time.perf_counter() - t0) * 1000)
-                    caches[name].crop(-n)
-            med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-            print(f"{n:6d}  {med['default']:10.1f}  {med['onednn']:9.1f}")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    _main()

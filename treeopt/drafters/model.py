@@ -4,7 +4,7 @@ The drafter owns the draft model's KV cache. Invariant between steps, with C com
 the cache holds the first ``cached`` <= C of them, and the next ``propose`` feeds the rest
 (the accepted leaf it never expanded and the bonus token) with its first forward. After a
 verification ``update`` keeps, of the tree nodes the draft fed, only those on the accepted
-path (see ``treeopt.decode.draft`` for the level-by-level drafting and its plan).
+path (see ``treeopt.drafters.grow`` for the level-by-level drafting and its plan).
 """
 
 from __future__ import annotations
@@ -14,12 +14,31 @@ from typing import Sequence
 import torch
 
 from treeopt.decode.attention import check_cache, compact, forward_tree, new_cache
-from treeopt.decode.cheap_drafts import (apply_variant, proposable_tokens,
-                                         split_early_exit_options, split_model_options)
-from treeopt.decode.draft import draft_plan, draft_tree
-from treeopt.decode.drafter import Drafter, DrafterError, Proposal, register_drafter, root_only
-from treeopt.decode.models import _lm_head_rows
+from treeopt.decode.drafter import (
+    Drafter,
+    DrafterError,
+    Proposal,
+    known_names,
+    register_drafter,
+    root_only,
+)
 from treeopt.decode.sampling import Sampling
+from treeopt.decode.verify import DecodeError
+from treeopt.drafters.grow import draft_plan, draft_tree
+from treeopt.models.loading import (
+    ModelError,
+    check_vocab,
+    early_exit_draft,
+    lm_head_rows,
+    load_model,
+    load_tokenizer,
+)
+from treeopt.models.variants import (
+    apply_variant,
+    proposable_tokens,
+    split_early_exit_options,
+    split_model_options,
+)
 from treeopt.shapes import chain
 from treeopt.tree import Tree
 
@@ -50,15 +69,14 @@ class ModelDrafter(Drafter):
         self._tree: Tree | None = None
 
     def check(self, target) -> None:
-        from treeopt.decode.engine import DecodeError
-
         device = next(target.parameters()).device
         if next(self.model.parameters()).device != device:
             raise DecodeError("target and draft are on different devices; load both on one")
-        vt, vd = _lm_head_rows(target), _lm_head_rows(self.model)
-        if vt != vd:
-            raise DecodeError(f"target vocabulary ({vt}) and draft vocabulary ({vd}) differ; "
-                              "use a draft with the same tokenizer")
+        try:
+            check_vocab(target, self.model)
+        except ModelError as exc:
+            raise DecodeError(str(exc)) from None
+        vd = lm_head_rows(self.model)
         proposable = proposable_tokens(self.model)
         width, what_width = self.children_per_node()
         if width > proposable:
@@ -85,13 +103,32 @@ class ModelDrafter(Drafter):
         self._tree = tree
         if tree.size == 1:
             return root_only(committed, device)
-        self._root_pos = len(committed) - 1
-        pending = self.pending(committed, device)
-        drafted = draft_tree(self.model, self.cache, pending, self._root_pos, tree,
+        root_pos, pending = self.begin_step(committed, device)
+        drafted = draft_tree(self.model, self.cache, pending, root_pos, tree,
                              sampling=sampling, generator=generator)
-        self.cached = len(committed)
+        self.mark_fed(committed)
         row = None if drafted.q is None else draft_plan(tree, str(device)).row
-        return Proposal(tree, drafted.tokens, drafted.q, row, drafted.forwards)
+        return Proposal(tree, drafted.tokens, drafted.q, row, drafted.forwards,
+                        fixed_shape=True)
+
+    # The draft cache's one invariant, kept by the four methods below and nowhere else: the
+    # cache holds the first ``cached`` committed tokens; during a step, the tree nodes fed
+    # after the root (at ``root_pos``) follow them until ``keep_fed`` keeps the accepted ones.
+    def begin_step(self, committed: Sequence[int], device: torch.device | str
+                   ) -> tuple[int, torch.Tensor]:
+        """Start drafting from the root ``committed[-1]``: (its position, :meth:`pending`)."""
+        self._root_pos = len(committed) - 1
+        return self._root_pos, self.pending(committed, device)
+
+    def mark_fed(self, committed: Sequence[int]) -> None:
+        """The pending tokens (the root last) are in the cache now."""
+        self.cached = len(committed)
+
+    def keep_fed(self, offsets: Sequence[int]) -> None:
+        """Keep, of the nodes fed after the root this step, those at ``offsets`` (in order):
+        the accepted path's; the rest leave the cache."""
+        compact(self.cache, self._root_pos + 1, list(offsets))
+        self.cached = self._root_pos + 1 + len(offsets)
 
     def pending(self, committed: Sequence[int], device: torch.device | str) -> torch.Tensor:
         """(1, P) int64: the committed tokens the draft cache lacks, the root last. A cache
@@ -110,9 +147,7 @@ class ModelDrafter(Drafter):
         fed_index = self.fed_index()
         if fed_index is None:
             return
-        fed = [fed_index[v] for v in path[1:] if fed_index[v] >= 0]
-        compact(self.cache, self._root_pos + 1, fed)
-        self.cached = self._root_pos + 1 + len(fed)
+        self.keep_fed([fed_index[v] for v in path[1:] if fed_index[v] >= 0])
 
     def fed_index(self) -> Sequence[int] | None:
         """Per node of the last proposal, its offset among the tokens the draft fed after the
@@ -127,9 +162,7 @@ class ModelDrafter(Drafter):
                            "[model:]SPEC[,quant=int8][,vocab=N][,vocab_corpus=PATH]")
 def _model(options: str, *, target, tokenizer, tree):
     """``options``: the model spec with optional trailing variant options (see
-    ``treeopt.decode.cheap_drafts``: int8 weights, a head over the N most frequent tokens)."""
-    from treeopt.decode.drafter import known_names
-    from treeopt.decode.models import ModelError, check_vocab, load_model, load_tokenizer
+    ``treeopt.models.variants``: int8 weights, a head over the N most frequent tokens)."""
 
     spec, variant = split_model_options(options)
     try:
@@ -144,11 +177,11 @@ def _model(options: str, *, target, tokenizer, tree):
 
 
 @register_drafter("early-exit", "the target's first K layers, final norm and LM head "
-                                "(early-exit:K[,quant=int8][,vocab=N][,vocab_corpus=PATH])")
+                                "(early-exit:K[,quant=int8][,vocab=N][,vocab_corpus=PATH])",
+                  spec_form="early-exit:K")
 def _early_exit(options: str, *, target, tokenizer, tree):
     """``options``: ``K`` with optional variant options; a variant is built on copies of the
     shared modules, so the target is never changed."""
-    from treeopt.decode.models import early_exit_draft
 
     k, variant = split_early_exit_options(options)
     draft = apply_variant(early_exit_draft(target, k), variant, target=target,

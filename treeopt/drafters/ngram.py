@@ -16,9 +16,12 @@ slots are filled from the next shorter suffixes by the same rule, each token lis
 
 Cost model: drafting costs a few dictionary look-ups per tree node (microseconds) and indexing
 is incremental (a handful of dictionary updates per committed token), so the only price of a
-draft is verifying it. On CPUs that price jumps once a verification forward carries 4 or more
-tokens, so the default shape is a chain of two drafted tokens; on a GPU wider trees verify
-almost for free and pay off more often. A step without any match proposes the root alone: a
+draft is verifying it. The default shape is a chain of three drafted tokens
+(``treeopt.decode.drafter.DEFAULT_CANDIDATE_SHAPE``): with oneDNN-packed CPU weights a
+4-token verification costs about 1.15x one token, and over Spec-Bench that chain was never
+slower than plain decoding (README, drafters table); on a GPU wider trees verify almost for
+free and pay off more often. The best length depends on the machine and the text: ``treeopt
+tune --draft ngram`` measures it. A step without any match proposes the root alone: a
 plain decoding step, no slower than not drafting.
 """
 
@@ -29,9 +32,16 @@ from typing import Sequence
 
 import torch
 
-from treeopt.decode.drafter import (DEFAULT_CANDIDATE_SHAPE, Drafter, DrafterError, Proposal,
-                                    parse_options, proposal_from_paths, register_drafter,
-                                    root_only)
+from treeopt.decode.drafter import (
+    DEFAULT_CANDIDATE_SHAPE,
+    Drafter,
+    DrafterError,
+    Proposal,
+    parse_options,
+    proposal_from_paths,
+    register_drafter,
+    root_only,
+)
 from treeopt.decode.sampling import Sampling
 from treeopt.tree import Tree
 
@@ -281,7 +291,7 @@ class NgramDrafter(Drafter):
     def path_candidates(self, committed: Sequence[int]):
         """``children(path)``: the ranked candidates (at most ``k``) after ``committed`` +
         ``path`` (drafted tokens below the root), the callback ``propose`` fills its shape
-        with; indexes ``committed`` first. Cascades (``treeopt.decode.cascade``) draft
+        with; indexes ``committed`` first. Cascades (``treeopt.drafters.cascade``) draft
         through it."""
         if isinstance(committed, torch.Tensor):
             committed = committed.reshape(-1).tolist()

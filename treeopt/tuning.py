@@ -1,0 +1,485 @@
+"""Tune a pair on this machine: profile its acceptance and latency, choose its best tree,
+save everything (``treeopt tune``; ``treeopt.tune`` in Python).
+
+    import treeopt
+
+    run = treeopt.tune("smollm2", "early-exit:4", "spec_bench", out_dir="runs/ee4")
+    print(run.tree, run.prediction.tokens_per_s, run.files)
+
+The tree is chosen by ``treeopt.search.api.search_tree`` on the measured profile, so
+searching the saved ``profile.json`` again with the same limits gives the same tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import treeopt.profile.latency as latency_mod
+from treeopt import limits
+from treeopt.api import Pair, as_drafter, encode_prompts, load_pair
+from treeopt.datasets import Prompt, load_prompts, select
+from treeopt.decode.sampling import GREEDY, Sampling
+from treeopt.drafters.auto import remember_tune
+from treeopt.growmap import save_growmap
+from treeopt.limits import check_nodes
+from treeopt.models.cache import cache_dir
+from treeopt.models.loading import eos_ids, resolve_device
+from treeopt.models.machine import Machine
+from treeopt.profile import Profile
+from treeopt.profile.acceptance import AcceptanceRun, profile_acceptance
+from treeopt.profile.latency import (
+    LatencySettings,
+    measure_latency,
+    parse_contexts,
+    parse_tokens,
+    timing_warnings,
+    write_latency,
+)
+from treeopt.search.api import (
+    PipelineError,
+    SearchResult,
+    SearchSettings,
+    search_tree,
+)
+from treeopt.search.hardware import (
+    check_cost,
+    curve_notes,
+    empty_step_rate,
+    predict,
+)
+from treeopt.search.optuna_search import (
+    ModelObjective,
+    OptunaSettings,
+    resolve_storage,
+    run_search,
+)
+from treeopt.shapes import chain
+from treeopt.tree import Tree
+from treeopt.treeset import save_treeset
+from treeopt.viz import draw_tree
+
+# Acceptance profiling defaults by device (smaller samples without a GPU).
+CPU_PROMPTS, GPU_PROMPTS = 8, 40
+CPU_NEW_TOKENS, GPU_NEW_TOKENS = 32, 128
+# Latency profiling defaults by device: sizes interleaved, 10 timed runs per point on CPU too
+# (a stable median needs them).
+CPU_LATENCY = dict(tokens=(1, 2, 4, 8, 16, 32), context=128, repeats=10, warmup=2)
+GPU_LATENCY = dict(tokens=(1, 2, 4, 8, 16, 32, 64, 128), context=256, repeats=10, warmup=3)
+# Per-depth acceptance rows ``tune`` measures by default (depths in edges below the root).
+TUNE_ACCEPTANCE_DEPTH = 4
+
+
+# ---------------------------------------------------------------------------- prompts
+
+def load_prompt_set(prompts, n: int | None = None, seed: int = 0,
+                    categories: str | Sequence[str] | None = None):
+    """(prompts, name): a data set spec (a shipped name, a .jsonl/.txt file, ``hf:NAME``) is
+    loaded and ``n`` prompts drawn with ``seed``; a list of strings, chat-message lists,
+    token-id lists or ``Prompt`` objects is used as given (``n`` first ones). ``name`` is
+    what a profile records as its data set (a fingerprint for a list)."""
+
+    if isinstance(prompts, (str, os.PathLike)):
+        return load_prompts(prompts, categories=categories, n=n, seed=seed), str(prompts)
+    items = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, Prompt):
+            items.append(p)
+        elif isinstance(p, str):
+            items.append(Prompt(str(i), "default", p))
+        elif p and all(isinstance(t, int) for t in p):
+            items.append(Prompt(str(i), "default", "", token_ids=tuple(int(t) for t in p)))
+        else:
+            raise PipelineError(f"prompt {i}: give text, token ids or Prompt objects")
+    if not items:
+        raise PipelineError("no prompts given")
+    items = select(items, categories=categories, n=n, seed=seed, source="prompts")
+    blob = json.dumps([[p.text, list(p.token_ids or ())] for p in items])
+    return items, f"prompts:{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def acceptance_defaults(device, n_prompts: int | None, max_new_tokens: int | None
+                        ) -> tuple[int, int, list[str]]:
+    """(prompts, tokens per continuation, notes on the defaults used) for ``device``."""
+    cpu = getattr(device, "type", str(device)) != "cuda"
+    notes = []
+    if n_prompts is None:
+        n_prompts = CPU_PROMPTS if cpu else GPU_PROMPTS
+        notes.append(f"{n_prompts} prompts")
+    if max_new_tokens is None:
+        max_new_tokens = CPU_NEW_TOKENS if cpu else GPU_NEW_TOKENS
+        notes.append(f"{max_new_tokens} tokens per continuation")
+    return n_prompts, max_new_tokens, notes
+
+
+def latency_defaults(device, **given) -> tuple[dict, list[str]]:
+    """Latency settings (tokens, context, repeats, warmup) with the unset ones filled by
+    device; returns (settings, notes on the defaults used)."""
+    defaults = GPU_LATENCY if getattr(device, "type", str(device)) == "cuda" else CPU_LATENCY
+    out, notes = {}, []
+    for key, value in defaults.items():
+        if given.get(key) is None:
+            many = isinstance(value, tuple)
+            out[key] = list(value) if many else value
+            notes.append(f"{key} {','.join(map(str, value)) if many else value}")
+        else:
+            out[key] = given[key]
+    return out, notes
+
+
+def tune_defaults(device, *, n_prompts: int | None = None, max_new_tokens: int | None = None,
+                  tokens=None, context: int | None = None, repeats: int | None = None,
+                  warmup: int | None = None) -> list[str]:
+    """Notes on the device defaults :func:`tune` fills for the settings left unset (what it
+    reports in ``TuneResult.defaults``), known before any model is loaded."""
+
+    dev = resolve_device(device)
+    *_, notes = acceptance_defaults(dev, n_prompts, max_new_tokens)
+    _, more = latency_defaults(dev, tokens=tokens, context=context, repeats=repeats,
+                               warmup=warmup)
+    return notes + more
+
+
+@contextmanager
+def latency_progress(enabled: bool = True):
+    """A progress bar on stderr per latency curve (target, then draft) while
+    ``treeopt.profile.latency.measure_latency`` runs: one step per forward (warm-up and timed
+    runs of every point: a size, or a (context, size) pair with several contexts), advanced
+    between the timed calls so that it never runs inside a timing. Nothing when ``enabled``
+    is false or the profiler has no timing loop to follow."""
+
+    loop = getattr(latency_mod, "_interleaved", None)
+    if not enabled or loop is None:
+        yield
+        return
+    from tqdm import tqdm
+
+    curves = iter(("target", "draft"))
+
+    def interleaved(calls, timer, repeats, warmup, after=None):
+        bar = tqdm(total=len(calls) * (repeats + warmup), unit="run", dynamic_ncols=True,
+                   desc=f"latency {next(curves, 'curve')} ({len(calls)} points)")
+
+        def done(i):
+            if after is not None:
+                after(i)
+            bar.update(1)
+
+        try:
+            return loop(calls, timer, repeats, warmup, after=done)
+        finally:
+            bar.close()
+
+    latency_mod._interleaved = interleaved
+    try:
+        yield
+    finally:
+        latency_mod._interleaved = loop
+
+
+def measure_acceptance(pair, prompts, run, *, out: str | os.PathLike | None = None,
+                       resume: bool = False, save_every: int = 1, positions: int | None = None,
+                       progress: bool = False):
+    """Acceptance profile of ``pair`` (``treeopt.models.loading.Pair``) over ``prompts``
+    (``Prompt`` objects or text) under ``run`` (an ``AcceptanceRun``); written to ``out``
+    as it goes (``resume`` continues it). Prompts are encoded with the one prompt encoder
+    (``treeopt.api.encode_prompts``) and decoding stops at the first EOS id
+    (``eos_ids``)."""
+
+    if pair.drafter is None:
+        raise PipelineError("acceptance profiling needs a draft (a drafter spec such as "
+                            "early-exit:4 or ngram)")
+    ids = encode_prompts(pair.tokenizer, prompts, run.chat_template)
+    if run.continuation == "dataset":
+        ids = [x for x in ids if len(x) >= 2]
+    eos = eos_ids(pair.tokenizer, pair.target) if pair.tokenizer is not None else []
+    return profile_acceptance(pair.target, pair.drafter, ids, run, out=out, resume=resume,
+                              save_every=max(1, save_every), progress=progress,
+                              eos_token_id=eos[0] if eos else None, max_positions=positions)
+
+
+def latency_warnings(latency) -> list[str]:
+    """One-line warnings about a measured latency table: noisy or falling points
+    (``timing_warnings``) and CPU timings taken with OpenMP spin-waiting."""
+
+    notes = timing_warnings(latency)
+    meta = latency.meta or {}
+    if meta.get("device_type") != "cuda" and meta.get("omp_wait_policy") is None \
+            and meta.get("threads", 1) > 1:
+        notes.append("OMP_WAIT_POLICY is unset in this process (torch was imported first): "
+                     "OpenMP spin-waiting distorts CPU timings on a busy machine; set "
+                     "OMP_WAIT_POLICY=PASSIVE or use --threads 1")
+    return notes
+
+
+# ---------------------------------------------------------------------------- tune
+@dataclass
+class TuneResult:
+    """What :func:`tune` measured and chose.
+
+    ``profile``: acceptance + latency (the file ``files["profile"]`` when written).
+    ``search``: the DP's hardware-aware choice (:class:`SearchResult`). ``tree`` /
+    ``prediction`` / ``method``: the tree kept (the DP's, or Optuna's when ``optuna_trials``
+    found a faster one) and its prediction. ``defaults``: the device defaults used.
+    ``warnings``: about the latency measurement (noisy or falling points, OpenMP settings).
+    ``notes``: about the kept tree's costs (read beyond the measured sizes). ``files``: what was
+    written (profile, growmap, growmap_json, picture, summary). ``seconds``: per stage."""
+
+    profile: Any
+    latency: Any
+    search: SearchResult
+    tree: Tree
+    prediction: Any
+    method: str
+    device: str
+    defaults: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    optuna_note: str | None = None
+    files: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+    treeset: Any = None  # one tree per context bucket, with ``contexts`` (else None)
+
+
+def _load_pair(target, draft, tokenizer, device, dtype):
+    if isinstance(target, Pair):
+        if draft is not None:
+            raise PipelineError("give a Pair or target and draft, not both")
+        return target
+    if isinstance(target, (str, os.PathLike)):
+        if not isinstance(draft, (str, os.PathLike)):
+            raise PipelineError("a target given by name needs its draft by name (a drafter "
+                                "spec such as early-exit:4 or ngram)")
+        return load_pair(str(target), str(draft), dtype=dtype, device=device)
+
+    drafter = as_drafter(draft, target, tokenizer)
+    return Pair(target, getattr(drafter, "model", None), tokenizer, drafter=drafter)
+
+
+def _name(x) -> str:
+    return str(x) if isinstance(x, (str, os.PathLike)) else type(x).__name__
+
+
+@dataclass(frozen=True)
+class AcceptanceSettings:
+    """What ``tune`` profiles acceptance on: ``prompts`` prompts of the data set (drawn with
+    ``seed``; default by device, as ``max_new_tokens``), optionally only ``categories`` and at
+    most ``positions`` positions; ``width`` siblings and ``depth`` per-depth rows (edges),
+    ``mode`` teacher-forced or online along the ``continuation`` (the target's own, or the
+    data set's), prompts in the chat template unless ``chat_template`` is False. Sampling
+    settings are a separate ``Sampling``."""
+
+    prompts: int | None = None
+    categories: str | Sequence[str] | None = None
+    positions: int | None = None
+    max_new_tokens: int | None = None
+    width: int = 8
+    depth: int = TUNE_ACCEPTANCE_DEPTH
+    mode: str = "teacher-forced"
+    continuation: str = "target"
+    seed: int = 0
+    chat_template: bool = True
+
+
+def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike | None = None,
+         resume: bool = False, tokenizer=None, acceptance: AcceptanceSettings | None = None,
+         sampling: Sampling | None = None, latency: LatencySettings | None = None,
+         search: SearchSettings | None = None, machine: Machine | None = None,
+         progress: bool = False) -> TuneResult:
+    """Profile a pair, choose its best tree on this machine, and (with ``out_dir``) save it.
+
+    ``target``/``draft``: model and drafter specs (``"smollm2"``, ``"early-exit:4"``,
+    ``"ngram"``, a folder, ...), a loaded ``Pair`` (no ``draft``), or a target model with a
+    draft model or ``Drafter`` (then ``tokenizer=`` for text prompts). ``prompts``: a data
+    set spec or a list of prompts (:func:`load_prompt_set`); ``acceptance.prompts`` of them
+    are used (default by device, as ``max_new_tokens``).
+
+    Settings, one object each: ``acceptance`` (:class:`AcceptanceSettings`), ``sampling``
+    (``treeopt.decode.sampling.Sampling``; default greedy), ``latency``
+    (``treeopt.profile.latency.LatencySettings``; unset fields by device), ``search``
+    (``treeopt.search.api.SearchSettings``) and ``machine``
+    (``treeopt.models.machine.Machine``: device, dtype, threads).
+
+    Steps: acceptance profile (``width`` siblings, ``depth`` per-depth rows in edges;
+    teacher-forced along the target's own continuations by default) -> latency profile
+    (target tree forwards of ``tokens`` sizes and draft levels) -> :func:`search_tree` with
+    the hardware-aware choice under ``search`` -> optionally ``search.optuna_trials`` Optuna
+    trials on predicted tokens/s, seeded with that tree. With ``out_dir``:
+    ``profile.json`` (written as it is measured; ``resume`` continues an interrupted one),
+    ``tree.pt`` (Sequoia-compatible growmap), ``tree.json``, ``tree.png`` and
+    ``summary.json``. Searching ``profile.json`` again with the same limits gives the same
+    tree. Ctrl-C keeps what was measured in ``profile.json``. ``summary.json`` is written
+    atomically (``treeopt.limits.atomic_write``). ``progress``: progress bars on stderr for
+    the acceptance prompts and the latency runs (:func:`latency_progress`); the defaults used
+    are known before any work (:func:`tune_defaults`).
+
+    ``latency.contexts`` (several cached prefix lengths, e.g. ``[128, 512, 1024]`` or
+    ``"128,512,1024"``, instead of the one ``context``): latency is timed at each, the tree
+    is chosen at each and ``treeset`` holds one tree per context bucket
+    (``treeopt.treeset``), written as ``treeset.json`` beside ``tree.pt`` (which holds the
+    smallest context's tree); decoding with the set picks each prompt's tree by its
+    length."""
+    acc, samp = acceptance or AcceptanceSettings(), sampling or GREEDY
+    lat, search, machine = latency or LatencySettings(), search or SearchSettings(), \
+        machine or Machine()
+    n_prompts, categories, positions = acc.prompts, acc.categories, acc.positions
+    max_new_tokens, seed = acc.max_new_tokens, acc.seed
+    tokens, context, contexts = lat.tokens, lat.context, lat.contexts
+    repeats, warmup = lat.repeats, lat.warmup
+    max_size, draft_cost = search.max_size, search.draft_cost
+    measured_sizes_only, optuna_trials = search.measured_sizes_only, search.optuna_trials
+    device, dtype, threads = machine.device, machine.dtype, machine.threads
+
+    t0 = time.perf_counter()
+    check_cost(draft_cost)
+    levels = search.levels()
+    for name, value, low in (("n_prompts", n_prompts, 1), ("positions", positions, 1),
+                             ("max_new_tokens", max_new_tokens, 1), ("context", context, 1),
+                             ("repeats", repeats, 1), ("warmup", warmup, 0),
+                             ("max_size", max_size, 1), ("optuna_trials", optuna_trials, 0),
+                             ("threads", threads, 1)):
+        if value is not None and value < low:
+            raise PipelineError(f"{name} must be >= {low}, got {value}")
+    if max_size is not None:
+        check_nodes(max_size, "max_size", PipelineError)
+    if isinstance(tokens, str):
+        tokens = parse_tokens(tokens)
+    if contexts is not None:
+        contexts = parse_contexts(contexts if isinstance(contexts, str)
+                                  else ",".join(str(int(c)) for c in contexts))
+        if context is not None:
+            raise PipelineError(f"give context={context} or contexts={contexts}, not both")
+        context = contexts[0]
+    out = Path(out_dir) if out_dir is not None else None
+    profile_path = out / "profile.json" if out is not None else None
+    if resume and profile_path is None:
+        raise PipelineError("resume continues the profile in out_dir; give out_dir")
+    if profile_path is not None and profile_path.exists() and not resume:
+        raise PipelineError(f"{profile_path} exists; resume it (--resume) or choose another "
+                            "output folder")
+    dev = resolve_device(device)
+    n_prompts, max_new_tokens, defaults = acceptance_defaults(dev, n_prompts, max_new_tokens)
+    if isinstance(prompts, (str, os.PathLike)):
+        # Draw order: the first k of a draw of n are the draw of k, so a resume that asks
+        # for more prompts continues with new ones (as `treeopt profile acceptance` does).
+
+        every, dataset_name = load_prompt_set(prompts, None, seed, categories)
+        chosen = select(every, n=n_prompts, seed=seed, source=dataset_name, order="draw")
+    else:
+        chosen, dataset_name = load_prompt_set(prompts, n_prompts, seed, categories)
+    run = AcceptanceRun(width=acc.width, depth=acc.depth, mode=acc.mode,
+                        continuation=acc.continuation, max_new_tokens=max_new_tokens, seed=seed,
+                        draft=_name(draft), target=_name(target), dataset=dataset_name,
+                        chat_template=acc.chat_template, sampling=samp)
+    run.check()
+    storage = None
+    if optuna_trials > 0 and out is not None:
+        storage = resolve_storage(None, out / "optuna.db")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(int(threads))
+    pair = _load_pair(target, draft, tokenizer, dev, dtype)
+    if pair.drafter is None:
+        raise PipelineError("tune needs a draft (e.g. early-exit:4 or ngram)")
+    profile = measure_acceptance(pair, chosen, run, out=profile_path, resume=resume,
+                                 positions=positions, progress=progress)
+    t_acc = time.perf_counter() - t0
+
+    lat_settings, lat_notes = latency_defaults(dev, tokens=tokens, context=context,
+                                               repeats=repeats, warmup=warmup)
+    defaults += lat_notes
+    with latency_progress(progress):
+        latency = measure_latency(pair.target, pair.drafter, tokens=lat_settings["tokens"],
+                                  context=lat_settings["context"],
+                                  contexts=contexts,
+                                  repeats=lat_settings["repeats"],
+                                  warmup=lat_settings["warmup"],
+                                  names={"target": _name(target), "draft": _name(draft)},
+                                  out=profile_path)
+    if profile_path is not None:
+        write_latency(latency, profile_path)
+        profile = Profile.load(profile_path)  # what `treeopt search` will read
+    else:
+        profile = dataclasses.replace(profile, latency=latency)
+    t_lat = time.perf_counter() - t0 - t_acc
+    warnings = latency_warnings(latency)
+
+    found = search_tree(profile, search=dataclasses.replace(search, max_levels=levels,
+                                                            max_depth=None))
+    tree, pred, method = found.tree, found.prediction, "dp + hardware-aware"
+    optuna_note = None
+    if optuna_trials > 0:
+        empty = empty_step_rate(profile)
+        res = run_search(ModelObjective(found.rank_table, latency, "speed", draft_cost, empty),
+                         width=profile.width, max_size=found.max_size, levels=levels,
+                         seeds=[tree, chain(min(found.max_size, 4))], baseline=tree,
+                         optuna_settings=OptunaSettings(trials=optuna_trials, seed=seed,
+                                                        study_name="tune", storage=storage))
+        optuna_note = (f"optuna ({res.trials} trials): best {res.value:.2f} tokens/s vs DP "
+                       f"{res.baseline_value:.2f}")
+        sizes = {int(t) for t in latency.target.tokens} | {1}
+        if res.value > res.baseline_value and (not measured_sizes_only
+                                               or res.tree.size in sizes):
+            tree, method = res.tree, "optuna (seeded with the DP choice)"
+            pred = predict(tree, found.rank_table, latency, draft_cost, empty)
+        elif res.value > res.baseline_value:
+            optuna_note += f" (its size {res.tree.size} was not timed: kept the DP choice)"
+
+    # extrapolation notes; a falling curve is among the timing warnings already
+    notes = curve_notes(latency, tree, draft_cost, falls=False)
+
+    meta = dict(found.meta)
+    meta.update({"method": method, "target": _name(target), "draft": _name(draft),
+                 "expected_tokens": pred.expected_tokens, "size": tree.size,
+                 "depth": tree.depth, "predicted_step_ms": pred.step_ms,
+                 "predicted_tokens_per_s": pred.tokens_per_s,
+                 "predicted_speedup": pred.speedup, "depth_rows_used": len(found.rank_table),
+                 "device": latency.meta.get("device")})
+    if profile_path is not None:
+        meta["profile"] = profile_path.name
+    files: dict = {}
+    seconds = {"acceptance": round(t_acc, 1), "latency": round(t_lat, 1)}
+    summary = {"target": _name(target), "draft": _name(draft), "dataset": dataset_name,
+               "device": latency.meta.get("device"), "defaults": defaults,
+               "tree": {"size": tree.size, "depth": tree.depth, "width": tree.width,
+                        "parents": tree.to_parents()},
+               "prediction": pred.to_dict(), "method": method, "draft_cost": draft_cost,
+               "max_levels": levels, "max_size": found.max_size,
+               "measured_sizes_only": measured_sizes_only, "warnings": warnings + notes}
+    if out is not None:
+        files["profile"] = profile_path
+        files["growmap"] = save_growmap(tree, out / "tree.pt", meta)
+        files["growmap_json"] = save_growmap(tree, out / "tree.json", meta)
+        files["picture"] = draw_tree(tree, out / "tree.png", profile=found.rank_table,
+                                     title=f"{_name(target)} + {_name(draft)}: n={tree.size}")
+        files["summary"] = out / "summary.json"
+        summary.update(profile=profile_path.name, growmap=files["growmap"].name)
+    if found.treeset is not None:
+        summary["treeset"] = found.treeset.to_dict()["buckets"]
+        if out is not None:
+            files["treeset"] = save_treeset(found.treeset, out / "treeset.json")
+            summary["treeset_file"] = files["treeset"].name
+    if isinstance(draft, (str, os.PathLike)) and tree.size > 1:  # for `--draft auto:draft=`
+        remember_tune(pair.target, str(draft), found.rank_table, pred, tree, cache_dir())
+    seconds["total"] = round(time.perf_counter() - t0, 1)
+    summary["seconds"] = seconds
+    if out is not None:
+        text = json.dumps(summary, indent=2) + "\n"
+        limits.atomic_write(files["summary"], lambda fh: fh.write(text), binary=False)
+    return TuneResult(profile=profile, latency=latency, search=found, tree=tree,
+                      prediction=pred, method=method, device=str(latency.meta.get("device")),
+                      defaults=defaults, warnings=warnings, notes=notes,
+                      optuna_note=optuna_note,
+                      files=files, seconds=seconds, summary=summary, treeset=found.treeset)
