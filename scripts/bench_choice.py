@@ -101,13 +101,22 @@ def main(argv=None) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
+        rows = {r.dtype: r.rows.drop(columns=[c for c in ("output_ids", "output_text")
+                                              if c in r.rows]).to_dict(orient="records")
+                for r in report.runs if r.rows is not None}
         (out / "choice.json").write_text(json.dumps(
             {"settings": report.settings, "table": table.to_dict(orient="records"),
-             "dtypes": dtypes.to_dict(orient="records")}, indent=1, default=str) + "\n")
-    failures = sum(len(r.rows[r.rows["exactness"] == "differs"]) for r in report.runs
-                   if r.rows is not None and "exactness" in r.rows)
+             "dtypes": dtypes.to_dict(orient="records"), "rows": rows}, indent=1,
+            default=str) + "\n")
+    failures = [f"{r.dtype} {row['method']} {row['prompt_key']}: first differs at new token "
+                f"{row.get('first_mismatch')}" for r in report.runs
+                if r.rows is not None and "exactness" in r.rows
+                for _, row in r.rows[r.rows["exactness"] == "differs"].iterrows()]
     if failures:
-        print(f"GREEDY EXACTNESS FAILED for {failures} output(s)", file=sys.stderr)
+        print(f"GREEDY EXACTNESS FAILED for {len(failures)} output(s) (beyond the dtype's tie "
+              "tolerance):", file=sys.stderr)
+        for line in failures:
+            print(f"  {line}", file=sys.stderr)
     return 0
 
 
