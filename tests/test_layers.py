@@ -43,7 +43,8 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("measure", ["treeopt.profile.acceptance", "treeopt.profile.latency",
                  "treeopt.profile.quality", "treeopt.profile.calibrate", "treeopt.profile.copy",
                  "treeopt.search.optuna_search", "treeopt.bench", "treeopt.bench.*"]),
-    ("pipeline", ["treeopt.search.api", "treeopt.tuning", "treeopt.pipeline",
+    ("pipeline", ["treeopt.search.api", "treeopt.tuning", "treeopt.tune_dtypes",
+                  "treeopt.pipeline",
                   "treeopt.evaluate", "treeopt.evaluate.*"]),
     ("cli", ["treeopt.cli", "treeopt.cli.*", "treeopt.__main__"]),
 ]

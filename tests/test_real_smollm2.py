@@ -126,3 +126,23 @@ def test_model_free_drafters_equal_greedy(smollm2, copy_prompts, spec, shape,
         assert gen.tokens == ref
         accepted += gen.stats.accepted_tokens
     assert accepted > 0
+
+
+def test_auto_drafter_equals_greedy_and_drafts_on_copies(smollm2, copy_prompts,
+                                                         tmp_path, monkeypatch):
+    """The default drafter on the real model (float32, as the fixture loads it): token-exact
+    with plain decoding; on copy-heavy prompts it drafts after the first, from its
+    observations, and says what it chose."""
+    from treeopt.decode.drafter import build_drafter
+    from treeopt.decode.engine import generate
+
+    monkeypatch.setenv("TREEOPT_CACHE", str(tmp_path))  # its own latency curve, measured
+    drafter = build_drafter("auto", target=smollm2.target, tokenizer=smollm2.tokenizer)
+    drafted = 0
+    for ids in copy_prompts * 2:
+        ref = generate(smollm2.target, None, ids, max_new_tokens=48).tokens
+        gen = generate(smollm2.target, drafter, ids, max_new_tokens=48)
+        assert gen.tokens == ref
+        assert gen.stats.choice.startswith("auto: ")
+        drafted += gen.stats.drafted_tokens
+    assert drafted > 0

@@ -263,3 +263,26 @@ def test_bench_adaptive_tiny(tmp_path, capsys):
     assert load_script("bench_adaptive").main(args) == 0
     out = capsys.readouterr().out
     assert "dynamic-dp" in out and "2/2" in out and "FAILURE" not in out
+
+
+def test_bench_choice_on_a_saved_tiny_model(folder, tmp_path, capsys):
+    """Tune on 2 prompts, measure the tuned tree, auto and the grid on 2 others, in two
+    dtypes: regret and prediction error per category, the plain speed of each dtype."""
+    out = tmp_path / "choice"
+    args = ["--target", str(folder), "--draft", "ngram", "--dtypes", "float32,bfloat16",
+            "--tune-prompts", "2", "--eval-prompts", "2", "--tune-tokens", "6",
+            "--max-new-tokens", "6", "--chains", "2,16", "--dp-sizes", "8",
+            "--latency-tokens", "1,2,4", "--latency-repeats", "1", "--threads", "1",
+            "--out", str(out)]
+    assert load_script("bench_choice").main(args) == 0
+    text = capsys.readouterr().out
+    assert "float32: regret tuned" in text and "bfloat16: regret tuned" in text
+    data = json.loads((out / "choice.json").read_text())
+    table = data["table"]
+    assert {r["dtype"] for r in table} == {"float32", "bfloat16"}
+    for r in table:
+        assert r["regret_tuned"] >= -1e-9 and r["regret_auto"] >= -1e-9
+        assert r["best"] >= r["tuned"] and r["best"] >= r["auto"]
+        assert r["plain_tokens_per_s"] > 0 and r["predicted_tuned"] > 0
+    assert [r["dtype"] for r in data["dtypes"]] == ["float32", "bfloat16"]
+    assert sum(r["auto_dtype_pick"] for r in data["dtypes"]) == 1

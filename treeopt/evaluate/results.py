@@ -116,6 +116,8 @@ METRICS = {
                    "test of the problem ran), 'failed' (a test assertion failed), 'timeout' "
                    "or 'error' (an exception, a crash, a resource limit, an early exit); "
                    "empty = not scored",
+    "drafter_choice": "what a choosing drafter (auto) drafted with in this generation, one "
+                      "line (steps per candidate; empty for fixed drafters)",
     "pass_reason": "pass@1 runs only: why a sample did not pass, one short line",
     "pass_at_1": "pass@1 runs only: samples passed / samples scored (one sample per prompt: "
                  "the unbiased pass@1 estimate); in greedy mode equal for every lossless "
@@ -359,6 +361,18 @@ def format_summary(summary: Any) -> str:
                                 "verify_ms_per_step": "verify_ms/step",
                                 "other_ms_per_step": "other_ms/step"})
     return show.to_string(index=False)
+
+
+def choice_lines(rows: Any) -> list[str]:
+    """One line per method whose drafter chooses (``auto``): its choice on the last prompt."""
+    if "drafter_choice" not in getattr(rows, "columns", ()):
+        return []
+    out = []
+    for name, group in rows.groupby("method", sort=False):
+        said = [c for c in group["drafter_choice"] if isinstance(c, str) and c]
+        if said:
+            out.append(f"{name}: last prompt: {said[-1]}")
+    return out
 
 
 def load_results(path: str | Path) -> dict:

@@ -235,6 +235,7 @@ def _run_one(generate: Callable, target: Any, runner: _Runner, ids: list[int],
         "draft_s": _seconds(stats, "draft_s"),
         "verify_s": _seconds(stats, "verify_s"),
         "other_s": _seconds(stats, "other_s"),
+        "drafter_choice": str(getattr(stats, "choice", "") or ""),
         "accepted_per_step": [int(s.accepted) for s in steps],
         "ranks_per_step": [[int(r) for r in s.ranks] for s in steps],
     }

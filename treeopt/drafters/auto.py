@@ -1,0 +1,419 @@
+"""``auto``: the drafter that decides, step by step, whether and how far to speculate.
+
+Candidates: plain decoding (the root alone), the model-free copy drafters (``ngram`` at three
+strictnesses, and ``suffix`` when it is registered) and the draft model the user gives
+(``auto:draft=SPEC``). Each drafts a chain (at most ``max=16`` tokens).
+
+The rule, per step (expected tokens per unit of cost, SuffixDecoding's and Sequoia's common
+criterion): for every copy candidate c offering a chain of a tokens now, and every k <= a,
+
+    rate(c, k) = (1 + E[min(m, k) | c, bucket(a)]) / T(k + 1)
+
+where m is how many of c's tokens the target would have accepted and T(n) is the target's
+forward time over n tokens (``treeopt.models.dtype.latency_curve``: measured once per model,
+machine and dtype, then cached). Plain decoding's rate is 1 / T(1). The best rate wins if it
+beats plain decoding's by ``margin`` (3 %); otherwise the step is plain. A draft model's chain
+of k costs k draft forwards more and its acceptance is a product of per-depth rates.
+
+Acceptance is observed online, for every copy candidate at every step whichever drafted: its
+proposal is compared with the tokens the target then committed (greedy output is the target's
+own, and a deterministic proposal's match length against a sampled continuation has the
+distribution of its accepted length under verification). The observations are kept per
+candidate and per bucket of a (1, 2, 3-4, 5-8, 9-16 offered tokens: how far the drafter's
+copy goes, its own confidence), shrunk towards "nothing accepted" by ``prior`` pseudo-counts,
+so with no evidence every step is plain decoding. A draft model is tried on its first
+``explore`` steps, then kept only while its predicted rate beats plain decoding.
+
+The decisions depend only on the cached latency curves and the tokens decoded, so two runs
+from the same cache decide alike. Every step is verified by the engine as usual: the output
+is the target's own (greedy-exact; sampled outputs follow its distribution).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from treeopt.decode.drafter import (Drafter, DrafterError, Proposal, build_drafter,
+                                    parse_options, register_drafter, registered, root_only)
+from treeopt.models.cache import cache_dir
+from treeopt.decode.sampling import Sampling
+from treeopt.limits import atomic_write
+from treeopt.models.dtype import check_curve, interpolate, latency_curve, machine, model_key
+from treeopt.shapes import chain
+from treeopt.tree import Tree
+
+MAX_DRAFT = 16
+#: Copy candidates: (name in the choice, drafter spec). ``suffix`` joins when registered.
+COPY_CANDIDATES = (("ngram", "ngram"), ("ngram2", "ngram:min=2,max=4"),
+                   ("ngram3", "ngram:min=3,max=6"))
+SUFFIX = ("suffix", "suffix")
+BUCKETS = (1, 2, 4, 8, 16)
+MARGIN = 0.03
+PRIOR = 4.0
+EXPLORE = 8
+MODEL_CHAIN = 8
+
+
+def bucket(offered: int) -> int:
+    """Index of the bucket of a proposal offering ``offered`` tokens (1, 2, 3-4, 5-8,
+    9-16, more)."""
+    for i, top in enumerate(BUCKETS):
+        if offered <= top:
+            return i
+    return len(BUCKETS)
+
+
+@dataclass
+class MatchStats:
+    """Per offer bucket and depth d (1..MAX_DRAFT): ``tries[d]``, proposals whose first d - 1
+    tokens the target accepted and whose d-th token it has decided on, and ``hits[d]``, those
+    whose d-th token it accepted too. A proposal counts at a depth as soon as the committed
+    tokens reach it (a censored observation, as in a Kaplan-Meier estimate), so evidence about
+    short chains arrives at once and about long ones as the copy goes on."""
+
+    tries: dict[int, list[int]] = field(default_factory=dict)
+    hits: dict[int, list[int]] = field(default_factory=dict)
+
+    def add(self, b: int, d: int, hit: bool) -> None:
+        if b not in self.tries:
+            self.tries[b] = [0] * (MAX_DRAFT + 1)
+            self.hits[b] = [0] * (MAX_DRAFT + 1)
+        self.tries[b][d] += 1
+        self.hits[b][d] += bool(hit)
+
+    def rate(self, b: int, d: int, prior: float) -> float:
+        """Estimated P(depth d accepted | depth d - 1 accepted) in bucket b: hits / (tries +
+        pseudo-failures: ``prior`` at depth 1, one deeper); 0 without observations."""
+        tries = self.tries.get(b)
+        if not tries or not tries[d]:
+            return 0.0
+        return self.hits[b][d] / (tries[d] + (prior if d == 1 else 1.0))
+
+    def expected(self, b: int, k: int, prior: float) -> list[float]:
+        """[E[accepted tokens of a chain of j] for j = 0..k] in bucket b."""
+        out, p = [0.0], 1.0
+        for d in range(1, k + 1):
+            p *= self.rate(b, d, prior)
+            out.append(out[-1] + p)
+        return out
+
+
+def best_chain(expected_at: Sequence[float], offered: int, curve, extra_ms=None
+               ) -> tuple[int, float]:
+    """(k, rate) maximising (1 + expected_at[k]) / (T(k + 1) + extra_ms(k)) over 1 <= k <=
+    ``offered`` (``expected_at[k]``: expected accepted tokens of a chain of k; ``curve``:
+    target ms by tokens); ties keep the shorter chain. (0, 1 / T(1)) is plain decoding."""
+    best_k, best = 0, 1.0 / interpolate(curve, 1)
+    for k in range(1, offered + 1):
+        cost = interpolate(curve, k + 1) + (extra_ms(k) if extra_ms else 0.0)
+        rate = (1.0 + expected_at[k]) / cost
+        if rate > best + 1e-12:
+            best_k, best = k, rate
+    return best_k, best
+
+
+def truncated(proposal: Proposal, k: int) -> Proposal:
+    """The first k drafted tokens of a chain proposal."""
+    if proposal.tree.size <= k + 1:
+        return proposal
+    return Proposal(Tree(proposal.tree.parents[:k + 1]), proposal.tokens[:k + 1],
+                    None if proposal.q is None else list(proposal.q)[:k],
+                    None if proposal.q_row is None else list(proposal.q_row)[:k] + [-1],
+                    proposal.forwards, fixed_shape=False)
+
+
+class AutoDrafter(Drafter):
+    """See the module docstring. ``copies``: (name, drafter) copy candidates drafting chains;
+    ``model``: a ModelDrafter over a chain, or None; ``curve`` / ``draft_curve``: target and
+    draft forward ms by tokens."""
+
+    name = "auto"
+    shape = None
+
+    def __init__(self, copies: Sequence[tuple[str, Drafter]], curve: dict[int, float], *,
+                 model: Drafter | None = None, draft_curve: dict[int, float] | None = None,
+                 max_draft: int = MAX_DRAFT, margin: float = MARGIN, prior: float = PRIOR,
+                 explore: int = EXPLORE, dtype: str = "",
+                 model_prior: Sequence[float] | None = None, prior_weight: float = 8.0):
+        check_curve(curve, "auto drafter: target latency curve")
+        if model is not None:
+            check_curve(draft_curve or {}, "auto drafter: draft latency curve")
+        if not 1 <= max_draft <= MAX_DRAFT:
+            raise DrafterError(f"drafter 'auto': max must be in 1..{MAX_DRAFT}, got {max_draft}")
+        self.copies = list(copies)
+        self.curve = dict(curve)
+        self.model = None if model is None else getattr(model, "model", None)
+        self.model_drafter = model
+        self.draft_curve = dict(draft_curve or {})
+        self.max_draft = int(max_draft)
+        self.margin, self.prior, self.explore = float(margin), float(prior), int(explore)
+        self.dtype = dtype
+        # a tune result's top-1 acceptance by depth for the draft model (pseudo-counts of
+        # weight ``prior_weight`` per depth): no exploration needed
+        self.model_prior = None if model_prior is None else [float(x) for x in model_prior]
+        self.prior_weight = float(prior_weight)
+        if self.model_prior is not None:
+            self.explore = 0
+        self.stats = {name: MatchStats() for name, _ in self.copies}
+        self.model_tries = [0] * (MODEL_CHAIN + 1)  # steps that reached depth d
+        self.model_hits = [0] * (MODEL_CHAIN + 1)  # of which depth d was accepted
+        self.model_steps = 0
+        self.model_dropped = model is None
+        self._pending: list[tuple[str, int, int, list[int], int]] = []
+        self._used: tuple[str, int] | None = None  # (candidate, k) of the last proposal
+        self.steps: dict[str, int] = {}  # per generation: steps per candidate ("plain")
+        self.drafted: dict[str, int] = {}
+        self.run_steps: dict[str, int] = {}  # over every generation of this drafter
+
+    def reshaped(self, shape: Tree) -> "AutoDrafter":
+        """A fresh auto drafter whose chains are at most ``shape``'s (a chain: ``chain:N``
+        caps the drafted tokens at N - 1; what ``eval --chain`` asks of the default
+        drafter). Trees are refused: auto drafts chains."""
+        if shape.width > 1:
+            raise DrafterError("the auto drafter drafts chains that it sizes itself; give it "
+                               "a chain (chain:N caps it) or choose a tree drafter such as "
+                               "--draft ngram or a draft model")
+        cap = max(1, min(shape.depth, MAX_DRAFT))
+        copies = [(n, d.reshaped(chain(draft_tokens=cap))) for n, d in self.copies]
+        return AutoDrafter(copies, self.curve, model=self.model_drafter,
+                           draft_curve=self.draft_curve or None, max_draft=cap,
+                           margin=self.margin, prior=self.prior, explore=self.explore,
+                           dtype=self.dtype, model_prior=self.model_prior,
+                           prior_weight=self.prior_weight)
+
+    def check(self, target) -> None:
+        for _, d in self.copies:
+            d.check(target)
+        if self.model_drafter is not None:
+            self.model_drafter.check(target)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _observe(self, committed: Sequence[int]) -> None:
+        """Score the pending shadow proposals against the committed tokens, depth by depth
+        as far as the committed tokens reach; a proposal leaves at its first miss or end."""
+        keep = []
+        for name, b, root, tokens, done in self._pending:
+            known = committed[root + 1:root + 1 + len(tokens)]
+            missed = False
+            while done < len(known):
+                hit = known[done] == tokens[done]
+                done += 1
+                self.stats[name].add(b, done, hit)
+                if not hit:
+                    missed = True
+                    break
+            if not missed and done < len(tokens):
+                keep.append((name, b, root, tokens, done))
+        self._pending = keep
+
+    def start(self, prompt_ids: torch.Tensor) -> None:
+        self._pending = []
+        self._used = None
+        self.steps, self.drafted = {}, {}
+        for _, d in self.copies:
+            d.start(prompt_ids)
+        if not self.model_dropped:
+            self.model_drafter.start(prompt_ids)
+
+    def _model_rate(self, offered: int) -> tuple[int, float]:
+        """(k, rate) of the draft model's best chain (k <= offered)."""
+        exp, p = [0.0], 1.0
+        rate = 0.5
+        prior = self.model_prior
+        for d in range(1, offered + 1):
+            if prior:
+                q = prior[min(d, len(prior)) - 1]
+                tries = self.model_tries[d] if d <= MODEL_CHAIN else 0
+                hits = self.model_hits[d] if d <= MODEL_CHAIN else 0
+                rate = (hits + self.prior_weight * q) / (tries + self.prior_weight)
+            elif d <= MODEL_CHAIN and self.model_tries[d]:
+                rate = (self.model_hits[d] + 1.0) / (self.model_tries[d] + 2.0)
+            p *= rate
+            exp.append(exp[-1] + p)
+        per_level = interpolate(self.draft_curve, 1)
+        return best_chain(exp, offered, self.curve, lambda k: k * per_level)
+
+    def propose(self, committed: Sequence[int], max_depth: int, sampling: Sampling,
+                generator: torch.Generator | None = None) -> Proposal:
+        if isinstance(committed, torch.Tensor):
+            committed = committed.reshape(-1).tolist()
+        self._used = None
+        limit = min(max_depth, self.max_draft)
+        root = len(committed) - 1
+        plain_rate = 1.0 / interpolate(self.curve, 1)
+        best = ("plain", 0, plain_rate * (1 + self.margin), None)
+        for name, d in self.copies:
+            if limit < 1:
+                break
+            prop = d.propose(committed, limit, sampling, generator)
+            offered = prop.tree.size - 1
+            if offered < 1:
+                continue
+            b = bucket(offered)
+            tokens = prop.tokens.tolist()[1:]
+            self._pending.append((name, b, root, tokens, 0))
+            exp = self.stats[name].expected(b, offered, self.prior)
+            k, rate = best_chain(exp, offered, self.curve)
+            if k and rate > best[2]:
+                best = (name, k, rate, prop)
+        if not self.model_dropped and limit >= 1:
+            depth = min(limit, MODEL_CHAIN)
+            exploring = self.model_steps < self.explore
+            k, rate = self._model_rate(depth)
+            if exploring and best[0] == "plain":
+                k, rate = min(4, depth), best[2]
+            if (exploring and best[0] == "plain") or (k and rate > best[2]):
+                prop = self.model_drafter.propose(committed, k, sampling, generator)
+                best = ("model", prop.tree.size - 1, rate, prop)
+        name, k, _, prop = best
+        self.steps[name] = self.steps.get(name, 0) + 1
+        self.run_steps[name] = self.run_steps.get(name, 0) + 1
+        if prop is None or k < 1:
+            return root_only(committed, self._device(committed))
+        self._used = (name, k)
+        self.drafted[name] = self.drafted.get(name, 0) + k
+        return truncated(prop, k)
+
+    def _device(self, committed) -> torch.device:
+        for _, d in self.copies:
+            dev = getattr(d, "device", None)
+            if dev is not None:
+                return torch.device(dev)
+        return torch.device("cpu")
+
+    def update(self, path: Sequence[int], committed: Sequence[int],
+               target_topk: torch.Tensor | None = None) -> None:
+        if isinstance(committed, torch.Tensor):
+            committed = committed.reshape(-1).tolist()
+        self._observe(committed)
+        used, self._used = self._used, None
+        if used is None:
+            return
+        name, k = used
+        if name == "model":
+            self.model_drafter.update(path, committed, target_topk)
+            accepted = len(path) - 1
+            self.model_steps += 1
+            for d in range(1, min(k, MODEL_CHAIN) + 1):
+                if d <= accepted + 1:
+                    self.model_tries[d] += 1
+                    self.model_hits[d] += d <= accepted
+            if self.model_steps >= self.explore:
+                _, rate = self._model_rate(min(self.max_draft, MODEL_CHAIN))
+                if rate <= (1 + self.margin) / interpolate(self.curve, 1):
+                    self.model_dropped = True  # never pays: no more draft prefills
+        else:
+            dict(self.copies)[name].update(path, committed, target_topk)
+
+    # ------------------------------------------------------------------ reporting
+    def choice(self) -> str:
+        """One line: what this generation drafted with, step by step."""
+        total = sum(self.steps.values())
+        if not total:
+            return "auto: no steps"
+        parts = []
+        for name, n in sorted(self.steps.items(), key=lambda x: (-x[1], x[0])):
+            if name == "plain":
+                parts.append(f"plain {n}/{total} steps")
+            else:
+                parts.append(f"{name} {n}/{total} steps ({self.drafted.get(name, 0) / n:.1f} "
+                             "drafted)")
+        extra = f", {self.dtype}" if self.dtype else ""
+        ms = interpolate(self.curve, 1)
+        dropped = "" if self.model_drafter is None else (
+            ", draft model dropped" if self.model_dropped else ", draft model kept")
+        return f"auto: {', '.join(parts)} (T(1) {ms:.0f} ms{extra}{dropped})"
+
+    def __repr__(self) -> str:
+        names = ", ".join(n for n, _ in self.copies)
+        return f"AutoDrafter(copies=[{names}], model={self.model_drafter is not None})"
+
+
+# ------------------------------------------------------------------ tune results
+def tuned_path(target, draft: str, folder: Path) -> tuple[Path, dict]:
+    """(file, identity) of the tune result for (target as loaded, draft spec, machine,
+    dtype) in treeopt's cache folder."""
+    params = next(target.parameters())
+    ident = {"target": model_key(target), "draft": str(draft).strip(),
+             "dtype": str(params.dtype).removeprefix("torch."),
+             "machine": machine(params.device)}
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
+    return folder / "tuned" / f"{digest}.json", ident
+
+
+def remember_tune(target, draft: str, rank_table, prediction, tree, folder: Path) -> Path:
+    """Cache what ``tune`` found for (target, draft, machine, dtype): the top-1 acceptance
+    by depth, the predicted speed-up and the tree's shape (written atomically)."""
+    path, ident = tuned_path(target, draft, folder)
+    p1 = [float(row[0]) if len(row) else 0.0 for row in rank_table]
+    text = json.dumps({"version": 1, "identity": ident, "p1_by_depth": p1,
+                       "predicted_speedup": float(prediction.speedup), "size": tree.size,
+                       "depth": tree.depth}, indent=1) + "\n"
+    atomic_write(path, lambda fh: fh.write(text), binary=False)
+    return path
+
+
+def read_tuned(target, draft: str, folder: Path) -> dict | None:
+    """The cached tune result for (target, draft, machine, dtype), or None (absent, damaged,
+    another identity, values out of range)."""
+    path, ident = tuned_path(target, draft, folder)
+    try:
+        if not path.is_file() or path.stat().st_size > 1 << 16:
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or data.get("version") != 1 \
+                or data.get("identity") != ident:
+            return None
+        p1 = [float(x) for x in data["p1_by_depth"]]
+        if not p1 or not all(0.0 <= x <= 1.0 for x in p1):
+            return None
+        return {"p1_by_depth": p1, "predicted_speedup": float(data["predicted_speedup"])}
+    except (OSError, ValueError, TypeError, KeyError, UnicodeDecodeError):
+        return None
+
+
+def candidate_specs() -> list[tuple[str, str]]:
+    """The copy candidates: the three n-gram strictnesses, and ``suffix`` when a module
+    registered it."""
+    return list(COPY_CANDIDATES) + ([SUFFIX] if SUFFIX[0] in registered() else [])
+
+
+@register_drafter("auto", "chooses per step among plain decoding, n-gram / suffix copies and "
+                          "a draft model (auto:draft=SPEC) by expected tokens per cost "
+                          "(options draft=, max=, margin=)")
+def _auto(options: str, *, target, tokenizer=None, tree: Tree | None = None) -> AutoDrafter:
+    opts = parse_options(options, {"draft": str, "max": int, "margin": float}, "auto")
+    max_draft = opts.get("max", MAX_DRAFT)
+    if not 1 <= max_draft <= MAX_DRAFT:
+        raise DrafterError(f"drafter 'auto': max must be in 1..{MAX_DRAFT}, got {max_draft}")
+    if not 0 <= opts.get("margin", MARGIN) <= 1:
+        raise DrafterError("drafter 'auto': margin must be in [0, 1]")
+    shape = chain(draft_tokens=max_draft)
+    copies = [(name, build_drafter(spec, target=target, tokenizer=tokenizer, tree=shape))
+              for name, spec in candidate_specs()]
+    folder = cache_dir()
+    curve = latency_curve(target, folder)
+    model = draft_curve = prior = None
+    if opts.get("draft"):
+        model = build_drafter(opts["draft"], target=target, tokenizer=tokenizer,
+                              tree=chain(draft_tokens=MODEL_CHAIN))
+        if getattr(model, "model", None) is None:
+            raise DrafterError(f"drafter 'auto': draft={opts['draft']!r} is not a draft model; "
+                               "the copy drafters are candidates already")
+        draft_curve = latency_curve(model.model, folder)
+        tuned = read_tuned(target, opts["draft"], folder)
+        prior = None if tuned is None else tuned["p1_by_depth"]
+    dtype = str(next(target.parameters()).dtype).removeprefix("torch.")
+    return AutoDrafter(copies, curve, model=model, draft_curve=draft_curve,
+                       max_draft=max_draft, margin=opts.get("margin", MARGIN), dtype=dtype,
+                       model_prior=prior)
+
+
+__all__ = ["AutoDrafter", "MatchStats", "best_chain", "bucket", "candidate_specs",
+           "read_tuned", "remember_tune"]

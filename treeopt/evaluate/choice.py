@@ -1,0 +1,209 @@
+"""How good treeopt's choices are: regret and prediction error on held-out prompts.
+
+For a pair and a data set (:func:`bench_choice`): the prompts are split in two; for each
+dtype, :func:`treeopt.tuning.tune` profiles the pair on the first split and chooses a tree,
+then :func:`treeopt.evaluate.runner.run_eval` measures, interleaved on the held-out split, plain
+decoding, the tuned tree, the ``auto`` drafter and a grid: chains of 2..16 drafted tokens, the
+DP trees of 8/16/32 nodes (from the same profile) and Hugging Face prompt lookup.
+
+Per dtype and category (:func:`choice_table`):
+
+- regret = best measured speed-up in the grid / the chosen method's speed-up - 1 (0 when the
+  choice was the best; for the tuned tree and for ``auto``);
+- prediction error = predicted speed-up / measured speed-up - 1 (the tuned tree, and every
+  grid tree the profile can predict);
+- plain decoding's tokens/s, so that a dtype's gain and speculation's gain are never mixed:
+  speed-ups are over plain decoding *in the same dtype*, and :func:`dtype_table` compares the
+  dtypes' plain speeds (and says which dtype ``--dtype auto`` picks from the tune's latency).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import pandas as pd
+
+from treeopt.api import Pair
+from treeopt.datasets import split_prompts
+from treeopt.decode.drafter import build_drafter
+from treeopt.evaluate.methods import (AR, Method, ar_method, chain_method, dp_method,
+                                      drafter_method)
+from treeopt.evaluate.reference import hf_prompt_lookup
+from treeopt.evaluate.runner import EvalConfig, run_eval
+from treeopt.models.dtype import choose_dtype
+from treeopt.models.loading import load_model, load_tokenizer
+from treeopt.models.machine import Machine
+from treeopt.profile.latency import LatencySettings
+from treeopt.search.hardware import empty_step_rate, predict
+from treeopt.tuning import AcceptanceSettings, tune
+
+CHAINS = (2, 4, 8, 16)
+DP_SIZES = (8, 16, 32)
+HF_LOOKUP = (3,)
+TUNED = "tuned"
+AUTO = "auto"
+
+
+@dataclass
+class ChoiceRun:
+    """One dtype's measurements: the eval summary (``summary``: method x category), the
+    predicted speed-up of every method the profile predicts (``predicted``), the tuned tree's
+    shape, the tune's latency curve of the target (tokens -> ms) and the rows."""
+
+    dtype: str
+    summary: Any
+    predicted: dict[str, float]
+    tuned_size: int
+    tuned_depth: int
+    target_ms: dict[int, float]
+    rows: Any = None
+
+
+@dataclass
+class ChoiceReport:
+    runs: list[ChoiceRun] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+
+    def table(self) -> pd.DataFrame:
+        return pd.concat([choice_table(r) for r in self.runs], ignore_index=True)
+
+    def dtypes(self) -> pd.DataFrame:
+        return dtype_table(self.runs)
+
+
+def grid_methods(profile, chains: Sequence[int] = CHAINS, dp_sizes: Sequence[int] = DP_SIZES,
+                 hf_lookup: Sequence[int] = HF_LOOKUP, tuned=None) -> list[Method]:
+    """Plain decoding, the tuned tree, ``auto``, chains of ``chains`` drafted tokens, the DP
+    trees of ``dp_sizes`` nodes and Hugging Face prompt lookup of ``hf_lookup`` tokens."""
+    methods = [ar_method()]
+    if tuned is not None:
+        methods.append(Method(TUNED, tuned, "tree", "the tree tune chose"))
+    methods.append(drafter_method(AUTO))
+    methods += [chain_method(n) for n in chains]
+    methods += [dp_method(profile, n) for n in dp_sizes]
+    methods += [hf_prompt_lookup(k) for k in hf_lookup]
+    return methods
+
+
+def _pair(target: str, draft: str, dtype: str, device: str) -> Pair:
+    model = load_model(target, dtype=dtype, device=device)
+    tokenizer = load_tokenizer(target)
+    drafter = build_drafter(draft, target=model, tokenizer=tokenizer)
+    return Pair(model, getattr(drafter, "model", None), tokenizer, target, draft, drafter)
+
+
+@dataclass(frozen=True)
+class ChoiceSettings:
+    """What :func:`bench_choice` runs: ``tune_prompts`` prompts to tune on and
+    ``eval_prompts`` others to measure on (drawn with ``seed``, optionally only
+    ``categories``), each ``dtype``; ``tune_tokens`` per tuning continuation and
+    ``max_new_tokens`` per measured answer (``stop_at_eos``); the grid (``chains`` of drafted
+    tokens, ``dp_sizes`` nodes, ``hf_lookup`` tokens) and the tune's ``latency`` settings."""
+
+    tune_prompts: int = 8
+    eval_prompts: int = 13
+    dtypes: tuple[str, ...] = ("float32",)
+    max_new_tokens: int = 64
+    tune_tokens: int = 32
+    chains: tuple[int, ...] = CHAINS
+    dp_sizes: tuple[int, ...] = DP_SIZES
+    hf_lookup: tuple[int, ...] = HF_LOOKUP
+    seed: int = 0
+    categories: str | None = None
+    stop_at_eos: bool = False
+    latency: LatencySettings = field(default_factory=LatencySettings)
+
+
+def bench_choice(target: str, draft: str, dataset: str = "spec_bench",
+                 settings: ChoiceSettings | None = None, *, device: str = "cpu",
+                 progress: bool = False) -> ChoiceReport:
+    """Tune on one split and measure on the other, per dtype (see the module docstring)."""
+    cs = settings or ChoiceSettings()
+    tune_set, held_out = split_prompts(dataset, cs.tune_prompts, cs.eval_prompts, cs.seed,
+                                       cs.categories)
+    report = ChoiceReport(settings={"target": target, "draft": draft, "dataset": dataset,
+                                    "tune_prompts": [p.id for p in tune_set],
+                                    "eval_prompts": [p.id for p in held_out],
+                                    "max_new_tokens": cs.max_new_tokens,
+                                    "dtypes": list(cs.dtypes)})
+    for dtype in cs.dtypes:
+        pair = _pair(target, draft, dtype, device)
+        tuned = tune(pair, prompts=tune_set,
+                     acceptance=AcceptanceSettings(prompts=len(tune_set),
+                                                   max_new_tokens=cs.tune_tokens, seed=cs.seed),
+                     latency=cs.latency, machine=Machine(device=device), progress=progress)
+        methods = grid_methods(tuned.profile, cs.chains, cs.dp_sizes, cs.hf_lookup,
+                               tuned.tree)
+        empty = empty_step_rate(tuned.profile)
+        table = tuned.search.rank_table
+        predicted = {AR: 1.0}
+        for m in methods:
+            if m.kind in ("chain", "dp", "tree") and m.tree is not None:
+                predicted[m.name] = predict(m.tree, table, tuned.latency, tuned.search.meta.get(
+                    "draft_cost", "per-level"), empty).speedup
+        config = EvalConfig(max_new_tokens=cs.max_new_tokens, seed=cs.seed,
+                            stop_at_eos=cs.stop_at_eos)
+        result = run_eval(pair.target, pair.drafter, held_out, methods, config=config,
+                          tokenizer=pair.tokenizer, progress=progress)
+        lat = tuned.latency.target
+        target_ms = {int(n): float(ms) for n, ms in zip(lat.tokens, lat.ms)}
+        report.runs.append(ChoiceRun(dtype, result.summary, predicted, tuned.tree.size,
+                                     tuned.tree.depth, target_ms, result.rows))
+        del pair
+    return report
+
+
+def _regret(best: float, chosen: float) -> float:
+    return best / chosen - 1 if chosen > 0 else math.nan
+
+
+def choice_table(run: ChoiceRun) -> pd.DataFrame:
+    """One row per category (and "all"): plain tokens/s, the tuned tree's and auto's measured
+    speed-ups, their regret against the best method measured, the tuned tree's predicted
+    speed-up and prediction error, the best method and Hugging Face prompt lookup's best."""
+    s = run.summary
+    out = []
+    for cat, group in s.groupby("category", sort=False):
+        speed = dict(zip(group["method"], group["speedup"]))
+        plain = group.loc[group["method"] == AR, "tokens_per_s"]
+        best_name = max(speed, key=lambda k: (speed[k], k))
+        tuned, auto = speed.get(TUNED, math.nan), speed.get(AUTO, math.nan)
+        hf = max((v for k, v in speed.items() if k.startswith("hf-")), default=math.nan)
+        pred = run.predicted.get(TUNED, math.nan)
+        errors = [run.predicted[k] / v - 1 for k, v in speed.items()
+                  if k in run.predicted and k != AR and v > 0]
+        out.append({"dtype": run.dtype, "category": cat,
+                    "plain_tokens_per_s": float(plain.iloc[0]) if len(plain) else math.nan,
+                    "tuned": tuned, "auto": auto, "best": speed[best_name],
+                    "best_method": best_name, "hf_pld": hf,
+                    "regret_tuned": _regret(speed[best_name], tuned),
+                    "regret_auto": _regret(speed[best_name], auto),
+                    "predicted_tuned": pred,
+                    "prediction_error_tuned": pred / tuned - 1 if tuned > 0 else math.nan,
+                    "prediction_error_grid_max": max(errors, key=abs) if errors else math.nan,
+                    "tuned_tree": f"{run.tuned_size} nodes, depth {run.tuned_depth}"})
+    return pd.DataFrame(out)
+
+
+def dtype_table(runs: Sequence[ChoiceRun]) -> pd.DataFrame:
+    """Plain decoding's tokens/s per dtype over all prompts, the best method's tokens/s in that
+    dtype, and which dtype ``choose_dtype`` picks from the tunes' latency curves."""
+    picked = choose_dtype({r.dtype: r.target_ms for r in runs}) if runs else None
+    rows = []
+    for r in runs:
+        every = r.summary[r.summary["category"] == "all"]
+        plain = every.loc[every["method"] == AR, "tokens_per_s"]
+        best = every.loc[every["speedup"].idxmax()]
+        auto = every.loc[every["method"] == AUTO, "tokens_per_s"]
+        rows.append({"dtype": r.dtype, "plain_tokens_per_s": float(plain.iloc[0]),
+                     "auto_tokens_per_s": float(auto.iloc[0]) if len(auto) else math.nan,
+                     "best_method": best["method"], "best_tokens_per_s": best["tokens_per_s"],
+                     "target_ms_1": r.target_ms.get(1, math.nan),
+                     "auto_dtype_pick": r.dtype == picked})
+    return pd.DataFrame(rows)
+
+
+__all__ = ["ChoiceReport", "ChoiceRun", "ChoiceSettings", "bench_choice", "choice_table", "dtype_table",
+           "grid_methods"]

@@ -1,0 +1,322 @@
+"""Which dtype a model runs fastest in on this machine, and its latency curve there.
+
+``--dtype auto`` on a CPU means the dtype measured faster for that model on that machine.
+The dtypes a device supports well (:func:`supported_dtypes`) are float32 everywhere, bfloat16
+on CPUs with AMX or AVX512-BF16 units and on CUDA GPUs with bf16 (else float16). Each is timed
+once (:func:`time_forwards`: one-token and multi-token forwards over a cached context,
+interleaved, medians) and the result is cached per (model, machine, dtype) in treeopt's cache
+folder (``latency/*.json``, written atomically, validated on read: a damaged, foreign or stale
+file is measured again). The machine is its CPU model and flags, torch's version and thread
+count (:func:`machine`). :func:`choose_dtype` picks from such tables; it is a pure function.
+
+The same curves serve the ``auto`` drafter (``treeopt.drafters.auto``), which needs the cost
+of verifying 1..16 tokens at once.
+
+Greedy decoding stays exact *in the chosen dtype*: the output equals the target's own greedy
+output in that dtype (bf16 logits tie more often; ``treeopt.evaluate.exactness`` tells ties
+from differences).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from treeopt.models.cpu_kernels import kernels_in_use
+from treeopt.errors import TreeoptError
+from treeopt.limits import atomic_write
+
+#: Forward sizes timed (tokens verified at once): the auto drafter's chains of 0..15 drafted
+#: tokens read this curve (sizes between two timed ones are interpolated).
+SIZES = (1, 2, 3, 4, 6, 8, 12, 16)
+CONTEXT = 128
+REPEATS = 3
+#: The multi-token size that, with one token, scores a dtype (:func:`choose_dtype`).
+SCORE_SIZES = (1, 4)
+#: Relative score difference below which the dtypes count as tied; ties go to float32.
+TIE = 0.02
+CACHE_VERSION = 1
+ENV_PIN = "TREEOPT_AUTO_DTYPE"  # "float32" / "bfloat16" / "float16" pin --dtype auto
+
+
+class DtypeError(TreeoptError, ValueError):
+    """A latency table that cannot be used to choose a dtype."""
+
+
+# ---------------------------------------------------------------- the machine
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` says."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (``/proc/cpuinfo``); empty where unknown."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.lower().startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def machine(device: torch.device | str = "cpu") -> dict:
+    """What a timing depends on: the CPU model and its matrix flags (or the GPU's name),
+    torch's version and its thread count."""
+    dev = torch.device(device)
+    out = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    if dev.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(dev)
+    else:
+        flags = cpu_flags()
+        out["cpu"] = cpu_model()
+        out["flags"] = sorted(f for f in flags if f.startswith(("amx", "avx512_bf16",
+                                                                "avx512f", "avx2")))
+    return out
+
+
+def supported_dtypes(device: torch.device | str = "cpu",
+                     flags: frozenset[str] | None = None) -> list[str]:
+    """The dtypes ``device`` runs well: float32; bfloat16 on a CPU with AMX-BF16 or
+    AVX512-BF16 (``flags``: the CPU's flags, default this one's) and on a CUDA GPU with bf16
+    (else float16)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return ["float32", "bfloat16" if torch.cuda.is_bf16_supported() else "float16"]
+    flags = cpu_flags() if flags is None else flags
+    return ["float32"] + (["bfloat16"] if any(f in flags for f in BF16_FLAGS) else [])
+
+
+# ---------------------------------------------------------------- the choice (pure)
+def score(curve: Mapping[int, float]) -> float:
+    """A dtype's cost: its one-token plus its 4-token forward time (ms; plain decoding and a
+    typical verification). Sizes missing from ``curve`` are interpolated."""
+    return sum(interpolate(curve, n) for n in SCORE_SIZES)
+
+
+def choose_dtype(tables: Mapping[str, Mapping[int, float]]) -> str:
+    """The dtype with the lowest :func:`score` in ``tables`` (dtype -> {tokens: ms});
+    within ``TIE`` (2 %) of float32, float32 (the reference dtype) wins. Raises DtypeError
+    for an empty or unusable table."""
+    if not tables:
+        raise DtypeError("no latency table to choose a dtype from")
+    scores = {}
+    for name, curve in tables.items():
+        check_curve(curve, f"dtype {name}")
+        scores[name] = score(curve)
+    best = min(scores, key=lambda k: (scores[k], k != "float32", k))
+    if "float32" in scores and scores["float32"] <= scores[best] * (1 + TIE):
+        return "float32"
+    return best
+
+
+def check_curve(curve: Mapping[int, float], what: str = "latency curve") -> None:
+    """Raise DtypeError unless ``curve`` maps positive token counts, 1 among them, to
+    positive finite milliseconds."""
+    if not isinstance(curve, Mapping) or 1 not in curve:
+        raise DtypeError(f"{what}: needs the one-token time")
+    for n, ms in curve.items():
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise DtypeError(f"{what}: token count {n!r} is not a positive integer")
+        if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not math.isfinite(ms) \
+                or ms <= 0:
+            raise DtypeError(f"{what}: time {ms!r} at {n} tokens is not a positive number")
+
+
+def interpolate(curve: Mapping[int, float], n: int) -> float:
+    """Forward time (ms) of ``n`` tokens: measured, else linear between the nearest measured
+    sizes, else the largest size's time scaled by ``n / size`` beyond it."""
+    if n in curve:
+        return float(curve[n])
+    sizes = sorted(curve)
+    below = [s for s in sizes if s < n]
+    above = [s for s in sizes if s > n]
+    if not below:
+        return float(curve[sizes[0]])
+    if not above:
+        top = sizes[-1]
+        return float(curve[top]) * n / top
+    a, b = below[-1], above[0]
+    return float(curve[a]) + (float(curve[b]) - float(curve[a])) * (n - a) / (b - a)
+
+
+# ---------------------------------------------------------------- timing
+def time_forwards(model, sizes: Sequence[int] = SIZES, context: int = CONTEXT,
+                  repeats: int = REPEATS, warmup: int = 1) -> dict[int, float]:
+    """Median ms of one forward of ``n`` new tokens after ``context`` cached ones, for each
+    ``n`` in ``sizes`` (interleaved rounds; the cache is cropped back after each call)."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    window = getattr(model.config, "max_position_embeddings", None) or 10 ** 9
+    context = max(1, min(int(context), int(window) - max(sizes)))
+    gen = torch.Generator().manual_seed(0)
+    vocab = int(model.config.vocab_size)
+    ids = torch.randint(0, vocab, (1, context + max(sizes)), generator=gen).to(device)
+    times: dict[int, list[float]] = {int(n): [] for n in sizes}
+    # the cache argument's name in this transformers version (``cache`` replaced
+    # ``past_key_values``)
+    arg = "cache" if "cache" in inspect.signature(type(model).forward).parameters \
+        else "past_key_values"
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids[:, :context], use_cache=True, **{arg: cache},
+              position_ids=torch.arange(context, device=device)[None], logits_to_keep=1)
+        for r in range(warmup + repeats):
+            for n in times:
+                pos = torch.arange(context, context + n, device=device)[None]
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                model(input_ids=ids[:, context:context + n], use_cache=True, **{arg: cache},
+                      position_ids=pos)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                dt = (time.perf_counter() - t0) * 1000
+                cache.crop(-n)
+                if r >= warmup:
+                    times[n].append(dt)
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
+# ---------------------------------------------------------------- the cache
+def model_key(model) -> str:
+    """What names a loaded model in the cache: its folder or id, parameter count and
+    architecture (a folder changed in place is a new model only if these change)."""
+    name = str(getattr(model.config, "_name_or_path", "") or "")
+    params = sum(p.numel() for p in model.parameters())
+    return f"{name}|{type(model).__name__}|{params}"
+
+
+def cache_path(key: str, dtype: str, device: torch.device | str, kernels: str,
+               folder: Path) -> tuple[Path, dict]:
+    """(file, identity) of the latency curve of model ``key`` in ``dtype`` on this machine."""
+    ident = {"model": key, "dtype": dtype, "kernels": kernels, "machine": machine(device)}
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
+    return folder / "latency" / f"{digest}.json", ident
+
+
+def read_curve(path: Path, ident: dict) -> dict[int, float] | None:
+    """The cached curve at ``path`` when it is a valid file for ``ident``, else None."""
+    try:
+        if not path.is_file() or path.stat().st_size > 1 << 16:
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or data.get("version") != CACHE_VERSION \
+                or data.get("identity") != ident or not isinstance(data.get("ms"), dict):
+            return None
+        curve = {int(k): float(v) for k, v in data["ms"].items()}
+        check_curve(curve)
+        return curve
+    except (OSError, ValueError, TypeError, UnicodeDecodeError, DtypeError):
+        return None
+
+
+def write_curve(path: Path, ident: dict, curve: Mapping[int, float], context: int) -> None:
+    text = json.dumps({"version": CACHE_VERSION, "identity": ident, "context": context,
+                       "ms": {str(k): round(float(v), 4) for k, v in sorted(curve.items())}},
+                      indent=1) + "\n"
+    atomic_write(path, lambda fh: fh.write(text), binary=False)
+
+
+def latency_curve(model, folder: Path, *, measure: bool = True,
+                  sizes: Sequence[int] = SIZES) -> dict[int, float] | None:
+    """The cached latency curve (tokens -> ms) of ``model`` as loaded (its dtype, device,
+    kernels) on this machine; measured and cached when absent (None if ``measure`` is
+    false and nothing is cached)."""
+    device = next(model.parameters()).device
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    path, ident = cache_path(model_key(model), dtype, device, kernels_in_use(model), folder)
+    curve = read_curve(path, ident)
+    if curve is not None or not measure:
+        return curve
+    curve = time_forwards(model, sizes)
+    write_curve(path, ident, curve, CONTEXT)
+    return curve
+
+
+def auto_dtype(name: str, load: Callable[[str], object], device: torch.device | str,
+               folder: Path, dtypes: Sequence[str] | None = None
+               ) -> tuple[str, dict[str, dict[int, float]]]:
+    """The dtype ``--dtype auto`` means for the model ``name`` (its resolved folder or id) on
+    ``device``: ``$TREEOPT_AUTO_DTYPE`` when set, the only dtype the device supports well
+    (:func:`supported_dtypes`) when there is one, else :func:`choose_dtype` over each dtype's
+    curve. The choice is cached per (model, machine) in ``dtype/*.json``; only without a
+    valid cached choice is ``load(dtype)`` called to load the model in each dtype and time it
+    (each copy is dropped before the next is loaded). Returns (dtype, the curves used)."""
+    pinned = os.environ.get(ENV_PIN, "").strip().lower()
+    if pinned and pinned != "measure":
+        return pinned, {}
+    dtypes = list(dtypes or supported_dtypes(device))
+    if len(dtypes) == 1:
+        return dtypes[0], {}
+    ident = {"model": str(name), "dtypes": dtypes, "machine": machine(device)}
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
+    path = folder / "dtype" / f"{digest}.json"
+    cached = read_choice(path, ident)
+    if cached is not None:
+        return cached
+    tables: dict[str, dict[int, float]] = {}
+    for dt in dtypes:
+        try:
+            model = load(dt)
+            tables[dt] = latency_curve(model, folder)
+        except (RuntimeError, NotImplementedError, TypeError) as exc:
+            if dt == dtypes[0]:
+                raise
+            # a model whose layers cannot run in this dtype here: not a candidate
+            tables.pop(dt, None)
+            del exc
+            continue
+        finally:
+            model = None
+    choice = choose_dtype(tables)
+    text = json.dumps({"version": CACHE_VERSION, "identity": ident, "choice": choice,
+                       "ms": {k: {str(n): round(v, 4) for n, v in sorted(c.items())}
+                              for k, c in tables.items()}}, indent=1) + "\n"
+    atomic_write(path, lambda fh: fh.write(text), binary=False)
+    return choice, tables
+
+
+def read_choice(path: Path, ident: dict) -> tuple[str, dict[str, dict[int, float]]] | None:
+    """(dtype, curves) from a cached choice file valid for ``ident``: the right version and
+    identity, a curve per dtype, and a choice equal to :func:`choose_dtype` of them; else
+    None (the caller measures again)."""
+    try:
+        if not path.is_file() or path.stat().st_size > 1 << 16:
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or data.get("version") != CACHE_VERSION \
+                or data.get("identity") != ident or not isinstance(data.get("ms"), dict) \
+                or not data["ms"] or not set(data["ms"]) <= set(ident["dtypes"]):
+            return None
+        tables = {k: {int(n): float(v) for n, v in c.items()} for k, c in data["ms"].items()}
+        choice = choose_dtype(tables)
+        return (choice, tables) if choice == data.get("choice") else None
+    except (OSError, ValueError, TypeError, AttributeError, UnicodeDecodeError, DtypeError):
+        return None
+
+
+__all__ = ["BF16_FLAGS", "DtypeError", "SIZES", "auto_dtype", "check_curve", "choose_dtype",
+           "interpolate", "latency_curve", "machine", "supported_dtypes", "time_forwards"]
