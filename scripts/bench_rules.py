@@ -111,9 +111,9 @@ def main(argv=None) -> int:
         return cost_only(args)
     import torch
 
-    from treeopt.evaluate.rule_gain import measure_rules, time_rules
     from treeopt.decode.sampling import Sampling
     from treeopt.evaluate.methods import dp_method
+    from treeopt.evaluate.rule_gain import measure_rules, time_rules
     from treeopt.profile.acceptance import AcceptanceRun, profile_acceptance
     from treeopt.profile.model import reliable_table
     from treeopt.shapes import chain

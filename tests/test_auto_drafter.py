@@ -13,11 +13,17 @@ from lossless import exact_joint, pair_pvalues, peaked_lm
 
 from treeopt.decode.drafter import DrafterError, build_drafter, registered
 from treeopt.decode.engine import generate
-from treeopt.drafters.model import ModelDrafter
 from treeopt.decode.sampling import Sampling
 from treeopt.drafters import auto as auto_mod
-from treeopt.drafters.auto import (COPY_CANDIDATES, AutoDrafter, MatchStats, best_chain,
-                                   bucket, candidate_specs)
+from treeopt.drafters.auto import (
+    COPY_CANDIDATES,
+    AutoDrafter,
+    MatchStats,
+    best_chain,
+    bucket,
+    candidate_specs,
+)
+from treeopt.drafters.model import ModelDrafter
 from treeopt.models.dtype import interpolate
 from treeopt.shapes import chain, kary
 from treeopt.testing import tiny_causal_lm

@@ -4,12 +4,11 @@ the point-mass rule is lossless, on hand-made distributions and end to end throu
 
 import pytest
 import torch
-from helpers import NEW, PROMPT, V, FixedCandidates, exact, pair
+from helpers import NEW, PROMPT, FixedCandidates, V, exact, pair
 from lossless import pair_pvalues as pvalues
 from scipy.stats import chisquare
 
 import treeopt.decode.verify as verify_module
-from treeopt.decode.drafter import Drafter, Proposal
 from treeopt.decode.engine import generate
 from treeopt.decode.sampling import Sampling, sample, verify_candidates
 from treeopt.tree import Tree

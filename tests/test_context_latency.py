@@ -244,7 +244,7 @@ def test_profile_latency_command_with_contexts(tmp_path, capsys, monkeypatch):
                                       torch.device("cpu")))
     out = tmp_path / "l.json"
     args = ["profile", "latency", "--target", "x", "--contexts", "16,8", "--tokens", "1,2",
-            "--repeats", "2", "--warmup", "0", "--out", str(out)]
+            "--repeats", "2", "--warmup", "0", "--dtypes", "none", "--out", str(out)]
     capsys.readouterr()
     assert main(args) == 0
     printed, err = capsys.readouterr()

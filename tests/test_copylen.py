@@ -8,8 +8,8 @@ import torch
 
 from treeopt.decode.drafter import DrafterError, build_drafter
 from treeopt.decode.engine import generate
-from treeopt.drafters.ngram import NgramIndex
 from treeopt.drafters.copylen import StepSizer, bfs_subtree
+from treeopt.drafters.ngram import NgramIndex
 from treeopt.profile.copytable import CopyTable, Features
 
 

@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from treeopt.drafters.datastore import (Datastore, DatastoreError, check_compatible,
-                                      load_datastore)
+from treeopt.drafters.datastore import Datastore, DatastoreError, check_compatible, load_datastore
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [[1, 2, 3], [1, 2, 4], [5, 2, 6]]

@@ -6,10 +6,10 @@ same test; greedy decoding is unchanged; block refuses a branching tree in one l
 
 import pytest
 import torch
-
-import treeopt.decode.traversal as tv
 from helpers import NEW, PROMPT, FixedCandidates, exact, pair
 from lossless import pair_pvalues
+
+import treeopt.decode.traversal as tv
 from treeopt.decode.engine import generate
 from treeopt.decode.sampling import Sampling, SamplingError
 from treeopt.testing import decode

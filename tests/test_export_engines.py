@@ -9,9 +9,21 @@ from pathlib import Path
 import pytest
 
 from treeopt.cli import main
-from treeopt.export import (DEFAULT_FORMAT, ENGINE_FORMATS, EXPORT_ENGINES, ExportError,
-                            VLLM_TREE_VERSIONS, chain_settings, export_tree, from_trtllm,
-                            read_settings, to_sglang, to_umbrella, to_vllm, trtllm_config)
+from treeopt.export import (
+    DEFAULT_FORMAT,
+    ENGINE_FORMATS,
+    EXPORT_ENGINES,
+    VLLM_TREE_VERSIONS,
+    ExportError,
+    chain_settings,
+    export_tree,
+    from_trtllm,
+    read_settings,
+    to_sglang,
+    to_umbrella,
+    to_vllm,
+    trtllm_config,
+)
 from treeopt.growmap import load_growmap
 from treeopt.shapes import PRESETS, chain, specinfer
 from treeopt.tree import Tree

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import tiny_tokenizer
+
 from treeopt.testing import tiny_causal_lm
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import tiny_tokenizer
+
 from treeopt.decode import drafter as drafter_mod
 from treeopt.decode.drafter import build_drafter
 from treeopt.decode.engine import generate

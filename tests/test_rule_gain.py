@@ -4,10 +4,10 @@ measurement decodes exactly what the engine decodes."""
 
 import pytest
 import torch
-
-import treeopt.decode.traversal as tv
 from helpers import PROMPT, pair
 from lossless import drafts, lm, outcomes
+
+import treeopt.decode.traversal as tv
 from treeopt.decode.engine import generate
 from treeopt.decode.sampling import Sampling, verify_children
 from treeopt.drafters.model import ModelDrafter

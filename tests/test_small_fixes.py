@@ -2,7 +2,6 @@
 names --resume after Ctrl-C; generate/chat --help list every built-in drafter; help texts
 print the node cap as a number; JSON errors say "starting at column N" once."""
 
-import json
 import os
 import subprocess
 import sys

@@ -6,8 +6,15 @@ import time
 
 import pytest
 
-from treeopt.decode.drafter import (MAX_SPEC_CHARS, MAX_SPEC_DEPTH, DrafterError,
-                                    build_drafter, parse_options, split_options, unwrap)
+from treeopt.decode.drafter import (
+    MAX_SPEC_CHARS,
+    MAX_SPEC_DEPTH,
+    DrafterError,
+    build_drafter,
+    parse_options,
+    split_options,
+    unwrap,
+)
 from treeopt.limits import MAX_QUOTE, quote
 
 

@@ -7,8 +7,13 @@ import random
 import numpy as np
 import pytest
 
-from treeopt.search.speclen import (SpecLenError, alpha_budget, chain_length, choose_nodes,
-                                    node_values)
+from treeopt.search.speclen import (
+    SpecLenError,
+    alpha_budget,
+    chain_length,
+    choose_nodes,
+    node_values,
+)
 
 
 def closed_subsets(parents):

@@ -8,16 +8,24 @@ import random
 
 import pytest
 import torch
+from helpers import NEW, PROMPT, pair
+from lossless import exact_joint, pair_pvalues
 
 import treeopt.decode.verify as verify_module
 from treeopt.decode.drafter import DrafterError, build_drafter
 from treeopt.decode.engine import generate
 from treeopt.decode.sampling import GREEDY, Sampling, sample
-from treeopt.drafters.suffix import (Draft, SuffixCache, SuffixDrafter, SuffixTrie,
-                                     distinct_matches, expand_path, expand_tree, naive_count)
+from treeopt.drafters.suffix import (
+    Draft,
+    SuffixCache,
+    SuffixDrafter,
+    SuffixTrie,
+    distinct_matches,
+    expand_path,
+    expand_tree,
+    naive_count,
+)
 from treeopt.tree import Tree
-from helpers import NEW, PROMPT, pair
-from lossless import exact_joint, pair_pvalues
 
 
 def all_nodes(trie):

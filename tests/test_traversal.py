@@ -10,9 +10,9 @@ import itertools
 
 import pytest
 import torch
+from lossless import drafts, lm, outcomes
 
 import treeopt.decode.traversal as tv
-from lossless import drafts, lm, outcomes
 from treeopt.decode.sampling import SamplingError, check_rule_shape
 from treeopt.tree import Tree
 

@@ -5,11 +5,11 @@ import json
 
 import pytest
 import torch
+from helpers import char_tokenizer
 
 from treeopt.cli import main
 from treeopt.profile.copytable import CopyTable
 from treeopt.testing import tiny_causal_lm
-from helpers import char_tokenizer
 
 PROMPTS = ["The cat sat on", "Write a poem", "What is 2+2?", "Say hi"]
 
@@ -28,9 +28,10 @@ def workspace(tmp_path_factory):
 
 @pytest.mark.parametrize("draft", ["ngram", "suffix"])
 def test_tune_writes_a_copy_table_that_decodes_exactly(workspace, tmp_path, capsys, draft):
+    from transformers import AutoModelForCausalLM
+
     from treeopt.decode.drafter import build_drafter
     from treeopt.decode.engine import generate
-    from transformers import AutoModelForCausalLM
 
     out = tmp_path / "run"
     assert main(["tune", "--target", str(workspace / "tiny"), "--draft", draft, "--device",

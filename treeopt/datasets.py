@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import gzip
 import json
-import zlib
 import random
+import zlib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path

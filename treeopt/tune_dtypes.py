@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from treeopt.decode.drafter import build_drafter
+from treeopt.errors import TreeoptError, one_line
 from treeopt.models.cache import cache_dir
 from treeopt.models.dtype import DtypeError, choose_dtype, latency_curve, supported_dtypes
 from treeopt.models.loading import load_model, load_tokenizer, resolve_device
@@ -55,12 +56,14 @@ def row_from(dtype: str, latency, prediction, tree) -> DtypeRow:
 def compare_dtypes(target: str, draft: str, profile, *, done: DtypeRow | None = None,
                    dtypes: Sequence[str] | None = None, device: str = "auto",
                    latency: LatencySettings | None = None,
-                   search: SearchSettings | None = None) -> list[DtypeRow]:
+                   search: SearchSettings | None = None,
+                   notes: list[str] | None = None) -> list[DtypeRow]:
     """One row per dtype in ``dtypes`` (default: those the device supports well); the row of
     the dtype already tuned is ``done`` (not measured again). Each other dtype loads the
     target afresh (and builds ``draft`` on it), times its latency with ``latency`` (unset
     fields by device) and searches the best tree for ``profile``'s acceptance with that
-    latency under ``search``."""
+    latency under ``search``. A dtype the pair cannot run (an int8 draft in bfloat16, say) is
+    left out, with one line in ``notes`` saying why."""
     dev = resolve_device(device)
     lat = latency or LatencySettings()
     rows = [done] if done is not None else []
@@ -68,8 +71,13 @@ def compare_dtypes(target: str, draft: str, profile, *, done: DtypeRow | None = 
     for dtype in dtypes or supported_dtypes(dev):
         if done is not None and dtype == done.dtype:
             continue
-        model = load_model(target, dtype=dtype, device=dev)
-        drafter = build_drafter(draft, target=model, tokenizer=tokenizer)
+        try:
+            model = load_model(target, dtype=dtype, device=dev)
+            drafter = build_drafter(draft, target=model, tokenizer=tokenizer)
+        except TreeoptError as exc:
+            if notes is not None:
+                notes.append(f"{dtype}: not compared ({one_line(exc)})")
+            continue
         kw, _ = latency_defaults(dev, tokens=lat.tokens, context=lat.context,
                                  repeats=lat.repeats, warmup=lat.warmup)
         measured = measure_latency(model, drafter, **kw)

@@ -10,6 +10,7 @@ import argparse
 import torch
 
 from treeopt.cli import check_threads
+from treeopt.decode.drafter import registered
 from treeopt.decode.sampling import RULE_HELP, RULES, Sampling
 from treeopt.errors import TreeoptError, UserError
 from treeopt.limits import MAX_TREE_LEVELS, MAX_TREE_NODES, positive_ints
@@ -170,6 +171,12 @@ def height_levels(args: argparse.Namespace) -> int | None:
 
 
 
+def drafter_specs() -> str:
+    """Every registered drafter's spec form (built-in ones and plugins), for the ``--draft``
+    help texts: read from the registry, the one list, so a new drafter appears by itself."""
+    return ", ".join(f"'{e.form()}'" for e in registered().values() if e.name != "model")
+
+
 def add_prompt_arguments(parser, continuation_help: str) -> None:
     """``--continuation``, ``--seed`` and ``--no-chat-template``: how the profiling commands
     (``profile acceptance``, ``profile quality``) pick and present their positions."""
@@ -190,5 +197,5 @@ def print_treeset(treeset) -> None:
 
 __all__ = ["DEFAULT_DRAFT", "DEFAULT_TARGET", "DefaultsFormatter", "TARGET_HELP", "THREADS_HELP",
            "add_draft_variant_arguments", "add_height_arguments", "add_prompt_arguments",
-           "add_sampling_arguments", "draft_spec_with_variant", "height_levels", "int_list",
-           "print_treeset", "sampling_from_args", "set_threads"]
+           "add_sampling_arguments", "draft_spec_with_variant", "drafter_specs",
+           "height_levels", "int_list", "print_treeset", "sampling_from_args", "set_threads"]

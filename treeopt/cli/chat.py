@@ -15,10 +15,10 @@ from treeopt.cli.args import (
     TARGET_HELP,
     THREADS_HELP,
     add_sampling_arguments,
+    drafter_specs,
     sampling_from_args,
     set_threads,
 )
-from treeopt.cli.generate import DRAFTER_SPECS
 from treeopt.decode.sampling import check_settings
 from treeopt.errors import TreeoptError, one_line
 from treeopt.models.cache import cache_dir
@@ -42,7 +42,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--target", default=DEFAULT_TARGET, help=TARGET_HELP)
     p.add_argument("--draft", default=DEFAULT_DRAFT,
-                   help=f"drafter of speculative decoding: {DRAFTER_SPECS}; or 'none' to "
+                   help=f"drafter of speculative decoding: a draft model or one of {drafter_specs()}; or 'none' to "
                         f"start with speculation off (/speculative turns it on with "
                         f"{DEFAULT_DRAFT}) (default: {DEFAULT_DRAFT})")
     p.add_argument("--tree", "--growmap", dest="tree", default=None,

@@ -18,6 +18,7 @@ from treeopt.cli.args import (
     add_draft_variant_arguments,
     add_sampling_arguments,
     draft_spec_with_variant,
+    drafter_specs,
     int_list,
     sampling_from_args,
     set_threads,
@@ -39,21 +40,6 @@ from treeopt.evaluate.runner import EvalConfig, check_config, check_out_dir, run
 from treeopt.evaluate.spread import FLAGS
 from treeopt.evaluate.table import format_compact
 from treeopt.profile import Profile
-
-# Written out so that --help needs no import of the drafter modules (see
-# treeopt.decode.drafter.describe_drafters() for the registered list).
-DRAFTER_SPECS = ("a draft model: folder, .gguf file or Hugging Face id; early-exit:K: the "
-                 "target's first K layers (model drafts and early exits take the options "
-                 ",quant=int8 and ,vocab=N: cheaper drafts, still lossless); "
-                 "ngram[:min=,max=,k=,topk=,keep=,len=auto,table=]: prompt lookup / "
-                 "n-gram tree; suffix[:len=auto|alpha,table=,alpha=,max=,global=,file=]: "
-                 "SuffixDecoding over the request and earlier outputs; datastore:PATH and "
-                 "bigram:PATH: a corpus index from "
-                 "`treeopt datastore build`; adaptive: egag:draft=SPEC,gamma_min=,gamma_max=,"
-                 "ema=[,tree=,threshold=] (entropy-adaptive draft length), "
-                 "fallback:first=SPEC,then=SPEC, horizontal:model=SPEC,levels=L,deep=SPEC, "
-                 "vertical:draft=SPEC,helper=SPEC (cascades); a nested SPEC with commas goes "
-                 "in parentheses: fallback:first=(ngram:max=3,k=8),then=early-exit:4")
 
 
 def register(subparsers) -> None:
@@ -81,7 +67,7 @@ def register(subparsers) -> None:
     m.add_argument("--target", default=DEFAULT_TARGET, help="target model spec (see generate)")
     m.add_argument("--draft", default=DEFAULT_DRAFT,
                    help="the default drafter, used by --chain, --tree, --dp and --hf-assisted: "
-                        f"any drafter spec ({DRAFTER_SPECS}); 'none' for no drafter")
+                        f"any drafter spec ({drafter_specs()}); 'none' for no drafter")
     add_draft_variant_arguments(p)
     m.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: on a CPU the dtype measured faster for the target on this "

@@ -42,8 +42,13 @@ import sys
 from pathlib import Path
 
 from treeopt.cli import UserError
-from treeopt.export import (ALL_FORMATS, DEFAULT_FORMAT, ENGINES, EXPORT_ENGINES, export_tree,
-                            read_settings)
+from treeopt.export import (
+    ALL_FORMATS,
+    DEFAULT_FORMAT,
+    EXPORT_ENGINES,
+    export_tree,
+    read_settings,
+)
 from treeopt.growmap import check_writable, file_kind, load_growmap, save_growmap
 from treeopt.limits import atomic_write
 from treeopt.search.api import load_profile, rank_table

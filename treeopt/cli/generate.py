@@ -17,6 +17,7 @@ from treeopt.cli.args import (
     add_draft_variant_arguments,
     add_sampling_arguments,
     draft_spec_with_variant,
+    drafter_specs,
     sampling_from_args,
     set_threads,
 )
@@ -25,19 +26,6 @@ from treeopt.models.cache import cache_dir
 from treeopt.models.loading import pending_conversion
 from treeopt.shapes import resolve_tree
 from treeopt.treeset import TreeSet
-
-
-#: Every built-in drafter spec, for the --draft help of generate and chat (the registry in
-#: treeopt.decode.drafter is not imported at start-up; a test keeps the two in step).
-DRAFTER_SPECS = ("a draft model spec ([model:]SPEC[,quant=int8][,vocab=N]), 'early-exit:K' "
-                 "(the target's first K layers), 'ngram[:min=,max=,k=,topk=,keep=]' (prompt "
-                 "lookup / n-gram tree; len=auto,table=PROFILE.json sizes each step), "
-                 "'suffix[:len=auto|alpha,table=,alpha=,max=,global=,file=]' (SuffixDecoding "
-                 "over the request and earlier outputs), 'datastore:PATH', 'bigram:PATH', "
-                 "'dynamic:draft=SPEC,budget=N,depth=D,topk=K' (EAGLE-2-style dynamic tree), "
-                 "'dynamic-dp:...,profile=PATH', 'egag:draft=SPEC,...' (entropy-adaptive "
-                 "length), the cascades 'fallback:first=,then=', 'horizontal:model=,levels=,"
-                 "deep=' and 'vertical:draft=,helper=', or a plugin's name (TREEOPT_DRAFTERS)")
 
 
 def register(subparsers) -> None:
@@ -50,8 +38,9 @@ def register(subparsers) -> None:
     )
     p.add_argument("--target", default=DEFAULT_TARGET, help=TARGET_HELP)
     p.add_argument("--draft", default=DEFAULT_DRAFT,
-                   help=f"drafter: {DRAFTER_SPECS}; or 'none' for plain autoregressive "
-                        f"decoding (default: {DEFAULT_DRAFT})")
+                   help=f"drafter: a draft model (folder, .gguf file, hub id) or one of "
+                        f"{drafter_specs()}; or 'none' for plain autoregressive decoding "
+                        f"(default: {DEFAULT_DRAFT})")
     add_draft_variant_arguments(p)
     p.add_argument("--growmap", "--tree", dest="growmap", default=None,
                    help="tree: a growmap file (.pt/.json), a tree set (.json: one tree per "

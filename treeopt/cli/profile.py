@@ -22,8 +22,6 @@ import os
 from pathlib import Path
 
 from treeopt.api import encode_prompts, load_pair
-from treeopt.models.dtype import choose_dtype, interpolate
-from treeopt.tune_dtypes import parse_dtypes, plain_rows
 from treeopt.cli import UserError
 from treeopt.cli.args import (
     THREADS_HELP,
@@ -37,6 +35,7 @@ from treeopt.cli.args import (
 from treeopt.datasets import select
 from treeopt.decode.sampling import Sampling, check_settings
 from treeopt.limits import read_json
+from treeopt.models.dtype import choose_dtype, interpolate
 from treeopt.models.loading import eos_ids, resolve_device
 from treeopt.profile import Profile
 from treeopt.profile.acceptance import AcceptanceRun, with_intervals, write_atomic
@@ -53,6 +52,7 @@ from treeopt.profile.quality import (
     profile_quality,
 )
 from treeopt.rules import default_width
+from treeopt.tune_dtypes import parse_dtypes, plain_rows
 from treeopt.tuning import (
     CPU_NEW_TOKENS,
     CPU_PROMPTS,

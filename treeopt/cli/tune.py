@@ -51,6 +51,7 @@ from treeopt.models.machine import Machine
 from treeopt.profile.latency import LatencySettings, parse_contexts, parse_tokens
 from treeopt.search.api import SearchSettings
 from treeopt.search.hardware import DEFAULT_DRAFT_COST, DEFAULT_MAX_LEVELS, DRAFT_COSTS
+from treeopt.tune_dtypes import auto_pick, compare_dtypes, parse_dtypes, row_from
 from treeopt.tuning import (
     CPU_LATENCY,
     GPU_LATENCY,
@@ -58,7 +59,6 @@ from treeopt.tuning import (
     AcceptanceSettings,
     tune_defaults,
 )
-from treeopt.tune_dtypes import auto_pick, compare_dtypes, parse_dtypes, row_from
 
 
 def _tokens(value) -> str:
@@ -175,6 +175,7 @@ def report_dtypes(args, run_) -> None:
         return
     done = row_from(str(run_.latency.meta.get("dtype")), run_.latency, run_.prediction,
                     run_.tree)
+    skipped: list[str] = []
     rows = compare_dtypes(args.target, args.draft, run_.profile, done=done, dtypes=dtypes,
                           device=args.device,
                           latency=LatencySettings(tokens=run_.latency.target.tokens,
@@ -182,10 +183,13 @@ def report_dtypes(args, run_) -> None:
                                                   repeats=args.repeats, warmup=args.warmup),
                           search=SearchSettings(max_size=args.max_size,
                                                 max_levels=run_.search.max_levels,
-                                                draft_cost=args.draft_cost))
+                                                draft_cost=args.draft_cost),
+                          notes=skipped)
     print("per dtype (same acceptance profile; speed-ups over plain decoding in that dtype):")
     for row in rows:
         print(f"  {row.line()}")
+    for note in skipped:
+        print(f"  {note}")
     print(f"--dtype auto picks {auto_pick(rows)} from these latency curves")
 
 

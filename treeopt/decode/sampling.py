@@ -22,8 +22,7 @@ from typing import Sequence
 import torch
 
 from treeopt.errors import TreeoptError
-from treeopt.rules import (CHAIN_RULES, RULE_HELP, RULES, TOKEN_RULES,  # noqa: F401
-                           WITH_REPLACEMENT)
+from treeopt.rules import CHAIN_RULES, RULE_HELP, RULES, TOKEN_RULES, WITH_REPLACEMENT  # noqa: F401
 
 # A residual max(P - Q, 0) whose mass is below this is numerical noise (P == Q): keep P.
 RESIDUAL_EPS = 1e-6

@@ -9,8 +9,13 @@ import torch
 
 from treeopt.decode.attention import compact, forward_tree
 from treeopt.decode.drafter import Proposal
-from treeopt.decode.sampling import (Sampling, check_rule_shape, verify_candidates,
-                                     verify_children, verify_greedy)
+from treeopt.decode.sampling import (
+    Sampling,
+    check_rule_shape,
+    verify_candidates,
+    verify_children,
+    verify_greedy,
+)
 from treeopt.decode.traversal import TREE_RULES, verify_tree_rule
 from treeopt.errors import TreeoptError
 from treeopt.tree import Tree, TreeBuffers, build_buffers

@@ -39,11 +39,19 @@ from typing import Sequence
 
 import torch
 
-from treeopt.decode.drafter import (Drafter, DrafterError, Proposal, build_drafter,
-                                    parse_options, register_drafter, registered, root_only)
-from treeopt.models.cache import cache_dir
+from treeopt.decode.drafter import (
+    Drafter,
+    DrafterError,
+    Proposal,
+    build_drafter,
+    parse_options,
+    register_drafter,
+    registered,
+    root_only,
+)
 from treeopt.decode.sampling import Sampling
 from treeopt.limits import atomic_write
+from treeopt.models.cache import cache_dir
 from treeopt.models.dtype import check_curve, interpolate, latency_curve, machine, model_key
 from treeopt.shapes import chain
 from treeopt.tree import Tree

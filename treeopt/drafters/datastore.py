@@ -63,8 +63,7 @@ from treeopt.decode.drafter import (
 )
 from treeopt.drafters.ngram import NgramIndex
 from treeopt.errors import TreeoptError, one_line
-from treeopt.limits import (MAX_VOCAB_SIZE, integer, parse_json, quote as _short,
-                            show_number)
+from treeopt.limits import MAX_VOCAB_SIZE, integer, parse_json, quote as _short, show_number
 from treeopt.tree import Tree
 
 FORMAT = "treeopt-datastore"

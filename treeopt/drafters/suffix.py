@@ -52,8 +52,15 @@ from typing import Sequence
 
 import torch
 
-from treeopt.decode.drafter import (Drafter, DrafterError, Proposal, parse_options,
-                                    proposal_from_paths, register_drafter, root_only)
+from treeopt.decode.drafter import (
+    Drafter,
+    DrafterError,
+    Proposal,
+    parse_options,
+    proposal_from_paths,
+    register_drafter,
+    root_only,
+)
 from treeopt.decode.sampling import Sampling
 from treeopt.drafters.copylen import StepSizer, bfs_subtree
 from treeopt.limits import atomic_write, read_json

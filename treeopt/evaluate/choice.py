@@ -28,8 +28,7 @@ import pandas as pd
 from treeopt.api import Pair
 from treeopt.datasets import split_prompts
 from treeopt.decode.drafter import build_drafter
-from treeopt.evaluate.methods import (AR, Method, ar_method, chain_method, dp_method,
-                                      drafter_method)
+from treeopt.evaluate.methods import AR, Method, ar_method, chain_method, dp_method, drafter_method
 from treeopt.evaluate.reference import hf_prompt_lookup
 from treeopt.evaluate.runner import EvalConfig, run_eval
 from treeopt.models.dtype import choose_dtype

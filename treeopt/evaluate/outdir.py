@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from treeopt.evaluate.errors import EvalError
-from treeopt.limits import MAX_RESULTS_BYTES, quote, read_text
-from treeopt.limits import atomic_write as _atomic
+from treeopt.limits import MAX_RESULTS_BYTES, atomic_write as _atomic, quote, read_text
 
 LOCK_FILE = ".lock"
 

@@ -81,8 +81,15 @@ from treeopt import datasets
 from treeopt.datasets import DatasetError, _read_lines
 from treeopt.evaluate.outdir import locked
 from treeopt.evaluate.results import RESULTS_JSON, load_results, summarise, write_results
-from treeopt.evaluate.sandbox import (SANDBOX_PREFIX, ExecResult, Isolation, Limits,
-                                      SandboxError, execute, require_isolation)
+from treeopt.evaluate.sandbox import (
+    SANDBOX_PREFIX,
+    ExecResult,
+    Isolation,
+    Limits,
+    SandboxError,
+    execute,
+    require_isolation,
+)
 from treeopt.limits import MAX_RESULTS_BYTES, read_text
 
 __all__ = ["ExecResult", "Isolation", "Limits", "SANDBOX_PREFIX", "run_program"]

@@ -32,9 +32,9 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from treeopt.models.cpu_kernels import kernels_in_use
 from treeopt.errors import TreeoptError
 from treeopt.limits import atomic_write
+from treeopt.models.cpu_kernels import kernels_in_use
 
 #: Forward sizes timed (tokens verified at once): the auto drafter's chains of 0..15 drafted
 #: tokens read this curve (sizes between two timed ones are interpolated).

@@ -29,8 +29,8 @@ import torch
 from treeopt.api import encode_prompts
 from treeopt.decode.drafter import Drafter
 from treeopt.decode.engine import generate
-from treeopt.drafters.ngram import NgramDrafter
 from treeopt.decode.sampling import GREEDY, Sampling
+from treeopt.drafters.ngram import NgramDrafter
 from treeopt.drafters.suffix import SuffixDrafter
 from treeopt.errors import TreeoptError
 from treeopt.models.loading import eos_ids

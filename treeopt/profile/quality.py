@@ -411,7 +411,6 @@ def profile_quality(target: Any, draft: Any, prompts: Sequence[Sequence[int]],
 def check_quality_out(path: str | Path) -> None:
     """One-line QualityError unless ``path`` is free or holds an earlier draft-quality file
     (a profile, a growmap, results or anything else is never replaced)."""
-    import json
 
     path = Path(path)
     if not path.exists():
