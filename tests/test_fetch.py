@@ -55,9 +55,11 @@ class Server:
                 self.end_headers()
                 cut = server.cut.pop(self.path, None)
                 sent = body[:cut] if cut is not None else body
+                # Logged before the body goes out: the client may finish (and the test read
+                # the log) before this thread runs again after the write.
+                server.log.append((self.path, rng, len(sent)))
                 self.wfile.write(sent)
                 self.wfile.flush()
-                server.log.append((self.path, rng, len(sent)))
 
             def log_message(self, *args):
                 pass
