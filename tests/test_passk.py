@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
-import torch
+from helpers import CharTokenizer
 
 from treeopt.evaluate.passk import (
     CACHE_FILE,
@@ -313,24 +313,6 @@ def test_disagreements():
 
 
 # ---------------------------------------------------------------------------- eval runs
-class _Chars:
-    """Characters 'a'..'z' and ' ' as ids 2..28; no chat template (a base model's prompt)."""
-
-    chat_template = None
-
-    def encode(self, text, add_special_tokens=True):
-        return [2 + (ord(c) - 97 if c.isalpha() else 26) for c in text.lower()
-                if c.isalpha() or c == " "]
-
-    def decode(self, ids, skip_special_tokens=False):
-        return "".join(chr(97 + i - 2) if 2 <= i < 28 else " " for i in ids)
-
-    def __call__(self, text, add_special_tokens=True, return_tensors=None):
-        ids = self.encode(text, add_special_tokens=add_special_tokens)
-        return {"input_ids": torch.tensor([ids], dtype=torch.long) if return_tensors == "pt"
-                else ids}
-
-
 @pytest.fixture(scope="module")
 def models():
     from treeopt.testing import tiny_pair
@@ -349,7 +331,7 @@ def humaneval_run(models, tmp_path_factory):
     out = tmp_path_factory.mktemp("he")
     prompts = load_prompts("humaneval", n=3, seed=1)
     methods = [chain_method(2), Method("kary", Tree.from_parents([-1, 0, 0, 1, 1]))]
-    res = run_eval(target, draft, prompts, methods, tokenizer=_Chars(), out_dir=out,
+    res = run_eval(target, draft, prompts, methods, tokenizer=CharTokenizer(), out_dir=out,
                    config=EvalConfig(max_new_tokens=6, warmup=False), progress=False,
                    meta={"target": "tiny", "draft": "tiny-draft", "dataset": "humaneval"})
     assert res.failures == []
@@ -420,7 +402,7 @@ def test_cli_eval_and_report_pass_at_1(models, tmp_path, monkeypatch, capsys):
     target, draft = models
     monkeypatch.setattr(cli_eval, "load_pair_for",
                         lambda args: SimpleNamespace(target=target, draft=draft,
-                                                     tokenizer=_Chars()))
+                                                     tokenizer=CharTokenizer()))
     out = tmp_path / "run"
     rc = main(["eval", "--dataset", "humaneval", "-n", "2", "--chain", "2",
                "--max-new-tokens", "4", "--out", str(out), "--no-progress", "--no-warmup",
