@@ -3,8 +3,13 @@ defined, so that no test file imports another."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 from functools import lru_cache
+from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
@@ -177,3 +182,19 @@ class FixedCandidates(Drafter):
         for v in range(1, tree.size):
             tokens.append((sum(committed) + 3 * tree.depths[v] + tree.ranks[v]) % V)
         return Proposal(tree, torch.tensor(tokens), fixed_shape=False)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def chat_process(folder: Path, *extra: str) -> subprocess.Popen:
+    """``treeopt chat`` on ``folder`` in a child process with pipes (a real terminal's
+    signals and streams)."""
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=str(ROOT))
+    return subprocess.Popen(
+        [sys.executable, "-m", "treeopt", "chat", "--target", str(folder), "--device", "cpu",
+         "--threads", "1", *extra], cwd=ROOT, env=env, stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        # Ctrl-C must reach the child even when the test runner ignores SIGINT.
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        if os.name == "posix" else None)

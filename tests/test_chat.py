@@ -8,14 +8,13 @@ import os
 import re
 import select
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_tokenizer
+from helpers import chat_process, tiny_tokenizer
 
 from treeopt.api import encode_prompt
 from treeopt.chat import Answer, ChatError, ChatSession, acceptance_by_depth, format_stats, summary
@@ -465,17 +464,6 @@ def test_cli_draft_none_starts_plain(folder, target, tok, monkeypatch, capsys):
 
 
 # ---------------------------------------------------------------- real pipes and signals
-def _chat_process(folder: Path, *extra: str) -> subprocess.Popen:
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=str(ROOT))
-    return subprocess.Popen(
-        [sys.executable, "-m", "treeopt", "chat", "--target", str(folder), "--device", "cpu",
-         "--threads", "1", *extra], cwd=ROOT, env=env, stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        # Ctrl-C must reach the child even when the test runner ignores SIGINT.
-        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        if os.name == "posix" else None)
-
-
 @pytest.mark.skipif(os.name != "posix", reason="sends SIGINT")
 def test_ctrl_c_stops_the_answer_and_keeps_the_session_on_a_pipe(tmp_path, tok):
     # A model whose special tokens (ids 0-2) get logit 0: a greedy answer never ends early and
@@ -486,7 +474,7 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session_on_a_pipe(tmp_path, tok):
     folder = tmp_path / "long"
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
-    proc = _chat_process(folder, "--draft", "none", "--max-new-tokens", "8000")
+    proc = chat_process(folder, "--draft", "none", "--max-new-tokens", "8000")
     proc.stdin.write(b"w5 w6\n")
     proc.stdin.flush()
     out = b""

@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import tiny_tokenizer
+from helpers import chat_process, tiny_tokenizer
 
 from treeopt.chat import ChatSession
 from treeopt.testing import tiny_causal_lm
@@ -37,16 +34,6 @@ def tok():
 
 def one_line_error(reply: str) -> bool:
     return reply.startswith("error: ") and "\n" not in reply
-
-
-def _chat_process(folder: Path, *extra: str) -> subprocess.Popen:
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=str(ROOT))
-    return subprocess.Popen(
-        [sys.executable, "-m", "treeopt", "chat", "--target", str(folder), "--device", "cpu",
-         "--threads", "1", *extra], cwd=ROOT, env=env, stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        if os.name == "posix" else None)
 
 
 def _broken_datastore(tmp_path):
@@ -78,7 +65,7 @@ def test_cli_session_survives_garbage_long_arguments_and_broken_files(tmp_path, 
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     broken = _broken_datastore(tmp_path)
-    proc = _chat_process(folder, "--draft", "none", "--max-new-tokens", "3")
+    proc = chat_process(folder, "--draft", "none", "--max-new-tokens", "3")
     script = (b"w5 w6\n" + bytes(range(128, 256)) + b"\x00\xff\xfe garbage\n"
               + b"/tree " + b"t" * 300 + b"\n" + b"/draft " + b"d" * 300 + b"\n"
               + b"/draft datastore:" + str(broken).encode() + b"\n"

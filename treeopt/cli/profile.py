@@ -134,6 +134,14 @@ with a distribution (a draft model or early-exit:K), not a model-free drafter.
 """
 
 
+def add_dataset_arguments(parser) -> None:
+    """``--dataset`` and ``--categories``: the prompts every profiling sub-command reads."""
+    parser.add_argument("--dataset", default="spec_bench",
+                        help="prompts: spec_bench, mt_bench, humaneval, a .jsonl/.txt file or "
+                             "hf:NAME (default %(default)s)")
+    parser.add_argument("--categories", help="comma-separated categories to keep")
+
+
 def register(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "profile", help="measure acceptance (by rank and depth) and latency of a model pair",
@@ -206,10 +214,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, draft_required: bool = 
 
 def add_acceptance_arguments(parser: argparse.ArgumentParser) -> None:
     """Acceptance settings (``treeopt tune`` shares them)."""
-    parser.add_argument("--dataset", default="spec_bench",
-                        help="prompts: spec_bench, mt_bench, humaneval, a .jsonl/.txt file or "
-                             "hf:NAME (default %(default)s)")
-    parser.add_argument("--categories", help="comma-separated categories to keep")
+    add_dataset_arguments(parser)
     parser.add_argument("--prompts", type=int, metavar="N",
                         help=f"number of prompts (default {CPU_PROMPTS} on CPU, {GPU_PROMPTS} "
                              "on GPU)")
@@ -506,10 +511,7 @@ def _same_file(a: str, b: str) -> bool:
 
 # ---------------------------------------------------------------------------- quality
 def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", default="spec_bench",
-                        help="prompts: spec_bench, mt_bench, humaneval, a .jsonl/.txt file or "
-                             "hf:NAME (default %(default)s)")
-    parser.add_argument("--categories", help="comma-separated categories to keep")
+    add_dataset_arguments(parser)
     parser.add_argument("-n", "--prompts", type=int, metavar="N",
                         help=f"number of prompts (default {CPU_PROMPTS} on CPU, {GPU_PROMPTS} "
                              "on GPU)")
@@ -585,10 +587,7 @@ def add_calibration_parser(sub) -> None:
                          description=CALIBRATION_DESCRIPTION,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(cal)
-    cal.add_argument("--dataset", default="spec_bench",
-                     help="prompts: spec_bench, mt_bench, humaneval, a .jsonl/.txt file or "
-                          "hf:NAME (default %(default)s)")
-    cal.add_argument("--categories", help="comma-separated categories to keep")
+    add_dataset_arguments(cal)
     cal.add_argument("--prompts", type=int, metavar="N",
                      help=f"number of prompts (default {CPU_PROMPTS} on CPU, {GPU_PROMPTS} on "
                           "GPU)")
@@ -644,10 +643,7 @@ def add_copy_parser(sub) -> None:
                        description=COPY_DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
-    p.add_argument("--dataset", default="spec_bench",
-                   help="prompts: spec_bench, mt_bench, humaneval, a .jsonl/.txt file or "
-                        "hf:NAME (default %(default)s)")
-    p.add_argument("--categories", help="comma-separated categories to keep")
+    add_dataset_arguments(p)
     p.add_argument("--prompts", type=int, metavar="N", help="number of prompts (default by "
                                                            "device, as profile acceptance)")
     p.add_argument("--max-new-tokens", type=int, metavar="T",
