@@ -20,8 +20,14 @@ proposal is compared with the tokens the target then committed (greedy output is
 own, and a deterministic proposal's match length against a sampled continuation has the
 distribution of its accepted length under verification). The observations are kept per
 candidate and per bucket of a (1, 2, 3-4, 5-8, 9-16 offered tokens: how far the drafter's
-copy goes, its own confidence), shrunk towards "nothing accepted" by ``prior`` pseudo-counts,
-so with no evidence every step is plain decoding. A draft model is tried on its first
+copy goes, its own confidence) and shrunk in two levels by ``prior`` pseudo-observations: a
+bucket's rate towards the candidate's pooled rate at that depth, and that towards one half.
+Where drafting is nearly free (bfloat16 verification of a few tokens costs what one does),
+a first guess of one half makes the first copies worth drafting and the evidence arrives at
+once; where verifying two tokens costs more than 1.46 times one (1.5 / 1.03), the guess
+alone never pays and a step is plain until the counts say otherwise. Costs are read from the latency curve's non-decreasing
+envelope (``treeopt.search.hardware.MonotoneCurve``): a noisy dip never makes drafting look
+cheaper than plain decoding. A draft model is tried on its first
 ``explore`` steps, then kept only while its predicted rate beats plain decoding.
 
 The decisions depend only on the cached latency curves and the tokens decoded, so two runs
@@ -35,7 +41,8 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from types import SimpleNamespace
+from typing import Mapping, Sequence
 
 import torch
 
@@ -53,6 +60,7 @@ from treeopt.decode.sampling import Sampling
 from treeopt.limits import atomic_write
 from treeopt.models.cache import cache_dir
 from treeopt.models.dtype import check_curve, interpolate, latency_curve, machine, model_key
+from treeopt.search.hardware import MonotoneCurve
 from treeopt.shapes import chain
 from treeopt.tree import Tree
 
@@ -63,9 +71,18 @@ COPY_CANDIDATES = (("ngram", "ngram"), ("ngram2", "ngram:min=2,max=4"),
 SUFFIX = ("suffix", "suffix")
 BUCKETS = (1, 2, 4, 8, 16)
 MARGIN = 0.03
-PRIOR = 4.0
+PRIOR = 2.0
+PRIOR_MEAN = 0.5
 EXPLORE = 8
 MODEL_CHAIN = 8
+
+
+def envelope(curve: Mapping[int, float]) -> dict[int, float]:
+    """The curve at its measured sizes, read through its non-decreasing envelope (each size
+    costs at least what the dearest smaller measured size does)."""
+    sizes = sorted(curve)
+    env = MonotoneCurve(SimpleNamespace(tokens=sizes, ms=[curve[n] for n in sizes]))
+    return {n: float(env(n)) for n in sizes}
 
 
 def bucket(offered: int) -> int:
@@ -96,12 +113,17 @@ class MatchStats:
         self.hits[b][d] += bool(hit)
 
     def rate(self, b: int, d: int, prior: float) -> float:
-        """Estimated P(depth d accepted | depth d - 1 accepted) in bucket b: hits / (tries +
-        pseudo-failures: ``prior`` at depth 1, one deeper); 0 without observations."""
+        """Estimated P(depth d accepted | depth d - 1 accepted) in bucket b, shrunk in two
+        levels (empirical Bayes, ``prior`` pseudo-observations at each): the bucket's counts
+        towards the candidate's pooled rate at depth d over all buckets, and that towards
+        ``PRIOR_MEAN``. With no observations at all the rate is ``PRIOR_MEAN``."""
+        pooled_tries = sum(t[d] for t in self.tries.values())
+        pooled_hits = sum(h[d] for h in self.hits.values())
+        pooled = (pooled_hits + prior * PRIOR_MEAN) / (pooled_tries + prior)
         tries = self.tries.get(b)
-        if not tries or not tries[d]:
-            return 0.0
-        return self.hits[b][d] / (tries[d] + (prior if d == 1 else 1.0))
+        if not tries:
+            return pooled
+        return (self.hits[b][d] + prior * pooled) / (tries[d] + prior)
 
     def expected(self, b: int, k: int, prior: float) -> list[float]:
         """[E[accepted tokens of a chain of j] for j = 0..k] in bucket b."""
@@ -155,7 +177,7 @@ class AutoDrafter(Drafter):
         if not 1 <= max_draft <= MAX_DRAFT:
             raise DrafterError(f"drafter 'auto': max must be in 1..{MAX_DRAFT}, got {max_draft}")
         self.copies = list(copies)
-        self.curve = dict(curve)
+        self.curve = envelope(curve)
         self.model = None if model is None else getattr(model, "model", None)
         self.model_drafter = model
         self.draft_curve = dict(draft_curve or {})
@@ -274,9 +296,9 @@ class AutoDrafter(Drafter):
             depth = min(limit, MODEL_CHAIN)
             exploring = self.model_steps < self.explore
             k, rate = self._model_rate(depth)
-            if exploring and best[0] == "plain":
+            if exploring:  # its first ``explore`` steps, whatever the copies offer
                 k, rate = min(4, depth), best[2]
-            if (exploring and best[0] == "plain") or (k and rate > best[2]):
+            if exploring or (k and rate > best[2]):
                 prop = self.model_drafter.propose(committed, k, sampling, generator)
                 best = ("model", prop.tree.size - 1, rate, prop)
         name, k, _, prop = best
@@ -423,5 +445,5 @@ def _auto(options: str, *, target, tokenizer=None, tree: Tree | None = None) -> 
                        model_prior=prior)
 
 
-__all__ = ["AutoDrafter", "MatchStats", "best_chain", "bucket", "candidate_specs",
+__all__ = ["AutoDrafter", "MatchStats", "best_chain", "bucket", "candidate_specs", "envelope",
            "read_tuned", "remember_tune"]

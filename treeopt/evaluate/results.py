@@ -93,8 +93,9 @@ METRICS = {
                "best two)",
     "tie_tolerance": "greedy only, at first_mismatch: the largest tie_gap counted as a "
                      "numerical tie: the model dtype's relative tolerance (float32 1e-4, "
-                     "bfloat16 2**-7, float16 2**-10: one or two representable steps of "
-                     "half precision) times the larger magnitude of the logits compared",
+                     "bfloat16 2**-3, float16 2**-6: the measured rounding drift between "
+                     "one-token and many-token forwards, see scripts/bench_ties.py) times "
+                     "the larger magnitude of the logits compared",
     "tree_bucket": "tree-set methods only (treeopt.treeset): the index of the context range "
                    "whose tree decoded this prompt, chosen by prompt tokens + "
                    "max_new_tokens // 2",
