@@ -33,7 +33,7 @@ def _token_prompts(n, vocab, length=12):
 # ---------------------------------------------------------------------------- tolerance
 def test_tolerance_per_dtype_and_gap_by_hand():
     assert exactness.rel_tolerance(torch.bfloat16) == 2.0 ** -3
-    assert exactness.rel_tolerance(torch.float16) == 2.0 ** -6
+    assert exactness.rel_tolerance(torch.float16) == 2.0 ** -3
     assert exactness.rel_tolerance(torch.float32) == 1e-4
     assert exactness.rel_tolerance("float64") == torch.finfo(torch.float64).eps
     # bfloat16's measured drift (scripts/bench_ties.py): 12 * 2**-3 = 1.5 at a logit of -12.

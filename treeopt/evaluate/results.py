@@ -93,7 +93,7 @@ METRICS = {
                "best two)",
     "tie_tolerance": "greedy only, at first_mismatch: the largest tie_gap counted as a "
                      "numerical tie: the model dtype's relative tolerance (float32 1e-4, "
-                     "bfloat16 2**-3, float16 2**-6: the measured rounding drift between "
+                     "bfloat16 and float16 2**-3: the measured rounding drift between "
                      "one-token and many-token forwards, see scripts/bench_ties.py) times "
                      "the larger magnitude of the logits compared",
     "tree_bucket": "tree-set methods only (treeopt.treeset): the index of the context range "
