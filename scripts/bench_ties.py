@@ -76,28 +76,29 @@ def drift(a, b, top: int) -> float:
 
 def run_prompt(model, ids: list[int], new: int, chunks: list[int], top: int) -> dict:
     import torch
-    from transformers import DynamicCache
+
+    from treeopt.decode.attention import new_cache, run_model
 
     x = torch.tensor([ids])
     with torch.inference_mode():
-        cache = DynamicCache()
-        out = model(input_ids=x, past_key_values=cache, use_cache=True)
+        cache = new_cache(model)
+        out = run_model(model, x, cache)
         row, steps, tokens = out.logits[0, -1].float(), [], []
         for _ in range(new):
             steps.append(row)
             tok = int(row.argmax())
             tokens.append(tok)
-            out = model(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True)
+            out = run_model(model, torch.tensor([[tok]]), cache)
             row = out.logits[0, -1].float()
         result = {}
         for size in chunks:
-            cache = DynamicCache()
-            model(input_ids=x[:, :-1], past_key_values=cache, use_cache=True)
+            cache = new_cache(model)
+            run_model(model, x[:, :-1], cache)
             fed = [ids[-1]] + tokens[:-1]      # position j's logits come from feeding fed[j]
             rows = []
             for start in range(0, new, size):
                 part = torch.tensor([fed[start:start + size]])
-                out = model(input_ids=part, past_key_values=cache, use_cache=True)
+                out = run_model(model, part, cache)
                 rows.extend(out.logits[0].float())
             result[f"chunk {size}"] = [drift(steps[j], rows[j], top) for j in range(new)]
         full = model(input_ids=torch.tensor([ids + tokens[:-1]]), use_cache=False)

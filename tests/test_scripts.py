@@ -286,3 +286,25 @@ def test_bench_choice_on_a_saved_tiny_model(folder, tmp_path, capsys):
         assert r["plain_tokens_per_s"] > 0 and r["predicted_tuned"] > 0
     assert [r["dtype"] for r in data["dtypes"]] == ["float32", "bfloat16"]
     assert sum(r["auto_dtype_pick"] for r in data["dtypes"]) == 1
+
+
+def _drift_max(out: str) -> dict[str, float]:
+    return {line.split(":")[0].strip(): float(line.split("max ")[1].split()[0])
+            for line in out.splitlines() if " max " in line}
+
+
+def test_bench_ties_tiny(capsys):
+    """The measurement behind the tie tolerances: float32 drifts far below its 1e-4
+    tolerance; bfloat16 drifts, and never beyond its measured 2**-3."""
+    from treeopt.evaluate.exactness import REL_TOLERANCE
+
+    common = ["--tiny", "-n", "3", "--max-new-tokens", "16", "--chunks", "2,5", "--threads",
+              "1"]
+    assert load_script("bench_ties").main(common + ["--dtype", "float32"]) == 0
+    fp32 = _drift_max(capsys.readouterr().out)
+    assert set(fp32) == {"chunk 2", "chunk 5", "recomputed"}
+    assert max(fp32.values()) < REL_TOLERANCE["float32"] / 10
+    assert load_script("bench_ties").main(common + ["--dtype", "bfloat16"]) == 0
+    bf16 = _drift_max(capsys.readouterr().out)
+    assert max(bf16.values()) > max(fp32.values())
+    assert max(bf16.values()) < REL_TOLERANCE["bfloat16"]
