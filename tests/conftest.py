@@ -24,3 +24,29 @@ def pytest_collection_modifyitems(config, items):
 # dtype); tests pin it to float32 so that their models load as they always did. The tests
 # of that choice set the variable themselves.
 os.environ.setdefault("TREEOPT_AUTO_DTYPE", "float32")
+
+
+def _private_cache() -> None:
+    """Tests write tune results, dtype choices and latency curves; they must not land in the
+    user's cache (``treeopt.models.cache``), where a real ``--draft auto`` would read them.
+    The session gets its own cache folder; the read-mostly model artifacts of the user's
+    cache (converted GGUF weights, fetched models, their downloads) are linked into it, so
+    real-weight tests do not convert again."""
+    import atexit
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    if os.environ.get("TREEOPT_CACHE"):
+        return
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    real = Path(base).expanduser() / "treeopt"
+    private = Path(tempfile.mkdtemp(prefix="treeopt-test-cache-"))
+    for sub in ("gguf", "models", "downloads"):
+        if (real / sub).is_dir():
+            (private / sub).symlink_to(real / sub, target_is_directory=True)
+    os.environ["TREEOPT_CACHE"] = str(private)
+    atexit.register(shutil.rmtree, private, True)  # links are removed, never followed
+
+
+_private_cache()
