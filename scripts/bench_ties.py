@@ -109,7 +109,10 @@ def run_prompt(model, ids: list[int], new: int, chunks: list[int], top: int) -> 
 
 def quantiles(values: list[float]) -> str:
     v = sorted(values)
-    q = lambda f: v[min(len(v) - 1, int(f * len(v)))]  # noqa: E731
+
+    def q(f: float) -> float:
+        return v[min(len(v) - 1, int(f * len(v)))]
+
     return (f"median {q(0.5):.2e}  p99 {q(0.99):.2e}  p99.9 {q(0.999):.2e}  "
             f"max {v[-1]:.2e}  (max/2^-7 = {v[-1] / 2 ** -7:.2f})")
 
