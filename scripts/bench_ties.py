@@ -107,19 +107,21 @@ def run_prompt(model, ids: list[int], new: int, chunks: list[int], top: int) -> 
     return result
 
 
-def quantiles(values: list[float]) -> str:
+def quantiles(values: list[float], tolerance: float) -> str:
     v = sorted(values)
 
     def q(f: float) -> float:
         return v[min(len(v) - 1, int(f * len(v)))]
 
     return (f"median {q(0.5):.2e}  p99 {q(0.99):.2e}  p99.9 {q(0.999):.2e}  "
-            f"max {v[-1]:.2e}  (max/2^-7 = {v[-1] / 2 ** -7:.2f})")
+            f"max {v[-1]:.2e}  (max / tie tolerance {tolerance:g} = {v[-1] / tolerance:.2f})")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
+
+    from treeopt.evaluate.exactness import rel_tolerance
 
     torch.set_num_threads(args.threads)
     model, prompts = load(args)
@@ -134,8 +136,9 @@ def main(argv=None) -> int:
           f"{args.max_new_tokens} positions, {args.threads} threads, torch "
           f"{torch.__version__}, {cpu}")
     print("ordering drift vs one-token decoding (relative to the best logit):")
+    tolerance = rel_tolerance(args.dtype)
     for key, values in pooled.items():
-        print(f"  {key:>11}: {quantiles(values)}")
+        print(f"  {key:>11}: {quantiles(values, tolerance)}")
     return 0
 
 
