@@ -37,10 +37,11 @@ def _private_cache() -> None:
     import tempfile
     from pathlib import Path
 
+    from treeopt.models.cache import cache_dir
+
     if os.environ.get("TREEOPT_CACHE"):
         return
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    real = Path(base).expanduser() / "treeopt"
+    real = cache_dir()
     private = Path(tempfile.mkdtemp(prefix="treeopt-test-cache-"))
     for sub in ("gguf", "models", "downloads"):
         if (real / sub).is_dir():

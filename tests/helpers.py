@@ -7,12 +7,14 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
+import pytest
 import torch
 from lossless import exact_joint, peaked_lm
 
@@ -119,6 +121,17 @@ def exact(temperature: float, top_p: float) -> torch.Tensor:
     return exact_joint(pair()[0], PROMPT, NEW, temperature, top_p=top_p)
 
 
+def serve_pair(monkeypatch, target, draft, **extra) -> None:
+    """Make ``treeopt eval`` decode with this pair instead of loading models: its
+    ``load_pair_for`` seam returns the pair with a ``CharTokenizer`` (``extra``: further
+    fields of the pair, e.g. ``drafter=None``)."""
+    import treeopt.cli.eval as cli_eval
+
+    monkeypatch.setattr(cli_eval, "load_pair_for",
+                        lambda args: SimpleNamespace(target=target, draft=draft,
+                                                     tokenizer=CharTokenizer(), **extra))
+
+
 def char_tokenizer():
     """A 96-symbol character tokenizer matching ``tiny_causal_lm``'s vocabulary."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -198,3 +211,46 @@ def chat_process(folder: Path, *extra: str) -> subprocess.Popen:
         # Ctrl-C must reach the child even when the test runner ignores SIGINT.
         preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         if os.name == "posix" else None)
+
+
+# ---------------------------------------------------------------- bounded-memory loads
+ROOT = Path(__file__).resolve().parents[1]
+needs_proc = pytest.mark.skipif(not Path("/proc/self/status").exists(),
+                                reason="needs Linux /proc for the address-space limit")
+
+_LIMIT = """
+import resource, sys
+
+def vm_bytes():
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+
+limit = vm_bytes() + int(sys.argv[3]) * 2**20
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+"""
+
+_GROWTH = """
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print("GROWTH_KB", after - before)
+"""
+
+
+def run_with_memory_limit(warm: str, body: str, path, tmp_path, *args: str, extra_mb=300,
+                          timeout=60):
+    """Run ``warm`` (imports and a warm-up of every code path the test loads through), then
+    ``body`` under an address-space limit of the warmed-up size + ``extra_mb`` MiB, in a fresh
+    interpreter: ``sys.argv`` is [path, tmp_path, extra_mb, *args]. Returns (stdout lines,
+    peak RSS growth in KiB during ``body``)."""
+    script = (textwrap.dedent(warm) + _LIMIT + textwrap.dedent(body) + _GROWTH)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_ARENA_MAX="2",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path),
+                           str(extra_mb), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=str(tmp_path))
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0 and lines and lines[-1].startswith("GROWTH_KB"), (
+        proc.stdout[-2000:] + proc.stderr[-3000:])
+    return lines[:-1], int(lines[-1].split()[1])

@@ -4,40 +4,25 @@ line, in bounded memory (an address-space limit), before anything is allocated."
 
 import io
 import json
-import os
-import subprocess
-import sys
-import textwrap
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import needs_proc, run_with_memory_limit
 
 from treeopt.drafters.datastore import Datastore, DatastoreError, check_compatible, load_datastore
 
-ROOT = Path(__file__).resolve().parents[1]
 DOCS = [[1, 2, 3], [1, 2, 4], [5, 2, 6]]
-needs_proc = pytest.mark.skipif(not Path("/proc/self/status").exists(),
-                                reason="needs Linux /proc for the address-space limit")
 
-LIMITED = textwrap.dedent("""
-    import resource, sys
+WARM = """
+    import sys
     from treeopt.cli import main
     from treeopt.drafters.datastore import Datastore, DatastoreError, load_datastore
     from treeopt.decode.drafter import build_drafter
     warm = Datastore.from_token_lists([[1, 2, 3]]).save(sys.argv[2] + "/warm.npz")
     load_datastore(warm)
-
-    def vm_bytes():
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmSize:"):
-                    return int(line.split()[1]) * 1024
-
-    limit = vm_bytes() + int(sys.argv[3]) * 2**20
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+"""
+LOAD = """
     try:
         if sys.argv[4] == "info":
             print("EXIT", main(["datastore", "info", sys.argv[1]]))
@@ -51,21 +36,12 @@ LIMITED = textwrap.dedent("""
         print("ERROR", str(exc))
     except SystemExit as exc:
         print("EXIT", exc.code)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print("GROWTH_KB", after - before)
-""")
+"""
 
 
 def load_limited(path, tmp_path, how="load", extra_mb=300):
-    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_ARENA_MAX="2",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", LIMITED, str(path), str(tmp_path),
-                           str(extra_mb), how], capture_output=True, text=True, timeout=120,
-                          env=env, cwd=str(tmp_path))
-    lines = proc.stdout.splitlines()
-    assert proc.returncode == 0 and lines and lines[-1].startswith("GROWTH_KB"), (
-        proc.stdout[-2000:] + proc.stderr[-3000:])
-    return lines[:-1], int(lines[-1].split()[1])
+    return run_with_memory_limit(WARM, LOAD, path, tmp_path, how, extra_mb=extra_mb,
+                                 timeout=120)
 
 
 def _meta(**changes):

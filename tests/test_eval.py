@@ -6,7 +6,7 @@ import math
 import pandas as pd
 import pytest
 import torch
-from helpers import CharTokenizer
+from helpers import CharTokenizer, serve_pair
 
 from treeopt.datasets import Prompt
 from treeopt.decode.sampling import Sampling
@@ -209,21 +209,21 @@ def test_method_errors(models):
     assert tree_method("kary:2x2").tree == KARY
 
 
-def test_cli_eval_end_to_end(models, tmp_path, monkeypatch, capsys):
-    """`treeopt eval` with the model loader swapped for the tiny pair and a text file."""
-    from types import SimpleNamespace
-
-    import treeopt.cli.eval as cli_eval
-    from treeopt.cli import main
-
-    target, draft = models
-    monkeypatch.setattr(cli_eval, "load_pair_for",
-                        lambda args: SimpleNamespace(target=target, draft=draft,
-                                                     tokenizer=CharTokenizer()))
+def _serve_four_prompts(models, tmp_path, monkeypatch):
+    """The tiny pair served to `treeopt eval`, and a data file of 4 prompts in 2 categories."""
+    serve_pair(monkeypatch, *models)
     data = tmp_path / "q.jsonl"
     data.write_text("\n".join(json.dumps({"id": i, "category": c, "prompt": f"say {w}"})
                               for i, (c, w) in enumerate([("x", "one"), ("x", "two"),
                                                           ("y", "three"), ("y", "four")])))
+    return data
+
+
+def test_cli_eval_end_to_end(models, tmp_path, monkeypatch, capsys):
+    """`treeopt eval` with the model loader swapped for the tiny pair and a text file."""
+    from treeopt.cli import main
+
+    data = _serve_four_prompts(models, tmp_path, monkeypatch)
     out = tmp_path / "run"
     rc = main(["eval", "--dataset", str(data), "--chain", "2", "--tree", "kary:2x2",
                "--tree", "chains:2x2", "--max-new-tokens", "6", "--out", str(out),
@@ -246,20 +246,10 @@ def test_cli_eval_end_to_end(models, tmp_path, monkeypatch, capsys):
 def test_cli_prints_a_compact_table_unless_wide(models, tmp_path, monkeypatch, capsys):
     """The default table is narrow (method, speed-up and interval, tokens/step, equal[,
     flags]); --wide prints every summary column; summary.csv has them all either way."""
-    from types import SimpleNamespace
-
-    import treeopt.cli.eval as cli_eval
     from treeopt.cli import main
     from treeopt.evaluate.table import compact_rows, format_compact
 
-    target, draft = models
-    monkeypatch.setattr(cli_eval, "load_pair_for",
-                        lambda args: SimpleNamespace(target=target, draft=draft,
-                                                     tokenizer=CharTokenizer()))
-    data = tmp_path / "q.jsonl"
-    data.write_text("\n".join(json.dumps({"id": i, "category": c, "prompt": f"say {w}"})
-                              for i, (c, w) in enumerate([("x", "one"), ("x", "two"),
-                                                          ("y", "three"), ("y", "four")])))
+    data = _serve_four_prompts(models, tmp_path, monkeypatch)
     argv = ["eval", "--dataset", str(data), "--chain", "2", "--tree", "kary:2x2",
             "--max-new-tokens", "6", "--no-progress", "--no-warmup", "--no-report"]
     assert main(argv + ["--out", str(tmp_path / "a")]) == 0

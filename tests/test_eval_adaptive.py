@@ -7,12 +7,11 @@ acceptance` profiles them."""
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 import torch
-from helpers import Sharpened
+from helpers import Sharpened, serve_pair
 
 from treeopt.decode.drafter import register_drafter
 from treeopt.decode.engine import generate
@@ -155,14 +154,9 @@ def test_method_names_with_nested_specs():
 
 
 def test_cli_eval_with_adaptive_drafters(target, tmp_path, monkeypatch, capsys):
-    from helpers import CharTokenizer
-
-    import treeopt.cli.eval as cli_eval
     from treeopt.cli import main
 
-    monkeypatch.setattr(cli_eval, "load_pair_for",
-                        lambda args: SimpleNamespace(target=target, draft=None, drafter=None,
-                                                     tokenizer=CharTokenizer()))
+    serve_pair(monkeypatch, target, None, drafter=None)
     data = tmp_path / "q.txt"
     data.write_text("say one one one\nsay two two two\n")
     out = tmp_path / "run"

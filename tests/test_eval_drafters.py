@@ -2,11 +2,10 @@
 assisted generation), on tiny random llamas."""
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import CharTokenizer
+from helpers import serve_pair
 
 from treeopt.decode.drafter import Drafter, proposal_from_paths, register_drafter
 from treeopt.decode.engine import generate as engine_generate
@@ -227,13 +226,9 @@ def test_cli_builds_methods():
 
 
 def test_cli_eval_with_drafters(models, tmp_path, monkeypatch, capsys):
-    import treeopt.cli.eval as cli_eval
     from treeopt.cli import main
 
-    target, draft = models
-    monkeypatch.setattr(cli_eval, "load_pair_for",
-                        lambda args: SimpleNamespace(target=target, draft=draft, drafter=None,
-                                                     tokenizer=CharTokenizer()))
+    serve_pair(monkeypatch, *models, drafter=None)
     data = tmp_path / "q.txt"
     data.write_text("say one one one\nsay two two two\n")
     out = tmp_path / "run"

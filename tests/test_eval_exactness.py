@@ -2,11 +2,10 @@
 levels, prompts encoded as treeopt.api.encode_prompt does, and the plots' labels."""
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import CharTokenizer
+from helpers import CharTokenizer, serve_pair
 
 from treeopt.datasets import Prompt
 from treeopt.decode.engine import generate as real_generate
@@ -172,14 +171,11 @@ def test_a_later_turn_after_a_tie_is_compared_on_its_own_prompt(bf16_text_twins)
 
 def test_cli_exit_status_tie_versus_difference(bf16_text_twins, tmp_path, monkeypatch,
                                                capsys):
-    import treeopt.cli.eval as cli_eval
     import treeopt.evaluate.runner as runner
     from treeopt.cli import main
 
     target, draft, pair = bf16_text_twins
-    monkeypatch.setattr(cli_eval, "load_pair_for",
-                        lambda args: SimpleNamespace(target=target, draft=draft,
-                                                     tokenizer=CharTokenizer()))
+    serve_pair(monkeypatch, target, draft)
     data = tmp_path / "q.jsonl"
     data.write_text(json.dumps({"id": 0, "category": "x", "prompt": SAY}) + "\n")
     outcomes = {}

@@ -4,14 +4,10 @@ atomic growmap writes, and what ``treeopt show`` reports from a growmap's metada
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import cpu_budget
+from helpers import cpu_budget, needs_proc, run_with_memory_limit
 
 from treeopt import limits
 from treeopt.cli import main
@@ -24,7 +20,6 @@ from treeopt.tree import Tree
 
 P = [0.6, 0.1, 0.05, 0.03, 0.02, 0.015, 0.01, 0.008]
 EXAMPLE = Tree.from_successors([[1, 2, 3], [4, 5], [6], [], [7], [], [], []])
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def one_line_error(capsys, *needles):
@@ -37,8 +32,8 @@ def one_line_error(capsys, *needles):
 
 
 # ============================================================ 1. memory bombs from tiny files
-LIMITED = textwrap.dedent("""
-    import os, resource, sys
+WARM = """
+    import sys
     import torch
     torch.set_num_threads(1)
     from treeopt.growmap import load_growmap, save_growmap
@@ -49,16 +44,8 @@ LIMITED = textwrap.dedent("""
     load_growmap(sys.argv[2] + "/warm.pt")
     torch.save(torch.tensor([0.0, 0.5, 0.5]), sys.argv[2] + "/warm_vec.pt")
     Profile.load(sys.argv[2] + "/warm_vec.pt")
-
-    def vm_bytes():
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmSize:"):
-                    return int(line.split()[1]) * 1024
-
-    limit = vm_bytes() + int(sys.argv[3]) * 2**20
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+"""
+LOAD = """
     path = sys.argv[1]
     try:
         if path.endswith("vec.pt"):
@@ -68,28 +55,15 @@ LIMITED = textwrap.dedent("""
         print("LOADED")
     except ValueError as exc:  # GrowmapError / ProfileError
         print("ERROR", type(exc).__name__, str(exc))
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print("GROWTH_KB", after - before)
-""")
+"""
 
 
 def load_with_memory_limit(path, tmp_path, extra_mb=300, timeout=60):
     """Load ``path`` (growmap, or a Sequoia vector if it ends in vec.pt) in a fresh interpreter
     whose address space may grow by at most ``extra_mb`` MiB past its warmed-up size.
     Returns (stdout lines, peak RSS growth in KiB)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_ARENA_MAX="2",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", LIMITED, str(path), str(tmp_path),
-                           str(extra_mb)], capture_output=True, text=True, timeout=timeout,
-                          env=env, cwd=str(tmp_path))
-    lines = proc.stdout.splitlines()
-    assert proc.returncode == 0 and lines and lines[-1].startswith("GROWTH_KB"), (
-        proc.stdout[-2000:] + proc.stderr[-3000:])
-    return lines[:-1], int(lines[-1].split()[1])
-
-
-needs_proc = pytest.mark.skipif(not Path("/proc/self/status").exists(),
-                                reason="needs Linux /proc for the address-space limit")
+    return run_with_memory_limit(WARM, LOAD, path, tmp_path, extra_mb=extra_mb,
+                                 timeout=timeout)
 
 
 def _growmap(tree=EXAMPLE, **changes):

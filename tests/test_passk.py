@@ -8,11 +8,10 @@ import resource
 import time
 from importlib import resources
 from pathlib import Path
-from types import SimpleNamespace
 
 import pandas as pd
 import pytest
-from helpers import CharTokenizer
+from helpers import CharTokenizer, serve_pair
 
 from treeopt.evaluate.passk import (
     CACHE_FILE,
@@ -396,13 +395,9 @@ def test_old_runs_without_outputs_are_refused(humaneval_run, tmp_path):
 
 
 def test_cli_eval_and_report_pass_at_1(models, tmp_path, monkeypatch, capsys):
-    import treeopt.cli.eval as cli_eval
     from treeopt.cli import main
 
-    target, draft = models
-    monkeypatch.setattr(cli_eval, "load_pair_for",
-                        lambda args: SimpleNamespace(target=target, draft=draft,
-                                                     tokenizer=CharTokenizer()))
+    serve_pair(monkeypatch, *models)
     out = tmp_path / "run"
     rc = main(["eval", "--dataset", "humaneval", "-n", "2", "--chain", "2",
                "--max-new-tokens", "4", "--out", str(out), "--no-progress", "--no-warmup",

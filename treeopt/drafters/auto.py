@@ -41,7 +41,6 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Mapping, Sequence
 
 import torch
@@ -60,6 +59,7 @@ from treeopt.decode.sampling import Sampling
 from treeopt.limits import atomic_write
 from treeopt.models.cache import cache_dir
 from treeopt.models.dtype import check_curve, interpolate, latency_curve, machine, model_key
+from treeopt.profile.model import LatencyCurve
 from treeopt.search.hardware import MonotoneCurve
 from treeopt.shapes import chain
 from treeopt.tree import Tree
@@ -81,7 +81,7 @@ def envelope(curve: Mapping[int, float]) -> dict[int, float]:
     """The curve at its measured sizes, read through its non-decreasing envelope (each size
     costs at least what the dearest smaller measured size does)."""
     sizes = sorted(curve)
-    env = MonotoneCurve(SimpleNamespace(tokens=sizes, ms=[curve[n] for n in sizes]))
+    env = MonotoneCurve(LatencyCurve(tokens=sizes, ms=[curve[n] for n in sizes]))
     return {n: float(env(n)) for n in sizes}
 
 
