@@ -95,6 +95,7 @@ def main(argv=None) -> int:
         print(dtypes.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     every = table[table["category"] == "all"]
     for _, r in every.iterrows():
+        print(f"{r['dtype']}: tune chose {r['tuned_method']}")
         print(f"{r['dtype']}: regret tuned {r['regret_tuned']:+.1%}, auto "
               f"{r['regret_auto']:+.1%}; prediction error {r['prediction_error_tuned']:+.1%} "
               f"(targets: regret <= 3 %, |error| <= 10 %)")

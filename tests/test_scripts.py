@@ -284,6 +284,7 @@ def test_bench_choice_on_a_saved_tiny_model(folder, tmp_path, capsys):
         assert r["regret_tuned"] >= -1e-9 and r["regret_auto"] >= -1e-9
         assert r["best"] >= r["tuned"] and r["best"] >= r["auto"]
         assert r["plain_tokens_per_s"] > 0 and r["predicted_tuned"] > 0
+        assert r["tuned_method"].startswith("replay (")  # ngram: chosen by greedy replay
     assert [r["dtype"] for r in data["dtypes"]] == ["float32", "bfloat16"]
     assert sum(r["auto_dtype_pick"] for r in data["dtypes"]) == 1
 

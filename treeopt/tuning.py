@@ -35,7 +35,7 @@ from treeopt.models.loading import eos_ids, resolve_device
 from treeopt.models.machine import Machine
 from treeopt.profile import Profile
 from treeopt.profile.acceptance import AcceptanceRun, profile_acceptance
-from treeopt.profile.copy import tune_copy_table
+from treeopt.profile.copy import len_auto_spec, sizing_copy, tune_copy_table
 from treeopt.profile.latency import (
     LatencySettings,
     measure_latency,
@@ -43,6 +43,13 @@ from treeopt.profile.latency import (
     parse_tokens,
     timing_warnings,
     write_latency,
+)
+from treeopt.profile.replay import (
+    ReplayChoice,
+    choose_replayed,
+    continuations,
+    private,
+    replayable,
 )
 from treeopt.rules import default_width
 from treeopt.search.api import (
@@ -55,6 +62,7 @@ from treeopt.search.hardware import (
     check_cost,
     curve_notes,
     empty_step_rate,
+    monotone,
     predict,
 )
 from treeopt.search.optuna_search import (
@@ -77,6 +85,8 @@ CPU_LATENCY = dict(tokens=(1, 2, 4, 8, 16, 32), context=128, repeats=10, warmup=
 GPU_LATENCY = dict(tokens=(1, 2, 4, 8, 16, 32, 64, 128), context=256, repeats=10, warmup=3)
 # Per-depth acceptance rows ``tune`` measures by default (depths in edges below the root).
 TUNE_ACCEPTANCE_DEPTH = 4
+# Longest chain (drafted tokens) ``tune`` replays for a model-free drafter.
+REPLAY_MAX_CHAIN = 16
 
 
 # ---------------------------------------------------------------------------- prompts
@@ -232,7 +242,11 @@ class TuneResult:
     found a faster one) and its prediction. ``defaults``: the device defaults used.
     ``warnings``: about the latency measurement (noisy or falling points, OpenMP settings).
     ``notes``: about the kept tree's costs (read beyond the measured sizes). ``files``: what was
-    written (profile, growmap, growmap_json, picture, summary). ``seconds``: per stage."""
+    written (profile, growmap, growmap_json, picture, summary). ``seconds``: per stage.
+    ``replay`` (model-free drafters, greedy): every candidate configuration replayed along the
+    target's continuations (``treeopt.profile.replay``) and the best, which ``tree`` /
+    ``prediction`` / ``method`` then hold; ``draft_spec``: the drafter spec that decodes the
+    choice (per-step lengths name the saved profile), None when it is the one tuned."""
 
     profile: Any
     latency: Any
@@ -249,6 +263,8 @@ class TuneResult:
     seconds: dict = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
     treeset: Any = None  # one tree per context bucket, with ``contexts`` (else None)
+    draft_spec: str | None = None  # the drafter spec to decode with (None: the one tuned)
+    replay: ReplayChoice | None = None  # model-free drafters, greedy: every candidate replayed
 
 
 def _load_pair(target, draft, tokenizer, device, dtype):
@@ -418,7 +434,8 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
         profile = dataclasses.replace(profile, latency=latency)
     t_lat = time.perf_counter() - t0 - t_acc
     warnings = latency_warnings(latency)
-    copy_summary = tune_copy_table(pair, chosen, run, profile_path)  # ngram / suffix only
+    copy_table = tune_copy_table(pair, chosen, run, profile_path)  # ngram / suffix only
+    copy_summary = None if copy_table is None else copy_table[1]
 
     found = search_tree(profile, search=dataclasses.replace(search, max_levels=levels,
                                                             max_depth=None))
@@ -441,6 +458,21 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
         elif res.value > res.baseline_value:
             optuna_note += f" (its size {res.tree.size} was not timed: kept the DP choice)"
 
+    replayed, draft_spec, t_replay = None, None, time.perf_counter()
+    if samp.greedy and replayable(pair.drafter) is None:
+        replayed = replay_choice(pair, chosen, run, found, tree, latency,
+                                 None if copy_table is None else copy_table[0], search)
+        tree = replayed.tree
+        pred, method = replayed.prediction, f"replay ({replayed.label})"
+        if replayed.label == LEN_AUTO and profile_path is not None:
+            suffix_max = getattr(replayed.drafter, "max_tokens", None)
+            extra = {"max": suffix_max} if pair.drafter.name == "suffix" and \
+                suffix_max != getattr(pair.drafter, "max_tokens", None) else {}
+            draft_spec = len_auto_spec(_name(draft) if _name(draft).split(":")[0] ==
+                                       pair.drafter.name else pair.drafter.name,
+                                       profile_path, **extra)
+    seconds_replay = time.perf_counter() - t_replay
+
     # extrapolation notes; a falling curve is among the timing warnings already
     notes = curve_notes(latency, tree, draft_cost, falls=False)
 
@@ -455,6 +487,8 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
         meta["profile"] = profile_path.name
     files: dict = {}
     seconds = {"acceptance": round(t_acc, 1), "latency": round(t_lat, 1)}
+    if replayed is not None:
+        seconds["replay"] = round(seconds_replay, 1)
     summary = {"target": _name(target), "draft": _name(draft), "dataset": dataset_name,
                "device": latency.meta.get("device"), "defaults": defaults,
                "tree": {"size": tree.size, "depth": tree.depth, "width": tree.width,
@@ -464,6 +498,10 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
                "measured_sizes_only": measured_sizes_only, "warnings": warnings + notes}
     if copy_summary is not None:
         summary["copy"] = copy_summary
+    if replayed is not None:
+        summary["replay"] = replay_summary(replayed)
+    if draft_spec is not None:
+        summary["draft_spec"] = draft_spec
     if out is not None:
         files["profile"] = profile_path
         files["growmap"] = save_growmap(tree, out / "tree.pt", meta)
@@ -472,6 +510,9 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
                                      title=f"{_name(target)} + {_name(draft)}: n={tree.size}")
         files["summary"] = out / "summary.json"
         summary.update(profile=profile_path.name, growmap=files["growmap"].name)
+        self_sized = replayed is not None and getattr(replayed.drafter, "shape", 0) is None
+        summary["decode"] = f"--draft {draft_spec or _name(draft)}" + (
+            "" if self_sized else f" --tree {files['growmap']}")
     if found.treeset is not None:
         summary["treeset"] = found.treeset.to_dict()["buckets"]
         if out is not None:
@@ -488,4 +529,62 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
                       prediction=pred, method=method, device=str(latency.meta.get("device")),
                       defaults=defaults, warnings=warnings, notes=notes,
                       optuna_note=optuna_note,
-                      files=files, seconds=seconds, summary=summary, treeset=found.treeset)
+                      files=files, seconds=seconds, summary=summary, treeset=found.treeset,
+                      draft_spec=draft_spec, replay=replayed)
+
+
+# ---------------------------------------------------------------------------- replay
+LEN_AUTO = "len=auto"
+
+
+def replay_candidates(drafter, searched: Tree, most: int, table, verify_ms) -> list:
+    """What ``tune`` replays for a model-free drafter: (label, factory of a private drafter,
+    the shape it fills or None): the searched tree, chains of 1..``most`` drafted tokens,
+    per-step lengths up to ``most`` tokens from the copy ``table`` (when measured) and the
+    drafter as given when it sizes its own steps."""
+    out = [(f"searched tree, {searched.size} nodes",
+            lambda: private(drafter, searched, sized=False), searched)]
+    for k in range(1, most + 1):
+        shape = chain(draft_tokens=k)
+        out.append((f"chain:{k + 1}", lambda s=shape: private(drafter, s, sized=False), shape))
+    if table is not None:
+        out.append((LEN_AUTO, lambda: private(sizing_copy(drafter, table, verify_ms, most)),
+                    None))
+    if drafter.shape is None:
+        out.append(("as given", lambda: private(drafter), None))
+    return out
+
+
+def replay_choice(pair, prompts, run, found: SearchResult, searched: Tree, latency,
+                  table, search: SearchSettings) -> ReplayChoice:
+    """The best configuration of a model-free drafter by greedy replay
+    (``treeopt.profile.replay``) along the target's continuations of the tune ``prompts``
+    (``run.max_new_tokens`` each), drafting at most ``REPLAY_MAX_CHAIN`` tokens a step,
+    fewer under ``found.max_size`` and a height limit the user gave in ``search``; its
+    ``tree`` is the shape to save (for a drafter that sizes its steps: its largest step as
+    a chain)."""
+    ids = encode_prompts(pair.tokenizer, prompts, run.chat_template)
+    eos = eos_ids(pair.tokenizer, pair.target) if pair.tokenizer is not None else []
+    conts = continuations(pair.target, ids, run.max_new_tokens, eos[0] if eos else None)
+    most = min(REPLAY_MAX_CHAIN, max(1, found.max_size - 1))
+    if search.max_levels is not None or search.max_depth is not None:
+        most = max(1, min(most, search.levels() - 1))
+    cands = replay_candidates(pair.drafter, searched, most, table, monotone(latency.target))
+    best = choose_replayed(cands, ids, conts, latency)
+    if best.tree is None:
+        shape = getattr(best.drafter, "shape", None)
+        best.tree = shape if shape is not None else chain(
+            draft_tokens=max(1, best.prediction.size - 1))
+    return best
+
+
+def replay_summary(choice: ReplayChoice) -> dict:
+    """The replayed candidates for ``summary.json``: label -> predicted tokens/s, speed-up
+    and tokens per step; the one kept; the ones that could not run."""
+    return {"chosen": choice.label,
+            "candidates": {k: {"tokens_per_s": round(p.tokens_per_s, 3),
+                               "speedup": round(p.speedup, 4),
+                               "tokens_per_step": round(p.expected_tokens, 4),
+                               "largest_step_nodes": p.size}
+                           for k, p in choice.predictions.items()},
+            "skipped": dict(choice.skipped)}

@@ -207,6 +207,8 @@ def report(run_) -> None:
     print(f"predicted step {pred.step_ms:.2f} ms (draft {pred.draft_ms:.2f} + verify "
           f"{pred.verify_ms:.2f}), {pred.tokens_per_s:.1f} tokens/s, speed-up "
           f"{pred.speedup:.2f}x over plain decoding ({pred.plain_ms:.2f} ms/token)")
+    if run_.replay is not None:
+        print(replay_lines(run_.replay))
     if tree.size == 1 or pred.speedup < 1:
         print("note: on this hardware no tree is predicted to beat plain decoding for this pair "
               "(use plain decoding); a better draft or a GPU changes that")
@@ -221,3 +223,15 @@ def report(run_) -> None:
         print(f"{copy['summary']}; per-step lengths: --draft "
               f"{copy.get('draft_spec', run_.summary['draft'] + ':len=auto,table=PROFILE')}")
     print("files: " + ", ".join(str(path) for path in run_.files.values()))
+    if run_.summary.get("decode"):
+        print(f"decode with: {run_.summary['decode']}")
+
+
+def replay_lines(choice) -> str:
+    """The replayed configurations of a model-free drafter, best first (at most 6 named)."""
+    ranked = sorted(choice.predictions.items(), key=lambda kv: -kv[1].tokens_per_s)
+    shown = ", ".join(f"{k} {p.speedup:.2f}x ({p.expected_tokens:.2f} tokens/step)"
+                      for k, p in ranked[:6])
+    more = f", ... ({len(ranked)} replayed)" if len(ranked) > 6 else ""
+    return (f"greedy replay along the target's continuations of the tune prompts (exact "
+            f"steps, costs from the latency curve): {shown}{more}")

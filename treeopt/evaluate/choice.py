@@ -20,7 +20,9 @@ Per dtype and category (:func:`choice_table`):
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
@@ -35,6 +37,7 @@ from treeopt.models.dtype import choose_dtype
 from treeopt.models.loading import load_model, load_tokenizer
 from treeopt.models.machine import Machine
 from treeopt.profile.latency import LatencySettings
+from treeopt.profile.replay import private
 from treeopt.search.hardware import empty_step_rate, predict
 from treeopt.tuning import AcceptanceSettings, tune
 
@@ -58,6 +61,7 @@ class ChoiceRun:
     tuned_depth: int
     target_ms: dict[int, float]
     rows: Any = None
+    tuned_method: str = ""
 
 
 @dataclass
@@ -73,12 +77,14 @@ class ChoiceReport:
 
 
 def grid_methods(profile, chains: Sequence[int] = CHAINS, dp_sizes: Sequence[int] = DP_SIZES,
-                 hf_lookup: Sequence[int] = HF_LOOKUP, tuned=None) -> list[Method]:
-    """Plain decoding, the tuned tree, ``auto``, chains of ``chains`` drafted tokens, the DP
-    trees of ``dp_sizes`` nodes and Hugging Face prompt lookup of ``hf_lookup`` tokens."""
+                 hf_lookup: Sequence[int] = HF_LOOKUP, tuned: Method | None = None
+                 ) -> list[Method]:
+    """Plain decoding, tune's choice (``tuned``, see :func:`tuned_method`), ``auto``, chains
+    of ``chains`` drafted tokens, the DP trees of ``dp_sizes`` nodes and Hugging Face prompt
+    lookup of ``hf_lookup`` tokens."""
     methods = [ar_method()]
     if tuned is not None:
-        methods.append(Method(TUNED, tuned, "tree", "the tree tune chose"))
+        methods.append(tuned)
     methods.append(drafter_method(AUTO))
     methods += [chain_method(n) for n in chains]
     methods += [dp_method(profile, n) for n in dp_sizes]
@@ -127,31 +133,56 @@ def bench_choice(target: str, draft: str, dataset: str = "spec_bench",
                                     "eval_prompts": [p.id for p in held_out],
                                     "max_new_tokens": cs.max_new_tokens,
                                     "dtypes": list(cs.dtypes)})
-    for dtype in cs.dtypes:
-        pair = _pair(target, draft, dtype, device)
-        tuned = tune(pair, prompts=tune_set,
-                     acceptance=AcceptanceSettings(prompts=len(tune_set),
-                                                   max_new_tokens=cs.tune_tokens, seed=cs.seed),
-                     latency=cs.latency, machine=Machine(device=device), progress=progress)
-        methods = grid_methods(tuned.profile, cs.chains, cs.dp_sizes, cs.hf_lookup,
-                               tuned.tree)
-        empty = empty_step_rate(tuned.profile)
-        table = tuned.search.rank_table
-        predicted = {AR: 1.0}
-        for m in methods:
-            if m.kind in ("chain", "dp", "tree") and m.tree is not None:
-                predicted[m.name] = predict(m.tree, table, tuned.latency, tuned.search.meta.get(
-                    "draft_cost", "per-level"), empty).speedup
-        config = EvalConfig(max_new_tokens=cs.max_new_tokens, seed=cs.seed,
-                            stop_at_eos=cs.stop_at_eos)
-        result = run_eval(pair.target, pair.drafter, held_out, methods, config=config,
-                          tokenizer=pair.tokenizer, progress=progress)
-        lat = tuned.latency.target
-        target_ms = {int(n): float(ms) for n, ms in zip(lat.tokens, lat.ms)}
-        report.runs.append(ChoiceRun(dtype, result.summary, predicted, tuned.tree.size,
-                                     tuned.tree.depth, target_ms, result.rows))
-        del pair
+    with tempfile.TemporaryDirectory(prefix="treeopt-choice-") as work:
+        for dtype in cs.dtypes:
+            report.runs.append(_choice_run(target, draft, dtype, device, cs, tune_set,
+                                           held_out, work, progress))
     return report
+
+
+def tuned_method(tuned) -> Method:
+    """The configuration ``tune`` chose as an eval method: its tree over the run's drafter,
+    or the drafter spec it names (per-step lengths from the saved copy table; a drafter
+    that sizes its own steps drafts without a tree)."""
+    self_sized = tuned.replay is not None and getattr(tuned.replay.drafter, "shape", 0) is None
+    if tuned.draft_spec is None and not self_sized:
+        return Method(TUNED, tuned.tree, "tree", f"the tree tune chose ({tuned.method})")
+    spec = tuned.draft_spec or tuned.summary["draft"]
+    return Method(TUNED, None if self_sized else tuned.tree, "drafter",
+                  f"tune's choice: {spec} ({tuned.method})", spec)
+
+
+def _choice_run(target, draft, dtype, device, cs: ChoiceSettings, tune_set, held_out, work,
+                progress) -> ChoiceRun:
+    """Tune in ``dtype`` on ``tune_set`` (files in ``work``), then measure on ``held_out``."""
+    pair = _pair(target, draft, dtype, device)
+    tuned = tune(pair, prompts=tune_set, out_dir=Path(work) / dtype,
+                 acceptance=AcceptanceSettings(prompts=len(tune_set),
+                                               max_new_tokens=cs.tune_tokens, seed=cs.seed),
+                 latency=cs.latency, machine=Machine(device=device), progress=progress)
+    methods = grid_methods(tuned.profile, cs.chains, cs.dp_sizes, cs.hf_lookup,
+                           tuned_method(tuned))
+    empty = empty_step_rate(tuned.profile)
+    table = tuned.search.rank_table
+    replayed = tuned.replay.predictions if tuned.replay is not None else {}
+    predicted = {AR: 1.0, TUNED: tuned.prediction.speedup}
+    for m in methods:
+        if m.name in replayed:  # a model-free drafter's chain: its greedy replay
+            predicted[m.name] = replayed[m.name].speedup
+        elif m.kind in ("chain", "dp") and m.tree is not None and tuned.replay is not None:
+            predicted[m.name] = tuned.replay.predict(private(pair.drafter, m.tree, sized=False),
+                                                     m.tree).speedup
+        elif m.kind in ("chain", "dp") and m.tree is not None:
+            predicted[m.name] = predict(m.tree, table, tuned.latency, tuned.search.meta.get(
+                "draft_cost", "per-level"), empty).speedup
+    config = EvalConfig(max_new_tokens=cs.max_new_tokens, seed=cs.seed,
+                        stop_at_eos=cs.stop_at_eos)
+    result = run_eval(pair.target, pair.drafter, held_out, methods, config=config,
+                      tokenizer=pair.tokenizer, progress=progress)
+    lat = tuned.latency.target
+    target_ms = {int(n): float(ms) for n, ms in zip(lat.tokens, lat.ms)}
+    return ChoiceRun(dtype, result.summary, predicted, tuned.tree.size, tuned.tree.depth,
+                     target_ms, result.rows, tuned.method)
 
 
 def _regret(best: float, chosen: float) -> float:
@@ -182,7 +213,8 @@ def choice_table(run: ChoiceRun) -> pd.DataFrame:
                     "predicted_tuned": pred,
                     "prediction_error_tuned": pred / tuned - 1 if tuned > 0 else math.nan,
                     "prediction_error_grid_max": max(errors, key=abs) if errors else math.nan,
-                    "tuned_tree": f"{run.tuned_size} nodes, depth {run.tuned_depth}"})
+                    "tuned_tree": f"{run.tuned_size} nodes, depth {run.tuned_depth}",
+                    "tuned_method": run.tuned_method})
     return pd.DataFrame(out)
 
 

@@ -152,10 +152,50 @@ def write_copy_table(table: CopyTable, path: str | Path, merge: bool = False) ->
     return write_json_atomic(path, doc)
 
 
-def tune_copy_table(pair, prompts, run, out: str | Path | None = None) -> dict | None:
+def sizing_copy(drafter: Drafter, table: CopyTable, verify_ms, max_tokens: int | None = None
+                ) -> Drafter:
+    """A copy of ``drafter`` (``ngram`` or ``suffix``) that sizes every step from ``table``
+    and the verification cost ``verify_ms`` (n -> ms, non-decreasing), drafting at most
+    ``max_tokens`` tokens a step (default: the drafter's own most): what the drafter spec
+    ``DRAFT:len=auto,table=PROFILE`` builds (``ngram`` over a chain of ``max_tokens``,
+    ``suffix`` with ``max=``), made from objects in memory."""
+    from treeopt.drafters.copylen import StepSizer
+    from treeopt.drafters.ngram import AUTO_SHAPE
+
+    if isinstance(drafter, NgramDrafter):
+        shape = AUTO_SHAPE if max_tokens is None else Tree(tuple(range(-1, max_tokens)))
+        new = drafter.reshaped(shape)
+        new.sizer = StepSizer(table, verify_ms, shape.size)
+    elif isinstance(drafter, SuffixDrafter):
+        new = drafter.reshaped(None)
+        new.length = "auto"
+        if max_tokens is not None:
+            new.max_tokens = min(new.max_tokens, int(max_tokens))
+        new.sizer = StepSizer(table, verify_ms, new.max_tokens + 1)
+    else:
+        raise CopyProfileError(f"per-step lengths from a copy table are for ngram and suffix "
+                               f"drafters, not {getattr(drafter, 'name', type(drafter).__name__)}")
+    new.recorder = None
+    return new
+
+
+def len_auto_spec(draft: str, table_path: str | Path, **extra) -> str:
+    """The drafter spec ``draft`` (``ngram``, ``suffix:max=24``, ...) with per-step lengths
+    from the copy table in ``table_path`` and the options ``extra`` (replacing the given
+    ones): ``ngram:len=auto,table=PATH``."""
+    name, sep, options = str(draft).partition(":")
+    drop = {"len", "table", "latency", *extra}
+    kept = [o for o in options.split(",") if o.strip() and
+            o.split("=", 1)[0].strip() not in drop] if sep else []
+    kept += [f"{k}={v}" for k, v in extra.items()]
+    return f"{name}:" + ",".join(kept + ["len=auto", f"table={table_path}"])
+
+
+def tune_copy_table(pair, prompts, run, out: str | Path | None = None
+                    ) -> tuple[CopyTable, dict] | None:
     """For a copy drafter (``ngram``, ``suffix``): its copy table measured online on
     ``prompts`` under ``run``'s sampling and length (an ``AcceptanceRun``), written into the
-    profile ``out`` (when given) and summarised for ``tune``'s summary (None for other
+    profile ``out`` (when given), with its summary for ``tune``'s summary (None for other
     drafters). The summary names the drafter spec that uses it: ``DRAFT:len=auto,table=OUT``."""
     if not is_copy_drafter(pair.drafter):
         return None
@@ -169,9 +209,13 @@ def tune_copy_table(pair, prompts, run, out: str | Path | None = None) -> dict |
                "by_depth": [list(row) for row in table.by_depth(1)]}
     if out is not None:
         write_copy_table(table, out)
-        summary["draft_spec"] = f"{pair.drafter.name}:len=auto,table={out}"
-    return summary
+        given = str(run.draft)
+        name = pair.drafter.name
+        summary["draft_spec"] = len_auto_spec(given if given.split(":")[0] == name else name,
+                                              out)
+    return table, summary
 
 
-__all__ = ["CopyProfileError", "tune_copy_table", "greedy_path", "is_copy_drafter", "measure_copy",
-           "measuring_copy", "online_table", "teacher_forced_table", "write_copy_table"]
+__all__ = ["CopyProfileError", "greedy_path", "is_copy_drafter", "len_auto_spec", "measure_copy",
+           "measuring_copy", "online_table", "sizing_copy", "teacher_forced_table",
+           "tune_copy_table", "write_copy_table"]

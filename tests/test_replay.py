@@ -1,0 +1,177 @@
+"""Greedy replay of model-free drafters (``treeopt.profile.replay``): its steps equal the
+engine's, step by step, for fixed shapes, SuffixDecoding's own rule and per-step lengths; its
+prediction by hand; the choice among candidates; and ``tune`` choosing by it."""
+
+import json
+
+import pytest
+import torch
+
+from treeopt.decode.drafter import DrafterError, build_drafter
+from treeopt.decode.engine import generate
+from treeopt.profile.copy import len_auto_spec, sizing_copy
+from treeopt.profile.copytable import CopyTable
+from treeopt.profile.replay import (
+    Replay,
+    ReplayError,
+    choose_replayed,
+    continuations,
+    private,
+    replay,
+    replayable,
+)
+from treeopt.profile.model import Latency, LatencyCurve
+from treeopt.shapes import chain
+from treeopt.testing import tiny_causal_lm
+from treeopt.tree import Tree
+
+PROMPTS = [[40, 41, 42, 43, 40, 41, 42, 43, 40, 41], [7, 8, 9, 7, 8, 9, 7, 8],
+           [3, 60, 61, 3, 60, 62, 3, 60]]
+
+
+@pytest.fixture(scope="module")
+def target():
+    model = tiny_causal_lm("llama", seed=0)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(8)  # peaked: greedy choices far from ties
+    return model.float().eval()
+
+
+def engine_steps(target, drafter, prompts, n):
+    nodes, tokens = [], []
+    for ids in prompts:
+        g = generate(target, drafter, torch.tensor([ids]), max_new_tokens=n)
+        nodes += [s.nodes for s in g.stats.steps]
+        tokens += [s.tokens for s in g.stats.steps]
+    return nodes, tokens
+
+
+def half_table():
+    t = CopyTable()
+    for d in range(1, 20):
+        for i in range(10):
+            t.add((1, 6, 4, d), i < 8)
+    return t
+
+
+@pytest.mark.parametrize("spec,shape", [("ngram", chain(draft_tokens=4)),
+                                        ("ngram", Tree((-1, 0, 0, 1, 2, 3))),
+                                        ("ngram:min=2,max=4", chain(draft_tokens=8)),
+                                        ("suffix", None), ("suffix:mode=path", None),
+                                        ("suffix", chain(draft_tokens=3))])
+def test_replay_steps_equal_the_engines(target, spec, shape):
+    n = 24
+    conts = continuations(target, PROMPTS, n)
+    drafter = build_drafter(spec, target=target, tree=shape)
+    got = replay(private(drafter), PROMPTS, conts)
+    nodes, tokens = engine_steps(target, private(drafter), PROMPTS, n)
+    assert (got.nodes, got.tokens) == (nodes, tokens)
+    assert sum(got.tokens) == sum(len(c) - 1 for c in conts)  # every token but the prefill's
+    assert max(got.tokens) > 1  # the copies were accepted somewhere: not a vacuous check
+
+
+@pytest.mark.parametrize("spec", ["ngram", "suffix"])
+def test_replay_of_per_step_lengths_equals_the_engines(target, spec):
+    curve = lambda n: 10.0 + 0.5 * n  # noqa: E731 (cheap verification: long copies pay)
+    drafter = sizing_copy(build_drafter(spec, target=target), half_table(), curve, 8)
+    conts = continuations(target, PROMPTS, 20)
+    got = replay(private(drafter), PROMPTS, conts)
+    assert (got.nodes, got.tokens) == engine_steps(target, private(drafter), PROMPTS, 20)
+    assert max(got.nodes) <= 9 and len(set(got.nodes)) > 1  # sized per step, up to 8 drafted
+
+
+def test_prediction_by_hand():
+    r = Replay(nodes=[3, 1, 5], tokens=[3, 1, 2], draft_ms=[0.5, 0.5, 0.5])
+    p = r.predict(lambda n: 10.0 + n)
+    # verify (13 + 11 + 15) / 3 = 13, draft 0.5: 2 tokens per 13.5 ms; plain 11 ms a token
+    assert p.expected_tokens == pytest.approx(2.0) and p.step_ms == pytest.approx(13.5)
+    assert p.tokens_per_s == pytest.approx(2000 / 13.5)
+    assert p.speedup == pytest.approx(11 * 2 / 13.5) and p.size == 5
+    with pytest.raises(ReplayError):
+        Replay().predict(lambda n: 1.0)
+
+
+def test_choose_replayed_keeps_the_fastest_and_names_what_it_skipped(target):
+    conts = continuations(target, PROMPTS, 16)
+    drafter = build_drafter("ngram", target=target)
+    lat = Latency(LatencyCurve([1, 2, 4, 8, 16], [10, 10.5, 11, 12, 14]))
+
+    def broken():
+        raise DrafterError("drafter 'x': cannot")
+
+    cands = [(f"chain:{k + 1}", lambda k=k: private(drafter, chain(draft_tokens=k),
+                                                    sized=False), chain(draft_tokens=k))
+             for k in (1, 2, 4, 8)] + [("broken", broken, None)]
+    best = choose_replayed(cands, PROMPTS, conts, lat)
+    assert set(best.predictions) == {"chain:2", "chain:3", "chain:5", "chain:9"}
+    assert best.skipped == {"broken": "drafter 'x': cannot"}
+    assert best.prediction.tokens_per_s == max(p.tokens_per_s
+                                               for p in best.predictions.values())
+    assert best.label in best.predictions and best.tree.size == int(best.label[6:])
+
+
+def test_drafters_that_need_the_target_are_not_replayed(target):
+    topk = build_drafter("ngram:topk=2", target=target)
+    assert "top-k" in replayable(topk)
+    model = build_drafter("early-exit:1", target=target)
+    assert "model" in replayable(model)
+    with pytest.raises(ReplayError, match="cannot replay"):
+        replay(model, PROMPTS, [[1, 2]] * 3)
+
+
+def test_a_private_copy_never_writes_the_suffix_file_nor_records(target, tmp_path):
+    path = tmp_path / "suffix.json"
+    drafter = build_drafter(f"suffix:global=4096,file={path}", target=target)
+    drafter.recorder = CopyTable()
+    copy = private(drafter)
+    replay(copy, PROMPTS, continuations(target, PROMPTS, 12))
+    assert not path.exists() and drafter.recorder.total_trials == 0
+    assert copy.cache is not drafter.cache and drafter.cache.tokens == 0 < copy.cache.tokens
+
+
+def test_len_auto_spec_keeps_the_given_options():
+    assert len_auto_spec("ngram", "p.json") == "ngram:len=auto,table=p.json"
+    assert len_auto_spec("suffix:max=24,len=alpha", "p.json", max=8) == \
+        "suffix:max=8,len=auto,table=p.json"
+    assert len_auto_spec("ngram:min=2,table=old.json", "p.json") == \
+        "ngram:min=2,len=auto,table=p.json"
+
+
+def test_tune_chooses_by_replay_and_its_decode_args_are_exact(tmp_path, capsys):
+    """``tune --draft ngram``: every replayed candidate is in the summary, the kept one is
+    the fastest replayed, and decoding with the summary's ``decode`` arguments is exact."""
+    from helpers import char_tokenizer
+
+    from treeopt.cli import main
+    from treeopt.growmap import load_growmap
+
+    folder = tmp_path / "tiny"
+    model = tiny_causal_lm(num_layers=2, seed=11)
+    model.save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"id": f"p{i}", "category": "c", "text": t}) + "\n"
+                            for i, t in enumerate(["ab ab ab ab ab", "the cat, the cat, the",
+                                                   "xyz xyz"])))
+    out = tmp_path / "run"
+    assert main(["tune", "--target", str(folder), "--draft", "ngram", "--device", "cpu",
+                 "--threads", "1", "--dtype", "float32", "--dataset", str(data),
+                 "--prompts", "3", "--max-new-tokens", "16", "--width", "2", "--depth", "2",
+                 "--tokens", "1,2,4,8,16", "--context", "8", "--repeats", "1", "--warmup", "0",
+                 "--max-depth", "6", "--out-dir", str(out), "--quiet", "--dtypes", "none"]) == 0
+    text = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    cands = summary["replay"]["candidates"]
+    assert {"chain:2", "chain:7", "len=auto"} <= set(cands) and "chain:8" not in cands
+    best = max(cands, key=lambda k: cands[k]["tokens_per_s"])
+    assert summary["replay"]["chosen"] == best and summary["method"] == f"replay ({best})"
+    assert summary["prediction"]["tokens_per_s"] == pytest.approx(cands[best]["tokens_per_s"],
+                                                                  rel=1e-3)
+    assert "greedy replay" in text and f"decode with: {summary['decode']}" in text
+    args = summary["decode"].split()
+    tree = load_growmap(args[args.index("--tree") + 1])[0] if "--tree" in args else None
+    target = model.float().eval()
+    drafter = build_drafter(args[1], target=target, tree=tree)
+    ids = torch.tensor([[40, 41, 42, 40, 41, 42, 40]])
+    assert generate(target, drafter, ids, max_new_tokens=20).tokens == \
+        generate(target, None, ids, max_new_tokens=20).tokens

@@ -1,0 +1,213 @@
+"""Greedy replay: what decoding with a model-free drafter would do, without running the target.
+
+At temperature 0 the engine commits the target's own greedy continuation, whatever the
+drafter proposes: a step's accepted path is the greedy walk of the proposed tree along that
+continuation (``treeopt.profile.copy.greedy_path``), and it commits the path's tokens plus the
+bonus token. A drafter whose proposal depends only on the committed text (``ngram``,
+``suffix``, ``datastore``: no model, no target top-k) therefore proposes exactly what it would
+propose in real decoding when :func:`replay` feeds it that continuation step by step. So
+replay reproduces every step of a real greedy run, the nodes verified and the tokens committed,
+at the cost of drafting alone; with the target's latency curve it predicts tokens/s
+(:func:`predict_replay`)::
+
+    tokens/s = sum(tokens committed) / sum(t_verify(nodes verified) + drafting time)
+
+where t_verify is the curve's non-decreasing envelope (``treeopt.search.hardware.monotone``)
+and the drafting time is measured during the replay (the drafter's own propose and update
+calls, wall clock). No acceptance model sits in between: copies, their lengths and the
+per-step length rule are seen exactly as decoding sees them, which the positional profile
+(Sequoia's p[depth][rank]) cannot do for copy drafters. ``treeopt tune`` chooses among shapes
+and the per-step rule by it (:func:`choose_replayed`).
+
+Beside it, the Optuna search's ``replay`` objective (``treeopt.search.optuna_search``) walks
+fixed trees along recorded *rank traces* (the target token's rank in the drafter's top-W at
+every position): any drafter, one draft pass per position, exact for drafters whose
+candidates below an accepted node are those they would propose standing there. This module
+runs the drafter itself instead: model-free drafters only, but any shape and any per-step
+rule, with the drafter's own state (its index, its global trie) as decoding builds it.
+
+What it does not see: the engine's own work per step beyond the target forward and the
+drafter (building tree buffers, trimming the cache), and the cache's growth beyond the
+curve's context. The prompts it replays are the tune prompts, not those decoded later.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from treeopt.decode.drafter import Drafter, DrafterError
+from treeopt.decode.sampling import GREEDY
+from treeopt.errors import TreeoptError
+from treeopt.profile.acceptance import target_continuation
+from treeopt.profile.copy import greedy_path
+from treeopt.search.hardware import Prediction, monotone
+from treeopt.tree import Tree
+
+
+class ReplayError(TreeoptError, ValueError):
+    """A replay that cannot run (a drafter that needs the target); one line."""
+
+
+def replayable(drafter: Drafter) -> str | None:
+    """None when ``drafter`` can be replayed, else why not (one line)."""
+    if getattr(drafter, "model", None) is not None or getattr(drafter, "model_drafter", None):
+        return f"the {drafter.name} drafter runs a model: its proposals need the model's cache"
+    if getattr(drafter, "wants_target_topk", 0):
+        return f"the {drafter.name} drafter learns from the target's top-k predictions"
+    return None
+
+
+def private(drafter: Drafter, shape: Tree | None = None, *, sized: bool = True) -> Drafter:
+    """A copy of ``drafter`` (filling ``shape`` when given) whose state is its own: a fresh
+    request index, no recorder, and a private copy of a global suffix cache that never writes
+    its file. ``sized=False`` drops a per-step sizer (a fixed shape drafted whole)."""
+    try:
+        new = drafter.reshaped(shape if shape is not None else drafter.shape)
+    except DrafterError:
+        if shape is not None:
+            raise
+        new = copy.copy(drafter)  # a drafter that sizes itself and takes no shape
+    if hasattr(new, "recorder"):
+        new.recorder = None
+    if not sized and getattr(new, "sizer", None) is not None:
+        new.sizer = None
+        if getattr(new, "length", None) == "auto":
+            new.length = "alpha"
+    cache = getattr(new, "cache", None)
+    if cache is not None:
+        cache = copy.deepcopy(cache)
+        cache.path = None
+        new.cache = cache
+    return new
+
+
+def continuations(target, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                  eos_token_id: int | None = None) -> list[list[int]]:
+    """The target's greedy continuation of every prompt (token id lists): what plain
+    decoding, and so every greedy speculative run, commits."""
+    return [target_continuation(target, [int(t) for t in ids], max_new_tokens,
+                                eos_token_id=eos_token_id)[0] for ids in prompts]
+
+
+@dataclass
+class Replay:
+    """Every replayed step: nodes verified (root included) and tokens committed, with the
+    drafting time measured per step (ms)."""
+
+    nodes: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    draft_ms: list[float] = field(default_factory=list)
+
+    @property
+    def steps(self) -> int:
+        return len(self.nodes)
+
+    def predict(self, verify_ms: Callable[[int], float], plain_ms: float | None = None,
+                depth: int = 0) -> Prediction:
+        """Tokens/s and speed-up over plain decoding (``plain_ms``, default verify_ms(1))
+        of these steps under the verification cost ``verify_ms`` (n -> ms)."""
+        if not self.nodes:
+            raise ReplayError("nothing replayed: the continuations are too short")
+        plain = float(verify_ms(1)) if plain_ms is None else float(plain_ms)
+        v = sum(float(verify_ms(n)) for n in self.nodes) / self.steps
+        d = sum(self.draft_ms) / self.steps
+        f = sum(self.tokens) / self.steps
+        step = v + d
+        return Prediction(size=max(self.nodes), depth=depth, expected_tokens=f, draft_ms=d,
+                          verify_ms=v, step_ms=step, tokens_per_s=1000.0 * f / step,
+                          plain_ms=plain, speedup=plain * f / step)
+
+
+def replay(drafter: Drafter, prompts: Sequence[Sequence[int]],
+           conts: Sequence[Sequence[int]]) -> Replay:
+    """Greedy decoding of every prompt with ``drafter`` (used as given: pass a
+    :func:`private` copy), the target replaced by its known continuation ``conts[i]``.
+    Steps mirror ``treeopt.decode.engine.generate``: the first token comes from the prefill,
+    then each step proposes (at most the tokens left), walks the tree along the continuation
+    and commits the path's tokens and the bonus."""
+    why = replayable(drafter)
+    if why is not None:
+        raise ReplayError(f"cannot replay: {why}")
+    out = Replay()
+    for ids, cont in zip(prompts, conts):
+        ids, cont = [int(t) for t in ids], [int(t) for t in cont]
+        if not cont:
+            continue
+        drafter.start(torch.tensor([ids], dtype=torch.int64))
+        committed, done = ids + [cont[0]], 1
+        while done < len(cont):
+            t0 = time.perf_counter()
+            proposal = drafter.propose(committed, len(cont) - done - 1, GREEDY)
+            tokens = proposal.tokens.tolist()
+            path = greedy_path(proposal.tree.parents, tokens, cont[done:])
+            new = [tokens[v] for v in path[1:]] + [cont[done + len(path) - 1]]
+            committed += new
+            done += len(new)
+            drafter.update(path, committed, None)
+            out.draft_ms.append(1000.0 * (time.perf_counter() - t0))
+            out.nodes.append(proposal.tree.size)
+            out.tokens.append(len(new))
+        finish = getattr(drafter, "finish", None)
+        if callable(finish):
+            finish()
+    return out
+
+
+@dataclass
+class ReplayChoice:
+    """The best candidate by replay: ``label`` (as listed), its ``drafter`` (a private copy,
+    unused), ``tree`` (the shape it fills; None when it sizes itself), ``prediction`` and
+    the predictions of every candidate (label -> Prediction) and the ones skipped (label ->
+    why)."""
+
+    label: str
+    drafter: Drafter
+    tree: Tree | None
+    prediction: Prediction
+    predictions: dict = field(default_factory=dict)
+    skipped: dict = field(default_factory=dict)
+    prompts: list = field(default_factory=list, repr=False)
+    conts: list = field(default_factory=list, repr=False)
+    latency: object = None
+
+    def predict(self, drafter: Drafter, tree: Tree | None = None) -> Prediction:
+        """Replay one more configuration (a :func:`private` drafter) on the same
+        continuations and price it with the same curve."""
+        return replay(drafter, self.prompts, self.conts).predict(
+            monotone(self.latency.target), depth=tree.depth if tree is not None else 0)
+
+
+def choose_replayed(candidates: Sequence[tuple[str, Callable[[], Drafter], Tree | None]],
+                    prompts: Sequence[Sequence[int]], conts: Sequence[Sequence[int]],
+                    latency) -> ReplayChoice:
+    """Replay every candidate (label, factory of a private drafter, its shape) on the
+    continuations and keep the one with the most predicted tokens/s (ties: the one listed
+    first). ``latency``: a ``treeopt.profile.Latency`` (its target curve prices steps)."""
+    curve = monotone(latency.target)
+    best, preds, skipped = None, {}, {}
+    for label, make, tree in candidates:
+        try:
+            drafter = make()
+        except DrafterError as exc:
+            skipped[label] = str(exc)
+            continue
+        pred = replay(drafter, prompts, conts).predict(
+            curve, depth=tree.depth if tree is not None else 0)
+        preds[label] = pred
+        if best is None or pred.tokens_per_s > best.prediction.tokens_per_s:
+            best = ReplayChoice(label, drafter, tree, pred)
+    if best is None:
+        raise ReplayError("no candidate could be replayed: " + "; ".join(
+            f"{k}: {v}" for k, v in skipped.items()))
+    best.predictions, best.skipped = preds, skipped
+    best.prompts, best.conts, best.latency = list(prompts), list(conts), latency
+    return best
+
+
+__all__ = ["Replay", "ReplayChoice", "ReplayError", "choose_replayed", "continuations",
+           "private", "replay", "replayable"]
