@@ -110,6 +110,22 @@ def test_choose_replayed_keeps_the_fastest_and_names_what_it_skipped(target):
     assert best.label in best.predictions and best.tree.size == int(best.label[6:])
 
 
+def test_replayed_steps_repriced_under_another_curve():
+    """Another dtype's curve changes which replayed configuration is fastest, not the steps."""
+    from treeopt.profile.replay import ReplayChoice
+
+    replays = {"short": Replay([2, 2], [2, 1], [0.0, 0.0]),
+               "long": Replay([9, 9], [4, 1], [0.0, 0.0])}
+    rc = ReplayChoice("short", None, None, None, replays=replays,
+                      shapes={"short": chain(draft_tokens=1), "long": chain(draft_tokens=8)})
+    flat = Latency(LatencyCurve([1, 16], [10.0, 10.0]))  # 2.5 vs 1.5 tokens per 10 ms
+    steep = Latency(LatencyCurve([1, 2, 9, 16], [10.0, 20.0, 90.0, 160.0]))
+    label, pred = rc.best_under(flat)
+    assert label == "long" and pred.tokens_per_s == pytest.approx(250.0) and pred.depth == 8
+    label, pred = rc.best_under(steep)  # 1.5 per 20 ms vs 2.5 per 90 ms
+    assert label == "short" and pred.tokens_per_s == pytest.approx(75.0)
+
+
 def test_drafters_that_need_the_target_are_not_replayed(target):
     topk = build_drafter("ngram:topk=2", target=target)
     assert "top-k" in replayable(topk)
@@ -127,6 +143,26 @@ def test_a_private_copy_never_writes_the_suffix_file_nor_records(target, tmp_pat
     replay(copy, PROMPTS, continuations(target, PROMPTS, 12))
     assert not path.exists() and drafter.recorder.total_trials == 0
     assert copy.cache is not drafter.cache and drafter.cache.tokens == 0 < copy.cache.tokens
+
+
+def test_suffix_candidates_include_its_alphas_and_their_specs(target):
+    """``tune`` replays SuffixDecoding's own budget at several alpha, with the spec of each."""
+    from treeopt.decode.drafter import respec
+    from treeopt.tuning import SUFFIX_ALPHAS, replay_candidates
+
+    drafter = build_drafter("suffix:max=24", target=target)
+    cands = replay_candidates(drafter, chain(draft_tokens=2), 6, half_table(),
+                              lambda n: 10.0 + n, "p.json", [[0.6, 0.2], [0.5, 0.1]], 8)
+    opts = {c[0]: c[3] for c in cands}
+    assert [k for k in opts if k.startswith("alpha=")] == [f"alpha={a:g}" for a in SUFFIX_ALPHAS]
+    assert respec("suffix:max=24", **opts["alpha=2"]) == "suffix:max=24,alpha=2.0"
+    assert respec("suffix:max=24", **opts["len=auto"]) == "suffix:max=6,len=auto,table=p.json"
+    assert respec("suffix:max=24", **opts["chain:4"]) == "suffix:max=24"
+    made = {c[0]: c[1]() for c in cands}
+    assert made["alpha=4"].alpha == 4.0 and made["alpha=4"].sizer is None
+    assert made["len=auto"].max_tokens == 6 and made["chain:7"].shape.size == 7
+    assert "chain:8" not in made and "dp:16x6" not in made  # at most 8 nodes, depth 6
+    assert made["dp:8x6"].shape.size == 8 and made["dp:8x6"].shape.depth <= 6
 
 
 def test_len_auto_spec_keeps_the_given_options():
@@ -158,7 +194,8 @@ def test_tune_chooses_by_replay_and_its_decode_args_are_exact(tmp_path, capsys):
                  "--threads", "1", "--dtype", "float32", "--dataset", str(data),
                  "--prompts", "3", "--max-new-tokens", "16", "--width", "2", "--depth", "2",
                  "--tokens", "1,2,4,8,16", "--context", "8", "--repeats", "1", "--warmup", "0",
-                 "--max-depth", "6", "--out-dir", str(out), "--quiet", "--dtypes", "none"]) == 0
+                 "--max-depth", "6", "--out-dir", str(out), "--quiet",
+                 "--dtypes", "float32,bfloat16"]) == 0
     text = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     cands = summary["replay"]["candidates"]
@@ -168,6 +205,7 @@ def test_tune_chooses_by_replay_and_its_decode_args_are_exact(tmp_path, capsys):
     assert summary["prediction"]["tokens_per_s"] == pytest.approx(cands[best]["tokens_per_s"],
                                                                   rel=1e-3)
     assert "greedy replay" in text and f"decode with: {summary['decode']}" in text
+    assert "per dtype (same replayed steps;" in text and "bfloat16: plain" in text
     args = summary["decode"].split()
     tree = load_growmap(args[args.index("--tree") + 1])[0] if "--tree" in args else None
     target = model.float().eval()

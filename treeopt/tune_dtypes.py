@@ -22,6 +22,7 @@ from treeopt.models.dtype import DtypeError, choose_dtype, latency_curve, suppor
 from treeopt.models.loading import load_model, load_tokenizer, resolve_device
 from treeopt.profile.latency import LatencySettings, measure_latency
 from treeopt.search.api import SearchSettings, search_tree
+from treeopt.shapes import chain
 from treeopt.tuning import latency_defaults
 
 
@@ -57,13 +58,15 @@ def compare_dtypes(target: str, draft: str, profile, *, done: DtypeRow | None = 
                    dtypes: Sequence[str] | None = None, device: str = "auto",
                    latency: LatencySettings | None = None,
                    search: SearchSettings | None = None,
-                   notes: list[str] | None = None) -> list[DtypeRow]:
+                   notes: list[str] | None = None, replayed=None) -> list[DtypeRow]:
     """One row per dtype in ``dtypes`` (default: those the device supports well); the row of
     the dtype already tuned is ``done`` (not measured again). Each other dtype loads the
     target afresh (and builds ``draft`` on it), times its latency with ``latency`` (unset
     fields by device) and searches the best tree for ``profile``'s acceptance with that
-    latency under ``search``. A dtype the pair cannot run (an int8 draft in bfloat16, say) is
-    left out, with one line in ``notes`` saying why."""
+    latency under ``search``; with ``replayed`` (``tune``'s greedy replay of a model-free
+    drafter, ``treeopt.profile.replay``) the replayed configurations are priced with that
+    latency instead and the fastest kept. A dtype the pair cannot run (an int8 draft in
+    bfloat16, say) is left out, with one line in ``notes`` saying why."""
     dev = resolve_device(device)
     lat = latency or LatencySettings()
     rows = [done] if done is not None else []
@@ -81,9 +84,15 @@ def compare_dtypes(target: str, draft: str, profile, *, done: DtypeRow | None = 
         kw, _ = latency_defaults(dev, tokens=lat.tokens, context=lat.context,
                                  repeats=lat.repeats, warmup=lat.warmup)
         measured = measure_latency(model, drafter, **kw)
-        found = search_tree(dataclasses.replace(profile, latency=measured),
-                            search=search or SearchSettings())
-        rows.append(row_from(dtype, measured, found.prediction, found.tree))
+        if replayed is not None:  # a model-free drafter: its replayed steps, repriced
+            label, pred = replayed.best_under(measured)
+            shape = replayed.shapes.get(label)
+            rows.append(row_from(dtype, measured, pred, shape if shape is not None else
+                                 chain(draft_tokens=max(1, pred.size - 1))))
+        else:
+            found = search_tree(dataclasses.replace(profile, latency=measured),
+                                search=search or SearchSettings())
+            rows.append(row_from(dtype, measured, found.prediction, found.tree))
         del model, drafter
     return rows
 

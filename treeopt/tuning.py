@@ -26,6 +26,7 @@ import treeopt.profile.latency as latency_mod
 from treeopt import limits
 from treeopt.api import Pair, as_drafter, encode_prompts, load_pair
 from treeopt.datasets import Prompt, load_prompts, select
+from treeopt.decode.drafter import respec
 from treeopt.decode.sampling import GREEDY, Sampling
 from treeopt.drafters.auto import remember_tune
 from treeopt.growmap import save_growmap
@@ -35,7 +36,7 @@ from treeopt.models.loading import eos_ids, resolve_device
 from treeopt.models.machine import Machine
 from treeopt.profile import Profile
 from treeopt.profile.acceptance import AcceptanceRun, profile_acceptance
-from treeopt.profile.copy import len_auto_spec, sizing_copy, tune_copy_table
+from treeopt.profile.copy import sizing_copy, tune_copy_table
 from treeopt.profile.latency import (
     LatencySettings,
     measure_latency,
@@ -71,7 +72,7 @@ from treeopt.search.optuna_search import (
     resolve_storage,
     run_search,
 )
-from treeopt.shapes import chain
+from treeopt.shapes import chain, from_name
 from treeopt.tree import Tree
 from treeopt.treeset import save_treeset
 from treeopt.viz import draw_tree
@@ -85,8 +86,11 @@ CPU_LATENCY = dict(tokens=(1, 2, 4, 8, 16, 32), context=128, repeats=10, warmup=
 GPU_LATENCY = dict(tokens=(1, 2, 4, 8, 16, 32, 64, 128), context=256, repeats=10, warmup=3)
 # Per-depth acceptance rows ``tune`` measures by default (depths in edges below the root).
 TUNE_ACCEPTANCE_DEPTH = 4
-# Longest chain (drafted tokens) ``tune`` replays for a model-free drafter.
+# Longest chain (drafted tokens) ``tune`` replays for a model-free drafter, and the
+# SuffixDecoding budgets (alpha x match length) it replays for ``suffix``.
 REPLAY_MAX_CHAIN = 16
+SUFFIX_ALPHAS = (0.5, 1.0, 2.0, 4.0)
+REPLAY_DP_SIZES = (4, 8, 16, 32)  # the DP's trees (positional profile) replayed beside
 
 
 # ---------------------------------------------------------------------------- prompts
@@ -461,16 +465,14 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
     replayed, draft_spec, t_replay = None, None, time.perf_counter()
     if samp.greedy and replayable(pair.drafter) is None:
         replayed = replay_choice(pair, chosen, run, found, tree, latency,
-                                 None if copy_table is None else copy_table[0], search)
+                                 None if copy_table is None else copy_table[0], search,
+                                 profile_path)
         tree = replayed.tree
         pred, method = replayed.prediction, f"replay ({replayed.label})"
-        if replayed.label == LEN_AUTO and profile_path is not None:
-            suffix_max = getattr(replayed.drafter, "max_tokens", None)
-            extra = {"max": suffix_max} if pair.drafter.name == "suffix" and \
-                suffix_max != getattr(pair.drafter, "max_tokens", None) else {}
-            draft_spec = len_auto_spec(_name(draft) if _name(draft).split(":")[0] ==
-                                       pair.drafter.name else pair.drafter.name,
-                                       profile_path, **extra)
+        given = _name(draft)
+        base = given if given.split(":")[0] == pair.drafter.name else pair.drafter.name
+        if replayed.options and (replayed.label != LEN_AUTO or profile_path is not None):
+            draft_spec = respec(base, **replayed.options)
     seconds_replay = time.perf_counter() - t_replay
 
     # extrapolation notes; a falling curve is among the timing warnings already
@@ -537,40 +539,68 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
 LEN_AUTO = "len=auto"
 
 
-def replay_candidates(drafter, searched: Tree, most: int, table, verify_ms) -> list:
+def replay_candidates(drafter, searched: Tree, most: int, table, verify_ms,
+                      table_path: str | os.PathLike | None = None, rank_table=None,
+                      max_size: int = 0) -> list:
     """What ``tune`` replays for a model-free drafter: (label, factory of a private drafter,
-    the shape it fills or None): the searched tree, chains of 1..``most`` drafted tokens,
-    per-step lengths up to ``most`` tokens from the copy ``table`` (when measured) and the
-    drafter as given when it sizes its own steps."""
+    the shape it fills or None, the drafter-spec options that decode it): the searched tree,
+    the DP's trees of ``REPLAY_DP_SIZES`` nodes (at most ``max_size``, depth at most
+    ``most``) for the positional ``rank_table``, chains of 1..``most`` drafted tokens,
+    per-step lengths up to ``most`` tokens from the copy ``table`` (when measured; its spec
+    names ``table_path``), and for a drafter that sizes its own steps its rule as given, or
+    SuffixDecoding's budget at several ``alpha``."""
+    fixed = {"len": None, "table": None, "latency": None}
     out = [(f"searched tree, {searched.size} nodes",
-            lambda: private(drafter, searched, sized=False), searched)]
+            lambda: private(drafter, searched, sized=False), searched, fixed)]
+    if rank_table is not None:
+        for n in (n for n in REPLAY_DP_SIZES if n <= max_size):
+            spec = f"dp:{n}x{most}"
+            shape = from_name(spec, profile=rank_table)
+            out.append((spec, lambda s=shape: private(drafter, s, sized=False), shape, fixed))
     for k in range(1, most + 1):
         shape = chain(draft_tokens=k)
-        out.append((f"chain:{k + 1}", lambda s=shape: private(drafter, s, sized=False), shape))
+        out.append((f"chain:{k + 1}", lambda s=shape: private(drafter, s, sized=False), shape,
+                    fixed))
     if table is not None:
+        opts = {"latency": None, "len": "auto", "table": table_path}
+        if getattr(drafter, "max_tokens", most) > most:  # suffix: its largest step
+            opts = {"latency": None, "max": most, "len": "auto", "table": table_path}
         out.append((LEN_AUTO, lambda: private(sizing_copy(drafter, table, verify_ms, most)),
-                    None))
-    if drafter.shape is None:
-        out.append(("as given", lambda: private(drafter), None))
+                    None, opts))
+    if drafter.shape is None and hasattr(drafter, "alpha"):
+        for alpha in SUFFIX_ALPHAS:
+            out.append((f"alpha={alpha:g}", lambda a=alpha: _with_alpha(drafter, a), None,
+                        {**fixed, "alpha": alpha}))
+    elif drafter.shape is None:
+        out.append(("as given", lambda: private(drafter), None, {}))
     return out
 
 
+def _with_alpha(drafter, alpha: float):
+    new = private(drafter, sized=False)
+    new.alpha = float(alpha)
+    return new
+
+
 def replay_choice(pair, prompts, run, found: SearchResult, searched: Tree, latency,
-                  table, search: SearchSettings) -> ReplayChoice:
+                  table, search: SearchSettings, table_path=None) -> ReplayChoice:
     """The best configuration of a model-free drafter by greedy replay
     (``treeopt.profile.replay``) along the target's continuations of the tune ``prompts``
     (``run.max_new_tokens`` each), drafting at most ``REPLAY_MAX_CHAIN`` tokens a step,
     fewer under ``found.max_size`` and a height limit the user gave in ``search``; its
     ``tree`` is the shape to save (for a drafter that sizes its steps: its largest step as
-    a chain)."""
+    a chain) and ``options`` the drafter-spec options that decode it (``table_path``: where
+    the copy table was saved, for per-step lengths)."""
     ids = encode_prompts(pair.tokenizer, prompts, run.chat_template)
     eos = eos_ids(pair.tokenizer, pair.target) if pair.tokenizer is not None else []
     conts = continuations(pair.target, ids, run.max_new_tokens, eos[0] if eos else None)
     most = min(REPLAY_MAX_CHAIN, max(1, found.max_size - 1))
     if search.max_levels is not None or search.max_depth is not None:
         most = max(1, min(most, search.levels() - 1))
-    cands = replay_candidates(pair.drafter, searched, most, table, monotone(latency.target))
+    cands = replay_candidates(pair.drafter, searched, most, table, monotone(latency.target),
+                              table_path, found.rank_table, found.max_size)
     best = choose_replayed(cands, ids, conts, latency)
+    best.options = {c[0]: c[3] for c in cands}[best.label]
     if best.tree is None:
         shape = getattr(best.drafter, "shape", None)
         best.tree = shape if shape is not None else chain(

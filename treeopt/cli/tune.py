@@ -184,8 +184,9 @@ def report_dtypes(args, run_) -> None:
                           search=SearchSettings(max_size=args.max_size,
                                                 max_levels=run_.search.max_levels,
                                                 draft_cost=args.draft_cost),
-                          notes=skipped)
-    print("per dtype (same acceptance profile; speed-ups over plain decoding in that dtype):")
+                          notes=skipped, replayed=run_.replay)
+    basis = "same replayed steps" if run_.replay is not None else "same acceptance profile"
+    print(f"per dtype ({basis}; speed-ups over plain decoding in that dtype):")
     for row in rows:
         print(f"  {row.line()}")
     for note in skipped:

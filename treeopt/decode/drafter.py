@@ -406,6 +406,17 @@ def split_options(text: str, drafter: str) -> list[str]:
     return [x.strip() for x in parts if x.strip()]
 
 
+def respec(spec: str, **options) -> str:
+    """``spec`` (``NAME`` or ``NAME:OPTIONS``) with ``options`` set, replacing given values in
+    place of the old ones at the end; a None value removes that option:
+    ``respec("suffix:max=24,alpha=1", alpha=2, max=None) == "suffix:alpha=2"``."""
+    name, sep, text = str(spec).strip().partition(":")
+    kept = [o for o in (split_options(text, name) if sep else [])
+            if o.split("=", 1)[0].strip() not in options]
+    kept += [f"{k}={v}" for k, v in options.items() if v is not None]
+    return name + (":" + ",".join(kept) if kept else "")
+
+
 def unwrap(value: str) -> str:
     """``"(SPEC)"`` -> ``"SPEC"`` when the outer parentheses enclose the whole value (repeated
     for ``((SPEC))``); anything else is returned stripped, unchanged. Linear: the nesting is

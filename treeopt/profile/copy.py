@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 
 from treeopt.api import encode_prompts
-from treeopt.decode.drafter import Drafter
+from treeopt.decode.drafter import Drafter, respec
 from treeopt.decode.engine import generate
 from treeopt.decode.sampling import GREEDY, Sampling
 from treeopt.drafters.ngram import NgramDrafter
@@ -183,12 +183,7 @@ def len_auto_spec(draft: str, table_path: str | Path, **extra) -> str:
     """The drafter spec ``draft`` (``ngram``, ``suffix:max=24``, ...) with per-step lengths
     from the copy table in ``table_path`` and the options ``extra`` (replacing the given
     ones): ``ngram:len=auto,table=PATH``."""
-    name, sep, options = str(draft).partition(":")
-    drop = {"len", "table", "latency", *extra}
-    kept = [o for o in options.split(",") if o.strip() and
-            o.split("=", 1)[0].strip() not in drop] if sep else []
-    kept += [f"{k}={v}" for k, v in extra.items()]
-    return f"{name}:" + ",".join(kept + ["len=auto", f"table={table_path}"])
+    return respec(draft, latency=None, **extra, len="auto", table=table_path)
 
 
 def tune_copy_table(pair, prompts, run, out: str | Path | None = None

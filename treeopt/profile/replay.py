@@ -174,6 +174,18 @@ class ReplayChoice:
     prompts: list = field(default_factory=list, repr=False)
     conts: list = field(default_factory=list, repr=False)
     latency: object = None
+    replays: dict = field(default_factory=dict, repr=False)  # label -> Replay
+    options: dict = field(default_factory=dict)  # drafter-spec options of the kept one
+    shapes: dict = field(default_factory=dict, repr=False)  # label -> Tree or None
+
+    def best_under(self, latency) -> tuple[str, Prediction]:
+        """(label, prediction) of the fastest candidate when steps are priced with another
+        latency curve (another dtype's, say): the replayed steps do not depend on it."""
+        curve = monotone(latency.target)
+        preds = {k: r.predict(curve, depth=self.shapes[k].depth if self.shapes.get(k)
+                              is not None else 0) for k, r in self.replays.items()}
+        label = max(preds, key=lambda k: preds[k].tokens_per_s)
+        return label, preds[label]
 
     def predict(self, drafter: Drafter, tree: Tree | None = None) -> Prediction:
         """Replay one more configuration (a :func:`private` drafter) on the same
@@ -182,22 +194,21 @@ class ReplayChoice:
             monotone(self.latency.target), depth=tree.depth if tree is not None else 0)
 
 
-def choose_replayed(candidates: Sequence[tuple[str, Callable[[], Drafter], Tree | None]],
-                    prompts: Sequence[Sequence[int]], conts: Sequence[Sequence[int]],
-                    latency) -> ReplayChoice:
-    """Replay every candidate (label, factory of a private drafter, its shape) on the
+def choose_replayed(candidates: Sequence[tuple], prompts: Sequence[Sequence[int]],
+                    conts: Sequence[Sequence[int]], latency) -> ReplayChoice:
+    """Replay every candidate (label, factory of a private drafter, its shape, ...) on the
     continuations and keep the one with the most predicted tokens/s (ties: the one listed
     first). ``latency``: a ``treeopt.profile.Latency`` (its target curve prices steps)."""
     curve = monotone(latency.target)
-    best, preds, skipped = None, {}, {}
-    for label, make, tree in candidates:
+    best, preds, skipped, replays, shapes = None, {}, {}, {}, {}
+    for label, make, tree, *_ in candidates:
         try:
             drafter = make()
         except DrafterError as exc:
             skipped[label] = str(exc)
             continue
-        pred = replay(drafter, prompts, conts).predict(
-            curve, depth=tree.depth if tree is not None else 0)
+        replays[label], shapes[label] = replay(drafter, prompts, conts), tree
+        pred = replays[label].predict(curve, depth=tree.depth if tree is not None else 0)
         preds[label] = pred
         if best is None or pred.tokens_per_s > best.prediction.tokens_per_s:
             best = ReplayChoice(label, drafter, tree, pred)
@@ -206,6 +217,7 @@ def choose_replayed(candidates: Sequence[tuple[str, Callable[[], Drafter], Tree 
             f"{k}: {v}" for k, v in skipped.items()))
     best.predictions, best.skipped = preds, skipped
     best.prompts, best.conts, best.latency = list(prompts), list(conts), latency
+    best.replays, best.shapes = replays, shapes
     return best
 
 
