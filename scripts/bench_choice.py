@@ -93,6 +93,13 @@ def main(argv=None) -> int:
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
         print()
         print(dtypes.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    held = report.held_out()
+    if len(held):
+        print()
+        print("tune's choice replayed along plain decoding's outputs of the held-out prompts "
+              "(first turns), against the speed-up measured there without the prefill:")
+        with with_pd.option_context("display.width", 250, "display.max_columns", 30):
+            print(held.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     every = table[table["category"] == "all"]
     for _, r in every.iterrows():
         print(f"{r['dtype']}: tune chose {r['tuned_method']}")
@@ -107,6 +114,7 @@ def main(argv=None) -> int:
                 for r in report.runs if r.rows is not None}
         (out / "choice.json").write_text(json.dumps(
             {"settings": report.settings, "table": table.to_dict(orient="records"),
+             "held_out_replay": held.to_dict(orient="records"),
              "dtypes": dtypes.to_dict(orient="records"), "rows": rows}, indent=1,
             default=str) + "\n")
     failures = [f"{r.dtype} {row['method']} {row['prompt_key']}: first differs at new token "

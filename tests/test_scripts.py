@@ -287,6 +287,12 @@ def test_bench_choice_on_a_saved_tiny_model(folder, tmp_path, capsys):
         assert r["tuned_method"].startswith("replay (")  # ngram: chosen by greedy replay
     assert [r["dtype"] for r in data["dtypes"]] == ["float32", "bfloat16"]
     assert sum(r["auto_dtype_pick"] for r in data["dtypes"]) == 1
+    held = {r["dtype"]: r for r in data["held_out_replay"]}
+    # the replay along the held-out plain outputs takes the steps the measured run took
+    # (float32: greedy-exact), whatever the timings
+    assert held["float32"]["prompts"] >= 1 and held["float32"]["tokens_per_step_replayed"] == \
+        pytest.approx(held["float32"]["tokens_per_step_measured"])
+    assert "held-out prompts" in text
 
 
 def _drift_max(out: str) -> dict[str, float]:

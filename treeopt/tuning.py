@@ -334,7 +334,12 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
     teacher-forced along the target's own continuations by default) -> latency profile
     (target tree forwards of ``tokens`` sizes and draft levels) -> :func:`search_tree` with
     the hardware-aware choice under ``search`` -> optionally ``search.optuna_trials`` Optuna
-    trials on predicted tokens/s, seeded with that tree. With ``out_dir``:
+    trials on predicted tokens/s, seeded with that tree -> for a model-free drafter
+    (``ngram``, ``suffix``, ``datastore``) at temperature 0: greedy replay of the drafter
+    itself along the target's continuations of the prompts (:func:`replay_choice`,
+    ``treeopt.profile.replay``) over that tree, the DP's trees of 4-32 nodes, chains of 1-16
+    drafted tokens, per-step lengths from the copy table and SuffixDecoding's alpha budgets;
+    the fastest replayed is kept (``replay``, ``draft_spec``). With ``out_dir``:
     ``profile.json`` (written as it is measured; ``resume`` continues an interrupted one),
     ``tree.pt`` (Sequoia-compatible growmap), ``tree.json``, ``tree.png`` and
     ``summary.json``. Searching ``profile.json`` again with the same limits gives the same

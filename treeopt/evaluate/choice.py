@@ -27,18 +27,25 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from treeopt.api import Pair
+from treeopt.api import Pair, encode_prompts
 from treeopt.datasets import split_prompts
 from treeopt.decode.drafter import build_drafter
-from treeopt.evaluate.methods import AR, Method, ar_method, chain_method, dp_method, drafter_method
+from treeopt.evaluate.methods import (
+    AR,
+    Method,
+    ar_method,
+    chain_method,
+    dp_method,
+    drafter_method,
+)
 from treeopt.evaluate.reference import hf_prompt_lookup
 from treeopt.evaluate.runner import EvalConfig, run_eval
 from treeopt.models.dtype import choose_dtype
 from treeopt.models.loading import load_model, load_tokenizer
 from treeopt.models.machine import Machine
 from treeopt.profile.latency import LatencySettings
-from treeopt.profile.replay import private
-from treeopt.search.hardware import empty_step_rate, predict
+from treeopt.profile.replay import private, replay
+from treeopt.search.hardware import empty_step_rate, monotone, predict
 from treeopt.tuning import AcceptanceSettings, tune
 
 CHAINS = (2, 4, 8, 16)
@@ -62,6 +69,7 @@ class ChoiceRun:
     target_ms: dict[int, float]
     rows: Any = None
     tuned_method: str = ""
+    held_out: dict | None = None  # replay_on_held_out
 
 
 @dataclass
@@ -74,6 +82,11 @@ class ChoiceReport:
 
     def dtypes(self) -> pd.DataFrame:
         return dtype_table(self.runs)
+
+    def held_out(self) -> pd.DataFrame:
+        """Per dtype, :func:`replay_on_held_out` (no rows when nothing was replayed)."""
+        return pd.DataFrame([{"dtype": r.dtype, **r.held_out} for r in self.runs
+                             if r.held_out is not None])
 
 
 def grid_methods(profile, chains: Sequence[int] = CHAINS, dp_sizes: Sequence[int] = DP_SIZES,
@@ -182,7 +195,51 @@ def _choice_run(target, draft, dtype, device, cs: ChoiceSettings, tune_set, held
     lat = tuned.latency.target
     target_ms = {int(n): float(ms) for n, ms in zip(lat.tokens, lat.ms)}
     return ChoiceRun(dtype, result.summary, predicted, tuned.tree.size, tuned.tree.depth,
-                     target_ms, result.rows, tuned.method)
+                     target_ms, result.rows, tuned.method,
+                     replay_on_held_out(tuned, pair, held_out, result.rows))
+
+
+def replay_on_held_out(tuned, pair, held_out, rows) -> dict | None:
+    """Tune's choice replayed along plain decoding's outputs of the *held-out* prompts (first
+    turns), priced with tune's latency curve, beside what was measured on those turns: the
+    prediction's own error once the prompts' difference is taken out. Measured speed-up
+    without the prefill (the replay has none): plain decoding's decode time per token over
+    the tuned method's. None without a replay (sampling, a drafter with a model)."""
+    if tuned.replay is None or rows is None or not len(rows):
+        return None
+    first = rows[rows["turn"] == 1]
+    plain = {r["prompt_id"]: r for _, r in first[first["method"] == AR].iterrows()}
+    chosen = {r["prompt_id"]: r for _, r in first[first["method"] == TUNED].iterrows()}
+    ids, conts, keys = [], [], []
+    for p in held_out:
+        if p.id not in plain or p.id not in chosen:
+            continue
+        enc = encode_prompts(pair.tokenizer, [p], True)[0]
+        if len(enc) != int(plain[p.id]["prompt_tokens"]):
+            continue  # encoded unlike the eval (a truncated prompt): not comparable
+        ids.append(enc)
+        conts.append(list(plain[p.id]["output_ids"]))
+        keys.append(p.id)
+    if not keys:
+        return None
+    got = replay(private(tuned.replay.drafter), ids, conts)
+    pred = got.predict(monotone(tuned.latency.target))
+
+    def decode_rate(table) -> float:
+        secs = sum(float(table[k]["seconds"]) - float(table[k]["prefill_s"]) for k in keys)
+        return sum(int(table[k]["new_tokens"]) for k in keys) / secs
+
+    measured = decode_rate(chosen) / decode_rate(plain)
+    steps = sum(int(chosen[k]["steps"]) for k in keys)
+    return {"prompts": len(keys), "predicted": pred.speedup, "measured_decode": measured,
+            "error": pred.speedup / measured - 1,
+            "tokens_per_step_replayed": pred.expected_tokens,
+            "tokens_per_step_measured": sum(int(chosen[k]["step_tokens"]) for k in keys) / steps,
+            "step_ms_predicted": pred.step_ms,
+            "step_ms_measured": 1000 * sum(float(chosen[k]["seconds"]) - float(
+                chosen[k]["prefill_s"]) for k in keys) / steps,
+            "plain_ms_predicted": pred.plain_ms,
+            "plain_ms_measured": 1000 / decode_rate(plain)}
 
 
 def _regret(best: float, chosen: float) -> float:
