@@ -527,3 +527,4 @@ def test_threading_settings_are_recorded(models, tmp_path):
         assert t["interop_threads"] == torch.get_num_interop_threads()
         assert t["omp_wait_policy"] == os.environ.get("OMP_WAIT_POLICY")
         assert t["kernels"] == kernels_in_use(target)
+        assert t["dtype"] == "float32" and t["machine"]["cpu"]  # what the timings ran on

@@ -126,6 +126,7 @@ def test_meta_records_the_threading_settings(monkeypatch):
     assert lat.meta["kernels"] in ("default", "onednn")
     assert lat.meta["draft_kernels"] in ("default", "onednn")
     assert "interop_threads" in lat.meta
+    assert lat.meta["dtype"] == "float32" and lat.meta["machine"]["cpu"]  # named beside it
     monkeypatch.delenv("OMP_WAIT_POLICY")
     assert measure_latency(target, None, tokens=[1], context=8, repeats=1,
                            warmup=0).meta["omp_wait_policy"] is None

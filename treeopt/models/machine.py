@@ -25,13 +25,22 @@ def threading_settings(model=None, draft=None) -> dict:
     """torch's intra- and inter-op threads, the OpenMP environment as set in this process
     (``omp_wait_policy`` None = unset: OpenMP's default, active spin-waiting;
     ``omp_num_threads``), the CPU count, and the linear-layer kernels of ``model`` (and of a
-    ``draft`` model) timed (``treeopt.models.cpu_kernels.kernels_in_use``)."""
+    ``draft`` model) timed (``treeopt.models.cpu_kernels.kernels_in_use``), with ``model``'s
+    dtype and the machine it runs on (CPU model and matrix flags, or the GPU's name:
+    ``treeopt.models.dtype.machine``), so that every timing names what it ran on."""
     out = {"threads": torch.get_num_threads(),
            "interop_threads": torch.get_num_interop_threads(),
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
            "cpu_count": os.cpu_count()}
     if isinstance(model, torch.nn.Module):
+        from treeopt.models.dtype import machine
+
+        param = next(model.parameters(), None)
+        if param is not None:
+            out["dtype"] = str(param.dtype).removeprefix("torch.")
+            out["machine"] = {k: v for k, v in machine(param.device).items()
+                              if k in ("cpu", "flags", "gpu")}
         out["kernels"] = kernels_in_use(model)
     if isinstance(draft, torch.nn.Module):
         out["draft_kernels"] = kernels_in_use(draft)
