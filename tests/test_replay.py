@@ -165,6 +165,23 @@ def test_suffix_candidates_include_its_alphas_and_their_specs(target):
     assert made["dp:8x6"].shape.size == 8 and made["dp:8x6"].shape.depth <= 6
 
 
+def test_a_replay_never_sees_outputs_the_drafter_indexed_before(target):
+    """``tune`` profiles the same prompts before it replays them: a suffix drafter's global
+    trie then holds their continuations. The replay (and the copy-table measurement) start
+    from an empty trie, as a fresh run does, so they predict what decoding will do."""
+    from treeopt.profile.copy import measuring_copy
+
+    conts = continuations(target, PROMPTS, 16)
+    used = build_drafter("suffix:global=4096", target=target)
+    for ids in PROMPTS + PROMPTS:  # the prompts decoded (and indexed) already
+        generate(target, used, torch.tensor([ids]), max_new_tokens=16)
+    assert used.cache.tokens > 0
+    fresh = build_drafter("suffix:global=4096", target=target)
+    a, b = replay(private(used), PROMPTS, conts), replay(private(fresh), PROMPTS, conts)
+    assert (a.nodes, a.tokens) == (b.nodes, b.tokens)
+    assert measuring_copy(used, 8, CopyTable()).cache.tokens == 0
+
+
 def test_len_auto_spec_keeps_the_given_options():
     assert len_auto_spec("ngram", "p.json") == "ngram:len=auto,table=p.json"
     assert len_auto_spec("suffix:max=24,len=alpha", "p.json", max=8) == \

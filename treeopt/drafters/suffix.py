@@ -337,6 +337,12 @@ class SuffixCache:
         if save and self.path is not None:
             self.save()
 
+    def empty_copy(self) -> "SuffixCache":
+        """A new, empty global trie with these settings that keeps no file: what a fresh
+        process starts from, for measurements that must not see outputs already indexed (the
+        same prompts decoded by an earlier measurement)."""
+        return SuffixCache(self.trie.depth, self.max_tokens, None, self.vocab_size)
+
     def _rebuild(self) -> None:
         trie = SuffixTrie(self.trie.depth)
         for d in self.docs:

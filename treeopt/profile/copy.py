@@ -64,6 +64,8 @@ def measuring_copy(drafter: Drafter, max_tokens: int, table: CopyTable) -> Draft
         new.max_tokens, new.alpha, new.offset = max_tokens, 0.0, float(max_tokens)
         new.request = type(drafter.request)(drafter.depth)
         new._seen, new._prompt_len, new.last_draft = [], 0, None
+        if new.cache is not None:  # it may hold these prompts' outputs already (profiled)
+            new.cache = new.cache.empty_copy()
     else:
         raise CopyProfileError(f"copy-acceptance tables are measured for ngram and suffix "
                                f"drafters, not {getattr(drafter, 'name', type(drafter).__name__)}")

@@ -64,8 +64,10 @@ def replayable(drafter: Drafter) -> str | None:
 
 def private(drafter: Drafter, shape: Tree | None = None, *, sized: bool = True) -> Drafter:
     """A copy of ``drafter`` (filling ``shape`` when given) whose state is its own: a fresh
-    request index, no recorder, and a private copy of a global suffix cache that never writes
-    its file. ``sized=False`` drops a per-step sizer (a fixed shape drafted whole)."""
+    request index, no recorder, and an empty global suffix trie of its own that keeps no
+    file (the drafter's may already hold the very continuations being replayed: ``tune``
+    profiled them; a replay builds it from its own prompts, as a fresh run does).
+    ``sized=False`` drops a per-step sizer (a fixed shape drafted whole)."""
     try:
         new = drafter.reshaped(shape if shape is not None else drafter.shape)
     except DrafterError:
@@ -78,11 +80,8 @@ def private(drafter: Drafter, shape: Tree | None = None, *, sized: bool = True) 
         new.sizer = None
         if getattr(new, "length", None) == "auto":
             new.length = "alpha"
-    cache = getattr(new, "cache", None)
-    if cache is not None:
-        cache = copy.deepcopy(cache)
-        cache.path = None
-        new.cache = cache
+    if getattr(new, "cache", None) is not None:
+        new.cache = new.cache.empty_copy()
     return new
 
 
