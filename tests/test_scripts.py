@@ -315,3 +315,22 @@ def test_bench_ties_tiny(capsys):
     bf16 = _drift_max(capsys.readouterr().out)
     assert max(bf16.values()) > max(fp32.values())
     assert max(bf16.values()) < REL_TOLERANCE["bfloat16"]
+
+
+def test_choice_tables_of_a_single_category_data_set():
+    """HumanEval has one category, so eval's summary has no "all" rows: its rows are the
+    overall ones (regret and the dtype table must still come out)."""
+    import pandas as pd
+
+    from treeopt.evaluate.choice import ChoiceRun, choice_table, dtype_table
+
+    summary = pd.DataFrame({"method": ["ar", "tuned", "auto", "chain:5"],
+                            "category": ["coding"] * 4, "speedup": [1.0, 1.5, 1.2, 1.6],
+                            "tokens_per_s": [4.0, 6.0, 4.8, 6.4]})
+    run = ChoiceRun("bfloat16", summary, {"ar": 1.0, "tuned": 1.35}, 9, 8, {1: 250.0})
+    table = choice_table(run)
+    every = table[table["category"] == "all"].iloc[0]
+    assert every["regret_tuned"] == pytest.approx(1.6 / 1.5 - 1)
+    assert every["prediction_error_tuned"] == pytest.approx(1.35 / 1.5 - 1)
+    dt = dtype_table([run]).iloc[0]
+    assert dt["best_method"] == "chain:5" and dt["plain_tokens_per_s"] == 4.0

@@ -31,6 +31,7 @@ from treeopt.api import Pair, encode_prompts
 from treeopt.datasets import split_prompts
 from treeopt.decode.drafter import build_drafter
 from treeopt.evaluate.methods import (
+    ALL,
     AR,
     Method,
     ar_method,
@@ -250,7 +251,7 @@ def choice_table(run: ChoiceRun) -> pd.DataFrame:
     """One row per category (and "all"): plain tokens/s, the tuned tree's and auto's measured
     speed-ups, their regret against the best method measured, the tuned tree's predicted
     speed-up and prediction error, the best method and Hugging Face prompt lookup's best."""
-    s = run.summary
+    s = with_all(run.summary)
     out = []
     for cat, group in s.groupby("category", sort=False):
         speed = dict(zip(group["method"], group["speedup"]))
@@ -275,13 +276,23 @@ def choice_table(run: ChoiceRun) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def with_all(summary: pd.DataFrame) -> pd.DataFrame:
+    """The eval summary with its overall rows: eval adds category "all" only when there are
+    several categories; with one (HumanEval, say) its rows are the overall ones too."""
+    cats = set(summary["category"])
+    if ALL in cats or len(cats) != 1:
+        return summary
+    return pd.concat([summary, summary.assign(category=ALL)], ignore_index=True)
+
+
 def dtype_table(runs: Sequence[ChoiceRun]) -> pd.DataFrame:
     """Plain decoding's tokens/s per dtype over all prompts, the best method's tokens/s in that
     dtype, and which dtype ``choose_dtype`` picks from the tunes' latency curves."""
     picked = choose_dtype({r.dtype: r.target_ms for r in runs}) if runs else None
     rows = []
     for r in runs:
-        every = r.summary[r.summary["category"] == "all"]
+        summary = with_all(r.summary)
+        every = summary[summary["category"] == ALL]
         plain = every.loc[every["method"] == AR, "tokens_per_s"]
         best = every.loc[every["speedup"].idxmax()]
         auto = every.loc[every["method"] == AUTO, "tokens_per_s"]
@@ -294,4 +305,4 @@ def dtype_table(runs: Sequence[ChoiceRun]) -> pd.DataFrame:
 
 
 __all__ = ["ChoiceReport", "ChoiceRun", "ChoiceSettings", "bench_choice", "choice_table", "dtype_table",
-           "grid_methods"]
+           "grid_methods", "with_all"]
