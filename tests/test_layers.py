@@ -42,6 +42,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("api", ["treeopt.api", "treeopt.chat", "treeopt.testing"]),
     ("measure", ["treeopt.profile.acceptance", "treeopt.profile.latency",
                  "treeopt.profile.quality", "treeopt.profile.calibrate", "treeopt.profile.copy",
+                 "treeopt.profile.replay",
                  "treeopt.search.optuna_search", "treeopt.bench", "treeopt.bench.*"]),
     ("pipeline", ["treeopt.search.api", "treeopt.tuning", "treeopt.tune_dtypes",
                   "treeopt.pipeline",

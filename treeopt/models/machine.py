@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from treeopt.models.cpu_kernels import kernels_in_use
+from treeopt.models.dtype import machine
 
 
 @dataclass(frozen=True)
@@ -34,8 +35,6 @@ def threading_settings(model=None, draft=None) -> dict:
            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
            "cpu_count": os.cpu_count()}
     if isinstance(model, torch.nn.Module):
-        from treeopt.models.dtype import machine
-
         param = next(model.parameters(), None)
         if param is not None:
             out["dtype"] = str(param.dtype).removeprefix("torch.")

@@ -30,7 +30,8 @@ from treeopt.api import encode_prompts
 from treeopt.decode.drafter import Drafter, respec
 from treeopt.decode.engine import generate
 from treeopt.decode.sampling import GREEDY, Sampling
-from treeopt.drafters.ngram import NgramDrafter
+from treeopt.drafters.copylen import StepSizer
+from treeopt.drafters.ngram import AUTO_SHAPE, NgramDrafter
 from treeopt.drafters.suffix import SuffixDrafter
 from treeopt.errors import TreeoptError
 from treeopt.models.loading import eos_ids
@@ -161,9 +162,6 @@ def sizing_copy(drafter: Drafter, table: CopyTable, verify_ms, max_tokens: int |
     ``max_tokens`` tokens a step (default: the drafter's own most): what the drafter spec
     ``DRAFT:len=auto,table=PROFILE`` builds (``ngram`` over a chain of ``max_tokens``,
     ``suffix`` with ``max=``), made from objects in memory."""
-    from treeopt.drafters.copylen import StepSizer
-    from treeopt.drafters.ngram import AUTO_SHAPE
-
     if isinstance(drafter, NgramDrafter):
         shape = AUTO_SHAPE if max_tokens is None else Tree(tuple(range(-1, max_tokens)))
         new = drafter.reshaped(shape)
