@@ -22,7 +22,6 @@ from treeopt.models.dtype import DtypeError, choose_dtype, latency_curve, suppor
 from treeopt.models.loading import load_model, load_tokenizer, resolve_device
 from treeopt.profile.latency import LatencySettings, measure_latency
 from treeopt.search.api import SearchSettings, search_tree
-from treeopt.shapes import chain
 from treeopt.tuning import latency_defaults
 
 
@@ -86,9 +85,7 @@ def compare_dtypes(target: str, draft: str, profile, *, done: DtypeRow | None = 
         measured = measure_latency(model, drafter, **kw)
         if replayed is not None:  # a model-free drafter: its replayed steps, repriced
             label, pred = replayed.best_under(measured)
-            shape = replayed.shapes.get(label)
-            rows.append(row_from(dtype, measured, pred, shape if shape is not None else
-                                 chain(draft_tokens=max(1, pred.size - 1))))
+            rows.append(row_from(dtype, measured, pred, replayed.shape_for(label, pred)))
         else:
             found = search_tree(dataclasses.replace(profile, latency=measured),
                                 search=search or SearchSettings())

@@ -517,7 +517,7 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
                                      title=f"{_name(target)} + {_name(draft)}: n={tree.size}")
         files["summary"] = out / "summary.json"
         summary.update(profile=profile_path.name, growmap=files["growmap"].name)
-        self_sized = replayed is not None and getattr(replayed.drafter, "shape", 0) is None
+        self_sized = replayed is not None and replayed.sizes_itself
         summary["decode"] = f"--draft {draft_spec or _name(draft)}" + (
             "" if self_sized else f" --tree {files['growmap']}")
     if found.treeset is not None:
@@ -606,10 +606,7 @@ def replay_choice(pair, prompts, run, found: SearchResult, searched: Tree, laten
                               table_path, found.rank_table, found.max_size)
     best = choose_replayed(cands, ids, conts, latency)
     best.options = {c[0]: c[3] for c in cands}[best.label]
-    if best.tree is None:
-        shape = getattr(best.drafter, "shape", None)
-        best.tree = shape if shape is not None else chain(
-            draft_tokens=max(1, best.prediction.size - 1))
+    best.tree = best.shape_for(best.label, best.prediction)
     return best
 
 

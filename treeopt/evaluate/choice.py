@@ -158,7 +158,7 @@ def tuned_method(tuned) -> Method:
     """The configuration ``tune`` chose as an eval method: its tree over the run's drafter,
     or the drafter spec it names (per-step lengths from the saved copy table; a drafter
     that sizes its own steps drafts without a tree)."""
-    self_sized = tuned.replay is not None and getattr(tuned.replay.drafter, "shape", 0) is None
+    self_sized = tuned.replay is not None and tuned.replay.sizes_itself
     if tuned.draft_spec is None and not self_sized:
         return Method(TUNED, tuned.tree, "tree", f"the tree tune chose ({tuned.method})")
     spec = tuned.draft_spec or tuned.summary["draft"]

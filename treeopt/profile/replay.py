@@ -46,6 +46,7 @@ from treeopt.errors import TreeoptError
 from treeopt.profile.acceptance import target_continuation
 from treeopt.profile.copy import greedy_path
 from treeopt.search.hardware import Prediction, monotone
+from treeopt.shapes import chain
 from treeopt.tree import Tree
 
 
@@ -175,6 +176,17 @@ class ReplayChoice:
     latency: object = None
     replays: dict = field(default_factory=dict, repr=False)  # label -> Replay
     options: dict = field(default_factory=dict)  # drafter-spec options of the kept one
+
+    @property
+    def sizes_itself(self) -> bool:
+        """The kept drafter builds each step's tree itself: no fixed shape decodes it."""
+        return getattr(self.drafter, "shape", 0) is None
+
+    def shape_for(self, label: str, prediction: Prediction) -> Tree:
+        """The tree to save and report for candidate ``label``: the shape it fills, else its
+        largest replayed step as a chain."""
+        shape = self.shapes.get(label)
+        return shape if shape is not None else chain(draft_tokens=max(1, prediction.size - 1))
     shapes: dict = field(default_factory=dict, repr=False)  # label -> Tree or None
 
     def best_under(self, latency) -> tuple[str, Prediction]:
@@ -206,7 +218,8 @@ def choose_replayed(candidates: Sequence[tuple], prompts: Sequence[Sequence[int]
         except DrafterError as exc:
             skipped[label] = str(exc)
             continue
-        replays[label], shapes[label] = replay(drafter, prompts, conts), tree
+        replays[label] = replay(drafter, prompts, conts)
+        shapes[label] = tree if tree is not None else getattr(drafter, "shape", None)
         pred = replays[label].predict(curve, depth=tree.depth if tree is not None else 0)
         preds[label] = pred
         if best is None or pred.tokens_per_s > best.prediction.tokens_per_s:
