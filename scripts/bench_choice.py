@@ -8,7 +8,7 @@ Printed per dtype and category: plain decoding's tokens/s, the speed-ups over pl
 *in the same dtype* (so a dtype's gain never hides in a speculation figure), regret (best
 measured / chosen - 1) of the tuned tree and of ``auto``, and the tune's prediction error
 (predicted / measured - 1). Then the plain speed of each dtype and the one ``--dtype auto``
-picks from the tune's latency curves.
+picks after ``tune --dtypes`` (the dtype whose choice is predicted fastest).
 
     OMP_WAIT_POLICY=PASSIVE python scripts/bench_choice.py --target smollm2 --draft ngram \\
         --dtypes float32,bfloat16 --tune-prompts 8 --eval-prompts 13
@@ -31,6 +31,10 @@ def ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,7 +54,13 @@ def parse_args(argv=None):
     ap.add_argument("--latency-tokens", type=ints, default=None)
     ap.add_argument("--latency-repeats", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="prompt split and sampling seed")
+    ap.add_argument("--temperatures", type=floats, default=[0.0],
+                    help="comma-separated; each is its own tune and measurement (default 0: "
+                         "greedy; e.g. 0,0.7,1.0)")
+    ap.add_argument("--rule", default="sequoia",
+                    help="verification rule when sampling (sequoia, specinfer, traversal, "
+                         "block: chains only, with --dp-sizes '')")
     ap.add_argument("--stop-at-eos", action="store_true")
     ap.add_argument("--out", default=None, help="write the tables as JSON here")
     return ap.parse_args(argv)
@@ -69,6 +79,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    from treeopt.errors import TreeoptError, one_line
+
     try:
         settings = ChoiceSettings(
             tune_prompts=args.tune_prompts, eval_prompts=args.eval_prompts,
@@ -77,8 +89,12 @@ def main(argv=None) -> int:
             chains=tuple(args.chains), dp_sizes=tuple(args.dp_sizes),
             hf_lookup=tuple(args.hf_prompt_lookup), seed=args.seed,
             categories=args.categories, stop_at_eos=args.stop_at_eos,
-            latency=LatencySettings(tokens=args.latency_tokens, repeats=args.latency_repeats))
+            latency=LatencySettings(tokens=args.latency_tokens, repeats=args.latency_repeats),
+            temperatures=tuple(args.temperatures), rule=args.rule)
         report = bench_choice(args.target, args.draft, args.dataset, settings)
+    except TreeoptError as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
     finally:
         torch.set_num_threads(threads)
         hf_logging.set_verbosity(verbosity)
@@ -87,7 +103,10 @@ def main(argv=None) -> int:
     print(f"{args.target} + {args.draft}, {args.dataset}: tune on "
           f"{len(report.settings['tune_prompts'])} prompts, measure on "
           f"{len(report.settings['eval_prompts'])} others, {args.max_new_tokens} new tokens, "
-          f"{args.threads} threads; speed-ups over plain decoding in the same dtype")
+          f"{args.threads} threads; speed-ups over plain decoding in the same dtype"
+          + ("" if args.temperatures == [0.0] else
+             f"; temperatures {','.join(f'{t:g}' for t in args.temperatures)}, sampled runs "
+             f"verified by {args.rule}"))
     with_pd = __import__("pandas")
     with with_pd.option_context("display.width", 250, "display.max_columns", 30):
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
@@ -102,15 +121,18 @@ def main(argv=None) -> int:
             print(held.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     every = table[table["category"] == "all"]
     for _, r in every.iterrows():
-        print(f"{r['dtype']}: tune chose {r['tuned_method']}")
-        print(f"{r['dtype']}: regret tuned {r['regret_tuned']:+.1%}, auto "
+        head = f"{r['dtype']}" + (f" T={r['temperature']:g} ({r['rule']})"
+                                  if r["temperature"] > 0 else "")
+        print(f"{head}: tune chose {r['tuned_method']}")
+        print(f"{head}: regret tuned {r['regret_tuned']:+.1%}, auto "
               f"{r['regret_auto']:+.1%}; prediction error {r['prediction_error_tuned']:+.1%} "
               f"(targets: regret <= 3 %, |error| <= 10 %)")
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        rows = {r.dtype: r.rows.drop(columns=[c for c in ("output_ids", "output_text")
-                                              if c in r.rows]).to_dict(orient="records")
+        drop = ("output_ids", "output_text")
+        rows = {r.dtype + (f"-t{r.temperature:g}" if r.temperature > 0 else ""):
+                r.rows.drop(columns=[c for c in drop if c in r.rows]).to_dict(orient="records")
                 for r in report.runs if r.rows is not None}
         (out / "choice.json").write_text(json.dumps(
             {"settings": report.settings, "table": table.to_dict(orient="records"),

@@ -159,13 +159,14 @@ def test_tune_and_profile_latency_report_every_dtype(tmp_path, capsys, monkeypat
     lines = [x.strip() for x in text.splitlines()]
     assert any(x.startswith("float32: plain ") and "predicted" in x for x in lines)
     assert any(x.startswith("bfloat16: plain ") and "over plain bfloat16" in x for x in lines)
-    assert re.search(r"--dtype auto picks (float32|bfloat16) from these latency curves", text)
+    # this machine's dtypes decide whether the comparison is complete enough to be cached
+    assert re.search(r"fastest predicted speculative decoding: (float32|bfloat16)", text)
     assert main(["profile", "latency", *model_args(workspace), "--tokens", "1,2",
                  "--context", "8", "--repeats", "1", "--warmup", "0", "--dtype", "float32",
                  "--dtypes", "float32,bfloat16", "--out", str(tmp_path / "l.json")]) == 0
     text = capsys.readouterr().out
     assert "float32: plain" in text and "bfloat16: plain" in text
-    assert re.search(r"--dtype auto picks (float32|bfloat16) on this machine", text)
+    assert re.search(r"--dtype auto picks (float32|bfloat16) on this machine by plain", text)
 
 
 def test_a_dtype_the_model_cannot_run_is_not_a_candidate(tmp_path, monkeypatch):
@@ -183,3 +184,44 @@ def test_a_dtype_the_model_cannot_run_is_not_a_candidate(tmp_path, monkeypatch):
         raise AssertionError("the cached choice is read, nothing loaded")
 
     assert dt.auto_dtype("m", never, "cpu", tmp_path, ["float32", "bfloat16"])[0] == "float32"
+
+
+def test_choose_by_rate_by_hand():
+    assert dt.choose_by_rate({"float32": 10.0, "bfloat16": 12.0}) == "bfloat16"
+    assert dt.choose_by_rate({"float32": 12.0, "bfloat16": 10.0}) == "float32"
+    # within 2 % of float32's rate: float32, the reference dtype
+    assert dt.choose_by_rate({"bfloat16": 10.15, "float32": 10.0}) == "float32"
+    assert dt.choose_by_rate({"bfloat16": 10.3, "float32": 10.0}) == "bfloat16"
+    assert dt.choose_by_rate({"bfloat16": 3.0}) == "bfloat16"
+    for bad in ({}, {"float32": 0.0}, {"float32": float("nan")}, {"float32": True}):
+        with pytest.raises(dt.DtypeError):
+            dt.choose_by_rate(bad)
+
+
+def test_tunes_speculative_choice_overrides_the_plain_measurement(tmp_path, monkeypatch):
+    # plain forwards tie (float32 wins), but tune predicted bfloat16's best speculative
+    # configuration 20 % faster: --dtype auto must then mean bfloat16, read without a load
+    monkeypatch.delenv(dt.ENV_PIN, raising=False)
+    monkeypatch.setattr(dt, "supported_dtypes", lambda device, flags=None: ["float32",
+                                                                           "bfloat16"])
+    load = Loader()
+    assert dt.auto_dtype("m", load, "cpu", tmp_path)[0] in ("float32", "bfloat16")
+    measured = list(load.loads)
+    kept = dt.remember_speculative_choice("m", {"float32": 15.0, "bfloat16": 18.0},
+                                          draft="ngram", device="cpu", folder=tmp_path)
+    assert kept == "bfloat16"
+    assert dt.auto_dtype("m", load, "cpu", tmp_path) == ("bfloat16", {})
+    assert load.loads == measured  # read from the cache, nothing loaded
+    (path,) = (tmp_path / "dtype").glob("*.json")
+    data = json.loads(path.read_text())
+    assert data["basis"] == "speculative" and data["draft"] == "ngram"
+    # a choice its own rates contradict is not believed: measured again by plain forwards
+    data["choice"] = "float32"
+    path.write_text(json.dumps(data))
+    assert dt.auto_dtype("m", load, "cpu", tmp_path)[1] != {}
+    assert len(load.loads) == len(measured) + 2
+    # a comparison without every supported dtype replaces nothing
+    before = path.read_text()
+    assert dt.remember_speculative_choice("m", {"bfloat16": 30.0}, draft="ngram",
+                                          device="cpu", folder=tmp_path) is None
+    assert path.read_text() == before

@@ -243,8 +243,15 @@ def test_steps_that_propose_nothing_cost_one_plain_forward():
     assert choose(table, lat, 3, 3).size < 3 or choose(table, lat, 3, 3).speedup <= 1.05
     pick = choose(table, lat, 3, 3, empty_rate=0.5)
     assert pick.size == 3 and pick.speedup == pytest.approx(half.speedup)
-    with pytest.raises(ValueError, match="empty_rate"):
-        predict(chain, table, lat, empty_rate=1.0)
+    # A drafter that never proposed (every profiled step empty: its profile holds only
+    # "none accepted") decodes plainly: every tree is plain decoding's speed, and the choice
+    # is plain decoding, not an error (sampled tune on prompts an n-gram index never matches)
+    never = [[0.0], [0.0]]
+    assert predict(chain, never, lat, empty_rate=1.0).speedup == pytest.approx(1.0)
+    assert choose(never, lat, 3, 3, empty_rate=1.0).size == 1
+    for bad in (-0.1, 1.01):
+        with pytest.raises(ValueError, match="empty_rate"):
+            predict(chain, table, lat, empty_rate=bad)
 
     class Meta:
         meta = {"steps": 200, "no_candidate_steps": 50}

@@ -295,6 +295,33 @@ def test_bench_choice_on_a_saved_tiny_model(folder, tmp_path, capsys):
     assert "held-out prompts" in text
 
 
+def test_bench_choice_sampled_tunes_and_measures_at_each_temperature(folder, tmp_path,
+                                                                     capsys):
+    """A sampled run is its own tune (acceptance at that temperature, no replay) and its own
+    measurement verified by the rule; a chain-only rule with branching DP trees is refused in
+    one line before any work."""
+    out = tmp_path / "choice"
+    args = ["--target", str(folder), "--draft", "ngram", "--temperatures", "0.7",
+            "--rule", "traversal", "--tune-prompts", "2", "--eval-prompts", "2",
+            "--tune-tokens", "6", "--max-new-tokens", "6", "--chains", "2", "--dp-sizes", "8",
+            "--hf-prompt-lookup", "", "--latency-tokens", "1,2,4", "--latency-repeats", "1",
+            "--threads", "1", "--out", str(out)]
+    assert load_script("bench_choice").main(args) == 0
+    text = capsys.readouterr().out
+    assert "float32 T=0.7 (traversal): regret tuned" in text
+    data = json.loads((out / "choice.json").read_text())
+    assert data["settings"]["temperatures"] == [0.7] and data["settings"]["rule"] == "traversal"
+    for r in data["table"]:
+        assert r["temperature"] == 0.7 and r["rule"] == "traversal"
+        assert r["regret_tuned"] >= -1e-9 and r["predicted_tuned"] > 0
+        assert not r["tuned_method"].startswith("replay (")  # no replay when sampling
+    assert data["held_out_replay"] == [] and list(data["rows"]) == ["float32-t0.7"]
+    bad = args[:-2] + ["--rule", "block"]
+    assert load_script("bench_choice").main(bad) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "verifies chains" in err[0] and "--dp-sizes" in err[0]
+
+
 def _drift_max(out: str) -> dict[str, float]:
     return {line.split(":")[0].strip(): float(line.split("max ")[1].split()[0])
             for line in out.splitlines() if " max " in line}

@@ -18,8 +18,19 @@ from typing import Sequence
 from treeopt.decode.drafter import build_drafter
 from treeopt.errors import TreeoptError, one_line
 from treeopt.models.cache import cache_dir
-from treeopt.models.dtype import DtypeError, choose_dtype, latency_curve, supported_dtypes
-from treeopt.models.loading import load_model, load_tokenizer, resolve_device
+from treeopt.models.dtype import (
+    DtypeError,
+    choose_by_rate,
+    latency_curve,
+    remember_speculative_choice,
+    supported_dtypes,
+)
+from treeopt.models.loading import (
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_spec,
+)
 from treeopt.profile.latency import LatencySettings, measure_latency
 from treeopt.search.api import SearchSettings, search_tree
 from treeopt.tuning import latency_defaults
@@ -111,8 +122,20 @@ def parse_dtypes(text: str | None, device: str = "auto") -> list[str]:
 
 
 def auto_pick(rows: Sequence[DtypeRow]) -> str:
-    """The dtype ``--dtype auto`` would pick from these rows' curves."""
-    return choose_dtype({r.dtype: r.target_ms for r in rows})
+    """The dtype these rows predict fastest for speculative decoding (their best
+    configuration's tokens/s; float32 within 2 %): what ``--dtype auto`` means once
+    :func:`remember_pick` has cached it."""
+    return choose_by_rate({r.dtype: r.predicted_tokens_per_s for r in rows})
+
+
+def remember_pick(target: str, draft: str, rows: Sequence[DtypeRow], device: str = "auto"
+                  ) -> str | None:
+    """Make :func:`auto_pick` of ``rows`` what ``--dtype auto`` means for ``target`` on this
+    machine (``treeopt.models.dtype.remember_speculative_choice``); None when the rows do not
+    cover every dtype the device runs well (the cached plain measurement then stays)."""
+    return remember_speculative_choice(
+        resolve_spec(target), {r.dtype: r.predicted_tokens_per_s for r in rows}, draft=draft,
+        device=resolve_device(device), folder=cache_dir())
 
 
 def plain_rows(target: str, device: str = "auto", dtypes: Sequence[str] | None = None,
@@ -133,4 +156,5 @@ def plain_rows(target: str, device: str = "auto", dtypes: Sequence[str] | None =
     return out
 
 
-__all__ = ["DtypeRow", "auto_pick", "compare_dtypes", "parse_dtypes", "plain_rows", "row_from"]
+__all__ = ["DtypeRow", "auto_pick", "compare_dtypes", "parse_dtypes", "plain_rows",
+           "remember_pick", "row_from"]

@@ -440,7 +440,8 @@ def print_dtypes(args, target) -> None:
         print(f"  {name}: plain {1000 / interpolate(curve, 1):.1f} tokens/s; forward of 4 / 16 "
               f"tokens = {interpolate(curve, 4) / interpolate(curve, 1):.2f}x / "
               f"{interpolate(curve, 16) / interpolate(curve, 1):.2f}x one token")
-    print(f"--dtype auto picks {choose_dtype(curves)} on this machine")
+    print(f"--dtype auto picks {choose_dtype(curves)} on this machine by plain forwards "
+          "(until `tune` compares the dtypes' speculative speed)")
 
 
 def check_latency_args(args) -> None:

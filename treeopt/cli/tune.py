@@ -51,7 +51,13 @@ from treeopt.models.machine import Machine
 from treeopt.profile.latency import LatencySettings, parse_contexts, parse_tokens
 from treeopt.search.api import SearchSettings
 from treeopt.search.hardware import DEFAULT_DRAFT_COST, DEFAULT_MAX_LEVELS, DRAFT_COSTS
-from treeopt.tune_dtypes import auto_pick, compare_dtypes, parse_dtypes, row_from
+from treeopt.tune_dtypes import (
+    auto_pick,
+    compare_dtypes,
+    parse_dtypes,
+    remember_pick,
+    row_from,
+)
 from treeopt.tuning import (
     CPU_LATENCY,
     GPU_LATENCY,
@@ -169,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
 
 def report_dtypes(args, run_) -> None:
     """Plain and predicted tokens/s of the pair in every dtype of ``--dtypes`` (the tuned
-    dtype from the run itself), and the dtype ``--dtype auto`` picks from those curves."""
+    dtype from the run itself); the fastest predicted becomes what ``--dtype auto`` means."""
     dtypes = parse_dtypes(args.dtypes, args.device)
     if len(dtypes) < 2 and not (dtypes and dtypes[0] != run_.latency.meta.get("dtype")):
         return
@@ -191,7 +197,10 @@ def report_dtypes(args, run_) -> None:
         print(f"  {row.line()}")
     for note in skipped:
         print(f"  {note}")
-    print(f"--dtype auto picks {auto_pick(rows)} from these latency curves")
+    kept = remember_pick(args.target, args.draft, rows, args.device)
+    print(f"fastest predicted speculative decoding: {auto_pick(rows)}"
+          + (f"; --dtype auto now means {kept} for this model on this machine"
+             if kept is not None else ""))
 
 
 def report(run_) -> None:

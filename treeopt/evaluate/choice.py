@@ -4,9 +4,12 @@ For a pair and a data set (:func:`bench_choice`): the prompts are split in two; 
 dtype, :func:`treeopt.tuning.tune` profiles the pair on the first split and chooses a tree,
 then :func:`treeopt.evaluate.runner.run_eval` measures, interleaved on the held-out split, plain
 decoding, the tuned tree, the ``auto`` drafter and a grid: chains of 2..16 drafted tokens, the
-DP trees of 8/16/32 nodes (from the same profile) and Hugging Face prompt lookup.
+DP trees of 8/16/32 nodes (from the same profile) and Hugging Face prompt lookup. Each
+temperature is its own tune and measurement: greedy (tune chooses a model-free drafter's
+configuration by replay) or sampled (tune's acceptance profile at that temperature, the
+methods verified by the settings' rule, seeded).
 
-Per dtype and category (:func:`choice_table`):
+Per dtype, temperature and category (:func:`choice_table`):
 
 - regret = best measured speed-up in the grid / the chosen method's speed-up - 1 (0 when the
   choice was the best; for the tuned tree and for ``auto``);
@@ -14,7 +17,8 @@ Per dtype and category (:func:`choice_table`):
   grid tree the profile can predict);
 - plain decoding's tokens/s, so that a dtype's gain and speculation's gain are never mixed:
   speed-ups are over plain decoding *in the same dtype*, and :func:`dtype_table` compares the
-  dtypes' plain speeds (and says which dtype ``--dtype auto`` picks from the tune's latency).
+  dtypes' plain speeds (and says which dtype ``--dtype auto`` picks from the tunes'
+  predicted speculative speeds).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import pandas as pd
 from treeopt.api import Pair, encode_prompts
 from treeopt.datasets import split_prompts
 from treeopt.decode.drafter import build_drafter
+from treeopt.decode.sampling import Sampling, SamplingError
 from treeopt.evaluate.methods import (
     ALL,
     AR,
@@ -41,7 +46,7 @@ from treeopt.evaluate.methods import (
 )
 from treeopt.evaluate.reference import hf_prompt_lookup
 from treeopt.evaluate.runner import EvalConfig, run_eval
-from treeopt.models.dtype import choose_dtype
+from treeopt.models.dtype import choose_by_rate
 from treeopt.models.loading import load_model, load_tokenizer
 from treeopt.models.machine import Machine
 from treeopt.profile.latency import LatencySettings
@@ -58,9 +63,10 @@ AUTO = "auto"
 
 @dataclass
 class ChoiceRun:
-    """One dtype's measurements: the eval summary (``summary``: method x category), the
-    predicted speed-up of every method the profile predicts (``predicted``), the tuned tree's
-    shape, the tune's latency curve of the target (tokens -> ms) and the rows."""
+    """One dtype's measurements at one temperature: the eval summary (``summary``: method x
+    category), the predicted speed-up of every method the profile predicts (``predicted``),
+    the tuned tree's shape, the tune's latency curve of the target (tokens -> ms) and the
+    rows."""
 
     dtype: str
     summary: Any
@@ -71,6 +77,8 @@ class ChoiceRun:
     rows: Any = None
     tuned_method: str = ""
     held_out: dict | None = None  # replay_on_held_out
+    temperature: float = 0.0
+    rule: str = "sequoia"
 
 
 @dataclass
@@ -85,7 +93,8 @@ class ChoiceReport:
         return dtype_table(self.runs)
 
     def held_out(self) -> pd.DataFrame:
-        """Per dtype, :func:`replay_on_held_out` (no rows when nothing was replayed)."""
+        """Per dtype, :func:`replay_on_held_out` (greedy runs only: no rows when nothing was
+        replayed)."""
         return pd.DataFrame([{"dtype": r.dtype, **r.held_out} for r in self.runs
                              if r.held_out is not None])
 
@@ -119,7 +128,10 @@ class ChoiceSettings:
     ``eval_prompts`` others to measure on (drawn with ``seed``, optionally only
     ``categories``), each ``dtype``; ``tune_tokens`` per tuning continuation and
     ``max_new_tokens`` per measured answer (``stop_at_eos``); the grid (``chains`` of drafted
-    tokens, ``dp_sizes`` nodes, ``hf_lookup`` tokens) and the tune's ``latency`` settings."""
+    tokens, ``dp_sizes`` nodes, ``hf_lookup`` tokens) and the tune's ``latency`` settings.
+    Each of ``temperatures`` is a tune and a measurement of its own (0: greedy, tune chooses
+    by replay; above 0: sampled, tuned on an acceptance profile at that temperature and
+    verified by ``rule``, both seeded by ``seed``)."""
 
     tune_prompts: int = 8
     eval_prompts: int = 13
@@ -133,6 +145,17 @@ class ChoiceSettings:
     categories: str | None = None
     stop_at_eos: bool = False
     latency: LatencySettings = field(default_factory=LatencySettings)
+    temperatures: tuple[float, ...] = (0.0,)
+    rule: str = "sequoia"
+
+    def __post_init__(self):
+        if not self.temperatures:
+            raise SamplingError("give at least one temperature, e.g. 0 or 0,0.7,1.0")
+        for t in self.temperatures:  # a bad temperature or rule fails before any work
+            Sampling(float(t), rule=self.rule)
+        if self.rule == "block" and self.dp_sizes:
+            raise SamplingError("rule 'block' verifies chains (one child per node): DP trees "
+                             "branch; give --dp-sizes '' with --rule block")
 
 
 def bench_choice(target: str, draft: str, dataset: str = "spec_bench",
@@ -146,11 +169,15 @@ def bench_choice(target: str, draft: str, dataset: str = "spec_bench",
                                     "tune_prompts": [p.id for p in tune_set],
                                     "eval_prompts": [p.id for p in held_out],
                                     "max_new_tokens": cs.max_new_tokens,
-                                    "dtypes": list(cs.dtypes)})
+                                    "dtypes": list(cs.dtypes),
+                                    "temperatures": [float(t) for t in cs.temperatures],
+                                    "rule": cs.rule, "seed": cs.seed})
     with tempfile.TemporaryDirectory(prefix="treeopt-choice-") as work:
         for dtype in cs.dtypes:
-            report.runs.append(_choice_run(target, draft, dtype, device, cs, tune_set,
-                                           held_out, work, progress))
+            for temp in cs.temperatures:
+                report.runs.append(_choice_run(target, draft, dtype, device, cs, tune_set,
+                                               held_out, Path(work) / f"{dtype}-t{temp:g}",
+                                               progress, float(temp)))
     return report
 
 
@@ -167,10 +194,12 @@ def tuned_method(tuned) -> Method:
 
 
 def _choice_run(target, draft, dtype, device, cs: ChoiceSettings, tune_set, held_out, work,
-                progress) -> ChoiceRun:
-    """Tune in ``dtype`` on ``tune_set`` (files in ``work``), then measure on ``held_out``."""
+                progress, temperature: float = 0.0) -> ChoiceRun:
+    """Tune in ``dtype`` at ``temperature`` on ``tune_set`` (files in ``work``), then measure
+    on ``held_out`` at that temperature."""
     pair = _pair(target, draft, dtype, device)
-    tuned = tune(pair, prompts=tune_set, out_dir=Path(work) / dtype,
+    sampling = Sampling(temperature, rule=cs.rule)
+    tuned = tune(pair, prompts=tune_set, out_dir=work, sampling=sampling,
                  acceptance=AcceptanceSettings(prompts=len(tune_set),
                                                max_new_tokens=cs.tune_tokens, seed=cs.seed),
                  latency=cs.latency, machine=Machine(device=device), progress=progress)
@@ -189,7 +218,7 @@ def _choice_run(target, draft, dtype, device, cs: ChoiceSettings, tune_set, held
         elif m.kind in ("chain", "dp") and m.tree is not None:
             predicted[m.name] = predict(m.tree, table, tuned.latency, tuned.search.meta.get(
                 "draft_cost", "per-level"), empty).speedup
-    config = EvalConfig(max_new_tokens=cs.max_new_tokens, seed=cs.seed,
+    config = EvalConfig(max_new_tokens=cs.max_new_tokens, sampling=sampling, seed=cs.seed,
                         stop_at_eos=cs.stop_at_eos)
     result = run_eval(pair.target, pair.drafter, held_out, methods, config=config,
                       tokenizer=pair.tokenizer, progress=progress)
@@ -197,7 +226,8 @@ def _choice_run(target, draft, dtype, device, cs: ChoiceSettings, tune_set, held
     target_ms = {int(n): float(ms) for n, ms in zip(lat.tokens, lat.ms)}
     return ChoiceRun(dtype, result.summary, predicted, tuned.tree.size, tuned.tree.depth,
                      target_ms, result.rows, tuned.method,
-                     replay_on_held_out(tuned, pair, held_out, result.rows))
+                     replay_on_held_out(tuned, pair, held_out, result.rows), temperature,
+                     cs.rule)
 
 
 def replay_on_held_out(tuned, pair, held_out, rows) -> dict | None:
@@ -262,7 +292,8 @@ def choice_table(run: ChoiceRun) -> pd.DataFrame:
         pred = run.predicted.get(TUNED, math.nan)
         errors = [run.predicted[k] / v - 1 for k, v in speed.items()
                   if k in run.predicted and k != AR and v > 0]
-        out.append({"dtype": run.dtype, "category": cat,
+        out.append({"dtype": run.dtype, "temperature": run.temperature,
+                    "rule": run.rule if run.temperature > 0 else "greedy", "category": cat,
                     "plain_tokens_per_s": float(plain.iloc[0]) if len(plain) else math.nan,
                     "tuned": tuned, "auto": auto, "best": speed[best_name],
                     "best_method": best_name, "hf_pld": hf,
@@ -287,8 +318,13 @@ def with_all(summary: pd.DataFrame) -> pd.DataFrame:
 
 def dtype_table(runs: Sequence[ChoiceRun]) -> pd.DataFrame:
     """Plain decoding's tokens/s per dtype over all prompts, the best method's tokens/s in that
-    dtype, and which dtype ``choose_dtype`` picks from the tunes' latency curves."""
-    picked = choose_dtype({r.dtype: r.target_ms for r in runs}) if runs else None
+    dtype, and the dtype ``--dtype auto`` means after ``tune --dtypes``: the one whose tuned
+    configuration is predicted fastest (``choose_by_rate`` of predicted speed-up x plain
+    tokens/s of the tune's curve)."""
+    picked = {}
+    for temp in dict.fromkeys(r.temperature for r in runs):  # per temperature
+        picked[temp] = choose_by_rate({r.dtype: r.predicted[TUNED] * 1000.0 / r.target_ms[1]
+                                       for r in runs if r.temperature == temp})
     rows = []
     for r in runs:
         summary = with_all(r.summary)
@@ -296,11 +332,12 @@ def dtype_table(runs: Sequence[ChoiceRun]) -> pd.DataFrame:
         plain = every.loc[every["method"] == AR, "tokens_per_s"]
         best = every.loc[every["speedup"].idxmax()]
         auto = every.loc[every["method"] == AUTO, "tokens_per_s"]
-        rows.append({"dtype": r.dtype, "plain_tokens_per_s": float(plain.iloc[0]),
+        rows.append({"dtype": r.dtype, "temperature": r.temperature,
+                     "plain_tokens_per_s": float(plain.iloc[0]),
                      "auto_tokens_per_s": float(auto.iloc[0]) if len(auto) else math.nan,
                      "best_method": best["method"], "best_tokens_per_s": best["tokens_per_s"],
                      "target_ms_1": r.target_ms.get(1, math.nan),
-                     "auto_dtype_pick": r.dtype == picked})
+                     "auto_dtype_pick": r.dtype == picked[r.temperature]})
     return pd.DataFrame(rows)
 
 

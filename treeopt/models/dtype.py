@@ -9,6 +9,13 @@ folder (``latency/*.json``, written atomically, validated on read: a damaged, fo
 file is measured again). The machine is its CPU model and flags, torch's version and thread
 count (:func:`machine`). :func:`choose_dtype` picks from such tables; it is a pure function.
 
+Plain forwards are only a proxy: a dtype whose curve is flatter verifies trees more cheaply,
+and on an AVX512-BF16 CPU the two dtypes' one-token times can tie while speculative decoding
+is a fifth faster in bfloat16. So ``tune --dtypes``, which prices the pair's best speculative
+configuration in every dtype, replaces the cached choice with the dtype it predicts fastest
+(:func:`remember_speculative_choice`, :func:`choose_by_rate`); ``--dtype auto`` then means
+that dtype for the model on this machine until the next tune.
+
 The same curves serve the ``auto`` drafter (``treeopt.drafters.auto``), which needs the cost
 of verifying 1..16 tokens at once.
 
@@ -127,6 +134,22 @@ def choose_dtype(tables: Mapping[str, Mapping[int, float]]) -> str:
         scores[name] = score(curve)
     best = min(scores, key=lambda k: (scores[k], k != "float32", k))
     if "float32" in scores and scores["float32"] <= scores[best] * (1 + TIE):
+        return "float32"
+    return best
+
+
+def choose_by_rate(rates: Mapping[str, float]) -> str:
+    """The dtype with the highest tokens/s in ``rates`` (dtype -> predicted tokens/s of the
+    pair's best speculative configuration in that dtype); within ``TIE`` (2 %) of float32's,
+    float32. Raises DtypeError for an empty table or a rate that is not a positive number."""
+    if not rates:
+        raise DtypeError("no speculative rates to choose a dtype from")
+    for name, rate in rates.items():
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) \
+                or not math.isfinite(rate) or rate <= 0:
+            raise DtypeError(f"dtype {name}: tokens/s {rate!r} is not a positive number")
+    best = max(rates, key=lambda k: (rates[k], k == "float32", k))
+    if "float32" in rates and rates["float32"] * (1 + TIE) >= rates[best]:
         return "float32"
     return best
 
@@ -264,16 +287,16 @@ def auto_dtype(name: str, load: Callable[[str], object], device: torch.device | 
     (:func:`supported_dtypes`) when there is one, else :func:`choose_dtype` over each dtype's
     curve. The choice is cached per (model, machine) in ``dtype/*.json``; only without a
     valid cached choice is ``load(dtype)`` called to load the model in each dtype and time it
-    (each copy is dropped before the next is loaded). Returns (dtype, the curves used)."""
+    (each copy is dropped before the next is loaded). A choice ``tune`` cached from
+    speculative rates (:func:`remember_speculative_choice`) takes precedence over plain
+    timing. Returns (dtype, the curves used; empty for a choice made from rates)."""
     pinned = os.environ.get(ENV_PIN, "").strip().lower()
     if pinned and pinned != "measure":
         return pinned, {}
     dtypes = list(dtypes or supported_dtypes(device))
     if len(dtypes) == 1:
         return dtypes[0], {}
-    ident = {"model": str(name), "dtypes": dtypes, "machine": machine(device)}
-    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
-    path = folder / "dtype" / f"{digest}.json"
+    path, ident = choice_path(name, dtypes, device, folder)
     cached = read_choice(path, ident)
     if cached is not None:
         return cached
@@ -299,16 +322,56 @@ def auto_dtype(name: str, load: Callable[[str], object], device: torch.device | 
     return choice, tables
 
 
+def choice_path(name: str, dtypes: Sequence[str], device: torch.device | str,
+                folder: Path) -> tuple[Path, dict]:
+    """(file, identity) of the cached ``--dtype auto`` choice for model ``name`` among
+    ``dtypes`` on this machine."""
+    ident = {"model": str(name), "dtypes": list(dtypes), "machine": machine(device)}
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
+    return folder / "dtype" / f"{digest}.json", ident
+
+
+def remember_speculative_choice(name: str, rates: Mapping[str, float], *, draft: str,
+                                device: torch.device | str, folder: Path) -> str | None:
+    """Cache :func:`choose_by_rate` of ``rates`` (dtype -> the predicted tokens/s of the
+    pair's best configuration with drafter ``draft``, from ``tune --dtypes``) as what
+    ``--dtype auto`` means for model ``name`` (its resolved folder or id) on this machine.
+    Returns the dtype, or None (nothing written) when ``rates`` lacks a dtype the device
+    supports well (a partial comparison does not replace a complete measurement) or the
+    device is a GPU (where ``--dtype auto`` is not measured: bfloat16, else float16)."""
+    dtypes = supported_dtypes(device)
+    if torch.device(device).type != "cpu" or len(dtypes) < 2 or not set(dtypes) <= set(rates):
+        return None
+    rates = {d: float(rates[d]) for d in dtypes}
+    choice = choose_by_rate(rates)
+    path, ident = choice_path(name, dtypes, device, folder)
+    text = json.dumps({"version": CACHE_VERSION, "identity": ident, "choice": choice,
+                       "basis": "speculative", "draft": str(draft),
+                       "tokens_per_s": {d: round(r, 4) for d, r in rates.items()}},
+                      indent=1) + "\n"
+    atomic_write(path, lambda fh: fh.write(text), binary=False)
+    return choice
+
+
 def read_choice(path: Path, ident: dict) -> tuple[str, dict[str, dict[int, float]]] | None:
     """(dtype, curves) from a cached choice file valid for ``ident``: the right version and
-    identity, a curve per dtype, and a choice equal to :func:`choose_dtype` of them; else
-    None (the caller measures again)."""
+    identity, and either a curve per dtype with a choice equal to :func:`choose_dtype` of
+    them, or (a choice ``tune`` made) a speculative rate per dtype with a choice equal to
+    :func:`choose_by_rate` of them (curves: empty); else None (the caller measures again)."""
     try:
         if not path.is_file() or path.stat().st_size > 1 << 16:
             return None
         data = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(data, dict) or data.get("version") != CACHE_VERSION \
-                or data.get("identity") != ident or not isinstance(data.get("ms"), dict) \
+                or data.get("identity") != ident:
+            return None
+        rates = data.get("tokens_per_s")
+        if isinstance(rates, dict):
+            if set(rates) != set(ident["dtypes"]):
+                return None
+            choice = choose_by_rate({k: float(v) for k, v in rates.items()})
+            return (choice, {}) if choice == data.get("choice") else None
+        if not isinstance(data.get("ms"), dict) \
                 or not data["ms"] or not set(data["ms"]) <= set(ident["dtypes"]):
             return None
         tables = {k: {int(n): float(v) for n, v in c.items()} for k, c in data["ms"].items()}
@@ -318,5 +381,6 @@ def read_choice(path: Path, ident: dict) -> tuple[str, dict[str, dict[int, float
         return None
 
 
-__all__ = ["BF16_FLAGS", "DtypeError", "SIZES", "auto_dtype", "check_curve", "choose_dtype",
-           "interpolate", "latency_curve", "machine", "supported_dtypes", "time_forwards"]
+__all__ = ["BF16_FLAGS", "DtypeError", "SIZES", "auto_dtype", "check_curve", "choice_path",
+           "choose_by_rate", "choose_dtype", "interpolate", "latency_curve", "machine",
+           "remember_speculative_choice", "supported_dtypes", "time_forwards"]

@@ -262,8 +262,9 @@ def empty_step_rate(profile) -> float:
 
 
 def _check_empty(empty_rate: float) -> None:
-    if not 0.0 <= empty_rate < 1.0:
-        raise HardwareError(f"empty_rate must be in [0, 1), got {empty_rate}")
+    # 1.0 is a drafter that never proposed: every step is plain (and its profile's F is 1)
+    if not 0.0 <= empty_rate <= 1.0:
+        raise HardwareError(f"empty_rate must be in [0, 1], got {empty_rate}")
 
 
 class StepCost(NamedTuple):
