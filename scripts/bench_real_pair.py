@@ -72,6 +72,9 @@ def parse_args(argv=None):
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per latency point")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="float32",
+                    help="dtype of target and draft (default float32: the int8 draft variants "
+                         "quantise a float32 draft, and --dtype auto may mean bfloat16 here)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-hf", action="store_true", help="skip HF assisted generation")
     ap.add_argument("--no-pass-at-1", action="store_true",
@@ -115,7 +118,8 @@ def tune_variant(args, name: str, spec: str, prompts: Path, out: Path, cli) -> P
         return tree
     argv = ["tune", "--target", args.target, "--draft", spec, "--dataset", str(prompts),
             "--prompts", str(args.tune_prompts), "--max-new-tokens", str(args.tune_tokens),
-            "--seed", str(args.seed + 1), "--threads", str(args.threads), "--tokens",
+            "--seed", str(args.seed + 1), "--threads", str(args.threads), "--dtype",
+            args.dtype, "--dtypes", "none", "--tokens",
             args.latency_tokens, "--repeats", str(args.repeats), "--max-size",
             str(args.max_size), "--out-dir", str(out), "--quiet"]
     if (out / "profile.json").exists():
@@ -161,6 +165,7 @@ def _run(args) -> int:
                        f"{min(best_chain, 3) + 1}")
     common = ["--target", args.target, "--draft", args.draft, "--chain", args.chains,
               "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads),
+              "--dtype", args.dtype,
               "--seed", str(args.seed), "--no-report"]
     for m in methods:
         common += ["--drafter", m]

@@ -58,7 +58,8 @@ def half_table():
                                         ("ngram", Tree((-1, 0, 0, 1, 2, 3))),
                                         ("ngram:min=2,max=4", chain(draft_tokens=8)),
                                         ("suffix", None), ("suffix:mode=path", None),
-                                        ("suffix", chain(draft_tokens=3))])
+                                        ("suffix", chain(draft_tokens=3)),
+                                        ("auto", None), ("auto:max=3", None)])
 def test_replay_steps_equal_the_engines(target, spec, shape):
     n = 24
     conts = continuations(target, PROMPTS, n)
@@ -223,6 +224,8 @@ def test_tune_chooses_by_replay_and_its_decode_args_are_exact(tmp_path, capsys):
                                                                   rel=1e-3)
     assert "greedy replay" in text and f"decode with: {summary['decode']}" in text
     assert "per dtype (same replayed steps;" in text and "bfloat16: plain" in text
+    # the other model-free drafters were replayed too, capped by the height limit
+    assert {"--draft auto:max=6", "--draft suffix:max=6"} <= set(cands)
     args = summary["decode"].split()
     tree = load_growmap(args[args.index("--tree") + 1])[0] if "--tree" in args else None
     target = model.float().eval()
@@ -230,3 +233,34 @@ def test_tune_chooses_by_replay_and_its_decode_args_are_exact(tmp_path, capsys):
     ids = torch.tensor([[40, 41, 42, 40, 41, 42, 40]])
     assert generate(target, drafter, ids, max_new_tokens=20).tokens == \
         generate(target, None, ids, max_new_tokens=20).tokens
+
+
+def test_other_drafters_and_their_decode_spec(target, tmp_path):
+    """tune replays auto and the copy drafter it does not tune beside the one it tunes
+    (capped by a height limit); choosing one answers with that drafter's spec; an ``auto``
+    replay starts from fresh statistics and empty global tries of its own."""
+    from types import SimpleNamespace
+
+    from treeopt.tuning import other_drafters, replay_candidates
+
+    pair = SimpleNamespace(drafter=build_drafter("ngram", target=target), target=target,
+                           tokenizer=None)
+    assert [s for s, _ in other_drafters(pair)] == ["auto", "suffix"]
+    assert [s for s, _ in other_drafters(pair, 6)] == ["auto:max=6", "suffix:max=6"]
+    pair.drafter = build_drafter("suffix", target=target)
+    others = other_drafters(pair)
+    assert [s for s, _ in others] == ["auto", "ngram"]
+    cands = replay_candidates(pair.drafter, chain(draft_tokens=2), 6, None,
+                              lambda n: 10.0 + n, others=others)
+    opts = {c[0]: c[3] for c in cands}
+    assert opts["--draft auto"] == {"spec": "auto"} and opts["--draft ngram"] == {"spec": "ngram"}
+    auto = others[0][1]
+    conts = continuations(target, PROMPTS, 12)
+    first = replay(private(auto), PROMPTS, conts)
+    again = private(auto)
+    tries = [(c.cache, o.cache) for (_, c), (_, o) in zip(again.copies, auto.copies)
+             if getattr(c, "cache", None) is not None]
+    assert again.stats is not auto.stats and tries  # the suffix candidate has one
+    assert all(mine.tokens == 0 and mine is not theirs for mine, theirs in tries)
+    second = replay(again, PROMPTS, conts)
+    assert (first.nodes, first.tokens) == (second.nodes, second.tokens)

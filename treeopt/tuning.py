@@ -26,7 +26,7 @@ import treeopt.profile.latency as latency_mod
 from treeopt import limits
 from treeopt.api import Pair, as_drafter, encode_prompts, load_pair
 from treeopt.datasets import Prompt, load_prompts, select
-from treeopt.decode.drafter import respec
+from treeopt.decode.drafter import build_drafter, registered, respec
 from treeopt.decode.sampling import GREEDY, Sampling
 from treeopt.drafters.auto import remember_tune
 from treeopt.growmap import save_growmap
@@ -476,7 +476,9 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
         pred, method = replayed.prediction, f"replay ({replayed.label})"
         given = _name(draft)
         base = given if given.split(":")[0] == pair.drafter.name else pair.drafter.name
-        if replayed.options and (replayed.label != LEN_AUTO or profile_path is not None):
+        if "spec" in replayed.options:  # another drafter replayed faster
+            draft_spec = replayed.options["spec"]
+        elif replayed.options and (replayed.label != LEN_AUTO or profile_path is not None):
             draft_spec = respec(base, **replayed.options)
     seconds_replay = time.perf_counter() - t_replay
 
@@ -546,14 +548,15 @@ LEN_AUTO = "len=auto"
 
 def replay_candidates(drafter, searched: Tree, most: int, table, verify_ms,
                       table_path: str | os.PathLike | None = None, rank_table=None,
-                      max_size: int = 0) -> list:
+                      max_size: int = 0, others: Sequence[tuple[str, object]] = ()) -> list:
     """What ``tune`` replays for a model-free drafter: (label, factory of a private drafter,
     the shape it fills or None, the drafter-spec options that decode it): the searched tree,
     the DP's trees of ``REPLAY_DP_SIZES`` nodes (at most ``max_size``, depth at most
     ``most``) for the positional ``rank_table``, chains of 1..``most`` drafted tokens,
     per-step lengths up to ``most`` tokens from the copy ``table`` (when measured; its spec
     names ``table_path``), and for a drafter that sizes its own steps its rule as given, or
-    SuffixDecoding's budget at several ``alpha``."""
+    SuffixDecoding's budget at several ``alpha``; then ``others``, (spec, drafter) of other
+    model-free drafters replayed as they are (their decode spec under the option "spec")."""
     fixed = {"len": None, "table": None, "latency": None}
     out = [(f"searched tree, {searched.size} nodes",
             lambda: private(drafter, searched, sized=False), searched, fixed)]
@@ -578,6 +581,29 @@ def replay_candidates(drafter, searched: Tree, most: int, table, verify_ms,
                         {**fixed, "alpha": alpha}))
     elif drafter.shape is None:
         out.append(("as given", lambda: private(drafter), None, {}))
+    for spec, other in others:
+        out.append((f"--draft {spec}", lambda d=other: private(d), None, {"spec": spec}))
+    return out
+
+
+#: Other model-free drafters ``tune`` replays beside the one tuned (when registered):
+#: the per-step chooser and the copy drafter it does not tune.
+OTHER_DRAFTERS = ("auto", "suffix", "ngram")
+
+
+def other_drafters(pair, most: int = REPLAY_MAX_CHAIN) -> list[tuple[str, object]]:
+    """(spec, drafter) of every ``OTHER_DRAFTERS`` entry that is registered, is not the
+    drafter tuned, and can be replayed (``auto`` without a draft model: copies only); the
+    drafters that size their own steps capped at ``most`` drafted tokens when that is below
+    ``REPLAY_MAX_CHAIN`` (a height limit the user gave)."""
+    out = []
+    for name in OTHER_DRAFTERS:
+        if name == pair.drafter.name or name not in registered():
+            continue
+        spec = f"{name}:max={most}" if most < REPLAY_MAX_CHAIN and name != "ngram" else name
+        other = build_drafter(spec, target=pair.target, tokenizer=pair.tokenizer)
+        if replayable(other) is None:
+            out.append((spec, other))
     return out
 
 
@@ -602,8 +628,9 @@ def replay_choice(pair, prompts, run, found: SearchResult, searched: Tree, laten
     most = min(REPLAY_MAX_CHAIN, max(1, found.max_size - 1))
     if search.max_levels is not None or search.max_depth is not None:
         most = max(1, min(most, search.levels() - 1))
+    others = other_drafters(pair, most) if search.other_drafters else []
     cands = replay_candidates(pair.drafter, searched, most, table, monotone(latency.target),
-                              table_path, found.rank_table, found.max_size)
+                              table_path, found.rank_table, found.max_size, others)
     best = choose_replayed(cands, ids, conts, latency)
     best.options = {c[0]: c[3] for c in cands}[best.label]
     best.tree = best.shape_for(best.label, best.prediction)

@@ -112,6 +112,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--optuna-trials", type=int, default=0, metavar="N",
                    help="refine the DP choice with N Optuna trials on predicted tokens/s "
                         "(default 0: DP only)")
+    s.add_argument("--this-drafter-only", action="store_true",
+                   help="greedy tune of a model-free drafter: choose among its own shapes and "
+                        "step sizes only (default: also replay auto, suffix and ngram, and "
+                        "answer with whichever decodes fastest)")
     parser.add_argument("--dtypes", default="auto", metavar="auto|none|D1,D2",
                         help="after tuning, time the pair in these dtypes too and report plain "
                              "and predicted tokens/s per dtype with the same acceptance profile "
@@ -161,7 +165,8 @@ def run(args: argparse.Namespace) -> int:
             search=SearchSettings(max_size=args.max_size, max_levels=levels,
                                   draft_cost=args.draft_cost,
                                   measured_sizes_only=args.measured_sizes_only,
-                                  optuna_trials=args.optuna_trials),
+                                  optuna_trials=args.optuna_trials,
+                                  other_drafters=not args.this_drafter_only),
             machine=Machine(device=args.device, dtype=args.dtype, threads=args.threads),
             progress=not args.quiet)
     except KeyboardInterrupt:

@@ -201,10 +201,12 @@ class AutoDrafter(Drafter):
         self.drafted: dict[str, int] = {}
         self.run_steps: dict[str, int] = {}  # over every generation of this drafter
 
-    def reshaped(self, shape: Tree) -> "AutoDrafter":
+    def reshaped(self, shape: Tree | None) -> "AutoDrafter":
         """A fresh auto drafter whose chains are at most ``shape``'s (a chain: ``chain:N``
         caps the drafted tokens at N - 1; what ``eval --chain`` asks of the default
-        drafter). Trees are refused: auto drafts chains."""
+        drafter; None: this one's cap). Trees are refused: auto drafts chains."""
+        if shape is None:
+            shape = chain(draft_tokens=self.max_draft)
         if shape.width > 1:
             raise DrafterError("the auto drafter drafts chains that it sizes itself; give it "
                                "a chain (chain:N caps it) or choose a tree drafter such as "

@@ -67,23 +67,35 @@ def private(drafter: Drafter, shape: Tree | None = None, *, sized: bool = True) 
     """A copy of ``drafter`` (filling ``shape`` when given) whose state is its own: a fresh
     request index, no recorder, and an empty global suffix trie of its own that keeps no
     file (the drafter's may already hold the very continuations being replayed: ``tune``
-    profiled them; a replay builds it from its own prompts, as a fresh run does).
-    ``sized=False`` drops a per-step sizer (a fixed shape drafted whole)."""
-    try:
-        new = drafter.reshaped(shape if shape is not None else drafter.shape)
-    except DrafterError:
-        if shape is not None:
-            raise
-        new = copy.copy(drafter)  # a drafter that sizes itself and takes no shape
-    if hasattr(new, "recorder"):
-        new.recorder = None
+    profiled them; a replay builds it from its own prompts, as a fresh run does). An
+    ``auto`` drafter is rebuilt with fresh statistics and its copy candidates made private
+    the same way. ``sized=False`` drops a per-step sizer (a fixed shape drafted whole)."""
+    if shape is None and getattr(drafter, "copies", None) is not None:
+        new = drafter.reshaped(None)  # ``auto``: fresh statistics and candidates
+    else:
+        try:
+            new = drafter.reshaped(shape if shape is not None else drafter.shape)
+        except DrafterError:
+            if shape is not None:
+                raise
+            new = copy.copy(drafter)  # a drafter that sizes itself and takes no shape
     if not sized and getattr(new, "sizer", None) is not None:
         new.sizer = None
         if getattr(new, "length", None) == "auto":
             new.length = "alpha"
-    if getattr(new, "cache", None) is not None:
-        new.cache = new.cache.empty_copy()
+    _own_state(new)
     return new
+
+
+def _own_state(drafter: Drafter) -> None:
+    """No recorder and an empty global trie of its own, for ``drafter`` and for the copy
+    candidates of an ``auto`` drafter."""
+    if hasattr(drafter, "recorder"):
+        drafter.recorder = None
+    if getattr(drafter, "cache", None) is not None:
+        drafter.cache = drafter.cache.empty_copy()
+    for _, candidate in getattr(drafter, "copies", None) or ():
+        _own_state(candidate)
 
 
 def continuations(target, prompts: Sequence[Sequence[int]], max_new_tokens: int,

@@ -155,7 +155,10 @@ class SearchSettings:
     largest measured latency point; ``measured_sizes_only``), the height limit
     (``max_levels``, root counted, or ``max_depth`` in edges, never both; default
     ``DEFAULT_MAX_LEVELS`` levels), the draft-cost model, whether per-depth acceptance rows
-    are used, and how many Optuna trials ``tune`` adds after the DP (0: none)."""
+    are used, how many Optuna trials ``tune`` adds after the DP (0: none), and whether a
+    greedy ``tune`` of a model-free drafter also replays the other model-free drafters
+    (``other_drafters``: ``auto``, ``suffix``, ``ngram``; ``treeopt.tuning.other_drafters``)
+    so that it can answer with another drafter."""
 
     max_size: int | None = None
     max_levels: int | None = None
@@ -164,6 +167,7 @@ class SearchSettings:
     depth_aware: bool = True
     measured_sizes_only: bool = False
     optuna_trials: int = 0
+    other_drafters: bool = True
 
     def levels(self) -> int:
         """The DP's level limit (root counted): :func:`level_limit` of the height fields."""
