@@ -1,17 +1,21 @@
 """Regret and prediction error of treeopt's choices, on prompts nobody tuned on.
 
 A thin wrapper around :func:`treeopt.evaluate.choice.bench_choice`: for a pair and a data set,
-``tune`` chooses a tree on one split of the prompts; on the held-out split ``eval`` measures,
-interleaved, plain decoding, that tree, the ``auto`` drafter and a grid (chains of 2..16
-drafted tokens, DP trees of 8/16/32 nodes, Hugging Face prompt lookup), once per dtype.
-Printed per dtype and category: plain decoding's tokens/s, the speed-ups over plain decoding
-*in the same dtype* (so a dtype's gain never hides in a speculation figure), regret (best
-measured / chosen - 1) of the tuned tree and of ``auto``, and the tune's prediction error
-(predicted / measured - 1). Then the plain speed of each dtype and the one ``--dtype auto``
+``tune`` chooses a configuration (drafter, tree or per-step sizes) on one split of the
+prompts; on the held-out split ``eval`` measures, interleaved, plain decoding, that choice, the
+``auto`` drafter and a grid (chains of 2..16 drafted tokens, DP trees of 8/16/32 nodes, Hugging
+Face prompt lookup; a grid method equal to tune's choice is measured once, as the choice),
+once per dtype and per ``--temperatures`` value (sampled runs: tuned at that temperature,
+verified by ``--rule``, seeded). Printed per dtype, temperature and category: plain
+decoding's tokens/s, the speed-ups over plain decoding *in the same dtype* (so a dtype's gain
+never hides in a speculation figure), regret (best measured / chosen - 1) of tune's choice
+and of ``auto``, and the tune's prediction error (predicted / measured - 1). Then the plain speed of each dtype and the one ``--dtype auto``
 picks after ``tune --dtypes`` (the dtype whose choice is predicted fastest).
 
     OMP_WAIT_POLICY=PASSIVE python scripts/bench_choice.py --target smollm2 --draft ngram \\
         --dtypes float32,bfloat16 --tune-prompts 8 --eval-prompts 13
+    OMP_WAIT_POLICY=PASSIVE python scripts/bench_choice.py --temperatures 0,0.7,1.0 \\
+        --rule traversal
 
 Targets (issue 16): regret <= 3 % and |prediction error| <= 10 %.
 """

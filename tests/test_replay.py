@@ -191,13 +191,42 @@ def test_len_auto_spec_keeps_the_given_options():
         "ngram:min=2,len=auto,table=p.json"
 
 
-def test_tune_chooses_by_replay_and_its_decode_args_are_exact(tmp_path, capsys):
+def test_greedy_continuations_are_computed_once_per_model():
+    from treeopt.profile import acceptance
+    from treeopt.profile.acceptance import greedy_continuation, target_continuation
+
+    model = tiny_causal_lm("llama", seed=3).float().eval()
+    calls = []
+    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        tokens, _ = target_continuation(model, PROMPTS[0], 9)
+        n = len(calls)
+        assert greedy_continuation(model, PROMPTS[0], 9) == tokens and len(calls) == n
+        assert greedy_continuation(model, PROMPTS[0], 5) == tokens[:5] and len(calls) > n
+        other = tiny_causal_lm("llama", seed=4).float().eval()  # another model: its own
+        assert acceptance._SEEN.get(other) is None
+    finally:
+        hook.remove()
+
+
+def test_tune_chooses_by_replay_and_its_decode_args_are_exact(tmp_path, capsys, monkeypatch):
     """``tune --draft ngram``: every replayed candidate is in the summary, the kept one is
-    the fastest replayed, and decoding with the summary's ``decode`` arguments is exact."""
+    the fastest replayed, and decoding with the summary's ``decode`` arguments is exact; the
+    replay reuses the acceptance profile's greedy continuations (one per prompt)."""
     from helpers import char_tokenizer
 
     from treeopt.cli import main
     from treeopt.growmap import load_growmap
+    from treeopt.profile import acceptance
+
+    computed = []
+    real = acceptance.target_continuation
+
+    def counted(*args, **kw):
+        computed.append(kw.get("temperature", 0.0))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(acceptance, "target_continuation", counted)
 
     folder = tmp_path / "tiny"
     model = tiny_causal_lm(num_layers=2, seed=11)
@@ -226,6 +255,7 @@ def test_tune_chooses_by_replay_and_its_decode_args_are_exact(tmp_path, capsys):
     assert "per dtype (same replayed steps;" in text and "bfloat16: plain" in text
     # the other model-free drafters were replayed too, capped by the height limit
     assert {"--draft auto:max=6", "--draft suffix:max=6"} <= set(cands)
+    assert len(computed) == 3  # the 3 tune prompts, profiled and replayed along once each
     args = summary["decode"].split()
     tree = load_growmap(args[args.index("--tree") + 1])[0] if "--tree" in args else None
     target = model.float().eval()
@@ -264,3 +294,8 @@ def test_other_drafters_and_their_decode_spec(target, tmp_path):
     assert all(mine.tokens == 0 and mine is not theirs for mine, theirs in tries)
     second = replay(again, PROMPTS, conts)
     assert (first.nodes, first.tokens) == (second.nodes, second.tokens)
+    # forked (what eval's methods and warm-up use): statistics copied, then independent
+    twin = again.forked()
+    assert twin.stats["ngram"].tries == again.stats["ngram"].tries != {}
+    twin.stats["ngram"].add(0, 1, True)
+    assert twin.stats["ngram"].tries != again.stats["ngram"].tries

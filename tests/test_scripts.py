@@ -295,6 +295,32 @@ def test_bench_choice_on_a_saved_tiny_model(folder, tmp_path, capsys):
     assert "held-out prompts" in text
 
 
+def test_a_grid_method_that_is_tunes_choice_is_measured_once():
+    """When tune answers ``--draft auto`` (or a chain of the grid), the grid's ``auto`` (that
+    chain) is the same configuration: measured once, as the tuned method, and read from it,
+    so two timings of one configuration never show up as regret."""
+    from treeopt.evaluate.choice import ChoiceRun, choice_table, grid_methods, same_as_tuned
+    from treeopt.evaluate.methods import Method, chain_method
+    from treeopt.shapes import chain
+
+    auto = Method("tuned", None, "drafter", "tune's choice: auto", "auto")
+    methods, same = same_as_tuned(grid_methods(None, (2, 4), (), (3,), auto))
+    assert same == ["auto"] and [m.name for m in methods] == ["ar", "tuned", "chain:3",
+                                                              "chain:5", "hf-pld:3"]
+    tree = Method("tuned", chain(draft_tokens=4), "tree", "the tree tune chose")
+    methods, same = same_as_tuned(grid_methods(None, (2, 4), (), (), tree))
+    assert same == ["chain:5"] and "auto" in [m.name for m in methods]
+    assert same_as_tuned([chain_method(2)]) == ([chain_method(2)], [])
+    import pandas as pd
+
+    summary = pd.DataFrame({"method": ["ar", "tuned", "chain:3"], "category": ["c"] * 3,
+                            "speedup": [1.0, 1.3, 1.2], "tokens_per_s": [10.0, 13.0, 12.0]})
+    run = ChoiceRun("float32", summary, {"tuned": 1.25}, 5, 4, {1: 100.0},
+                    same_as_tuned=["auto"])
+    row = choice_table(run).iloc[0]
+    assert row["auto"] == row["tuned"] == 1.3 and row["regret_auto"] == 0.0
+
+
 def test_bench_choice_sampled_tunes_and_measures_at_each_temperature(folder, tmp_path,
                                                                      capsys):
     """A sampled run is its own tune (acceptance at that temperature, no replay) and its own

@@ -292,3 +292,29 @@ def test_smollm2_greedy_is_exact():
         ref = generate(pair.target, None, ids, max_new_tokens=32).tokens
         got = generate(pair.target, drafter, ids, max_new_tokens=32)
         assert got.tokens == ref
+
+
+def test_eval_methods_and_the_warmup_never_share_a_global_trie():
+    """In an eval run every method decodes as it would alone: the grid methods reshaped from
+    one suffix drafter get global tries of their own (forked), and the warm-up's few tokens
+    of the first prompt reach no trie (they would hand the first answer to the drafter)."""
+    from treeopt.evaluate.methods import chain_method
+    from treeopt.evaluate.runner import EvalConfig, run_eval
+
+    target = sharp()
+    prompts = [(40, 41, 42, 43, 40, 41), (7, 8, 9, 7, 8)]
+    shapes = {"chain:3": 2, "chain:6": 5}
+    res = run_eval(target, build_drafter("suffix", target=target), prompts,
+                   [chain_method(k) for k in shapes.values()],
+                   config=EvalConfig(max_new_tokens=24, warmup=True), progress=False)
+    for name, k in shapes.items():
+        alone = build_drafter("suffix", target=target, tree=Tree(tuple(range(-1, k))))
+        want = [generate(target, alone, torch.tensor([p]), max_new_tokens=24).stats.num_steps
+                for p in prompts]
+        got = list(res.rows[res.rows["method"] == name]["steps"])  # in prompt order
+        assert got == want, name
+    base = build_drafter("suffix", target=target)
+    base.cache.add([1, 2, 3, 1, 2, 3])
+    twin = base.forked()
+    twin.cache.add([9, 9, 9])
+    assert base.cache.tokens == 6 and twin.cache.tokens == 9 and twin.cache.path is None

@@ -174,6 +174,13 @@ class Drafter:
         new.shape = shape
         return new
 
+    def forked(self) -> "Drafter":
+        """A copy for an independent run: the same shape, models and stores shared, and its
+        own copy of whatever it keeps across requests (a global suffix trie, online
+        statistics), so that what the copy decodes never reaches this drafter. Each method of
+        an eval run, and its warm-up, decodes with one (``treeopt.evaluate.runner``)."""
+        return self.reshaped(self.shape) if self.shape is not None else copy.copy(self)
+
     def check(self, target) -> None:
         """Raise DrafterError (or DecodeError) when this drafter cannot draft for ``target``."""
 

@@ -37,6 +37,7 @@ is the target's own (greedy-exact; sampled outputs follow its distribution).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -218,6 +219,16 @@ class AutoDrafter(Drafter):
                            margin=self.margin, prior=self.prior, explore=self.explore,
                            dtype=self.dtype, model_prior=self.model_prior,
                            prior_weight=self.prior_weight)
+
+    def forked(self) -> "AutoDrafter":
+        """A copy with this drafter's statistics so far, copied, and forked copy candidates:
+        what either decodes from now on never reaches the other."""
+        new = self.reshaped(None)
+        new.copies = [(n, d.forked()) for n, d in new.copies]
+        new.stats = copy.deepcopy(self.stats)
+        new.model_tries, new.model_hits = list(self.model_tries), list(self.model_hits)
+        new.model_steps, new.model_dropped = self.model_steps, self.model_dropped
+        return new
 
     def check(self, target) -> None:
         for _, d in self.copies:

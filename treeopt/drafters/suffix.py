@@ -337,6 +337,14 @@ class SuffixCache:
         if save and self.path is not None:
             self.save()
 
+    def forked(self) -> "SuffixCache":
+        """A copy holding the same documents that keeps no file: later outputs added to
+        either never reach the other."""
+        new = SuffixCache(self.trie.depth, self.max_tokens, None, self.vocab_size)
+        for doc in self.docs:
+            new.add(doc, save=False)
+        return new
+
     def empty_copy(self) -> "SuffixCache":
         """A new, empty global trie with these settings that keeps no file: what a fresh
         process starts from, for measurements that must not see outputs already indexed (the
@@ -449,6 +457,14 @@ class SuffixDrafter(Drafter):
         new.shape = shape
         new.request = SuffixTrie(self.depth)
         new._seen, new.last_draft, new._prompt_len = [], None, 0
+        return new
+
+    def forked(self) -> "SuffixDrafter":
+        """A copy with a request trie and a global trie of its own (the global one starting
+        from this one's documents and writing no file)."""
+        new = self.reshaped(self.shape)
+        if new.cache is not None:
+            new.cache = new.cache.forked()
         return new
 
     # -------------------------------------------------------------- text

@@ -79,6 +79,7 @@ class ChoiceRun:
     held_out: dict | None = None  # replay_on_held_out
     temperature: float = 0.0
     rule: str = "sequoia"
+    same_as_tuned: list[str] = field(default_factory=list)  # grid names measured as tuned
 
 
 @dataclass
@@ -113,6 +114,26 @@ def grid_methods(profile, chains: Sequence[int] = CHAINS, dp_sizes: Sequence[int
     methods += [dp_method(profile, n) for n in dp_sizes]
     methods += [hf_prompt_lookup(k) for k in hf_lookup]
     return methods
+
+
+def _config(m: Method) -> tuple | None:
+    """What a treeopt method decodes with: (drafter spec or None for the run's drafter, the
+    tree's parents or None); None for plain decoding and reference methods."""
+    if m.kind in ("ar", "hf"):
+        return None
+    return (m.drafter, None if m.tree is None else tuple(m.tree.parents))
+
+
+def same_as_tuned(methods: Sequence[Method]) -> tuple[list[Method], list[str]]:
+    """``methods`` without the grid methods that decode exactly as tune's choice does (tune
+    chose ``auto``, or a chain of the grid), and their names: measured once, as the tuned
+    method, they are one configuration, so two timings of it never pass for regret."""
+    tuned = next((m for m in methods if m.name == TUNED), None)
+    key = None if tuned is None else _config(tuned)
+    if key is None:
+        return list(methods), []
+    kept = [m for m in methods if m.name == TUNED or _config(m) != key]
+    return kept, [m.name for m in methods if m.name != TUNED and _config(m) == key]
 
 
 def _pair(target: str, draft: str, dtype: str, device: str) -> Pair:
@@ -203,8 +224,8 @@ def _choice_run(target, draft, dtype, device, cs: ChoiceSettings, tune_set, held
                  acceptance=AcceptanceSettings(prompts=len(tune_set),
                                                max_new_tokens=cs.tune_tokens, seed=cs.seed),
                  latency=cs.latency, machine=Machine(device=device), progress=progress)
-    methods = grid_methods(tuned.profile, cs.chains, cs.dp_sizes, cs.hf_lookup,
-                           tuned_method(tuned))
+    methods, aliases = same_as_tuned(grid_methods(tuned.profile, cs.chains, cs.dp_sizes,
+                                                  cs.hf_lookup, tuned_method(tuned)))
     empty = empty_step_rate(tuned.profile)
     table = tuned.search.rank_table
     replayed = tuned.replay.predictions if tuned.replay is not None else {}
@@ -227,7 +248,7 @@ def _choice_run(target, draft, dtype, device, cs: ChoiceSettings, tune_set, held
     return ChoiceRun(dtype, result.summary, predicted, tuned.tree.size, tuned.tree.depth,
                      target_ms, result.rows, tuned.method,
                      replay_on_held_out(tuned, pair, held_out, result.rows), temperature,
-                     cs.rule)
+                     cs.rule, aliases)
 
 
 def replay_on_held_out(tuned, pair, held_out, rows) -> dict | None:
@@ -285,6 +306,8 @@ def choice_table(run: ChoiceRun) -> pd.DataFrame:
     out = []
     for cat, group in s.groupby("category", sort=False):
         speed = dict(zip(group["method"], group["speedup"]))
+        for name in run.same_as_tuned:  # the same configuration as tune's choice
+            speed[name] = speed[TUNED]
         plain = group.loc[group["method"] == AR, "tokens_per_s"]
         best_name = max(speed, key=lambda k: (speed[k], k))
         tuned, auto = speed.get(TUNED, math.nan), speed.get(AUTO, math.nan)
@@ -331,7 +354,8 @@ def dtype_table(runs: Sequence[ChoiceRun]) -> pd.DataFrame:
         every = summary[summary["category"] == ALL]
         plain = every.loc[every["method"] == AR, "tokens_per_s"]
         best = every.loc[every["speedup"].idxmax()]
-        auto = every.loc[every["method"] == AUTO, "tokens_per_s"]
+        auto = every.loc[every["method"] == (TUNED if AUTO in r.same_as_tuned else AUTO),
+                         "tokens_per_s"]
         rows.append({"dtype": r.dtype, "temperature": r.temperature,
                      "plain_tokens_per_s": float(plain.iloc[0]),
                      "auto_tokens_per_s": float(auto.iloc[0]) if len(auto) else math.nan,

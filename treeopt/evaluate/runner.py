@@ -557,8 +557,8 @@ def _runners(methods: list[Method], target: Any, draft: Any, tokenizer: Any
                                                            tokenizer=tokenizer, tree=m.tree))
             elif m.is_plain:
                 runners[m.name] = _Runner(m, None)
-            else:
-                runners[m.name] = _Runner(m, default.reshaped(m.tree))
+            else:  # forked: a shared global trie would hand one method another's outputs
+                runners[m.name] = _Runner(m, default.reshaped(m.tree).forked())
             if m.treeset is not None and runners[m.name].drafter is not None:
                 runners[m.name].by_bucket = [runners[m.name].drafter.reshaped(t)
                                              for t in m.treeset.trees]
@@ -639,10 +639,17 @@ def _prepare_out(out: Path, settings: dict, resume: bool, items: Sequence[_Item]
 
 
 def _warmup(generate, target, runners, methods, item, cfg, tokenizer, eos, limit) -> None:
+    """A few tokens of the first prompt with every method, on forked drafters: the code
+    paths warm up, and no drafter keeps the warm-up's output (a global trie that held it
+    would copy the first answer)."""
     ids, _ = _fit(_first_ids(item, tokenizer, cfg), limit)
     for m in methods:
-        _run_one(generate, target, runners[m.name], ids, cfg, eos, cfg.seed,
-                 min(4, cfg.max_new_tokens))
+        runner = runners[m.name]
+        warm = replace(runner, drafter=None if runner.drafter is None
+                       else runner.drafter.forked(),
+                       by_bucket=None if runner.by_bucket is None
+                       else [d.forked() for d in runner.by_bucket])
+        _run_one(generate, target, warm, ids, cfg, eos, cfg.seed, min(4, cfg.max_new_tokens))
 
 
 def _first_ids(item: _Item, tokenizer: Any, cfg: EvalConfig) -> list[int]:

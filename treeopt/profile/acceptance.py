@@ -58,6 +58,7 @@ import json
 import os
 import sys
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -315,6 +316,37 @@ def _device(model) -> torch.device:
         return torch.device("cpu")
 
 
+#: Greedy continuations computed so far, per loaded model (weakly held): (prompt, max new
+#: tokens, EOS) -> tokens. ``tune`` profiles a model-free drafter along these continuations
+#: and then replays it along the same ones (``treeopt.profile.replay``); they are computed
+#: once. At most ``_SEEN_MAX`` per model.
+_SEEN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_SEEN_MAX = 4096
+
+
+def greedy_continuation(target, prompt_ids: Sequence[int], max_new_tokens: int,
+                        eos_token_id: int | None = None) -> list[int]:
+    """The tokens of :func:`target_continuation` at temperature 0, read from what this
+    process already computed for the same model, prompt, length and EOS when it can be."""
+    key = (tuple(int(t) for t in prompt_ids), int(max_new_tokens), eos_token_id)
+    try:
+        known = _SEEN.get(target, {}).get(key)
+    except TypeError:  # a model that cannot be weakly referenced
+        known = None
+    if known is not None:
+        return list(known)
+    return target_continuation(target, key[0], max_new_tokens, eos_token_id=eos_token_id)[0]
+
+
+def _remember(target, key: tuple, tokens: list[int]) -> None:
+    try:
+        seen = _SEEN.setdefault(target, {})
+    except TypeError:
+        return
+    if len(seen) < _SEEN_MAX:
+        seen[key] = tuple(tokens)
+
+
 def target_continuation(target, prompt_ids: Sequence[int], max_new_tokens: int, *,
                         temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                         generator: torch.Generator | None = None,
@@ -346,6 +378,9 @@ def target_continuation(target, prompt_ids: Sequence[int], max_new_tokens: int, 
                 break
             ids = torch.tensor([[tok]], dtype=torch.long, device=device)
     logits = torch.stack(rows) if rows else torch.zeros(0, 0)
+    if temperature <= 0:
+        _remember(target, (tuple(int(t) for t in prompt_ids), int(max_new_tokens),
+                           eos_token_id), tokens)
     return tokens, logits
 
 

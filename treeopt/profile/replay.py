@@ -43,7 +43,7 @@ import torch
 from treeopt.decode.drafter import Drafter, DrafterError
 from treeopt.decode.sampling import GREEDY
 from treeopt.errors import TreeoptError
-from treeopt.profile.acceptance import target_continuation
+from treeopt.profile.acceptance import greedy_continuation
 from treeopt.profile.copy import greedy_path
 from treeopt.search.hardware import Prediction, monotone
 from treeopt.shapes import chain
@@ -101,9 +101,9 @@ def _own_state(drafter: Drafter) -> None:
 def continuations(target, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                   eos_token_id: int | None = None) -> list[list[int]]:
     """The target's greedy continuation of every prompt (token id lists): what plain
-    decoding, and so every greedy speculative run, commits."""
-    return [target_continuation(target, [int(t) for t in ids], max_new_tokens,
-                                eos_token_id=eos_token_id)[0] for ids in prompts]
+    decoding, and so every greedy speculative run, commits (those the acceptance profile
+    computed already are not computed again: ``greedy_continuation``)."""
+    return [greedy_continuation(target, ids, max_new_tokens, eos_token_id) for ids in prompts]
 
 
 @dataclass
