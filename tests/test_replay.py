@@ -299,3 +299,29 @@ def test_other_drafters_and_their_decode_spec(target, tmp_path):
     assert twin.stats["ngram"].tries == again.stats["ngram"].tries != {}
     twin.stats["ngram"].add(0, 1, True)
     assert twin.stats["ngram"].tries != again.stats["ngram"].tries
+
+
+def test_a_draft_model_is_weighed_against_the_copy_drafters(target):
+    """A drafter that runs a model cannot be replayed; tune then replays the model-free
+    drafters along the same continuations and keeps the fastest of them when it beats the
+    DP's prediction for the draft model (an early exit that never pays, say)."""
+    from types import SimpleNamespace
+
+    from treeopt.decode.drafter import Drafter
+    from treeopt.search.api import SearchSettings
+    from treeopt.tuning import replay_others
+
+    prompts = [SimpleNamespace(token_ids=p) for p in PROMPTS]
+    pair = SimpleNamespace(drafter=build_drafter("early-exit:1", target=target), target=target,
+                           tokenizer=None)
+    assert replayable(pair.drafter) is not None  # a model: not replayable itself
+    lat = Latency(target=LatencyCurve(tokens=[1, 2, 4, 8, 16], ms=[10.0, 10.5, 11, 12, 14]),
+                  draft=None, context=8, meta={})
+    run = SimpleNamespace(max_new_tokens=16, chat_template=False)
+    got = replay_others(pair, prompts, run, SimpleNamespace(max_size=17), lat, SearchSettings())
+    assert set(got.predictions) == {"--draft auto", "--draft suffix", "--draft ngram"}
+    assert got.options == {"spec": got.label.removeprefix("--draft ")}
+    assert isinstance(got.drafter, Drafter) and got.prediction.speedup > 1  # copies pay here
+    capped = replay_others(pair, prompts, run, SimpleNamespace(max_size=16), lat,
+                           SearchSettings(max_depth=3))
+    assert "--draft auto:max=3" in capped.predictions

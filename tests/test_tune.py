@@ -81,7 +81,7 @@ def test_tune_end_to_end(workspace, tmp_path, capsys):
                  "--prompts", "2", "--max-new-tokens", "6", "--width", "3", "--depth", "2",
                  "--tokens", "1,2,4", "--context", "8", "--repeats", "1", "--warmup", "0",
                  "--max-levels", "4", "--optuna-trials", "3", "--out-dir", str(out_dir),
-                 "--quiet"]) == 0
+                 "--quiet", "--this-drafter-only"]) == 0  # the DP's choice for the draft
     text = capsys.readouterr().out
     assert "best tree" in text and "predicted step" in text
     tree, meta = load_growmap(out_dir / "tree.pt")
@@ -101,7 +101,8 @@ def test_search_on_the_profile_tune_wrote_picks_tunes_tree(workspace, tmp_path, 
     """The same steps give the same tree: ``tune`` used the per-level draft cost while
     ``search`` and ``compare`` defaulted to Sequoia's (and another rank table)."""
     out_dir = tmp_path / "run"
-    assert main(tune_args(workspace, out_dir, "--max-size", "4")) == 0
+    # the DP's tree for the draft given (not a copy drafter replayed faster)
+    assert main(tune_args(workspace, out_dir, "--max-size", "4", "--this-drafter-only")) == 0
     tuned, meta = load_growmap(out_dir / "tree.pt")
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["draft_cost"] == meta["draft_cost"] == "per-level"

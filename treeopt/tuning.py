@@ -480,6 +480,12 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
             draft_spec = replayed.options["spec"]
         elif replayed.options and (replayed.label != LEN_AUTO or profile_path is not None):
             draft_spec = respec(base, **replayed.options)
+    elif samp.greedy and search.other_drafters and found.treeset is None:
+        # a draft model (one tree for every context): the copy drafters may decode faster
+        others = replay_others(pair, chosen, run, found, latency, search)
+        if others is not None and others.prediction.tokens_per_s > pred.tokens_per_s:
+            replayed, tree, pred = others, others.tree, others.prediction
+            method, draft_spec = f"replay ({others.label})", others.options["spec"]
     seconds_replay = time.perf_counter() - t_replay
 
     # extrapolation notes; a falling curve is among the timing warnings already
@@ -581,9 +587,14 @@ def replay_candidates(drafter, searched: Tree, most: int, table, verify_ms,
                         {**fixed, "alpha": alpha}))
     elif drafter.shape is None:
         out.append(("as given", lambda: private(drafter), None, {}))
-    for spec, other in others:
-        out.append((f"--draft {spec}", lambda d=other: private(d), None, {"spec": spec}))
-    return out
+    return out + other_candidates(others)
+
+
+def other_candidates(others: Sequence[tuple[str, object]]) -> list:
+    """Replay candidates of other drafters, (spec, drafter) each, replayed as they are; their
+    decode spec under the option "spec"."""
+    return [(f"--draft {spec}", lambda d=other: private(d), None, {"spec": spec})
+            for spec, other in others]
 
 
 #: Other model-free drafters ``tune`` replays beside the one tuned (when registered):
@@ -631,6 +642,29 @@ def replay_choice(pair, prompts, run, found: SearchResult, searched: Tree, laten
     others = other_drafters(pair, most) if search.other_drafters else []
     cands = replay_candidates(pair.drafter, searched, most, table, monotone(latency.target),
                               table_path, found.rank_table, found.max_size, others)
+    best = choose_replayed(cands, ids, conts, latency)
+    best.options = {c[0]: c[3] for c in cands}[best.label]
+    best.tree = best.shape_for(best.label, best.prediction)
+    return best
+
+
+def replay_others(pair, prompts, run, found: SearchResult, latency,
+                  search: SearchSettings) -> ReplayChoice | None:
+    """For a drafter that cannot be replayed (it runs a model): the fastest of the other
+    model-free drafters (:func:`other_drafters`) by greedy replay along the target's
+    continuations of the tune ``prompts`` (those the acceptance profile computed), or None
+    when none is registered. ``tune`` keeps it when it beats the DP's prediction for the
+    drafter given: copies are what decodes fastest for some pairs on some machines."""
+    most = min(REPLAY_MAX_CHAIN, max(1, found.max_size - 1))
+    if search.max_levels is not None or search.max_depth is not None:
+        most = max(1, min(most, search.levels() - 1))
+    others = other_drafters(pair, most)
+    if not others:
+        return None
+    ids = encode_prompts(pair.tokenizer, prompts, run.chat_template)
+    eos = eos_ids(pair.tokenizer, pair.target) if pair.tokenizer is not None else []
+    conts = continuations(pair.target, ids, run.max_new_tokens, eos[0] if eos else None)
+    cands = other_candidates(others)
     best = choose_replayed(cands, ids, conts, latency)
     best.options = {c[0]: c[3] for c in cands}[best.label]
     best.tree = best.shape_for(best.label, best.prediction)
