@@ -295,6 +295,20 @@ def test_bench_choice_on_a_saved_tiny_model(folder, tmp_path, capsys):
     assert "held-out prompts" in text
 
 
+def test_bench_choice_with_a_draft_model(folder, tmp_path, capsys):
+    """A model drafter (an early exit): the grid is predicted by the DP even when tune
+    answered with a copy drafter replayed faster (the draft model itself cannot replay)."""
+    out = tmp_path / "choice"
+    args = ["--target", str(folder), "--draft", "early-exit:1", "--tune-prompts", "2",
+            "--eval-prompts", "2", "--tune-tokens", "6", "--max-new-tokens", "6", "--chains",
+            "2", "--dp-sizes", "8", "--hf-prompt-lookup", "", "--latency-tokens", "1,2,4",
+            "--latency-repeats", "1", "--threads", "1", "--out", str(out)]
+    assert load_script("bench_choice").main(args) == 0
+    table = json.loads((out / "choice.json").read_text())["table"]
+    assert all(r["predicted_tuned"] > 0 and r["regret_tuned"] >= -1e-9 for r in table)
+    assert "float32: regret tuned" in capsys.readouterr().out
+
+
 def test_a_grid_method_that_is_tunes_choice_is_measured_once():
     """When tune answers ``--draft auto`` (or a chain of the grid), the grid's ``auto`` (that
     chain) is the same configuration: measured once, as the tuned method, and read from it,

@@ -50,7 +50,7 @@ from treeopt.models.dtype import choose_by_rate
 from treeopt.models.loading import load_model, load_tokenizer
 from treeopt.models.machine import Machine
 from treeopt.profile.latency import LatencySettings
-from treeopt.profile.replay import private, replay
+from treeopt.profile.replay import private, replay, replayable
 from treeopt.search.hardware import empty_step_rate, monotone, predict
 from treeopt.tuning import AcceptanceSettings, tune
 
@@ -233,7 +233,8 @@ def _choice_run(target, draft, dtype, device, cs: ChoiceSettings, tune_set, held
     for m in methods:
         if m.name in replayed:  # a model-free drafter's chain: its greedy replay
             predicted[m.name] = replayed[m.name].speedup
-        elif m.kind in ("chain", "dp") and m.tree is not None and tuned.replay is not None:
+        elif m.kind in ("chain", "dp") and m.tree is not None and tuned.replay is not None \
+                and replayable(pair.drafter) is None:  # not a draft model's (tune kept a copy)
             predicted[m.name] = tuned.replay.predict(private(pair.drafter, m.tree, sized=False),
                                                      m.tree).speedup
         elif m.kind in ("chain", "dp") and m.tree is not None:
