@@ -125,7 +125,7 @@ def auto_pick(rows: Sequence[DtypeRow]) -> str:
     """The dtype these rows predict fastest for speculative decoding (their best
     configuration's tokens/s; float32 within 2 %): what ``--dtype auto`` means once
     :func:`remember_pick` has cached it."""
-    return choose_by_rate({r.dtype: r.predicted_tokens_per_s for r in rows})
+    return choose_by_rate(_rates(rows))
 
 
 def remember_pick(target: str, draft: str, rows: Sequence[DtypeRow], device: str = "auto"
@@ -133,9 +133,13 @@ def remember_pick(target: str, draft: str, rows: Sequence[DtypeRow], device: str
     """Make :func:`auto_pick` of ``rows`` what ``--dtype auto`` means for ``target`` on this
     machine (``treeopt.models.dtype.remember_speculative_choice``); None when the rows do not
     cover every dtype the device runs well (the cached plain measurement then stays)."""
-    return remember_speculative_choice(
-        resolve_spec(target), {r.dtype: r.predicted_tokens_per_s for r in rows}, draft=draft,
-        device=resolve_device(device), folder=cache_dir())
+    return remember_speculative_choice(resolve_spec(target), _rates(rows), draft=draft,
+                                       device=resolve_device(device), folder=cache_dir())
+
+
+def _rates(rows: Sequence[DtypeRow]) -> dict[str, float]:
+    """dtype -> predicted tokens/s of its best configuration."""
+    return {r.dtype: r.predicted_tokens_per_s for r in rows}
 
 
 def plain_rows(target: str, device: str = "auto", dtypes: Sequence[str] | None = None,

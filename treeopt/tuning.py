@@ -633,19 +633,11 @@ def replay_choice(pair, prompts, run, found: SearchResult, searched: Tree, laten
     ``tree`` is the shape to save (for a drafter that sizes its steps: its largest step as
     a chain) and ``options`` the drafter-spec options that decode it (``table_path``: where
     the copy table was saved, for per-step lengths)."""
-    ids = encode_prompts(pair.tokenizer, prompts, run.chat_template)
-    eos = eos_ids(pair.tokenizer, pair.target) if pair.tokenizer is not None else []
-    conts = continuations(pair.target, ids, run.max_new_tokens, eos[0] if eos else None)
-    most = min(REPLAY_MAX_CHAIN, max(1, found.max_size - 1))
-    if search.max_levels is not None or search.max_depth is not None:
-        most = max(1, min(most, search.levels() - 1))
+    most = _replay_most(found, search)
     others = other_drafters(pair, most) if search.other_drafters else []
     cands = replay_candidates(pair.drafter, searched, most, table, monotone(latency.target),
                               table_path, found.rank_table, found.max_size, others)
-    best = choose_replayed(cands, ids, conts, latency)
-    best.options = {c[0]: c[3] for c in cands}[best.label]
-    best.tree = best.shape_for(best.label, best.prediction)
-    return best
+    return _replay_best(pair, prompts, run, latency, cands)
 
 
 def replay_others(pair, prompts, run, found: SearchResult, latency,
@@ -655,16 +647,27 @@ def replay_others(pair, prompts, run, found: SearchResult, latency,
     continuations of the tune ``prompts`` (those the acceptance profile computed), or None
     when none is registered. ``tune`` keeps it when it beats the DP's prediction for the
     drafter given: copies are what decodes fastest for some pairs on some machines."""
+    others = other_drafters(pair, _replay_most(found, search))
+    if not others:
+        return None
+    return _replay_best(pair, prompts, run, latency, other_candidates(others))
+
+
+def _replay_most(found: SearchResult, search: SearchSettings) -> int:
+    """The most tokens a replayed step drafts: ``REPLAY_MAX_CHAIN``, fewer under the search's
+    size and a height limit the user gave."""
     most = min(REPLAY_MAX_CHAIN, max(1, found.max_size - 1))
     if search.max_levels is not None or search.max_depth is not None:
         most = max(1, min(most, search.levels() - 1))
-    others = other_drafters(pair, most)
-    if not others:
-        return None
+    return most
+
+
+def _replay_best(pair, prompts, run, latency, cands) -> ReplayChoice:
+    """The fastest of ``cands`` replayed along the target's greedy continuations of the tune
+    ``prompts`` (``run.max_new_tokens`` each), with its decode options and the tree to save."""
     ids = encode_prompts(pair.tokenizer, prompts, run.chat_template)
     eos = eos_ids(pair.tokenizer, pair.target) if pair.tokenizer is not None else []
     conts = continuations(pair.target, ids, run.max_new_tokens, eos[0] if eos else None)
-    cands = other_candidates(others)
     best = choose_replayed(cands, ids, conts, latency)
     best.options = {c[0]: c[3] for c in cands}[best.label]
     best.tree = best.shape_for(best.label, best.prediction)

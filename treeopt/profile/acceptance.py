@@ -328,7 +328,7 @@ def greedy_continuation(target, prompt_ids: Sequence[int], max_new_tokens: int,
                         eos_token_id: int | None = None) -> list[int]:
     """The tokens of :func:`target_continuation` at temperature 0, read from what this
     process already computed for the same model, prompt, length and EOS when it can be."""
-    key = (tuple(int(t) for t in prompt_ids), int(max_new_tokens), eos_token_id)
+    key = _key(prompt_ids, max_new_tokens, eos_token_id)
     try:
         known = _SEEN.get(target, {}).get(key)
     except TypeError:  # a model that cannot be weakly referenced
@@ -336,6 +336,10 @@ def greedy_continuation(target, prompt_ids: Sequence[int], max_new_tokens: int,
     if known is not None:
         return list(known)
     return target_continuation(target, key[0], max_new_tokens, eos_token_id=eos_token_id)[0]
+
+
+def _key(prompt_ids: Sequence[int], max_new_tokens: int, eos_token_id: int | None) -> tuple:
+    return tuple(int(t) for t in prompt_ids), int(max_new_tokens), eos_token_id
 
 
 def _remember(target, key: tuple, tokens: list[int]) -> None:
@@ -379,8 +383,7 @@ def target_continuation(target, prompt_ids: Sequence[int], max_new_tokens: int, 
             ids = torch.tensor([[tok]], dtype=torch.long, device=device)
     logits = torch.stack(rows) if rows else torch.zeros(0, 0)
     if temperature <= 0:
-        _remember(target, (tuple(int(t) for t in prompt_ids), int(max_new_tokens),
-                           eos_token_id), tokens)
+        _remember(target, _key(prompt_ids, max_new_tokens, eos_token_id), tokens)
     return tokens, logits
 
 

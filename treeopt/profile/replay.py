@@ -70,15 +70,12 @@ def private(drafter: Drafter, shape: Tree | None = None, *, sized: bool = True) 
     profiled them; a replay builds it from its own prompts, as a fresh run does). An
     ``auto`` drafter is rebuilt with fresh statistics and its copy candidates made private
     the same way. ``sized=False`` drops a per-step sizer (a fixed shape drafted whole)."""
-    if shape is None and getattr(drafter, "copies", None) is not None:
-        new = drafter.reshaped(None)  # ``auto``: fresh statistics and candidates
-    else:
-        try:
-            new = drafter.reshaped(shape if shape is not None else drafter.shape)
-        except DrafterError:
-            if shape is not None:
-                raise
-            new = copy.copy(drafter)  # a drafter that sizes itself and takes no shape
+    try:  # ``auto`` reshaped to its own (None) shape: fresh statistics and candidates
+        new = drafter.reshaped(shape if shape is not None else drafter.shape)
+    except DrafterError:
+        if shape is not None:
+            raise
+        new = copy.copy(drafter)  # a drafter that sizes itself and takes no shape
     if not sized and getattr(new, "sizer", None) is not None:
         new.sizer = None
         if getattr(new, "length", None) == "auto":
