@@ -195,7 +195,8 @@ def _run(args) -> int:
             folder = out / run_name(label, temp, args.rule)
             if (folder / "results.json").exists():
                 verdict(folder, label if temp == 0 else
-                        f"{label}, temperature {temp:g}, rule {args.rule}", tuned, temp == 0)
+                        f"{label}, temperature {temp:g}, rule {args.rule}", tuned, temp == 0,
+                        args.max_new_tokens)
     return rc
 
 
@@ -217,9 +218,10 @@ def score_pass_at_1(folder: Path) -> None:
 
 
 def verdict(folder: Path, label: str, tuned: dict[str, tuple[str, Path]],
-            greedy: bool = True) -> None:
+            greedy: bool = True, max_new_tokens: int = 48) -> None:
     """Per category: every method's speed-up (95 % interval when recorded) beside HF assisted
-    generation; for the tuned trees: predicted vs measured tokens/s."""
+    generation; for the tuned trees: predicted vs measured tokens/s, and the speed-up of
+    whole generations of ``max_new_tokens`` (prefill included) vs the measured one."""
     from treeopt.evaluate.results import load_results
 
     doc = load_results(folder)
@@ -251,6 +253,19 @@ def verdict(folder: Path, label: str, tuned: dict[str, tuple[str, Path]],
             print(f"   {name:14s} predicted {p_tps:6.2f} tok/s ({pred.get('speedup', 0):.2f}x), "
                   f"measured {measured['tokens_per_s']:6.2f} tok/s "
                   f"({measured['speedup'] or 0:.2f}x): {err:+.0%}")
+        whole = pred.get("whole")
+        if whole and measured.get("speedup") and pred.get("speedup"):
+            # tune's prefill times at its prompts' mean length, over this run's answer length
+            from treeopt.search.hardware import PrefillCost, end_to_end
+
+            length = whole["prompt_tokens"]
+            cost = PrefillCost(whole["prefill_ms"] / length, whole["draft_prefill_ms"] / length)
+            p_whole = end_to_end(pred["speedup"], pred["plain_ms"], cost,
+                                 [(length, max_new_tokens)])
+            print(f"   {'':14s} whole generations, prefill included: predicted "
+                  f"{p_whole:.2f}x ({max_new_tokens} tokens after {length}), measured "
+                  f"{measured['speedup']:.2f}x: {p_whole / measured['speedup'] - 1:+.0%} "
+                  "(prediction error)")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,16 @@ from treeopt.cli import main
 from treeopt.growmap import load_growmap
 from treeopt.profile import Latency, LatencyCurve
 from treeopt.search.dp import solve
-from treeopt.search.hardware import HardwareError, choose, draft_ms, monotone, predict
+from treeopt.search.hardware import (
+    HardwareError,
+    PrefillCost,
+    choose,
+    draft_ms,
+    end_to_end,
+    monotone,
+    predict,
+    prefill_costs,
+)
 from treeopt.tree import Tree
 
 P = [.6, .1, .05, .03, .02, .015, .01, .008]
@@ -322,3 +331,36 @@ def test_measured_only_keeps_empty_steps_and_plain_decoding():
     assert pick.size == 3
     only_two = Latency(target=LatencyCurve(tokens=[1, 4], ms=[10.0, 100.0]))
     assert choose(table, only_two, 3, 3, measured_only=True).size == 1
+
+
+def test_whole_generations_pay_the_prefill_once():
+    """By hand: 2 ms per prompt token for the target, 1 for the draft, 10 ms a plain step,
+    2x per step. A 100-token prompt and 11 new tokens: plain 200 + 10 * 10 = 300 ms;
+    speculative 100 * 3 + 100 / 2 = 350 ms (the draft's prefill takes the gain and more);
+    a configuration without the draft pays 200 + 50 = 250 ms."""
+    cost = PrefillCost(2.0, 1.0)
+    assert end_to_end(2.0, 10.0, cost, [(100, 11)]) == pytest.approx(300 / 350)
+    assert end_to_end(2.0, 10.0, cost, [(100, 11)], draft=False) == pytest.approx(300 / 250)
+    # times are summed over generations, as eval sums them; a long answer tends to per-step
+    both = end_to_end(2.0, 10.0, cost, [(100, 11), (10, 101)])
+    assert both == pytest.approx((300 + 20 + 1000) / (350 + 30 + 500))
+    assert end_to_end(2.0, 10.0, cost, [(10, 10**7)]) == pytest.approx(2.0, rel=1e-5)
+    assert end_to_end(1.5, 10.0, PrefillCost(0.0, 0.0), [(50, 20)]) == pytest.approx(1.5)
+    with pytest.raises(HardwareError, match="positive"):
+        end_to_end(0.0, 10.0, cost, [(1, 2)])
+
+
+def test_prefill_costs_are_read_from_the_latency_table():
+    curve = LatencyCurve([1, 2], [10.0, 12.0])
+    assert prefill_costs(Latency(curve, None, 8, {})) is None
+    lat = Latency(curve, None, 8, {"prefill": {"prompt_tokens": [100, 50],
+                                               "target_ms": [300.0, 150.0],
+                                               "draft_ms": [30.0, 0.0]}})
+    assert prefill_costs(lat) == (pytest.approx(3.0), pytest.approx(0.2))
+    for bad in ({"prompt_tokens": [100]}, {"prompt_tokens": [0], "target_ms": [1.0],
+                                           "draft_ms": [0.0]},
+                {"prompt_tokens": [5, 6], "target_ms": [1.0], "draft_ms": [0.0]},
+                {"prompt_tokens": [5], "target_ms": [float("nan")], "draft_ms": [0.0]}):
+        with pytest.raises(HardwareError, match="prefill entry") as err:
+            prefill_costs(Latency(curve, None, 8, {"prefill": bad}))
+        assert "\n" not in str(err.value)

@@ -14,6 +14,7 @@ from treeopt.profile.latency import (
     measure_latency,
     parse_tokens,
     quartiles,
+    time_prefill,
     time_tree_forwards,
     write_latency,
 )
@@ -189,3 +190,32 @@ def test_broken_json_files_are_one_line_errors(tmp_path, text, needle):
     msg = str(exc.value)
     assert "\n" not in msg and needle in msg and msg.endswith("choose another --out")
     assert path.read_text() == text  # left as it was
+
+
+def test_prefill_is_timed_on_the_longest_prompts_with_a_forked_drafter():
+    """The target's forward over each prompt and the drafter's start, timed separately, the
+    longest prompts first; the drafter itself never starts (a fork does), and without a
+    drafter the draft's times are zeros."""
+    from treeopt.decode.drafter import Drafter
+
+    class Counting(Drafter):
+        name = "counting"
+        shape = None
+
+        def __init__(self):
+            self.started = 0
+
+        def start(self, prompt_ids):
+            self.started += 1
+
+    target, _ = tiny_pair()
+    drafter = Counting()
+    prompts = [[1, 2, 3], list(range(1, 21)), [], list(range(1, 11)), [5, 6]]
+    got = time_prefill(target, drafter, prompts, warmup=1, most=3)
+    assert got["prompt_tokens"] == [20, 10, 3]
+    assert all(ms > 0 for ms in got["target_ms"]) and all(ms >= 0 for ms in got["draft_ms"])
+    assert drafter.started == 0
+    plain = time_prefill(target, None, prompts, warmup=0, most=1)
+    assert plain["prompt_tokens"] == [20] and plain["draft_ms"] == [0.0]
+    with pytest.raises(LatencyError, match="no prompt"):
+        time_prefill(target, None, [[]])

@@ -217,6 +217,8 @@ def test_bench_real_pair_on_a_saved_tiny_pair(folder, tmp_path, capsys):
             doc["settings"]["config"]["rule"] == "traversal"
     assert "pass@1 (samples passed / scored): ar 0/2" in text  # tiny models write no code
     assert re.search(r"fp32 +predicted .* tok/s .*, measured .* tok/s", text)
+    assert re.search(r"whole generations, prefill included: predicted [0-9.]+x \(6 tokens "
+                     r"after [0-9]+\), measured", text)
     for label, n in (("humaneval", 2), ("spec_bench", 1)):
         summary = json.loads((out / f"eval-{label}" / "results.json").read_text())["summary"]
         cats = {r["category"] for r in summary}
@@ -401,3 +403,35 @@ def test_choice_tables_of_a_single_category_data_set():
     assert every["prediction_error_tuned"] == pytest.approx(1.35 / 1.5 - 1)
     dt = dtype_table([run]).iloc[0]
     assert dt["best_method"] == "chain:5" and dt["plain_tokens_per_s"] == 4.0
+
+
+def test_choice_predictions_are_of_whole_generations():
+    """Eval's speed-up includes the prefill, so the prediction it is compared with does too:
+    per category, the per-step prediction carried over that category's plain generations
+    with tune's prefill costs; the draft's prefill only for methods that run the draft. By
+    hand (see test_hardware): 2 + 1 ms per prompt token, a 10 ms plain step, a 100-token
+    prompt and 11 new tokens: 2x per step is 300 / 350 whole; 1.5x without the draft is
+    300 / (200 + 100 / 1.5)."""
+    import pandas as pd
+
+    from treeopt.evaluate.choice import ChoiceRun, choice_table
+    from treeopt.search.hardware import PrefillCost
+
+    summary = pd.DataFrame({"method": ["ar", "tuned", "auto"], "category": ["coding"] * 3,
+                            "speedup": [1.0, 0.8, 1.2], "tokens_per_s": [4.0, 3.2, 4.8]})
+    rows = pd.DataFrame({"method": ["ar", "tuned", "auto"], "category": ["coding"] * 3,
+                         "prompt_tokens": [100] * 3, "new_tokens": [11] * 3})
+    run = ChoiceRun("float32", summary, {"ar": 1.0, "tuned": 2.0, "auto": 1.5}, 5, 4,
+                    {1: 10.0}, rows=rows, prefill=PrefillCost(2.0, 1.0), plain_ms=10.0,
+                    no_draft_prefill=["auto"])
+    every = choice_table(run)
+    row = every[every["category"] == "all"].iloc[0]
+    assert row["predicted_tuned_per_step"] == 2.0
+    assert row["predicted_tuned"] == pytest.approx(300 / 350)
+    assert row["prediction_error_tuned"] == pytest.approx(300 / 350 / 0.8 - 1)
+    auto = 300 / (200 + 100 / 1.5)
+    errors = [300 / 350 / 0.8 - 1, auto / 1.2 - 1]
+    assert row["prediction_error_grid_max"] == pytest.approx(max(errors, key=abs))
+    # without tune's prefill costs (an older tune) the per-step prediction is compared
+    bare = ChoiceRun("float32", summary, {"ar": 1.0, "tuned": 2.0}, 5, 4, {1: 10.0}, rows=rows)
+    assert choice_table(bare).iloc[0]["predicted_tuned"] == 2.0

@@ -95,6 +95,20 @@ def test_tune_end_to_end(workspace, tmp_path, capsys):
     assert meta["expected_tokens"] == pytest.approx(tree.expected_tokens(reliable_table(prof)))
     assert meta["max_levels"] == 4 and meta["depth"] == tree.depth <= 3
     assert "limit 4 levels = depth 3" in text
+    # the prefill of the tune prompts was timed (target and draft) and kept in the profile;
+    # the whole-generation prediction is the per-step one carried over those prefills
+    from treeopt.search.hardware import end_to_end, prefill_costs
+
+    timed = prof.latency.meta["prefill"]
+    assert len(timed["prompt_tokens"]) == 2 and min(timed["target_ms"]) > 0
+    assert min(timed["draft_ms"]) > 0  # the early exit prefills its own cache
+    pred, whole = summary["prediction"], summary["prediction"]["whole"]
+    assert whole["new_tokens"] == 6 and whole["draft_prefill_ms"] > 0
+    lengths = timed["prompt_tokens"]  # both tune prompts were timed
+    assert whole["speedup"] == pytest.approx(end_to_end(
+        pred["speedup"], pred["plain_ms"], prefill_costs(prof.latency),
+        [(n, 6) for n in lengths]))
+    assert "whole generations, prefill included" in text
 
 
 def test_search_on_the_profile_tune_wrote_picks_tunes_tree(workspace, tmp_path, capsys):

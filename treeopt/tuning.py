@@ -42,6 +42,7 @@ from treeopt.profile.latency import (
     measure_latency,
     parse_contexts,
     parse_tokens,
+    time_prefill,
     timing_warnings,
     write_latency,
 )
@@ -63,8 +64,10 @@ from treeopt.search.hardware import (
     check_cost,
     curve_notes,
     empty_step_rate,
+    end_to_end,
     monotone,
     predict,
+    prefill_costs,
 )
 from treeopt.search.optuna_search import (
     ModelObjective,
@@ -436,6 +439,8 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
                                   warmup=lat_settings["warmup"],
                                   names={"target": _name(target), "draft": _name(draft)},
                                   out=profile_path)
+        prompt_ids = encode_prompts(pair.tokenizer, chosen, run.chat_template)
+        latency.meta["prefill"] = time_prefill(pair.target, pair.drafter, prompt_ids)
     if profile_path is not None:
         write_latency(latency, profile_path)
         profile = Profile.load(profile_path)  # what `treeopt search` will read
@@ -487,6 +492,9 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
             replayed, tree, pred = others, others.tree, others.prediction
             method, draft_spec = f"replay ({others.label})", others.options["spec"]
     seconds_replay = time.perf_counter() - t_replay
+    whole = whole_generations(latency, pred, [len(x) for x in prompt_ids], max_new_tokens,
+                              draft=replayed is None or "spec" not in replayed.options
+                              or replayable(pair.drafter) is None)
 
     # extrapolation notes; a falling curve is among the timing warnings already
     notes = curve_notes(latency, tree, draft_cost, falls=False)
@@ -508,7 +516,8 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
                "device": latency.meta.get("device"), "defaults": defaults,
                "tree": {"size": tree.size, "depth": tree.depth, "width": tree.width,
                         "parents": tree.to_parents()},
-               "prediction": pred.to_dict(), "method": method, "draft_cost": draft_cost,
+               "prediction": {**pred.to_dict(), **({"whole": whole} if whole else {})},
+               "method": method, "draft_cost": draft_cost,
                "max_levels": levels, "max_size": found.max_size,
                "measured_sizes_only": measured_sizes_only, "warnings": warnings + notes}
     if copy_summary is not None:
@@ -546,6 +555,25 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
                       optuna_note=optuna_note,
                       files=files, seconds=seconds, summary=summary, treeset=found.treeset,
                       draft_spec=draft_spec, replay=replayed)
+
+
+def whole_generations(latency, pred, prompt_tokens: Sequence[int], new_tokens: int,
+                      draft: bool = True) -> dict | None:
+    """The prediction for whole generations of ``new_tokens`` after each of the tune prompts
+    (``prompt_tokens``: their lengths), prefill included
+    (``treeopt.search.hardware.end_to_end``; ``draft``: the configuration runs the drafter
+    whose prefill was timed): ``{"prompt_tokens"`` (mean), ``"new_tokens", "prefill_ms",
+    "draft_prefill_ms"`` (at the mean length), ``"speedup"}``, or None without prefill
+    times."""
+    cost = prefill_costs(latency)
+    if cost is None or not prompt_tokens:
+        return None
+    length = sum(prompt_tokens) / len(prompt_tokens)
+    return {"prompt_tokens": round(length), "new_tokens": int(new_tokens),
+            "prefill_ms": round(cost.target_ms_per_token * length, 1),
+            "draft_prefill_ms": round(cost.draft_ms_per_token * length, 1) if draft else 0.0,
+            "speedup": end_to_end(pred.speedup, pred.plain_ms, cost,
+                                  [(n, new_tokens) for n in prompt_tokens], draft)}
 
 
 # ---------------------------------------------------------------------------- replay

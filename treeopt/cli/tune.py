@@ -222,6 +222,13 @@ def report(run_) -> None:
     print(f"predicted step {pred.step_ms:.2f} ms (draft {pred.draft_ms:.2f} + verify "
           f"{pred.verify_ms:.2f}), {pred.tokens_per_s:.1f} tokens/s, speed-up "
           f"{pred.speedup:.2f}x over plain decoding ({pred.plain_ms:.2f} ms/token)")
+    whole = run_.summary.get("prediction", {}).get("whole")
+    if whole:
+        draft = (f" + draft {whole['draft_prefill_ms']:.0f} ms" if whole["draft_prefill_ms"] >= 1
+                 else "")
+        print(f"whole generations, prefill included: {whole['speedup']:.2f}x for "
+              f"{whole['new_tokens']} tokens after the tune prompts ({whole['prompt_tokens']} "
+              f"tokens on average; prefill {whole['prefill_ms']:.0f} ms{draft})")
     if run_.replay is not None:
         print(replay_lines(run_.replay))
     if tree.size == 1 or pred.speedup < 1:

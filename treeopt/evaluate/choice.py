@@ -14,7 +14,10 @@ Per dtype, temperature and category (:func:`choice_table`):
 - regret = best measured speed-up in the grid / the chosen method's speed-up - 1 (0 when the
   choice was the best; for the tuned tree and for ``auto``);
 - prediction error = predicted speed-up / measured speed-up - 1 (the tuned tree, and every
-  grid tree the profile can predict);
+  grid tree the profile can predict), both of whole generations: the per-step prediction is
+  carried over the held-out generations' prompt and answer lengths with the prefill times tune
+  measured (``treeopt.search.hardware.end_to_end``), as eval's speed-up includes the prefill;
+  ``predicted_tuned_per_step`` keeps the per-step figure;
 - plain decoding's tokens/s, so that a dtype's gain and speculation's gain are never mixed:
   speed-ups are over plain decoding *in the same dtype*, and :func:`dtype_table` compares the
   dtypes' plain speeds (and says which dtype ``--dtype auto`` picks from the tunes'
@@ -51,7 +54,14 @@ from treeopt.models.loading import load_model, load_tokenizer
 from treeopt.models.machine import Machine
 from treeopt.profile.latency import LatencySettings
 from treeopt.profile.replay import private, replay, replayable
-from treeopt.search.hardware import empty_step_rate, monotone, predict
+from treeopt.search.hardware import (
+    PrefillCost,
+    empty_step_rate,
+    end_to_end,
+    monotone,
+    predict,
+    prefill_costs,
+)
 from treeopt.tuning import AcceptanceSettings, tune
 
 CHAINS = (2, 4, 8, 16)
@@ -80,6 +90,20 @@ class ChoiceRun:
     temperature: float = 0.0
     rule: str = "sequoia"
     same_as_tuned: list[str] = field(default_factory=list)  # grid names measured as tuned
+    prefill: PrefillCost | None = None  # tune's prefill costs (None: per-step predictions)
+    plain_ms: float = math.nan  # tune's plain step (ms), which the predictions are over
+    no_draft_prefill: list[str] = field(default_factory=list)  # methods not running the draft
+
+    def whole(self, name: str, rows) -> float:
+        """Method ``name``'s predicted speed-up over the generations of ``rows`` (eval rows
+        of plain decoding: prompt and new tokens), prefill included; the per-step prediction
+        without tune's prefill costs."""
+        per_step = self.predicted[name]
+        if self.prefill is None or name == AR or rows is None or not len(rows):
+            return per_step
+        gens = list(zip(rows["prompt_tokens"], rows["new_tokens"]))
+        return end_to_end(per_step, self.plain_ms, self.prefill, gens,
+                          draft=name not in self.no_draft_prefill)
 
 
 @dataclass
@@ -246,10 +270,15 @@ def _choice_run(target, draft, dtype, device, cs: ChoiceSettings, tune_set, held
                       tokenizer=pair.tokenizer, progress=progress)
     lat = tuned.latency.target
     target_ms = {int(n): float(ms) for n, ms in zip(lat.tokens, lat.ms)}
+    # a method with a drafter spec of its own (auto, a copy drafter tune answered with)
+    # never runs the run's drafter, whose prefill tune timed
+    own = [m.name for m in methods if m.kind in ("drafter", "hf")
+           and (m.name != TUNED or tuned.draft_spec is not None)]
     return ChoiceRun(dtype, result.summary, predicted, tuned.tree.size, tuned.tree.depth,
                      target_ms, result.rows, tuned.method,
                      replay_on_held_out(tuned, pair, held_out, result.rows), temperature,
-                     cs.rule, aliases)
+                     cs.rule, aliases, prefill_costs(tuned.latency), tuned.prediction.plain_ms,
+                     own)
 
 
 def replay_on_held_out(tuned, pair, held_out, rows) -> dict | None:
@@ -304,8 +333,13 @@ def choice_table(run: ChoiceRun) -> pd.DataFrame:
     speed-ups, their regret against the best method measured, the tuned tree's predicted
     speed-up and prediction error, the best method and Hugging Face prompt lookup's best."""
     s = with_all(run.summary)
+    rows = run.rows
+    plain_rows = rows[rows["method"] == AR] if rows is not None and len(rows) else None
     out = []
     for cat, group in s.groupby("category", sort=False):
+        gens = (plain_rows if plain_rows is None or cat == ALL
+                else plain_rows[plain_rows["category"] == cat])
+        predicted = {k: run.whole(k, gens) for k in run.predicted}
         speed = dict(zip(group["method"], group["speedup"]))
         for name in run.same_as_tuned:  # the same configuration as tune's choice
             speed[name] = speed[TUNED]
@@ -313,9 +347,9 @@ def choice_table(run: ChoiceRun) -> pd.DataFrame:
         best_name = max(speed, key=lambda k: (speed[k], k))
         tuned, auto = speed.get(TUNED, math.nan), speed.get(AUTO, math.nan)
         hf = max((v for k, v in speed.items() if k.startswith("hf-")), default=math.nan)
-        pred = run.predicted.get(TUNED, math.nan)
-        errors = [run.predicted[k] / v - 1 for k, v in speed.items()
-                  if k in run.predicted and k != AR and v > 0]
+        pred = predicted.get(TUNED, math.nan)
+        errors = [predicted[k] / v - 1 for k, v in speed.items()
+                  if k in predicted and k != AR and v > 0]
         out.append({"dtype": run.dtype, "temperature": run.temperature,
                     "rule": run.rule if run.temperature > 0 else "greedy", "category": cat,
                     "plain_tokens_per_s": float(plain.iloc[0]) if len(plain) else math.nan,
@@ -324,6 +358,7 @@ def choice_table(run: ChoiceRun) -> pd.DataFrame:
                     "regret_tuned": _regret(speed[best_name], tuned),
                     "regret_auto": _regret(speed[best_name], auto),
                     "predicted_tuned": pred,
+                    "predicted_tuned_per_step": run.predicted.get(TUNED, math.nan),
                     "prediction_error_tuned": pred / tuned - 1 if tuned > 0 else math.nan,
                     "prediction_error_grid_max": max(errors, key=abs) if errors else math.nan,
                     "tuned_tree": f"{run.tuned_size} nodes, depth {run.tuned_depth}",
@@ -366,5 +401,5 @@ def dtype_table(runs: Sequence[ChoiceRun]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-__all__ = ["ChoiceReport", "ChoiceRun", "ChoiceSettings", "bench_choice", "choice_table", "dtype_table",
-           "grid_methods", "with_all"]
+__all__ = ["ChoiceReport", "ChoiceRun", "ChoiceSettings", "bench_choice", "choice_table",
+           "dtype_table", "grid_methods", "with_all"]

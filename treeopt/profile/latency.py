@@ -60,7 +60,7 @@ import torch
 from treeopt import __version__
 from treeopt.decode.attention import forward_tree, run_model
 from treeopt.decode.drafter import Drafter
-from treeopt.decode.engine import model_window
+from treeopt.decode.engine import model_window, prefill
 from treeopt.decode.sampling import GREEDY
 from treeopt.limits import positive_ints, read_json
 from treeopt.models.machine import threading_settings
@@ -401,6 +401,37 @@ def timing_warnings(latency, noisy: float = NOISY_SPREAD,
                                "the curve's non-decreasing envelope; if this is noise, "
                                f"re-measure with {fix}")
                     break
+    return out
+
+
+def time_prefill(target, drafter: Drafter | None, prompts: Sequence[Sequence[int]], *,
+                 warmup: int = 1, most: int = 3) -> dict:
+    """The prompt's prefill, timed as the engine runs it: the target's forward over each prompt
+    (``treeopt.decode.engine.prefill``) and, separately, the drafter's ``start`` on it (a draft
+    model prefills its cache there; a model-free drafter indexes the prompt), on a forked
+    drafter so nothing it keeps changes. Up to ``most`` prompts (the longest first: prefill
+    cost grows with length, so they weigh most) are timed once each, after ``warmup`` untimed
+    prefills of the first. Returns the ``prefill`` entry of ``Latency.meta``:
+    ``{"prompt_tokens": [L...], "target_ms": [...], "draft_ms": [...]}`` (``draft_ms`` zeros
+    without a drafter); :func:`treeopt.search.hardware.prefill_costs` reads it."""
+    chosen = sorted((list(p) for p in prompts if len(p)), key=len, reverse=True)[:max(1, most)]
+    if not chosen:
+        raise LatencyError("no prompt to time the prefill on")
+    device = _device(target)
+    timer = _Timer(device)
+    draft = drafter.forked() if drafter is not None else None
+    if draft is not None:
+        draft.check(target)
+    out: dict = {"prompt_tokens": [], "target_ms": [], "draft_ms": []}
+    with torch.inference_mode():
+        for i in range(-warmup, len(chosen)):
+            ids = torch.tensor([chosen[max(i, 0)]], dtype=torch.long, device=device)
+            t_ms = timer(lambda: prefill(target, None, ids, GREEDY, None))
+            d_ms = timer(lambda: draft.start(ids)) if draft is not None else 0.0
+            if i >= 0:
+                out["prompt_tokens"].append(int(ids.shape[1]))
+                out["target_ms"].append(round(t_ms, 3))
+                out["draft_ms"].append(round(d_ms, 3))
     return out
 
 

@@ -23,6 +23,14 @@ Units: ``levels`` count tree levels with the root (the DP's limit, Sequoia's ``m
 
 A size-1 tree is plain decoding and costs no draft time under either model.
 
+Whole generations (:func:`end_to_end`). The step model prices decoding after the prompt; a
+generation also pays the prompt's prefill once: the target's forward over the prompt (both
+methods) and, with a draft model, the draft's forward over it (speculative decoding only).
+Over short answers after long prompts that dilutes the per-step speed-up, and a draft's
+prefill can take back much of what it gains. ``tune``
+times both prefills on its prompts (``Latency.meta["prefill"]``, :func:`prefill_costs`) and
+reports the speed-up of whole generations of its prompts' length beside the per-step one.
+
 Steps with nothing to propose (``empty_rate``). A model-free drafter (n-gram, datastore)
 proposes nothing where its index has no match; such a step is a plain decoding step costing
 ``t_target(1)`` and yielding one token. With a fraction ``e`` of such steps (measured by the
@@ -78,8 +86,9 @@ the crossover is exact), and the first bucket starts at 0 and the last one has n
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -319,6 +328,56 @@ def predict(tree: Tree, profile_table, latency, draft_cost: str = DEFAULT_DRAFT_
     return Prediction(size=tree.size, depth=tree.depth, expected_tokens=f, draft_ms=d_ms,
                       verify_ms=v_ms, step_ms=step, tokens_per_s=1000.0 * f / step,
                       plain_ms=plain, speedup=plain * f / step)
+
+
+class PrefillCost(NamedTuple):
+    """Milliseconds per prompt token of a generation's prefill (``Latency.meta["prefill"]``,
+    timed by ``treeopt.profile.latency.time_prefill``): the target's forward over the prompt
+    and the drafter's start (a draft model's forward over it; ~0 for a model-free drafter)."""
+
+    target_ms_per_token: float
+    draft_ms_per_token: float
+
+
+def prefill_costs(latency) -> PrefillCost | None:
+    """The prefill costs a latency table carries (None when it was measured without them)."""
+    entry = (getattr(latency, "meta", None) or {}).get("prefill")
+    if entry is None:
+        return None
+    try:
+        tokens = [int(x) for x in entry["prompt_tokens"]]
+        t_ms = [float(x) for x in entry["target_ms"]]
+        d_ms = [float(x) for x in entry["draft_ms"]]
+    except (TypeError, KeyError, ValueError) as exc:
+        raise HardwareError(f"the latency table's prefill entry is malformed ({exc!r}); "
+                            "re-run treeopt tune to measure it again") from None
+    if (not tokens or len({len(tokens), len(t_ms), len(d_ms)}) != 1 or min(tokens) < 1
+            or min(t_ms + d_ms) < 0 or not all(math.isfinite(x) for x in t_ms + d_ms)):
+        raise HardwareError("the latency table's prefill entry needs equally long lists of "
+                            "prompt lengths >= 1 and finite times >= 0; re-run treeopt tune "
+                            "to measure it again")
+    return PrefillCost(sum(t_ms) / sum(tokens), sum(d_ms) / sum(tokens))
+
+
+def end_to_end(speedup: float, plain_ms: float, prefill: PrefillCost,
+               generations: Sequence[tuple[int, int]], draft: bool = True) -> float:
+    """Speed-up over plain decoding of whole generations, prefill included, from a per-step
+    ``speedup`` (:class:`Prediction`'s). Each generation (prompt tokens L, new tokens N) costs
+    plain decoding ``L·p_t + (N - 1)·plain_ms`` (the first new token comes from the prefill)
+    and speculative decoding ``L·(p_t + p_d) + (N - 1)·plain_ms / speedup``, where ``p_d``
+    counts only for a method that runs the drafter timed (``draft``). Times are summed over
+    the generations, as eval sums them."""
+    if not speedup > 0 or not plain_ms > 0:
+        raise HardwareError(f"end_to_end needs a positive speed-up and plain step time, got "
+                            f"{speedup} and {plain_ms}")
+    p_t = prefill.target_ms_per_token
+    p_d = prefill.draft_ms_per_token if draft else 0.0
+    plain = spec = 0.0
+    for prompt_tokens, new_tokens in generations:
+        decode = max(int(new_tokens) - 1, 0) * plain_ms
+        plain += int(prompt_tokens) * p_t + decode
+        spec += int(prompt_tokens) * (p_t + p_d) + decode / speedup
+    return plain / spec if spec > 0 else 1.0
 
 
 def _measured_sizes(latency, max_size: int) -> set[int]:
