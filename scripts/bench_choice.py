@@ -9,8 +9,11 @@ once per dtype and per ``--temperatures`` value (sampled runs: tuned at that tem
 verified by ``--rule``, seeded). Printed per dtype, temperature and category: plain
 decoding's tokens/s, the speed-ups over plain decoding *in the same dtype* (so a dtype's gain
 never hides in a speculation figure), regret (best measured / chosen - 1) of tune's choice
-and of ``auto``, and the tune's prediction error (predicted / measured - 1). Then the plain speed of each dtype and the one ``--dtype auto``
-picks after ``tune --dtypes`` (the dtype whose choice is predicted fastest).
+and of ``auto``, and the tune's prediction error (predicted / measured - 1, both of whole
+generations: the prefill tune timed is in the prediction as it is in eval's times). Then the
+plain speed of each dtype and the one ``--dtype auto`` picks after ``tune --dtypes`` (the dtype
+whose choice is predicted fastest). With ``--out`` nothing measured is lost to an interruption:
+``--resume`` continues the run (tunes resumed, finished prompts kept).
 
     OMP_WAIT_POLICY=PASSIVE python scripts/bench_choice.py --target smollm2 --draft ngram \\
         --dtypes float32,bfloat16 --tune-prompts 8 --eval-prompts 13
@@ -66,7 +69,11 @@ def parse_args(argv=None):
                     help="verification rule when sampling (sequoia, specinfer, traversal, "
                          "block: chains only, with --dp-sizes '')")
     ap.add_argument("--stop-at-eos", action="store_true")
-    ap.add_argument("--out", default=None, help="write the tables as JSON here")
+    ap.add_argument("--out", default=None,
+                    help="keep everything here: the settings, each run's tune and eval "
+                         "folders (rows as prompts finish) and the tables (choice.json)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the interrupted run in --out (same options)")
     return ap.parse_args(argv)
 
 
@@ -95,7 +102,10 @@ def main(argv=None) -> int:
             categories=args.categories, stop_at_eos=args.stop_at_eos,
             latency=LatencySettings(tokens=args.latency_tokens, repeats=args.latency_repeats),
             temperatures=tuple(args.temperatures), rule=args.rule)
-        report = bench_choice(args.target, args.draft, args.dataset, settings)
+        if args.resume and not args.out:
+            raise TreeoptError("--resume continues the run in --out; give --out")
+        report = bench_choice(args.target, args.draft, args.dataset, settings, out=args.out,
+                              resume=args.resume)
     except TreeoptError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
@@ -104,6 +114,9 @@ def main(argv=None) -> int:
         hf_logging.set_verbosity(verbosity)
         (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
     table, dtypes = report.table(), report.dtypes()
+    for run in report.runs:
+        for note in run.notes:
+            print(f"note ({run.dtype}, T={run.temperature:g}): {note}", file=sys.stderr)
     print(f"{args.target} + {args.draft}, {args.dataset}: tune on "
           f"{len(report.settings['tune_prompts'])} prompts, measure on "
           f"{len(report.settings['eval_prompts'])} others, {args.max_new_tokens} new tokens, "

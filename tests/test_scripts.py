@@ -306,9 +306,13 @@ def test_bench_choice_with_a_draft_model(folder, tmp_path, capsys):
             "2", "--dp-sizes", "8", "--hf-prompt-lookup", "", "--latency-tokens", "1,2,4",
             "--latency-repeats", "1", "--threads", "1", "--out", str(out)]
     assert load_script("bench_choice").main(args) == 0
-    table = json.loads((out / "choice.json").read_text())["table"]
+    data = json.loads((out / "choice.json").read_text())
+    table = data["table"]
     assert all(r["predicted_tuned"] > 0 and r["regret_tuned"] >= -1e-9 for r in table)
     assert "float32: regret tuned" in capsys.readouterr().out
+    run = json.loads((out / "float32-t0" / "eval" / "run.json").read_text())
+    assert "auto:draft=(early-exit:1)" in json.dumps(run["methods"])
+    assert any(r["method"] == "auto" for r in data["rows"]["float32"])
 
 
 def test_a_grid_method_that_is_tunes_choice_is_measured_once():
@@ -327,6 +331,11 @@ def test_a_grid_method_that_is_tunes_choice_is_measured_once():
     methods, same = same_as_tuned(grid_methods(None, (2, 4), (), (), tree))
     assert same == ["chain:5"] and "auto" in [m.name for m in methods]
     assert same_as_tuned([chain_method(2)]) == ([chain_method(2)], [])
+    # a pair with a draft model: auto has it among its candidates, as a user runs it
+    with_draft = {m.name: m for m in grid_methods(None, (), (), (), auto,
+                                                   "model:d,quant=int8")}
+    assert with_draft["auto"].drafter == "auto:draft=(model:d,quant=int8)"
+    assert same_as_tuned(list(with_draft.values()))[1] == []  # not tune's copies-only auto
     import pandas as pd
 
     summary = pd.DataFrame({"method": ["ar", "tuned", "chain:3"], "category": ["c"] * 3,
@@ -435,3 +444,62 @@ def test_choice_predictions_are_of_whole_generations():
     # without tune's prefill costs (an older tune) the per-step prediction is compared
     bare = ChoiceRun("float32", summary, {"ar": 1.0, "tuned": 2.0}, 5, 4, {1: 10.0}, rows=rows)
     assert choice_table(bare).iloc[0]["predicted_tuned"] == 2.0
+
+
+def test_bench_choice_resumes_an_interrupted_run(folder, tmp_path, monkeypatch, capsys):
+    """With --out nothing measured is lost: a run interrupted during its eval continues with
+    --resume, keeping the tune's latency measurement (so it chooses as before) and the
+    finished prompts' rows; another run's folder or other options are refused in one line."""
+    import treeopt.evaluate.choice as choice_mod
+    import treeopt.tuning as tuning_mod
+
+    out = tmp_path / "choice"
+    args = ["--target", str(folder), "--draft", "ngram", "--tune-prompts", "2",
+            "--eval-prompts", "2", "--tune-tokens", "6", "--max-new-tokens", "6", "--chains",
+            "2", "--dp-sizes", "8", "--hf-prompt-lookup", "", "--latency-tokens", "1,2,4",
+            "--latency-repeats", "1", "--threads", "1", "--out", str(out)]
+    real_eval = choice_mod.run_eval
+
+    def interrupted(target, draft, prompts, methods, **kw):
+        real_eval(target, draft, prompts[:1], methods, **kw)  # the first prompt finishes
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(choice_mod, "run_eval", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        load_script("bench_choice").main(args)
+    rows = out / "float32-t0" / "eval" / "rows.jsonl"
+    first = rows.read_text().splitlines()
+    assert first and (out / "float32-t0" / "tune" / "summary.json").exists()
+    tuned_before = json.loads((out / "float32-t0" / "tune" / "summary.json").read_text())
+    monkeypatch.setattr(choice_mod, "run_eval", real_eval)
+
+    assert load_script("bench_choice").main(args) == 2  # not without --resume
+    assert "already holds a bench_choice run" in capsys.readouterr().err
+
+    def never(*a, **k):
+        raise AssertionError("the finished latency measurement is measured again")
+
+    monkeypatch.setattr(tuning_mod, "measure_latency", never)
+    assert load_script("bench_choice").main(args + ["--resume"]) == 0
+    assert "float32: regret tuned" in capsys.readouterr().out
+    after = rows.read_text().splitlines()
+    assert after[:len(first)] == first  # kept, not measured again
+    assert len({json.loads(r)["prompt_key"] for r in first}) == 1
+    assert len({json.loads(r)["prompt_key"] for r in after}) == 2  # the second one added
+    tuned_after = json.loads((out / "float32-t0" / "tune" / "summary.json").read_text())
+    assert tuned_after["tree"] == tuned_before["tree"]  # the same costs: the same choice
+    assert tuned_after["method"] == tuned_before["method"]
+    assert len(json.loads((out / "choice.json").read_text())["rows"]["float32"]) > 0
+    # a resumed tune that chooses otherwise (replay times proposals: a near tie can flip)
+    # cannot continue the earlier choice's eval: kept aside, measured anew, said
+    summary = out / "float32-t0" / "tune" / "summary.json"
+    summary.write_text(json.dumps({**tuned_after, "method": "an earlier choice"}))
+    assert load_script("bench_choice").main(args + ["--resume"]) == 0
+    assert "kept in eval-before-1 and measured anew" in capsys.readouterr().err
+    assert (out / "float32-t0" / "eval-before-1" / "rows.jsonl").read_text().splitlines() \
+        == after
+
+    other = [a if a != "6" else "7" for a in args] + ["--resume"]
+    assert load_script("bench_choice").main(other) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other settings" in err[0] and "max_new_tokens" in err[0]

@@ -29,6 +29,7 @@ from treeopt.datasets import Prompt, load_prompts, select
 from treeopt.decode.drafter import build_drafter, registered, respec
 from treeopt.decode.sampling import GREEDY, Sampling
 from treeopt.drafters.auto import remember_tune
+from treeopt.errors import TreeoptError
 from treeopt.growmap import save_growmap
 from treeopt.limits import check_nodes
 from treeopt.models.cache import cache_dir
@@ -46,6 +47,7 @@ from treeopt.profile.latency import (
     timing_warnings,
     write_latency,
 )
+from treeopt.profile.model import latencies_by_context
 from treeopt.profile.replay import (
     ReplayChoice,
     choose_replayed,
@@ -431,16 +433,21 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
     lat_settings, lat_notes = latency_defaults(dev, tokens=tokens, context=context,
                                                repeats=repeats, warmup=warmup)
     defaults += lat_notes
-    with latency_progress(progress):
-        latency = measure_latency(pair.target, pair.drafter, tokens=lat_settings["tokens"],
-                                  context=lat_settings["context"],
-                                  contexts=contexts,
-                                  repeats=lat_settings["repeats"],
-                                  warmup=lat_settings["warmup"],
-                                  names={"target": _name(target), "draft": _name(draft)},
-                                  out=profile_path)
-        prompt_ids = encode_prompts(pair.tokenizer, chosen, run.chat_template)
-        latency.meta["prefill"] = time_prefill(pair.target, pair.drafter, prompt_ids)
+    prompt_ids = encode_prompts(pair.tokenizer, chosen, run.chat_template)
+    latency = finished_latency(profile_path, pair.target, lat_settings, contexts) \
+        if resume else None
+    if latency is not None:
+        defaults.append("latency: the finished measurement in the profile (resumed)")
+    else:
+        with latency_progress(progress):
+            latency = measure_latency(pair.target, pair.drafter, tokens=lat_settings["tokens"],
+                                      context=lat_settings["context"],
+                                      contexts=contexts,
+                                      repeats=lat_settings["repeats"],
+                                      warmup=lat_settings["warmup"],
+                                      names={"target": _name(target), "draft": _name(draft)},
+                                      out=profile_path)
+            latency.meta["prefill"] = time_prefill(pair.target, pair.drafter, prompt_ids)
     if profile_path is not None:
         write_latency(latency, profile_path)
         profile = Profile.load(profile_path)  # what `treeopt search` will read
@@ -555,6 +562,36 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
                       optuna_note=optuna_note,
                       files=files, seconds=seconds, summary=summary, treeset=found.treeset,
                       draft_spec=draft_spec, replay=replayed)
+
+
+def finished_latency(profile_path, target, settings: dict, contexts) -> Any:
+    """On resume: the latency table an earlier run of the same tune finished in
+    ``profile_path`` (every repeat timed, the prefill too) with the same ``settings``
+    (tokens, context or ``contexts``, repeats, warmup), device, dtype and threads, so that a
+    resumed tune chooses from the costs it measured the first time; None otherwise (it is
+    measured again)."""
+    import torch
+
+    if profile_path is None or not Path(profile_path).is_file():
+        return None
+    try:
+        lat = latency_mod.load_latency(profile_path)
+    except TreeoptError:
+        return None
+    if lat is None or lat.draft is None:
+        return None
+    meta = lat.meta or {}
+    first = next(target.parameters())
+    want = [int(c) for c in contexts] if contexts else [int(settings["context"])]
+    same = (not meta.get("partial") and "prefill" in meta
+            and meta.get("repeats") == settings["repeats"]
+            and meta.get("warmup") == settings["warmup"]
+            and meta.get("threads") == torch.get_num_threads()
+            and meta.get("dtype") == str(first.dtype).replace("torch.", "")
+            and meta.get("device") == latency_mod.device_name(first.device)
+            and sorted(int(t) for t in lat.target.tokens) == sorted(set(settings["tokens"]))
+            and [t.context for t in latencies_by_context(lat)] == want)
+    return lat if same else None
 
 
 def whole_generations(latency, pred, prompt_tokens: Sequence[int], new_tokens: int,

@@ -3,7 +3,8 @@
 For a pair and a data set (:func:`bench_choice`): the prompts are split in two; for each
 dtype, :func:`treeopt.tuning.tune` profiles the pair on the first split and chooses a tree,
 then :func:`treeopt.evaluate.runner.run_eval` measures, interleaved on the held-out split, plain
-decoding, the tuned tree, the ``auto`` drafter and a grid: chains of 2..16 drafted tokens, the
+decoding, the tuned tree, the ``auto`` drafter (with the pair's draft model among its
+candidates when it has one) and a grid: chains of 2..16 drafted tokens, the
 DP trees of 8/16/32 nodes (from the same profile) and Hugging Face prompt lookup. Each
 temperature is its own tune and measurement: greedy (tune chooses a model-free drafter's
 configuration by replay) or sampled (tune's acceptance profile at that temperature, the
@@ -26,6 +27,9 @@ Per dtype, temperature and category (:func:`choice_table`):
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import math
 import tempfile
 from dataclasses import dataclass, field
@@ -38,6 +42,7 @@ from treeopt.api import Pair, encode_prompts
 from treeopt.datasets import split_prompts
 from treeopt.decode.drafter import build_drafter
 from treeopt.decode.sampling import Sampling, SamplingError
+from treeopt.evaluate.errors import EvalError
 from treeopt.evaluate.methods import (
     ALL,
     AR,
@@ -47,7 +52,9 @@ from treeopt.evaluate.methods import (
     dp_method,
     drafter_method,
 )
+from treeopt.evaluate.outdir import atomic_write
 from treeopt.evaluate.reference import hf_prompt_lookup
+from treeopt.evaluate.results import RUN_FILE
 from treeopt.evaluate.runner import EvalConfig, run_eval
 from treeopt.models.dtype import choose_by_rate
 from treeopt.models.loading import load_model, load_tokenizer
@@ -93,6 +100,7 @@ class ChoiceRun:
     prefill: PrefillCost | None = None  # tune's prefill costs (None: per-step predictions)
     plain_ms: float = math.nan  # tune's plain step (ms), which the predictions are over
     no_draft_prefill: list[str] = field(default_factory=list)  # methods not running the draft
+    notes: list[str] = field(default_factory=list)  # what a resumed run did differently
 
     def whole(self, name: str, rows) -> float:
         """Method ``name``'s predicted speed-up over the generations of ``rows`` (eval rows
@@ -125,15 +133,21 @@ class ChoiceReport:
 
 
 def grid_methods(profile, chains: Sequence[int] = CHAINS, dp_sizes: Sequence[int] = DP_SIZES,
-                 hf_lookup: Sequence[int] = HF_LOOKUP, tuned: Method | None = None
-                 ) -> list[Method]:
+                 hf_lookup: Sequence[int] = HF_LOOKUP, tuned: Method | None = None,
+                 draft_model: str | None = None) -> list[Method]:
     """Plain decoding, tune's choice (``tuned``, see :func:`tuned_method`), ``auto``, chains
     of ``chains`` drafted tokens, the DP trees of ``dp_sizes`` nodes and Hugging Face prompt
-    lookup of ``hf_lookup`` tokens."""
+    lookup of ``hf_lookup`` tokens. With a ``draft_model`` spec ``auto`` has it among its
+    candidates (``auto:draft=(SPEC)``, which starts from the acceptance tune recorded), as a
+    user who gives a draft model runs it; the method is still named ``auto``."""
     methods = [ar_method()]
     if tuned is not None:
         methods.append(tuned)
-    methods.append(drafter_method(AUTO))
+    if draft_model:
+        spec = f"{AUTO}:draft=({draft_model})"
+        methods.append(Method(AUTO, None, "drafter", f"auto with the draft: {spec}", spec))
+    else:
+        methods.append(drafter_method(AUTO))
     methods += [chain_method(n) for n in chains]
     methods += [dp_method(profile, n) for n in dp_sizes]
     methods += [hf_prompt_lookup(k) for k in hf_lookup]
@@ -203,10 +217,22 @@ class ChoiceSettings:
                              "branch; give --dp-sizes '' with --rule block")
 
 
+BENCH_FILE = "bench.json"
+
+
 def bench_choice(target: str, draft: str, dataset: str = "spec_bench",
                  settings: ChoiceSettings | None = None, *, device: str = "cpu",
-                 progress: bool = False) -> ChoiceReport:
-    """Tune on one split and measure on the other, per dtype (see the module docstring)."""
+                 progress: bool = False, out: str | Path | None = None,
+                 resume: bool = False) -> ChoiceReport:
+    """Tune on one split and measure on the other, per dtype (see the module docstring).
+
+    ``out``: a folder that keeps everything measured, so an interrupted run loses nothing:
+    ``bench.json`` (the settings and the split), and per dtype and temperature a folder
+    ``<dtype>-t<T>`` with the tune (``tune/``: profile, tree, summary) and the eval
+    (``eval/``: rows as prompts finish). ``resume=True`` continues such a run with the same
+    settings: the tune resumes its acceptance profile and keeps its finished latency
+    measurement (so it chooses as the first time did), and the eval skips finished prompts.
+    Without ``out`` the files live in a temporary folder."""
     cs = settings or ChoiceSettings()
     tune_set, held_out = split_prompts(dataset, cs.tune_prompts, cs.eval_prompts, cs.seed,
                                        cs.categories)
@@ -217,13 +243,56 @@ def bench_choice(target: str, draft: str, dataset: str = "spec_bench",
                                     "dtypes": list(cs.dtypes),
                                     "temperatures": [float(t) for t in cs.temperatures],
                                     "rule": cs.rule, "seed": cs.seed})
-    with tempfile.TemporaryDirectory(prefix="treeopt-choice-") as work:
+    with contextlib.ExitStack() as stack:
+        if out is None:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(
+                prefix="treeopt-choice-")))
+        else:
+            work = Path(out)
+            _claim(work, {**report.settings, "device": device,
+                          "settings": json.loads(json.dumps(dataclasses.asdict(cs),
+                                                            default=str))}, resume)
         for dtype in cs.dtypes:
             for temp in cs.temperatures:
                 report.runs.append(_choice_run(target, draft, dtype, device, cs, tune_set,
-                                               held_out, Path(work) / f"{dtype}-t{temp:g}",
+                                               held_out, work / f"{dtype}-t{temp:g}",
                                                progress, float(temp)))
     return report
+
+
+def _claim(work: Path, settings: dict, resume: bool) -> None:
+    """Record ``settings`` in ``work`` (a new run) or check them against the recorded ones
+    (``resume``); one-line EvalError when the folder holds another run."""
+    path = work / BENCH_FILE
+    if path.exists():
+        if not resume:
+            raise EvalError(f"{work} already holds a bench_choice run; pass --resume to "
+                            "continue it or choose another --out")
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise EvalError(f"cannot resume {work}: its {BENCH_FILE} is unreadable; choose "
+                            "another --out") from None
+        if old != settings:
+            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            raise EvalError(f"cannot resume {work}: it was run with other settings "
+                            f"({', '.join(diff)}); use the same options or another --out")
+        return
+    if work.exists() and any(work.iterdir()):
+        raise EvalError(f"{work} is not empty and holds no bench_choice run; choose another "
+                        "--out")
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps(settings, indent=1) + "\n")
+
+
+def _choice_of(tune_dir: Path) -> tuple | None:
+    """What the tune in ``tune_dir`` chose (method, tree, drafter spec), None before it
+    finished."""
+    try:
+        done = json.loads((tune_dir / "summary.json").read_text(encoding="utf-8"))
+        return done["method"], done["tree"]["parents"], done.get("draft_spec")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def tuned_method(tuned) -> Method:
@@ -244,17 +313,23 @@ def _choice_run(target, draft, dtype, device, cs: ChoiceSettings, tune_set, held
     on ``held_out`` at that temperature."""
     pair = _pair(target, draft, dtype, device)
     sampling = Sampling(temperature, rule=cs.rule)
-    tuned = tune(pair, prompts=tune_set, out_dir=work, sampling=sampling,
+    before = _choice_of(work / "tune")
+    tuned = tune(pair, prompts=tune_set, out_dir=work / "tune", sampling=sampling,
                  acceptance=AcceptanceSettings(prompts=len(tune_set),
                                                max_new_tokens=cs.tune_tokens, seed=cs.seed),
-                 latency=cs.latency, machine=Machine(device=device), progress=progress)
+                 latency=cs.latency, machine=Machine(device=device), progress=progress,
+                 resume=(work / "tune" / "profile.json").exists())
+    has_model = getattr(pair.drafter, "model", None) is not None
     methods, aliases = same_as_tuned(grid_methods(tuned.profile, cs.chains, cs.dp_sizes,
-                                                  cs.hf_lookup, tuned_method(tuned)))
+                                                  cs.hf_lookup, tuned_method(tuned),
+                                                  draft if has_model else None))
     empty = empty_step_rate(tuned.profile)
     table = tuned.search.rank_table
     replayed = tuned.replay.predictions if tuned.replay is not None else {}
     predicted = {AR: 1.0, TUNED: tuned.prediction.speedup}
     for m in methods:
+        if m.name == AUTO and has_model:
+            continue  # auto with the draft model: replay knows only its copies
         if m.name in replayed:  # a model-free drafter's chain: its greedy replay
             predicted[m.name] = replayed[m.name].speedup
         elif m.kind in ("chain", "dp") and m.tree is not None and tuned.replay is not None \
@@ -266,19 +341,30 @@ def _choice_run(target, draft, dtype, device, cs: ChoiceSettings, tune_set, held
                 "draft_cost", "per-level"), empty).speedup
     config = EvalConfig(max_new_tokens=cs.max_new_tokens, sampling=sampling, seed=cs.seed,
                         stop_at_eos=cs.stop_at_eos)
+    notes = []
+    if before is not None and before != _choice_of(work / "tune") and (work / "eval").exists():
+        # the resumed tune chose otherwise (replay times proposals: a near tie can flip), so
+        # the eval of the earlier choice cannot continue: kept aside, measured anew
+        aside = work / f"eval-before-{sum(1 for _ in work.glob('eval-before-*')) + 1}"
+        (work / "eval").rename(aside)
+        notes.append(f"the resumed tune chose {tuned.method} where the interrupted one chose "
+                     f"{before[0]}: its eval was kept in {aside.name} and measured anew")
     result = run_eval(pair.target, pair.drafter, held_out, methods, config=config,
-                      tokenizer=pair.tokenizer, progress=progress)
+                      tokenizer=pair.tokenizer, progress=progress, out_dir=work / "eval",
+                      resume=(work / "eval" / RUN_FILE).exists(),
+                      meta={"target": target, "draft": draft, "dataset": "held-out split"})
     lat = tuned.latency.target
     target_ms = {int(n): float(ms) for n, ms in zip(lat.tokens, lat.ms)}
     # a method with a drafter spec of its own (auto, a copy drafter tune answered with)
     # never runs the run's drafter, whose prefill tune timed
     own = [m.name for m in methods if m.kind in ("drafter", "hf")
-           and (m.name != TUNED or tuned.draft_spec is not None)]
+           and (m.name != TUNED or tuned.draft_spec is not None)
+           and not (m.name == AUTO and has_model)]
     return ChoiceRun(dtype, result.summary, predicted, tuned.tree.size, tuned.tree.depth,
                      target_ms, result.rows, tuned.method,
                      replay_on_held_out(tuned, pair, held_out, result.rows), temperature,
                      cs.rule, aliases, prefill_costs(tuned.latency), tuned.prediction.plain_ms,
-                     own)
+                     own, notes)
 
 
 def replay_on_held_out(tuned, pair, held_out, rows) -> dict | None:
