@@ -253,6 +253,25 @@ def test_teacher_forced_greedy_equals_online_engine():
         assert all(complete[:-1])
 
 
+def test_teacher_forced_runs_the_draft_as_decoding_does():
+    """A dynamically quantized (int8) draft scales activations per forward, so one forward over
+    the whole continuation predicts differently from decoding's one token per level; the
+    profiler runs the draft token by token, and its greedy walk is decoding's exactly (with
+    the whole-sequence forward 2 of these 16 walks differed)."""
+    from treeopt.models.variants import DraftVariant, apply_variant
+    from treeopt.profile.acceptance import online_steps
+
+    prompts = [[1, 5, 9, 13, 2, 7], [3, 3, 8, 1], [10, 20, 30, 40, 50, 60, 70, 80], [4, 2]]
+    for seed in range(4):
+        target, draft = tiny_pair(seed=seed)
+        int8 = apply_variant(draft, DraftVariant(quant="int8"))
+        for prompt in prompts:
+            ranks, start = teacher_forced_ranks(target, int8, prompt, width=3,
+                                                max_new_tokens=20)
+            steps, _ = online_steps(target, int8, prompt, width=3, depth=3, max_new_tokens=20)
+            assert walk_steps(ranks, 3, start) == steps
+
+
 def test_online_profile_counts_steps():
     target, draft = tiny_pair(seed=2)
     run = AcceptanceRun(width=2, depth=2, max_new_tokens=12, mode="online")

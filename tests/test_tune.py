@@ -330,3 +330,37 @@ def test_tune_prints_defaults_first_and_shows_latency_progress(workspace, tmp_pa
     assert "defaults on cpu" in seen[1]
     err = capsys.readouterr().err
     assert "latency target" not in err and "latency draft" not in err
+
+
+def test_a_resumed_tune_keeps_only_a_finished_latency_of_the_same_settings(tmp_path):
+    """A resumed tune chooses from the costs the interrupted one measured when that
+    measurement finished with the same settings, device, dtype and threads; anything else
+    (interrupted, other repeats or sizes, no prefill times, another thread count) is
+    measured again."""
+    import torch
+
+    from treeopt.profile import Latency, LatencyCurve
+    from treeopt.profile.latency import device_name, write_latency
+    from treeopt.testing import tiny_causal_lm
+    from treeopt.tuning import finished_latency
+
+    target = tiny_causal_lm("llama")
+    meta = {"repeats": 3, "warmup": 1, "threads": torch.get_num_threads(),
+            "dtype": "float32", "device": device_name(torch.device("cpu")),
+            "prefill": {"prompt_tokens": [9], "target_ms": [1.0], "draft_ms": [0.1]}}
+    settings = {"tokens": [1, 2, 4], "context": 8, "repeats": 3, "warmup": 1}
+    path = tmp_path / "profile.json"
+
+    def kept(**changes):
+        lat = Latency(LatencyCurve([1, 2, 4], [1.0, 1.2, 1.5]), LatencyCurve([1], [0.1]), 8,
+                      {k: v for k, v in {**meta, **changes}.items() if v is not None})
+        write_latency(lat, path)
+        return finished_latency(path, target, settings, None)
+
+    assert kept() is not None and kept().target.ms == [1.0, 1.2, 1.5]
+    assert kept(partial={"target_repeats": 1, "of": 3}) is None
+    assert kept(repeats=5) is None and kept(prefill=None) is None
+    assert kept(threads=torch.get_num_threads() + 1) is None and kept(dtype="bfloat16") is None
+    assert finished_latency(path, target, {**settings, "tokens": [1, 2]}, None) is None
+    assert finished_latency(path, target, settings, [8, 64]) is None  # other contexts
+    assert finished_latency(tmp_path / "missing.json", target, settings, None) is None

@@ -81,7 +81,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.set_defaults(depth=TUNE_ACCEPTANCE_DEPTH)
     parser.add_argument("--out-dir", required=True, metavar="DIR", help="where to write results")
     parser.add_argument("--resume", action="store_true",
-                        help="continue the acceptance profile in --out-dir")
+                        help="continue the acceptance profile in --out-dir (a finished "
+                             "latency measurement with the same settings is kept)")
     lat = parser.add_argument_group("latency")
     lat.add_argument("--tokens", help=f"target tree sizes to time (default "
                                       f"{_tokens(CPU_LATENCY['tokens'])} on CPU, "
