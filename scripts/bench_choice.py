@@ -136,6 +136,13 @@ def main(argv=None) -> int:
               "(first turns), against the speed-up measured there without the prefill:")
         with with_pd.option_context("display.width", 250, "display.max_columns", 30):
             print(held.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        for _, r in held.iterrows():
+            if isinstance(r.get("held_out_pick"), str):
+                print(f"{r['dtype']}: replayed on the held-out prompts it would pick "
+                      f"{r['held_out_pick']} (measured {r['held_out_pick_measured']:.3f}x "
+                      f"without the prefill; best {r['held_out_best']} "
+                      f"{r['held_out_best_measured']:.3f}x): the predictor's own regret "
+                      f"{r['model_regret']:+.1%}, the rest is the tune split")
     every = table[table["category"] == "all"]
     for _, r in every.iterrows():
         head = f"{r['dtype']}" + (f" T={r['temperature']:g} ({r['rule']})"

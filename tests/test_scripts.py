@@ -295,6 +295,13 @@ def test_bench_choice_on_a_saved_tiny_model(folder, tmp_path, capsys):
     assert held["float32"]["prompts"] >= 1 and held["float32"]["tokens_per_step_replayed"] == \
         pytest.approx(held["float32"]["tokens_per_step_measured"])
     assert "held-out prompts" in text
+    # the replay's own pick had it tuned on the held-out prompts: the predictor's share of
+    # the regret, apart from the split's
+    for r in held.values():
+        assert r["held_out_pick"] in {"tuned", "chain:3", "chain:17", "dp:8"}
+        assert r["model_regret"] >= -1e-9
+        assert r["held_out_best_measured"] >= r["held_out_pick_measured"]
+    assert "replayed on the held-out prompts it would pick" in text
 
 
 def test_bench_choice_with_a_draft_model(folder, tmp_path, capsys):

@@ -362,17 +362,24 @@ def _choice_run(target, draft, dtype, device, cs: ChoiceSettings, tune_set, held
            and not (m.name == AUTO and has_model)]
     return ChoiceRun(dtype, result.summary, predicted, tuned.tree.size, tuned.tree.depth,
                      target_ms, result.rows, tuned.method,
-                     replay_on_held_out(tuned, pair, held_out, result.rows), temperature,
+                     replay_on_held_out(tuned, pair, held_out, result.rows, methods), temperature,
                      cs.rule, aliases, prefill_costs(tuned.latency), tuned.prediction.plain_ms,
                      own, notes)
 
 
-def replay_on_held_out(tuned, pair, held_out, rows) -> dict | None:
+def replay_on_held_out(tuned, pair, held_out, rows, methods: Sequence[Method] = ()
+                       ) -> dict | None:
     """Tune's choice replayed along plain decoding's outputs of the *held-out* prompts (first
     turns), priced with tune's latency curve, beside what was measured on those turns: the
     prediction's own error once the prompts' difference is taken out. Measured speed-up
     without the prefill (the replay has none): plain decoding's decode time per token over
-    the tuned method's. None without a replay (sampling, a drafter with a model)."""
+    the tuned method's. None without a replay (sampling, a drafter with a model).
+
+    With ``methods`` (the grid), every chain and DP tree of the run's model-free drafter is
+    replayed there too, and ``held_out_pick`` is the one the replay would have chosen had it
+    tuned on these very prompts: ``model_regret`` (the best of those measured / the pick's
+    measured speed-up - 1, both without the prefill) is what remains of the regret once the
+    tune split is out of it — the predictor's own share."""
     if tuned.replay is None or rows is None or not len(rows):
         return None
     first = rows[rows["turn"] == 1]
@@ -399,7 +406,10 @@ def replay_on_held_out(tuned, pair, held_out, rows) -> dict | None:
 
     measured = decode_rate(chosen) / decode_rate(plain)
     steps = sum(int(chosen[k]["steps"]) for k in keys)
+    pick = _held_out_pick(tuned, pair, first, keys, ids, conts, methods, decode_rate,
+                          plain, {TUNED: (pred.speedup, measured)})
     return {"prompts": len(keys), "predicted": pred.speedup, "measured_decode": measured,
+            **pick,
             "error": pred.speedup / measured - 1,
             "tokens_per_step_replayed": pred.expected_tokens,
             "tokens_per_step_measured": sum(int(chosen[k]["step_tokens"]) for k in keys) / steps,
@@ -408,6 +418,31 @@ def replay_on_held_out(tuned, pair, held_out, rows) -> dict | None:
                 chosen[k]["prefill_s"]) for k in keys) / steps,
             "plain_ms_predicted": pred.plain_ms,
             "plain_ms_measured": 1000 / decode_rate(plain)}
+
+
+def _held_out_pick(tuned, pair, first, keys, ids, conts, methods, decode_rate, plain,
+                   known: dict) -> dict:
+    """``replay_on_held_out``'s pick among the grid's chains and DP trees of a model-free
+    drafter (and tune's choice, ``known``: name -> (predicted, measured))."""
+    if replayable(pair.drafter) is not None:
+        return {}
+    curve = monotone(tuned.latency.target)
+    scores = dict(known)
+    for m in methods:
+        if m.kind not in ("chain", "dp") or m.tree is None:
+            continue
+        by_id = {r["prompt_id"]: r for _, r in first[first["method"] == m.name].iterrows()}
+        if not all(k in by_id for k in keys):
+            continue
+        got = replay(private(pair.drafter, m.tree, sized=False), ids, conts)
+        scores[m.name] = (got.predict(curve).speedup, decode_rate(by_id) / decode_rate(plain))
+    if len(scores) < 2:
+        return {}
+    pick = max(scores, key=lambda k: (scores[k][0], k))
+    best = max(scores, key=lambda k: (scores[k][1], k))
+    return {"held_out_pick": pick, "held_out_pick_measured": scores[pick][1],
+            "held_out_best": best, "held_out_best_measured": scores[best][1],
+            "model_regret": scores[best][1] / scores[pick][1] - 1}
 
 
 def _regret(best: float, chosen: float) -> float:

@@ -319,9 +319,8 @@ def stepwise_logits(model, prompt_ids: Sequence[int], tokens: Sequence[int]) -> 
     accepted path each draft level feeds one token). One forward over the whole sequence is
     cheaper but not the same numbers for every draft: a dynamically quantized one (int8)
     scales its activations per forward, and over a whole sequence it agreed with the target
-    less than the same draft does while decoding (the Qwen2.5-Coder pair's int8 draft: an
-    eighth fewer accepted tokens per step than decoding measured on the same prompts; token
-    by token within 3 % of it; README, "Regret and prediction error")."""
+    less than the same draft does while decoding (the Qwen2.5-Coder pair's int8 draft; README,
+    "Regret and prediction error")."""
     device = _device(model)
     prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
     cache = new_cache(model)
