@@ -148,7 +148,10 @@ def main(argv=None) -> int:
         head = f"{r['dtype']}" + (f" T={r['temperature']:g} ({r['rule']})"
                                   if r["temperature"] > 0 else "")
         print(f"{head}: tune chose {r['tuned_method']}")
-        print(f"{head}: regret tuned {r['regret_tuned']:+.1%}, auto "
+        ci = r.get("regret_tuned_ci95_low")
+        ci = ("" if ci is None or ci != ci else
+              f" (95 % interval {ci:+.1%} to {r['regret_tuned_ci95_high']:+.1%})")
+        print(f"{head}: regret tuned {r['regret_tuned']:+.1%}{ci}, auto "
               f"{r['regret_auto']:+.1%}; prediction error {r['prediction_error_tuned']:+.1%} "
               f"(targets: regret <= 3 %, |error| <= 10 %)")
     if args.out:

@@ -510,3 +510,34 @@ def test_bench_choice_resumes_an_interrupted_run(folder, tmp_path, monkeypatch, 
     assert load_script("bench_choice").main(other) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "other settings" in err[0] and "max_new_tokens" in err[0]
+
+
+def test_regret_has_a_bootstrap_interval_over_prompts():
+    """Regret against the best method measured, with a paired bootstrap interval over the
+    prompts: the tuned method 10 % slower on every prompt gives exactly 10 %; a regret made
+    of one prompt's noise has an interval reaching below zero."""
+    import pandas as pd
+
+    from treeopt.evaluate.choice import ChoiceRun, choice_table
+
+    def run_of(tuned_secs):
+        rows = []
+        for i, t in enumerate(tuned_secs):
+            for method, secs in (("ar", 2.0), ("tuned", t), ("chain:5", 1.0)):
+                rows.append({"method": method, "category": "c", "prompt_key": f"p{i}",
+                             "seconds": secs, "new_tokens": 10, "prompt_tokens": 5})
+        rows = pd.DataFrame(rows)
+        total = rows.groupby("method")["seconds"].sum()
+        summary = pd.DataFrame({"method": ["ar", "tuned", "chain:5"], "category": ["c"] * 3,
+                                "speedup": [1.0, total["ar"] / total["tuned"],
+                                            total["ar"] / total["chain:5"]],
+                                "tokens_per_s": [5.0, 5.0, 10.0]})
+        return ChoiceRun("float32", summary, {"tuned": 1.5}, 5, 4, {1: 10.0}, rows=rows)
+
+    row = choice_table(run_of([1.1] * 4)).iloc[0]
+    assert row["regret_tuned"] == pytest.approx(0.1)
+    assert row["regret_tuned_ci95_low"] == pytest.approx(0.1)
+    assert row["regret_tuned_ci95_high"] == pytest.approx(0.1)
+    noisy = choice_table(run_of([0.9, 0.95, 1.0, 1.6])).iloc[0]
+    assert noisy["regret_tuned"] > 0 and noisy["regret_tuned_ci95_low"] < 0
+    assert noisy["regret_tuned_ci95_high"] > noisy["regret_tuned"]

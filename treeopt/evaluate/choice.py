@@ -56,6 +56,7 @@ from treeopt.evaluate.outdir import atomic_write
 from treeopt.evaluate.reference import hf_prompt_lookup
 from treeopt.evaluate.results import RUN_FILE
 from treeopt.evaluate.runner import EvalConfig, run_eval
+from treeopt.evaluate.spread import paired_times, spread
 from treeopt.models.dtype import choose_by_rate
 from treeopt.models.loading import load_model, load_tokenizer
 from treeopt.models.machine import Machine
@@ -445,6 +446,21 @@ def _held_out_pick(tuned, pair, first, keys, ids, conts, methods, decode_rate, p
             "model_regret": scores[best][1] / scores[pick][1] - 1}
 
 
+def _regret_interval(rows, best: str, aliases: Sequence[str]) -> dict:
+    """A bootstrap 95 % interval of the tuned method's regret against the measured ``best``
+    (``treeopt.evaluate.spread``: prompts resampled, paired, ratios of summed times), so a
+    regret within the timing noise of a few prompts reads as such; NaN when tune's choice
+    is the best or the rows are missing."""
+    out = {"regret_tuned_ci95_low": math.nan, "regret_tuned_ci95_high": math.nan}
+    if rows is None or not len(rows) or best == TUNED or best in aliases \
+            or "prompt_key" not in rows:
+        return out
+    got = spread(*paired_times(rows, best, TUNED))
+    out["regret_tuned_ci95_low"] = got["speedup_ci95_low"] - 1
+    out["regret_tuned_ci95_high"] = got["speedup_ci95_high"] - 1
+    return out
+
+
 def _regret(best: float, chosen: float) -> float:
     return best / chosen - 1 if chosen > 0 else math.nan
 
@@ -460,6 +476,8 @@ def choice_table(run: ChoiceRun) -> pd.DataFrame:
     for cat, group in s.groupby("category", sort=False):
         gens = (plain_rows if plain_rows is None or cat == ALL
                 else plain_rows[plain_rows["category"] == cat])
+        cat_rows = (rows if rows is None or not len(rows) or cat == ALL
+                    else rows[rows["category"] == cat])
         predicted = {k: run.whole(k, gens) for k in run.predicted}
         speed = dict(zip(group["method"], group["speedup"]))
         for name in run.same_as_tuned:  # the same configuration as tune's choice
@@ -477,6 +495,7 @@ def choice_table(run: ChoiceRun) -> pd.DataFrame:
                     "tuned": tuned, "auto": auto, "best": speed[best_name],
                     "best_method": best_name, "hf_pld": hf,
                     "regret_tuned": _regret(speed[best_name], tuned),
+                    **_regret_interval(cat_rows, best_name, run.same_as_tuned),
                     "regret_auto": _regret(speed[best_name], auto),
                     "predicted_tuned": pred,
                     "predicted_tuned_per_step": run.predicted.get(TUNED, math.nan),
