@@ -490,21 +490,26 @@ def test_bench_choice_resumes_an_interrupted_run(folder, tmp_path, monkeypatch, 
     assert load_script("bench_choice").main(args + ["--resume"]) == 0
     assert "float32: regret tuned" in capsys.readouterr().out
     after = rows.read_text().splitlines()
-    assert after[:len(first)] == first  # kept, not measured again
     assert len({json.loads(r)["prompt_key"] for r in first}) == 1
     assert len({json.loads(r)["prompt_key"] for r in after}) == 2  # the second one added
     tuned_after = json.loads((out / "float32-t0" / "tune" / "summary.json").read_text())
-    assert tuned_after["tree"] == tuned_before["tree"]  # the same costs: the same choice
-    assert tuned_after["method"] == tuned_before["method"]
+    aside = out / "float32-t0" / "eval-before-1" / "rows.jsonl"
+    if (tuned_after["method"], tuned_after["tree"]) == (tuned_before["method"],
+                                                         tuned_before["tree"]):
+        assert after[:len(first)] == first and not aside.exists()  # kept, not re-measured
+    else:  # on a tiny model configurations of equal yield tie; a flip keeps the rows aside
+        assert aside.read_text().splitlines() == first
     assert len(json.loads((out / "choice.json").read_text())["rows"]["float32"]) > 0
     # a resumed tune that chooses otherwise (replay times proposals: a near tie can flip)
     # cannot continue the earlier choice's eval: kept aside, measured anew, said
     summary = out / "float32-t0" / "tune" / "summary.json"
     summary.write_text(json.dumps({**tuned_after, "method": "an earlier choice"}))
+    before = sorted(p.name for p in (out / "float32-t0").iterdir())
     assert load_script("bench_choice").main(args + ["--resume"]) == 0
-    assert "kept in eval-before-1 and measured anew" in capsys.readouterr().err
-    assert (out / "float32-t0" / "eval-before-1" / "rows.jsonl").read_text().splitlines() \
-        == after
+    kept = sorted(set(p.name for p in (out / "float32-t0").iterdir()) - set(before))
+    assert len(kept) == 1 and kept[0].startswith("eval-before-")
+    assert f"kept in {kept[0]} and measured anew" in capsys.readouterr().err
+    assert (out / "float32-t0" / kept[0] / "rows.jsonl").read_text().splitlines() == after
 
     other = [a if a != "6" else "7" for a in args] + ["--resume"]
     assert load_script("bench_choice").main(other) == 2
