@@ -500,8 +500,7 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
             method, draft_spec = f"replay ({others.label})", others.options["spec"]
     seconds_replay = time.perf_counter() - t_replay
     whole = whole_generations(latency, pred, [len(x) for x in prompt_ids], max_new_tokens,
-                              draft=replayed is None or "spec" not in replayed.options
-                              or replayable(pair.drafter) is None)
+                              draft=runs_given_drafter(pair, draft_spec))
 
     # extrapolation notes; a falling curve is among the timing warnings already
     notes = curve_notes(latency, tree, draft_cost, falls=False)
@@ -562,6 +561,13 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
                       optuna_note=optuna_note,
                       files=files, seconds=seconds, summary=summary, treeset=found.treeset,
                       draft_spec=draft_spec, replay=replayed)
+
+
+def runs_given_drafter(pair, draft_spec: str | None) -> bool:
+    """Whether tune's answer decodes with the drafter it was given, whose prefill it timed:
+    not when a model-free drafter replayed faster replaced a draft model (``draft_spec``
+    then names it); a model-free drafter's own options (per-step lengths) still run it."""
+    return draft_spec is None or replayable(pair.drafter) is None
 
 
 def finished_latency(profile_path, target, settings: dict, contexts) -> Any:

@@ -70,7 +70,7 @@ from treeopt.search.hardware import (
     predict,
     prefill_costs,
 )
-from treeopt.tuning import AcceptanceSettings, tune
+from treeopt.tuning import AcceptanceSettings, runs_given_drafter, tune
 
 CHAINS = (2, 4, 8, 16)
 DP_SIZES = (8, 16, 32)
@@ -356,10 +356,10 @@ def _choice_run(target, draft, dtype, device, cs: ChoiceSettings, tune_set, held
                       meta={"target": target, "draft": draft, "dataset": "held-out split"})
     lat = tuned.latency.target
     target_ms = {int(n): float(ms) for n, ms in zip(lat.tokens, lat.ms)}
-    # a method with a drafter spec of its own (auto, a copy drafter tune answered with)
-    # never runs the run's drafter, whose prefill tune timed
+    # a method with a drafter spec of its own (auto without the draft, a copy drafter tune
+    # answered with) never runs the run's drafter, whose prefill tune timed
     own = [m.name for m in methods if m.kind in ("drafter", "hf")
-           and (m.name != TUNED or tuned.draft_spec is not None)
+           and not (m.name == TUNED and runs_given_drafter(pair, tuned.draft_spec))
            and not (m.name == AUTO and has_model)]
     return ChoiceRun(dtype, result.summary, predicted, tuned.tree.size, tuned.tree.depth,
                      target_ms, result.rows, tuned.method,
