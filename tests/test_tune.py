@@ -364,3 +364,25 @@ def test_a_resumed_tune_keeps_only_a_finished_latency_of_the_same_settings(tmp_p
     assert finished_latency(path, target, {**settings, "tokens": [1, 2]}, None) is None
     assert finished_latency(path, target, settings, [8, 64]) is None  # other contexts
     assert finished_latency(tmp_path / "missing.json", target, settings, None) is None
+
+
+def test_plain_decoding_is_predicted_without_the_drafts_prefill(workspace, monkeypatch):
+    """When no tree pays (a draft forward costs more than a target one), tune answers plain
+    decoding, which starts no drafter: its whole-generation prediction is 1.00x, with no
+    draft prefill charged (as a user saw 0.94x on SmolLM2's early exit before)."""
+    import treeopt
+    import treeopt.tuning
+    from treeopt.profile import Latency, LatencyCurve
+
+    dear = Latency(LatencyCurve([1, 2, 4], [10.0, 11.0, 12.0]), LatencyCurve([1], [1000.0]),
+                   context=8, meta={"device_type": "cpu", "threads": 1, "device": "cpu"})
+    monkeypatch.setattr(treeopt.tuning, "measure_latency", lambda *a, **k: dear)
+    run = treeopt.tune(str(workspace / "tiny"), "early-exit:1", PROMPTS[:2],
+                       acceptance=AcceptanceSettings(prompts=2, max_new_tokens=6, width=3,
+                                                     depth=2),
+                       search=SearchSettings(other_drafters=False),
+                       machine=Machine(device="cpu", threads=1))
+    assert run.tree.size == 1 and run.prediction.speedup == pytest.approx(1.0)
+    whole = run.summary["prediction"]["whole"]
+    assert min(dear.meta["prefill"]["draft_ms"]) > 0  # the early exit's start was timed
+    assert whole["draft_prefill_ms"] == 0.0 and whole["speedup"] == pytest.approx(1.0)

@@ -500,7 +500,7 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
             method, draft_spec = f"replay ({others.label})", others.options["spec"]
     seconds_replay = time.perf_counter() - t_replay
     whole = whole_generations(latency, pred, [len(x) for x in prompt_ids], max_new_tokens,
-                              draft=runs_given_drafter(pair, draft_spec))
+                              draft=runs_given_drafter(pair, draft_spec, tree))
 
     # extrapolation notes; a falling curve is among the timing warnings already
     notes = curve_notes(latency, tree, draft_cost, falls=False)
@@ -563,11 +563,14 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
                       draft_spec=draft_spec, replay=replayed)
 
 
-def runs_given_drafter(pair, draft_spec: str | None) -> bool:
+def runs_given_drafter(pair, draft_spec: str | None, tree: Tree) -> bool:
     """Whether tune's answer decodes with the drafter it was given, whose prefill it timed:
     not when a model-free drafter replayed faster replaced a draft model (``draft_spec``
-    then names it); a model-free drafter's own options (per-step lengths) still run it."""
-    return draft_spec is None or replayable(pair.drafter) is None
+    then names it; a model-free drafter's own options, per-step lengths, still run it), and
+    not for a tree of one node, which is plain decoding (no drafter starts)."""
+    if draft_spec is not None:
+        return replayable(pair.drafter) is None
+    return tree.size > 1
 
 
 def finished_latency(profile_path, target, settings: dict, contexts) -> Any:

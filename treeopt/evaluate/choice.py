@@ -356,11 +356,12 @@ def _choice_run(target, draft, dtype, device, cs: ChoiceSettings, tune_set, held
                       meta={"target": target, "draft": draft, "dataset": "held-out split"})
     lat = tuned.latency.target
     target_ms = {int(n): float(ms) for n, ms in zip(lat.tokens, lat.ms)}
-    # a method with a drafter spec of its own (auto without the draft, a copy drafter tune
-    # answered with) never runs the run's drafter, whose prefill tune timed
-    own = [m.name for m in methods if m.kind in ("drafter", "hf")
-           and not (m.name == TUNED and runs_given_drafter(pair, tuned.draft_spec))
-           and not (m.name == AUTO and has_model)]
+    # methods that never start the run's drafter, whose prefill tune timed: a drafter spec
+    # of their own (auto without the draft, HF), and tune's answer when it is another
+    # drafter or plain decoding
+    own = [m.name for m in methods
+           if (not runs_given_drafter(pair, tuned.draft_spec, tuned.tree) if m.name == TUNED
+               else m.kind in ("drafter", "hf") and not (m.name == AUTO and has_model))]
     return ChoiceRun(dtype, result.summary, predicted, tuned.tree.size, tuned.tree.depth,
                      target_ms, result.rows, tuned.method,
                      replay_on_held_out(tuned, pair, held_out, result.rows, methods), temperature,
