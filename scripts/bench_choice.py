@@ -69,6 +69,9 @@ def parse_args(argv=None):
                     help="verification rule when sampling (sequoia, specinfer, traversal, "
                          "block: chains only, with --dp-sizes '')")
     ap.add_argument("--stop-at-eos", action="store_true")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run each measured generation this many times and keep the fastest "
+                         "(default 1; 3 on a noisy machine)")
     ap.add_argument("--out", default=None,
                     help="keep everything here: the settings, each run's tune and eval "
                          "folders (rows as prompts finish) and the tables (choice.json)")
@@ -101,7 +104,7 @@ def main(argv=None) -> int:
             hf_lookup=tuple(args.hf_prompt_lookup), seed=args.seed,
             categories=args.categories, stop_at_eos=args.stop_at_eos,
             latency=LatencySettings(tokens=args.latency_tokens, repeats=args.latency_repeats),
-            temperatures=tuple(args.temperatures), rule=args.rule)
+            temperatures=tuple(args.temperatures), rule=args.rule, repeats=args.repeats)
         if args.resume and not args.out:
             raise TreeoptError("--resume continues the run in --out; give --out")
         report = bench_choice(args.target, args.draft, args.dataset, settings, out=args.out,

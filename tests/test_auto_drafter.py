@@ -161,6 +161,30 @@ def test_decisions_are_deterministic_from_the_same_curves():
     assert any(n > 1 for nodes, _ in runs[0] for n in nodes)
 
 
+def test_a_fork_decodes_the_next_prompt_as_the_drafter_itself_would():
+    """``forked`` after a generation: the fork has the statistics and every copy's global
+    trie as the drafter will have them at its next request (the last output included, which
+    a suffix drafter adds only when the next request starts), so eval's repeated runs of a
+    prompt all decode alike; what the fork decodes never reaches the drafter."""
+    target = tiny()
+    a = AutoDrafter(copies(target) + [("suffix", build_drafter("suffix", target=target,
+                                                               tree=chain(draft_tokens=16)))],
+                    SOFT)
+    for p in PROMPTS[:2]:
+        generate(target, a, torch.tensor([p]), max_new_tokens=40)
+    nxt = torch.tensor([PROMPTS[0][:7]])
+    twin, snap = a.forked(), a.forked()
+    got = generate(target, twin, nxt, max_new_tokens=40)
+    generate(target, twin, nxt, max_new_tokens=40)  # the twin learns; a must not
+    want = generate(target, a, nxt, max_new_tokens=40)
+    assert [s.nodes for s in got.stats.steps] == [s.nodes for s in want.stats.steps]
+    assert got.stats.choice == want.stats.choice
+    tries = [(d.cache, f.cache) for (_, d), (_, f) in zip(a.copies, snap.copies)
+             if getattr(d, "cache", None) is not None]
+    assert tries and all(list(x.docs) == list(y.docs) and len(x.docs) == 2
+                         for x, y in tries)  # both outputs: the second one's was pending
+
+
 def test_the_factory_measures_once_and_decides_alike_from_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TREEOPT_CACHE", str(tmp_path))
     target = tiny()

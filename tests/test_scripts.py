@@ -306,12 +306,13 @@ def test_bench_choice_on_a_saved_tiny_model(folder, tmp_path, capsys):
 
 def test_bench_choice_with_a_draft_model(folder, tmp_path, capsys):
     """A model drafter (an early exit): the grid is predicted by the DP even when tune
-    answered with a copy drafter replayed faster (the draft model itself cannot replay)."""
+    answered with a copy drafter replayed faster (the draft model itself cannot replay).
+    With --repeats 2 every measured generation runs twice (forked drafters, a model's too)."""
     out = tmp_path / "choice"
     args = ["--target", str(folder), "--draft", "early-exit:1", "--tune-prompts", "2",
             "--eval-prompts", "2", "--tune-tokens", "6", "--max-new-tokens", "6", "--chains",
             "2", "--dp-sizes", "8", "--hf-prompt-lookup", "", "--latency-tokens", "1,2,4",
-            "--latency-repeats", "1", "--threads", "1", "--out", str(out)]
+            "--latency-repeats", "1", "--threads", "1", "--out", str(out), "--repeats", "2"]
     assert load_script("bench_choice").main(args) == 0
     data = json.loads((out / "choice.json").read_text())
     table = data["table"]
@@ -320,6 +321,9 @@ def test_bench_choice_with_a_draft_model(folder, tmp_path, capsys):
     run = json.loads((out / "float32-t0" / "eval" / "run.json").read_text())
     assert "auto:draft=(early-exit:1)" in json.dumps(run["methods"])
     assert any(r["method"] == "auto" for r in data["rows"]["float32"])
+    rows = [json.loads(r) for r in (out / "float32-t0" / "eval" / "rows.jsonl").open()]
+    assert rows and all(len(r["repeat_seconds"]) == 2
+                        and r["seconds"] == min(r["repeat_seconds"]) for r in rows)
 
 
 def test_a_grid_method_that_is_tunes_choice_is_measured_once():
@@ -510,6 +514,18 @@ def test_bench_choice_resumes_an_interrupted_run(folder, tmp_path, monkeypatch, 
     assert len(kept) == 1 and kept[0].startswith("eval-before-")
     assert f"kept in {kept[0]} and measured anew" in capsys.readouterr().err
     assert (out / "float32-t0" / kept[0] / "rows.jsonl").read_text().splitlines() == after
+
+    recorded = json.loads((out / "bench.json").read_text())
+    del recorded["settings"]["repeats"]  # a run recorded before --repeats existed resumes
+    (out / "bench.json").write_text(json.dumps(recorded))
+    assert load_script("bench_choice").main(args + ["--resume"]) == 0
+    capsys.readouterr()
+    assert load_script("bench_choice").main(args + ["--resume", "--repeats", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other settings (repeats)" in err[0]
+    assert load_script("bench_choice").main(args + ["--repeats", "0", "--out",
+                                                    str(tmp_path / "x")]) == 2
+    assert "repeats must be a whole number" in capsys.readouterr().err
 
     other = [a if a != "6" else "7" for a in args] + ["--resume"]
     assert load_script("bench_choice").main(other) == 2

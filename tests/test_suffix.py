@@ -318,3 +318,45 @@ def test_eval_methods_and_the_warmup_never_share_a_global_trie():
     twin = base.forked()
     twin.cache.add([9, 9, 9])
     assert base.cache.tokens == 6 and twin.cache.tokens == 9 and twin.cache.path is None
+
+
+def test_eval_repeats_keep_the_fastest_run_and_decode_from_one_state():
+    """``repeats``: every generation runs that often from the same drafter state (the extra
+    runs on forks, so the global trie sees each answer once, as with one run), and the row
+    keeps the fastest run's times. A generate that sleeps on the last run of each triple makes
+    the fastest run a fork's; without forks the repeats would copy their own answers (fewer
+    steps) and the trie would hold every answer three times."""
+    import time
+
+    from treeopt.evaluate.errors import EvalError
+    from treeopt.evaluate.methods import chain_method
+    from treeopt.evaluate.runner import EvalConfig, run_eval
+
+    target = sharp()
+    prompts = [(40, 41, 42, 43, 40, 41), (7, 8, 9, 7, 8)]
+    calls = []
+
+    def slow_last(*args, **kw):
+        calls.append(1)
+        if len(calls) % 3 == 0:
+            time.sleep(0.05)
+        return generate(*args, **kw)
+
+    runs = {}
+    for repeats, gen in ((1, None), (3, slow_last)):
+        drafter = build_drafter("suffix", target=target)
+        runs[repeats] = (run_eval(target, drafter, prompts, [chain_method(4)], generate=gen,
+                                  config=EvalConfig(max_new_tokens=24, warmup=False,
+                                                    repeats=repeats), progress=False),
+                         drafter)
+    one, three = runs[1][0].rows, runs[3][0].rows
+    assert list(three["steps"]) == list(one["steps"])
+    assert [list(t) for t in three["output_ids"]] == [list(t) for t in one["output_ids"]]
+    assert runs[3][1].cache.tokens == runs[1][1].cache.tokens  # each answer added once
+    assert "repeat_seconds" not in one
+    for _, row in three.iterrows():
+        every = row["repeat_seconds"]
+        assert len(every) == 3 and row["seconds"] == min(every) < every[-1]
+        assert row["tokens_per_s"] == pytest.approx(row["new_tokens"] / row["seconds"])
+    with pytest.raises(EvalError, match="repeats must be"):
+        run_eval(target, None, prompts, [], config=EvalConfig(repeats=0), progress=False)

@@ -136,6 +136,10 @@ def register(subparsers) -> None:
                         "max_position_embeddings of the models run) minus --max-new-tokens: "
                         "keep its last tokens (a left cut) or leave it out; a warning says "
                         "how many prompts and tokens")
+    g.add_argument("--repeats", type=int, default=1,
+                   help="run each generation this many times from the same drafter state and "
+                        "keep the fastest (default 1): on a shared, noisy machine, 3 ranks "
+                        "methods a few %% apart")
     g.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up call")
     o = p.add_argument_group("output")
     o.add_argument("--out", required=True, metavar="DIR",
@@ -232,7 +236,7 @@ def run(args) -> int:
     config = EvalConfig(max_new_tokens=args.max_new_tokens, seed=args.seed,
                         stop_at_eos=args.stop_at_eos, chat_template=not args.no_chat_template,
                         warmup=not args.no_warmup, long_prompts=args.long_prompts,
-                        sampling=sampling_from_args(args))
+                        sampling=sampling_from_args(args), repeats=args.repeats)
     # Every setting is checked before any model is loaded or any file is written.
     check_config(config)
     scoring = _pass_at_1_setup(args)

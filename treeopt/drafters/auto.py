@@ -224,7 +224,7 @@ class AutoDrafter(Drafter):
         """A copy with this drafter's statistics so far, copied, and forked copy candidates:
         what either decodes from now on never reaches the other."""
         new = self.reshaped(None)
-        new.copies = [(n, d.forked()) for n, d in new.copies]
+        new.copies = [(n, d.forked()) for n, d in self.copies]  # their pending outputs too
         new.stats = copy.deepcopy(self.stats)
         new.model_tries, new.model_hits = list(self.model_tries), list(self.model_hits)
         new.model_steps, new.model_dropped = self.model_steps, self.model_dropped

@@ -461,10 +461,14 @@ class SuffixDrafter(Drafter):
 
     def forked(self) -> "SuffixDrafter":
         """A copy with a request trie and a global trie of its own (the global one starting
-        from this one's documents and writing no file)."""
+        from this one's documents, the last request's output included, which this drafter
+        adds only when its next request starts; writing no file): it decodes its next request
+        exactly as this one would."""
         new = self.reshaped(self.shape)
         if new.cache is not None:
             new.cache = new.cache.forked()
+            if len(self._seen) > self._prompt_len:
+                new.cache.add(self._seen[self._prompt_len:], save=False)
         return new
 
     # -------------------------------------------------------------- text

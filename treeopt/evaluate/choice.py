@@ -55,7 +55,7 @@ from treeopt.evaluate.methods import (
 from treeopt.evaluate.outdir import atomic_write
 from treeopt.evaluate.reference import hf_prompt_lookup
 from treeopt.evaluate.results import RUN_FILE
-from treeopt.evaluate.runner import EvalConfig, run_eval
+from treeopt.evaluate.runner import EvalConfig, check_config, run_eval
 from treeopt.evaluate.spread import paired_times, spread
 from treeopt.models.dtype import choose_by_rate
 from treeopt.models.loading import load_model, load_tokenizer
@@ -191,7 +191,8 @@ class ChoiceSettings:
     tokens, ``dp_sizes`` nodes, ``hf_lookup`` tokens) and the tune's ``latency`` settings.
     Each of ``temperatures`` is a tune and a measurement of its own (0: greedy, tune chooses
     by replay; above 0: sampled, tuned on an acceptance profile at that temperature and
-    verified by ``rule``, both seeded by ``seed``)."""
+    verified by ``rule``, both seeded by ``seed``). ``repeats``: each measured generation is
+    run that many times and the fastest kept (``EvalConfig.repeats``)."""
 
     tune_prompts: int = 8
     eval_prompts: int = 13
@@ -207,12 +208,14 @@ class ChoiceSettings:
     latency: LatencySettings = field(default_factory=LatencySettings)
     temperatures: tuple[float, ...] = (0.0,)
     rule: str = "sequoia"
+    repeats: int = 1
 
     def __post_init__(self):
         if not self.temperatures:
             raise SamplingError("give at least one temperature, e.g. 0 or 0,0.7,1.0")
         for t in self.temperatures:  # a bad temperature or rule fails before any work
             Sampling(float(t), rule=self.rule)
+        check_config(EvalConfig(repeats=self.repeats))  # before any tune
         if self.rule == "block" and self.dp_sizes:
             raise SamplingError("rule 'block' verifies chains (one child per node): DP trees "
                              "branch; give --dp-sizes '' with --rule block")
@@ -274,8 +277,15 @@ def _claim(work: Path, settings: dict, resume: bool) -> None:
         except (OSError, ValueError):
             raise EvalError(f"cannot resume {work}: its {BENCH_FILE} is unreadable; choose "
                             "another --out") from None
+        settings = _as_recorded(settings, old)
         if old != settings:
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            if "settings" in diff and all(isinstance(d.get("settings"), dict)
+                                          for d in (old, settings)):
+                inner = (old["settings"], settings["settings"])
+                diff = sorted({k for k in diff if k != "settings"} | {
+                    k for k in set(inner[0]) | set(inner[1])
+                    if inner[0].get(k) != inner[1].get(k)})
             raise EvalError(f"cannot resume {work}: it was run with other settings "
                             f"({', '.join(diff)}); use the same options or another --out")
         return
@@ -284,6 +294,18 @@ def _claim(work: Path, settings: dict, resume: bool) -> None:
                         "--out")
     work.mkdir(parents=True, exist_ok=True)
     atomic_write(path, json.dumps(settings, indent=1) + "\n")
+
+
+def _as_recorded(settings: dict, old: dict) -> dict:
+    """``settings`` without the ChoiceSettings fields a run recorded in ``old`` predates, when
+    they have their default value (an older run resumes as it was run)."""
+    mine, theirs = settings.get("settings"), old.get("settings")
+    if not isinstance(mine, dict) or not isinstance(theirs, dict):
+        return settings
+    defaults = json.loads(json.dumps(dataclasses.asdict(ChoiceSettings()), default=str))
+    kept = {k: v for k, v in mine.items()
+            if k in theirs or k not in defaults or v != defaults[k]}
+    return {**settings, "settings": kept}
 
 
 def _choice_of(tune_dir: Path) -> tuple | None:
@@ -341,7 +363,7 @@ def _choice_run(target, draft, dtype, device, cs: ChoiceSettings, tune_set, held
             predicted[m.name] = predict(m.tree, table, tuned.latency, tuned.search.meta.get(
                 "draft_cost", "per-level"), empty).speedup
     config = EvalConfig(max_new_tokens=cs.max_new_tokens, sampling=sampling, seed=cs.seed,
-                        stop_at_eos=cs.stop_at_eos)
+                        stop_at_eos=cs.stop_at_eos, repeats=cs.repeats)
     notes = []
     if before is not None and before != _choice_of(work / "tune") and (work / "eval").exists():
         # the resumed tune chose otherwise (replay times proposals: a near tie can flip), so

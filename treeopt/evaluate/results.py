@@ -41,7 +41,10 @@ METRICS = {
                         "max_position_embeddings of the models run); 0 = none",
     "new_tokens": "generated tokens (prompt tokens never counted); with stop_at_eos off every "
                   "method generates exactly max_new_tokens per turn",
-    "seconds": "wall-clock seconds of the generate call (prefill included), summed",
+    "seconds": "wall-clock seconds of the generate call (prefill included), summed; with "
+               "repeats, the fastest run's",
+    "repeat_seconds": "with repeats above 1: every run's seconds, the last one's state kept "
+                      "(the row's times are the fastest run's that generated the same tokens)",
     "tokens_per_s": "new_tokens / seconds: generated tokens only, never prompt tokens, never "
                     "characters",
     "speedup": "plain decoding's time / this method's time on the same prompts for the same "
