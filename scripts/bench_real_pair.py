@@ -73,8 +73,9 @@ def parse_args(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="float32",
-                    help="dtype of target and draft (default float32: the int8 draft variants "
-                         "quantise a float32 draft, and --dtype auto may mean bfloat16 here)")
+                    help="dtype of the target and of the plain draft variants (default "
+                         "float32; int8 variants are quantised from float32 weights in any "
+                         "dtype)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-hf", action="store_true", help="skip HF assisted generation")
     ap.add_argument("--no-pass-at-1", action="store_true",

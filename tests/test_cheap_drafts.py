@@ -241,11 +241,33 @@ def test_packing_and_quantising_leave_each_other_alone():
     assert (a - b).abs().max() < 0.05 * a.abs().max()  # int8 rounding, not garbage
 
 
-def test_int8_refuses_other_dtypes_in_one_line():
-    m = tiny_causal_lm("llama", vocab_size=VOCAB, dtype=torch.bfloat16)
-    with pytest.raises(DrafterError, match="float32") as err:
-        quantize_int8(m)
-    assert "\n" not in str(err.value)
+def test_int8_drafts_serve_a_bfloat16_target_exactly(tmp_path):
+    """A bfloat16 target with int8 drafts (an early exit of it, and a draft model loaded in
+    float32 for quantisation): greedy output equals the target's own in bfloat16, the drafts
+    accept, and the target keeps its bfloat16 weights, none shared with the draft's copies."""
+    target = tiny_causal_lm("llama", vocab_size=VOCAB, hidden_size=32, num_layers=3, seed=3,
+                            dtype=torch.bfloat16)
+    target.requires_grad_(False)
+    snap = snapshot(target)
+    with torch.inference_mode():
+        logits = target(input_ids=PROMPT).logits
+    want = plain(target)
+    folder = tmp_path / "draft"
+    tiny_causal_lm("llama", vocab_size=VOCAB, hidden_size=32, num_layers=1,
+                   seed=4).save_pretrained(folder)
+    for spec in ("early-exit:2,quant=int8", f"model:{folder},quant=int8"):
+        for shape in (CHAIN, TREE):
+            drafter = build_drafter(spec, target=target, tree=shape)
+            assert is_quantized(drafter.model)
+            assert all(p.dtype == torch.float32 for p in drafter.model.parameters())
+            got = generate(target, drafter, PROMPT, max_new_tokens=24)
+            assert got.tokens == want, (spec, shape.size)
+            if "early-exit" in spec:
+                assert got.stats.accepted_tokens > 0
+    assert all(p.dtype == torch.bfloat16 for p in target.parameters())
+    assert_unchanged(target, snap, logits)
+    q = quantize_int8(target)  # from float32 copies of the weights
+    assert q.get_input_embeddings().weight.dtype == torch.float32
 
 
 def test_early_exit_variants_never_touch_the_target():

@@ -75,8 +75,8 @@ def compare_dtypes(target: str, draft: str, profile, *, done: DtypeRow | None = 
     fields by device) and searches the best tree for ``profile``'s acceptance with that
     latency under ``search``; with ``replayed`` (``tune``'s greedy replay of a model-free
     drafter, ``treeopt.profile.replay``) the replayed configurations are priced with that
-    latency instead and the fastest kept. A dtype the pair cannot run (an int8 draft in
-    bfloat16, say) is left out, with one line in ``notes`` saying why."""
+    latency instead and the fastest kept. A dtype the pair cannot run (a draft model with
+    another vocabulary, say) is left out, with one line in ``notes`` saying why."""
     dev = resolve_device(device)
     lat = latency or LatencySettings()
     rows = [done] if done is not None else []

@@ -66,7 +66,8 @@ def add_draft_variant_arguments(parser) -> None:
     group = parser.add_argument_group("cheaper drafts (lossless: the target is never touched)")
     group.add_argument("--draft-quant", choices=["none", "int8"], default="none",
                        help="int8: per-channel dynamic int8 linear layers in the --draft model "
-                            "(CPU, float32; same as the spec option quant=int8) "
+                            "(CPU; quantised from float32 weights whatever --dtype the target runs "
+                            "in; same as the spec option quant=int8) "
                             "(default: none)")
     group.add_argument("--draft-vocab", type=int, default=None, metavar="N",
                        help="the --draft model proposes only from the N most frequent tokens "

@@ -165,8 +165,12 @@ def _model(options: str, *, target, tokenizer, tree):
     ``treeopt.models.variants``: int8 weights, a head over the N most frequent tokens)."""
 
     spec, variant = split_model_options(options)
+    # an int8 draft is quantised from float32 weights whatever the target's dtype (it hands
+    # the target token ids only): loaded so, not rounded through the target's bfloat16
+    cpu_int8 = variant.quant == "int8" and torch.device(target.device).type == "cpu"
     try:
-        draft = load_model(spec, dtype=target.dtype, device=target.device)
+        draft = load_model(spec, dtype=torch.float32 if cpu_int8 else target.dtype,
+                           device=target.device)
     except ModelError as exc:
         raise DrafterError(f"draft {spec!r} is not a drafter ({known_names()}) and "
                            f"cannot be loaded as a model: {exc}") from None

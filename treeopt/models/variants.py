@@ -10,7 +10,8 @@ DP to decide (``scripts/bench_cheap_drafts.py`` measures forward time and top-1 
 - :func:`quantize_int8` (``quant=int8``): per-channel dynamic int8 of every linear layer of
   the draft, LM head included, with torch's own eager-mode API
   (``torch.ao.quantization.quantize_dynamic`` with ``per_channel_dynamic_qconfig``): weights
-  int8 with one scale per output row, activations quantised per call. CPU and float32 only.
+  int8 with one scale per output row, activations quantised per call. CPU only; a
+  bfloat16 draft is quantised from float32 copies of its weights.
   torch 2.13 marks this API deprecated in favour of torchao (a ``DeprecationWarning`` and a
   ``UserWarning`` on quantised-tensor creation, both at quantisation time); treeopt uses what
   torch itself ships and filters exactly those two warnings inside :func:`quantize_int8`,
@@ -225,6 +226,25 @@ def copy_modules(model: torch.nn.Module) -> torch.nn.Module:
     return rec(model)
 
 
+def _own_float32(model: torch.nn.Module) -> None:
+    """Give the modules of ``model`` (a :func:`copy_modules` copy) float32 copies of their
+    floating-point parameters and buffers of another dtype, in place: the tensors they share
+    with the original stay as they are; tied weights stay tied."""
+    made: dict[int, torch.Tensor] = {}
+
+    def own(t: torch.Tensor, param: bool) -> torch.Tensor:
+        if id(t) not in made:
+            data = t.detach().to(torch.float32)
+            made[id(t)] = torch.nn.Parameter(data, requires_grad=False) if param else data
+        return made[id(t)]
+
+    for m in model.modules():
+        for table, param in ((m._parameters, True), (m._buffers, False)):
+            for name, t in table.items():
+                if t is not None and t.is_floating_point() and t.dtype != torch.float32:
+                    table[name] = own(t, param)
+
+
 def _float_linear(module: torch.nn.Module) -> torch.nn.Linear:
     """An ``nn.Linear`` sharing the weight and bias of a ``PackedLinear`` (or ``nn.Linear``)."""
     with torch.device("meta"):
@@ -241,9 +261,12 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
     ``PackedLinear``, the LM head included) are per-channel dynamic int8
     (``torch.ao.nn.quantized.dynamic.Linear``); embeddings and norms stay float32 and shared.
 
-    ``model``: a float32 causal LM on the CPU. The copy takes the same inputs and returns
-    float32 logits. ``model`` is left as it was (see :func:`copy_modules`). Raises
-    DrafterError for another device or dtype, or a torch without the API."""
+    ``model``: a causal LM on the CPU; a bfloat16 or float16 one is quantised from a float32
+    copy of its weights (a draft only hands token ids to the target, so an int8 draft can
+    serve a bfloat16 target, whose multi-token verifications are the cheaper ones on a CPU
+    with AVX512-BF16 or AMX). The copy takes the same inputs and returns float32 logits.
+    ``model`` is left as it was (see :func:`copy_modules`). Raises DrafterError for another
+    device, or a torch without the API."""
     try:
         param = next(model.parameters())
     except StopIteration:
@@ -252,10 +275,6 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
         raise DrafterError(f"quant=int8 runs on the CPU only (torch's dynamic quantisation); "
                            f"the draft is on {param.device.type}: use --device cpu or drop "
                            "quant=int8")
-    if param.dtype != torch.float32:
-        raise DrafterError(f"quant=int8 quantises a float32 draft; this one is "
-                           f"{str(param.dtype).replace('torch.', '')}: use --dtype float32 or "
-                           "drop quant=int8")
     try:
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
     except ImportError:
@@ -268,6 +287,7 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
         for name, child in list(parent.named_children()):
             if isinstance(child, PackedLinear):
                 setattr(parent, name, _float_linear(child))
+    _own_float32(out)
     with warnings.catch_warnings():
         for category, message in _QUANT_WARNINGS:
             warnings.filterwarnings("ignore", message=message, category=category)
