@@ -67,3 +67,32 @@ def test_profile_copy_cli_writes_and_merges(workspace, tmp_path, capsys, mode):
     assert CopyTable.load(out).total_trials == 2 * first.total_trials
     assert main(args[:-2] + ["--out", str(tmp_path / "x.pt")]) == 2
     assert ".json" in capsys.readouterr().err
+
+
+def test_tune_profiles_long_prompts_as_decoding_keeps_them(tmp_path, monkeypatch):
+    """A prompt longer than 512 tokens: tune profiles, times and replays it as eval decodes
+    it, cut only to the model window minus the new tokens (it was cut to its last 512
+    tokens, so a copy drafter tuned on a long article saw half of what it copies from)."""
+    import treeopt.profile.acceptance as acc
+    from treeopt.api import encode_prompts, prompt_room
+    from treeopt.profile.latency import LatencySettings
+    from treeopt.tuning import AcceptanceSettings, tune
+
+    target = tiny_causal_lm(num_layers=1, seed=11, max_positions=1024)
+    tok = char_tokenizer()
+    long_text = "".join(chr(33 + (i * 7) % 90) for i in range(700))
+    assert len(encode_prompts(tok, [long_text], True, None)[0]) == 700 > 512
+    assert prompt_room(12, target) == 1024 - 12 and prompt_room(12, object()) is None
+    seen = []
+    real = acc.target_continuation
+
+    def spy(model, prompt_ids, *a, **kw):
+        seen.append(len(prompt_ids))
+        return real(model, prompt_ids, *a, **kw)
+
+    monkeypatch.setattr(acc, "target_continuation", spy)
+    tune(target, "ngram", prompts=[long_text], tokenizer=tok, out_dir=tmp_path / "t",
+         acceptance=AcceptanceSettings(prompts=1, max_new_tokens=12),
+         latency=LatencySettings(tokens=[1, 2, 4], context=8, repeats=1, warmup=0))
+    want = len(encode_prompts(tok, [long_text], True, None)[0])
+    assert seen and set(seen) == {want}  # whole: it fits 1024 - 12

@@ -11,6 +11,7 @@ import torch
 
 from treeopt.decode.drafter import Drafter, build_drafter
 from treeopt.decode.engine import generate as engine_generate
+from treeopt.decode.engine import model_window
 from treeopt.decode.sampling import GREEDY, Sampling
 from treeopt.drafters.model import DEFAULT_CHAIN, ModelDrafter
 from treeopt.errors import TreeoptError
@@ -35,8 +36,20 @@ def tree_for_prompt(tree: Tree | TreeSet | None, prompt_tokens: int, max_new_tok
     return tree
 
 
-# Prompts longer than this are cut to their last tokens when profiling and searching.
+# Prompts longer than this are cut to their last tokens when profiling a dataset's own text
+# and searching (teacher-forced logits over every position); profiles along the target's
+# continuation keep what decoding keeps (:func:`prompt_room`).
 MAX_PROMPT_TOKENS = 512
+
+
+def prompt_room(new_tokens: int, *models) -> int | None:
+    """The most prompt tokens decoding keeps when ``new_tokens`` follow: the models' window
+    (``treeopt.decode.engine.model_window``) minus ``new_tokens``, eval's rule (a longer
+    prompt loses its first tokens); None (keep all) when no window is known. Profiling the
+    same prompts with another cut measures other prompts: a copy drafter tuned on the last
+    512 tokens of a 1,000-token article to summarise sees half of what it copies from."""
+    window = model_window(*models)
+    return None if window is None else max(1, window - int(new_tokens))
 
 
 def encode_prompt(tokenizer, prompt: str | Sequence[dict], chat_template: bool = True
@@ -65,9 +78,9 @@ def encode_prompt(tokenizer, prompt: str | Sequence[dict], chat_template: bool =
 
 
 def encode_prompts(tokenizer, prompts, chat_template: bool = True,
-                   max_tokens: int = MAX_PROMPT_TOKENS) -> list[list[int]]:
-    """Token ids of each prompt (its last ``max_tokens`` tokens): a string, a list of chat
-    messages, or a ``treeopt.datasets.Prompt`` (its ``token_ids`` when it has them,
+                   max_tokens: int | None = MAX_PROMPT_TOKENS) -> list[list[int]]:
+    """Token ids of each prompt (its last ``max_tokens`` tokens; None: all): a string, a list
+    of chat messages, or a ``treeopt.datasets.Prompt`` (its ``token_ids`` when it has them,
     else its text through :func:`encode_prompt`)."""
     out = []
     for p in prompts:
@@ -79,7 +92,7 @@ def encode_prompts(tokenizer, prompts, chat_template: bool = True,
                                     "model folder that includes one, or token-id prompts")
             text = p.text if hasattr(p, "text") else p
             ids = encode_prompt(tokenizer, text, chat_template)[0].tolist()
-        out.append(ids[-max_tokens:])
+        out.append(ids if max_tokens is None else ids[-max_tokens:])
     return out
 
 
@@ -229,4 +242,4 @@ def load_pair(target_spec: str, draft_spec: str | None = None, dtype: str | torc
 
 __all__ = ["GenerateError", "ModelError", "generate", "encode_prompt", "encode_prompts",
            "eos_ids", "resolve_tree", "tree_for_prompt", "as_drafter", "DEFAULT_CHAIN",
-           "MAX_PROMPT_TOKENS", "Pair", "load_pair"]
+           "MAX_PROMPT_TOKENS", "Pair", "load_pair", "prompt_room"]

@@ -24,7 +24,14 @@ from typing import Any, Sequence
 
 import treeopt.profile.latency as latency_mod
 from treeopt import limits
-from treeopt.api import Pair, as_drafter, encode_prompts, load_pair
+from treeopt.api import (
+    MAX_PROMPT_TOKENS,
+    Pair,
+    as_drafter,
+    encode_prompts,
+    load_pair,
+    prompt_room,
+)
 from treeopt.datasets import Prompt, load_prompts, select
 from treeopt.decode.drafter import build_drafter, registered, respec
 from treeopt.decode.sampling import GREEDY, Sampling
@@ -217,7 +224,9 @@ def measure_acceptance(pair, prompts, run, *, out: str | os.PathLike | None = No
     if pair.drafter is None:
         raise PipelineError("acceptance profiling needs a draft (a drafter spec such as "
                             "early-exit:4 or ngram)")
-    ids = encode_prompts(pair.tokenizer, prompts, run.chat_template)
+    room = prompt_room(run.max_new_tokens, pair.target, pair.drafter) \
+        if run.continuation == "target" else MAX_PROMPT_TOKENS
+    ids = encode_prompts(pair.tokenizer, prompts, run.chat_template, room)
     if run.continuation == "dataset":
         ids = [x for x in ids if len(x) >= 2]
     eos = eos_ids(pair.tokenizer, pair.target) if pair.tokenizer is not None else []
@@ -433,7 +442,8 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
     lat_settings, lat_notes = latency_defaults(dev, tokens=tokens, context=context,
                                                repeats=repeats, warmup=warmup)
     defaults += lat_notes
-    prompt_ids = encode_prompts(pair.tokenizer, chosen, run.chat_template)
+    prompt_ids = encode_prompts(pair.tokenizer, chosen, run.chat_template,
+                                prompt_room(run.max_new_tokens, pair.target, pair.drafter))
     latency = finished_latency(profile_path, pair.target, lat_settings, contexts) \
         if resume else None
     if latency is not None:
@@ -739,7 +749,8 @@ def _replay_most(found: SearchResult, search: SearchSettings) -> int:
 def _replay_best(pair, prompts, run, latency, cands) -> ReplayChoice:
     """The fastest of ``cands`` replayed along the target's greedy continuations of the tune
     ``prompts`` (``run.max_new_tokens`` each), with its decode options and the tree to save."""
-    ids = encode_prompts(pair.tokenizer, prompts, run.chat_template)
+    ids = encode_prompts(pair.tokenizer, prompts, run.chat_template,
+                         prompt_room(run.max_new_tokens, pair.target, pair.drafter))
     eos = eos_ids(pair.tokenizer, pair.target) if pair.tokenizer is not None else []
     conts = continuations(pair.target, ids, run.max_new_tokens, eos[0] if eos else None)
     best = choose_replayed(cands, ids, conts, latency)

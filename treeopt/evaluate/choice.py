@@ -413,9 +413,10 @@ def replay_on_held_out(tuned, pair, held_out, rows, methods: Sequence[Method] = 
     for p in held_out:
         if p.id not in plain or p.id not in chosen:
             continue
-        enc = encode_prompts(pair.tokenizer, [p], True)[0]
+        enc = encode_prompts(pair.tokenizer, [p], True, None)[0]
+        enc = enc[int(plain[p.id].get("truncated_tokens", 0) or 0):]  # eval's left cut
         if len(enc) != int(plain[p.id]["prompt_tokens"]):
-            continue  # encoded unlike the eval (a truncated prompt): not comparable
+            continue  # encoded unlike the eval: not comparable
         ids.append(enc)
         conts.append(list(plain[p.id]["output_ids"]))
         keys.append(p.id)

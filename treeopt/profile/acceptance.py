@@ -393,8 +393,8 @@ def target_continuation(target, prompt_ids: Sequence[int], max_new_tokens: int, 
     tokens: list[int] = []
     rows: list[torch.Tensor] = []
     with torch.no_grad():
-        for _ in range(max_new_tokens):
-            out = run_model(target, ids, cache)
+        for _ in range(max_new_tokens):  # the last row only: a long prompt costs no L x V
+            out = run_model(target, ids, cache, logits_to_keep=1)
             row = out.logits[0, -1].float().cpu()
             if temperature > 0:
                 probs = logits_to_probs(row, temperature, top_k, top_p)
