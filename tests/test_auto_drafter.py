@@ -5,6 +5,7 @@ deterministic from a given latency cache, and plain decoding where speculation c
 
 import itertools
 import json
+from dataclasses import replace
 from functools import lru_cache
 
 import pytest
@@ -335,3 +336,35 @@ def test_a_cached_tune_result_replaces_exploration(tmp_path):
     # rates 0.9, 0.6, 0.6 (the last depth repeats): E = .9, .9 + .54, .9 + .54 + .324
     exp = [0, 0.9, 1.44, 1.764]
     assert (k, rate) == best_chain(exp, 3, SOFT, lambda k: k * 1.0)
+    # chains 2 deep accepted every time (8 tries at depths 1 and 2, prior weight 8): depth 3,
+    # never reached, keeps depth 2's ratio to the prior, (8 + 8 * .6) / 16 / .6, not .6
+    assert a.prior_weight == 8
+    a.model_tries[1:3], a.model_hits[1:3] = [8, 8], [8, 8]
+    r1, r2 = (8 + 7.2) / 16, (8 + 4.8) / 16
+    r3 = min(1.0, 0.6 * r2 / 0.6)
+    exp = [0, r1, r1 + r1 * r2, r1 + r1 * r2 + r1 * r2 * r3]
+    assert a._model_rate(3) == best_chain(exp, 3, SOFT, lambda k: k * 1.0)
+
+
+def test_tune_of_a_pair_remembers_its_draft_for_auto(tmp_path):
+    """``tune`` given a Pair (as bench_choice calls it) caches the draft's acceptance under
+    the pair's draft spec, as it does for a spec, so ``auto:draft=SPEC`` starts from it
+    (bench_choice's auto started from one half per level); plain decoding caches nothing."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from treeopt.api import Pair
+    from treeopt.tuning import remember_for_auto
+
+    target = tiny()
+    pair = Pair(target, None, None, "tiny", "early-exit:1", None)
+    pred = SimpleNamespace(speedup=1.3)
+    with mock.patch("treeopt.tuning.cache_dir", return_value=tmp_path):
+        assert remember_for_auto(pair, None, [[0.8], [0.7]], pred, chain(1)) is None
+        assert auto_mod.read_tuned(target, "early-exit:1", tmp_path) is None
+        assert remember_for_auto(pair, None, [[0.8], [0.7]], pred, chain(3)) is not None
+        assert remember_for_auto(replace(pair, draft_spec=None), "ngram", [[0.5]], pred,
+                                 chain(3)) is not None
+    got = auto_mod.read_tuned(target, "early-exit:1", tmp_path)
+    assert got == {"p1_by_depth": [0.8, 0.7], "predicted_speedup": 1.3}
+    assert auto_mod.read_tuned(target, "ngram", tmp_path)["p1_by_depth"] == [0.5]

@@ -558,8 +558,7 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
         if out is not None:
             files["treeset"] = save_treeset(found.treeset, out / "treeset.json")
             summary["treeset_file"] = files["treeset"].name
-    if isinstance(draft, (str, os.PathLike)) and tree.size > 1:  # for `--draft auto:draft=`
-        remember_tune(pair.target, str(draft), found.rank_table, pred, tree, cache_dir())
+    remember_for_auto(pair, draft, found.rank_table, pred, tree)
     seconds["total"] = round(time.perf_counter() - t0, 1)
     summary["seconds"] = seconds
     if out is not None:
@@ -571,6 +570,17 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
                       optuna_note=optuna_note,
                       files=files, seconds=seconds, summary=summary, treeset=found.treeset,
                       draft_spec=draft_spec, replay=replayed)
+
+
+def remember_for_auto(pair, draft, rank_table, pred, tree: Tree) -> Path | None:
+    """Cache the draft's acceptance and the prediction for ``--draft auto:draft=SPEC``
+    (``treeopt.drafters.auto.remember_tune``), whether the draft came as a spec (``draft``)
+    or inside a Pair (``pair.draft_spec``: bench_choice's ``auto`` had nothing to start from
+    and learned from one half per level); not for plain decoding (a one-node tree)."""
+    spec = str(draft) if isinstance(draft, (str, os.PathLike)) else pair.draft_spec
+    if not spec or tree.size <= 1:
+        return None
+    return remember_tune(pair.target, spec, rank_table, pred, tree, cache_dir())
 
 
 def runs_given_drafter(pair, draft_spec: str | None, tree: Tree) -> bool:

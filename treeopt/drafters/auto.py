@@ -265,16 +265,23 @@ class AutoDrafter(Drafter):
             self.model_drafter.start(prompt_ids)
 
     def _model_rate(self, offered: int) -> tuple[int, float]:
-        """(k, rate) of the draft model's best chain (k <= offered)."""
+        """(k, rate) of the draft model's best chain (k <= offered). A depth no chain has
+        reached yet keeps what the deepest reached one learned: without a prior its rate,
+        with one its ratio to the prior (a chain drafted 4 deep where the draft accepts more
+        than tune measured would otherwise never learn that 6 deep pays)."""
         exp, p = [0.0], 1.0
-        rate = 0.5
+        rate, ratio = 0.5, 1.0
         prior = self.model_prior
         for d in range(1, offered + 1):
             if prior:
                 q = prior[min(d, len(prior)) - 1]
                 tries = self.model_tries[d] if d <= MODEL_CHAIN else 0
                 hits = self.model_hits[d] if d <= MODEL_CHAIN else 0
-                rate = (hits + self.prior_weight * q) / (tries + self.prior_weight)
+                if tries:
+                    rate = (hits + self.prior_weight * q) / (tries + self.prior_weight)
+                    ratio = rate / q if q > 0 else 1.0
+                else:
+                    rate = min(1.0, q * ratio)
             elif d <= MODEL_CHAIN and self.model_tries[d]:
                 rate = (self.model_hits[d] + 1.0) / (self.model_tries[d] + 2.0)
             p *= rate
