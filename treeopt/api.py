@@ -52,6 +52,14 @@ def prompt_room(new_tokens: int, *models) -> int | None:
     return None if window is None else max(1, window - int(new_tokens))
 
 
+def encode_for_decoding(pair, prompts, chat_template: bool, new_tokens: int) -> list[list[int]]:
+    """Token ids of ``prompts`` for ``pair`` (a :class:`Pair`) as decoding ``new_tokens``
+    more keeps them (:func:`prompt_room`): what profiles along the target's continuation,
+    copy tables, prefill timing and replays encode."""
+    return encode_prompts(pair.tokenizer, prompts, chat_template,
+                          prompt_room(new_tokens, pair.target, pair.drafter))
+
+
 def encode_prompt(tokenizer, prompt: str | Sequence[dict], chat_template: bool = True
                   ) -> torch.Tensor:
     """Token ids (1, L) int64 for a prompt: a string, or a list of chat messages
@@ -242,4 +250,4 @@ def load_pair(target_spec: str, draft_spec: str | None = None, dtype: str | torc
 
 __all__ = ["GenerateError", "ModelError", "generate", "encode_prompt", "encode_prompts",
            "eos_ids", "resolve_tree", "tree_for_prompt", "as_drafter", "DEFAULT_CHAIN",
-           "MAX_PROMPT_TOKENS", "Pair", "load_pair", "prompt_room"]
+           "MAX_PROMPT_TOKENS", "Pair", "load_pair", "prompt_room", "encode_for_decoding"]

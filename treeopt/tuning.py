@@ -28,9 +28,9 @@ from treeopt.api import (
     MAX_PROMPT_TOKENS,
     Pair,
     as_drafter,
+    encode_for_decoding,
     encode_prompts,
     load_pair,
-    prompt_room,
 )
 from treeopt.datasets import Prompt, load_prompts, select
 from treeopt.decode.drafter import build_drafter, registered, respec
@@ -224,9 +224,9 @@ def measure_acceptance(pair, prompts, run, *, out: str | os.PathLike | None = No
     if pair.drafter is None:
         raise PipelineError("acceptance profiling needs a draft (a drafter spec such as "
                             "early-exit:4 or ngram)")
-    room = prompt_room(run.max_new_tokens, pair.target, pair.drafter) \
-        if run.continuation == "target" else MAX_PROMPT_TOKENS
-    ids = encode_prompts(pair.tokenizer, prompts, run.chat_template, room)
+    ids = encode_for_decoding(pair, prompts, run.chat_template, run.max_new_tokens) \
+        if run.continuation == "target" else \
+        encode_prompts(pair.tokenizer, prompts, run.chat_template, MAX_PROMPT_TOKENS)
     if run.continuation == "dataset":
         ids = [x for x in ids if len(x) >= 2]
     eos = eos_ids(pair.tokenizer, pair.target) if pair.tokenizer is not None else []
@@ -442,8 +442,7 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
     lat_settings, lat_notes = latency_defaults(dev, tokens=tokens, context=context,
                                                repeats=repeats, warmup=warmup)
     defaults += lat_notes
-    prompt_ids = encode_prompts(pair.tokenizer, chosen, run.chat_template,
-                                prompt_room(run.max_new_tokens, pair.target, pair.drafter))
+    prompt_ids = encode_for_decoding(pair, chosen, run.chat_template, run.max_new_tokens)
     latency = finished_latency(profile_path, pair.target, lat_settings, contexts) \
         if resume else None
     if latency is not None:
@@ -759,8 +758,7 @@ def _replay_most(found: SearchResult, search: SearchSettings) -> int:
 def _replay_best(pair, prompts, run, latency, cands) -> ReplayChoice:
     """The fastest of ``cands`` replayed along the target's greedy continuations of the tune
     ``prompts`` (``run.max_new_tokens`` each), with its decode options and the tree to save."""
-    ids = encode_prompts(pair.tokenizer, prompts, run.chat_template,
-                         prompt_room(run.max_new_tokens, pair.target, pair.drafter))
+    ids = encode_for_decoding(pair, prompts, run.chat_template, run.max_new_tokens)
     eos = eos_ids(pair.tokenizer, pair.target) if pair.tokenizer is not None else []
     conts = continuations(pair.target, ids, run.max_new_tokens, eos[0] if eos else None)
     best = choose_replayed(cands, ids, conts, latency)

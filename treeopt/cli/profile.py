@@ -21,7 +21,7 @@ import argparse
 import os
 from pathlib import Path
 
-from treeopt.api import encode_prompts, load_pair, prompt_room
+from treeopt.api import encode_for_decoding, encode_prompts, load_pair
 from treeopt.cli import UserError
 from treeopt.cli.args import (
     THREADS_HELP,
@@ -674,8 +674,8 @@ def run_copy(args: argparse.Namespace) -> int:
     args.draft = draft_spec_with_variant(args)
     pair, device = load_models(args)
     notes = acceptance_defaults(args, device)
-    ids = encode_prompts(pair.tokenizer, select_prompts(args), not args.no_chat_template,
-                         prompt_room(args.max_new_tokens, pair.target, pair.drafter))
+    ids = encode_for_decoding(pair, select_prompts(args), not args.no_chat_template,
+                              args.max_new_tokens)
     eos = eos_ids(pair.tokenizer, pair.target) if pair.tokenizer is not None else []
     kw = {"max_new_tokens": args.max_new_tokens, "eos_token_id": eos[0] if eos else None,
           "max_tokens": args.max_tokens}

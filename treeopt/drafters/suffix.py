@@ -467,15 +467,20 @@ class SuffixDrafter(Drafter):
         new = self.reshaped(self.shape)
         if new.cache is not None:
             new.cache = new.cache.forked()
-            if len(self._seen) > self._prompt_len:
-                new.cache.add(self._seen[self._prompt_len:], save=False)
+            if out := self._pending():
+                new.cache.add(out, save=False)
         return new
+
+    def _pending(self) -> list[int]:
+        """The current request's output, which the global trie gets when the next request
+        starts (or at ``finish``)."""
+        return self._seen[self._prompt_len:]
 
     # -------------------------------------------------------------- text
     def start(self, prompt_ids: torch.Tensor) -> None:
         self.device = prompt_ids.device
-        if self.cache is not None and len(self._seen) > self._prompt_len:
-            self.cache.add(self._seen[self._prompt_len:])
+        if self.cache is not None and (out := self._pending()):
+            self.cache.add(out)
         tokens = prompt_ids.reshape(-1).tolist()
         self.request = SuffixTrie(self.depth)
         self.request.append(tokens)
@@ -486,8 +491,8 @@ class SuffixDrafter(Drafter):
     def finish(self) -> None:
         """Add the current output to the global trie now (``start`` does it otherwise when
         the next request begins) and write the cache file if there is one."""
-        if self.cache is not None and len(self._seen) > self._prompt_len:
-            self.cache.add(self._seen[self._prompt_len:])
+        if self.cache is not None and (out := self._pending()):
+            self.cache.add(out)
             self._prompt_len = len(self._seen)
 
     def _sync(self, committed: Sequence[int]) -> None:

@@ -26,7 +26,7 @@ from typing import Sequence
 
 import torch
 
-from treeopt.api import encode_prompts, prompt_room
+from treeopt.api import encode_for_decoding
 from treeopt.decode.drafter import Drafter, respec
 from treeopt.decode.engine import generate
 from treeopt.decode.sampling import GREEDY, Sampling
@@ -194,8 +194,7 @@ def tune_copy_table(pair, prompts, run, out: str | Path | None = None
     drafters). The summary names the drafter spec that uses it: ``DRAFT:len=auto,table=OUT``."""
     if not is_copy_drafter(pair.drafter):
         return None
-    ids = encode_prompts(pair.tokenizer, prompts, run.chat_template,
-                         prompt_room(run.max_new_tokens, pair.target, pair.drafter))
+    ids = encode_for_decoding(pair, prompts, run.chat_template, run.max_new_tokens)
     eos = eos_ids(pair.tokenizer, pair.target) if pair.tokenizer is not None else []
     sampling = Sampling(run.temperature, run.top_k, run.top_p, run.rule, run.seed)
     table = online_table(pair.target, pair.drafter, ids, max_new_tokens=run.max_new_tokens,
