@@ -12,7 +12,7 @@ import pytest
 import torch
 from lossless import exact_joint, pair_pvalues, peaked_lm
 
-from treeopt.decode.drafter import DrafterError, build_drafter, registered
+from treeopt.decode.drafter import Drafter, DrafterError, Proposal, build_drafter, registered
 from treeopt.decode.engine import generate
 from treeopt.decode.sampling import Sampling
 from treeopt.drafters import auto as auto_mod
@@ -56,25 +56,107 @@ def test_buckets():
 
 def test_depth_statistics_by_hand():
     st = MatchStats()
-    assert st.rate(0, 1, prior=2) == auto_mod.PRIOR_MEAN == 0.5  # no evidence: the guess
-    # bucket 2: four proposals reached depth 1, three accepted it; two of those reached
-    # depth 2 and one accepted it; bucket 0: one proposal, missed at depth 1
+    on, missed = auto_mod.ON_COPY, auto_mod.MISSED
+    assert st.rate((on, 0), 1, prior=2) == auto_mod.PRIOR_MEAN == 0.5  # no evidence: the guess
+    # (on a copy, bucket 2): four proposals reached depth 1, three accepted it; two of those
+    # reached depth 2 and one accepted it; (on a copy, bucket 0): one proposal, missed at
+    # depth 1; (missed, bucket 2): two proposals, both missed at depth 1
     for hit in (True, True, True, False):
-        st.add(2, 1, hit)
-    st.add(2, 2, True)
-    st.add(2, 2, False)
-    st.add(0, 1, False)
-    # pooled depth 1: (3 hits + 2 * 0.5) / (5 tries + 2) = 4/7; depth 2: (1 + 1) / (2 + 2)
-    pooled1, pooled2 = 4 / 7, 2 / 4
-    assert st.rate(2, 1, prior=2) == pytest.approx((3 + 2 * pooled1) / (4 + 2))
-    assert st.rate(0, 1, prior=2) == pytest.approx((0 + 2 * pooled1) / (1 + 2))
-    assert st.rate(2, 2, prior=2) == pytest.approx((1 + 2 * pooled2) / (2 + 2))
-    assert st.rate(0, 2, prior=2) == pytest.approx(pooled2)  # bucket 0 never reached depth 2
-    assert st.rate(2, 3, prior=2) == pytest.approx(0.5)  # nothing at depth 3 anywhere
-    assert st.rate(3, 1, prior=2) == pytest.approx(pooled1)  # an unseen bucket: the pool
-    r1, r2, r3 = st.rate(2, 1, 2), st.rate(2, 2, 2), st.rate(2, 3, 2)
-    e = st.expected(2, 3, prior=2)
+        st.add((on, 2), 1, hit)
+    st.add((on, 2), 2, True)
+    st.add((on, 2), 2, False)
+    st.add((on, 0), 1, False)
+    st.add((missed, 2), 1, False)
+    st.add((missed, 2), 1, False)
+    # pooled depth 1: (3 hits + 2 * 0.5) / (7 tries + 2) = 4/9; depth 2: (1 + 1) / (2 + 2)
+    pooled1, pooled2 = 4 / 9, 2 / 4
+    on1 = (3 + 2 * pooled1) / (5 + 2)  # the state's depth 1 over its two buckets
+    on2 = (1 + 2 * pooled2) / (2 + 2)
+    missed1 = (0 + 2 * pooled1) / (2 + 2)
+    assert st.rate((on, 2), 1, prior=2) == pytest.approx((3 + 2 * on1) / (4 + 2))
+    assert st.rate((on, 0), 1, prior=2) == pytest.approx((0 + 2 * on1) / (1 + 2))
+    assert st.rate((missed, 2), 1, prior=2) == pytest.approx((0 + 2 * missed1) / (2 + 2))
+    assert st.rate((on, 2), 2, prior=2) == pytest.approx((1 + 2 * on2) / (2 + 2))
+    assert st.rate((on, 0), 2, prior=2) == pytest.approx(on2)  # never reached depth 2
+    assert st.rate((missed, 2), 2, prior=2) == pytest.approx(pooled2)  # state never there
+    assert st.rate((on, 2), 3, prior=2) == pytest.approx(0.5)  # nothing at depth 3 anywhere
+    assert st.rate((on, 3), 1, prior=2) == pytest.approx(on1)  # an unseen bucket: its state
+    assert st.rate((auto_mod.FRESH, 1), 1, prior=2) == pytest.approx(pooled1)  # unseen state
+    r1, r2, r3 = st.rate((on, 2), 1, 2), st.rate((on, 2), 2, 2), st.rate((on, 2), 3, 2)
+    e = st.expected((on, 2), 3, prior=2)
     assert e == pytest.approx([0, r1, r1 + r1 * r2, r1 + r1 * r2 + r1 * r2 * r3])
+
+
+class Scripted(Drafter):
+    """A copy candidate that proposes the chains it is given, one per step."""
+
+    name = "scripted"
+    shape = None
+
+    def __init__(self, chains):
+        self.chains = list(chains)
+
+    def start(self, prompt_ids):
+        pass
+
+    def propose(self, committed, max_depth, sampling, generator=None):
+        tokens = self.chains.pop(0)[:max_depth]
+        return Proposal(chain(draft_tokens=len(tokens)), torch.tensor(
+            [int(committed[-1])] + tokens), fixed_shape=False)
+
+    def update(self, path, committed, target_topk=None):
+        pass
+
+
+def count_up_step(a, text):
+    """One greedy step of ``a`` where the target's text counts up (1, 2, 3, ...): the
+    accepted path, then the bonus token. Returns the new text and the key of the proposal
+    made at this step's root (None when the candidate offered nothing)."""
+    root = len(text) - 1
+    prop = a.propose(text, 16, Sampling())
+    keys = [key for _, key, r, _, _ in a._pending if r == root]
+    drafted = prop.tokens.tolist()[1:]
+    ok = 0
+    while ok < len(drafted) and drafted[ok] == text[-1] + 1 + ok:
+        ok += 1
+    new = text + [text[-1] + 1 + j for j in range(ok + 1)]
+    a.update(list(range(ok + 1)), new)
+    return new, (keys[0] if keys else None)
+
+
+def test_the_state_is_what_the_previous_proposal_says_of_the_text():
+    a = AutoDrafter([("c", Scripted([[2, 3, 9], [], [6, 7], [9, 10, 99], [12]]))], FREE)
+    text, keys = [1], []
+    for _ in range(5):
+        text, key = count_up_step(a, text)
+        keys.append(key)
+    assert text == list(range(1, 14))
+    assert keys == [(auto_mod.FRESH, bucket(3)),  # the request's first step
+                    None,  # offered nothing
+                    (auto_mod.FRESH, bucket(2)),  # the step before offered nothing
+                    (auto_mod.ON_COPY, bucket(3)),  # [6, 7] matched 6 and 7
+                    (auto_mod.MISSED, bucket(1))]  # [9, 10, 99] missed at 11
+    assert a.stats["c"].tries[(auto_mod.ON_COPY, bucket(3))][1:4] == [1, 1, 1]
+    assert a.stats["c"].hits[(auto_mod.ON_COPY, bucket(3))][1:4] == [1, 1, 0]
+    a.start(torch.tensor([[1]]))
+    assert a._state("c", text) == auto_mod.FRESH  # a new request starts afresh
+
+
+def test_a_candidate_that_delivers_less_than_expected_is_scaled_down():
+    a = AutoDrafter([("c", Scripted([[5, 6, 7, 8]] * 3))], FREE)
+    assert a.calibration("c") == 1.0  # no steps of its own yet
+    text = [1]
+    for _ in range(3):
+        text, _ = count_up_step(a, text)  # the target disagrees with every drafted token
+    assert a.steps == {"c": 3}  # verification is free: it drafts all 4 tokens each time
+    got, expected = a.realized["c"]
+    # by hand (prior 2): step 1 knows nothing, rates 1/2: 1/2 + 1/4 + 1/8 + 1/16; step 2
+    # (missed) has depth 1 at the pool (0 + 1) / (1 + 2) = 1/3, deeper at 1/2; step 3 has
+    # the pool (0 + 1) / (2 + 2) = 1/4, the missed state (0 + 2/4) / (1 + 2) = 1/6, the
+    # key (0 + 2/6) / (1 + 2) = 1/9
+    want = 0.9375 + (1 / 3) * 1.875 + (1 / 9) * 1.875
+    assert got == 0 and expected == pytest.approx(want)
+    assert a.calibration("c") == pytest.approx(4.0 / (want + 4.0))
 
 
 def test_envelope_never_prices_a_dip_below_a_smaller_size():

@@ -11,6 +11,7 @@ from treeopt.decode.drafter import DrafterError, build_drafter
 from treeopt.decode.engine import generate
 from treeopt.profile.copy import len_auto_spec, sizing_copy
 from treeopt.profile.copytable import CopyTable
+from treeopt.profile.model import Latency, LatencyCurve
 from treeopt.profile.replay import (
     Replay,
     ReplayError,
@@ -20,7 +21,6 @@ from treeopt.profile.replay import (
     replay,
     replayable,
 )
-from treeopt.profile.model import Latency, LatencyCurve
 from treeopt.shapes import chain
 from treeopt.testing import tiny_causal_lm
 from treeopt.tree import Tree
@@ -297,7 +297,7 @@ def test_other_drafters_and_their_decode_spec(target, tmp_path):
     # forked (what eval's methods and warm-up use): statistics copied, then independent
     twin = again.forked()
     assert twin.stats["ngram"].tries == again.stats["ngram"].tries != {}
-    twin.stats["ngram"].add(0, 1, True)
+    twin.stats["ngram"].add((0, 0), 1, True)
     assert twin.stats["ngram"].tries != again.stats["ngram"].tries
 
 

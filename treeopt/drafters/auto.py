@@ -7,7 +7,7 @@ strictnesses, and ``suffix`` when it is registered) and the draft model the user
 The rule, per step (expected tokens per unit of cost, SuffixDecoding's and Sequoia's common
 criterion): for every copy candidate c offering a chain of a tokens now, and every k <= a,
 
-    rate(c, k) = (1 + E[min(m, k) | c, bucket(a)]) / T(k + 1)
+    rate(c, k) = (1 + f(c) * E[min(m, k) | c, state(c), bucket(a)]) / T(k + 1)
 
 where m is how many of c's tokens the target would have accepted and T(n) is the target's
 forward time over n tokens (``treeopt.models.dtype.latency_curve``: measured once per model,
@@ -19,16 +19,32 @@ Acceptance is observed online, for every copy candidate at every step whichever 
 proposal is compared with the tokens the target then committed (greedy output is the target's
 own, and a deterministic proposal's match length against a sampled continuation has the
 distribution of its accepted length under verification). The observations are kept per
-candidate and per bucket of a (1, 2, 3-4, 5-8, 9-16 offered tokens: how far the drafter's
-copy goes, its own confidence) and shrunk in two levels by ``prior`` pseudo-observations: a
-bucket's rate towards the candidate's pooled rate at that depth, and that towards one half.
+candidate and per key (state, bucket of a): the bucket of 1, 2, 3-4, 5-8, 9-16 offered tokens
+(how far the drafter's copy goes, its own confidence) and the candidate's state, what its
+previous proposal says about the text now (it offered nothing; it missed a token committed
+since; it matched every token committed since: the text follows the copy). Acceptance along
+a copy is strongly correlated, and a text changes phase (code restated from the prompt, then
+prose): pooled over states, the rates learnt while an answer restated its prompt kept the
+``suffix`` candidate drafting 15-token copies through the prose after it, which failed dozens
+of steps in a row (over eight Qwen2.5-Coder HumanEval answers: 0.5 tokens accepted per such
+step where 2.8 were expected). The rates are shrunk in three levels by ``prior``
+pseudo-observations: a key's rate towards its state's rate at that depth, that towards the
+candidate's pooled rate, and that towards one half.
+
+Shadow statistics score every candidate at every step, but a candidate drafts where its
+estimate beat the others': the winner of several noisy estimates is over-estimated. Each copy
+candidate's expected tokens are therefore scaled by its own record on the steps it drafted
+(tokens accepted over tokens expected, ``CALIBRATION`` expected tokens of pseudo-evidence at
+1): that is f(c). The draft model's statistics come from its own steps only and need no
+such scale.
+
 Where drafting is nearly free (bfloat16 verification of a few tokens costs what one does),
 a first guess of one half makes the first copies worth drafting and the evidence arrives at
 once; where verifying two tokens costs more than 1.46 times one (1.5 / 1.03), the guess
-alone never pays and a step is plain until the counts say otherwise. Costs are read from the latency curve's non-decreasing
-envelope (``treeopt.search.hardware.MonotoneCurve``): a noisy dip never makes drafting look
-cheaper than plain decoding. A draft model is tried on its first
-``explore`` steps, then kept only while its predicted rate beats plain decoding.
+alone never pays and a step is plain until the counts say otherwise. Costs are read from
+the latency curve's non-decreasing envelope (``treeopt.search.hardware.MonotoneCurve``): a
+noisy dip never makes drafting look cheaper than plain decoding. A draft model is tried on
+its first ``explore`` steps, then kept only while its predicted rate beats plain decoding.
 
 The decisions depend only on the cached latency curves and the tokens decoded, so two runs
 from the same cache decide alike. Every step is verified by the engine as usual: the output
@@ -76,6 +92,7 @@ PRIOR = 2.0
 PRIOR_MEAN = 0.5
 EXPLORE = 8
 MODEL_CHAIN = 8
+CALIBRATION = 4.0
 
 
 def envelope(curve: Mapping[int, float]) -> dict[int, float]:
@@ -95,42 +112,56 @@ def bucket(offered: int) -> int:
     return len(BUCKETS)
 
 
+#: What a copy candidate's previous proposal (at the previous step's root) says about the
+#: text now: it offered nothing (or this is the request's first step), it missed a token the
+#: target has committed since, or it matched every token committed since (the text is
+#: following the copy). Acceptance along a copy is strongly correlated: a candidate that
+#: just missed usually misses again, and one on a copy usually goes on matching.
+FRESH, MISSED, ON_COPY = 0, 1, 2
+
+
 @dataclass
 class MatchStats:
-    """Per offer bucket and depth d (1..MAX_DRAFT): ``tries[d]``, proposals whose first d - 1
-    tokens the target accepted and whose d-th token it has decided on, and ``hits[d]``, those
-    whose d-th token it accepted too. A proposal counts at a depth as soon as the committed
-    tokens reach it (a censored observation, as in a Kaplan-Meier estimate), so evidence about
-    short chains arrives at once and about long ones as the copy goes on."""
+    """Per key (state, offer bucket) and depth d (1..MAX_DRAFT): ``tries[key][d]``, proposals
+    whose first d - 1 tokens the target accepted and whose d-th token it has decided on, and
+    ``hits[key][d]``, those whose d-th token it accepted too. A proposal counts at a depth as
+    soon as the committed tokens reach it (a censored observation, as in a Kaplan-Meier
+    estimate), so evidence about short chains arrives at once and about long ones as the copy
+    goes on."""
 
-    tries: dict[int, list[int]] = field(default_factory=dict)
-    hits: dict[int, list[int]] = field(default_factory=dict)
+    tries: dict[tuple[int, int], list[int]] = field(default_factory=dict)
+    hits: dict[tuple[int, int], list[int]] = field(default_factory=dict)
 
-    def add(self, b: int, d: int, hit: bool) -> None:
-        if b not in self.tries:
-            self.tries[b] = [0] * (MAX_DRAFT + 1)
-            self.hits[b] = [0] * (MAX_DRAFT + 1)
-        self.tries[b][d] += 1
-        self.hits[b][d] += bool(hit)
+    def add(self, key: tuple[int, int], d: int, hit: bool) -> None:
+        if key not in self.tries:
+            self.tries[key] = [0] * (MAX_DRAFT + 1)
+            self.hits[key] = [0] * (MAX_DRAFT + 1)
+        self.tries[key][d] += 1
+        self.hits[key][d] += bool(hit)
 
-    def rate(self, b: int, d: int, prior: float) -> float:
-        """Estimated P(depth d accepted | depth d - 1 accepted) in bucket b, shrunk in two
-        levels (empirical Bayes, ``prior`` pseudo-observations at each): the bucket's counts
-        towards the candidate's pooled rate at depth d over all buckets, and that towards
+    def _pool(self, d: int, keys, prior: float, towards: float) -> float:
+        tries = sum(self.tries[k][d] for k in keys)
+        hits = sum(self.hits[k][d] for k in keys)
+        return (hits + prior * towards) / (tries + prior)
+
+    def rate(self, key: tuple[int, int], d: int, prior: float) -> float:
+        """Estimated P(depth d accepted | depth d - 1 accepted) for ``key`` = (state,
+        bucket), shrunk in three levels (empirical Bayes, ``prior`` pseudo-observations at
+        each): the key's counts towards its state's rate at depth d over all buckets, that
+        towards the candidate's pooled rate over every key, and that towards
         ``PRIOR_MEAN``. With no observations at all the rate is ``PRIOR_MEAN``."""
-        pooled_tries = sum(t[d] for t in self.tries.values())
-        pooled_hits = sum(h[d] for h in self.hits.values())
-        pooled = (pooled_hits + prior * PRIOR_MEAN) / (pooled_tries + prior)
-        tries = self.tries.get(b)
-        if not tries:
-            return pooled
-        return (self.hits[b][d] + prior * pooled) / (tries[d] + prior)
+        pooled = self._pool(d, list(self.tries), prior, PRIOR_MEAN)
+        same = [k for k in self.tries if k[0] == key[0]]
+        state = self._pool(d, same, prior, pooled) if same else pooled
+        if key not in self.tries:
+            return state
+        return self._pool(d, [key], prior, state)
 
-    def expected(self, b: int, k: int, prior: float) -> list[float]:
-        """[E[accepted tokens of a chain of j] for j = 0..k] in bucket b."""
+    def expected(self, key: tuple[int, int], k: int, prior: float) -> list[float]:
+        """[E[accepted tokens of a chain of j] for j = 0..k] for ``key``."""
         out, p = [0.0], 1.0
         for d in range(1, k + 1):
-            p *= self.rate(b, d, prior)
+            p *= self.rate(key, d, prior)
             out.append(out[-1] + p)
         return out
 
@@ -196,8 +227,13 @@ class AutoDrafter(Drafter):
         self.model_hits = [0] * (MODEL_CHAIN + 1)  # of which depth d was accepted
         self.model_steps = 0
         self.model_dropped = model is None
-        self._pending: list[tuple[str, int, int, list[int], int]] = []
-        self._used: tuple[str, int] | None = None  # (candidate, k) of the last proposal
+        # shadow proposals not yet scored: (candidate, (state, bucket), root, tokens, done)
+        self._pending: list[tuple[str, tuple[int, int], int, list[int], int]] = []
+        self._last: dict[str, tuple[int, list[int]]] = {}  # candidate -> (root, tokens)
+        # (candidate, k, expected accepted as estimated) of the last proposal
+        self._used: tuple[str, int, float] | None = None
+        # per copy candidate: [tokens accepted, tokens expected] over the steps it drafted
+        self.realized: dict[str, list[float]] = {name: [0.0, 0.0] for name, _ in self.copies}
         self.steps: dict[str, int] = {}  # per generation: steps per candidate ("plain")
         self.drafted: dict[str, int] = {}
         self.run_steps: dict[str, int] = {}  # over every generation of this drafter
@@ -228,6 +264,7 @@ class AutoDrafter(Drafter):
         new.stats = copy.deepcopy(self.stats)
         new.model_tries, new.model_hits = list(self.model_tries), list(self.model_hits)
         new.model_steps, new.model_dropped = self.model_steps, self.model_dropped
+        new.realized = copy.deepcopy(self.realized)
         return new
 
     def check(self, target) -> None:
@@ -241,28 +278,49 @@ class AutoDrafter(Drafter):
         """Score the pending shadow proposals against the committed tokens, depth by depth
         as far as the committed tokens reach; a proposal leaves at its first miss or end."""
         keep = []
-        for name, b, root, tokens, done in self._pending:
+        for name, key, root, tokens, done in self._pending:
             known = committed[root + 1:root + 1 + len(tokens)]
             missed = False
             while done < len(known):
                 hit = known[done] == tokens[done]
                 done += 1
-                self.stats[name].add(b, done, hit)
+                self.stats[name].add(key, done, hit)
                 if not hit:
                     missed = True
                     break
             if not missed and done < len(tokens):
-                keep.append((name, b, root, tokens, done))
+                keep.append((name, key, root, tokens, done))
         self._pending = keep
 
     def start(self, prompt_ids: torch.Tensor) -> None:
         self._pending = []
+        self._last = {}
         self._used = None
         self.steps, self.drafted = {}, {}
         for _, d in self.copies:
             d.start(prompt_ids)
         if not self.model_dropped:
             self.model_drafter.start(prompt_ids)
+
+    def calibration(self, name: str) -> float:
+        """Tokens ``name`` got accepted over tokens it was expected to, on the steps it
+        drafted (``CALIBRATION`` expected tokens of pseudo-evidence at 1). The shadow
+        statistics score every candidate at every step, but a candidate drafts where its
+        estimate beat the others': the winner of several noisy estimates is over-estimated
+        (most where candidates are alike), which only its own steps reveal."""
+        got, expected = self.realized.get(name, (0.0, 0.0))
+        return (got + CALIBRATION) / (expected + CALIBRATION)
+
+    def _state(self, name: str, committed: Sequence[int]) -> int:
+        """``name``'s state now: FRESH when it proposed nothing at the previous step (or this
+        is the request's first), ON_COPY when that proposal matched every token committed
+        since, MISSED otherwise."""
+        last = self._last.get(name)
+        if last is None:
+            return FRESH
+        root, tokens = last
+        known = list(committed[root + 1:root + 1 + len(tokens)])
+        return ON_COPY if known == tokens[:len(known)] else MISSED
 
     def _model_rate(self, offered: int) -> tuple[int, float]:
         """(k, rate) of the draft model's best chain (k <= offered). A depth no chain has
@@ -297,21 +355,25 @@ class AutoDrafter(Drafter):
         limit = min(max_depth, self.max_draft)
         root = len(committed) - 1
         plain_rate = 1.0 / interpolate(self.curve, 1)
-        best = ("plain", 0, plain_rate * (1 + self.margin), None)
+        best = ("plain", 0, plain_rate * (1 + self.margin), None, 0.0)
         for name, d in self.copies:
             if limit < 1:
                 break
             prop = d.propose(committed, limit, sampling, generator)
             offered = prop.tree.size - 1
+            state = self._state(name, committed)
             if offered < 1:
+                self._last.pop(name, None)
                 continue
-            b = bucket(offered)
+            key = (state, bucket(offered))
             tokens = prop.tokens.tolist()[1:]
-            self._pending.append((name, b, root, tokens, 0))
-            exp = self.stats[name].expected(b, offered, self.prior)
-            k, rate = best_chain(exp, offered, self.curve)
+            self._pending.append((name, key, root, tokens, 0))
+            self._last[name] = (root, tokens)
+            exp = self.stats[name].expected(key, offered, self.prior)
+            f = self.calibration(name)
+            k, rate = best_chain([e * f for e in exp], offered, self.curve)
             if k and rate > best[2]:
-                best = (name, k, rate, prop)
+                best = (name, k, rate, prop, exp[k])
         if not self.model_dropped and limit >= 1:
             depth = min(limit, MODEL_CHAIN)
             exploring = self.model_steps < self.explore
@@ -320,13 +382,13 @@ class AutoDrafter(Drafter):
                 k, rate = min(4, depth), best[2]
             if exploring or (k and rate > best[2]):
                 prop = self.model_drafter.propose(committed, k, sampling, generator)
-                best = ("model", prop.tree.size - 1, rate, prop)
-        name, k, _, prop = best
+                best = ("model", prop.tree.size - 1, rate, prop, 0.0)
+        name, k, _, prop, expected = best
         self.steps[name] = self.steps.get(name, 0) + 1
         self.run_steps[name] = self.run_steps.get(name, 0) + 1
         if prop is None or k < 1:
             return root_only(committed, self._device(committed))
-        self._used = (name, k)
+        self._used = (name, k, expected)
         self.drafted[name] = self.drafted.get(name, 0) + k
         return truncated(prop, k)
 
@@ -345,7 +407,7 @@ class AutoDrafter(Drafter):
         used, self._used = self._used, None
         if used is None:
             return
-        name, k = used
+        name, k, expected = used
         if name == "model":
             self.model_drafter.update(path, committed, target_topk)
             accepted = len(path) - 1
@@ -360,6 +422,8 @@ class AutoDrafter(Drafter):
                     self.model_dropped = True  # never pays: no more draft prefills
         else:
             dict(self.copies)[name].update(path, committed, target_topk)
+            self.realized[name][0] += len(path) - 1
+            self.realized[name][1] += expected
 
     # ------------------------------------------------------------------ reporting
     def choice(self) -> str:
