@@ -3,6 +3,7 @@ engine's, step by step, for fixed shapes, SuffixDecoding's own rule and per-step
 prediction by hand; the choice among candidates; and ``tune`` choosing by it."""
 
 import json
+from functools import lru_cache
 
 import pytest
 import torch
@@ -130,10 +131,90 @@ def test_replayed_steps_repriced_under_another_curve():
 def test_drafters_that_need_the_target_are_not_replayed(target):
     topk = build_drafter("ngram:topk=2", target=target)
     assert "top-k" in replayable(topk)
+    assert "top-k" in replayable(topk, models=True)  # never: it learns from the target
     model = build_drafter("early-exit:1", target=target)
     assert "model" in replayable(model)
+    assert replayable(model, models=True) is None  # only where a model may run
     with pytest.raises(ReplayError, match="cannot replay"):
         replay(model, PROMPTS, [[1, 2]] * 3)
+
+
+@lru_cache(maxsize=None)
+def draft_model():
+    model = tiny_causal_lm("llama", seed=1)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(8)
+    return model.float().eval()
+
+
+def auto_with_model(target, curve):
+    from treeopt.drafters.auto import AutoDrafter, candidate_specs
+    from treeopt.drafters.model import ModelDrafter
+
+    copies = [(n, build_drafter(s, target=target, tree=chain(draft_tokens=8)))
+              for n, s in candidate_specs()]
+    return AutoDrafter(copies, curve, model=ModelDrafter(draft_model(), chain(draft_tokens=8)),
+                       draft_curve={1: 2.0, 2: 2.0}, explore=3)
+
+
+@pytest.mark.parametrize("which", ["early-exit chain", "model tree", "auto with a model"])
+def test_drafters_that_run_a_model_replay_as_they_decode(target, which):
+    """At temperature 0 a drafter with a model of its own proposes from the committed text
+    alone: replaying it along the target's continuations gives the engine's steps."""
+    from treeopt.drafters.model import ModelDrafter
+
+    if which == "early-exit chain":
+        drafter = build_drafter("early-exit:1", target=target, tree=chain(draft_tokens=3))
+    elif which == "model tree":
+        drafter = ModelDrafter(draft_model(), Tree((-1, 0, 0, 1, 2, 3)))
+    else:
+        drafter = auto_with_model(target, {1: 10.0, 17: 10.5})
+    n = 24
+    conts = continuations(target, PROMPTS, n)
+    got = replay(private(drafter), PROMPTS, conts, models=True)
+    nodes, tokens = engine_steps(target, private(drafter), PROMPTS, n)
+    assert (got.nodes, got.tokens) == (nodes, tokens)
+    assert sum(got.tokens) == sum(len(c) - 1 for c in conts)
+    assert max(got.nodes) > 1  # it drafted
+
+
+def test_tune_replays_the_draft_models_tree_beside_auto_with_the_model(target, monkeypatch):
+    """For a draft model, tune replays its tuned tree, ``auto`` with the model (from the
+    acceptance just measured) and the copy drafters alike, and keeps another only when it
+    replays faster than the tree (like for like: both timed the model's drafting)."""
+    from types import SimpleNamespace
+
+    import treeopt.drafters.auto as auto_mod
+    from treeopt.search.api import SearchSettings
+    from treeopt.tuning import TUNED_TREE, model_candidates, replay_others
+
+    monkeypatch.setattr(auto_mod, "latency_curve", lambda model, folder: {1: 10.0, 17: 10.5})
+    from treeopt.drafters.model import ModelDrafter
+
+    pair = SimpleNamespace(drafter=ModelDrafter(draft_model(), chain(draft_tokens=4)),
+                           target=target, tokenizer=None)
+    prompts = [SimpleNamespace(token_ids=p) for p in PROMPTS]
+    lat = Latency(target=LatencyCurve(tokens=[1, 2, 4, 8, 16], ms=[10.0, 10.5, 11, 12, 14]),
+                  draft=None, context=8, meta={})
+    run = SimpleNamespace(max_new_tokens=16, chat_template=False)
+    found = SimpleNamespace(max_size=17, rank_table=[[0.9, 0.05], [0.8], [0.7], [0.6]])
+    tree = chain(draft_tokens=4)
+    assert model_candidates(pair, tree, found.rank_table, None) == []  # no spec to decode
+    cands = model_candidates(pair, tree, found.rank_table, "model:tiny")
+    assert [c[0] for c in cands] == [TUNED_TREE, "--draft auto:draft=(model:tiny)"]
+    made = cands[1][1]()
+    assert made.model_prior == [0.9, 0.8, 0.7, 0.6] and made.model is draft_model()
+    got = replay_others(pair, prompts, run, found, lat, SearchSettings(), tree, "model:tiny")
+    assert set(got.predictions) == {TUNED_TREE, "--draft auto:draft=(model:tiny)",
+                                    "--draft auto", "--draft suffix", "--draft ngram"}
+    best = max(got.predictions, key=lambda k: got.predictions[k].tokens_per_s)
+    assert got.label == best
+    assert got.options == ({} if best == TUNED_TREE else
+                           {"spec": best.removeprefix("--draft ")})
+    # an early exit drafts a fixed shape too; a drafter sizing its own tree has no tuned tree
+    dyn = SimpleNamespace(drafter=SimpleNamespace(model=draft_model(), shape=None,
+                                                  name="dynamic"), target=target)
+    assert model_candidates(dyn, tree, found.rank_table, "dynamic") == []
 
 
 def test_a_private_copy_never_writes_the_suffix_file_nor_records(target, tmp_path):
@@ -325,3 +406,16 @@ def test_a_draft_model_is_weighed_against_the_copy_drafters(target):
     capped = replay_others(pair, prompts, run, SimpleNamespace(max_size=16), lat,
                            SearchSettings(max_depth=3))
     assert "--draft auto:max=3" in capped.predictions
+
+
+def test_a_height_limit_caps_auto_with_the_model(target):
+    from types import SimpleNamespace
+
+    from treeopt.drafters.model import ModelDrafter
+    from treeopt.tuning import model_candidates
+
+    pair = SimpleNamespace(drafter=ModelDrafter(draft_model(), chain(draft_tokens=2)),
+                           target=target, tokenizer=None)
+    cands = model_candidates(pair, chain(draft_tokens=2), [[0.9], [0.8]], "model:tiny", 2)
+    assert cands[1][0] == "--draft auto:draft=(model:tiny),max=2"
+    assert cands[1][3] == {"spec": "auto:draft=(model:tiny),max=2"}

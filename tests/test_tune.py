@@ -387,3 +387,51 @@ def test_plain_decoding_is_predicted_without_the_drafts_prefill(workspace, monke
     whole = run.summary["prediction"]["whole"]
     assert min(dear.meta["prefill"]["draft_ms"]) > 0  # the early exit's start was timed
     assert whole["draft_prefill_ms"] == 0.0 and whole["speedup"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("winner", ["tuned tree", "--draft auto:draft=(early-exit:1)"])
+def test_a_draft_model_tune_answers_auto_only_when_it_replays_faster_than_the_tree(
+        workspace, monkeypatch, winner):
+    """For a draft model tune replays the tuned tree beside ``auto:draft=`` (and the copy
+    drafters): the tree stays the answer when its replay is the fastest; otherwise tune
+    answers the faster one's spec, predicts its replay, and (``auto`` running the draft)
+    charges the draft's prefill."""
+    from types import SimpleNamespace
+
+    import treeopt
+    import treeopt.tuning
+    from treeopt.profile import Latency, LatencyCurve
+    from treeopt.profile.replay import Replay, ReplayChoice
+    from treeopt.shapes import chain
+
+    lat = Latency(LatencyCurve([1, 2, 4], [10.0, 10.5, 11.0]), LatencyCurve([1], [1.0]),
+                  context=8, meta={"device_type": "cpu", "threads": 1, "device": "cpu"})
+    monkeypatch.setattr(treeopt.tuning, "measure_latency", lambda *a, **k: lat)
+    seen = {}
+
+    def fake_replay_others(pair, prompts, run, found, latency, search, tree=None, spec=None):
+        seen.update(tree=tree, spec=spec)
+        slow = Replay([2, 2], [1, 2], [1.0, 1.0]).predict(lambda n: 10.0)
+        fast = Replay([3, 3], [3, 3], [1.0, 1.0]).predict(lambda n: 10.0)
+        preds = {"tuned tree": slow, "--draft auto:draft=(early-exit:1)": slow}
+        preds[winner] = fast
+        auto = SimpleNamespace(model_drafter=object(), shape=None)
+        return ReplayChoice(winner, auto if winner != "tuned tree" else pair.drafter,
+                            chain(draft_tokens=2), fast, predictions=preds,
+                            options={} if winner == "tuned tree" else
+                            {"spec": winner.removeprefix("--draft ")})
+
+    monkeypatch.setattr(treeopt.tuning, "replay_others", fake_replay_others)
+    run = treeopt.tune(str(workspace / "tiny"), "early-exit:1", PROMPTS[:2],
+                       acceptance=AcceptanceSettings(prompts=2, max_new_tokens=6, width=3,
+                                                     depth=2),
+                       machine=Machine(device="cpu", threads=1))
+    assert seen["spec"] == "early-exit:1" and seen["tree"] is not None
+    assert run.summary["replay"]["chosen"] == winner
+    if winner == "tuned tree":
+        assert run.draft_spec is None and run.tree == seen["tree"]
+        assert run.prediction.speedup != pytest.approx(3.0 * 10 / 11)  # the DP's own
+    else:
+        assert run.draft_spec == "auto:draft=(early-exit:1)" and run.tree.depth == 2
+        assert run.prediction.speedup == pytest.approx(3.0 * 10 / 11)
+        assert run.summary["prediction"]["whole"]["draft_prefill_ms"] > 0

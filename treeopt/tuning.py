@@ -35,7 +35,7 @@ from treeopt.api import (
 from treeopt.datasets import Prompt, load_prompts, select
 from treeopt.decode.drafter import build_drafter, registered, respec
 from treeopt.decode.sampling import GREEDY, Sampling
-from treeopt.drafters.auto import remember_tune
+from treeopt.drafters.auto import MAX_DRAFT, auto_drafter, remember_tune
 from treeopt.errors import TreeoptError
 from treeopt.growmap import save_growmap
 from treeopt.limits import check_nodes
@@ -489,6 +489,7 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
             optuna_note += f" (its size {res.tree.size} was not timed: kept the DP choice)"
 
     replayed, draft_spec, t_replay = None, None, time.perf_counter()
+    considered = None  # a draft model's replays, whether or not one replaced its tree
     if samp.greedy and replayable(pair.drafter) is None:
         replayed = replay_choice(pair, chosen, run, found, tree, latency,
                                  None if copy_table is None else copy_table[0], search,
@@ -502,14 +503,18 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
         elif replayed.options and (replayed.label != LEN_AUTO or profile_path is not None):
             draft_spec = respec(base, **replayed.options)
     elif samp.greedy and search.other_drafters and found.treeset is None:
-        # a draft model (one tree for every context): the copy drafters may decode faster
-        others = replay_others(pair, chosen, run, found, latency, search)
-        if others is not None and others.prediction.tokens_per_s > pred.tokens_per_s:
+        # a draft model (one tree for every context): the copy drafters, or ``auto`` choosing
+        # per step between the model and them, may decode faster
+        others = considered = replay_others(pair, chosen, run, found, latency, search, tree,
+                                            _draft_spec(pair, draft))
+        if others is not None and (others.label != TUNED_TREE if TUNED_TREE in
+                                   others.predictions else
+                                   others.prediction.tokens_per_s > pred.tokens_per_s):
             replayed, tree, pred = others, others.tree, others.prediction
             method, draft_spec = f"replay ({others.label})", others.options["spec"]
     seconds_replay = time.perf_counter() - t_replay
     whole = whole_generations(latency, pred, [len(x) for x in prompt_ids], max_new_tokens,
-                              draft=runs_given_drafter(pair, draft_spec, tree))
+                              draft=runs_given_drafter(pair, draft_spec, tree, replayed))
 
     # extrapolation notes; a falling curve is among the timing warnings already
     notes = curve_notes(latency, tree, draft_cost, falls=False)
@@ -525,7 +530,7 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
         meta["profile"] = profile_path.name
     files: dict = {}
     seconds = {"acceptance": round(t_acc, 1), "latency": round(t_lat, 1)}
-    if replayed is not None:
+    if replayed is not None or considered is not None:
         seconds["replay"] = round(seconds_replay, 1)
     summary = {"target": _name(target), "draft": _name(draft), "dataset": dataset_name,
                "device": latency.meta.get("device"), "defaults": defaults,
@@ -537,8 +542,8 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
                "measured_sizes_only": measured_sizes_only, "warnings": warnings + notes}
     if copy_summary is not None:
         summary["copy"] = copy_summary
-    if replayed is not None:
-        summary["replay"] = replay_summary(replayed)
+    if replayed is not None or considered is not None:
+        summary["replay"] = replay_summary(replayed or considered)
     if draft_spec is not None:
         summary["draft_spec"] = draft_spec
     if out is not None:
@@ -576,18 +581,28 @@ def remember_for_auto(pair, draft, rank_table, pred, tree: Tree) -> Path | None:
     (``treeopt.drafters.auto.remember_tune``), whether the draft came as a spec (``draft``)
     or inside a Pair (``pair.draft_spec``: bench_choice's ``auto`` had nothing to start from
     and learned from one half per level); not for plain decoding (a one-node tree)."""
-    spec = str(draft) if isinstance(draft, (str, os.PathLike)) else pair.draft_spec
+    spec = _draft_spec(pair, draft)
     if not spec or tree.size <= 1:
         return None
     return remember_tune(pair.target, spec, rank_table, pred, tree, cache_dir())
 
 
-def runs_given_drafter(pair, draft_spec: str | None, tree: Tree) -> bool:
+def _draft_spec(pair, draft) -> str | None:
+    """The draft's spec, whether it came as one (``draft``) or inside a Pair."""
+    return str(draft) if isinstance(draft, (str, os.PathLike)) else pair.draft_spec
+
+
+def runs_given_drafter(pair, draft_spec: str | None, tree: Tree,
+                       replayed: ReplayChoice | None = None) -> bool:
     """Whether tune's answer decodes with the drafter it was given, whose prefill it timed:
     not when a model-free drafter replayed faster replaced a draft model (``draft_spec``
-    then names it; a model-free drafter's own options, per-step lengths, still run it), and
-    not for a tree of one node, which is plain decoding (no drafter starts)."""
+    then names it; a model-free drafter's own options, per-step lengths, still run it; ``auto``
+    with the draft model, ``replayed``'s drafter, runs it), and not for a tree of one node,
+    which is plain decoding (no drafter starts)."""
     if draft_spec is not None:
+        chosen = None if replayed is None else replayed.drafter
+        if chosen is not None and getattr(chosen, "model_drafter", None) is not None:
+            return True
         return replayable(pair.drafter) is None
     return tree.size > 1
 
@@ -733,17 +748,50 @@ def replay_choice(pair, prompts, run, found: SearchResult, searched: Tree, laten
     return _replay_best(pair, prompts, run, latency, cands)
 
 
-def replay_others(pair, prompts, run, found: SearchResult, latency,
-                  search: SearchSettings) -> ReplayChoice | None:
-    """For a drafter that cannot be replayed (it runs a model): the fastest of the other
-    model-free drafters (:func:`other_drafters`) by greedy replay along the target's
-    continuations of the tune ``prompts`` (those the acceptance profile computed), or None
-    when none is registered. ``tune`` keeps it when it beats the DP's prediction for the
-    drafter given: copies are what decodes fastest for some pairs on some machines."""
-    others = other_drafters(pair, _replay_most(found, search))
-    if not others:
+def replay_others(pair, prompts, run, found: SearchResult, latency, search: SearchSettings,
+                  tree: Tree | None = None, spec: str | None = None) -> ReplayChoice | None:
+    """For a drafter that runs a model: the fastest by greedy replay along the target's
+    continuations of the tune ``prompts`` (those the acceptance profile computed) of the
+    other model-free drafters (:func:`other_drafters`) and, given the tuned ``tree`` and the
+    draft's ``spec``, of :func:`model_candidates` (that tree, labelled ``TUNED_TREE``, and
+    ``auto`` with the draft), or None when there is nothing to replay. ``tune`` keeps
+    another candidate when it beats the tuned tree's replay (like for like: both timed
+    drafting here), or without that replay the DP's prediction: copies, or copies and the
+    model chosen per step, are what decodes fastest for some pairs on some machines."""
+    most = _replay_most(found, search)
+    others = other_drafters(pair, most)
+    cands = model_candidates(pair, tree, found.rank_table, spec, most) \
+        if tree is not None else []
+    cands += other_candidates(others)
+    if not cands:
         return None
-    return _replay_best(pair, prompts, run, latency, other_candidates(others))
+    return _replay_best(pair, prompts, run, latency, cands, models=True)
+
+
+#: The label of the tuned tree among :func:`model_candidates`.
+TUNED_TREE = "tuned tree"
+
+
+def model_candidates(pair, tree: Tree, rank_table, spec: str | None,
+                     most: int = REPLAY_MAX_CHAIN) -> list:
+    """Replay candidates of a draft model that drafts fixed shapes (``model:``,
+    ``early-exit:``): the tuned ``tree`` (``TUNED_TREE``) and ``auto:draft=(SPEC)``, which
+    chooses per step between chains of the model and the copy drafters (at most ``most``
+    drafted tokens: ``,max=`` below ``REPLAY_MAX_CHAIN``), starting from this tune's top-1
+    acceptance by depth (``rank_table``) as ``auto:draft=`` will once the tune is cached.
+    None for other drafters, or without ``spec`` or ``auto``."""
+    drafter = pair.drafter
+    if getattr(drafter, "model", None) is None or getattr(drafter, "shape", None) is None \
+            or replayable(drafter, models=True) is not None or not spec:
+        return []
+    out = [(TUNED_TREE, lambda: private(drafter, tree, sized=False), tree, {})]
+    if "auto" in registered():
+        prior = [float(row[0]) if len(row) else 0.0 for row in rank_table]
+        label = f"auto:draft=({spec})" + (f",max={most}" if most < REPLAY_MAX_CHAIN else "")
+        out.append((f"--draft {label}", lambda: private(auto_drafter(
+            pair.target, pair.tokenizer, model=drafter, model_prior=prior,
+            max_draft=min(most, MAX_DRAFT))), None, {"spec": label}))
+    return out
 
 
 def _replay_most(found: SearchResult, search: SearchSettings) -> int:
@@ -755,13 +803,15 @@ def _replay_most(found: SearchResult, search: SearchSettings) -> int:
     return most
 
 
-def _replay_best(pair, prompts, run, latency, cands) -> ReplayChoice:
+def _replay_best(pair, prompts, run, latency, cands, *, models: bool = False
+                 ) -> ReplayChoice:
     """The fastest of ``cands`` replayed along the target's greedy continuations of the tune
-    ``prompts`` (``run.max_new_tokens`` each), with its decode options and the tree to save."""
+    ``prompts`` (``run.max_new_tokens`` each), with its decode options and the tree to save
+    (``models``: candidates may run a model)."""
     ids = encode_for_decoding(pair, prompts, run.chat_template, run.max_new_tokens)
     eos = eos_ids(pair.tokenizer, pair.target) if pair.tokenizer is not None else []
     conts = continuations(pair.target, ids, run.max_new_tokens, eos[0] if eos else None)
-    best = choose_replayed(cands, ids, conts, latency)
+    best = choose_replayed(cands, ids, conts, latency, models=models)
     best.options = {c[0]: c[3] for c in cands}[best.label]
     best.tree = best.shape_for(best.label, best.prediction)
     return best

@@ -26,10 +26,9 @@ since; it matched every token committed since: the text follows the copy). Accep
 a copy is strongly correlated, and a text changes phase (code restated from the prompt, then
 prose): pooled over states, the rates learnt while an answer restated its prompt kept the
 ``suffix`` candidate drafting 15-token copies through the prose after it, which failed dozens
-of steps in a row (over eight Qwen2.5-Coder HumanEval answers: 0.5 tokens accepted per such
-step where 2.8 were expected). The rates are shrunk in three levels by ``prior``
-pseudo-observations: a key's rate towards its state's rate at that depth, that towards the
-candidate's pooled rate, and that towards one half.
+of steps in a row (Qwen2.5-Coder answers to HumanEval prompts). The rates are shrunk in
+three levels by ``prior`` pseudo-observations: a key's rate towards its state's rate at that
+depth, that towards the candidate's pooled rate, and that towards one half.
 
 Shadow statistics score every candidate at every step, but a candidate drafts where its
 estimate beat the others': the winner of several noisy estimates is over-estimated. Each copy
@@ -508,26 +507,42 @@ def _auto(options: str, *, target, tokenizer=None, tree: Tree | None = None) -> 
         raise DrafterError(f"drafter 'auto': max must be in 1..{MAX_DRAFT}, got {max_draft}")
     if not 0 <= opts.get("margin", MARGIN) <= 1:
         raise DrafterError("drafter 'auto': margin must be in [0, 1]")
-    shape = chain(draft_tokens=max_draft)
-    copies = [(name, build_drafter(spec, target=target, tokenizer=tokenizer, tree=shape))
-              for name, spec in candidate_specs()]
-    folder = cache_dir()
-    curve = latency_curve(target, folder)
-    model = draft_curve = prior = None
+    model = prior = None
     if opts.get("draft"):
         model = build_drafter(opts["draft"], target=target, tokenizer=tokenizer,
                               tree=chain(draft_tokens=MODEL_CHAIN))
         if getattr(model, "model", None) is None:
             raise DrafterError(f"drafter 'auto': draft={opts['draft']!r} is not a draft model; "
                                "the copy drafters are candidates already")
-        draft_curve = latency_curve(model.model, folder)
-        tuned = read_tuned(target, opts["draft"], folder)
+        tuned = read_tuned(target, opts["draft"], cache_dir())
         prior = None if tuned is None else tuned["p1_by_depth"]
+    return auto_drafter(target, tokenizer, model=model, model_prior=prior, max_draft=max_draft,
+                        margin=opts.get("margin", MARGIN))
+
+
+def auto_drafter(target, tokenizer=None, *, model: Drafter | None = None,
+                 model_prior: Sequence[float] | None = None, max_draft: int = MAX_DRAFT,
+                 margin: float = MARGIN) -> AutoDrafter:
+    """An ``auto`` drafter for ``target``: the copy candidates (chains of at most
+    ``max_draft`` tokens), the target's cached latency curve, and optionally the draft model
+    drafter ``model`` (drafting chains of ``MODEL_CHAIN``; the model is shared) with its
+    cached curve, starting from ``model_prior`` (top-1 acceptance by depth, as a tune
+    measured it). ``auto:draft=SPEC`` builds it from the cached tune result; ``tune`` from
+    the acceptance it has just measured, to replay it."""
+    shape = chain(draft_tokens=max_draft)
+    copies = [(name, build_drafter(spec, target=target, tokenizer=tokenizer, tree=shape))
+              for name, spec in candidate_specs()]
+    folder = cache_dir()
+    curve = latency_curve(target, folder)
+    draft_curve = None
+    if model is not None:
+        model = model.reshaped(chain(draft_tokens=MODEL_CHAIN))
+        draft_curve = latency_curve(model.model, folder)
     dtype = str(next(target.parameters()).dtype).removeprefix("torch.")
     return AutoDrafter(copies, curve, model=model, draft_curve=draft_curve,
-                       max_draft=max_draft, margin=opts.get("margin", MARGIN), dtype=dtype,
-                       model_prior=prior)
+                       max_draft=max_draft, margin=margin, dtype=dtype,
+                       model_prior=model_prior)
 
 
-__all__ = ["AutoDrafter", "MatchStats", "best_chain", "bucket", "candidate_specs", "envelope",
-           "read_tuned", "remember_tune"]
+__all__ = ["AutoDrafter", "MatchStats", "auto_drafter", "best_chain", "bucket",
+           "candidate_specs", "envelope", "read_tuned", "remember_tune"]

@@ -382,7 +382,8 @@ def _choice_run(target, draft, dtype, device, cs: ChoiceSettings, tune_set, held
     # of their own (auto without the draft, HF), and tune's answer when it is another
     # drafter or plain decoding
     own = [m.name for m in methods
-           if (not runs_given_drafter(pair, tuned.draft_spec, tuned.tree) if m.name == TUNED
+           if (not runs_given_drafter(pair, tuned.draft_spec, tuned.tree, tuned.replay)
+               if m.name == TUNED
                else m.kind in ("drafter", "hf") and not (m.name == AUTO and has_model))]
     return ChoiceRun(dtype, result.summary, predicted, tuned.tree.size, tuned.tree.depth,
                      target_ms, result.rows, tuned.method,
@@ -397,7 +398,8 @@ def replay_on_held_out(tuned, pair, held_out, rows, methods: Sequence[Method] = 
     turns), priced with tune's latency curve, beside what was measured on those turns: the
     prediction's own error once the prompts' difference is taken out. Measured speed-up
     without the prefill (the replay has none): plain decoding's decode time per token over
-    the tuned method's. None without a replay (sampling, a drafter with a model).
+    the tuned method's. None without a replay (sampling; a draft model's tree that tune
+    kept).
 
     With ``methods`` (the grid), every chain and DP tree of the run's model-free drafter is
     replayed there too, and ``held_out_pick`` is the one the replay would have chosen had it
@@ -422,7 +424,7 @@ def replay_on_held_out(tuned, pair, held_out, rows, methods: Sequence[Method] = 
         keys.append(p.id)
     if not keys:
         return None
-    got = replay(private(tuned.replay.drafter), ids, conts)
+    got = replay(private(tuned.replay.drafter), ids, conts, models=True)  # auto:draft= too
     pred = got.predict(monotone(tuned.latency.target))
 
     def decode_rate(table) -> float:

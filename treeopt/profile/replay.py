@@ -23,8 +23,13 @@ Beside it, the Optuna search's ``replay`` objective (``treeopt.search.optuna_sea
 fixed trees along recorded *rank traces* (the target token's rank in the drafter's top-W at
 every position): any drafter, one draft pass per position, exact for drafters whose
 candidates below an accepted node are those they would propose standing there. This module
-runs the drafter itself instead: model-free drafters only, but any shape and any per-step
-rule, with the drafter's own state (its index, its global trie) as decoding builds it.
+runs the drafter itself instead: any shape and any per-step rule, with the drafter's own
+state (its index, its global trie) as decoding builds it. Model-free drafters cost next to
+nothing to replay; a drafter that runs a model (a draft model, ``auto:draft=``) replays just
+as exactly at temperature 0 — it keeps a cache of its own and sees only the committed text —
+but runs its model at every step (``replay(..., models=True)``), so ``tune`` replays it in a
+few configurations only: its tuned tree, and ``auto`` choosing per step between it and the
+copies (``treeopt.tuning.model_candidates``).
 
 What it does not see: the engine's own work per step beyond the target forward and the
 drafter (building tree buffers, trimming the cache), and the cache's growth beyond the
@@ -54,9 +59,15 @@ class ReplayError(TreeoptError, ValueError):
     """A replay that cannot run (a drafter that needs the target); one line."""
 
 
-def replayable(drafter: Drafter) -> str | None:
-    """None when ``drafter`` can be replayed, else why not (one line)."""
-    if getattr(drafter, "model", None) is not None or getattr(drafter, "model_drafter", None):
+def replayable(drafter: Drafter, *, models: bool = False) -> str | None:
+    """None when ``drafter`` can be replayed, else why not (one line). A drafter that runs a
+    model (a draft model, an early exit, ``auto:draft=``) only with ``models``: at
+    temperature 0 its proposals depend on the committed text alone too (it keeps a cache of
+    its own), but replaying it runs the model at every step, which costs what drafting
+    costs in decoding; ``tune`` replays such drafters in a few configurations only."""
+    runs_model = getattr(drafter, "model", None) is not None or \
+        getattr(drafter, "model_drafter", None) is not None
+    if runs_model and not models:
         return f"the {drafter.name} drafter runs a model: its proposals need the model's cache"
     if getattr(drafter, "wants_target_topk", 0):
         return f"the {drafter.name} drafter learns from the target's top-k predictions"
@@ -89,7 +100,7 @@ def _own_state(drafter: Drafter) -> None:
     candidates of an ``auto`` drafter."""
     if hasattr(drafter, "recorder"):
         drafter.recorder = None
-    if getattr(drafter, "cache", None) is not None:
+    if hasattr(getattr(drafter, "cache", None), "empty_copy"):  # a global suffix trie
         drafter.cache = drafter.cache.empty_copy()
     for _, candidate in getattr(drafter, "copies", None) or ():
         _own_state(candidate)
@@ -133,13 +144,14 @@ class Replay:
 
 
 def replay(drafter: Drafter, prompts: Sequence[Sequence[int]],
-           conts: Sequence[Sequence[int]]) -> Replay:
+           conts: Sequence[Sequence[int]], *, models: bool = False) -> Replay:
     """Greedy decoding of every prompt with ``drafter`` (used as given: pass a
     :func:`private` copy), the target replaced by its known continuation ``conts[i]``.
     Steps mirror ``treeopt.decode.engine.generate``: the first token comes from the prefill,
     then each step proposes (at most the tokens left), walks the tree along the continuation
-    and commits the path's tokens and the bonus."""
-    why = replayable(drafter)
+    and commits the path's tokens and the bonus. ``models``: drafters that run a model are
+    replayed too (:func:`replayable`); their forwards are timed with the drafting."""
+    why = replayable(drafter, models=models)
     if why is not None:
         raise ReplayError(f"cannot replay: {why}")
     out = Replay()
@@ -215,10 +227,12 @@ class ReplayChoice:
 
 
 def choose_replayed(candidates: Sequence[tuple], prompts: Sequence[Sequence[int]],
-                    conts: Sequence[Sequence[int]], latency) -> ReplayChoice:
+                    conts: Sequence[Sequence[int]], latency, *, models: bool = False
+                    ) -> ReplayChoice:
     """Replay every candidate (label, factory of a private drafter, its shape, ...) on the
     continuations and keep the one with the most predicted tokens/s (ties: the one listed
-    first). ``latency``: a ``treeopt.profile.Latency`` (its target curve prices steps)."""
+    first). ``latency``: a ``treeopt.profile.Latency`` (its target curve prices steps).
+    ``models``: candidates that run a model are replayed too (:func:`replay`)."""
     curve = monotone(latency.target)
     best, preds, skipped, replays, shapes = None, {}, {}, {}, {}
     for label, make, tree, *_ in candidates:
@@ -227,7 +241,7 @@ def choose_replayed(candidates: Sequence[tuple], prompts: Sequence[Sequence[int]
         except DrafterError as exc:
             skipped[label] = str(exc)
             continue
-        replays[label] = replay(drafter, prompts, conts)
+        replays[label] = replay(drafter, prompts, conts, models=models)
         shapes[label] = tree if tree is not None else getattr(drafter, "shape", None)
         pred = replays[label].predict(curve, depth=tree.depth if tree is not None else 0)
         preds[label] = pred
