@@ -10,6 +10,9 @@ import torch
 
 from treeopt.decode.drafter import DrafterError, build_drafter
 from treeopt.decode.engine import generate
+from treeopt.drafters import auto as auto_mod
+from treeopt.drafters.auto import AutoDrafter, candidate_specs
+from treeopt.drafters.model import ModelDrafter
 from treeopt.profile.copy import len_auto_spec, sizing_copy
 from treeopt.profile.copytable import CopyTable
 from treeopt.profile.model import Latency, LatencyCurve
@@ -22,9 +25,11 @@ from treeopt.profile.replay import (
     replay,
     replayable,
 )
+from treeopt.search.api import SearchSettings
 from treeopt.shapes import chain
 from treeopt.testing import tiny_causal_lm
 from treeopt.tree import Tree
+from treeopt.tuning import TUNED_TREE, model_candidates, replay_others
 
 PROMPTS = [[40, 41, 42, 43, 40, 41, 42, 43, 40, 41], [7, 8, 9, 7, 8, 9, 7, 8],
            [3, 60, 61, 3, 60, 62, 3, 60]]
@@ -148,9 +153,6 @@ def draft_model():
 
 
 def auto_with_model(target, curve):
-    from treeopt.drafters.auto import AutoDrafter, candidate_specs
-    from treeopt.drafters.model import ModelDrafter
-
     copies = [(n, build_drafter(s, target=target, tree=chain(draft_tokens=8)))
               for n, s in candidate_specs()]
     return AutoDrafter(copies, curve, model=ModelDrafter(draft_model(), chain(draft_tokens=8)),
@@ -161,8 +163,6 @@ def auto_with_model(target, curve):
 def test_drafters_that_run_a_model_replay_as_they_decode(target, which):
     """At temperature 0 a drafter with a model of its own proposes from the committed text
     alone: replaying it along the target's continuations gives the engine's steps."""
-    from treeopt.drafters.model import ModelDrafter
-
     if which == "early-exit chain":
         drafter = build_drafter("early-exit:1", target=target, tree=chain(draft_tokens=3))
     elif which == "model tree":
@@ -184,13 +184,7 @@ def test_tune_replays_the_draft_models_tree_beside_auto_with_the_model(target, m
     replays faster than the tree (like for like: both timed the model's drafting)."""
     from types import SimpleNamespace
 
-    import treeopt.drafters.auto as auto_mod
-    from treeopt.search.api import SearchSettings
-    from treeopt.tuning import TUNED_TREE, model_candidates, replay_others
-
     monkeypatch.setattr(auto_mod, "latency_curve", lambda model, folder: {1: 10.0, 17: 10.5})
-    from treeopt.drafters.model import ModelDrafter
-
     pair = SimpleNamespace(drafter=ModelDrafter(draft_model(), chain(draft_tokens=4)),
                            target=target, tokenizer=None)
     prompts = [SimpleNamespace(token_ids=p) for p in PROMPTS]
@@ -410,9 +404,6 @@ def test_a_draft_model_is_weighed_against_the_copy_drafters(target):
 
 def test_a_height_limit_caps_auto_with_the_model(target):
     from types import SimpleNamespace
-
-    from treeopt.drafters.model import ModelDrafter
-    from treeopt.tuning import model_candidates
 
     pair = SimpleNamespace(drafter=ModelDrafter(draft_model(), chain(draft_tokens=2)),
                            target=target, tokenizer=None)

@@ -61,6 +61,7 @@ from treeopt.profile.replay import (
     continuations,
     private,
     replayable,
+    runs_model,
 )
 from treeopt.rules import default_width
 from treeopt.search.api import (
@@ -600,8 +601,7 @@ def runs_given_drafter(pair, draft_spec: str | None, tree: Tree,
     with the draft model, ``replayed``'s drafter, runs it), and not for a tree of one node,
     which is plain decoding (no drafter starts)."""
     if draft_spec is not None:
-        chosen = None if replayed is None else replayed.drafter
-        if chosen is not None and getattr(chosen, "model_drafter", None) is not None:
+        if replayed is not None and runs_model(replayed.drafter):
             return True
         return replayable(pair.drafter) is None
     return tree.size > 1

@@ -360,11 +360,10 @@ class AutoDrafter(Drafter):
                 break
             prop = d.propose(committed, limit, sampling, generator)
             offered = prop.tree.size - 1
-            state = self._state(name, committed)
             if offered < 1:
                 self._last.pop(name, None)
                 continue
-            key = (state, bucket(offered))
+            key = (self._state(name, committed), bucket(offered))
             tokens = prop.tokens.tolist()[1:]
             self._pending.append((name, key, root, tokens, 0))
             self._last[name] = (root, tokens)

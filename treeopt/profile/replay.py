@@ -59,15 +59,20 @@ class ReplayError(TreeoptError, ValueError):
     """A replay that cannot run (a drafter that needs the target); one line."""
 
 
+def runs_model(drafter: Drafter) -> bool:
+    """Whether ``drafter`` runs a model of its own (a draft model, an early exit, or
+    ``auto`` with a draft model among its candidates)."""
+    return getattr(drafter, "model", None) is not None or \
+        getattr(drafter, "model_drafter", None) is not None
+
+
 def replayable(drafter: Drafter, *, models: bool = False) -> str | None:
     """None when ``drafter`` can be replayed, else why not (one line). A drafter that runs a
     model (a draft model, an early exit, ``auto:draft=``) only with ``models``: at
     temperature 0 its proposals depend on the committed text alone too (it keeps a cache of
     its own), but replaying it runs the model at every step, which costs what drafting
     costs in decoding; ``tune`` replays such drafters in a few configurations only."""
-    runs_model = getattr(drafter, "model", None) is not None or \
-        getattr(drafter, "model_drafter", None) is not None
-    if runs_model and not models:
+    if runs_model(drafter) and not models:
         return f"the {drafter.name} drafter runs a model: its proposals need the model's cache"
     if getattr(drafter, "wants_target_topk", 0):
         return f"the {drafter.name} drafter learns from the target's top-k predictions"
@@ -257,4 +262,4 @@ def choose_replayed(candidates: Sequence[tuple], prompts: Sequence[Sequence[int]
 
 
 __all__ = ["Replay", "ReplayChoice", "ReplayError", "choose_replayed", "continuations",
-           "private", "replay", "replayable"]
+           "private", "replay", "replayable", "runs_model"]
