@@ -21,6 +21,7 @@ from treeopt.profile.replay import (
     ReplayError,
     choose_replayed,
     continuations,
+    preferred,
     private,
     replay,
     replayable,
@@ -29,7 +30,7 @@ from treeopt.search.api import SearchSettings
 from treeopt.shapes import chain
 from treeopt.testing import tiny_causal_lm
 from treeopt.tree import Tree
-from treeopt.tuning import TUNED_TREE, model_candidates, replay_others
+from treeopt.tuning import ADAPTIVE_MARGIN, TUNED_TREE, model_candidates, replay_others
 
 PROMPTS = [[40, 41, 42, 43, 40, 41, 42, 43, 40, 41], [7, 8, 9, 7, 8, 9, 7, 8],
            [3, 60, 61, 3, 60, 62, 3, 60]]
@@ -115,6 +116,29 @@ def test_choose_replayed_keeps_the_fastest_and_names_what_it_skipped(target):
     assert best.prediction.tokens_per_s == max(p.tokens_per_s
                                                for p in best.predictions.values())
     assert best.label in best.predictions and best.tree.size == int(best.label[6:])
+    # a preferred candidate is kept unless another replays more than the margin faster
+    rates = {k: p.tokens_per_s for k, p in best.predictions.items()}
+    slowest = min(rates, key=rates.get)
+    assert slowest != best.label
+    assert max(rates.values()) > 1.05 * rates[slowest]  # (drafting times are measured)
+    kept = choose_replayed(cands, PROMPTS, conts, lat, prefer=["broken", slowest],
+                           margin=1.0)
+    assert kept.label == slowest and kept.tree.size == int(slowest[6:])
+    assert kept.drafter.shape.size == int(slowest[6:]) and kept.prefer == [slowest]
+    assert kept.prediction is kept.predictions[slowest]
+    strict = choose_replayed(cands, PROMPTS, conts, lat, prefer=[slowest], margin=0.0)
+    assert strict.label == best.label
+
+
+def test_preferred_by_hand():
+    rates = {"chain:9": 10.0, "tree": 10.0, "auto": 9.8, "auto:max=4": 9.0}
+    assert preferred(rates) == "chain:9"  # ties: the first listed
+    assert preferred(rates, ["auto", "auto:max=4"], 0.03) == "auto"  # 10 <= 1.03 * 9.8
+    assert preferred(rates, ["auto:max=4"], 0.03) == "chain:9"  # 10 > 1.03 * 9
+    assert preferred(rates, ["auto"], 0.0) == "chain:9"
+    assert preferred(rates, ["auto"], 0.02) == "chain:9"  # 10 > 9.8 x 1.02 = 9.996
+    assert preferred(rates, ["auto"], 0.0205) == "auto"  # 10 <= 10.0009
+    assert preferred({"auto": 3.0, "x": 2.0}, ["auto"], 0.0) == "auto"
 
 
 def test_replayed_steps_repriced_under_another_curve():
@@ -131,6 +155,10 @@ def test_replayed_steps_repriced_under_another_curve():
     assert label == "long" and pred.tokens_per_s == pytest.approx(250.0) and pred.depth == 8
     label, pred = rc.best_under(steep)  # 1.5 per 20 ms vs 2.5 per 90 ms
     assert label == "short" and pred.tokens_per_s == pytest.approx(75.0)
+    rc.prefer, rc.margin = ["short"], 0.7  # 150 tokens/s x 1.7 >= 250: kept
+    assert rc.best_under(flat)[0] == "short"
+    rc.margin = 0.6  # 240 < 250
+    assert rc.best_under(flat)[0] == "long"
 
 
 def test_drafters_that_need_the_target_are_not_replayed(target):
@@ -201,8 +229,12 @@ def test_tune_replays_the_draft_models_tree_beside_auto_with_the_model(target, m
     got = replay_others(pair, prompts, run, found, lat, SearchSettings(), tree, "model:tiny")
     assert set(got.predictions) == {TUNED_TREE, "--draft auto:draft=(model:tiny)",
                                     "--draft auto", "--draft suffix", "--draft ngram"}
-    best = max(got.predictions, key=lambda k: got.predictions[k].tokens_per_s)
-    assert got.label == best
+    autos = ["--draft auto:draft=(model:tiny)", "--draft auto"]
+    assert got.prefer == autos and got.margin == ADAPTIVE_MARGIN
+    rates = {k: p.tokens_per_s for k, p in got.predictions.items()}
+    best = max(rates, key=rates.get)
+    top_auto = max(autos, key=rates.get)
+    assert got.label == (top_auto if rates[best] <= 1.03 * rates[top_auto] else best)
     assert got.options == ({} if best == TUNED_TREE else
                            {"spec": best.removeprefix("--draft ")})
     # an early exit drafts a fixed shape too; a drafter sizing its own tree has no tuned tree

@@ -202,6 +202,8 @@ class ReplayChoice:
     latency: object = None
     replays: dict = field(default_factory=dict, repr=False)  # label -> Replay
     options: dict = field(default_factory=dict)  # drafter-spec options of the kept one
+    prefer: list = field(default_factory=list)  # labels kept unless beaten by > margin
+    margin: float = 0.0
 
     @property
     def sizes_itself(self) -> bool:
@@ -216,12 +218,14 @@ class ReplayChoice:
     shapes: dict = field(default_factory=dict, repr=False)  # label -> Tree or None
 
     def best_under(self, latency) -> tuple[str, Prediction]:
-        """(label, prediction) of the fastest candidate when steps are priced with another
-        latency curve (another dtype's, say): the replayed steps do not depend on it."""
+        """(label, prediction) of the candidate chosen when steps are priced with another
+        latency curve (another dtype's, say; the same preference and margin): the replayed
+        steps do not depend on it."""
         curve = monotone(latency.target)
         preds = {k: r.predict(curve, depth=self.shapes[k].depth if self.shapes.get(k)
                               is not None else 0) for k, r in self.replays.items()}
-        label = max(preds, key=lambda k: preds[k].tokens_per_s)
+        label = preferred({k: p.tokens_per_s for k, p in preds.items()}, self.prefer,
+                          self.margin)
         return label, preds[label]
 
     def predict(self, drafter: Drafter, tree: Tree | None = None) -> Prediction:
@@ -232,14 +236,16 @@ class ReplayChoice:
 
 
 def choose_replayed(candidates: Sequence[tuple], prompts: Sequence[Sequence[int]],
-                    conts: Sequence[Sequence[int]], latency, *, models: bool = False
-                    ) -> ReplayChoice:
+                    conts: Sequence[Sequence[int]], latency, *, models: bool = False,
+                    prefer: Sequence[str] = (), margin: float = 0.0) -> ReplayChoice:
     """Replay every candidate (label, factory of a private drafter, its shape, ...) on the
     continuations and keep the one with the most predicted tokens/s (ties: the one listed
     first). ``latency``: a ``treeopt.profile.Latency`` (its target curve prices steps).
-    ``models``: candidates that run a model are replayed too (:func:`replay`)."""
+    ``models``: candidates that run a model are replayed too (:func:`replay`). ``prefer``:
+    labels kept unless another candidate replays more than ``margin`` faster (the fastest
+    of them; :func:`preferred`)."""
     curve = monotone(latency.target)
-    best, preds, skipped, replays, shapes = None, {}, {}, {}, {}
+    preds, skipped, replays, shapes, made = {}, {}, {}, {}, {}
     for label, make, tree, *_ in candidates:
         try:
             drafter = make()
@@ -248,18 +254,34 @@ def choose_replayed(candidates: Sequence[tuple], prompts: Sequence[Sequence[int]
             continue
         replays[label] = replay(drafter, prompts, conts, models=models)
         shapes[label] = tree if tree is not None else getattr(drafter, "shape", None)
-        pred = replays[label].predict(curve, depth=tree.depth if tree is not None else 0)
-        preds[label] = pred
-        if best is None or pred.tokens_per_s > best.prediction.tokens_per_s:
-            best = ReplayChoice(label, drafter, tree, pred)
-    if best is None:
+        preds[label] = replays[label].predict(curve, depth=tree.depth if tree is not None
+                                              else 0)
+        made[label] = (drafter, tree)
+    if not preds:
         raise ReplayError("no candidate could be replayed: " + "; ".join(
             f"{k}: {v}" for k, v in skipped.items()))
+    label = preferred({k: p.tokens_per_s for k, p in preds.items()}, prefer, margin)
+    best = ReplayChoice(label, made[label][0], made[label][1], preds[label])
     best.predictions, best.skipped = preds, skipped
     best.prompts, best.conts, best.latency = list(prompts), list(conts), latency
     best.replays, best.shapes = replays, shapes
+    best.prefer, best.margin = [k for k in prefer if k in preds], float(margin)
+    return best
+
+
+def preferred(rates: dict[str, float], prefer: Sequence[str] = (), margin: float = 0.0
+              ) -> str:
+    """The label of the highest rate (ties: the first), unless the highest rate among the
+    ``prefer`` labels is within ``margin`` of it (``best <= (1 + margin) * theirs``): then
+    that preferred label."""
+    best = max(rates, key=lambda k: (rates[k], -list(rates).index(k)))
+    liked = [k for k in rates if k in set(prefer)]
+    if liked:
+        top = max(liked, key=lambda k: (rates[k], -list(rates).index(k)))
+        if rates[best] <= (1.0 + margin) * rates[top]:
+            return top
     return best
 
 
 __all__ = ["Replay", "ReplayChoice", "ReplayError", "choose_replayed", "continuations",
-           "private", "replay", "replayable", "runs_model"]
+           "preferred", "private", "replay", "replayable", "runs_model"]
