@@ -428,6 +428,35 @@ def test_a_cached_tune_result_replaces_exploration(tmp_path):
     assert a._model_rate(3) == best_chain(exp, 3, SOFT, lambda k: k * 1.0)
 
 
+def test_a_draft_model_that_cannot_pay_never_runs_its_prefill():
+    """With a tune prior under which no chain of the model beats plain decoding by the
+    margin, no step would choose the model (its statistics change on its own steps only):
+    ``auto`` drops it before its prefill, decoding as before; a prior that pays keeps it."""
+    target = tiny()
+    starts = []
+
+    class Counting(ModelDrafter):
+        def start(self, prompt_ids):
+            starts.append(len(prompt_ids[0]))
+            super().start(prompt_ids)
+
+    # SOFT: T(1) = 10, T(2) = 11, T(3) = 12 ms; a draft level 1 ms. p1 = 0.1 everywhere:
+    # a 1-chain (1 + .1) / 12 = 0.092, a 2-chain (1 + .1 + .01) / 14 = 0.079 < 1.03 / 10
+    for prior, pays in (([0.1], False), ([0.9, 0.9], True)):
+        starts.clear()
+        a = AutoDrafter(copies(target), SOFT, model=Counting(tiny_causal_lm(
+            vocab_size=16, num_layers=1, seed=4), chain(9)), draft_curve={1: 1.0},
+            model_prior=prior)
+        assert a._model_pays() is pays
+        for p in PROMPTS[:2]:
+            ids = torch.tensor([p])
+            ref = generate(target, None, ids, max_new_tokens=20).tokens
+            assert generate(target, a, ids, max_new_tokens=20).tokens == ref
+        assert a.model_dropped is not pays and ("dropped" in a.choice()) is not pays
+        assert starts == ([len(p) for p in PROMPTS[:2]] if pays else [])
+        assert (a.run_steps.get("model", 0) > 0) is pays
+
+
 def test_tune_of_a_pair_remembers_its_draft_for_auto(tmp_path):
     """``tune`` given a Pair (as bench_choice calls it) caches the draft's acceptance under
     the pair's draft spec, as it does for a spec, so ``auto:draft=SPEC`` starts from it

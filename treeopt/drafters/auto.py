@@ -43,7 +43,9 @@ once; where verifying two tokens costs more than 1.46 times one (1.5 / 1.03), th
 alone never pays and a step is plain until the counts say otherwise. Costs are read from
 the latency curve's non-decreasing envelope (``treeopt.search.hardware.MonotoneCurve``): a
 noisy dip never makes drafting look cheaper than plain decoding. A draft model is tried on
-its first ``explore`` steps, then kept only while its predicted rate beats plain decoding.
+its first ``explore`` steps, then kept only while its predicted rate beats plain decoding;
+one that cannot (from the start, under a tune result's acceptance) is dropped before its
+prefill: no step would choose it, and its prefill costs a share of the target's.
 
 The decisions depend only on the cached latency curves and the tokens decoded, so two runs
 from the same cache decide alike. Every step is verified by the engine as usual: the output
@@ -298,8 +300,19 @@ class AutoDrafter(Drafter):
         self.steps, self.drafted = {}, {}
         for _, d in self.copies:
             d.start(prompt_ids)
+        if not self.model_dropped and self.model_steps >= self.explore \
+                and not self._model_pays():
+            # its statistics change only on its own steps, and none comes: drop it before
+            # its prefill (a tune prior that says it never pays, say)
+            self.model_dropped = True
         if not self.model_dropped:
             self.model_drafter.start(prompt_ids)
+
+    def _model_pays(self) -> bool:
+        """Whether the draft model's best chain is predicted to beat plain decoding by the
+        margin: a step chooses it only then (copies only raise the bar)."""
+        _, rate = self._model_rate(min(self.max_draft, MODEL_CHAIN))
+        return rate > (1 + self.margin) / interpolate(self.curve, 1)
 
     def calibration(self, name: str) -> float:
         """Tokens ``name`` got accepted over tokens it was expected to, on the steps it
@@ -414,10 +427,8 @@ class AutoDrafter(Drafter):
                 if d <= accepted + 1:
                     self.model_tries[d] += 1
                     self.model_hits[d] += d <= accepted
-            if self.model_steps >= self.explore:
-                _, rate = self._model_rate(min(self.max_draft, MODEL_CHAIN))
-                if rate <= (1 + self.margin) / interpolate(self.curve, 1):
-                    self.model_dropped = True  # never pays: no more draft prefills
+            if self.model_steps >= self.explore and not self._model_pays():
+                self.model_dropped = True  # never pays: no more draft prefills
         else:
             dict(self.copies)[name].update(path, committed, target_topk)
             self.realized[name][0] += len(path) - 1
