@@ -130,6 +130,20 @@ def test_choose_replayed_keeps_the_fastest_and_names_what_it_skipped(target):
     assert strict.label == best.label
 
 
+def test_tune_says_when_the_margin_kept_auto():
+    from treeopt.cli.tune import replay_lines
+    from treeopt.profile.replay import ReplayChoice
+
+    fast, slow = (Replay([3], [n], [0.0]).predict(lambda k: 10.0) for n in (3, 2))
+    rc = ReplayChoice("--draft auto", None, None, slow, margin=0.03,
+                      predictions={"--draft auto": slow, "chain:3": fast})
+    assert "chain:3 3.00x" in replay_lines(rc)
+    assert replay_lines(rc).endswith("; kept --draft auto: auto stays unless another replays "
+                                     "more than 3% faster")
+    rc.label = "chain:3"
+    assert "kept" not in replay_lines(rc)
+
+
 def test_preferred_by_hand():
     rates = {"chain:9": 10.0, "tree": 10.0, "auto": 9.8, "auto:max=4": 9.0}
     assert preferred(rates) == "chain:9"  # ties: the first listed

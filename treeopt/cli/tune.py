@@ -256,5 +256,8 @@ def replay_lines(choice) -> str:
     shown = ", ".join(f"{k} {p.speedup:.2f}x ({p.expected_tokens:.2f} tokens/step)"
                       for k, p in ranked[:6])
     more = f", ... ({len(ranked)} replayed)" if len(ranked) > 6 else ""
+    kept = "" if ranked[0][0] == choice.label else (
+        f"; kept {choice.label}: auto stays unless another replays more than "
+        f"{choice.margin:.0%} faster")
     return (f"greedy replay along the target's continuations of the tune prompts (exact "
-            f"steps, costs from the latency curve): {shown}{more}")
+            f"steps, costs from the latency curve): {shown}{more}{kept}")
