@@ -8,6 +8,7 @@ from functools import lru_cache
 import pytest
 import torch
 
+from treeopt.cli.tune import replay_lines
 from treeopt.decode.drafter import DrafterError, build_drafter
 from treeopt.decode.engine import generate
 from treeopt.drafters import auto as auto_mod
@@ -18,6 +19,7 @@ from treeopt.profile.copytable import CopyTable
 from treeopt.profile.model import Latency, LatencyCurve
 from treeopt.profile.replay import (
     Replay,
+    ReplayChoice,
     ReplayError,
     choose_replayed,
     continuations,
@@ -131,9 +133,6 @@ def test_choose_replayed_keeps_the_fastest_and_names_what_it_skipped(target):
 
 
 def test_tune_says_when_the_margin_kept_auto():
-    from treeopt.cli.tune import replay_lines
-    from treeopt.profile.replay import ReplayChoice
-
     fast, slow = (Replay([3], [n], [0.0]).predict(lambda k: 10.0) for n in (3, 2))
     rc = ReplayChoice("--draft auto", None, None, slow, margin=0.03,
                       predictions={"--draft auto": slow, "chain:3": fast})
@@ -157,8 +156,6 @@ def test_preferred_by_hand():
 
 def test_replayed_steps_repriced_under_another_curve():
     """Another dtype's curve changes which replayed configuration is fastest, not the steps."""
-    from treeopt.profile.replay import ReplayChoice
-
     replays = {"short": Replay([2, 2], [2, 1], [0.0, 0.0]),
                "long": Replay([9, 9], [4, 1], [0.0, 0.0])}
     rc = ReplayChoice("short", None, None, None, replays=replays,

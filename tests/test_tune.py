@@ -5,15 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from helpers import char_tokenizer
 
+import treeopt
+import treeopt.tuning
 from treeopt.cli import main
 from treeopt.growmap import load_growmap
 from treeopt.models.machine import Machine
-from treeopt.profile import Profile
+from treeopt.profile import Latency, LatencyCurve, Profile
+from treeopt.profile.replay import Replay, ReplayChoice
 from treeopt.search.api import SearchSettings
+from treeopt.shapes import chain
 from treeopt.testing import tiny_causal_lm
 from treeopt.tuning import AcceptanceSettings
 
@@ -401,14 +406,6 @@ def test_a_draft_model_tune_answers_auto_only_when_it_replays_faster_than_the_tr
     drafters): the tree stays the answer when its replay is the fastest; otherwise tune
     answers the faster one's spec, predicts its replay, and (``auto`` running the draft)
     charges the draft's prefill."""
-    from types import SimpleNamespace
-
-    import treeopt
-    import treeopt.tuning
-    from treeopt.profile import Latency, LatencyCurve
-    from treeopt.profile.replay import Replay, ReplayChoice
-    from treeopt.shapes import chain
-
     lat = Latency(LatencyCurve([1, 2, 4], [10.0, 10.5, 11.0]), LatencyCurve([1], [1.0]),
                   context=8, meta={"device_type": "cpu", "threads": 1, "device": "cpu"})
     monkeypatch.setattr(treeopt.tuning, "measure_latency", lambda *a, **k: lat)

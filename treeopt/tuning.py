@@ -35,7 +35,7 @@ from treeopt.api import (
 from treeopt.datasets import Prompt, load_prompts, select
 from treeopt.decode.drafter import build_drafter, registered, respec
 from treeopt.decode.sampling import GREEDY, Sampling
-from treeopt.drafters.auto import MAX_DRAFT, auto_drafter, remember_tune
+from treeopt.drafters.auto import MARGIN, MAX_DRAFT, auto_drafter, remember_tune
 from treeopt.errors import TreeoptError
 from treeopt.growmap import save_growmap
 from treeopt.limits import check_nodes
@@ -511,15 +511,15 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
         # per step between the model and them, may decode faster
         others = considered = replay_others(pair, chosen, run, found, latency, search, tree,
                                             _draft_spec(pair, draft))
-        if others is not None and (others.label != TUNED_TREE if TUNED_TREE in
-                                   others.predictions else
-                                   others.prediction.tokens_per_s > pred.tokens_per_s):
-            replayed, tree, pred = others, others.tree, others.prediction
-            method, draft_spec = f"replay ({others.label})", others.options["spec"]
-        elif others is not None and TUNED_TREE in others.predictions:
+        tree_replayed = None if others is None else others.predictions.get(TUNED_TREE)
+        if tree_replayed is not None and others.label == TUNED_TREE:
             # the tree stays; its replay timed its drafting as decoding does, which the
             # DP's per-level draft cost under-states for a draft model
-            pred, method = others.predictions[TUNED_TREE], f"{method}, priced by replay"
+            pred, method = tree_replayed, f"{method}, priced by replay"
+        elif others is not None and (tree_replayed is not None or
+                                     others.prediction.tokens_per_s > pred.tokens_per_s):
+            replayed, tree, pred = others, others.tree, others.prediction
+            method, draft_spec = f"replay ({others.label})", others.options["spec"]
     seconds_replay = time.perf_counter() - t_replay
     whole = whole_generations(latency, pred, [len(x) for x in prompt_ids], max_new_tokens,
                               draft=runs_given_drafter(pair, draft_spec, tree, replayed))
@@ -818,7 +818,7 @@ def _replay_most(found: SearchResult, search: SearchSettings) -> int:
 #: 1.3 % ahead of ``auto:draft=`` on 4 tune prompts, while on 8 held-out prompts (another
 #: run) ``auto`` ran 7.8 % ahead of such a chain; on SmolLM2 + early exit tune's n-gram
 #: chain ran 3.7 % behind ``auto`` held out.
-ADAPTIVE_MARGIN = 0.03
+ADAPTIVE_MARGIN = MARGIN
 
 
 def adaptive_labels(cands) -> list[str]:

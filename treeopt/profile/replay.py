@@ -274,10 +274,10 @@ def preferred(rates: dict[str, float], prefer: Sequence[str] = (), margin: float
     """The label of the highest rate (ties: the first), unless the highest rate among the
     ``prefer`` labels is within ``margin`` of it (``best <= (1 + margin) * theirs``): then
     that preferred label."""
-    best = max(rates, key=lambda k: (rates[k], -list(rates).index(k)))
-    liked = [k for k in rates if k in set(prefer)]
+    best = max(rates, key=rates.get)  # max keeps the first of equal rates
+    liked = [k for k in rates if k in prefer]
     if liked:
-        top = max(liked, key=lambda k: (rates[k], -list(rates).index(k)))
+        top = max(liked, key=rates.get)
         if rates[best] <= (1.0 + margin) * rates[top]:
             return top
     return best
