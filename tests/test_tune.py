@@ -226,7 +226,13 @@ def test_tune_ctrl_c_says_where_the_profile_is_and_how_to_resume(workspace, tmp_
     assert Profile.load(out_dir / "profile.json").meta["prompts_done"] == 3
 
 
-def test_tune_measured_sizes_only(workspace, tmp_path, capsys):
+def test_tune_measured_sizes_only(workspace, tmp_path, capsys, monkeypatch):
+    """Only timed sizes: the other drafters, which draft steps of any size, are not replayed
+    beside a draft model's tree (whose answer could otherwise be a self-sizing drafter)."""
+    def no_replay(*a, **k):
+        raise AssertionError("replayed other drafters under --measured-sizes-only")
+
+    monkeypatch.setattr(treeopt.tuning, "replay_others", no_replay)
     out_dir = tmp_path / "m"
     assert main(tune_args(workspace, out_dir, "--max-size", "7", "--measured-sizes-only")) == 0
     summary = json.loads((out_dir / "summary.json").read_text())

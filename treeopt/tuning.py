@@ -357,7 +357,8 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
     the fastest replayed is kept (``replay``, ``draft_spec``), except that ``auto`` is kept
     unless another replays more than ``ADAPTIVE_MARGIN`` faster. For a draft model (one
     tree for every context): its tree, ``auto:draft=`` and the copy drafters replayed alike
-    (:func:`replay_others`); a kept tree is then predicted by its replay. With ``out_dir``:
+    (:func:`replay_others`; not with ``search.measured_sizes_only``: they draft steps of
+    any size); a kept tree is then predicted by its replay. With ``out_dir``:
     ``profile.json`` (written as it is measured; ``resume`` continues an interrupted one),
     ``tree.pt`` (Sequoia-compatible growmap), ``tree.json``, ``tree.png`` and
     ``summary.json``. Searching ``profile.json`` again with the same limits gives the same
@@ -506,9 +507,11 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
             draft_spec = replayed.options["spec"]
         elif replayed.options and (replayed.label != LEN_AUTO or profile_path is not None):
             draft_spec = respec(base, **replayed.options)
-    elif samp.greedy and search.other_drafters and found.treeset is None:
+    elif samp.greedy and search.other_drafters and found.treeset is None \
+            and not measured_sizes_only:
         # a draft model (one tree for every context): the copy drafters, or ``auto`` choosing
-        # per step between the model and them, may decode faster
+        # per step between the model and them, may decode faster (they draft steps of any
+        # size, which measured_sizes_only rules out)
         others = considered = replay_others(pair, chosen, run, found, latency, search, tree,
                                             _draft_spec(pair, draft))
         tree_replayed = None if others is None else others.predictions.get(TUNED_TREE)

@@ -109,7 +109,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--measured-sizes-only", action="store_true",
                    help="choose the tree size among the timed sizes (--tokens) only, as "
                         "Sequoia's valid_budget does, instead of every size up to --max-size "
-                        "(whose costs are interpolated between timed sizes)")
+                        "(whose costs are interpolated between timed sizes); for a draft "
+                        "model the other drafters, which draft steps of any size, are then "
+                        "not replayed beside its tree")
     s.add_argument("--optuna-trials", type=int, default=0, metavar="N",
                    help="refine the DP choice with N Optuna trials on predicted tokens/s "
                         "(default 0: DP only)")
