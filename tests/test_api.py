@@ -14,6 +14,7 @@ from helpers import tiny_tokenizer
 from treeopt.api import GenerateError, Pair, encode_prompt, generate
 from treeopt.cli import main as cli_main
 from treeopt.decode.sampling import Sampling
+from treeopt.models.dtype import SIZES
 from treeopt.models.loading import ModelError, early_exit_draft, eos_ids
 from treeopt.shapes import chain, resolve_tree
 from treeopt.testing import tiny_causal_lm
@@ -233,3 +234,21 @@ def test_cli_generate_errors_are_one_line(folder, tmp_path, capsys):
         err = capsys.readouterr().err
         assert rc == 2, extra
         assert len(err.strip().splitlines()) == 1 and "error" in err, (extra, err)
+
+
+def test_cli_remeasure_replaces_the_cached_curve_auto_prices_with(folder, tmp_path,
+                                                                  monkeypatch, capsys):
+    monkeypatch.setenv("TREEOPT_CACHE", str(tmp_path / "cache"))
+    args = ["generate", "--target", str(folder), "--prompt", "w5 w6", "--max-new-tokens", "4",
+            "--device", "cpu", "--dtype", "float32"]
+    assert cli_main(args) == 0  # the default drafter, auto, times and caches the curve
+    (path,) = (tmp_path / "cache" / "latency").glob("*.json")
+    data = json.loads(path.read_text())
+    data["ms"] = {"1": 298000.0, "2": 90000.0}  # cached while the machine was busy
+    path.write_text(json.dumps(data))
+    assert cli_main(args) == 0
+    assert json.loads(path.read_text())["ms"]["1"] == 298000.0  # read, not re-timed
+    assert cli_main(args + ["--remeasure"]) == 0
+    again = json.loads(path.read_text())["ms"]
+    assert again["1"] < 1000.0 and set(again) == {str(n) for n in SIZES}
+    capsys.readouterr()

@@ -18,6 +18,8 @@ from treeopt.decode.sampling import Sampling
 from treeopt.drafters import auto as auto_mod
 from treeopt.drafters.auto import (
     COPY_CANDIDATES,
+    STALE,
+    STALE_STEPS,
     AutoDrafter,
     MatchStats,
     best_chain,
@@ -479,3 +481,32 @@ def test_tune_of_a_pair_remembers_its_draft_for_auto(tmp_path):
     got = auto_mod.read_tuned(target, "early-exit:1", tmp_path)
     assert got == {"p1_by_depth": [0.8, 0.7], "predicted_speedup": 1.3}
     assert auto_mod.read_tuned(target, "ngram", tmp_path)["p1_by_depth"] == [0.5]
+
+
+# ---------------------------------------------------------------------------- stale curves
+def test_stale_needs_enough_steps_far_off_either_way():
+    a = AutoDrafter(copies(tiny()), SOFT)
+    cases = [([100.0, 10.0, STALE_STEPS - 1], None),  # too few steps
+             ([19.0, 10.0, STALE_STEPS], None), ([5.5, 10.0, STALE_STEPS], None),
+             ([21.0, 10.0, STALE_STEPS], 2.1), ([4.0, 10.0, STALE_STEPS], 0.4)]
+    for timed, want in cases:
+        a.timed = timed
+        got = a.stale()
+        assert got == pytest.approx(want) if want is not None else got is None, timed
+
+
+def test_decoding_far_off_the_cached_curve_says_so_and_decides_alike():
+    target = tiny()
+    slow = {n: 1000.0 * ms for n, ms in SOFT.items()}  # a curve 1000x what tiny steps take
+    steps, lines = [], []
+    for _ in range(2):
+        a = AutoDrafter(copies(target), slow)
+        gens = [generate(target, a, torch.tensor([p]), max_new_tokens=30) for p in PROMPTS]
+        steps.append([[s.nodes for s in g.stats.steps] for g in gens])
+        lines.append(gens[-1].stats.choice)
+        assert a.timed[2] == sum(len(g.stats.steps) for g in gens) >= STALE_STEPS
+        assert a.stale() is not None and a.stale() < 1.0 / STALE
+    assert steps[0] == steps[1]  # the timing never changes a decision
+    assert all("--remeasure" in line for line in lines)
+    # a fork carries the run's timing on
+    assert a.forked().timed == a.timed

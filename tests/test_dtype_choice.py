@@ -225,3 +225,58 @@ def test_tunes_speculative_choice_overrides_the_plain_measurement(tmp_path, monk
     assert dt.remember_speculative_choice("m", {"bfloat16": 30.0}, draft="ngram",
                                           device="cpu", folder=tmp_path) is None
     assert path.read_text() == before
+
+
+# ------------------------------------------------------------------ noisy and stale curves
+def test_a_larger_size_clearly_cheaper_than_a_smaller_one_is_noise():
+    assert dt.consistent({1: 10.0, 2: 9.5, 4: 12.0})  # a 5 % dip: within DIP
+    assert dt.consistent({1: 10.0, 2: 10.0, 4: 9.1})
+    assert not dt.consistent({1: 10.0, 2: 8.9})
+    # the curve once cached under load: one token at 298 ms, two at 90
+    assert not dt.consistent({1: 298.0, 2: 90.0, 4: 95.0})
+    assert not dt.consistent({1: 80.0, 2: 120.0, 4: 90.0, 8: 130.0})  # 4 dips below 2
+
+
+def test_a_noisy_curve_is_timed_again_keeping_each_sizes_lower_median(monkeypatch):
+    timings = iter([{1: 298.0, 2: 90.0, 4: 95.0}, {1: 87.0, 2: 92.0, 4: 91.0}])
+    monkeypatch.setattr(dt, "time_forwards", lambda model, sizes, **kw: next(timings))
+    assert dt.steady_forwards(None, (1, 2, 4)) == {1: 87.0, 2: 90.0, 4: 91.0}
+    calls = []
+
+    def always_noisy(model, sizes, **kw):
+        calls.append(1)
+        return {1: 100.0 - len(calls), 2: 50.0}
+
+    monkeypatch.setattr(dt, "time_forwards", always_noisy)
+    assert dt.steady_forwards(None, (1, 2), retries=2) == {1: 97.0, 2: 50.0}
+    assert len(calls) == 3  # bounded: once, then at most ``retries`` more
+    calls.clear()
+    monkeypatch.setattr(dt, "time_forwards",
+                        lambda model, sizes, **kw: calls.append(1) or {1: 5.0, 2: 6.0})
+    dt.steady_forwards(None, (1, 2))
+    assert len(calls) == 1  # a consistent curve is timed once
+
+
+def test_remeasured_re_times_each_cached_curve_once_and_replaces_the_file(tmp_path,
+                                                                          monkeypatch):
+    model = tiny_causal_lm(num_layers=1)
+    times = []
+
+    def timing(m, sizes, **kw):
+        times.append(1)
+        return {n: 1.0 + n + len(times) for n in sizes}
+
+    monkeypatch.setattr(dt, "time_forwards", timing)
+    first = dt.latency_curve(model, tmp_path)
+    (path,) = (tmp_path / "latency").glob("*.json")
+    assert dt.latency_curve(model, tmp_path) == first and len(times) == 1  # cached
+    with dt.remeasured():
+        fresh = dt.latency_curve(model, tmp_path)
+        assert fresh != first and len(times) == 2
+        assert dt.latency_curve(model, tmp_path) == fresh and len(times) == 2  # once each
+        assert dt.latency_curve(model, tmp_path, measure=False) == fresh
+    assert dt.latency_curve(model, tmp_path) == fresh and len(times) == 2  # the new file
+    assert json.loads(path.read_text())["ms"]["1"] == fresh[1]
+    with dt.remeasured():  # another block times again
+        dt.latency_curve(model, tmp_path)
+    assert len(times) == 3

@@ -1,11 +1,13 @@
 """Argument groups and values every command shares: the default pair, the target's help, the
-sampling settings, the height limits, threads and cheaper draft variants. The one place each
+sampling settings, the height limits, threads, re-timed latency curves and cheaper draft
+variants. The one place each
 is declared; a command module adds them to its parser and reads them back with the helpers
 here."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
 
@@ -14,6 +16,7 @@ from treeopt.decode.drafter import registered
 from treeopt.decode.sampling import RULE_HELP, RULES, Sampling
 from treeopt.errors import TreeoptError, UserError
 from treeopt.limits import MAX_TREE_LEVELS, MAX_TREE_NODES, positive_ints
+from treeopt.models.dtype import remeasured
 from treeopt.models.variants import DraftVariant, add_variant
 from treeopt.search.dp import depth_for_levels, levels_for_depth
 
@@ -32,6 +35,24 @@ def int_list(text: str) -> list[int]:
 
 THREADS_HELP = ("CPU threads for torch (>= 1; default: torch's choice; on a shared machine 1 "
                 "gives steadier timings)")
+
+
+REMEASURE_HELP = ("time the target's latency curve (and a draft model's) again and replace the "
+                  "cached one, which the auto drafter prices its steps with: for a curve timed "
+                  "while the machine was busy (auto's choice line says when its steps are far "
+                  "off the curve)")
+
+
+def add_remeasure_argument(parser) -> None:
+    parser.add_argument("--remeasure", action="store_true", help=REMEASURE_HELP)
+
+
+def remeasuring(args: argparse.Namespace):
+    """The context in which a command loads its drafters: latency curves re-timed under
+    ``--remeasure`` (``treeopt.models.dtype.remeasured``), else read from the cache."""
+    if getattr(args, "remeasure", False):
+        return remeasured()
+    return contextlib.nullcontext()
 
 
 def set_threads(threads: int | None) -> None:

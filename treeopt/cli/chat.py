@@ -14,8 +14,10 @@ from treeopt.cli.args import (
     DEFAULT_TARGET,
     TARGET_HELP,
     THREADS_HELP,
+    add_remeasure_argument,
     add_sampling_arguments,
     drafter_specs,
+    remeasuring,
     sampling_from_args,
     set_threads,
 )
@@ -67,6 +69,7 @@ def register(subparsers) -> None:
                         "machine (once, then cached), bfloat16 on CUDA (default: auto)")
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     p.add_argument("--threads", type=int, metavar="N", help=THREADS_HELP)
+    add_remeasure_argument(p)
     p.set_defaults(func=run)
 
 
@@ -100,15 +103,17 @@ def run(args) -> int:
     if gguf is not None:
         print(f"treeopt: converting {gguf.name} once into {cache_dir()} (takes about half a "
               "minute)", file=sys.stderr)
-    pair = load_pair(args.target, None, dtype=args.dtype, device=args.device)
-    if pair.tokenizer is None:
-        raise UserError(f"target {args.target!r} has no tokenizer to turn prompts into ids")
-    session = ChatSession(
-        pair.target, pair.tokenizer, draft=args.draft, gamma=args.gamma, tree=args.tree,
-        sampling=sampling_from_args(args, seed=args.seed),
-        max_new_tokens=args.max_new_tokens, system=args.system,
-        chat_template=not args.no_chat_template)
-    session.drafter()  # a draft that cannot be loaded fails here, before the first prompt
+    with remeasuring(args):
+        pair = load_pair(args.target, None, dtype=args.dtype, device=args.device)
+        if pair.tokenizer is None:
+            raise UserError(f"target {args.target!r} has no tokenizer to turn prompts into "
+                            "ids")
+        session = ChatSession(
+            pair.target, pair.tokenizer, draft=args.draft, gamma=args.gamma, tree=args.tree,
+            sampling=sampling_from_args(args, seed=args.seed),
+            max_new_tokens=args.max_new_tokens, system=args.system,
+            chat_template=not args.no_chat_template)
+        session.drafter()  # a draft that cannot be loaded fails here, before the first prompt
     print(f"treeopt chat: {args.target}; {session.mode()}. /help lists the commands, /quit "
           "or Ctrl-D leaves.", file=sys.stderr)
     interactive = sys.stdin.isatty()

@@ -16,10 +16,12 @@ from treeopt.cli.args import (
     THREADS_HELP,
     DefaultsFormatter,
     add_draft_variant_arguments,
+    add_remeasure_argument,
     add_sampling_arguments,
     draft_spec_with_variant,
     drafter_specs,
     int_list,
+    remeasuring,
     sampling_from_args,
     set_threads,
 )
@@ -74,6 +76,7 @@ def register(subparsers) -> None:
                         "machine (once, then cached), bfloat16 on CUDA (default: auto)")
     m.add_argument("--device", default="auto", help="auto, cpu or cuda")
     m.add_argument("--threads", type=int, default=None, metavar="N", help=THREADS_HELP)
+    add_remeasure_argument(m)
     d = p.add_argument_group("prompts")
     d.add_argument("--dataset", default="spec_bench",
                    help="spec_bench, mt_bench, humaneval, a .jsonl/.json/.txt file, or "
@@ -248,23 +251,24 @@ def run(args) -> int:
     if len(methods) == 1:
         print("treeopt eval: note: only plain decoding requested (add --chain, --tree, --dp, "
               "--drafter, --hf-prompt-lookup or --hf-assisted)", file=sys.stderr)
-    pair = load_pair_for(args)
-    if prompts is None:
-        prompts = load_prompts(args.dataset, tokenizer=pair.tokenizer, **select)
-    meta = {"target": args.target, "draft": args.draft, "dataset": args.dataset,
-            "device": str(getattr(pair.target, "device", "")),
-            "profile": args.profile}
-    # The pair's drafter (any spec); loaders that return only a draft model work too.
-    draft = getattr(pair, "drafter", None) or getattr(pair, "draft", None)
-    try:
-        result = run_eval(pair.target, draft, prompts, methods, config=config,
-                          tokenizer=pair.tokenizer, out_dir=args.out, resume=args.resume,
-                          profile=profile, progress=not args.no_progress, meta=meta)
-    except KeyboardInterrupt:
-        if args.out and Path(args.out).is_dir():
-            raise KeyboardInterrupt(f"every finished prompt is kept in {args.out}; run the "
-                                    "same command with --resume to continue from it") from None
-        raise
+    with remeasuring(args):  # the drafters are built in run_eval too
+        pair = load_pair_for(args)
+        if prompts is None:
+            prompts = load_prompts(args.dataset, tokenizer=pair.tokenizer, **select)
+        meta = {"target": args.target, "draft": args.draft, "dataset": args.dataset,
+                "device": str(getattr(pair.target, "device", "")),
+                "profile": args.profile}
+        # The pair's drafter (any spec); loaders that return only a draft model work too.
+        draft = getattr(pair, "drafter", None) or getattr(pair, "draft", None)
+        try:
+            result = run_eval(pair.target, draft, prompts, methods, config=config,
+                              tokenizer=pair.tokenizer, out_dir=args.out, resume=args.resume,
+                              profile=profile, progress=not args.no_progress, meta=meta)
+        except KeyboardInterrupt:
+            if args.out and Path(args.out).is_dir():
+                raise KeyboardInterrupt(f"every finished prompt is kept in {args.out}; run the "
+                                        "same command with --resume to continue from it") from None
+            raise
     scored = _score(result, scoring, not args.no_progress)
     print(format_summary(result.summary) if args.wide else format_compact(result.summary))
     for line in choice_lines(result.rows):

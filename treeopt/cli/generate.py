@@ -15,9 +15,11 @@ from treeopt.cli.args import (
     TARGET_HELP,
     THREADS_HELP,
     add_draft_variant_arguments,
+    add_remeasure_argument,
     add_sampling_arguments,
     draft_spec_with_variant,
     drafter_specs,
+    remeasuring,
     sampling_from_args,
     set_threads,
 )
@@ -66,6 +68,7 @@ def register(subparsers) -> None:
                         "machine (once, then cached), bfloat16 on CUDA (default: auto)")
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     p.add_argument("--threads", type=int, metavar="N", help=THREADS_HELP)
+    add_remeasure_argument(p)
     p.add_argument("--stats-json", action="store_true",
                    help="print the statistics as one JSON line instead of a table")
     p.set_defaults(func=run)
@@ -128,7 +131,8 @@ def run(args) -> int:
         print(f"treeopt: converting {gguf.name} once into {cache_dir()} (takes about half a "
               "minute)", file=sys.stderr)
     start = time.perf_counter()
-    pair = load_pair(args.target, args.draft, dtype=args.dtype, device=args.device)
+    with remeasuring(args):
+        pair = load_pair(args.target, args.draft, dtype=args.dtype, device=args.device)
     load_s = time.perf_counter() - start
     if pair.tokenizer is None:
         raise UserError(f"target {args.target!r} has no tokenizer to turn the prompt into ids")

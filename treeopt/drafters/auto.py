@@ -48,8 +48,13 @@ one that cannot (from the start, under a tune result's acceptance) is dropped be
 prefill: no step would choose it, and its prefill costs a share of the target's.
 
 The decisions depend only on the cached latency curves and the tokens decoded, so two runs
-from the same cache decide alike. Every step is verified by the engine as usual: the output
-is the target's own (greedy-exact; sampled outputs follow its distribution).
+from the same cache decide alike. A curve cached while the machine was busy decides badly
+all the same (drafting that cannot pay looks free when one token was timed at several times
+its cost), so ``auto`` also times its steps as decoding runs them (from its proposal to its
+update: the target's verification and the engine's work) against the curve's price of the
+same steps; over ``STALE_STEPS`` steps more than ``STALE`` times off, its choice line says
+so and how to re-time the curve (``--remeasure``). The timing never changes a decision.
+Every step is verified by the engine as usual: the output is the target's own (greedy-exact; sampled outputs follow its distribution).
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -94,6 +100,10 @@ PRIOR_MEAN = 0.5
 EXPLORE = 8
 MODEL_CHAIN = 8
 CALIBRATION = 4.0
+#: Decoding's steps timed over at least STALE_STEPS steps, more than STALE times off the
+#: latency curve's price of them: the cached curve is stale (``AutoDrafter.stale``).
+STALE = 2.0
+STALE_STEPS = 16
 
 
 def envelope(curve: Mapping[int, float]) -> dict[int, float]:
@@ -238,6 +248,10 @@ class AutoDrafter(Drafter):
         self.steps: dict[str, int] = {}  # per generation: steps per candidate ("plain")
         self.drafted: dict[str, int] = {}
         self.run_steps: dict[str, int] = {}  # over every generation of this drafter
+        # (perf_counter, nodes) of the last proposal, and over this drafter's run: ms its
+        # steps took from proposal to update, and ms the curve prices them at, steps timed
+        self._proposed: tuple[float, int] | None = None
+        self.timed = [0.0, 0.0, 0]
 
     def reshaped(self, shape: Tree | None) -> "AutoDrafter":
         """A fresh auto drafter whose chains are at most ``shape``'s (a chain: ``chain:N``
@@ -266,6 +280,7 @@ class AutoDrafter(Drafter):
         new.model_tries, new.model_hits = list(self.model_tries), list(self.model_hits)
         new.model_steps, new.model_dropped = self.model_steps, self.model_dropped
         new.realized = copy.deepcopy(self.realized)
+        new.timed = list(self.timed)
         return new
 
     def check(self, target) -> None:
@@ -398,10 +413,13 @@ class AutoDrafter(Drafter):
         self.steps[name] = self.steps.get(name, 0) + 1
         self.run_steps[name] = self.run_steps.get(name, 0) + 1
         if prop is None or k < 1:
-            return root_only(committed, self._device(committed))
-        self._used = (name, k, expected)
-        self.drafted[name] = self.drafted.get(name, 0) + k
-        return truncated(prop, k)
+            out = root_only(committed, self._device(committed))
+        else:
+            self._used = (name, k, expected)
+            self.drafted[name] = self.drafted.get(name, 0) + k
+            out = truncated(prop, k)
+        self._proposed = (time.perf_counter(), out.tree.size)
+        return out
 
     def _device(self, committed) -> torch.device:
         for _, d in self.copies:
@@ -412,6 +430,12 @@ class AutoDrafter(Drafter):
 
     def update(self, path: Sequence[int], committed: Sequence[int],
                target_topk: torch.Tensor | None = None) -> None:
+        if self._proposed is not None:
+            started, nodes = self._proposed
+            self.timed[0] += 1000.0 * (time.perf_counter() - started)
+            self.timed[1] += interpolate(self.curve, nodes)
+            self.timed[2] += 1
+            self._proposed = None
         if isinstance(committed, torch.Tensor):
             committed = committed.reshape(-1).tolist()
         self._observe(committed)
@@ -435,6 +459,17 @@ class AutoDrafter(Drafter):
             self.realized[name][1] += expected
 
     # ------------------------------------------------------------------ reporting
+    def stale(self) -> float | None:
+        """Decoding's step time over the curve's price of the same steps, over this drafter's
+        steps so far, when at least ``STALE_STEPS`` were timed and it is more than ``STALE``
+        times off (either way); else None. (A replay's steps, which run no target, are
+        never reported: only the engine's steps reach :meth:`choice`.)"""
+        took, priced, steps = self.timed
+        if steps < STALE_STEPS or priced <= 0:
+            return None
+        ratio = took / priced
+        return ratio if not 1.0 / STALE <= ratio <= STALE else None
+
     def choice(self) -> str:
         """One line: what this generation drafted with, step by step."""
         total = sum(self.steps.values())
@@ -451,7 +486,11 @@ class AutoDrafter(Drafter):
         ms = interpolate(self.curve, 1)
         dropped = "" if self.model_drafter is None else (
             ", draft model dropped" if self.model_dropped else ", draft model kept")
-        return f"auto: {', '.join(parts)} (T(1) {ms:.0f} ms{extra}{dropped})"
+        line = f"auto: {', '.join(parts)} (T(1) {ms:.0f} ms{extra}{dropped})"
+        if self.stale() is not None:
+            line += ("; its steps took under half or over twice what the cached latency "
+                     "curve says: re-time it with --remeasure")
+        return line
 
     def __repr__(self) -> str:
         names = ", ".join(n for n, _ in self.copies)
@@ -554,5 +593,5 @@ def auto_drafter(target, tokenizer=None, *, model: Drafter | None = None,
                        model_prior=model_prior)
 
 
-__all__ = ["AutoDrafter", "MatchStats", "auto_drafter", "best_chain", "bucket",
-           "candidate_specs", "envelope", "read_tuned", "remember_tune"]
+__all__ = ["STALE", "STALE_STEPS", "AutoDrafter", "MatchStats", "auto_drafter", "best_chain",
+           "bucket", "candidate_specs", "envelope", "read_tuned", "remember_tune"]

@@ -9,6 +9,14 @@ folder (``latency/*.json``, written atomically, validated on read: a damaged, fo
 file is measured again). The machine is its CPU model and flags, torch's version and thread
 count (:func:`machine`). :func:`choose_dtype` picks from such tables; it is a pure function.
 
+Noise on a shared machine only adds time, and a curve timed while something else ran can be
+off by several times (a one-token time of 298 ms cached where decoding then took 87 ms, with
+two tokens "cheaper" than one). A curve whose larger size comes out clearly cheaper than a
+smaller one (:func:`consistent`) is therefore timed again, keeping each size's lower median;
+and a cached curve is re-timed inside :func:`remeasured` (``--remeasure`` of ``generate``,
+``chat`` and ``eval``), which the ``auto`` drafter asks for when decoding's own steps are
+far off the cached curve.
+
 Plain forwards are only a proxy: a dtype whose curve is flatter verifies trees more cheaply,
 and on an AVX512-BF16 CPU the two dtypes' one-token times can tie while speculative decoding
 is a fifth faster in bfloat16. So ``tune --dtypes``, which prices the pair's best speculative
@@ -26,6 +34,8 @@ from differences).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import inspect
 import json
@@ -53,6 +63,10 @@ SCORE_SIZES = (1, 4)
 #: Relative score difference below which the dtypes count as tied; ties go to float32.
 TIE = 0.02
 CACHE_VERSION = 1
+#: A larger forward timed more than this fraction below a smaller one marks a noisy curve
+#: (:func:`consistent`), timed again at most ``RETRIES`` times.
+DIP = 0.10
+RETRIES = 2
 ENV_PIN = "TREEOPT_AUTO_DTYPE"  # "float32" / "bfloat16" / "float16" pin --dtype auto
 
 
@@ -263,19 +277,65 @@ def write_curve(path: Path, ident: dict, curve: Mapping[int, float], context: in
     atomic_write(path, lambda fh: fh.write(text), binary=False)
 
 
+def consistent(curve: Mapping[int, float], dip: float = DIP) -> bool:
+    """Whether no size of ``curve`` costs more than ``dip`` (a fraction) less than a smaller
+    size does: a larger forward does at least the work of a smaller one, so such a dip is
+    noise (the smaller size was timed while something else ran)."""
+    dearest = 0.0
+    for n in sorted(curve):
+        if curve[n] < (1.0 - dip) * dearest:
+            return False
+        dearest = max(dearest, float(curve[n]))
+    return True
+
+
+def steady_forwards(model, sizes: Sequence[int] = SIZES, retries: int = RETRIES,
+                    **kw) -> dict[int, float]:
+    """:func:`time_forwards`, timed again while the curve is not :func:`consistent` (at most
+    ``retries`` more times), keeping each size's lowest median: noise only adds time."""
+    curve = time_forwards(model, sizes, **kw)
+    for _ in range(retries):
+        if consistent(curve):
+            break
+        again = time_forwards(model, sizes, **kw)
+        curve = {n: min(curve[n], again[n]) for n in curve}
+    return curve
+
+
+#: Inside :func:`remeasured`: the cache files re-timed so far (each once), else None.
+_REMEASURE: contextvars.ContextVar[set | None] = contextvars.ContextVar("treeopt_remeasure",
+                                                                        default=None)
+
+
+@contextlib.contextmanager
+def remeasured():
+    """Within this block :func:`latency_curve` re-times every curve it is asked for (once
+    each) instead of reading it from the cache, and replaces the cached file: for a curve
+    timed while the machine was busy, or on a machine that has changed since."""
+    token = _REMEASURE.set(set())
+    try:
+        yield
+    finally:
+        _REMEASURE.reset(token)
+
+
 def latency_curve(model, folder: Path, *, measure: bool = True,
                   sizes: Sequence[int] = SIZES) -> dict[int, float] | None:
     """The cached latency curve (tokens -> ms) of ``model`` as loaded (its dtype, device,
-    kernels) on this machine; measured and cached when absent (None if ``measure`` is
-    false and nothing is cached)."""
+    kernels) on this machine; measured (:func:`steady_forwards`) and cached when absent or
+    when inside :func:`remeasured` (None if ``measure`` is false and nothing is cached)."""
     device = next(model.parameters()).device
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     path, ident = cache_path(model_key(model), dtype, device, kernels_in_use(model), folder)
-    curve = read_curve(path, ident)
+    fresh = _REMEASURE.get()
+    again = measure and fresh is not None and path not in fresh
+    curve = None if again else read_curve(path, ident)
     if curve is not None or not measure:
         return curve
-    curve = time_forwards(model, sizes)
+    curve = steady_forwards(model, sizes)
     write_curve(path, ident, curve, CONTEXT)
+    if fresh is not None:
+        fresh.add(path)
     return curve
 
 
@@ -382,5 +442,6 @@ def read_choice(path: Path, ident: dict) -> tuple[str, dict[str, dict[int, float
 
 
 __all__ = ["BF16_FLAGS", "DtypeError", "SIZES", "auto_dtype", "check_curve", "choice_path",
-           "choose_by_rate", "choose_dtype", "interpolate", "latency_curve", "machine",
-           "remember_speculative_choice", "supported_dtypes", "time_forwards"]
+           "choose_by_rate", "choose_dtype", "consistent", "interpolate", "latency_curve",
+           "machine", "remeasured", "remember_speculative_choice", "steady_forwards",
+           "supported_dtypes", "time_forwards"]
