@@ -18,7 +18,7 @@ from treeopt.profile.latency import (
     time_tree_forwards,
     write_latency,
 )
-from treeopt.profile.model import LatencyError
+from treeopt.profile.model import LatencyError, steady_medians, steady_samples
 from treeopt.testing import tiny_pair
 
 
@@ -219,3 +219,24 @@ def test_prefill_is_timed_on_the_longest_prompts_with_a_forked_drafter():
     assert plain["prompt_tokens"] == [20] and plain["draft_ms"] == [0.0]
     with pytest.raises(LatencyError, match="no prompt"):
         time_prefill(target, None, [[]])
+
+
+
+def test_a_slow_phase_across_rounds_cancels_in_the_steady_medians():
+    # 1, 2 and 16 tokens (10, 14, 20 ms on a quiet machine), 5 interleaved rounds; the
+    # machine runs at half speed from the 16-token call of round 1 to the end of round 3:
+    # the 16-token call is slow in 3 rounds of 5, the others in 2
+    quiet = [10.0, 14.0, 20.0]
+    slow = {(2, 1), (0, 2), (1, 2), (2, 2), (0, 3), (1, 3), (2, 3)}
+    samples = [[quiet[i] * (2.0 if (i, r) in slow else 1.0) for r in range(5)]
+               for i in range(3)]
+    assert [sorted(s)[2] for s in samples] == [10.0, 14.0, 40.0]  # per-call medians: 4x
+    assert steady_medians(samples) == pytest.approx(quiet)  # per round: 1.4x and 2x
+    steady = steady_samples(samples)
+    assert steady[0] == samples[0]  # the first call keeps its own samples and spread
+    assert steady[2] == pytest.approx([20.0, 40.0, 20.0, 20.0, 20.0])  # round 1: 40 / 10
+    # nothing to normalise by: the samples as they are
+    assert steady_samples([[3.0, 1.0]]) == [[3.0, 1.0]]
+    assert steady_samples([[0.0, 1.0], [2.0, 2.0]]) == [[0.0, 1.0], [2.0, 2.0]]
+    # rounds beyond the shortest call dropped; the level is the first call's median, 1.5
+    assert steady_samples([[1.0, 2.0, 9.0], [3.0, 4.0]]) == [[1.0, 2.0], [4.5, 3.0]]

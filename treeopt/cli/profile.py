@@ -97,7 +97,8 @@ another kind (a growmap, results).
 
 LATENCY_DESCRIPTION = """\
 Time the target's tree forward by tokens verified at once (after --context cached tokens)
-and the draft's forward by tokens one draft level expands; median and IQR over --repeats,
+and the draft's forward by tokens one draft level expands; median and IQR over --repeats
+(each size relative to the first size's time in the same round),
 the sizes interleaved. The table is written into --out (merged into an existing acceptance
 profile).
 

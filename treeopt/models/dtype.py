@@ -4,8 +4,8 @@
 The dtypes a device supports well (:func:`supported_dtypes`) are float32 everywhere, bfloat16
 on CPUs with AMX or AVX512-BF16 units and on CUDA GPUs with bf16 (else float16). Each is timed
 once (:func:`time_forwards`: one-token and multi-token forwards over a cached context,
-interleaved, medians) and the result is cached per (model, machine, dtype) in treeopt's cache
-folder (``latency/*.json``, written atomically, validated on read: a damaged, foreign or stale
+interleaved, medians relative to the one-token time of each round) and the result is cached
+per (model, machine, dtype) in treeopt's cache folder (``latency/*.json``, written atomically, validated on read: a damaged, foreign or stale
 file is measured again). The machine is its CPU model and flags, torch's version and thread
 count (:func:`machine`). :func:`choose_dtype` picks from such tables; it is a pure function.
 
@@ -42,7 +42,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -52,17 +51,20 @@ import torch
 from treeopt.errors import TreeoptError
 from treeopt.limits import atomic_write
 from treeopt.models.cpu_kernels import kernels_in_use
+from treeopt.profile.model import steady_medians
 
 #: Forward sizes timed (tokens verified at once): the auto drafter's chains of 0..15 drafted
 #: tokens read this curve (sizes between two timed ones are interpolated).
 SIZES = (1, 2, 3, 4, 6, 8, 12, 16)
 CONTEXT = 128
-REPEATS = 3
+REPEATS = 5
 #: The multi-token size that, with one token, scores a dtype (:func:`choose_dtype`).
 SCORE_SIZES = (1, 4)
 #: Relative score difference below which the dtypes count as tied; ties go to float32.
 TIE = 0.02
-CACHE_VERSION = 1
+CACHE_VERSION = 1  # of the dtype choices
+#: Of the cached curves; 2: five rounds, each size relative to the one-token time of its round
+CURVE_VERSION = 2
 #: A larger forward timed more than this fraction below a smaller one marks a noisy curve
 #: (:func:`consistent`), timed again at most ``RETRIES`` times.
 DIP = 0.10
@@ -202,7 +204,9 @@ def interpolate(curve: Mapping[int, float], n: int) -> float:
 def time_forwards(model, sizes: Sequence[int] = SIZES, context: int = CONTEXT,
                   repeats: int = REPEATS, warmup: int = 1) -> dict[int, float]:
     """Median ms of one forward of ``n`` new tokens after ``context`` cached ones, for each
-    ``n`` in ``sizes`` (interleaved rounds; the cache is cropped back after each call)."""
+    ``n`` in ``sizes`` (interleaved rounds, each size relative to the first size's time in
+    the same round: ``treeopt.profile.model.steady_medians``; the cache is cropped back
+    after each call)."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
@@ -234,7 +238,7 @@ def time_forwards(model, sizes: Sequence[int] = SIZES, context: int = CONTEXT,
                 cache.crop(-n)
                 if r >= warmup:
                     times[n].append(dt)
-    return {n: statistics.median(v) for n, v in times.items()}
+    return dict(zip(times, steady_medians(list(times.values()))))
 
 
 # ---------------------------------------------------------------- the cache
@@ -260,7 +264,7 @@ def read_curve(path: Path, ident: dict) -> dict[int, float] | None:
         if not path.is_file() or path.stat().st_size > 1 << 16:
             return None
         data = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(data, dict) or data.get("version") != CACHE_VERSION \
+        if not isinstance(data, dict) or data.get("version") != CURVE_VERSION \
                 or data.get("identity") != ident or not isinstance(data.get("ms"), dict):
             return None
         curve = {int(k): float(v) for k, v in data["ms"].items()}
@@ -271,7 +275,7 @@ def read_curve(path: Path, ident: dict) -> dict[int, float] | None:
 
 
 def write_curve(path: Path, ident: dict, curve: Mapping[int, float], context: int) -> None:
-    text = json.dumps({"version": CACHE_VERSION, "identity": ident, "context": context,
+    text = json.dumps({"version": CURVE_VERSION, "identity": ident, "context": context,
                        "ms": {str(k): round(float(v), 4) for k, v in sorted(curve.items())}},
                       indent=1) + "\n"
     atomic_write(path, lambda fh: fh.write(text), binary=False)

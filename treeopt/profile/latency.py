@@ -6,7 +6,10 @@ timed and the cache cropped back, for each n. Draft: the same for the tokens one
 expands at once. Each point has ``warmup`` untimed and ``repeats`` timed runs; the curve keeps
 the median and the spread (inter-quartile range). The sizes are interleaved: every repeat
 times every size once (1, 2, 4, ..., then 1, 2, 4, ... again), so a slow drift of the machine
-(another process, clock changes) hits every size alike instead of one size's whole sample.
+(another process, clock changes) hits every size alike instead of one size's whole sample;
+and each size's time is taken relative to the first size's in the same round
+(``treeopt.profile.model.steady_samples``), so a slow phase that spans a few rounds cancels
+instead of raising the sizes whose samples it happened to cover most.
 CUDA events time GPU models, ``time.perf_counter`` CPU ones. Provenance (device, dtype,
 threads, ``OMP_WAIT_POLICY``, CPU kernels, library versions) goes to ``Latency.meta``.
 
@@ -71,6 +74,7 @@ from treeopt.profile.model import (
     MAX_CONTEXTS,
     LatencyError,
     latencies_by_context,
+    steady_samples,
     write_json_atomic,
 )
 from treeopt.shapes import kary
@@ -312,9 +316,10 @@ def time_proposals(drafter, tokens: Sequence[int], *, vocab: int, context: int =
 
 
 def curve_from_samples(tokens: Sequence[int], samples: Sequence[Sequence[float]]):
-    """A LatencyCurve of medians with IQR spreads."""
-
-    stats = [quartiles(s) for s in samples]
+    """A LatencyCurve of medians with IQR spreads, each size's samples taken relative to the
+    first size's in the same round (``treeopt.profile.model.steady_samples``: a slow phase of
+    the machine that spans a round cancels)."""
+    stats = [quartiles(s) for s in steady_samples(samples)]
     return LatencyCurve(tokens=list(tokens), ms=[round(m, 4) for _, m, _ in stats],
                         spread_ms=[round(q3 - q1, 4) for q1, _, q3 in stats])
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import bisect
 import json
 import math
+import statistics
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,30 @@ class ProfileError(TreeoptError, ValueError):
 
 
 # ---------------------------------------------------------------------------- latency
+def steady_samples(samples: Sequence[Sequence[float]]) -> list[list[float]]:
+    """Interleaved timings with the machine's slow phases taken out: ``samples[i][r]`` is
+    call i's time in round r (every round times every call once, in order). A slow phase of a
+    shared machine that spans a round scales its calls alike, so every call but the first is
+    taken relative to the first call's time in the same round and scaled by the first call's
+    median; the first call keeps its own samples (and spread). A per-call median keeps a phase
+    that covers most of one call's rounds and few of another's: a curve once cached on a busy
+    2-core machine said 16 tokens cost 2.6x one, where three later timings said 1.9-2.2x and
+    tune's 10-round harness 2.1x. Unchanged
+    without usable rounds (one call, a zero time); rounds beyond the shortest call dropped."""
+    rounds = min((len(s) for s in samples), default=0)
+    if len(samples) < 2 or rounds == 0 or min(samples[0][:rounds]) <= 0:
+        return [list(s) for s in samples]
+    base = samples[0][:rounds]
+    level = statistics.median(base)
+    return [list(base)] + [[s[r] / base[r] * level for r in range(rounds)]
+                           for s in samples[1:]]
+
+
+def steady_medians(samples: Sequence[Sequence[float]]) -> list[float]:
+    """The per-call medians of :func:`steady_samples`."""
+    return [statistics.median(s) for s in steady_samples(samples)]
+
+
 @dataclass(frozen=True)
 class LatencyCurve:
     """Forward time in ms by number of tokens processed at once.
