@@ -5,9 +5,10 @@ The dtypes a device supports well (:func:`supported_dtypes`) are float32 everywh
 on CPUs with AMX or AVX512-BF16 units and on CUDA GPUs with bf16 (else float16). Each is timed
 once (:func:`time_forwards`: one-token and multi-token forwards over a cached context,
 interleaved, medians relative to the one-token time of each round) and the result is cached
-per (model, machine, dtype) in treeopt's cache folder (``latency/*.json``, written atomically, validated on read: a damaged, foreign or stale
-file is measured again). The machine is its CPU model and flags, torch's version and thread
-count (:func:`machine`). :func:`choose_dtype` picks from such tables; it is a pure function.
+per (model, machine, dtype) in treeopt's cache folder (``latency/*.json``, written
+atomically, validated on read: a damaged, foreign or stale file is measured again). The
+machine is its CPU model and flags, torch's version and thread count (:func:`machine`).
+:func:`choose_dtype` picks from such tables; it is a pure function.
 
 Noise on a shared machine only adds time, and a curve timed while something else ran can be
 off by several times (a one-token time of 298 ms cached where decoding then took 87 ms, with
