@@ -146,6 +146,14 @@ def main(argv=None) -> int:
                       f"without the prefill; best {r['held_out_best']} "
                       f"{r['held_out_best_measured']:.3f}x): the predictor's own regret "
                       f"{r['model_regret']:+.1%}, the rest is the tune split")
+    priced = report.priced()
+    if len(priced):
+        print()
+        print("every method's measured steps priced with tune's latency curve (plus its "
+              "measured drafting, no prefill): its decisions without the timing noise between "
+              "methods")
+        with with_pd.option_context("display.width", 250, "display.max_columns", 30):
+            print(priced.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     every = table[table["category"] == "all"]
     for _, r in every.iterrows():
         head = f"{r['dtype']}" + (f" T={r['temperature']:g} ({r['rule']})"
@@ -167,6 +175,7 @@ def main(argv=None) -> int:
         (out / "choice.json").write_text(json.dumps(
             {"settings": report.settings, "table": table.to_dict(orient="records"),
              "held_out_replay": held.to_dict(orient="records"),
+             "priced_steps": priced.to_dict(orient="records"),
              "dtypes": dtypes.to_dict(orient="records"), "rows": rows}, indent=1,
             default=str) + "\n")
     failures = [f"{r.dtype} {row['method']} {row['prompt_key']}: first differs at new token "

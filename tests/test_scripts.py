@@ -295,6 +295,12 @@ def test_bench_choice_on_a_saved_tiny_model(folder, tmp_path, capsys):
     assert held["float32"]["prompts"] >= 1 and held["float32"]["tokens_per_step_replayed"] == \
         pytest.approx(held["float32"]["tokens_per_step_measured"])
     assert "held-out prompts" in text
+    # every method's steps priced with the tune's curve, per dtype
+    priced = {r["dtype"]: r for r in data["priced_steps"]}
+    assert set(priced) == {"float32", "bfloat16"} and "priced with tune's latency" in text
+    for r in priced.values():
+        assert r["best_priced"] >= max(r["tuned_priced"], r["auto_priced"]) > 0
+        assert r["regret_tuned_priced"] >= 0 and r["regret_auto_priced"] >= 0
     # the replay's own pick had it tuned on the held-out prompts: the predictor's share of
     # the regret, apart from the split's
     for r in held.values():
@@ -455,6 +461,30 @@ def test_choice_predictions_are_of_whole_generations():
     # without tune's prefill costs (an older tune) the per-step prediction is compared
     bare = ChoiceRun("float32", summary, {"ar": 1.0, "tuned": 2.0}, 5, 4, {1: 10.0}, rows=rows)
     assert choice_table(bare).iloc[0]["predicted_tuned"] == 2.0
+
+
+def test_priced_steps_by_hand():
+    """Every method's recorded steps priced with tune's curve (envelope: T(1) = 10, T(2) =
+    14, T(4) = 12 -> 14) plus its measured drafting: plain decoding 4 tokens in 4 one-node
+    steps = 40 ms; tuned 4 tokens in two 4-node steps = 28 ms; auto 4 tokens in a plain step
+    and a 4-node one with 2 ms of drafting = 26 ms; chain:2 the same as tuned (same config);
+    Hugging Face's rows (no steps) are left out."""
+    import pandas as pd
+
+    from treeopt.evaluate.choice import ChoiceRun, priced_steps
+
+    rows = pd.DataFrame({
+        "method": ["ar", "tuned", "auto", "hf-pld-2"], "category": ["qa"] * 4,
+        "nodes_per_step": [[1, 1, 1, 1], [4, 4], [1, 4], None], "steps": [4, 2, 2, 3],
+        "new_tokens": [4, 4, 4, 4], "draft_s": [0.0, 0.0, 0.002, 0.0]})
+    run = ChoiceRun("float32", None, {}, 5, 4, {1: 10.0, 2: 14.0, 4: 12.0}, rows=rows,
+                    same_as_tuned=["chain:2"])
+    got = priced_steps(run)
+    assert got["tuned_priced"] == pytest.approx(40 / 28)
+    assert got["auto_priced"] == pytest.approx(40 / 26)
+    assert got["best_priced_method"] == "auto" and got["regret_auto_priced"] == 0.0
+    assert got["regret_tuned_priced"] == pytest.approx((40 / 26) / (40 / 28) - 1)
+    assert priced_steps(ChoiceRun("float32", None, {}, 5, 4, {1: 10.0})) is None
 
 
 def test_bench_choice_resumes_an_interrupted_run(folder, tmp_path, monkeypatch, capsys):

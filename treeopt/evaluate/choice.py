@@ -60,6 +60,7 @@ from treeopt.evaluate.spread import paired_times, spread
 from treeopt.models.dtype import choose_by_rate
 from treeopt.models.loading import load_model, load_tokenizer
 from treeopt.models.machine import Machine
+from treeopt.profile import LatencyCurve
 from treeopt.profile.latency import LatencySettings
 from treeopt.profile.replay import private, replay, replayable
 from treeopt.search.hardware import (
@@ -125,6 +126,10 @@ class ChoiceReport:
 
     def dtypes(self) -> pd.DataFrame:
         return dtype_table(self.runs)
+
+    def priced(self) -> pd.DataFrame:
+        """Per dtype and temperature, :func:`priced_steps` (no rows without step records)."""
+        return pd.DataFrame([p for p in map(priced_steps, self.runs) if p is not None])
 
     def held_out(self) -> pd.DataFrame:
         """Per dtype, :func:`replay_on_held_out` (greedy runs only: no rows when nothing was
@@ -472,6 +477,40 @@ def _held_out_pick(tuned, pair, first, keys, ids, conts, methods, decode_rate, p
             "model_regret": scores[best][1] / scores[pick][1] - 1}
 
 
+def priced_steps(run: ChoiceRun) -> dict | None:
+    """Every treeopt method's measured steps (nodes verified per step, over all its
+    generations) priced with tune's latency curve of the target, plus its measured drafting
+    time, without the prefill: the speed-up each method's *decisions* earn once the timing
+    noise between methods is out (on a shared machine the same steps cost up to a third more
+    in one method's generations than in another's). ``regret_tuned_priced`` /
+    ``regret_auto_priced``: the best priced speed-up over the tuned method's / ``auto``'s -
+    1. Hugging Face's methods record no steps and are left out. None without step rows."""
+    rows = run.rows
+    if rows is None or not len(rows) or "nodes_per_step" not in rows or not run.target_ms:
+        return None
+    sizes = sorted(run.target_ms)
+    curve = monotone(LatencyCurve(tokens=sizes, ms=[run.target_ms[n] for n in sizes]))
+    rates = {}
+    for name, group in rows.groupby("method", sort=False):
+        steps = [n for ns in group["nodes_per_step"] if isinstance(ns, list) for n in ns]
+        if not steps or len(steps) < sum(int(x) for x in group["steps"]):
+            continue  # a method without per-step records (Hugging Face's)
+        ms = sum(float(curve(n)) for n in steps) + 1000.0 * float(group["draft_s"].sum())
+        rates[name] = float(group["new_tokens"].sum()) / ms
+    if AR not in rates:
+        return None
+    speed = {k: v / rates[AR] for k, v in rates.items()}
+    for name in run.same_as_tuned:
+        if TUNED in speed:
+            speed[name] = speed[TUNED]
+    best = max(speed, key=lambda k: (speed[k], k))
+    return {"dtype": run.dtype, "temperature": run.temperature,
+            "tuned_priced": speed.get(TUNED, math.nan), "auto_priced": speed.get(AUTO, math.nan),
+            "best_priced": speed[best], "best_priced_method": best,
+            "regret_tuned_priced": _regret(speed[best], speed.get(TUNED, math.nan)),
+            "regret_auto_priced": _regret(speed[best], speed.get(AUTO, math.nan))}
+
+
 def _regret_interval(rows, best: str, aliases: Sequence[str]) -> dict:
     """A bootstrap 95 % interval of the tuned method's regret against the measured ``best``
     (``treeopt.evaluate.spread``: prompts resampled, paired, ratios of summed times), so a
@@ -488,7 +527,7 @@ def _regret_interval(rows, best: str, aliases: Sequence[str]) -> dict:
 
 
 def _regret(best: float, chosen: float) -> float:
-    return best / chosen - 1 if chosen > 0 else math.nan
+    return best / chosen - 1 if chosen > 0 else math.nan  # NaN > 0 is false too
 
 
 def choice_table(run: ChoiceRun) -> pd.DataFrame:
@@ -568,4 +607,4 @@ def dtype_table(runs: Sequence[ChoiceRun]) -> pd.DataFrame:
 
 
 __all__ = ["ChoiceReport", "ChoiceRun", "ChoiceSettings", "bench_choice", "choice_table",
-           "dtype_table", "grid_methods", "with_all"]
+           "dtype_table", "grid_methods", "priced_steps", "with_all"]
