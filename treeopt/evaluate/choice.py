@@ -23,6 +23,11 @@ Per dtype, temperature and category (:func:`choice_table`):
   speed-ups are over plain decoding *in the same dtype*, and :func:`dtype_table` compares the
   dtypes' plain speeds (and says which dtype ``--dtype auto`` picks from the tunes'
   predicted speculative speeds).
+
+Beside them, two diagnostics: :func:`replay_on_held_out` (tune's choice replayed along the
+held-out prompts' own outputs: the predictor's error and regret without the tune split) and
+:func:`priced_steps` (every method's recorded steps priced with one curve: the regret of the
+decisions without the timing noise between methods).
 """
 
 from __future__ import annotations
