@@ -54,7 +54,8 @@ its cost), so ``auto`` also times its steps as decoding runs them (from its prop
 update: the target's verification and the engine's work) against the curve's price of the
 same steps; over ``STALE_STEPS`` steps more than ``STALE`` times off, its choice line says
 so and how to re-time the curve (``--remeasure``). The timing never changes a decision.
-Every step is verified by the engine as usual: the output is the target's own (greedy-exact; sampled outputs follow its distribution).
+Every step is verified by the engine as usual: the output is the target's own
+(greedy-exact; sampled outputs follow its distribution).
 """
 
 from __future__ import annotations
