@@ -223,3 +223,24 @@ def test_failed_trials_do_not_count_toward_the_requested_number(tmp_path):
     memory = run_search(_Tokens(nan=2), width=4, max_size=10, levels=4, seeds=[chain(4)],
                         optuna_settings=OptunaSettings(trials=3))
     assert memory.trials == 3 and memory.failed == 2
+
+
+def test_a_seed_another_worker_finished_first_does_not_stop_the_search(monkeypatch):
+    """Two workers on one SQLite study can pop the same enqueued seed (no row locks there);
+    the one that reports second gets UpdateFinishedTrialError from Optuna. The search goes
+    on with its remaining trials instead of failing."""
+    import optuna
+
+    real = optuna.study.Study.optimize
+    calls = []
+
+    def optimize(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise optuna.exceptions.UpdateFinishedTrialError("Trial#0 has already finished")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(optuna.study.Study, "optimize", optimize)
+    res = run_search(ModelObjective([[0.6, 0.1, 0.05, 0.03]]), width=4, max_size=10, levels=4,
+                     seeds=[chain(4)], optuna_settings=OptunaSettings(trials=6))
+    assert len(calls) == 2 and res.complete == 6

@@ -549,8 +549,13 @@ def run_search(objective, *, width: int, max_size: int, levels: int,
                 break
             want = n_trials - finished[0] if n_trials > 0 else None
             before = finished[0]
-            study.optimize(trial_objective, n_trials=want, timeout=left, gc_after_trial=False,
-                           callbacks=[count])
+            try:
+                study.optimize(trial_objective, n_trials=want, timeout=left,
+                               gc_after_trial=False, callbacks=[count])
+            except optuna.exceptions.UpdateFinishedTrialError:
+                # another worker ran the same enqueued seed and finished it first (SQLite has
+                # no row locks, so two workers can pop one waiting trial): go on with the rest
+                continue
             # done, or a round whose every trial failed (no point in repeating it)
             if want is None or finished[0] >= n_trials or finished[0] == before:
                 break
