@@ -1,8 +1,7 @@
 """Argument groups and values every command shares: the default pair, the target's help, the
 sampling settings, the height limits, threads, re-timed latency curves and cheaper draft
-variants. The one place each
-is declared; a command module adds them to its parser and reads them back with the helpers
-here."""
+variants. The one place each is declared; a command module adds them to its parser and reads
+them back with the helpers here."""
 
 from __future__ import annotations
 

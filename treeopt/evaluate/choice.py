@@ -532,7 +532,7 @@ def _regret_interval(rows, best: str, aliases: Sequence[str]) -> dict:
 
 
 def _regret(best: float, chosen: float) -> float:
-    return best / chosen - 1 if chosen > 0 else math.nan  # NaN > 0 is false too
+    return best / chosen - 1 if chosen > 0 else math.nan
 
 
 def choice_table(run: ChoiceRun) -> pd.DataFrame:

@@ -64,9 +64,9 @@ def steady_samples(samples: Sequence[Sequence[float]]) -> list[list[float]]:
     taken relative to the first call's time in the same round and scaled by the first call's
     median; the first call keeps its own samples (and spread). A per-call median keeps a phase
     that covers most of one call's rounds and few of another's: a curve once cached on a busy
-    2-core machine said 16 tokens cost 2.6x one, where three later timings said 1.9-2.2x and
-    tune's 10-round harness 2.1x. Unchanged
-    without usable rounds (one call, a zero time); rounds beyond the shortest call dropped."""
+    2-core machine said 16 tokens cost 2.6x one where tune's 10-round harness, minutes
+    before, said 2.05x. Unchanged without usable rounds (one call, a zero time); rounds
+    beyond the shortest call dropped."""
     rounds = min((len(s) for s in samples), default=0)
     if len(samples) < 2 or rounds == 0 or min(samples[0][:rounds]) <= 0:
         return [list(s) for s in samples]
