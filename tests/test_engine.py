@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from treeopt.decode import DecodeError
-from treeopt.decode.attention import CacheError, new_cache, run_model
+from treeopt.decode.attention import (
+    GROUPED_SDPA,
+    CacheError,
+    group_query_heads,
+    new_cache,
+    run_model,
+)
 from treeopt.testing import decode, tiny_causal_lm
 from treeopt.tree import Tree
 
@@ -39,7 +45,10 @@ def models(arch: str, impl: str = "sdpa", max_positions: int = 512):
             p.add_(torch.randn(p.shape, generator=g) * 0.003)
     other = sharpen(tiny_causal_lm(arch, seed=1, num_layers=1, max_positions=max_positions))
     for m in (target, close, other):
-        m.set_attn_implementation(impl)
+        if impl == GROUPED_SDPA:
+            group_query_heads(m)
+        else:
+            m.set_attn_implementation(impl)
     return target, close, other
 
 
@@ -57,7 +66,7 @@ PROMPTS = [[5], [3, 14, 15, 92, 65], list(range(10, 27))]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager", GROUPED_SDPA])
 def test_greedy_tree_decoding_is_exact(arch, impl):
     target, close, other = models(arch, impl)
     for prompt in PROMPTS:

@@ -76,6 +76,21 @@ def test_load_model_from_saved_folder(saved_llama):
     torch.testing.assert_close(loaded(ids).logits, original(ids).logits, rtol=0, atol=0)
 
 
+def test_load_model_groups_query_heads_unless_told_not_to(saved_llama, monkeypatch):
+    from treeopt.decode.attention import GROUPED_SDPA, attention_in_use
+
+    _, folder = saved_llama  # 4 query heads on 2 key/value heads
+    ids = torch.tensor([[0, 5, 9, 17, 3]])
+    grouped = load_model(folder, device="cpu")
+    assert attention_in_use(grouped) == GROUPED_SDPA
+    assert attention_in_use(load_model(folder, device="cpu", attn_implementation="eager")) \
+        == "eager"
+    monkeypatch.setenv("TREEOPT_ATTENTION", "sdpa")
+    stock = load_model(folder, device="cpu")
+    assert attention_in_use(stock) == "sdpa"
+    torch.testing.assert_close(grouped(ids).logits, stock(ids).logits, rtol=0, atol=1e-5)
+
+
 def test_load_model_dtype(saved_llama):
     _, folder = saved_llama
     assert load_model(folder, dtype="bfloat16", device="cpu").dtype == torch.bfloat16

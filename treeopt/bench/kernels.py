@@ -1,52 +1,91 @@
-"""Faster CPU linear layers, measured: one forward over 1..16 tokens with torch's default and
-oneDNN's pre-packed linear layers (``treeopt.models.cpu_kernels``), interleaved.
+"""Faster CPU verification, measured: one target forward over 1..16 tokens after a cached
+context, two variants of the same model side by side (interleaved, each forward's cache
+cropped back after it):
 
-Run ``python -m treeopt.bench.kernels [--model smollm2] [--context 256] [--repeats 15]``."""
+- ``--compare linear`` (default): torch's default linear layers against oneDNN's pre-packed
+  ones (``treeopt.models.cpu_kernels``), over a causal chain;
+- ``--compare attention``: transformers' sdpa attention against treeopt's grouped one
+  (``treeopt.decode.attention.GROUPED_SDPA``: query heads stacked on their shared key/value
+  heads instead of the cache copied per query head), over a chain and over a balanced
+  binary tree, the two masks decoding verifies with.
+
+Run ``python -m treeopt.bench.kernels [--model smollm2] [--compare linear|attention]
+[--contexts 256] [--repeats 15]``; it prints one line per (context, mask, tokens)."""
 
 from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import time
 
 import torch
 from transformers import DynamicCache
 
-from treeopt.decode.attention import run_model
+from treeopt.decode.attention import GROUPED_SDPA, forward_tree, group_query_heads
 from treeopt.models.cpu_kernels import pack_linear_layers
 from treeopt.models.loading import load_model
+from treeopt.profile.latency import bushy_tree
+
+SIZES = (1, 2, 3, 4, 6, 8, 16)
+
+
+def variants(spec: str, compare: str) -> dict[str, torch.nn.Module]:
+    """The two models to time: name -> model."""
+    if compare == "linear":
+        base = load_model(spec, kernels="default", attn_implementation="sdpa")
+        packed = copy.deepcopy(base)
+        pack_linear_layers(packed)
+        return {"default": base, "onednn": packed}
+    stock = load_model(spec, attn_implementation="sdpa")
+    grouped = load_model(spec, attn_implementation="sdpa")
+    if not group_query_heads(grouped):
+        raise SystemExit(f"{spec}: no grouped-query sdpa layers; nothing to compare")
+    return {"sdpa": stock, GROUPED_SDPA: grouped}
 
 
 def main() -> None:  # pragma: no cover - a measurement, run by hand
-    """Time one forward over 1..16 tokens with torch's and oneDNN's linear layers."""
+    """Time one forward over 1..16 tokens with two variants of a model, interleaved."""
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--compare", choices=("linear", "attention"), default="linear")
+    ap.add_argument("--contexts", default="256", help="cached tokens before the forward, "
+                    "comma-separated (default 256)")
     ap.add_argument("--repeats", type=int, default=15)
     args = ap.parse_args()
-    base = load_model(args.model, kernels="default")
-    packed = copy.deepcopy(base)
-    pack_linear_layers(packed)
-    vocab = int(base.config.vocab_size)
-    prefix = torch.randint(0, vocab, (1, args.context))
-    caches = {}
+    models = variants(args.model, args.compare)
+    names = list(models)
+    vocab = int(next(iter(models.values())).config.vocab_size)
+    masks = ("chain",) if args.compare == "linear" else ("chain", "tree")
+    print(f"{args.model}, {torch.get_num_threads()} threads; median ms of one forward, "
+          f"{args.repeats} interleaved repeats")
+    print(f"context  mask   tokens  {'  '.join(f'{n:>22s}' for n in names)}  ratio")
     with torch.inference_mode():
-        for name, m in (("default", base), ("onednn", packed)):
-            caches[name] = DynamicCache(config=m.config)
-            run_model(m, prefix, caches[name])
-        print("tokens  default ms  onednn ms  (medians, interleaved)")
-        for n in (1, 2, 3, 4, 6, 8, 16):
-            ids = torch.randint(0, vocab, (1, n))
-            pos = torch.arange(args.context, args.context + n)[None]
-            times: dict[str, list[float]] = {"default": [], "onednn": []}
-            for _ in range(args.repeats):
-                for name, m in (("default", base), ("onednn", packed)):
-                    t0 = time.perf_counter()
-                    run_model(m, ids, caches[name], position_ids=pos)
-                    times[name].append((time.perf_counter() - t0) * 1000)
-                    caches[name].crop(-n)
-            med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-            print(f"{n:6d}  {med['default']:10.1f}  {med['onednn']:9.1f}")
+        for context in (int(c) for c in args.contexts.split(",")):
+            prefix = torch.randint(0, vocab, (1, context))
+            caches = {}
+            for name, m in models.items():
+                caches[name] = DynamicCache(config=m.config)
+                forward_tree(m, prefix, torch.arange(context)[None], None, caches[name],
+                             logits_to_keep=1)
+            for mask in masks:
+                for n in SIZES:
+                    ids = torch.randint(0, vocab, (1, n))
+                    tree = None if mask == "chain" else bushy_tree(n).buffers()
+                    pos = (torch.arange(context, context + n) if tree is None
+                           else tree.depth + context)[None]
+                    times: dict[str, list[float]] = {name: [] for name in names}
+                    for _ in range(args.repeats + 1):  # the first round warms up
+                        for name, m in models.items():
+                            t0 = time.perf_counter()
+                            forward_tree(m, ids, pos, None if tree is None else tree.mask,
+                                         caches[name])
+                            times[name].append((time.perf_counter() - t0) * 1000)
+                            caches[name].crop(-n)
+                    med = [statistics.median(times[name][1:]) for name in names]
+                    print(f"{context:7d}  {mask:5s}  {n:6d}  "
+                          f"{'  '.join(f'{x:22.1f}' for x in med)}  {med[1] / med[0]:.2f}",
+                          flush=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

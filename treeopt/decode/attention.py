@@ -4,6 +4,15 @@ ids and a ``DynamicCache`` whose entries can be kept or dropped per token.
 Facts this relies on (transformers 5.x): a 4D float mask of shape ``(1, 1, q, past + q)`` in
 the model's dtype (0 = attend, ``finfo.min`` = blocked) is used as given by both the sdpa and
 the eager attention; a bool mask is silently misread by eager attention, so it is never passed.
+
+Grouped-query layers (several query heads sharing one key/value head: SmolLM2 3 per head,
+Qwen2.5-Coder 6) are served from their key/value heads as they are. transformers' sdpa does
+this for one query token only; for several (a tree or a chain being verified) it copies
+every cached key and value once per query head sharing it, a copy that grows with the
+context and that plain decoding never pays. :data:`GROUPED_SDPA` (registered through
+transformers' ``AttentionInterface``; :func:`group_query_heads` switches a model to it)
+stacks the sharing query heads' tokens instead: the same attention, computed without the
+copy. ``treeopt.models.loading.load_model`` switches every model it loads.
 """
 
 from __future__ import annotations
@@ -15,6 +24,9 @@ from typing import Sequence
 import torch
 
 from treeopt.errors import TreeoptError
+
+#: treeopt's name for PyTorch's SDPA with query heads stacked on their shared key/value heads.
+GROUPED_SDPA = "treeopt_grouped_sdpa"
 
 
 class CacheError(TreeoptError, ValueError):
@@ -131,3 +143,76 @@ def compact(cache, start: int, keep: Sequence[int]) -> None:
     else:
         device = cache.layers[0].keys.device
         keep_tokens(cache, start, torch.tensor(keep, dtype=torch.int64, device=device))
+
+
+# ---------------------------------------------------------------- grouped-query attention
+def grouped_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask: torch.Tensor | None, dropout: float = 0.0,
+                           scaling: float | None = None, is_causal: bool | None = None,
+                           **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' sdpa attention (same signature, same result) for a layer whose
+    ``num_key_value_groups`` query heads share each key/value head: with several query
+    tokens and a mask shared by the heads, each key/value head's queries are stacked
+    (heads ``g * groups .. g * groups + groups - 1``, the order of transformers'
+    ``repeat_kv``) into one ``groups * q``-row query, the mask repeated to match, and the
+    output unstacked. Anything else (one query token, no mask, per-head masks or position
+    biases) goes to transformers' own sdpa attention.
+
+    query: (b, heads, q, d); key, value: (b, kv_heads, past + q, d); attention_mask:
+    (b or 1, 1, q, past + q) additive float or bool. Returns ((b, q, heads, d), None)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = int(getattr(module, "num_key_value_groups", 1) or 1)
+    batch, heads, q, _ = query.shape
+    kv_heads = key.shape[1]
+    if (groups == 1 or q == 1 or attention_mask is None or attention_mask.dim() != 4
+            or attention_mask.shape[1] != 1 or kv_heads * groups != heads
+            or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None
+            or kwargs.get("output_attentions", False)):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout,
+                                      scaling, is_causal, **kwargs)
+    stacked = query.reshape(batch, kv_heads, groups * q, query.shape[-1])
+    mask = attention_mask.expand(attention_mask.shape[0], 1, q, attention_mask.shape[-1])
+    out = torch.nn.functional.scaled_dot_product_attention(
+        stacked, key, value, attn_mask=mask.repeat(1, 1, groups, 1), dropout_p=dropout,
+        scale=scaling)
+    out = out.reshape(out.shape[0], heads, q, value.shape[-1]).transpose(1, 2).contiguous()
+    return out, None
+
+
+def _register_grouped_sdpa() -> bool:
+    """Register :data:`GROUPED_SDPA` with transformers (attention and mask functions; the
+    mask is sdpa's). False when this transformers version has no such interfaces."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError:  # pragma: no cover - transformers older than the supported range
+        return False
+    if GROUPED_SDPA not in AttentionInterface._global_mapping:
+        AttentionInterface.register(GROUPED_SDPA, grouped_sdpa_attention)
+        AttentionMaskInterface.register(GROUPED_SDPA,
+                                        AttentionMaskInterface._global_mapping["sdpa"])
+    return True
+
+
+def group_query_heads(model) -> bool:
+    """Switch ``model`` from transformers' sdpa attention to :data:`GROUPED_SDPA` when it has
+    grouped-query layers (any other attention, or none grouped: left as it is). True when
+    the model uses :data:`GROUPED_SDPA` afterwards."""
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if current == GROUPED_SDPA:
+        return True
+    if current != "sdpa" or not any(int(getattr(m, "num_key_value_groups", 1) or 1) > 1
+                                    for m in model.modules()):
+        return False
+    if not _register_grouped_sdpa():  # pragma: no cover - old transformers
+        return False
+    model.set_attn_implementation(GROUPED_SDPA)
+    return config._attn_implementation == GROUPED_SDPA
+
+
+def attention_in_use(model) -> str:
+    """The attention implementation ``model`` runs ("sdpa", "eager", :data:`GROUPED_SDPA`,
+    ...), as recorded beside timings."""
+    return str(getattr(getattr(model, "config", None), "_attn_implementation", None) or "")

@@ -49,6 +49,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from treeopt.decode.attention import attention_in_use
 from treeopt.errors import TreeoptError
 from treeopt.limits import atomic_write
 from treeopt.models.cpu_kernels import kernels_in_use
@@ -331,7 +332,8 @@ def latency_curve(model, folder: Path, *, measure: bool = True,
     when inside :func:`remeasured` (None if ``measure`` is false and nothing is cached)."""
     device = next(model.parameters()).device
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    path, ident = cache_path(model_key(model), dtype, device, kernels_in_use(model), folder)
+    path, ident = cache_path(model_key(model), dtype, device,
+                             f"{kernels_in_use(model)}/{attention_in_use(model)}", folder)
     fresh = _REMEASURE.get()
     again = measure and fresh is not None and path not in fresh
     curve = None if again else read_curve(path, ident)

@@ -39,6 +39,7 @@ from urllib.parse import urlparse
 import torch
 from huggingface_hub import try_to_load_from_cache
 
+from treeopt.decode.attention import group_query_heads
 from treeopt.errors import TreeoptError
 from treeopt.models import catalogue
 from treeopt.models.cache import cache_dir
@@ -52,6 +53,8 @@ EARLY_EXIT_PREFIX = "early-exit:"
 #: The draft model used when none is named: the target's first 4 layers (the commands' default
 #: --draft, and the draft model of the adaptive drafters and cascades). The one definition.
 DEFAULT_DRAFT_MODEL = f"{EARLY_EXIT_PREFIX}4"
+#: "sdpa" keeps transformers' own sdpa attention in :func:`load_model` (default: grouped).
+ENV_ATTENTION = "TREEOPT_ATTENTION"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -351,7 +354,10 @@ def load_model(spec: str | os.PathLike, dtype: str | torch.dtype = "auto",
     with ``dtype``. Returns the ``PreTrainedModel``; ``load_tokenizer(spec)`` gives its
     tokenizer. ``kernels`` ("auto", "onednn", "default"; None = ``$TREEOPT_CPU_KERNELS``,
     else "auto"): float32 CPU models get oneDNN linear layers with pre-packed weights unless
-    "default" (see ``treeopt.models.cpu_kernels``)."""
+    "default" (see ``treeopt.models.cpu_kernels``). Without ``attn_implementation`` a model
+    with grouped-query sdpa attention runs it with its query heads stacked on their shared
+    key/value heads (``treeopt.decode.attention.group_query_heads``: the same attention, no
+    copy of the cache per query head) unless ``$TREEOPT_ATTENTION`` is "sdpa"."""
     import transformers as tf
 
     kernels = kernels or os.environ.get("TREEOPT_CPU_KERNELS") or "auto"
@@ -372,6 +378,8 @@ def load_model(spec: str | os.PathLike, dtype: str | torch.dtype = "auto",
     model.eval()
     model.requires_grad_(False)
     apply_kernels(model, kernels)
+    if not attn_implementation and os.environ.get(ENV_ATTENTION, "grouped") != "sdpa":
+        group_query_heads(model)
     return model
 
 
