@@ -14,6 +14,7 @@ from helpers import tiny_tokenizer
 from treeopt.api import GenerateError, Pair, encode_prompt, generate
 from treeopt.cli import main as cli_main
 from treeopt.decode.sampling import Sampling
+from treeopt.models import kernel_choice
 from treeopt.models.dtype import SIZES
 from treeopt.models.loading import ModelError, early_exit_draft, eos_ids
 from treeopt.shapes import chain, resolve_tree
@@ -239,6 +240,10 @@ def test_cli_generate_errors_are_one_line(folder, tmp_path, capsys):
 def test_cli_remeasure_replaces_the_cached_curve_auto_prices_with(folder, tmp_path,
                                                                   monkeypatch, capsys):
     monkeypatch.setenv("TREEOPT_CACHE", str(tmp_path / "cache"))
+    # --remeasure re-times the kernel choice too; fixed timings keep it (and with it the
+    # curve's cache file) the same
+    monkeypatch.setattr(kernel_choice, "time_kernels",
+                        lambda model: ({n: 1.0 for n in kernel_choice.ROWS},) * 2)
     args = ["generate", "--target", str(folder), "--prompt", "w5 w6", "--max-new-tokens", "4",
             "--device", "cpu", "--dtype", "float32"]
     assert cli_main(args) == 0  # the default drafter, auto, times and caches the curve

@@ -1,7 +1,9 @@
 """oneDNN packed linear layers: same logits up to rounding, the same greedy output, shared
-modules stay shared, and models that cannot be packed are left alone."""
+modules stay shared, and models that cannot be packed are left alone; few-row forwards
+computed streamed, and the measured, cached choice of which."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -9,12 +11,22 @@ import torch
 from treeopt.decode.engine import generate
 from treeopt.drafters.model import ModelDrafter
 from treeopt.drafters.ngram import NgramDrafter
+from treeopt.models import kernel_choice
 from treeopt.models.cpu_kernels import (
     PackedLinear,
     apply_kernels,
     available,
     kernels_in_use,
     pack_linear_layers,
+    rows_text,
+    stream_rows,
+)
+from treeopt.models.dtype import remeasured
+from treeopt.models.kernel_choice import (
+    choice_file,
+    choose_streamed_rows,
+    decide,
+    time_kernels,
 )
 from treeopt.models.loading import early_exit_draft
 from treeopt.testing import tiny_causal_lm
@@ -83,3 +95,134 @@ def test_models_that_cannot_be_packed_are_left_alone():
     assert apply_kernels(model, "default") == "default" and kernels_in_use(model) == "default"
     with pytest.raises(ValueError, match="unknown CPU kernels"):
         apply_kernels(model, "fast")
+
+
+# ---------------------------------------------------------------- streamed rows
+@pytest.mark.parametrize("bias", [True, False])
+def test_streamed_rows_compute_the_same_linear(bias):
+    """``weight @ x.T`` for the row counts in ``streamed`` (padded with zero rows where
+    mapped to more), oneDNN for the others: all the same linear map as ``nn.Linear``
+    (float32 rounding apart), for 2-D and 3-D inputs."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(24, 40, bias=bias)
+    packed = PackedLinear(linear)
+    packed.streamed = {2: 2, 3: 4, 5: 8}
+    with torch.inference_mode():
+        for rows in (1, 2, 3, 4, 5, 16):
+            for shape in ((rows, 24), (1, rows, 24)):
+                x = torch.randn(*shape)
+                got, ref = packed(x), linear(x)
+                assert got.shape == ref.shape and got.is_contiguous()
+                assert torch.allclose(got, ref, atol=1e-5), (rows, shape)
+    assert "streamed rows 2,3:4,5:8" in repr(packed)
+
+
+def test_rows_text_and_kernels_in_use_name_the_streamed_rows():
+    assert rows_text({2, 3, 4, 6, 8}) == "2-4,6,8" and rows_text({16}) == "16"
+    assert rows_text({2: 2, 3: 4, 4: 4, 5: 5, 7: 8}) == "2,3:4,4-5,7:8"
+    model = tiny_causal_lm("llama")
+    pack_linear_layers(model)
+    assert stream_rows(model, {2, 3, 4, 12}) == sum(isinstance(m, PackedLinear)
+                                                    for m in model.modules())
+    assert kernels_in_use(model) == "onednn,streamed=2-4,12"
+    stream_rows(model, {3: 4})
+    assert kernels_in_use(model) == "onednn,streamed=3:4"
+    stream_rows(model, ())
+    assert kernels_in_use(model) == "onednn"
+    with pytest.raises(ValueError, match="at least itself"):
+        stream_rows(model, {4: 3})
+
+
+def test_greedy_tree_decoding_with_every_few_row_forward_streamed_is_exact():
+    base = sharp("qwen2")
+    packed = copy.deepcopy(base)
+    pack_linear_layers(packed)
+    stream_rows(packed, range(2, 17))
+    prompt = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6]])
+    ref = generate(base, None, prompt, max_new_tokens=30).tokens
+    assert generate(packed, None, prompt, max_new_tokens=30).tokens == ref
+    for tree in (Tree((-1, 0, 1, 2, 3, 4)), Tree((-1, 0, 0, 1, 1, 2, 3))):
+        got = generate(packed, NgramDrafter(tree), prompt, max_new_tokens=30)
+        assert got.tokens == ref and got.stats.target_forwards < 29
+
+
+# ---------------------------------------------------------------- the measured choice
+def test_decide_by_hand():
+    onednn = {2: 100.0, 3: 100.0, 4: 110.0, 6: 120.0, 8: 130.0, 12: 140.0, 16: 150.0}
+    streamed = {2: 90.0, 3: 105.0, 4: 95.0, 6: 125.0, 8: 128.0, 12: 200.0, 16: 160.0}
+    # 2: 90 < 97; 3: four rows (95) beat three (105) and oneDNN's 100 by > 3 %; 4: 95 < 106.7;
+    # 5: the cheapest streamed count >= 5 is 6 (125) against oneDNN's 115 interpolated;
+    # 8: 128 is 1.5 % below 130, inside the margin
+    assert decide(onednn, streamed) == {2: 2, 3: 4, 4: 4}
+    assert decide(onednn, streamed, margin=0.0) == {2: 2, 3: 4, 4: 4, 8: 8}
+    assert decide({4: 100.0}, {4: 50.0}) == {2: 4, 3: 4, 4: 4}
+    assert decide({}, {}) == {}
+
+
+@pytest.fixture
+def timed(monkeypatch):
+    """time_kernels replaced by fixed medians (streamed faster at 2-4 only); counts calls."""
+    calls = []
+
+    def fake(model, *a, **k):
+        calls.append(model)
+        onednn = {n: 100.0 for n in kernel_choice.ROWS}
+        return onednn, {n: (70.0 if n <= 4 else 110.0) for n in kernel_choice.ROWS}
+
+    monkeypatch.setattr(kernel_choice, "time_kernels", fake)
+    return calls
+
+
+def test_choice_is_measured_once_then_cached(tmp_path, timed):
+    model = tiny_causal_lm("llama")
+    pack_linear_layers(model)
+    rows = {2: 2, 3: 3, 4: 4}
+    assert choose_streamed_rows(model, tmp_path) == rows
+    assert kernels_in_use(model) == "onednn,streamed=2-4" and len(timed) == 1
+    other = tiny_causal_lm("llama")
+    pack_linear_layers(other)
+    assert choose_streamed_rows(other, tmp_path) == rows and len(timed) == 1
+    assert kernels_in_use(other) == "onednn,streamed=2-4"
+    with remeasured():  # --remeasure: timed again, once
+        choose_streamed_rows(other, tmp_path)
+        choose_streamed_rows(other, tmp_path)
+    assert len(timed) == 2
+    path, _ = choice_file(model, tmp_path)
+    data = json.loads(path.read_text())
+    data["streamed_rows"] = {"2": 2}  # not what its own timings decide: measured again
+    path.write_text(json.dumps(data))
+    assert choose_streamed_rows(model, tmp_path) == rows and len(timed) == 3
+    path.write_text("{not json")
+    assert choose_streamed_rows(model, tmp_path) == rows and len(timed) == 4
+    assert choose_streamed_rows(model, tmp_path, measure=False) == rows
+
+
+def test_unpacked_or_unmeasured_models_stream_nothing(tmp_path, timed):
+    bf16 = tiny_causal_lm("llama", dtype=torch.bfloat16)
+    assert choose_streamed_rows(bf16, tmp_path) == {} and not timed
+    model = tiny_causal_lm("llama")
+    pack_linear_layers(model)
+    assert choose_streamed_rows(model, tmp_path, measure=False) == {} and not timed
+    assert kernels_in_use(model) == "onednn"
+
+
+def test_time_kernels_times_both_kernels_and_leaves_none_streamed():
+    model = tiny_causal_lm("llama")
+    pack_linear_layers(model)
+    onednn, streamed = time_kernels(model, rows=(2, 4), repeats=2)
+    assert set(onednn) == set(streamed) == {2, 4}
+    assert all(v > 0 for v in [*onednn.values(), *streamed.values()])
+    assert kernels_in_use(model) == "onednn"
+
+
+def test_load_model_streams_the_measured_rows_unless_told_not_to(tmp_path, timed, monkeypatch):
+    from treeopt.models.loading import load_model
+
+    monkeypatch.setenv("TREEOPT_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "tiny"
+    tiny_causal_lm("llama").save_pretrained(folder)
+    assert kernels_in_use(load_model(folder, device="cpu")) == "onednn,streamed=2-4"
+    assert kernels_in_use(load_model(folder, device="cpu", kernels="onednn")) == "onednn"
+    monkeypatch.setenv("TREEOPT_CPU_KERNELS", "onednn")
+    assert kernels_in_use(load_model(folder, device="cpu")) == "onednn"
+    assert len(timed) == 1

@@ -73,7 +73,9 @@ def test_load_model_from_saved_folder(saved_llama):
     assert type(loaded).__name__ == "LlamaForCausalLM"
     assert loaded.dtype == torch.float32 and not loaded.training
     ids = torch.tensor([[0, 5, 9, 17, 3]])
-    torch.testing.assert_close(loaded(ids).logits, original(ids).logits, rtol=0, atol=0)
+    # the same weights; the packed kernels (and a 5-row forward computed streamed, where it
+    # was measured faster) change float32 rounding only
+    torch.testing.assert_close(loaded(ids).logits, original(ids).logits, rtol=0, atol=1e-5)
 
 
 def test_load_model_groups_query_heads_unless_told_not_to(saved_llama, monkeypatch):

@@ -2,20 +2,22 @@
 context, two variants of the same model side by side (interleaved, each forward's cache
 cropped back after it):
 
-- ``--compare linear`` (default): torch's default linear layers against oneDNN's pre-packed
-  ones (``treeopt.models.cpu_kernels``), over a causal chain;
+- ``--compare linear`` (default): torch's default linear layers, oneDNN's pre-packed ones
+  (``treeopt.models.cpu_kernels``), and the packed ones with the few-row forwards computed
+  as measured fastest on this machine (``treeopt.models.kernel_choice``, what ``load_model``
+  uses: measured here on first use, then cached), over a causal chain;
 - ``--compare attention``: transformers' sdpa attention against treeopt's grouped one
   (``treeopt.decode.attention.GROUPED_SDPA``: query heads stacked on their shared key/value
   heads instead of the cache copied per query head), over a chain and over a balanced
   binary tree, the two masks decoding verifies with.
 
 Run ``python -m treeopt.bench.kernels [--model smollm2] [--compare linear|attention]
-[--contexts 256] [--repeats 15]``; it prints one line per (context, mask, tokens)."""
+[--contexts 256] [--repeats 15]``; it prints one line per (context, mask, tokens), each
+variant's median and its ratio to the first variant's."""
 
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 
@@ -23,7 +25,7 @@ import torch
 from transformers import DynamicCache
 
 from treeopt.decode.attention import GROUPED_SDPA, forward_tree, group_query_heads
-from treeopt.models.cpu_kernels import pack_linear_layers
+from treeopt.models.cpu_kernels import kernels_in_use
 from treeopt.models.loading import load_model
 from treeopt.profile.latency import bushy_tree
 
@@ -33,10 +35,10 @@ SIZES = (1, 2, 3, 4, 6, 8, 16)
 def variants(spec: str, compare: str) -> dict[str, torch.nn.Module]:
     """The two models to time: name -> model."""
     if compare == "linear":
-        base = load_model(spec, kernels="default", attn_implementation="sdpa")
-        packed = copy.deepcopy(base)
-        pack_linear_layers(packed)
-        return {"default": base, "onednn": packed}
+        base = load_model(spec, kernels="default")
+        packed = load_model(spec, kernels="onednn")
+        measured = load_model(spec, kernels="auto")
+        return {"default": base, "onednn": packed, kernels_in_use(measured): measured}
     stock = load_model(spec, attn_implementation="sdpa")
     grouped = load_model(spec, attn_implementation="sdpa")
     if not group_query_heads(grouped):
@@ -59,7 +61,7 @@ def main() -> None:  # pragma: no cover - a measurement, run by hand
     masks = ("chain",) if args.compare == "linear" else ("chain", "tree")
     print(f"{args.model}, {torch.get_num_threads()} threads; median ms of one forward, "
           f"{args.repeats} interleaved repeats")
-    print(f"context  mask   tokens  {'  '.join(f'{n:>22s}' for n in names)}  ratio")
+    print(f"context  mask   tokens  {'  '.join(f'{n:>24s}' for n in names)}  ratios")
     with torch.inference_mode():
         for context in (int(c) for c in args.contexts.split(",")):
             prefix = torch.randint(0, vocab, (1, context))
@@ -83,9 +85,9 @@ def main() -> None:  # pragma: no cover - a measurement, run by hand
                             times[name].append((time.perf_counter() - t0) * 1000)
                             caches[name].crop(-n)
                     med = [statistics.median(times[name][1:]) for name in names]
+                    ratios = " ".join(f"{x / med[0]:.2f}" for x in med[1:])
                     print(f"{context:7d}  {mask:5s}  {n:6d}  "
-                          f"{'  '.join(f'{x:22.1f}' for x in med)}  {med[1] / med[0]:.2f}",
-                          flush=True)
+                          f"{'  '.join(f'{x:24.1f}' for x in med)}  {ratios}", flush=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

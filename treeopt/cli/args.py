@@ -37,9 +37,10 @@ THREADS_HELP = ("CPU threads for torch (>= 1; default: torch's choice; on a shar
 
 
 REMEASURE_HELP = ("time the target's latency curve (and a draft model's) again and replace the "
-                  "cached one, which the auto drafter prices its steps with: for a curve timed "
-                  "while the machine was busy (auto's choice line says when its steps are far "
-                  "off the curve)")
+                  "cached one, which the auto drafter prices its steps with, and the CPU "
+                  "kernel choice for verifying a few tokens: for measurements taken while the "
+                  "machine was busy (auto's choice line says when its steps are far off the "
+                  "curve)")
 
 
 def add_remeasure_argument(parser) -> None:
@@ -47,8 +48,9 @@ def add_remeasure_argument(parser) -> None:
 
 
 def remeasuring(args: argparse.Namespace):
-    """The context in which a command loads its drafters: latency curves re-timed under
-    ``--remeasure`` (``treeopt.models.dtype.remeasured``), else read from the cache."""
+    """The context in which a command loads its models and drafters: latency curves and CPU
+    kernel choices re-timed under ``--remeasure`` (``treeopt.models.dtype.remeasured``), else
+    read from the cache."""
     if getattr(args, "remeasure", False):
         return remeasured()
     return contextlib.nullcontext()

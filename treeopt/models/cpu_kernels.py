@@ -16,6 +16,16 @@ blocked layout (what ``torch.compile``'s CPU backend does when it freezes a mode
 much memory again as the linear weights). Logits change by float32 rounding only (summation
 order), checked when packing; greedy tree decoding stays token-exact with plain decoding *of
 the packed model*, and every method a run compares uses the same packed target.
+
+A forward over a few rows (2-16 tokens being verified) is memory-bound like one token's, but
+oneDNN's blocked kernel for a few rows can cost much more than for one. Computed the other
+way round, ``weight @ x.T`` (the weight streamed once, each row a column of a narrow product:
+BLAS's matrix-vector shape), it can cost what one row does: on a 2-core AMD EPYC with AVX2
+only (``python -m treeopt.bench.kernels --compare linear``, 128 cached tokens) a whole
+SmolLM2 forward over 2 / 4 tokens took 99.5 / 109.2 ms with oneDNN and 86.4 / 86.1 ms with
+those rows streamed, one token 83 ms. Which is faster depends on the machine and the row
+count, so ``PackedLinear.streamed`` (none by default) is set per model from a measurement
+(``treeopt.models.kernel_choice``); ``kernels_in_use`` names it.
 """
 
 from __future__ import annotations
@@ -39,16 +49,75 @@ class PackedLinear(torch.nn.Module):
         self.weight = linear.weight
         self.bias = linear.bias
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
+        #: Row counts computed as ``weight @ x.T`` instead of by oneDNN, each mapped to the
+        #: rows it is computed with (itself, or more: zero rows padded on and dropped after,
+        #: where the BLAS serves that count faster); set for a model by :func:`stream_rows`.
+        self.streamed: dict[int, int] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
+        rows = x.reshape(-1, shape[-1])
         bias = None if self.bias is None else self.bias.detach()
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]), self.packed, bias,
-                                               "none", [], "")
+        m = rows.shape[0]
+        padded = self.streamed.get(m)
+        if padded:
+            if padded > m:
+                rows = torch.cat([rows, rows.new_zeros(padded - m, rows.shape[1])])
+            y = torch.mm(self.weight.detach(), rows.t())[:, :m].t().contiguous()
+            if bias is not None:
+                y += bias
+        else:
+            y = torch.ops.mkldnn._linear_pointwise(rows, self.packed, bias, "none", [], "")
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN"
+        streamed = f", streamed rows {rows_text(self.streamed)}" if self.streamed else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"oneDNN{streamed}")
+
+
+def streamed_map(rows) -> dict[int, int]:
+    """``rows`` as a row count -> rows computed map: a mapping as given, an iterable of row
+    counts each computed as itself."""
+    if isinstance(rows, dict):
+        return {int(m): int(n) for m, n in rows.items()}
+    return {int(m): int(m) for m in rows}
+
+
+def rows_text(rows) -> str:
+    """``"2-4,5:6,8"`` for row counts 2, 3, 4 and 8 computed as themselves and 5 padded to
+    6 (``rows``: a mapping or an iterable, as :func:`streamed_map` takes)."""
+    out, run = [], []
+
+    def flush():
+        if run:
+            out.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
+            run.clear()
+
+    for m, n in sorted(streamed_map(rows).items()):
+        if n != m:
+            flush()
+            out.append(f"{m}:{n}")
+        elif run and m == run[-1] + 1:
+            run.append(m)
+        else:
+            flush()
+            run.append(m)
+    flush()
+    return ",".join(out)
+
+
+def stream_rows(model: torch.nn.Module, rows) -> int:
+    """Compute the forwards over the given row counts as ``weight @ x.T`` in every packed
+    layer of ``model`` (``rows``: an iterable of row counts, or a mapping of row count to the
+    rows computed, >= it; empty: oneDNN for every count). Returns the layers set."""
+    mapping = streamed_map(rows)
+    if any(n < m for m, n in mapping.items()) or any(m < 1 for m in mapping):
+        raise ValueError(f"streamed rows must map each row count to at least itself: {mapping}")
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    for m in layers:
+        m.streamed = dict(mapping)
+    return len(layers)
 
 
 def available() -> bool:
@@ -108,5 +177,10 @@ def apply_kernels(model: torch.nn.Module, kernels: str = "auto") -> str:
 
 
 def kernels_in_use(model: torch.nn.Module) -> str:
-    """"onednn" when the model's linear layers are packed, else "default"."""
-    return "onednn" if any(isinstance(m, PackedLinear) for m in model.modules()) else "default"
+    """"onednn" when the model's linear layers are packed (``"onednn,streamed=2-4,8"`` when
+    some row counts are computed streamed), else "default"."""
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    if not packed:
+        return "default"
+    streamed = packed[0].streamed
+    return f"onednn,streamed={rows_text(streamed)}" if streamed else "onednn"

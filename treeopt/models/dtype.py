@@ -209,6 +209,18 @@ def time_forwards(model, sizes: Sequence[int] = SIZES, context: int = CONTEXT,
     ``n`` in ``sizes`` (interleaved rounds, each size relative to the first size's time in
     the same round: ``treeopt.profile.model.steady_medians``; the cache is cropped back
     after each call)."""
+    times = timed_rounds(model, sizes, context, repeats, warmup)[0]
+    return dict(zip(times, steady_medians(list(times.values()))))
+
+
+def timed_rounds(model, sizes: Sequence[int], context: int, repeats: int, warmup: int,
+                 variants: Sequence[Callable[[], object]] = (lambda: None,)
+                 ) -> list[dict[int, list[float]]]:
+    """Per variant, ms samples of one forward of ``n`` new tokens after ``context`` cached
+    ones for each ``n`` in ``sizes``: ``warmup`` untimed then ``repeats`` timed rounds, each
+    round timing every size under every variant in turn (``variants[i]()`` is called just
+    before its forward: it switches the model to variant i). The cache is cropped back after
+    each call."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
@@ -217,7 +229,7 @@ def time_forwards(model, sizes: Sequence[int] = SIZES, context: int = CONTEXT,
     gen = torch.Generator().manual_seed(0)
     vocab = int(model.config.vocab_size)
     ids = torch.randint(0, vocab, (1, context + max(sizes)), generator=gen).to(device)
-    times: dict[int, list[float]] = {int(n): [] for n in sizes}
+    times: list[dict[int, list[float]]] = [{int(n): [] for n in sizes} for _ in variants]
     # the cache argument's name in this transformers version (``cache`` replaced
     # ``past_key_values``)
     arg = "cache" if "cache" in inspect.signature(type(model).forward).parameters \
@@ -227,20 +239,22 @@ def time_forwards(model, sizes: Sequence[int] = SIZES, context: int = CONTEXT,
         model(input_ids=ids[:, :context], use_cache=True, **{arg: cache},
               position_ids=torch.arange(context, device=device)[None], logits_to_keep=1)
         for r in range(warmup + repeats):
-            for n in times:
+            for n in times[0]:
                 pos = torch.arange(context, context + n, device=device)[None]
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                t0 = time.perf_counter()
-                model(input_ids=ids[:, context:context + n], use_cache=True, **{arg: cache},
-                      position_ids=pos)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                dt = (time.perf_counter() - t0) * 1000
-                cache.crop(-n)
-                if r >= warmup:
-                    times[n].append(dt)
-    return dict(zip(times, steady_medians(list(times.values()))))
+                for variant, samples in zip(variants, times):
+                    variant()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    t0 = time.perf_counter()
+                    model(input_ids=ids[:, context:context + n], use_cache=True,
+                          **{arg: cache}, position_ids=pos)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    dt = (time.perf_counter() - t0) * 1000
+                    cache.crop(-n)
+                    if r >= warmup:
+                        samples[n].append(dt)
+    return times
 
 
 # ---------------------------------------------------------------- the cache
@@ -260,14 +274,26 @@ def cache_path(key: str, dtype: str, device: torch.device | str, kernels: str,
     return folder / "latency" / f"{digest}.json", ident
 
 
-def read_curve(path: Path, ident: dict) -> dict[int, float] | None:
-    """The cached curve at ``path`` when it is a valid file for ``ident``, else None."""
+def read_cached(path: Path, ident: dict, version: int) -> dict | None:
+    """The JSON object cached at ``path`` when the file is small (64 KiB at most), parses,
+    and carries this ``version`` and identity ``ident``; else None (measure again)."""
     try:
         if not path.is_file() or path.stat().st_size > 1 << 16:
             return None
         data = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(data, dict) or data.get("version") != CURVE_VERSION \
-                or data.get("identity") != ident or not isinstance(data.get("ms"), dict):
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(data, dict) or data.get("version") != version \
+            or data.get("identity") != ident:
+        return None
+    return data
+
+
+def read_curve(path: Path, ident: dict) -> dict[int, float] | None:
+    """The cached curve at ``path`` when it is a valid file for ``ident``, else None."""
+    try:
+        data = read_cached(path, ident, CURVE_VERSION)
+        if data is None or not isinstance(data.get("ms"), dict):
             return None
         curve = {int(k): float(v) for k, v in data["ms"].items()}
         check_curve(curve)
@@ -325,6 +351,20 @@ def remeasured():
         _REMEASURE.reset(token)
 
 
+def to_remeasure(path: Path) -> bool:
+    """Whether the cached measurement at ``path`` is to be timed again: inside
+    :func:`remeasured`, until :func:`remeasured_file` says it was."""
+    fresh = _REMEASURE.get()
+    return fresh is not None and path not in fresh
+
+
+def remeasured_file(path: Path) -> None:
+    """Record, inside :func:`remeasured`, that ``path`` was timed again (once is enough)."""
+    fresh = _REMEASURE.get()
+    if fresh is not None:
+        fresh.add(path)
+
+
 def latency_curve(model, folder: Path, *, measure: bool = True,
                   sizes: Sequence[int] = SIZES) -> dict[int, float] | None:
     """The cached latency curve (tokens -> ms) of ``model`` as loaded (its dtype, device,
@@ -334,15 +374,12 @@ def latency_curve(model, folder: Path, *, measure: bool = True,
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     path, ident = cache_path(model_key(model), dtype, device,
                              f"{kernels_in_use(model)}/{attention_in_use(model)}", folder)
-    fresh = _REMEASURE.get()
-    again = measure and fresh is not None and path not in fresh
-    curve = None if again else read_curve(path, ident)
+    curve = None if measure and to_remeasure(path) else read_curve(path, ident)
     if curve is not None or not measure:
         return curve
     curve = steady_forwards(model, sizes)
     write_curve(path, ident, curve, CONTEXT)
-    if fresh is not None:
-        fresh.add(path)
+    remeasured_file(path)
     return curve
 
 
@@ -426,11 +463,8 @@ def read_choice(path: Path, ident: dict) -> tuple[str, dict[str, dict[int, float
     them, or (a choice ``tune`` made) a speculative rate per dtype with a choice equal to
     :func:`choose_by_rate` of them (curves: empty); else None (the caller measures again)."""
     try:
-        if not path.is_file() or path.stat().st_size > 1 << 16:
-            return None
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(data, dict) or data.get("version") != CACHE_VERSION \
-                or data.get("identity") != ident:
+        data = read_cached(path, ident, CACHE_VERSION)
+        if data is None:
             return None
         rates = data.get("tokens_per_s")
         if isinstance(rates, dict):
@@ -450,5 +484,6 @@ def read_choice(path: Path, ident: dict) -> tuple[str, dict[str, dict[int, float
 
 __all__ = ["BF16_FLAGS", "DtypeError", "SIZES", "auto_dtype", "check_curve", "choice_path",
            "choose_by_rate", "choose_dtype", "consistent", "interpolate", "latency_curve",
-           "machine", "remeasured", "remember_speculative_choice", "steady_forwards",
-           "supported_dtypes", "time_forwards"]
+           "machine", "read_cached", "remeasured", "remeasured_file",
+           "remember_speculative_choice", "steady_forwards", "supported_dtypes",
+           "time_forwards", "timed_rounds", "to_remeasure"]

