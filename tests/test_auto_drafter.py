@@ -22,6 +22,7 @@ from treeopt.drafters.auto import (
     STALE_STEPS,
     AutoDrafter,
     MatchStats,
+    at_context,
     best_chain,
     bucket,
     candidate_specs,
@@ -218,6 +219,39 @@ def test_greedy_output_equals_plain_decoding(curve):
         assert set(a.run_steps) - {"plain"}  # free verification: it drafts
 
 
+def test_curves_at_a_context_by_hand():
+    short = {1: 100.0, 2: 110.0, 16: 150.0}
+    long = {1: 110.0, 2: 140.0, 16: 250.0}
+    contexts = (128, 1024)
+    assert at_context(short, long, contexts, 64) == short  # below the short context
+    assert at_context(short, long, contexts, 128) == short
+    assert at_context(short, long, contexts, 576) == {1: 105.0, 2: 125.0, 16: 200.0}  # halfway
+    assert at_context(short, long, contexts, 1920) == {1: 120.0, 2: 170.0, 16: 350.0}  # beyond
+    assert at_context(short, None, contexts, 4096) == short
+    # a size timed cheaper after the long context than after the short one: noise, not cheaper
+    assert at_context(short, {1: 90.0, 2: 140.0, 16: 250.0}, contexts, 1024)[1] == 100.0
+    # sizes the long curve lacks are read from it by interpolation
+    assert at_context({1: 10.0, 8: 20.0}, {1: 10.0, 16: 50.0}, contexts, 1024)[8] == \
+        pytest.approx(10.0 + 40.0 * 7 / 15)
+
+
+def test_steps_are_priced_at_their_context():
+    """Verification that is free after a short context and dear after a long one: ``auto``
+    drafts on a short prompt and stays plain on a long one, output equal to plain decoding
+    either way."""
+    target = tiny()
+    a = AutoDrafter(copies(target), FREE, long_curve=DEAR, contexts=(128, 496))
+    assert a.curve_at(100) == a.curve and a.curve_at(496)[2] == pytest.approx(100.0)
+    assert a.curve_at(312)[2] == pytest.approx(55.0)  # halfway (at the sizes of both curves)
+    short, long = PROMPTS[0], PROMPTS[0] * 20  # 22 and 440 tokens, both repeating
+    for prompt, drafts in ((short, True), (long, False)):
+        ids = torch.tensor([prompt])
+        ref = generate(target, None, ids, max_new_tokens=30).tokens
+        got = generate(target, a, ids, max_new_tokens=30)
+        assert got.tokens == ref
+        assert (set(a.steps) != {"plain"}) == drafts, (len(prompt), a.steps)
+
+
 def test_greedy_with_a_draft_model_and_eos():
     target = tiny()
     draft = tiny_causal_lm(vocab_size=16, num_layers=1, seed=4)
@@ -282,20 +316,25 @@ def test_the_factory_measures_once_and_decides_alike_from_the_cache(tmp_path, mo
 
     monkeypatch.setattr(auto_mod, "latency_curve", counting)
     a = build_drafter("auto", target=target)
-    (path,) = (tmp_path / "latency").glob("*.json")
-    # a hand-written curve in the cache decides for both drafters built from it
-    data = json.loads(path.read_text())
-    data["ms"] = {str(k): v for k, v in SOFT.items()}
-    path.write_text(json.dumps(data))
+    assert len(calls) == 2  # after CONTEXT and after LONG_CONTEXT (the tiny window's end)
+    files = {("context" in json.loads(p.read_text())["identity"]): p
+             for p in (tmp_path / "latency").glob("*.json")}
+    # hand-written curves in the cache decide for both drafters built from them
+    for long, path in files.items():
+        data = json.loads(path.read_text())
+        data["ms"] = {str(k): v * (1.5 if long else 1.0) for k, v in SOFT.items()}
+        path.write_text(json.dumps(data))
     first, second = build_drafter("auto", target=target), build_drafter("auto", target=target)
     assert first.curve == second.curve == SOFT and a.curve != SOFT
+    assert first.long_curve == second.long_curve == {k: 1.5 * v for k, v in SOFT.items()}
+    assert first.contexts == (128, 512 - 16)  # the long curve: at the tiny window's end
     out = []
     for d in (first, second):
         out.append([[s.nodes for s in generate(target, d, torch.tensor([p]),
                                                max_new_tokens=30).stats.steps]
                     for p in PROMPTS * 2])
     assert out[0] == out[1]
-    assert len(list((tmp_path / "latency").glob("*.json"))) == 1
+    assert len(list((tmp_path / "latency").glob("*.json"))) == 2
 
 
 # ---------------------------------------------------------------------------- options
@@ -416,7 +455,7 @@ def test_a_cached_tune_result_replaces_exploration(tmp_path):
     a = AutoDrafter(copies(target), SOFT, model=ModelDrafter(tiny(), chain(9)),
                     draft_curve={1: 1.0}, model_prior=[0.9, 0.6])
     assert a.explore == 0
-    k, rate = a._model_rate(3)
+    k, rate = a._model_rate(3, a.curve)
     # rates 0.9, 0.6, 0.6 (the last depth repeats): E = .9, .9 + .54, .9 + .54 + .324
     exp = [0, 0.9, 1.44, 1.764]
     assert (k, rate) == best_chain(exp, 3, SOFT, lambda k: k * 1.0)
@@ -427,7 +466,7 @@ def test_a_cached_tune_result_replaces_exploration(tmp_path):
     r1, r2 = (8 + 7.2) / 16, (8 + 4.8) / 16
     r3 = min(1.0, 0.6 * r2 / 0.6)
     exp = [0, r1, r1 + r1 * r2, r1 + r1 * r2 + r1 * r2 * r3]
-    assert a._model_rate(3) == best_chain(exp, 3, SOFT, lambda k: k * 1.0)
+    assert a._model_rate(3, a.curve) == best_chain(exp, 3, SOFT, lambda k: k * 1.0)
 
 
 def test_a_draft_model_that_cannot_pay_never_runs_its_prefill():

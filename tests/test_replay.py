@@ -223,7 +223,8 @@ def test_tune_replays_the_draft_models_tree_beside_auto_with_the_model(target, m
     replays faster than the tree (like for like: both timed the model's drafting)."""
     from types import SimpleNamespace
 
-    monkeypatch.setattr(auto_mod, "latency_curve", lambda model, folder: {1: 10.0, 17: 10.5})
+    monkeypatch.setattr(auto_mod, "latency_curve",
+                        lambda model, folder, **kw: {1: 10.0, 17: 10.5})
     pair = SimpleNamespace(drafter=ModelDrafter(draft_model(), chain(draft_tokens=4)),
                            target=target, tokenizer=None)
     prompts = [SimpleNamespace(token_ids=p) for p in PROMPTS]

@@ -10,8 +10,11 @@ criterion): for every copy candidate c offering a chain of a tokens now, and eve
     rate(c, k) = (1 + f(c) * E[min(m, k) | c, state(c), bucket(a)]) / T(k + 1)
 
 where m is how many of c's tokens the target would have accepted and T(n) is the target's
-forward time over n tokens (``treeopt.models.dtype.latency_curve``: measured once per model,
-machine and dtype, then cached). Plain decoding's rate is 1 / T(1). The best rate wins if it
+forward time over n tokens after the step's context (``treeopt.models.dtype.latency_curve``:
+measured once per model, machine and dtype after 128 and after 1024 cached tokens, then
+cached; a step after c tokens is priced linearly between the two, and beyond 1024 along the
+same line: attention over the cache grows with it, and more for several tokens than for
+one). Plain decoding's rate is 1 / T(1). The best rate wins if it
 beats plain decoding's by ``margin`` (3 %); otherwise the step is plain. A draft model's chain
 of k costs k draft forwards more and its acceptance is a product of per-depth rates.
 
@@ -83,13 +86,23 @@ from treeopt.decode.drafter import (
 from treeopt.decode.sampling import Sampling
 from treeopt.limits import atomic_write
 from treeopt.models.cache import cache_dir
-from treeopt.models.dtype import check_curve, interpolate, latency_curve, machine, model_key
+from treeopt.models.dtype import (
+    CONTEXT,
+    check_curve,
+    interpolate,
+    latency_curve,
+    machine,
+    model_key,
+    timed_context,
+)
 from treeopt.profile.model import LatencyCurve
 from treeopt.search.hardware import MonotoneCurve
 from treeopt.shapes import chain
 from treeopt.tree import Tree
 
 MAX_DRAFT = 16
+#: The second context the target's latency curve is timed after (the first: ``CONTEXT``).
+LONG_CONTEXT = 1024
 #: Copy candidates: (name in the choice, drafter spec). ``suffix`` joins when registered.
 COPY_CANDIDATES = (("ngram", "ngram"), ("ngram2", "ngram:min=2,max=4"),
                    ("ngram3", "ngram:min=3,max=6"))
@@ -105,6 +118,23 @@ CALIBRATION = 4.0
 #: latency curve's price of them: the cached curve is stale (``AutoDrafter.stale``).
 STALE = 2.0
 STALE_STEPS = 16
+
+
+def at_context(short: Mapping[int, float], long: Mapping[int, float] | None,
+               contexts: tuple[int, int], context: int) -> dict[int, float]:
+    """The curve after ``context`` cached tokens, from ``short`` timed after ``contexts[0]``
+    and ``long`` after ``contexts[1]``, at the sizes of either: linear in the context between
+    and beyond them (a size never cheaper than in ``short``), ``short`` itself at or below
+    ``contexts[0]`` or without ``long``."""
+    c0, c1 = contexts
+    if long is None or context <= c0 or c1 <= c0:
+        return dict(short)
+    w = (context - c0) / (c1 - c0)
+    out = {}
+    for n in sorted(set(short) | set(long)):
+        ms = interpolate(short, n)
+        out[n] = ms + w * max(0.0, interpolate(long, n) - ms)
+    return out
 
 
 def envelope(curve: Mapping[int, float]) -> dict[int, float]:
@@ -205,7 +235,9 @@ def truncated(proposal: Proposal, k: int) -> Proposal:
 class AutoDrafter(Drafter):
     """See the module docstring. ``copies``: (name, drafter) copy candidates drafting chains;
     ``model``: a ModelDrafter over a chain, or None; ``curve`` / ``draft_curve``: target and
-    draft forward ms by tokens."""
+    draft forward ms by tokens; ``long_curve``: the target's after ``contexts[1]`` cached
+    tokens where ``curve`` is after ``contexts[0]`` (steps are priced at their context,
+    :func:`at_context`; None: ``curve`` at every context)."""
 
     name = "auto"
     shape = None
@@ -214,14 +246,20 @@ class AutoDrafter(Drafter):
                  model: Drafter | None = None, draft_curve: dict[int, float] | None = None,
                  max_draft: int = MAX_DRAFT, margin: float = MARGIN, prior: float = PRIOR,
                  explore: int = EXPLORE, dtype: str = "",
-                 model_prior: Sequence[float] | None = None, prior_weight: float = 8.0):
+                 model_prior: Sequence[float] | None = None, prior_weight: float = 8.0,
+                 long_curve: dict[int, float] | None = None,
+                 contexts: tuple[int, int] = (CONTEXT, LONG_CONTEXT)):
         check_curve(curve, "auto drafter: target latency curve")
+        if long_curve is not None:
+            check_curve(long_curve, "auto drafter: target latency curve at a long context")
         if model is not None:
             check_curve(draft_curve or {}, "auto drafter: draft latency curve")
         if not 1 <= max_draft <= MAX_DRAFT:
             raise DrafterError(f"drafter 'auto': max must be in 1..{MAX_DRAFT}, got {max_draft}")
         self.copies = list(copies)
         self.curve = envelope(curve)
+        self.long_curve = None if long_curve is None else envelope(long_curve)
+        self.contexts = (int(contexts[0]), int(contexts[1]))
         self.model = None if model is None else getattr(model, "model", None)
         self.model_drafter = model
         self.draft_curve = dict(draft_curve or {})
@@ -249,9 +287,9 @@ class AutoDrafter(Drafter):
         self.steps: dict[str, int] = {}  # per generation: steps per candidate ("plain")
         self.drafted: dict[str, int] = {}
         self.run_steps: dict[str, int] = {}  # over every generation of this drafter
-        # (perf_counter, nodes) of the last proposal, and over this drafter's run: ms its
-        # steps took from proposal to update, and ms the curve prices them at, steps timed
-        self._proposed: tuple[float, int] | None = None
+        # (perf_counter, the curve's price) of the last proposal, and over this drafter's
+        # run: ms its steps took from proposal to update, ms the curve prices them at, steps
+        self._proposed: tuple[float, float] | None = None
         self.timed = [0.0, 0.0, 0]
 
     def reshaped(self, shape: Tree | None) -> "AutoDrafter":
@@ -270,7 +308,8 @@ class AutoDrafter(Drafter):
                            draft_curve=self.draft_curve or None, max_draft=cap,
                            margin=self.margin, prior=self.prior, explore=self.explore,
                            dtype=self.dtype, model_prior=self.model_prior,
-                           prior_weight=self.prior_weight)
+                           prior_weight=self.prior_weight, long_curve=self.long_curve,
+                           contexts=self.contexts)
 
     def forked(self) -> "AutoDrafter":
         """A copy with this drafter's statistics so far, copied, and forked copy candidates:
@@ -324,10 +363,18 @@ class AutoDrafter(Drafter):
         if not self.model_dropped:
             self.model_drafter.start(prompt_ids)
 
+    def curve_at(self, context: int) -> dict[int, float]:
+        """The target's forward ms by tokens after ``context`` cached tokens
+        (:func:`at_context`, read through the envelope)."""
+        if self.long_curve is None:
+            return self.curve
+        return envelope(at_context(self.curve, self.long_curve, self.contexts, context))
+
     def _model_pays(self) -> bool:
         """Whether the draft model's best chain is predicted to beat plain decoding by the
-        margin: a step chooses it only then (copies only raise the bar)."""
-        _, rate = self._model_rate(min(self.max_draft, MODEL_CHAIN))
+        margin (at the short context): a step chooses it only then (copies only raise the
+        bar)."""
+        _, rate = self._model_rate(min(self.max_draft, MODEL_CHAIN), self.curve)
         return rate > (1 + self.margin) / interpolate(self.curve, 1)
 
     def calibration(self, name: str) -> float:
@@ -350,7 +397,7 @@ class AutoDrafter(Drafter):
         known = list(committed[root + 1:root + 1 + len(tokens)])
         return ON_COPY if known == tokens[:len(known)] else MISSED
 
-    def _model_rate(self, offered: int) -> tuple[int, float]:
+    def _model_rate(self, offered: int, curve: Mapping[int, float]) -> tuple[int, float]:
         """(k, rate) of the draft model's best chain (k <= offered). A depth no chain has
         reached yet keeps what the deepest reached one learned: without a prior its rate,
         with one its ratio to the prior (a chain drafted 4 deep where the draft accepts more
@@ -373,7 +420,7 @@ class AutoDrafter(Drafter):
             p *= rate
             exp.append(exp[-1] + p)
         per_level = interpolate(self.draft_curve, 1)
-        return best_chain(exp, offered, self.curve, lambda k: k * per_level)
+        return best_chain(exp, offered, curve, lambda k: k * per_level)
 
     def propose(self, committed: Sequence[int], max_depth: int, sampling: Sampling,
                 generator: torch.Generator | None = None) -> Proposal:
@@ -382,7 +429,8 @@ class AutoDrafter(Drafter):
         self._used = None
         limit = min(max_depth, self.max_draft)
         root = len(committed) - 1
-        plain_rate = 1.0 / interpolate(self.curve, 1)
+        curve = self.curve_at(len(committed))
+        plain_rate = 1.0 / interpolate(curve, 1)
         best = ("plain", 0, plain_rate * (1 + self.margin), None, 0.0)
         for name, d in self.copies:
             if limit < 1:
@@ -398,13 +446,13 @@ class AutoDrafter(Drafter):
             self._last[name] = (root, tokens)
             exp = self.stats[name].expected(key, offered, self.prior)
             f = self.calibration(name)
-            k, rate = best_chain([e * f for e in exp], offered, self.curve)
+            k, rate = best_chain([e * f for e in exp], offered, curve)
             if k and rate > best[2]:
                 best = (name, k, rate, prop, exp[k])
         if not self.model_dropped and limit >= 1:
             depth = min(limit, MODEL_CHAIN)
             exploring = self.model_steps < self.explore
-            k, rate = self._model_rate(depth)
+            k, rate = self._model_rate(depth, curve)
             if exploring:  # its first ``explore`` steps, whatever the copies offer
                 k, rate = min(4, depth), best[2]
             if exploring or (k and rate > best[2]):
@@ -419,7 +467,7 @@ class AutoDrafter(Drafter):
             self._used = (name, k, expected)
             self.drafted[name] = self.drafted.get(name, 0) + k
             out = truncated(prop, k)
-        self._proposed = (time.perf_counter(), out.tree.size)
+        self._proposed = (time.perf_counter(), interpolate(curve, out.tree.size))
         return out
 
     def _device(self, committed) -> torch.device:
@@ -432,9 +480,9 @@ class AutoDrafter(Drafter):
     def update(self, path: Sequence[int], committed: Sequence[int],
                target_topk: torch.Tensor | None = None) -> None:
         if self._proposed is not None:
-            started, nodes = self._proposed
+            started, priced = self._proposed
             self.timed[0] += 1000.0 * (time.perf_counter() - started)
-            self.timed[1] += interpolate(self.curve, nodes)
+            self.timed[1] += priced
             self.timed[2] += 1
             self._proposed = None
         if isinstance(committed, torch.Tensor):
@@ -574,7 +622,8 @@ def auto_drafter(target, tokenizer=None, *, model: Drafter | None = None,
                  model_prior: Sequence[float] | None = None, max_draft: int = MAX_DRAFT,
                  margin: float = MARGIN) -> AutoDrafter:
     """An ``auto`` drafter for ``target``: the copy candidates (chains of at most
-    ``max_draft`` tokens), the target's cached latency curve, and optionally the draft model
+    ``max_draft`` tokens), the target's cached latency curves (after ``CONTEXT`` and after
+    ``LONG_CONTEXT`` cached tokens, or the window's end), and optionally the draft model
     drafter ``model`` (drafting chains of ``MODEL_CHAIN``; the model is shared) with its
     cached curve, starting from ``model_prior`` (top-1 acceptance by depth, as a tune
     measured it). ``auto:draft=SPEC`` builds it from the cached tune result; ``tune`` from
@@ -584,6 +633,9 @@ def auto_drafter(target, tokenizer=None, *, model: Drafter | None = None,
               for name, spec in candidate_specs()]
     folder = cache_dir()
     curve = latency_curve(target, folder)
+    contexts = (timed_context(target, CONTEXT), timed_context(target, LONG_CONTEXT))
+    long_curve = latency_curve(target, folder, context=contexts[1]) \
+        if contexts[1] > contexts[0] else None
     draft_curve = None
     if model is not None:
         model = model.reshaped(chain(draft_tokens=MODEL_CHAIN))
@@ -591,8 +643,9 @@ def auto_drafter(target, tokenizer=None, *, model: Drafter | None = None,
     dtype = str(next(target.parameters()).dtype).removeprefix("torch.")
     return AutoDrafter(copies, curve, model=model, draft_curve=draft_curve,
                        max_draft=max_draft, margin=margin, dtype=dtype,
-                       model_prior=model_prior)
+                       model_prior=model_prior, long_curve=long_curve, contexts=contexts)
 
 
-__all__ = ["STALE", "STALE_STEPS", "AutoDrafter", "MatchStats", "auto_drafter", "best_chain",
-           "bucket", "candidate_specs", "envelope", "read_tuned", "remember_tune"]
+__all__ = ["LONG_CONTEXT", "STALE", "STALE_STEPS", "AutoDrafter", "MatchStats", "at_context",
+           "auto_drafter", "best_chain", "bucket", "candidate_specs", "envelope", "read_tuned",
+           "remember_tune"]

@@ -203,6 +203,13 @@ def interpolate(curve: Mapping[int, float], n: int) -> float:
 
 
 # ---------------------------------------------------------------- timing
+def timed_context(model, context: int, sizes: Sequence[int] = SIZES) -> int:
+    """The context ``time_forwards`` times ``sizes`` after when asked for ``context``: at
+    most the model's window less the largest size."""
+    window = getattr(model.config, "max_position_embeddings", None) or 10 ** 9
+    return max(1, min(int(context), int(window) - max(sizes)))
+
+
 def time_forwards(model, sizes: Sequence[int] = SIZES, context: int = CONTEXT,
                   repeats: int = REPEATS, warmup: int = 1) -> dict[int, float]:
     """Median ms of one forward of ``n`` new tokens after ``context`` cached ones, for each
@@ -224,8 +231,7 @@ def timed_rounds(model, sizes: Sequence[int], context: int, repeats: int, warmup
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
-    window = getattr(model.config, "max_position_embeddings", None) or 10 ** 9
-    context = max(1, min(int(context), int(window) - max(sizes)))
+    context = timed_context(model, context, sizes)
     gen = torch.Generator().manual_seed(0)
     vocab = int(model.config.vocab_size)
     ids = torch.randint(0, vocab, (1, context + max(sizes)), generator=gen).to(device)
@@ -267,9 +273,12 @@ def model_key(model) -> str:
 
 
 def cache_path(key: str, dtype: str, device: torch.device | str, kernels: str,
-               folder: Path) -> tuple[Path, dict]:
-    """(file, identity) of the latency curve of model ``key`` in ``dtype`` on this machine."""
+               folder: Path, context: int = CONTEXT) -> tuple[Path, dict]:
+    """(file, identity) of the latency curve of model ``key`` in ``dtype`` on this machine
+    after ``context`` cached tokens (named in the identity unless it is ``CONTEXT``)."""
     ident = {"model": key, "dtype": dtype, "kernels": kernels, "machine": machine(device)}
+    if int(context) != CONTEXT:
+        ident["context"] = int(context)
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
     return folder / "latency" / f"{digest}.json", ident
 
@@ -366,19 +375,22 @@ def remeasured_file(path: Path) -> None:
 
 
 def latency_curve(model, folder: Path, *, measure: bool = True,
-                  sizes: Sequence[int] = SIZES) -> dict[int, float] | None:
+                  sizes: Sequence[int] = SIZES, context: int = CONTEXT
+                  ) -> dict[int, float] | None:
     """The cached latency curve (tokens -> ms) of ``model`` as loaded (its dtype, device,
-    kernels) on this machine; measured (:func:`steady_forwards`) and cached when absent or
-    when inside :func:`remeasured` (None if ``measure`` is false and nothing is cached)."""
+    kernels) on this machine, after ``context`` cached tokens; measured
+    (:func:`steady_forwards`) and cached when absent or when inside :func:`remeasured`
+    (None if ``measure`` is false and nothing is cached)."""
     device = next(model.parameters()).device
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     path, ident = cache_path(model_key(model), dtype, device,
-                             f"{kernels_in_use(model)}/{attention_in_use(model)}", folder)
+                             f"{kernels_in_use(model)}/{attention_in_use(model)}", folder,
+                             context)
     curve = None if measure and to_remeasure(path) else read_curve(path, ident)
     if curve is not None or not measure:
         return curve
-    curve = steady_forwards(model, sizes)
-    write_curve(path, ident, curve, CONTEXT)
+    curve = steady_forwards(model, sizes, context=context)
+    write_curve(path, ident, curve, context)
     remeasured_file(path)
     return curve
 
@@ -486,4 +498,4 @@ __all__ = ["BF16_FLAGS", "DtypeError", "SIZES", "auto_dtype", "check_curve", "ch
            "choose_by_rate", "choose_dtype", "consistent", "interpolate", "latency_curve",
            "machine", "read_cached", "remeasured", "remeasured_file",
            "remember_speculative_choice", "steady_forwards", "supported_dtypes",
-           "time_forwards", "timed_rounds", "to_remeasure"]
+           "time_forwards", "timed_context", "timed_rounds", "to_remeasure"]
