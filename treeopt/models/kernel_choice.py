@@ -2,10 +2,11 @@
 machine: measured once, then cached.
 
 A packed linear layer (``treeopt.models.cpu_kernels.PackedLinear``) computes a forward with
-oneDNN's blocked kernel or, for the row counts in its ``streamed`` set, as ``weight @ x.T``.
-Which is faster depends on the CPU, the BLAS, the layer sizes and the row count (on a 2-core
-AMD EPYC with AVX2 only, streaming made SmolLM2's 4-token forward cost what a 1-token one
-does, and its 12-token one dearer), so it is measured: whole-model forwards over each of
+oneDNN's blocked kernel or, for the row counts in its ``streamed`` map, as ``weight @ x.T``.
+Which is faster depends on the CPU, the BLAS, the layer sizes and the row count (``python -m
+treeopt.bench.kernels --compare linear`` on a 2-core AMD EPYC with AVX2 only: a SmolLM2
+forward over 4 tokens 86 ms streamed against 109 ms with oneDNN, one token 83 ms; elsewhere
+it can be the other way round), so it is measured: whole-model forwards over each of
 ``ROWS`` new tokens after ``CONTEXT`` cached ones, both kernels interleaved in every round
 (:func:`time_kernels`), and a row count is streamed where it is more than ``MARGIN``
 below oneDNN (:func:`decide`, a pure function), possibly computed over more rows (zero
@@ -39,13 +40,13 @@ from treeopt.models.dtype import (
     to_remeasure,
 )
 
-#: Row counts timed; the others (2..MAX_ROWS) are streamed over a timed count above them.
+#: Row counts timed; one between them is streamed only padded to a timed count above it.
 ROWS = (2, 3, 4, 6, 8, 12, 16)
 MAX_ROWS = 16
 #: Streamed only when this fraction below oneDNN. Noise decides nothing: on a shared 2-core
-#: machine one size's two kernels differ by 5-10 % between measurements either way (a 3 %
-#: margin routed 6-token forwards to a kernel the benchmark then timed 15 % dearer, a 5 %
-#: one 7 and 8, which then timed 6-14 % dearer), while the gains at 2-4 tokens are 15-30 %.
+#: machine one size's two kernels move 5-10 % between measurements either way (a 3 % margin
+#: routed 6-token forwards to the kernel the benchmark then timed 15 % dearer), while the
+#: gains at 2-4 tokens are 15-30 %.
 MARGIN = 0.10
 REPEATS = 7
 CONTEXT = 64
