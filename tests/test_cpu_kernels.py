@@ -228,3 +228,21 @@ def test_load_model_streams_the_measured_rows_unless_told_not_to(tmp_path, timed
     monkeypatch.setenv("TREEOPT_CPU_KERNELS", "onednn")
     assert kernels_in_use(load_model(folder, device="cpu")) == "onednn"
     assert len(timed) == 1
+
+
+def test_a_choice_at_the_margin_is_decided_as_written_and_stays_cached(tmp_path, monkeypatch):
+    """Timings are cached rounded to 4 decimals and a cached choice is valid only if they
+    decide alike: a streamed time just under the margin before rounding and on it after
+    must not make the cached file invalid at every load."""
+    calls = []
+
+    def fake(model, *a, **k):
+        calls.append(model)
+        onednn = {n: 100.0 for n in kernel_choice.ROWS}
+        return onednn, {n: 100.0 * (1 - kernel_choice.MARGIN) - 4e-5 for n in kernel_choice.ROWS}
+
+    monkeypatch.setattr(kernel_choice, "time_kernels", fake)
+    model = tiny_causal_lm("llama")
+    pack_linear_layers(model)
+    first = choose_streamed_rows(model, tmp_path)
+    assert choose_streamed_rows(model, tmp_path) == first and len(calls) == 1

@@ -1,6 +1,6 @@
 """Faster CPU verification, measured: one target forward over 1..16 tokens after a cached
-context, two variants of the same model side by side (interleaved, each forward's cache
-cropped back after it):
+context, variants of the same model side by side (interleaved, each forward's cache cropped
+back after it):
 
 - ``--compare linear`` (default): torch's default linear layers, oneDNN's pre-packed ones
   (``treeopt.models.cpu_kernels``), and the packed ones with the few-row forwards computed
@@ -33,7 +33,7 @@ SIZES = (1, 2, 3, 4, 6, 8, 16)
 
 
 def variants(spec: str, compare: str) -> dict[str, torch.nn.Module]:
-    """The two models to time: name -> model."""
+    """The variants to time (three for ``linear``, two for ``attention``): name -> model."""
     if compare == "linear":
         base = load_model(spec, kernels="default")
         packed = load_model(spec, kernels="onednn")
@@ -47,7 +47,7 @@ def variants(spec: str, compare: str) -> dict[str, torch.nn.Module]:
 
 
 def main() -> None:  # pragma: no cover - a measurement, run by hand
-    """Time one forward over 1..16 tokens with two variants of a model, interleaved."""
+    """Time one forward over 1..16 tokens with variants of a model, interleaved."""
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--compare", choices=("linear", "attention"), default="linear")

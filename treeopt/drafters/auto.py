@@ -64,7 +64,6 @@ Every step is verified by the engine as usual: the output is the target's own
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -88,6 +87,7 @@ from treeopt.limits import atomic_write
 from treeopt.models.cache import cache_dir
 from treeopt.models.dtype import (
     CONTEXT,
+    cache_file,
     check_curve,
     interpolate,
     latency_curve,
@@ -366,7 +366,7 @@ class AutoDrafter(Drafter):
     def curve_at(self, context: int) -> dict[int, float]:
         """The target's forward ms by tokens after ``context`` cached tokens
         (:func:`at_context`, read through the envelope)."""
-        if self.long_curve is None:
+        if self.long_curve is None or context <= self.contexts[0]:
             return self.curve
         return envelope(at_context(self.curve, self.long_curve, self.contexts, context))
 
@@ -554,8 +554,7 @@ def tuned_path(target, draft: str, folder: Path) -> tuple[Path, dict]:
     ident = {"target": model_key(target), "draft": str(draft).strip(),
              "dtype": str(params.dtype).removeprefix("torch."),
              "machine": machine(params.device)}
-    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
-    return folder / "tuned" / f"{digest}.json", ident
+    return cache_file(folder, "tuned", ident), ident
 
 
 def remember_tune(target, draft: str, rank_table, prediction, tree, folder: Path) -> Path:

@@ -272,6 +272,13 @@ def model_key(model) -> str:
     return f"{name}|{type(model).__name__}|{params}"
 
 
+def cache_file(folder: Path, kind: str, ident: dict) -> Path:
+    """Where treeopt caches a measurement of ``kind`` (``latency``, ``dtype``, ``kernels``,
+    ``tuned``) for identity ``ident``: ``folder/kind/<digest of ident>.json``."""
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
+    return folder / kind / f"{digest}.json"
+
+
 def cache_path(key: str, dtype: str, device: torch.device | str, kernels: str,
                folder: Path, context: int = CONTEXT) -> tuple[Path, dict]:
     """(file, identity) of the latency curve of model ``key`` in ``dtype`` on this machine
@@ -279,8 +286,7 @@ def cache_path(key: str, dtype: str, device: torch.device | str, kernels: str,
     ident = {"model": key, "dtype": dtype, "kernels": kernels, "machine": machine(device)}
     if int(context) != CONTEXT:
         ident["context"] = int(context)
-    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
-    return folder / "latency" / f"{digest}.json", ident
+    return cache_file(folder, "latency", ident), ident
 
 
 def read_cached(path: Path, ident: dict, version: int) -> dict | None:
@@ -430,10 +436,12 @@ def auto_dtype(name: str, load: Callable[[str], object], device: torch.device | 
             continue
         finally:
             model = None
+    # chosen from the values as written: a file is valid only if its own values choose alike
+    tables = {k: {n: round(v, 4) for n, v in sorted(c.items())} for k, c in tables.items()}
     choice = choose_dtype(tables)
     text = json.dumps({"version": CACHE_VERSION, "identity": ident, "choice": choice,
-                       "ms": {k: {str(n): round(v, 4) for n, v in sorted(c.items())}
-                              for k, c in tables.items()}}, indent=1) + "\n"
+                       "ms": {k: {str(n): v for n, v in c.items()} for k, c in tables.items()}},
+                      indent=1) + "\n"
     atomic_write(path, lambda fh: fh.write(text), binary=False)
     return choice, tables
 
@@ -443,8 +451,7 @@ def choice_path(name: str, dtypes: Sequence[str], device: torch.device | str,
     """(file, identity) of the cached ``--dtype auto`` choice for model ``name`` among
     ``dtypes`` on this machine."""
     ident = {"model": str(name), "dtypes": list(dtypes), "machine": machine(device)}
-    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
-    return folder / "dtype" / f"{digest}.json", ident
+    return cache_file(folder, "dtype", ident), ident
 
 
 def remember_speculative_choice(name: str, rates: Mapping[str, float], *, draft: str,
@@ -458,12 +465,12 @@ def remember_speculative_choice(name: str, rates: Mapping[str, float], *, draft:
     dtypes = supported_dtypes(device)
     if torch.device(device).type != "cpu" or len(dtypes) < 2 or not set(dtypes) <= set(rates):
         return None
-    rates = {d: float(rates[d]) for d in dtypes}
+    rates = {d: round(float(rates[d]), 4) for d in dtypes}  # chosen from the values written
     choice = choose_by_rate(rates)
     path, ident = choice_path(name, dtypes, device, folder)
     text = json.dumps({"version": CACHE_VERSION, "identity": ident, "choice": choice,
                        "basis": "speculative", "draft": str(draft),
-                       "tokens_per_s": {d: round(r, 4) for d, r in rates.items()}},
+                       "tokens_per_s": rates},
                       indent=1) + "\n"
     atomic_write(path, lambda fh: fh.write(text), binary=False)
     return choice
@@ -494,7 +501,8 @@ def read_choice(path: Path, ident: dict) -> tuple[str, dict[str, dict[int, float
         return None
 
 
-__all__ = ["BF16_FLAGS", "DtypeError", "SIZES", "auto_dtype", "check_curve", "choice_path",
+__all__ = ["BF16_FLAGS", "DtypeError", "SIZES", "auto_dtype", "cache_file", "check_curve",
+           "choice_path",
            "choose_by_rate", "choose_dtype", "consistent", "interpolate", "latency_curve",
            "machine", "read_cached", "remeasured", "remeasured_file",
            "remember_speculative_choice", "steady_forwards", "supported_dtypes",

@@ -22,7 +22,6 @@ and a measurement made inside ``treeopt.models.dtype.remeasured`` replaces it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import statistics
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Mapping, Sequence
 from treeopt.limits import atomic_write
 from treeopt.models.cpu_kernels import PackedLinear, stream_rows
 from treeopt.models.dtype import (
+    cache_file,
     interpolate,
     machine,
     model_key,
@@ -97,8 +97,7 @@ def choice_file(model, folder: Path) -> tuple[Path, dict]:
     param = next(model.parameters())
     ident = {"model": model_key(model), "dtype": str(param.dtype).removeprefix("torch."),
              "machine": machine(param.device)}
-    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
-    return folder / "kernels" / f"{digest}.json", ident
+    return cache_file(folder, "kernels", ident), ident
 
 
 def read_choice(path: Path, ident: dict) -> dict[int, int] | None:
@@ -126,11 +125,13 @@ def choose_streamed_rows(model, folder: Path, *, measure: bool = True) -> dict[i
     path, ident = choice_file(model, folder)
     rows = None if measure and to_remeasure(path) else read_choice(path, ident)
     if rows is None and measure:
-        onednn, streamed = time_kernels(model)
+        # decided from the values as written: a file is valid only if they decide alike
+        onednn, streamed = ({n: round(v, 4) for n, v in ms.items()}
+                            for ms in time_kernels(model))
         rows = decide(onednn, streamed)
         text = json.dumps({"version": VERSION, "identity": ident, "context": CONTEXT,
-                           "onednn_ms": {str(n): round(v, 4) for n, v in onednn.items()},
-                           "streamed_ms": {str(n): round(v, 4) for n, v in streamed.items()},
+                           "onednn_ms": {str(n): v for n, v in onednn.items()},
+                           "streamed_ms": {str(n): v for n, v in streamed.items()},
                            "streamed_rows": {str(m): n for m, n in sorted(rows.items())}},
                           indent=1) + "\n"
         atomic_write(path, lambda fh: fh.write(text), binary=False)
