@@ -57,6 +57,32 @@ def test_buckets():
     assert [bucket(a) for a in (1, 2, 3, 4, 5, 8, 9, 16, 17)] == [0, 1, 2, 2, 3, 3, 4, 4, 5]
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_rates_equal_the_pooled_counts_summed_afresh(seed):
+    """``rate`` reads running sums; they equal the three-level shrinkage computed from the
+    per-key counts alone, exactly (the same integers: decisions are unchanged)."""
+    import random
+    rng = random.Random(seed)
+    st = MatchStats()
+    keys = [(s, b) for s in (auto_mod.FRESH, auto_mod.MISSED, auto_mod.ON_COPY)
+            for b in range(4)]
+    for _ in range(300):
+        st.add(rng.choice(keys[:rng.randint(1, len(keys))]), rng.randint(1, 6),
+               rng.random() < 0.6)
+
+    def pool(ks, d, towards, prior=2.0):
+        return (sum(st.hits[k][d] for k in ks) + prior * towards) / \
+            (sum(st.tries[k][d] for k in ks) + prior)
+
+    for key in keys:
+        for d in range(1, 8):
+            pooled = pool(list(st.tries), d, auto_mod.PRIOR_MEAN)
+            same = [k for k in st.tries if k[0] == key[0]]
+            state = pool(same, d, pooled) if same else pooled
+            want = pool([key], d, state) if key in st.tries else state
+            assert st.rate(key, d, prior=2.0) == want
+
+
 def test_depth_statistics_by_hand():
     st = MatchStats()
     on, missed = auto_mod.ON_COPY, auto_mod.MISSED

@@ -71,6 +71,45 @@ def test_counts_equal_a_naive_count_on_random_strings(seed):
         assert trie.find(pat) > 0
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_extended_matches_equal_the_walk_from_the_root(seed):
+    """``extended`` (one step down from each match) gives what ``matches`` finds walking
+    every suffix from the root, token by token along random contexts."""
+    rng = random.Random(seed)
+    depth, vocab = rng.randint(2, 8), rng.randint(2, 4)
+    trie = SuffixTrie(depth)
+    for _ in range(rng.randint(1, 4)):
+        trie.add([rng.randrange(vocab) for _ in range(rng.randint(1, 80))])
+    for _ in range(20):
+        context = [rng.randrange(vocab) for _ in range(rng.randint(0, 12))]
+        m = trie.matches(context)
+        for t in [rng.randrange(vocab + 1) for _ in range(10)]:  # vocab: never seen
+            context.append(t)
+            m = trie.extended(m, t)
+            assert m == trie.matches(context)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_shape_fill_equals_ranking_after_every_path(seed):
+    """Filling a shape extends each path's matches from its parent's: every node's
+    candidates are :meth:`ranked_after` the committed text plus the path (walked afresh)."""
+    rng = random.Random(seed)
+    d = SuffixDrafter(Tree((-1, 0, 0, 1, 1, 2, 3, 5, 6)), depth=6,
+                      cache=SuffixCache(depth=6, max_tokens=10_000))
+    d.cache.add([rng.randrange(4) for _ in range(200)], save=False)
+    prompt = [rng.randrange(4) for _ in range(40)]
+    d.start(torch.tensor([prompt]))
+    committed = prompt + [rng.randrange(4) for _ in range(5)]
+    prop = d.propose(committed, 8, GREEDY)
+    tree, toks = prop.tree, prop.tokens.tolist()
+    assert tree.size > 3
+    paths = [()]
+    for v in range(1, tree.size):
+        paths.append(paths[tree.parents[v]] + (toks[v],))
+        want, _ = d.ranked_after(tuple(committed[-5:]) + paths[tree.parents[v]])
+        assert toks[v] == want[tree.ranks[v] - 1]
+
+
 DOC = [1, 2, 3, 1, 2, 4, 1, 2, 3, 1, 2]
 
 

@@ -173,18 +173,27 @@ class MatchStats:
 
     tries: dict[tuple[int, int], list[int]] = field(default_factory=dict)
     hits: dict[tuple[int, int], list[int]] = field(default_factory=dict)
+    # running sums over every key, and over the keys of each state: (tries, hits) by depth
+    # (``rate`` reads them at every step for every candidate and depth)
+    pooled: tuple[list[int], list[int]] = field(
+        default_factory=lambda: ([0] * (MAX_DRAFT + 1), [0] * (MAX_DRAFT + 1)), repr=False)
+    by_state: dict[int, tuple[list[int], list[int]]] = field(default_factory=dict, repr=False)
 
     def add(self, key: tuple[int, int], d: int, hit: bool) -> None:
         if key not in self.tries:
             self.tries[key] = [0] * (MAX_DRAFT + 1)
             self.hits[key] = [0] * (MAX_DRAFT + 1)
-        self.tries[key][d] += 1
-        self.hits[key][d] += bool(hit)
+        if key[0] not in self.by_state:
+            self.by_state[key[0]] = ([0] * (MAX_DRAFT + 1), [0] * (MAX_DRAFT + 1))
+        for tries, hits in ((self.tries[key], self.hits[key]), self.pooled,
+                            self.by_state[key[0]]):
+            tries[d] += 1
+            hits[d] += bool(hit)
 
-    def _pool(self, d: int, keys, prior: float, towards: float) -> float:
-        tries = sum(self.tries[k][d] for k in keys)
-        hits = sum(self.hits[k][d] for k in keys)
-        return (hits + prior * towards) / (tries + prior)
+    @staticmethod
+    def _shrunk(counts: tuple[list[int], list[int]], d: int, prior: float,
+                towards: float) -> float:
+        return (counts[1][d] + prior * towards) / (counts[0][d] + prior)
 
     def rate(self, key: tuple[int, int], d: int, prior: float) -> float:
         """Estimated P(depth d accepted | depth d - 1 accepted) for ``key`` = (state,
@@ -192,12 +201,12 @@ class MatchStats:
         each): the key's counts towards its state's rate at depth d over all buckets, that
         towards the candidate's pooled rate over every key, and that towards
         ``PRIOR_MEAN``. With no observations at all the rate is ``PRIOR_MEAN``."""
-        pooled = self._pool(d, list(self.tries), prior, PRIOR_MEAN)
-        same = [k for k in self.tries if k[0] == key[0]]
-        state = self._pool(d, same, prior, pooled) if same else pooled
+        pooled = self._shrunk(self.pooled, d, prior, PRIOR_MEAN)
+        same = self.by_state.get(key[0])
+        state = self._shrunk(same, d, prior, pooled) if same is not None else pooled
         if key not in self.tries:
             return state
-        return self._pool(d, [key], prior, state)
+        return self._shrunk((self.tries[key], self.hits[key]), d, prior, state)
 
     def expected(self, key: tuple[int, int], k: int, prior: float) -> list[float]:
         """[E[accepted tokens of a chain of j] for j = 0..k] for ``key``."""
