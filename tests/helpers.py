@@ -26,6 +26,17 @@ from treeopt.evaluate.runner import EvalConfig
 from treeopt.tree import Tree
 
 
+#: How the command line's measurement notices begin (treeopt.models.dtype.log): a first use
+#: on a machine (every test's cache is fresh) says what it times before anything else.
+NOTICES = ("treeopt: timing ", "treeopt: choosing ")
+
+
+def without_notices(err: str) -> str:
+    """``err`` without the measurement notices' lines."""
+    return "".join(line for line in err.splitlines(keepends=True)
+                   if not line.startswith(NOTICES))
+
+
 def tiny_tokenizer(vocab_size: int = 96, shift: int = 0):
     """A word-level tokenizer: ids 0..2 are <s>, </s>, <unk>; then words w3, w4, ..."""
     from tokenizers import Tokenizer, models as tm, pre_tokenizers

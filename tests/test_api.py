@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from helpers import tiny_tokenizer
+from helpers import tiny_tokenizer, without_notices
 
 from treeopt.api import GenerateError, Pair, encode_prompt, generate
 from treeopt.cli import main as cli_main
@@ -232,7 +232,7 @@ def test_cli_generate_errors_are_one_line(folder, tmp_path, capsys):
     ]
     for extra in cases:
         rc = cli_main(["generate", "--target", str(folder)] + extra)
-        err = capsys.readouterr().err
+        err = without_notices(capsys.readouterr().err)
         assert rc == 2, extra
         assert len(err.strip().splitlines()) == 1 and "error" in err, (extra, err)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import chat_process, tiny_tokenizer
+from helpers import chat_process, tiny_tokenizer, without_notices
 
 from treeopt.api import encode_prompt
 from treeopt.chat import Answer, ChatError, ChatSession, acceptance_by_depth, format_stats, summary
@@ -381,7 +381,7 @@ def run_chat(folder, script: str, monkeypatch, capsys, *extra) -> tuple[int, str
     rc = cli_main(["chat", "--target", str(folder), "--draft", "early-exit:1",
                    "--max-new-tokens", "10", "--device", "cpu", *extra])
     out, err = capsys.readouterr()
-    return rc, out, err
+    return rc, out, without_notices(err)
 
 
 def test_cli_scripted_session(folder, target, tok, monkeypatch, capsys):

@@ -435,7 +435,7 @@ def test_generate_picks_the_tree_by_prompt_length_and_equals_plain(tmp_path):
 
 
 def test_cli_generate_with_a_tree_set(tmp_path, capsys):
-    from helpers import tiny_tokenizer
+    from helpers import tiny_tokenizer, without_notices
 
     target = tiny_causal_lm(num_layers=3, seed=7)
     folder = tmp_path / "tiny"
@@ -448,7 +448,7 @@ def test_cli_generate_with_a_tree_set(tmp_path, capsys):
                  str(path), "--prompt", prompt, "--max-new-tokens", "6",
                  "--no-chat-template", "--stats-json", "--device", "cpu"]) == 0
     out, err = capsys.readouterr()
-    lines = err.strip().splitlines()
+    lines = without_notices(err).strip().splitlines()
     assert lines[0].startswith("tree set: 30 prompt tokens + 6 // 2 new tokens -> contexts 20+")
     stats = json.loads(lines[-1])
     assert stats["tree_bucket"] == 1 and stats["tree_nodes"] == 2

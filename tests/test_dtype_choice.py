@@ -280,3 +280,20 @@ def test_remeasured_re_times_each_cached_curve_once_and_replaces_the_file(tmp_pa
     with dt.remeasured():  # another block times again
         dt.latency_curve(model, tmp_path)
     assert len(times) == 3
+
+
+def test_a_measurement_says_so_once_on_stderr_and_a_cached_read_is_silent(tmp_path, monkeypatch,
+                                                                          capsys):
+    """A first use on a new machine times forwards for a while: the command line says so
+    (``treeopt: timing ...`` on stderr, via the library's log), once per measurement."""
+    from treeopt.cli import show_notices
+    show_notices()
+    show_notices()  # installed once: one line per notice
+    model = tiny_causal_lm(num_layers=1)
+    monkeypatch.setattr(dt, "time_forwards", lambda m, sizes, **kw: {n: 1.0 + n for n in sizes})
+    dt.latency_curve(model, tmp_path)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("treeopt: timing ")
+    assert err[0].endswith(f"later runs on this machine read them from {tmp_path / 'latency'}")
+    dt.latency_curve(model, tmp_path)
+    assert capsys.readouterr().err == ""

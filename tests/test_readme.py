@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_tokenizer
+from helpers import tiny_tokenizer, without_notices
 
 from treeopt.decode import drafter as drafter_mod
 from treeopt.decode.drafter import build_drafter
@@ -148,7 +148,7 @@ def test_a_plugin_that_is_nowhere_is_named_in_one_warning_line(tmp_path):
     for i, plugin in enumerate(("./missing.py", "missing_drafters")):
         done = run_plugin_line(tmp_path / str(i), tiny_line(tmp_path / str(i), plugin))
         assert done.returncode == 2, done.stderr  # its drafter 'copy' does not exist then
-        warning, error = done.stderr.strip().splitlines()
+        warning, error = without_notices(done.stderr).strip().splitlines()
         assert warning.startswith(f"treeopt: warning: drafter plugin '{plugin}' "
                                   "(TREEOPT_DRAFTERS) disabled: ")
         assert error.startswith("treeopt generate: error: ")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 from typing import Sequence
@@ -75,6 +76,25 @@ def _quiet_stdout() -> None:
         os.dup2(devnull, sys.stdout.fileno())
     except (OSError, ValueError, AttributeError):  # stdout replaced (tests) or closed
         pass
+class _Notices(logging.Handler):
+    """``treeopt: message`` on whatever ``sys.stderr`` is when the message comes."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(f"treeopt: {record.getMessage()}", file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001 - logging's own rule: a notice never stops the run
+            self.handleError(record)
+
+
+def show_notices() -> None:
+    """Print the library's notices (``logging`` INFO under ``treeopt``: a measurement taken
+    once on a new machine, say) as ``treeopt: ...`` lines on stderr; installed once."""
+    logger = logging.getLogger("treeopt")
+    if not any(isinstance(h, _Notices) for h in logger.handlers):
+        logger.addHandler(_Notices())
+    logger.setLevel(logging.INFO)
+
+
 # Longest error line the command prints (a message quoting hostile input is cut).
 MAX_ERROR_LINE = 1000
 
@@ -89,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     where = " ".join(x for x in (args.command, getattr(args, "what", None),
                                  getattr(args, "bench", None)) if isinstance(x, str))
+    show_notices()
     try:
         check_threads(getattr(args, "threads", None))
         code = int(args.func(args) or 0)
@@ -118,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["COMMANDS", "TreeoptError", "UserError", "build_parser", "check_threads", "main",
-           "passive_openmp"]
+           "passive_openmp", "show_notices"]
 
 
 if __name__ == "__main__":

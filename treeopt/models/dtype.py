@@ -40,6 +40,7 @@ import contextvars
 import hashlib
 import inspect
 import json
+import logging
 import math
 import os
 import platform
@@ -71,6 +72,9 @@ CURVE_VERSION = 2
 #: (:func:`consistent`), timed again at most ``RETRIES`` times.
 DIP = 0.10
 RETRIES = 2
+#: Says, once per measurement, that one is being taken (the command line shows it on
+#: stderr; a first use on a new machine otherwise waits in silence).
+log = logging.getLogger("treeopt.measure")
 ENV_PIN = "TREEOPT_AUTO_DTYPE"  # "float32" / "bfloat16" / "float16" pin --dtype auto
 
 
@@ -272,6 +276,12 @@ def model_key(model) -> str:
     return f"{name}|{type(model).__name__}|{params}"
 
 
+def model_label(model) -> str:
+    """A short name of a loaded model for messages: its folder's or id's last part."""
+    name = str(getattr(model.config, "_name_or_path", "") or "").rstrip("/\\")
+    return name.replace("\\", "/").rsplit("/", 1)[-1] or type(model).__name__
+
+
 def cache_file(folder: Path, kind: str, ident: dict) -> Path:
     """Where treeopt caches a measurement of ``kind`` (``latency``, ``dtype``, ``kernels``,
     ``tuned``) for identity ``ident``: ``folder/kind/<digest of ident>.json``."""
@@ -395,6 +405,9 @@ def latency_curve(model, folder: Path, *, measure: bool = True,
     curve = None if measure and to_remeasure(path) else read_curve(path, ident)
     if curve is not None or not measure:
         return curve
+    log.info("timing %s forwards of %s tokens after %d cached (%s); later runs on this "
+             "machine read them from %s", model_label(model), ",".join(map(str, sizes)),
+             context, dtype, path.parent)
     curve = steady_forwards(model, sizes, context=context)
     write_curve(path, ident, curve, context)
     remeasured_file(path)
@@ -422,6 +435,8 @@ def auto_dtype(name: str, load: Callable[[str], object], device: torch.device | 
     cached = read_choice(path, ident)
     if cached is not None:
         return cached
+    log.info("choosing --dtype auto for %s: timing it in %s; later runs on this machine read "
+             "the choice from %s", Path(str(name)).name, ", ".join(dtypes), path.parent)
     tables: dict[str, dict[int, float]] = {}
     for dt in dtypes:
         try:
@@ -504,6 +519,6 @@ def read_choice(path: Path, ident: dict) -> tuple[str, dict[str, dict[int, float
 __all__ = ["BF16_FLAGS", "DtypeError", "SIZES", "auto_dtype", "cache_file", "check_curve",
            "choice_path",
            "choose_by_rate", "choose_dtype", "consistent", "interpolate", "latency_curve",
-           "machine", "read_cached", "remeasured", "remeasured_file",
+           "machine", "model_label", "read_cached", "remeasured", "remeasured_file",
            "remember_speculative_choice", "steady_forwards", "supported_dtypes",
            "time_forwards", "timed_context", "timed_rounds", "to_remeasure"]

@@ -32,8 +32,10 @@ from treeopt.models.cpu_kernels import PackedLinear, stream_rows
 from treeopt.models.dtype import (
     cache_file,
     interpolate,
+    log,
     machine,
     model_key,
+    model_label,
     read_cached,
     remeasured_file,
     timed_rounds,
@@ -125,6 +127,8 @@ def choose_streamed_rows(model, folder: Path, *, measure: bool = True) -> dict[i
     path, ident = choice_file(model, folder)
     rows = None if measure and to_remeasure(path) else read_choice(path, ident)
     if rows is None and measure:
+        log.info("choosing %s's CPU kernel for forwards of a few tokens (both timed); later "
+                 "runs on this machine read the choice from %s", model_label(model), path.parent)
         # decided from the values as written: a file is valid only if they decide alike
         onednn, streamed = ({n: round(v, 4) for n, v in ms.items()}
                             for ms in time_kernels(model))
