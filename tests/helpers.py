@@ -25,7 +25,6 @@ from treeopt.evaluate.results import METRICS, summarise, write_results
 from treeopt.evaluate.runner import EvalConfig
 from treeopt.tree import Tree
 
-
 #: How the command line's measurement notices begin (treeopt.models.dtype.log): a first use
 #: on a machine (every test's cache is fresh) says what it times before anything else.
 NOTICES = ("treeopt: timing ", "treeopt: choosing ")
