@@ -246,3 +246,29 @@ def test_a_choice_at_the_margin_is_decided_as_written_and_stays_cached(tmp_path,
     pack_linear_layers(model)
     first = choose_streamed_rows(model, tmp_path)
     assert choose_streamed_rows(model, tmp_path) == first and len(calls) == 1
+
+
+def test_the_curve_is_timed_on_both_sides_of_every_kernel_switch(tmp_path, monkeypatch):
+    """Between two timed sizes every row count runs on one kernel: with 2 and 4 rows
+    streamed (3 padded to 4) and 5+ on oneDNN, 5 is timed too (it used to be priced halfway
+    between 4 streamed and 6 on oneDNN); with 2 and 4 streamed and 3 on oneDNN, 3 and 5."""
+    from treeopt.models import dtype as dt
+
+    model = tiny_causal_lm(num_layers=1)
+    assert dt.routed_sizes(model) == dt.SIZES  # nothing packed
+    pack_linear_layers(model)
+    assert dt.routed_sizes(model) == dt.SIZES  # packed, nothing streamed
+    stream_rows(model, {2: 2, 3: 4, 4: 4})
+    assert dt.routed_sizes(model) == (1, 2, 3, 4, 5, 6, 8, 12, 16)
+    stream_rows(model, {2: 2, 4: 4})
+    assert dt.routed_sizes(model) == (1, 2, 3, 4, 5, 6, 8, 12, 16)
+    stream_rows(model, {6: 8, 7: 8, 8: 8})
+    assert dt.routed_sizes(model) == (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16)
+    assert dt.routed_sizes(model, (1, 2, 4)) == (1, 2, 4)  # nothing switches below 4
+    timed = []
+    monkeypatch.setattr(dt, "time_forwards",
+                        lambda m, sizes, **kw: timed.append(tuple(sizes)) or
+                        {n: 10.0 + n for n in sizes})
+    stream_rows(model, {2: 2, 3: 4, 4: 4})
+    assert set(dt.latency_curve(model, tmp_path)) == {1, 2, 3, 4, 5, 6, 8, 12, 16}
+    assert timed == [(1, 2, 3, 4, 5, 6, 8, 12, 16)]

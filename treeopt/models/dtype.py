@@ -53,7 +53,7 @@ import torch
 from treeopt.decode.attention import attention_in_use
 from treeopt.errors import TreeoptError
 from treeopt.limits import atomic_write
-from treeopt.models.cpu_kernels import kernels_in_use
+from treeopt.models.cpu_kernels import PackedLinear, kernels_in_use
 from treeopt.profile.model import steady_medians
 
 #: Forward sizes timed (tokens verified at once): the auto drafter's chains of 0..15 drafted
@@ -66,8 +66,9 @@ SCORE_SIZES = (1, 4)
 #: Relative score difference below which the dtypes count as tied; ties go to float32.
 TIE = 0.02
 CACHE_VERSION = 1  # of the dtype choices
-#: Of the cached curves; 2: five rounds, each size relative to the one-token time of its round
-CURVE_VERSION = 2
+#: Of the cached curves; 2: five rounds, each size relative to the one-token time of its round;
+#: 3: also timed on both sides of every kernel switch (routed_sizes)
+CURVE_VERSION = 3
 #: A larger forward timed more than this fraction below a smaller one marks a noisy curve
 #: (:func:`consistent`), timed again at most ``RETRIES`` times.
 DIP = 0.10
@@ -212,6 +213,26 @@ def timed_context(model, context: int, sizes: Sequence[int] = SIZES) -> int:
     most the model's window less the largest size."""
     window = getattr(model.config, "max_position_embeddings", None) or 10 ** 9
     return max(1, min(int(context), int(window) - max(sizes)))
+
+
+def routed_sizes(model, sizes: Sequence[int] = SIZES) -> tuple[int, ...]:
+    """``sizes`` and, where ``model``'s packed layers compute some row counts streamed and
+    the rest with oneDNN (``treeopt.models.cpu_kernels``), the counts on both sides of every
+    switch between the two and every count padded to a larger one, up to the largest size:
+    between two timed sizes every count then runs on one kernel, so a curve interpolated
+    there prices it as it runs (5 tokens on oneDNN between 4 streamed and 6 on oneDNN were
+    priced halfway between the two)."""
+    packed = next((m for m in model.modules() if isinstance(m, PackedLinear)), None)
+    routed = packed.streamed if packed is not None else {}
+    if not routed:
+        return tuple(sorted({int(n) for n in sizes}))
+    top = max(int(n) for n in sizes)
+    out = {int(n) for n in sizes}
+    for c in range(1, top):
+        if (c in routed) != (c + 1 in routed):
+            out.update((c, c + 1))
+    out.update(c for c, n in routed.items() if n > c and c <= top)
+    return tuple(sorted(out))
 
 
 def time_forwards(model, sizes: Sequence[int] = SIZES, context: int = CONTEXT,
@@ -391,12 +412,14 @@ def remeasured_file(path: Path) -> None:
 
 
 def latency_curve(model, folder: Path, *, measure: bool = True,
-                  sizes: Sequence[int] = SIZES, context: int = CONTEXT
+                  sizes: Sequence[int] | None = None, context: int = CONTEXT
                   ) -> dict[int, float] | None:
     """The cached latency curve (tokens -> ms) of ``model`` as loaded (its dtype, device,
-    kernels) on this machine, after ``context`` cached tokens; measured
-    (:func:`steady_forwards`) and cached when absent or when inside :func:`remeasured`
-    (None if ``measure`` is false and nothing is cached)."""
+    kernels) on this machine, after ``context`` cached tokens, at ``sizes`` (default: the
+    :func:`routed_sizes` of ``SIZES``); measured (:func:`steady_forwards`) and cached when
+    absent or when inside :func:`remeasured` (None if ``measure`` is false and nothing is
+    cached)."""
+    sizes = routed_sizes(model) if sizes is None else tuple(sizes)
     device = next(model.parameters()).device
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     path, ident = cache_path(model_key(model), dtype, device,
@@ -520,5 +543,5 @@ __all__ = ["BF16_FLAGS", "DtypeError", "SIZES", "auto_dtype", "cache_file", "che
            "choice_path",
            "choose_by_rate", "choose_dtype", "consistent", "interpolate", "latency_curve",
            "machine", "model_label", "read_cached", "remeasured", "remeasured_file",
-           "remember_speculative_choice", "steady_forwards", "supported_dtypes",
+           "remember_speculative_choice", "routed_sizes", "steady_forwards", "supported_dtypes",
            "time_forwards", "timed_context", "timed_rounds", "to_remeasure"]
