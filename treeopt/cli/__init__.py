@@ -76,6 +76,8 @@ def _quiet_stdout() -> None:
         os.dup2(devnull, sys.stdout.fileno())
     except (OSError, ValueError, AttributeError):  # stdout replaced (tests) or closed
         pass
+
+
 class _Notices(logging.Handler):
     """``treeopt: message`` on whatever ``sys.stderr`` is when the message comes."""
 
