@@ -11,6 +11,7 @@ import torch
 from treeopt.decode.engine import generate
 from treeopt.drafters.model import ModelDrafter
 from treeopt.drafters.ngram import NgramDrafter
+from treeopt.models import dtype as dt
 from treeopt.models import kernel_choice
 from treeopt.models.cpu_kernels import (
     PackedLinear,
@@ -252,8 +253,6 @@ def test_the_curve_is_timed_on_both_sides_of_every_kernel_switch(tmp_path, monke
     """Between two timed sizes every row count runs on one kernel: with 2 and 4 rows
     streamed (3 padded to 4) and 5+ on oneDNN, 5 is timed too (it used to be priced halfway
     between 4 streamed and 6 on oneDNN); with 2 and 4 streamed and 3 on oneDNN, 3 and 5."""
-    from treeopt.models import dtype as dt
-
     model = tiny_causal_lm(num_layers=1)
     assert dt.routed_sizes(model) == dt.SIZES  # nothing packed
     pack_linear_layers(model)

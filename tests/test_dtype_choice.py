@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from treeopt.cli import show_notices
 from treeopt.models import dtype as dt
 from treeopt.testing import tiny_causal_lm
 
@@ -286,7 +287,6 @@ def test_a_measurement_says_so_once_on_stderr_and_a_cached_read_is_silent(tmp_pa
                                                                           capsys):
     """A first use on a new machine times forwards for a while: the command line says so
     (``treeopt: timing ...`` on stderr, via the library's log), once per measurement."""
-    from treeopt.cli import show_notices
     show_notices()
     show_notices()  # installed once: one line per notice
     model = tiny_causal_lm(num_layers=1)
