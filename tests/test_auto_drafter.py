@@ -26,9 +26,12 @@ from treeopt.drafters.auto import (
     best_chain,
     bucket,
     candidate_specs,
+    chain_expected,
+    copy_features,
 )
 from treeopt.drafters.model import ModelDrafter
 from treeopt.models.dtype import interpolate
+from treeopt.profile.copytable import CopyTable, Features, cell
 from treeopt.shapes import chain, kary
 from treeopt.testing import tiny_causal_lm
 from treeopt.tree import Tree
@@ -143,7 +146,7 @@ def count_up_step(a, text):
     made at this step's root (None when the candidate offered nothing)."""
     root = len(text) - 1
     prop = a.propose(text, 16, Sampling())
-    keys = [key for _, key, r, _, _ in a._pending if r == root]
+    keys = [p[1] for p in a._pending if p[2] == root]
     drafted = prop.tokens.tolist()[1:]
     ok = 0
     while ok < len(drafted) and drafted[ok] == text[-1] + 1 + ok:
@@ -169,6 +172,72 @@ def test_the_state_is_what_the_previous_proposal_says_of_the_text():
     assert a.stats["c"].hits[(auto_mod.ON_COPY, bucket(3))][1:4] == [1, 1, 0]
     a.start(torch.tensor([[1]]))
     assert a._state("c", text) == auto_mod.FRESH  # a new request starts afresh
+
+
+class Featured(Scripted):
+    """A scripted candidate that reports its tokens' copy features, as ``suffix`` does: the
+    d-th drafted token matched d + 2 tokens, estimated probability 0.8, rank 1."""
+
+    name = "featured"
+
+    def propose(self, committed, max_depth, sampling, generator=None):
+        prop = super().propose(committed, max_depth, sampling, generator)
+        n = prop.tree.size
+        self.last_draft = (list(prop.tree.parents),
+                           [None] + [Features(1, d + 2, 0.8) for d in range(1, n)])
+        return prop
+
+
+def test_copy_features_only_of_the_chain_just_proposed():
+    c = Featured([[4, 5, 6]])
+    assert copy_features(c, 3) is None  # nothing proposed yet
+    c.propose([1, 2, 3], 16, Sampling())
+    assert copy_features(c, 3) == [Features(1, 3, 0.8), Features(1, 4, 0.8),
+                                   Features(1, 5, 0.8)]
+    assert copy_features(c, 2) is None  # not the proposal offered
+    c.last_draft = ([-1, 0, 0, 1], [None] * 1 + [Features(1, 3, 0.8)] * 3)
+    assert copy_features(c, 3) is None  # a tree, not a chain
+    assert copy_features(Scripted([[1]]), 1) is None  # reports none
+
+
+def test_a_featured_candidate_counts_each_token_in_its_cell_and_is_not_scaled():
+    """Counts by hand: the text counts up; [2, 3, 9] hits depths 1 and 2 and misses 3;
+    [5, 6] then hits both. No (state, bucket) counts and no winner's scale for it: what it
+    was expected to deliver is the table's chain estimate itself."""
+    a = AutoDrafter([("c", Featured([[2, 3, 9], [5, 6]]))], FREE)
+    text = [1]
+    text, _ = count_up_step(a, text)
+    f = [Features(1, d + 2, 0.8) for d in range(1, 4)]
+    after_one = CopyTable()  # the counts of step 1, by hand
+    for key, hit in (((1, 4, 3, 1), True), ((1, 4, 4, 2), True), ((1, 4, 4, 3), False)):
+        after_one.add(key, hit)
+    assert (a.tables["c"].trials == after_one.trials).all()
+    assert (a.tables["c"].accepted == after_one.accepted).all()
+    assert a.calibration("c") != 1.0  # 2 tokens accepted of 7/8 expected...
+    text, _ = count_up_step(a, text)
+    assert text == list(range(1, 8))
+    # ...yet step 2's 2 tokens were expected as the table said, unscaled
+    assert a.realized["c"] == [4.0, pytest.approx(0.875 + chain_expected(after_one, f[:2])[2])]
+    assert chain_expected(after_one, f[:2])[1] == after_one.rate(cell(f[0], 1))
+    t = a.tables["c"]  # depth d's cell: match d + 2 (buckets 3 -> 3; 4, 5 -> 4)
+    assert [(int(t.trials[0, 4, m, d - 1]), int(t.accepted[0, 4, m, d - 1]))
+            for d, m in ((1, 3), (2, 4), (3, 4))] == [(2, 2), (2, 2), (1, 0)]
+    assert int(t.trials.sum()) == 5 and a.stats["c"].tries == {}
+
+
+def test_a_featured_candidate_drafts_where_its_cells_say_copies_are_accepted():
+    """Verifying 2 tokens costs 1.6 times one: with nothing known (a(cell) = 1/2) a 1-token
+    draft does not pay; with its cell's count saying 0.98, it does."""
+    dear = {1: 10.0, 2: 16.0, 17: 16.0}
+    fresh = AutoDrafter([("c", Featured([[2]]))], dear, max_draft=1)
+    assert fresh.propose([1], 16, Sampling()).tree.size == 1
+    known = AutoDrafter([("c", Featured([[2]]))], dear, max_draft=1)
+    known.tables["c"] = CopyTable()
+    for _ in range(400):
+        known.tables["c"].add((1, 4, 3, 1), True)
+    known.realized["c"] = [0.0, 100.0]  # a record that would scale MatchStats' estimates
+    assert known.calibration("c") < 0.05  # to nothing does not scale the table's
+    assert known.propose([1], 16, Sampling()).tree.size == 2
 
 
 def test_a_candidate_that_delivers_less_than_expected_is_scaled_down():

@@ -54,6 +54,26 @@ def test_estimate_is_the_shrinkage_by_hand():
     assert t.accept_prob(Features(2, 1, 0.5), 1) == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_one_cell_rate_is_the_estimate_there_as_counts_arrive(seed):
+    """``rate`` (running sums, O(1)) equals ``estimate`` (the whole table summed afresh)
+    exactly in every cell, on a random table and after random counts added one by one."""
+    rng = np.random.default_rng(seed)
+    trials = rng.integers(0, 4, ct.SHAPE)
+    t = CopyTable(trials, np.minimum(trials, rng.integers(0, 4, ct.SHAPE)))
+    keys = [(r + 1, q, m, d + 1) for r, q, m, d in np.ndindex(*ct.SHAPE)]
+
+    def agree():
+        est = t.estimate()
+        return all(t.rate(k) == est[k[0] - 1, k[1], k[2], k[3] - 1] for k in keys)
+
+    assert agree()
+    for i in rng.integers(0, len(keys), 300):
+        t.add(keys[i], bool(rng.integers(0, 2)))
+        t.rate(keys[i])  # read between counts, as auto does
+    assert agree()
+
+
 def test_round_trip_merge_and_profile_section(tmp_path):
     t = CopyTable(meta={"drafter": "suffix"})
     t.record([-1, 0, 1], [None, Features(1, 8, 1.0), Features(1, 9, 1.0)], [0, 1, 2])

@@ -33,11 +33,25 @@ of steps in a row (Qwen2.5-Coder answers to HumanEval prompts). The rates are sh
 three levels by ``prior`` pseudo-observations: a key's rate towards its state's rate at that
 depth, that towards the candidate's pooled rate, and that towards one half.
 
+A candidate that reports its drafted tokens' copy features (``suffix``: each token's rank, the
+length of the copy it continues, its frequency-estimated probability;
+``treeopt.profile.copytable``) is estimated finer: its shadow proposals are counted by
+feature cell in a :class:`~treeopt.profile.copytable.CopyTable` of its own, and a chain's
+expected tokens are the products of its tokens' cell estimates (shrunk towards coarser cells
+and one half, as for tune's copy tables). A chain that continues a long, frequent copy is then
+told from a guess after a one-token match, which the (state, bucket) key mixes: replayed along
+Qwen2.5-Coder-1.5B's greedy HumanEval answers with a float32 AVX2 curve, the (state, bucket)
+estimates drafted on a fifth of the steps where the suffix drafter's per-step lengths from
+tune's copy table drafted on two fifths, and decoded faster.
+
 Shadow statistics score every candidate at every step, but a candidate drafts where its
 estimate beat the others': the winner of several noisy estimates is over-estimated. Each copy
 candidate's expected tokens are therefore scaled by its own record on the steps it drafted
 (tokens accepted over tokens expected, ``CALIBRATION`` expected tokens of pseudo-evidence at
-1): that is f(c). The draft model's statistics come from its own steps only and need no
+1): that is f(c). A candidate estimated by feature cell keeps f(c) = 1: its cells already
+separate the proposals it wins with from the rest (replayed along SmolLM2's Spec-Bench
+answers the scale only made it draft less, and slower; along Qwen's HumanEval answers it
+changed nothing). The draft model's statistics come from its own steps only and need no
 such scale.
 
 Where drafting is nearly free (bfloat16 verification of a few tokens costs what one does),
@@ -95,6 +109,7 @@ from treeopt.models.dtype import (
     model_key,
     timed_context,
 )
+from treeopt.profile.copytable import CopyTable, Features, cell
 from treeopt.profile.model import LatencyCurve
 from treeopt.search.hardware import MonotoneCurve
 from treeopt.shapes import chain
@@ -241,6 +256,31 @@ def truncated(proposal: Proposal, k: int) -> Proposal:
                     proposal.forwards, fixed_shape=False)
 
 
+def copy_features(drafter: Drafter, offered: int) -> list[Features] | None:
+    """The copy features (``treeopt.profile.copytable``: rank, match length, estimated
+    probability) of the ``offered`` drafted tokens of the chain ``drafter`` has just
+    proposed, depth 1 first, when it reports them (``last_draft``: ``suffix`` does at every
+    proposal; ``ngram`` only while it sizes or records its steps); else None."""
+    last = getattr(drafter, "last_draft", None)
+    if last is None:
+        return None
+    parents, feats = last
+    if len(parents) != offered + 1 or list(parents) != list(range(-1, offered)) \
+            or any(f is None for f in feats[1:]):
+        return None
+    return list(feats[1:])
+
+
+def chain_expected(table: CopyTable, feats: Sequence[Features]) -> list[float]:
+    """[E[accepted tokens of a chain of j] for j = 0..len(feats)]: the products of the
+    table's acceptance a(cell) of each drafted token given its parent's, depth by depth."""
+    out, p = [0.0], 1.0
+    for d, f in enumerate(feats, start=1):
+        p *= table.rate(cell(f, d))
+        out.append(out[-1] + p)
+    return out
+
+
 class AutoDrafter(Drafter):
     """See the module docstring. ``copies``: (name, drafter) copy candidates drafting chains;
     ``model``: a ModelDrafter over a chain, or None; ``curve`` / ``draft_curve``: target and
@@ -286,8 +326,13 @@ class AutoDrafter(Drafter):
         self.model_hits = [0] * (MODEL_CHAIN + 1)  # of which depth d was accepted
         self.model_steps = 0
         self.model_dropped = model is None
-        # shadow proposals not yet scored: (candidate, (state, bucket), root, tokens, done)
-        self._pending: list[tuple[str, tuple[int, int], int, list[int], int]] = []
+        # per copy candidate that reports its drafted tokens' copy features: their
+        # acceptance by feature cell, counted online (``copy_features``)
+        self.tables: dict[str, CopyTable] = {}
+        # shadow proposals not yet scored: (candidate, (state, bucket), root, tokens, done,
+        # the tokens' features or None)
+        self._pending: list[tuple[str, tuple[int, int], int, list[int], int,
+                                  list[Features] | None]] = []
         self._last: dict[str, tuple[int, list[int]]] = {}  # candidate -> (root, tokens)
         # (candidate, k, expected accepted as estimated) of the last proposal
         self._used: tuple[str, int, float] | None = None
@@ -326,6 +371,7 @@ class AutoDrafter(Drafter):
         new = self.reshaped(None)
         new.copies = [(n, d.forked()) for n, d in self.copies]  # their pending outputs too
         new.stats = copy.deepcopy(self.stats)
+        new.tables = copy.deepcopy(self.tables)
         new.model_tries, new.model_hits = list(self.model_tries), list(self.model_hits)
         new.model_steps, new.model_dropped = self.model_steps, self.model_dropped
         new.realized = copy.deepcopy(self.realized)
@@ -343,18 +389,21 @@ class AutoDrafter(Drafter):
         """Score the pending shadow proposals against the committed tokens, depth by depth
         as far as the committed tokens reach; a proposal leaves at its first miss or end."""
         keep = []
-        for name, key, root, tokens, done in self._pending:
+        for name, key, root, tokens, done, feats in self._pending:
             known = committed[root + 1:root + 1 + len(tokens)]
             missed = False
             while done < len(known):
                 hit = known[done] == tokens[done]
                 done += 1
-                self.stats[name].add(key, done, hit)
+                if feats is None:
+                    self.stats[name].add(key, done, hit)
+                else:
+                    self.tables[name].add(cell(feats[done - 1], done), hit)
                 if not hit:
                     missed = True
                     break
             if not missed and done < len(tokens):
-                keep.append((name, key, root, tokens, done))
+                keep.append((name, key, root, tokens, done, feats))
         self._pending = keep
 
     def start(self, prompt_ids: torch.Tensor) -> None:
@@ -451,10 +500,15 @@ class AutoDrafter(Drafter):
                 continue
             key = (self._state(name, committed), bucket(offered))
             tokens = prop.tokens.tolist()[1:]
-            self._pending.append((name, key, root, tokens, 0))
+            feats = copy_features(d, offered)
+            self._pending.append((name, key, root, tokens, 0, feats))
             self._last[name] = (root, tokens)
-            exp = self.stats[name].expected(key, offered, self.prior)
-            f = self.calibration(name)
+            if feats is None:
+                exp = self.stats[name].expected(key, offered, self.prior)
+                f = self.calibration(name)
+            else:  # each token's own cell: no winner's scale (see the module docstring)
+                exp = chain_expected(self.tables.setdefault(name, CopyTable()), feats)
+                f = 1.0
             k, rate = best_chain([e * f for e in exp], offered, curve)
             if k and rate > best[2]:
                 best = (name, k, rate, prop, exp[k])
@@ -655,5 +709,5 @@ def auto_drafter(target, tokenizer=None, *, model: Drafter | None = None,
 
 
 __all__ = ["LONG_CONTEXT", "STALE", "STALE_STEPS", "AutoDrafter", "MatchStats", "at_context",
-           "auto_drafter", "best_chain", "bucket", "candidate_specs", "envelope", "read_tuned",
-           "remember_tune"]
+           "auto_drafter", "best_chain", "bucket", "candidate_specs", "chain_expected",
+           "copy_features", "envelope", "read_tuned", "remember_tune"]

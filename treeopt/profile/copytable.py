@@ -133,6 +133,9 @@ class CopyTable:
         if not isinstance(self.meta, dict):
             raise CopyTableError("copy table 'meta' must be an object")
         self._est: np.ndarray | None = None
+        # (trials, accepted) summed by rank, by (rank, prob), by (rank, prob, match): built by
+        # the first :meth:`rate`, then kept up to date by :meth:`add`
+        self._sums: list | None = None
 
     # ------------------------------------------------------------------ counting
     def add(self, key: tuple[int, int, int, int], accepted: bool) -> None:
@@ -141,6 +144,11 @@ class CopyTable:
         if accepted:
             self.accepted[r - 1, q, m, d - 1] += 1
         self._est = None
+        if self._sums is not None:
+            for t, a in self._sums:
+                idx = (r - 1, q, m)[:t.ndim]
+                t[idx] += 1
+                a[idx] += bool(accepted)
 
     def record(self, parents: Sequence[int], features: Sequence[Features | None],
                path: Sequence[int]) -> int:
@@ -187,6 +195,26 @@ class CopyTable:
         a2 = (a_rqm + k * a1[:, :, None]) / (t_rqm + k)
         self._est = (a + k * a2[:, :, :, None]) / (t + k)
         return self._est
+
+    def rate(self, key: tuple[int, int, int, int]) -> float:
+        """a(cell) of one cell ``key`` = :func:`cell`'s (rank, prob bucket, match bucket,
+        depth), equal to :meth:`estimate` there, from running sums: O(1) however often the
+        counts change between reads (``auto`` adds counts and reads a few cells every step,
+        where re-estimating the whole table would cost half a millisecond)."""
+        if self._sums is None:
+            t, a = self.trials, self.accepted
+            self._sums = [(t.sum(axis=(1, 2, 3)), a.sum(axis=(1, 2, 3))),
+                          (t.sum(axis=(2, 3)), a.sum(axis=(2, 3))),
+                          (t.sum(axis=3), a.sum(axis=3))]
+        r, q, m, d = key
+        k = PRIOR_TRIALS
+        (t_r, a_r), (t_rq, a_rq), (t_rqm, a_rqm) = self._sums
+        i = r - 1
+        a0 = (float(a_r[i]) + k * 0.5) / (float(t_r[i]) + k)
+        a1 = (float(a_rq[i, q]) + k * a0) / (float(t_rq[i, q]) + k)
+        a2 = (float(a_rqm[i, q, m]) + k * a1) / (float(t_rqm[i, q, m]) + k)
+        return (float(self.accepted[i, q, m, d - 1]) + k * a2) / \
+            (float(self.trials[i, q, m, d - 1]) + k)
 
     def accept_prob(self, features: Features, depth: int) -> float:
         """a(v) for one node (see :meth:`estimate`)."""
