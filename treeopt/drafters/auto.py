@@ -225,11 +225,17 @@ class MatchStats:
 
     def expected(self, key: tuple[int, int], k: int, prior: float) -> list[float]:
         """[E[accepted tokens of a chain of j] for j = 0..k] for ``key``."""
-        out, p = [0.0], 1.0
-        for d in range(1, k + 1):
-            p *= self.rate(key, d, prior)
-            out.append(out[-1] + p)
-        return out
+        return chain_sums(self.rate(key, d, prior) for d in range(1, k + 1))
+
+
+def chain_sums(rates) -> list[float]:
+    """[E[accepted tokens of a chain of j] for j = 0..len(rates)] from each depth's
+    acceptance given its parent's: the running sums of their running products."""
+    out, p = [0.0], 1.0
+    for r in rates:
+        p *= r
+        out.append(out[-1] + p)
+    return out
 
 
 def best_chain(expected_at: Sequence[float], offered: int, curve, extra_ms=None
@@ -265,8 +271,7 @@ def copy_features(drafter: Drafter, offered: int) -> list[Features] | None:
     if last is None:
         return None
     parents, feats = last
-    if len(parents) != offered + 1 or list(parents) != list(range(-1, offered)) \
-            or any(f is None for f in feats[1:]):
+    if list(parents) != list(range(-1, offered)) or any(f is None for f in feats[1:]):
         return None
     return list(feats[1:])
 
@@ -274,11 +279,7 @@ def copy_features(drafter: Drafter, offered: int) -> list[Features] | None:
 def chain_expected(table: CopyTable, feats: Sequence[Features]) -> list[float]:
     """[E[accepted tokens of a chain of j] for j = 0..len(feats)]: the products of the
     table's acceptance a(cell) of each drafted token given its parent's, depth by depth."""
-    out, p = [0.0], 1.0
-    for d, f in enumerate(feats, start=1):
-        p *= table.rate(cell(f, d))
-        out.append(out[-1] + p)
-    return out
+    return chain_sums(table.rate(cell(f, d)) for d, f in enumerate(feats, start=1))
 
 
 class AutoDrafter(Drafter):
@@ -329,9 +330,9 @@ class AutoDrafter(Drafter):
         # per copy candidate that reports its drafted tokens' copy features: their
         # acceptance by feature cell, counted online (``copy_features``)
         self.tables: dict[str, CopyTable] = {}
-        # shadow proposals not yet scored: (candidate, (state, bucket), root, tokens, done,
-        # the tokens' features or None)
-        self._pending: list[tuple[str, tuple[int, int], int, list[int], int,
+        # shadow proposals not yet scored: (candidate, (state, bucket) or None, root, tokens,
+        # done, the tokens' features or None)
+        self._pending: list[tuple[str, tuple[int, int] | None, int, list[int], int,
                                   list[Features] | None]] = []
         self._last: dict[str, tuple[int, list[int]]] = {}  # candidate -> (root, tokens)
         # (candidate, k, expected accepted as estimated) of the last proposal
@@ -460,7 +461,7 @@ class AutoDrafter(Drafter):
         reached yet keeps what the deepest reached one learned: without a prior its rate,
         with one its ratio to the prior (a chain drafted 4 deep where the draft accepts more
         than tune measured would otherwise never learn that 6 deep pays)."""
-        exp, p = [0.0], 1.0
+        rates = []
         rate, ratio = 0.5, 1.0
         prior = self.model_prior
         for d in range(1, offered + 1):
@@ -475,10 +476,9 @@ class AutoDrafter(Drafter):
                     rate = min(1.0, q * ratio)
             elif d <= MODEL_CHAIN and self.model_tries[d]:
                 rate = (self.model_hits[d] + 1.0) / (self.model_tries[d] + 2.0)
-            p *= rate
-            exp.append(exp[-1] + p)
+            rates.append(rate)
         per_level = interpolate(self.draft_curve, 1)
-        return best_chain(exp, offered, curve, lambda k: k * per_level)
+        return best_chain(chain_sums(rates), offered, curve, lambda k: k * per_level)
 
     def propose(self, committed: Sequence[int], max_depth: int, sampling: Sampling,
                 generator: torch.Generator | None = None) -> Proposal:
@@ -498,9 +498,11 @@ class AutoDrafter(Drafter):
             if offered < 1:
                 self._last.pop(name, None)
                 continue
-            key = (self._state(name, committed), bucket(offered))
             tokens = prop.tokens.tolist()[1:]
             feats = copy_features(d, offered)
+            # the (state, bucket) key only for a candidate its features do not estimate
+            key = None if feats is not None else \
+                (self._state(name, committed), bucket(offered))
             self._pending.append((name, key, root, tokens, 0, feats))
             self._last[name] = (root, tokens)
             if feats is None:
@@ -710,4 +712,4 @@ def auto_drafter(target, tokenizer=None, *, model: Drafter | None = None,
 
 __all__ = ["LONG_CONTEXT", "STALE", "STALE_STEPS", "AutoDrafter", "MatchStats", "at_context",
            "auto_drafter", "best_chain", "bucket", "candidate_specs", "chain_expected",
-           "copy_features", "envelope", "read_tuned", "remember_tune"]
+           "chain_sums", "copy_features", "envelope", "read_tuned", "remember_tune"]

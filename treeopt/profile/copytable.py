@@ -77,6 +77,12 @@ MAX_FILE_BYTES = 64 << 20
 MODES = ("online", "teacher-forced", "merged")
 
 
+def _shrunk(accepted, trials, towards):
+    """The shrinkage of one level (arrays or numbers alike): ``accepted`` of ``trials`` with
+    ``PRIOR_TRIALS`` pseudo-trials at ``towards``."""
+    return (accepted + PRIOR_TRIALS * towards) / (trials + PRIOR_TRIALS)
+
+
 class CopyTableError(TreeoptError, ValueError):
     """A copy-acceptance table that is malformed or cannot be merged; one line."""
 
@@ -185,15 +191,11 @@ class CopyTable:
         of the module docstring (cached until the counts change)."""
         if self._est is not None:
             return self._est
-        k = PRIOR_TRIALS
         t, a = self.trials.astype(np.float64), self.accepted.astype(np.float64)
-        t_r, a_r = t.sum(axis=(1, 2, 3)), a.sum(axis=(1, 2, 3))
-        a0 = (a_r + k * 0.5) / (t_r + k)
-        t_rq, a_rq = t.sum(axis=(2, 3)), a.sum(axis=(2, 3))
-        a1 = (a_rq + k * a0[:, None]) / (t_rq + k)
-        t_rqm, a_rqm = t.sum(axis=3), a.sum(axis=3)
-        a2 = (a_rqm + k * a1[:, :, None]) / (t_rqm + k)
-        self._est = (a + k * a2[:, :, :, None]) / (t + k)
+        a0 = _shrunk(a.sum(axis=(1, 2, 3)), t.sum(axis=(1, 2, 3)), 0.5)
+        a1 = _shrunk(a.sum(axis=(2, 3)), t.sum(axis=(2, 3)), a0[:, None])
+        a2 = _shrunk(a.sum(axis=3), t.sum(axis=3), a1[:, :, None])
+        self._est = _shrunk(a, t, a2[:, :, :, None])
         return self._est
 
     def rate(self, key: tuple[int, int, int, int]) -> float:
@@ -207,19 +209,15 @@ class CopyTable:
                           (t.sum(axis=(2, 3)), a.sum(axis=(2, 3))),
                           (t.sum(axis=3), a.sum(axis=3))]
         r, q, m, d = key
-        k = PRIOR_TRIALS
-        (t_r, a_r), (t_rq, a_rq), (t_rqm, a_rqm) = self._sums
-        i = r - 1
-        a0 = (float(a_r[i]) + k * 0.5) / (float(t_r[i]) + k)
-        a1 = (float(a_rq[i, q]) + k * a0) / (float(t_rq[i, q]) + k)
-        a2 = (float(a_rqm[i, q, m]) + k * a1) / (float(t_rqm[i, q, m]) + k)
-        return (float(self.accepted[i, q, m, d - 1]) + k * a2) / \
-            (float(self.trials[i, q, m, d - 1]) + k)
+        towards = 0.5
+        for (t, a), idx in zip(self._sums, ((r - 1,), (r - 1, q), (r - 1, q, m))):
+            towards = _shrunk(float(a[idx]), float(t[idx]), towards)
+        i = (r - 1, q, m, d - 1)
+        return _shrunk(float(self.accepted[i]), float(self.trials[i]), towards)
 
     def accept_prob(self, features: Features, depth: int) -> float:
         """a(v) for one node (see :meth:`estimate`)."""
-        r, q, m, d = cell(features, depth)
-        return float(self.estimate()[r - 1, q, m, d - 1])
+        return self.rate(cell(features, depth))
 
     def by_depth(self, rank: int = 1) -> list[tuple[int, int, int]]:
         """(depth, trials, accepted) of ``rank`` summed over the other features, for every
