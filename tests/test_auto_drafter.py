@@ -593,6 +593,58 @@ def test_a_draft_model_that_cannot_pay_never_runs_its_prefill():
         assert (a.run_steps.get("model", 0) > 0) is pays
 
 
+def test_the_suffix_candidate_starts_from_a_cached_tune_copy_table(tmp_path, monkeypatch):
+    """A copy table cached for (target, drafter name, machine, dtype) reads back exactly; a
+    damaged, foreign or oversized file reads as nothing. ``auto`` built from the cache starts
+    its suffix candidate's counts there (a copy: the cached table is not counted into) and
+    says so; where verifying 2 tokens costs 1.6 times one, a table whose cells say copies
+    are accepted makes it draft from the very first step (from nothing, one half per cell,
+    it does not), greedy-exact. A private copy for a replay starts from nothing (a tune's
+    table was measured on the prompts it replays)."""
+    from treeopt.profile.replay import private
+
+    monkeypatch.setenv("TREEOPT_CACHE", str(tmp_path))
+    target = tiny()
+    table = CopyTable()
+    table.trials[0], table.accepted[0] = 50, 50  # every rank-1 cell: 50 of 50 accepted
+    path = auto_mod.remember_copy_table(target, "suffix", table, tmp_path)
+    got = auto_mod.read_copy_table(target, "suffix", tmp_path)
+    assert (got.trials == table.trials).all() and (got.accepted == table.accepted).all()
+    assert auto_mod.read_copy_table(target, "ngram", tmp_path) is None
+    assert auto_mod.read_copy_table(tiny_causal_lm(vocab_size=16, num_layers=2, seed=3),
+                                    "suffix", tmp_path) is None  # another target
+    built = build_drafter("auto", target=target)
+    assert built.tables["suffix"] is not built.start_tables["suffix"]
+    assert (built.tables["suffix"].trials == table.trials).all()
+    assert set(built.tables) == {"suffix"}
+    ids = torch.tensor([PROMPTS[0]])
+    assert generate(target, built, ids, max_new_tokens=20).tokens == \
+        generate(target, None, ids, max_new_tokens=20).tokens
+    assert f"suffix from tune's copy table ({7 * 12 * 64 * 50} trials)" in built.choice()
+    assert (auto_mod.read_copy_table(target, "suffix", tmp_path).trials == 50 * (
+        table.trials > 0)).all()  # the cache itself never counted into
+    assert (built.reshaped(None).tables["suffix"].trials == table.trials).all()
+    mine = private(built)
+    assert mine.tables == {} and mine.start_tables == {}
+    dear = {1: 10.0, 2: 16.0, 17: 160.0}
+
+    def first_step(tables):
+        a = AutoDrafter([("suffix", build_drafter("suffix", target=target, tree=chain(16)))],
+                        dear, tables=tables)
+        a.start(ids)
+        return a.propose(PROMPTS[0], 16, Sampling()).tree.size
+
+    assert first_step(None) == 1 and first_step({"suffix": table}) > 1
+    monkeypatch.setattr(auto_mod, "MAX_TABLE_BYTES", 100)
+    assert auto_mod.read_copy_table(target, "suffix", tmp_path) is None
+    monkeypatch.undo()
+    path.write_text(path.read_text()[:-40])
+    assert auto_mod.read_copy_table(target, "suffix", tmp_path) is None
+    data = json.loads(json.dumps({"version": 1, "identity": {}, "copy": table.to_dict()}))
+    path.write_text(json.dumps(data))
+    assert auto_mod.read_copy_table(target, "suffix", tmp_path) is None
+
+
 def test_tune_of_a_pair_remembers_its_draft_for_auto(tmp_path):
     """``tune`` given a Pair (as bench_choice calls it) caches the draft's acceptance under
     the pair's draft spec, as it does for a spec, so ``auto:draft=SPEC`` starts from it

@@ -27,11 +27,18 @@ def workspace(tmp_path_factory):
 
 
 @pytest.mark.parametrize("draft", ["ngram", "suffix"])
-def test_tune_writes_a_copy_table_that_decodes_exactly(workspace, tmp_path, capsys, draft):
+def test_tune_writes_a_copy_table_that_decodes_exactly(workspace, tmp_path, capsys, draft,
+                                                       monkeypatch):
+    """... and a greedy ``tune --draft suffix`` caches its table for ``auto``'s suffix
+    candidate to start from (``ngram``'s is not cached: ``auto`` estimates its n-gram
+    candidates without features)."""
     from transformers import AutoModelForCausalLM
 
     from treeopt.decode.drafter import build_drafter
     from treeopt.decode.engine import generate
+    from treeopt.drafters.auto import read_copy_table
+
+    monkeypatch.setenv("TREEOPT_CACHE", str(tmp_path / "cache"))
 
     out = tmp_path / "run"
     assert main(["tune", "--target", str(workspace / "tiny"), "--draft", draft, "--device",
@@ -51,6 +58,14 @@ def test_tune_writes_a_copy_table_that_decodes_exactly(workspace, tmp_path, caps
     ids = torch.tensor([[40, 41, 42, 40, 41, 42, 40]])
     assert generate(target, drafter, ids, max_new_tokens=20).tokens == \
         generate(target, None, ids, max_new_tokens=20).tokens
+    cached = read_copy_table(target, draft, tmp_path / "cache")
+    if draft == "suffix":
+        assert (cached.trials == table.trials).all() and \
+            (cached.accepted == table.accepted).all()
+        assert (build_drafter("auto", target=target).tables["suffix"].trials
+                == table.trials).all()
+    else:
+        assert cached is None
 
 
 @pytest.mark.parametrize("mode", ["online", "teacher-forced"])

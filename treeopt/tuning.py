@@ -35,7 +35,14 @@ from treeopt.api import (
 from treeopt.datasets import Prompt, load_prompts, select
 from treeopt.decode.drafter import build_drafter, registered, respec
 from treeopt.decode.sampling import GREEDY, Sampling
-from treeopt.drafters.auto import MARGIN, MAX_DRAFT, auto_drafter, remember_tune
+from treeopt.drafters.auto import (
+    MARGIN,
+    MAX_DRAFT,
+    SUFFIX,
+    auto_drafter,
+    remember_copy_table,
+    remember_tune,
+)
 from treeopt.errors import TreeoptError
 from treeopt.growmap import save_growmap
 from treeopt.limits import check_nodes
@@ -574,6 +581,9 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
             files["treeset"] = save_treeset(found.treeset, out / "treeset.json")
             summary["treeset_file"] = files["treeset"].name
     remember_for_auto(pair, draft, found.rank_table, pred, tree)
+    if copy_table is not None and samp.greedy and pair.drafter.name == SUFFIX[0]:
+        # auto's suffix candidate starts from it (``treeopt.drafters.auto``)
+        remember_copy_table(pair.target, SUFFIX[0], copy_table[0], cache_dir())
     seconds["total"] = round(time.perf_counter() - t0, 1)
     summary["seconds"] = seconds
     if out is not None:

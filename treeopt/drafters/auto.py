@@ -42,7 +42,11 @@ and one half, as for tune's copy tables). A chain that continues a long, frequen
 told from a guess after a one-token match, which the (state, bucket) key mixes: replayed along
 Qwen2.5-Coder-1.5B's greedy HumanEval answers with a float32 AVX2 curve, the (state, bucket)
 estimates drafted on a fifth of the steps where the suffix drafter's per-step lengths from
-tune's copy table drafted on two fifths, and decoded faster.
+tune's copy table drafted on two fifths, and decoded faster. Where a greedy ``tune --draft
+suffix`` ran for the same target, machine and dtype, the ``suffix`` candidate's table starts
+from the counts it measured on its prompts (cached by :func:`remember_copy_table`) instead of
+from nothing: a short answer in a fresh process then drafts from the first step what the
+tune's prompts taught, and the counts go on from there.
 
 Shadow statistics score every candidate at every step, but a candidate drafts where its
 estimate beat the others': the winner of several noisy estimates is over-estimated. Each copy
@@ -298,7 +302,8 @@ class AutoDrafter(Drafter):
                  explore: int = EXPLORE, dtype: str = "",
                  model_prior: Sequence[float] | None = None, prior_weight: float = 8.0,
                  long_curve: dict[int, float] | None = None,
-                 contexts: tuple[int, int] = (CONTEXT, LONG_CONTEXT)):
+                 contexts: tuple[int, int] = (CONTEXT, LONG_CONTEXT),
+                 tables: Mapping[str, CopyTable] | None = None):
         check_curve(curve, "auto drafter: target latency curve")
         if long_curve is not None:
             check_curve(long_curve, "auto drafter: target latency curve at a long context")
@@ -328,8 +333,10 @@ class AutoDrafter(Drafter):
         self.model_steps = 0
         self.model_dropped = model is None
         # per copy candidate that reports its drafted tokens' copy features: their
-        # acceptance by feature cell, counted online (``copy_features``)
-        self.tables: dict[str, CopyTable] = {}
+        # acceptance by feature cell, counted online (``copy_features``), from the counts of
+        # ``tables`` (a tune's, :func:`read_copy_table`) where given
+        self.start_tables = {name: t for name, t in (tables or {}).items()}
+        self.tables: dict[str, CopyTable] = copy.deepcopy(self.start_tables)
         # shadow proposals not yet scored: (candidate, (state, bucket) or None, root, tokens,
         # done, the tokens' features or None)
         self._pending: list[tuple[str, tuple[int, int] | None, int, list[int], int,
@@ -364,7 +371,7 @@ class AutoDrafter(Drafter):
                            margin=self.margin, prior=self.prior, explore=self.explore,
                            dtype=self.dtype, model_prior=self.model_prior,
                            prior_weight=self.prior_weight, long_curve=self.long_curve,
-                           contexts=self.contexts)
+                           contexts=self.contexts, tables=self.start_tables)
 
     def forked(self) -> "AutoDrafter":
         """A copy with this drafter's statistics so far, copied, and forked copy candidates:
@@ -597,6 +604,8 @@ class AutoDrafter(Drafter):
                 parts.append(f"{name} {n}/{total} steps ({self.drafted.get(name, 0) / n:.1f} "
                              "drafted)")
         extra = f", {self.dtype}" if self.dtype else ""
+        for name, table in sorted(self.start_tables.items()):
+            extra += f", {name} from tune's copy table ({table.total_trials} trials)"
         ms = interpolate(self.curve, 1)
         dropped = "" if self.model_drafter is None else (
             ", draft model dropped" if self.model_dropped else ", draft model kept")
@@ -612,14 +621,15 @@ class AutoDrafter(Drafter):
 
 
 # ------------------------------------------------------------------ tune results
-def tuned_path(target, draft: str, folder: Path) -> tuple[Path, dict]:
+def tuned_path(target, draft: str, folder: Path, kind: str = "tuned") -> tuple[Path, dict]:
     """(file, identity) of the tune result for (target as loaded, draft spec, machine,
-    dtype) in treeopt's cache folder."""
+    dtype) in treeopt's cache folder (``kind``: ``tuned``, a draft model's acceptance;
+    ``copytable``, a copy drafter's table)."""
     params = next(target.parameters())
     ident = {"target": model_key(target), "draft": str(draft).strip(),
              "dtype": str(params.dtype).removeprefix("torch."),
              "machine": machine(params.device)}
-    return cache_file(folder, "tuned", ident), ident
+    return cache_file(folder, kind, ident), ident
 
 
 def remember_tune(target, draft: str, rank_table, prediction, tree, folder: Path) -> Path:
@@ -634,23 +644,53 @@ def remember_tune(target, draft: str, rank_table, prediction, tree, folder: Path
     return path
 
 
-def read_tuned(target, draft: str, folder: Path) -> dict | None:
-    """The cached tune result for (target, draft, machine, dtype), or None (absent, damaged,
-    another identity, values out of range)."""
-    path, ident = tuned_path(target, draft, folder)
+def _cached(path: Path, ident: dict, max_bytes: int, parse):
+    """``parse(data)`` of the cache file ``path`` when it is version 1 of identity ``ident``
+    and at most ``max_bytes``; None when absent, larger, damaged or foreign, or when
+    ``parse`` finds its values out of range (it raises ValueError, TypeError or KeyError)."""
     try:
-        if not path.is_file() or path.stat().st_size > 1 << 16:
+        if not path.is_file() or path.stat().st_size > max_bytes:
             return None
         data = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(data, dict) or data.get("version") != 1 \
                 or data.get("identity") != ident:
             return None
+        return parse(data)
+    except (OSError, ValueError, TypeError, KeyError, UnicodeDecodeError):
+        return None
+
+
+def read_tuned(target, draft: str, folder: Path) -> dict | None:
+    """The cached tune result for (target, draft, machine, dtype), or None (absent, damaged,
+    another identity, values out of range)."""
+    def parse(data):
         p1 = [float(x) for x in data["p1_by_depth"]]
         if not p1 or not all(0.0 <= x <= 1.0 for x in p1):
             return None
         return {"p1_by_depth": p1, "predicted_speedup": float(data["predicted_speedup"])}
-    except (OSError, ValueError, TypeError, KeyError, UnicodeDecodeError):
-        return None
+
+    return _cached(*tuned_path(target, draft, folder), 1 << 16, parse)
+
+
+#: Largest cached copy table read (a full table is about 0.5 MiB of JSON).
+MAX_TABLE_BYTES = 4 << 20
+
+
+def remember_copy_table(target, name: str, table: CopyTable, folder: Path) -> Path:
+    """Cache the copy table a greedy ``tune --draft NAME`` measured on its prompts, for
+    (target, drafter name, machine, dtype): ``auto``'s candidate of that name starts its
+    counts from it (written atomically)."""
+    path, ident = tuned_path(target, name, folder, "copytable")
+    text = json.dumps({"version": 1, "identity": ident, "copy": table.to_dict()}) + "\n"
+    atomic_write(path, lambda fh: fh.write(text), binary=False)
+    return path
+
+
+def read_copy_table(target, name: str, folder: Path) -> CopyTable | None:
+    """The cached copy table for (target, drafter name, machine, dtype), or None (absent,
+    damaged, too large, another identity)."""
+    return _cached(*tuned_path(target, name, folder, "copytable"), MAX_TABLE_BYTES,
+                   lambda data: CopyTable.from_dict(data["copy"]))
 
 
 def candidate_specs() -> list[tuple[str, str]]:
@@ -691,7 +731,9 @@ def auto_drafter(target, tokenizer=None, *, model: Drafter | None = None,
     drafter ``model`` (drafting chains of ``MODEL_CHAIN``; the model is shared) with its
     cached curve, starting from ``model_prior`` (top-1 acceptance by depth, as a tune
     measured it). ``auto:draft=SPEC`` builds it from the cached tune result; ``tune`` from
-    the acceptance it has just measured, to replay it."""
+    the acceptance it has just measured, to replay it. The ``suffix`` candidate starts from
+    the cached copy table of a greedy ``tune --draft suffix`` (:func:`read_copy_table`),
+    when there is one."""
     shape = chain(draft_tokens=max_draft)
     copies = [(name, build_drafter(spec, target=target, tokenizer=tokenizer, tree=shape))
               for name, spec in candidate_specs()]
@@ -705,11 +747,18 @@ def auto_drafter(target, tokenizer=None, *, model: Drafter | None = None,
         model = model.reshaped(chain(draft_tokens=MODEL_CHAIN))
         draft_curve = latency_curve(model.model, folder)
     dtype = str(next(target.parameters()).dtype).removeprefix("torch.")
+    tables = {}
+    for name, _ in copies:
+        table = read_copy_table(target, name, folder) if name == SUFFIX[0] else None
+        if table is not None and table.total_trials:
+            tables[name] = table
     return AutoDrafter(copies, curve, model=model, draft_curve=draft_curve,
                        max_draft=max_draft, margin=margin, dtype=dtype,
-                       model_prior=model_prior, long_curve=long_curve, contexts=contexts)
+                       model_prior=model_prior, long_curve=long_curve, contexts=contexts,
+                       tables=tables)
 
 
 __all__ = ["LONG_CONTEXT", "STALE", "STALE_STEPS", "AutoDrafter", "MatchStats", "at_context",
            "auto_drafter", "best_chain", "bucket", "candidate_specs", "chain_expected",
-           "chain_sums", "copy_features", "envelope", "read_tuned", "remember_tune"]
+           "chain_sums", "copy_features", "envelope", "read_copy_table", "read_tuned",
+           "remember_copy_table", "remember_tune"]

@@ -84,8 +84,9 @@ def private(drafter: Drafter, shape: Tree | None = None, *, sized: bool = True) 
     request index, no recorder, and an empty global suffix trie of its own that keeps no
     file (the drafter's may already hold the very continuations being replayed: ``tune``
     profiled them; a replay builds it from its own prompts, as a fresh run does). An
-    ``auto`` drafter is rebuilt with fresh statistics and its copy candidates made private
-    the same way. ``sized=False`` drops a per-step sizer (a fixed shape drafted whole)."""
+    ``auto`` drafter is rebuilt with fresh statistics, no cached copy table to start from
+    (for the same reason) and its copy candidates made private the same way.
+    ``sized=False`` drops a per-step sizer (a fixed shape drafted whole)."""
     try:  # ``auto`` reshaped to its own (None) shape: fresh statistics and candidates
         new = drafter.reshaped(shape if shape is not None else drafter.shape)
     except DrafterError:
@@ -102,9 +103,12 @@ def private(drafter: Drafter, shape: Tree | None = None, *, sized: bool = True) 
 
 def _own_state(drafter: Drafter) -> None:
     """No recorder and an empty global trie of its own, for ``drafter`` and for the copy
-    candidates of an ``auto`` drafter."""
+    candidates of an ``auto`` drafter, and no copy table an ``auto`` drafter would start from
+    (a tune's, measured on the prompts ``tune`` replays)."""
     if hasattr(drafter, "recorder"):
         drafter.recorder = None
+    if getattr(drafter, "start_tables", None):
+        drafter.start_tables, drafter.tables = {}, {}
     if hasattr(getattr(drafter, "cache", None), "empty_copy"):  # a global suffix trie
         drafter.cache = drafter.cache.empty_copy()
     for _, candidate in getattr(drafter, "copies", None) or ():
