@@ -335,7 +335,7 @@ class AutoDrafter(Drafter):
         # per copy candidate that reports its drafted tokens' copy features: their
         # acceptance by feature cell, counted online (``copy_features``), from the counts of
         # ``tables`` (a tune's, :func:`read_copy_table`) where given
-        self.start_tables = {name: t for name, t in (tables or {}).items()}
+        self.start_tables = dict(tables or {})
         self.tables: dict[str, CopyTable] = copy.deepcopy(self.start_tables)
         # shadow proposals not yet scored: (candidate, (state, bucket) or None, root, tokens,
         # done, the tokens' features or None)
@@ -632,16 +632,21 @@ def tuned_path(target, draft: str, folder: Path, kind: str = "tuned") -> tuple[P
     return cache_file(folder, kind, ident), ident
 
 
+def _store(path: Path, ident: dict, fields: dict, indent: int | None = None) -> Path:
+    """Write ``fields`` to the cache file ``path`` as version 1 of identity ``ident``
+    (atomically): what :func:`_cached` reads back."""
+    text = json.dumps({"version": 1, "identity": ident, **fields}, indent=indent) + "\n"
+    atomic_write(path, lambda fh: fh.write(text), binary=False)
+    return path
+
+
 def remember_tune(target, draft: str, rank_table, prediction, tree, folder: Path) -> Path:
     """Cache what ``tune`` found for (target, draft, machine, dtype): the top-1 acceptance
     by depth, the predicted speed-up and the tree's shape (written atomically)."""
-    path, ident = tuned_path(target, draft, folder)
     p1 = [float(row[0]) if len(row) else 0.0 for row in rank_table]
-    text = json.dumps({"version": 1, "identity": ident, "p1_by_depth": p1,
-                       "predicted_speedup": float(prediction.speedup), "size": tree.size,
-                       "depth": tree.depth}, indent=1) + "\n"
-    atomic_write(path, lambda fh: fh.write(text), binary=False)
-    return path
+    return _store(*tuned_path(target, draft, folder),
+                  {"p1_by_depth": p1, "predicted_speedup": float(prediction.speedup),
+                   "size": tree.size, "depth": tree.depth}, indent=1)
 
 
 def _cached(path: Path, ident: dict, max_bytes: int, parse):
@@ -680,10 +685,7 @@ def remember_copy_table(target, name: str, table: CopyTable, folder: Path) -> Pa
     """Cache the copy table a greedy ``tune --draft NAME`` measured on its prompts, for
     (target, drafter name, machine, dtype): ``auto``'s candidate of that name starts its
     counts from it (written atomically)."""
-    path, ident = tuned_path(target, name, folder, "copytable")
-    text = json.dumps({"version": 1, "identity": ident, "copy": table.to_dict()}) + "\n"
-    atomic_write(path, lambda fh: fh.write(text), binary=False)
-    return path
+    return _store(*tuned_path(target, name, folder, "copytable"), {"copy": table.to_dict()})
 
 
 def read_copy_table(target, name: str, folder: Path) -> CopyTable | None:
@@ -747,11 +749,9 @@ def auto_drafter(target, tokenizer=None, *, model: Drafter | None = None,
         model = model.reshaped(chain(draft_tokens=MODEL_CHAIN))
         draft_curve = latency_curve(model.model, folder)
     dtype = str(next(target.parameters()).dtype).removeprefix("torch.")
-    tables = {}
-    for name, _ in copies:
-        table = read_copy_table(target, name, folder) if name == SUFFIX[0] else None
-        if table is not None and table.total_trials:
-            tables[name] = table
+    table = read_copy_table(target, SUFFIX[0], folder) \
+        if any(name == SUFFIX[0] for name, _ in copies) else None
+    tables = {SUFFIX[0]: table} if table is not None and table.total_trials else {}
     return AutoDrafter(copies, curve, model=model, draft_curve=draft_curve,
                        max_draft=max_draft, margin=margin, dtype=dtype,
                        model_prior=model_prior, long_curve=long_curve, contexts=contexts,
