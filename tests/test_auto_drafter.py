@@ -645,6 +645,48 @@ def test_the_suffix_candidate_starts_from_a_cached_tune_copy_table(tmp_path, mon
     assert auto_mod.read_copy_table(target, "suffix", tmp_path) is None
 
 
+def test_a_corpus_candidate_drafts_what_the_text_so_far_does_not_hold(tmp_path, monkeypatch):
+    """``auto:datastore=PATH`` adds the corpus as one more copy candidate: on a prompt whose
+    continuation the corpus holds (the target's own, from another run) and the prompt does
+    not, it drafts from the corpus, accepts more tokens per step than ``auto`` without it
+    and decodes greedy-exact; the store is loaded once and shared by reshaped and forked
+    copies and by a replay's private one; a missing file or an empty path is a one-line
+    error."""
+    from treeopt.drafters.datastore import Datastore
+    from treeopt.errors import TreeoptError
+    from treeopt.profile.replay import private
+
+    monkeypatch.setenv("TREEOPT_CACHE", str(tmp_path))
+    target = tiny()
+    prompt = list(range(2, 15))  # no token repeats: the copy candidates find nothing in it
+    ref = generate(target, None, torch.tensor([prompt]), max_new_tokens=30).tokens
+    store = Datastore.from_token_lists([prompt + ref, [1, 1, 2]], max_n=4)
+    path = store.save(tmp_path / "store.npz")
+    built = build_drafter(f"auto:datastore={path}", target=target)
+    names = [n for n, _ in built.copies]
+    assert names[-1] == auto_mod.DATASTORE and names[:-1] == [n for n, _ in candidate_specs()]
+    corpus = dict(built.copies)["datastore"]
+    assert corpus.shape == chain(draft_tokens=16)
+    for other in (built.reshaped(chain(5)), built.forked(), private(built)):
+        assert dict(other.copies)["datastore"].store is corpus.store
+    assert dict(built.reshaped(chain(5)).copies)["datastore"].shape == chain(draft_tokens=4)
+
+    def decode(drafter):
+        a = AutoDrafter(copies(target) + drafter, FREE)
+        out = generate(target, a, torch.tensor([prompt]), max_new_tokens=30)
+        assert out.tokens == ref
+        return a, out.stats.tokens_per_step
+
+    with_corpus, rate = decode([("datastore", corpus.reshaped(chain(draft_tokens=16)))])
+    without, rate0 = decode([])
+    assert with_corpus.steps.get("datastore", 0) > 0 and "datastore" in with_corpus.choice()
+    assert rate > rate0
+    with pytest.raises(TreeoptError, match="missing.npz"):
+        build_drafter(f"auto:datastore={tmp_path / 'missing.npz'}", target=target)
+    with pytest.raises(DrafterError, match="datastore= needs a file"):
+        build_drafter("auto:datastore=", target=target)
+
+
 def test_tune_of_a_pair_remembers_its_draft_for_auto(tmp_path):
     """``tune`` given a Pair (as bench_choice calls it) caches the draft's acceptance under
     the pair's draft spec, as it does for a spec, so ``auto:draft=SPEC`` starts from it

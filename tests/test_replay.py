@@ -425,6 +425,30 @@ def test_other_drafters_and_their_decode_spec(target, tmp_path):
     assert twin.stats["ngram"].tries != again.stats["ngram"].tries
 
 
+def test_tuning_a_datastore_replays_auto_with_that_corpus(target, tmp_path):
+    """``tune --draft datastore:PATH`` replays ``auto:datastore=(PATH)`` (its decode spec),
+    whose candidates include that corpus; a datastore given as an object (no spec) replays
+    ``auto`` over the copies alone."""
+    from types import SimpleNamespace
+
+    from treeopt.drafters.datastore import Datastore
+    from treeopt.tuning import other_drafters
+
+    path = Datastore.from_token_lists([[40, 41, 42, 43] * 3], max_n=3).save(
+        tmp_path / "a store.npz")
+    spec = f"datastore:{path}"
+    pair = SimpleNamespace(drafter=build_drafter(spec, target=target), target=target,
+                           tokenizer=None, draft_spec=spec)
+    others = dict(other_drafters(pair))
+    assert list(others) == [f"auto:datastore=({path})", "suffix", "ngram"]
+    auto = others[f"auto:datastore=({path})"]
+    assert [n for n, _ in auto.copies][-1] == "datastore"
+    assert list(dict(other_drafters(pair, 6))) == [f"auto:datastore=({path}),max=6",
+                                                   "suffix:max=6", "ngram"]
+    pair.draft_spec = None
+    assert list(dict(other_drafters(pair)))[0] == "auto"
+
+
 def test_a_draft_model_is_weighed_against_the_copy_drafters(target):
     """A drafter that runs a model cannot be replayed; tune then replays the model-free
     drafters along the same continuations and keeps the fastest of them when it beats the

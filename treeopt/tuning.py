@@ -33,9 +33,10 @@ from treeopt.api import (
     load_pair,
 )
 from treeopt.datasets import Prompt, load_prompts, select
-from treeopt.decode.drafter import build_drafter, registered, respec
+from treeopt.decode.drafter import build_drafter, registered, respec, split_spec
 from treeopt.decode.sampling import GREEDY, Sampling
 from treeopt.drafters.auto import (
+    DATASTORE,
     MARGIN,
     MAX_DRAFT,
     SUFFIX,
@@ -732,18 +733,31 @@ OTHER_DRAFTERS = ("auto", "suffix", "ngram")
 
 def other_drafters(pair, most: int = REPLAY_MAX_CHAIN) -> list[tuple[str, object]]:
     """(spec, drafter) of every ``OTHER_DRAFTERS`` entry that is registered, is not the
-    drafter tuned, and can be replayed (``auto`` without a draft model: copies only); the
-    drafters that size their own steps capped at ``most`` drafted tokens when that is below
+    drafter tuned, and can be replayed (``auto`` without a draft model: copies only, and the
+    corpus when a ``datastore:PATH`` is tuned: ``auto:datastore=(PATH)``); the drafters that
+    size their own steps capped at ``most`` drafted tokens when that is below
     ``REPLAY_MAX_CHAIN`` (a height limit the user gave)."""
     out = []
     for name in OTHER_DRAFTERS:
         if name == pair.drafter.name or name not in registered():
             continue
-        spec = f"{name}:max={most}" if most < REPLAY_MAX_CHAIN and name != "ngram" else name
+        opts = [f"max={most}"] if most < REPLAY_MAX_CHAIN and name != "ngram" else []
+        if name == "auto":
+            opts = _corpus_options(pair) + opts
+        spec = f"{name}:{','.join(opts)}" if opts else name
         other = build_drafter(spec, target=pair.target, tokenizer=pair.tokenizer)
         if replayable(other) is None:
             out.append((spec, other))
     return out
+
+
+def _corpus_options(pair) -> list[str]:
+    """``["datastore=(PATH)"]`` when the drafter tuned is ``datastore:PATH`` given by its
+    spec (``auto`` then has that corpus among its candidates), else []."""
+    if pair.drafter.name != DATASTORE or not pair.draft_spec:
+        return []
+    entry, path = split_spec(pair.draft_spec)
+    return [f"{DATASTORE}=({path})"] if entry is not None and path else []
 
 
 def _with_alpha(drafter, alpha: float):

@@ -1,8 +1,10 @@
 """``auto``: the drafter that decides, step by step, whether and how far to speculate.
 
 Candidates: plain decoding (the root alone), the model-free copy drafters (``ngram`` at three
-strictnesses, and ``suffix`` when it is registered) and the draft model the user gives
-(``auto:draft=SPEC``). Each drafts a chain (at most ``max=16`` tokens).
+strictnesses, and ``suffix`` when it is registered), the corpus the user gives
+(``auto:datastore=PATH``: the ``datastore`` drafter over a ``treeopt datastore build`` index,
+a copy candidate like the others) and the draft model the user gives (``auto:draft=SPEC``).
+Each drafts a chain (at most ``max=16`` tokens).
 
 The rule, per step (expected tokens per unit of cost, SuffixDecoding's and Sequoia's common
 criterion): for every copy candidate c offering a chain of a tokens now, and every k <= a,
@@ -701,11 +703,17 @@ def candidate_specs() -> list[tuple[str, str]]:
     return list(COPY_CANDIDATES) + ([SUFFIX] if SUFFIX[0] in registered() else [])
 
 
-@register_drafter("auto", "chooses per step among plain decoding, n-gram / suffix copies and "
-                          "a draft model (auto:draft=SPEC) by expected tokens per cost "
-                          "(options draft=, max=, margin=)")
+#: The name of the candidate ``auto:datastore=PATH`` adds (in the choice line too).
+DATASTORE = "datastore"
+
+
+@register_drafter("auto", "chooses per step among plain decoding, n-gram / suffix copies, "
+                          "a corpus (auto:datastore=PATH) and a draft model (auto:draft=SPEC) "
+                          "by expected tokens per cost (options draft=, datastore=, max=, "
+                          "margin=)")
 def _auto(options: str, *, target, tokenizer=None, tree: Tree | None = None) -> AutoDrafter:
-    opts = parse_options(options, {"draft": str, "max": int, "margin": float}, "auto")
+    opts = parse_options(options, {"draft": str, "datastore": str, "max": int,
+                                   "margin": float}, "auto")
     max_draft = opts.get("max", MAX_DRAFT)
     if not 1 <= max_draft <= MAX_DRAFT:
         raise DrafterError(f"drafter 'auto': max must be in 1..{MAX_DRAFT}, got {max_draft}")
@@ -720,13 +728,20 @@ def _auto(options: str, *, target, tokenizer=None, tree: Tree | None = None) -> 
                                "the copy drafters are candidates already")
         tuned = read_tuned(target, opts["draft"], cache_dir())
         prior = None if tuned is None else tuned["p1_by_depth"]
+    corpus = None
+    if "datastore" in opts:
+        if not opts["datastore"].strip():
+            raise DrafterError("drafter 'auto': datastore= needs a file from `treeopt datastore "
+                               "build` (auto:datastore=PATH)")
+        corpus = build_drafter(f"{DATASTORE}:{opts['datastore']}", target=target,
+                               tokenizer=tokenizer)
     return auto_drafter(target, tokenizer, model=model, model_prior=prior, max_draft=max_draft,
-                        margin=opts.get("margin", MARGIN))
+                        margin=opts.get("margin", MARGIN), corpus=corpus)
 
 
 def auto_drafter(target, tokenizer=None, *, model: Drafter | None = None,
                  model_prior: Sequence[float] | None = None, max_draft: int = MAX_DRAFT,
-                 margin: float = MARGIN) -> AutoDrafter:
+                 margin: float = MARGIN, corpus: Drafter | None = None) -> AutoDrafter:
     """An ``auto`` drafter for ``target``: the copy candidates (chains of at most
     ``max_draft`` tokens), the target's cached latency curves (after ``CONTEXT`` and after
     ``LONG_CONTEXT`` cached tokens, or the window's end), and optionally the draft model
@@ -735,10 +750,13 @@ def auto_drafter(target, tokenizer=None, *, model: Drafter | None = None,
     measured it). ``auto:draft=SPEC`` builds it from the cached tune result; ``tune`` from
     the acceptance it has just measured, to replay it. The ``suffix`` candidate starts from
     the cached copy table of a greedy ``tune --draft suffix`` (:func:`read_copy_table`),
-    when there is one."""
+    when there is one. ``corpus``: a ``datastore`` drafter (its store shared), one more copy
+    candidate (``DATASTORE``)."""
     shape = chain(draft_tokens=max_draft)
     copies = [(name, build_drafter(spec, target=target, tokenizer=tokenizer, tree=shape))
               for name, spec in candidate_specs()]
+    if corpus is not None:
+        copies.append((DATASTORE, corpus.reshaped(shape)))
     folder = cache_dir()
     curve = latency_curve(target, folder)
     contexts = (timed_context(target, CONTEXT), timed_context(target, LONG_CONTEXT))
@@ -758,7 +776,7 @@ def auto_drafter(target, tokenizer=None, *, model: Drafter | None = None,
                        tables=tables)
 
 
-__all__ = ["LONG_CONTEXT", "STALE", "STALE_STEPS", "AutoDrafter", "MatchStats", "at_context",
-           "auto_drafter", "best_chain", "bucket", "candidate_specs", "chain_expected",
-           "chain_sums", "copy_features", "envelope", "read_copy_table", "read_tuned",
-           "remember_copy_table", "remember_tune"]
+__all__ = ["DATASTORE", "LONG_CONTEXT", "STALE", "STALE_STEPS", "AutoDrafter", "MatchStats",
+           "at_context", "auto_drafter", "best_chain", "bucket", "candidate_specs",
+           "chain_expected", "chain_sums", "copy_features", "envelope", "read_copy_table",
+           "read_tuned", "remember_copy_table", "remember_tune"]
