@@ -4,9 +4,11 @@ A thin wrapper around ``treeopt eval``: every method runs on every prompt, inter
 prompt in a rotating order, greedy, with the same number of new tokens; outputs are checked
 token for token against plain decoding. Before the run it builds a datastore from the
 Spec-Bench prompts that are *not* evaluated (so the datastore drafter is measured on text it
-has not indexed). Afterwards it prints, per category, the speed-up of every method, HF prompt
-lookup side by side with treeopt's best drafter, and the per-step time split (draft / verify /
-other milliseconds per step) that explains each figure. It does so at every --temperatures
+has not indexed); it is ``OUT/heldout-store.npz``, built before any method runs, so a
+``--drafter`` may name it (``auto:datastore=(OUT/heldout-store.npz)``). Afterwards it
+prints, per category, the speed-up of every method, HF prompt lookup side by side with
+treeopt's best drafter, and the per-step time split (draft / verify / other milliseconds per
+step) that explains each figure. It does so at every --temperatures
 value (greedy, then sampled at 0.7 and 1.0 with fixed seeds and the --rule named).
 
     OMP_WAIT_POLICY=PASSIVE python scripts/bench_drafters.py --out runs/bench-drafters
