@@ -3,6 +3,7 @@ engine's, step by step, for fixed shapes, SuffixDecoding's own rule and per-step
 prediction by hand; the choice among candidates; and ``tune`` choosing by it."""
 
 import json
+import shlex
 from functools import lru_cache
 
 import pytest
@@ -380,7 +381,7 @@ def test_tune_chooses_by_replay_and_its_decode_args_are_exact(tmp_path, capsys, 
     # the other model-free drafters were replayed too, capped by the height limit
     assert {"--draft auto:max=6", "--draft suffix:max=6"} <= set(cands)
     assert len(computed) == 3  # the 3 tune prompts, profiled and replayed along once each
-    args = summary["decode"].split()
+    args = shlex.split(summary["decode"])
     tree = load_growmap(args[args.index("--tree") + 1])[0] if "--tree" in args else None
     target = model.float().eval()
     drafter = build_drafter(args[1], target=target, tree=tree)
@@ -447,6 +448,14 @@ def test_tuning_a_datastore_replays_auto_with_that_corpus(target, tmp_path):
                                                    "suffix:max=6", "ngram"]
     pair.draft_spec = None
     assert list(dict(other_drafters(pair)))[0] == "auto"
+    # tune's "decode with:" line pastes into a shell as it is: parentheses and spaces quoted
+    from treeopt.tuning import decode_args
+
+    spec = f"auto:datastore=({path})"
+    assert shlex.split(decode_args(spec)) == ["--draft", spec]
+    assert shlex.split(decode_args(spec, tmp_path / "t x.pt")) == \
+        ["--draft", spec, "--tree", str(tmp_path / "t x.pt")]
+    assert decode_args("ngram:min=2", "runs/tree.pt") == "--draft ngram:min=2 --tree runs/tree.pt"
 
 
 def test_a_draft_model_is_weighed_against_the_copy_drafters(target):

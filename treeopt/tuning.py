@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shlex
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -574,8 +575,8 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
         files["summary"] = out / "summary.json"
         summary.update(profile=profile_path.name, growmap=files["growmap"].name)
         self_sized = replayed is not None and replayed.sizes_itself
-        summary["decode"] = f"--draft {draft_spec or _name(draft)}" + (
-            "" if self_sized else f" --tree {files['growmap']}")
+        summary["decode"] = decode_args(draft_spec or _name(draft),
+                                        None if self_sized else files["growmap"])
     if found.treeset is not None:
         summary["treeset"] = found.treeset.to_dict()["buckets"]
         if out is not None:
@@ -596,6 +597,14 @@ def tune(target, draft=None, prompts="spec_bench", *, out_dir: str | os.PathLike
                       optuna_note=optuna_note,
                       files=files, seconds=seconds, summary=summary, treeset=found.treeset,
                       draft_spec=draft_spec, replay=replayed)
+
+
+def decode_args(spec: str, growmap: str | os.PathLike | None = None) -> str:
+    """``--draft SPEC [--tree GROWMAP]`` as shell words: a spec holding parentheses
+    (``auto:draft=(…)``, ``auto:datastore=(…)``) or a path with spaces is quoted, so the
+    printed line pastes into a shell as it is."""
+    words = ["--draft", str(spec)] + ([] if growmap is None else ["--tree", str(growmap)])
+    return shlex.join(words)
 
 
 def remember_for_auto(pair, draft, rank_table, pred, tree: Tree) -> Path | None:
