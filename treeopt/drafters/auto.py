@@ -103,6 +103,7 @@ from treeopt.decode.drafter import (
     root_only,
 )
 from treeopt.decode.sampling import Sampling
+from treeopt.drafters.datastore import DatastoreDrafter
 from treeopt.limits import atomic_write
 from treeopt.models.cache import cache_dir
 from treeopt.models.dtype import (
@@ -706,8 +707,9 @@ def candidate_specs() -> list[tuple[str, str]]:
     return list(COPY_CANDIDATES) + ([SUFFIX] if SUFFIX[0] in registered() else [])
 
 
-#: The name of the candidate ``auto:datastore=PATH`` adds (in the choice line too).
-DATASTORE = "datastore"
+#: The name of the candidate ``auto:datastore=PATH`` adds (in the choice line too): the
+#: ``datastore`` drafter's registered name.
+DATASTORE = DatastoreDrafter.name
 
 
 @register_drafter("auto", "chooses per step among plain decoding, n-gram / suffix copies, "
