@@ -14,6 +14,7 @@ from treeopt.drafters.ngram import NgramDrafter
 from treeopt.models import dtype as dt
 from treeopt.models import kernel_choice
 from treeopt.models.cpu_kernels import (
+    PACK_ROWS,
     PackedLinear,
     apply_kernels,
     available,
@@ -96,6 +97,26 @@ def test_models_that_cannot_be_packed_are_left_alone():
     assert apply_kernels(model, "default") == "default" and kernels_in_use(model) == "default"
     with pytest.raises(ValueError, match="unknown CPU kernels"):
         apply_kernels(model, "fast")
+
+
+@pytest.mark.parametrize("pack_rows", [1, PACK_ROWS, 64])
+def test_any_packing_layout_computes_every_row_count(pack_rows):
+    """The packed layout is oneDNN's choice for ``pack_rows``-row inputs, a speed matter
+    only: fewer, as many and more rows than it was laid out for give ``nn.Linear``'s result
+    (float32 rounding apart); the default layout is ``PACK_ROWS`` rows, and the model-wide
+    packing passes the layout on to every layer."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(40, 72)
+    packed = PackedLinear(linear, pack_rows)
+    assert packed.pack_rows == pack_rows and f"packed for {pack_rows} rows" in repr(packed)
+    with torch.inference_mode():
+        for rows in (1, 2, 3, 5, 8, 15, 16, 17, 40):
+            x = torch.randn(rows, 40)
+            assert torch.allclose(packed(x), linear(x), atol=1e-5), (pack_rows, rows)
+    assert PackedLinear(linear).pack_rows == PACK_ROWS
+    model = tiny_causal_lm("llama")
+    pack_linear_layers(model, pack_rows=pack_rows)
+    assert {m.pack_rows for m in model.modules() if isinstance(m, PackedLinear)} == {pack_rows}
 
 
 # ---------------------------------------------------------------- streamed rows

@@ -6,12 +6,14 @@ back after it):
   (``treeopt.models.cpu_kernels``), and the packed ones with the few-row forwards computed
   as measured fastest on this machine (``treeopt.models.kernel_choice``, what ``load_model``
   uses: measured here on first use, then cached), over a causal chain;
+- ``--compare packing``: oneDNN's weights laid out for one-row inputs against the layout for
+  ``PACK_ROWS`` rows treeopt packs with (no row count streamed in either), over a causal chain;
 - ``--compare attention``: transformers' sdpa attention against treeopt's grouped one
   (``treeopt.decode.attention.GROUPED_SDPA``: query heads stacked on their shared key/value
   heads instead of the cache copied per query head), over a chain and over a balanced
   binary tree, the two masks decoding verifies with.
 
-Run ``python -m treeopt.bench.kernels [--model smollm2] [--compare linear|attention]
+Run ``python -m treeopt.bench.kernels [--model smollm2] [--compare linear|packing|attention]
 [--contexts 256] [--repeats 15]``; it prints one line per (context, mask, tokens), each
 variant's median and its ratio to the first variant's."""
 
@@ -25,7 +27,7 @@ import torch
 from transformers import DynamicCache
 
 from treeopt.decode.attention import GROUPED_SDPA, forward_tree, group_query_heads
-from treeopt.models.cpu_kernels import kernels_in_use
+from treeopt.models.cpu_kernels import PACK_ROWS, kernels_in_use, pack_linear_layers
 from treeopt.models.loading import load_model
 from treeopt.profile.latency import bushy_tree
 
@@ -33,7 +35,16 @@ SIZES = (1, 2, 3, 4, 6, 8, 16)
 
 
 def variants(spec: str, compare: str) -> dict[str, torch.nn.Module]:
-    """The variants to time (three for ``linear``, two for ``attention``): name -> model."""
+    """The variants to time (three for ``linear``, two for ``packing`` and ``attention``):
+    name -> model."""
+    if compare == "packing":
+        variants = {}
+        for rows in (1, PACK_ROWS):
+            model = load_model(spec, kernels="default")
+            if not pack_linear_layers(model, pack_rows=rows):
+                raise SystemExit(f"{spec}: cannot be packed (float32 on a CPU with oneDNN only)")
+            variants[f"packed for {rows} row{'s' if rows > 1 else ''}"] = model
+        return variants
     if compare == "linear":
         base = load_model(spec, kernels="default")
         packed = load_model(spec, kernels="onednn")
@@ -50,7 +61,7 @@ def main() -> None:  # pragma: no cover - a measurement, run by hand
     """Time one forward over 1..16 tokens with variants of a model, interleaved."""
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--compare", choices=("linear", "attention"), default="linear")
+    ap.add_argument("--compare", choices=("linear", "packing", "attention"), default="linear")
     ap.add_argument("--contexts", default="256", help="cached tokens before the forward, "
                     "comma-separated (default 256)")
     ap.add_argument("--repeats", type=int, default=15)
@@ -58,7 +69,7 @@ def main() -> None:  # pragma: no cover - a measurement, run by hand
     models = variants(args.model, args.compare)
     names = list(models)
     vocab = int(next(iter(models.values())).config.vocab_size)
-    masks = ("chain",) if args.compare == "linear" else ("chain", "tree")
+    masks = ("chain", "tree") if args.compare == "attention" else ("chain",)
     print(f"{args.model}, {torch.get_num_threads()} threads; median ms of one forward, "
           f"{args.repeats} interleaved repeats")
     print(f"context  mask   tokens  {'  '.join(f'{n:>24s}' for n in names)}  ratios")
