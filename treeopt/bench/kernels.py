@@ -6,8 +6,9 @@ back after it):
   (``treeopt.models.cpu_kernels``), and the packed ones with the few-row forwards computed
   as measured fastest on this machine (``treeopt.models.kernel_choice``, what ``load_model``
   uses: measured here on first use, then cached), over a causal chain;
-- ``--compare packing``: oneDNN's weights laid out for one-row inputs against the layout for
-  ``PACK_ROWS`` rows treeopt packs with (no row count streamed in either), over a causal chain;
+- ``--compare packing``: oneDNN's weights laid out for one-row inputs (treeopt's
+  ``PACK_ROWS``) against the layout for 16 rows (no row count streamed in either), over a
+  causal chain;
 - ``--compare attention``: transformers' sdpa attention against treeopt's grouped one
   (``treeopt.decode.attention.GROUPED_SDPA``: query heads stacked on their shared key/value
   heads instead of the cache copied per query head), over a chain and over a balanced
@@ -39,7 +40,7 @@ def variants(spec: str, compare: str) -> dict[str, torch.nn.Module]:
     name -> model."""
     if compare == "packing":
         variants = {}
-        for rows in (1, PACK_ROWS):
+        for rows in (PACK_ROWS, 16):
             model = load_model(spec, kernels="default")
             if not pack_linear_layers(model, pack_rows=rows):
                 raise SystemExit(f"{spec}: cannot be packed (float32 on a CPU with oneDNN only)")

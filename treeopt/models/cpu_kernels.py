@@ -27,13 +27,15 @@ those rows streamed, one token 83 ms. Which is faster depends on the machine and
 count, so ``PackedLinear.streamed`` (none by default) is set per model from a measurement
 (``treeopt.models.kernel_choice``); ``kernels_in_use`` names it.
 
-oneDNN lays a packed weight out for the row count it is told to expect. Laid out for
-:data:`PACK_ROWS` (16) rows instead of one (what plain decoding computes), whole SmolLM2
-forwards over 2-16 rows ran 9-21 % faster and one row's cost did not change (0.92-1.02x) on
-the AVX2 EPYC (``python -m treeopt.bench.kernels --compare packing --contexts 128,1024``, 2
-threads: after 128 cached tokens 4 rows 125.7 ms against 154.1, 8 rows 124.7 against
-147.2, one row 94.1 against 91.8). So the weights are packed for :data:`PACK_ROWS` rows,
-the verification sizes treeopt chooses from.
+oneDNN lays a packed weight out for the row count it is told to expect (``pack_rows``).
+treeopt packs for :data:`PACK_ROWS` = 1, plain decoding's forward. Laid out for 16 rows
+instead, whole SmolLM2 forwards over 2-16 rows ran 9-21 % faster and one row cost the same
+(``python -m treeopt.bench.kernels --compare packing --contexts 128,1024`` on the AVX2 EPYC,
+2 threads: after 128 cached tokens 4 rows 125.7 ms against 154.1, 8 rows 124.7 against
+147.2, one row 94.1 against 91.8), but decoding Spec-Bench with ``auto`` was no faster
+(2-4 rows already go to the streamed product where it is faster), and on larger layers (the
+Qwen2.5-Coder-1.5B shapes) the 16-row layout made one row, the forward of every plain step,
+slower. A second layout would cost another copy of the weights.
 """
 
 from __future__ import annotations
@@ -44,9 +46,8 @@ import torch
 PACK_TOLERANCE = 1e-3
 KERNELS = ("auto", "onednn", "default")
 #: The row count oneDNN lays the packed weights out for (``_reorder_linear_weight``'s
-#: ``batch_size``): the largest forward a verification usually runs (``kernel_choice``'s
-#: ``MAX_ROWS``); one row is served as fast from this layout as from its own.
-PACK_ROWS = 16
+#: ``batch_size``): one, plain decoding's forward (see the module docstring).
+PACK_ROWS = 1
 
 
 class PackedLinear(torch.nn.Module):

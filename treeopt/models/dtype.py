@@ -65,12 +65,10 @@ REPEATS = 5
 SCORE_SIZES = (1, 4)
 #: Relative score difference below which the dtypes count as tied; ties go to float32.
 TIE = 0.02
-#: Of the dtype choices; 2: float32 timed with weights packed for 16 rows (PACK_ROWS)
-CACHE_VERSION = 2
+CACHE_VERSION = 1  # of the dtype choices
 #: Of the cached curves; 2: five rounds, each size relative to the one-token time of its round;
-#: 3: also timed on both sides of every kernel switch (routed_sizes); 4: float32 weights
-#: packed for 16-row forwards (``treeopt.models.cpu_kernels.PACK_ROWS``), not for one row
-CURVE_VERSION = 4
+#: 3: also timed on both sides of every kernel switch (routed_sizes)
+CURVE_VERSION = 3
 #: A larger forward timed more than this fraction below a smaller one marks a noisy curve
 #: (:func:`consistent`), timed again at most ``RETRIES`` times.
 DIP = 0.10

@@ -52,8 +52,7 @@ MAX_ROWS = 16
 MARGIN = 0.10
 REPEATS = 7
 CONTEXT = 64
-#: 2: oneDNN's weights packed for 16-row forwards (``PACK_ROWS``), not for one row
-VERSION = 2
+VERSION = 1
 
 
 def decide(onednn: Mapping[int, float], streamed: Mapping[int, float],
