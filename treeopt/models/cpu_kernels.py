@@ -89,7 +89,8 @@ class PackedLinear(torch.nn.Module):
     def extra_repr(self) -> str:
         streamed = f", streamed rows {rows_text(self.streamed)}" if self.streamed else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"oneDNN packed for {self.pack_rows} rows{streamed}")
+                f"oneDNN packed for {self.pack_rows} row{'s' * (self.pack_rows != 1)}"
+                f"{streamed}")
 
 
 def streamed_map(rows) -> dict[int, int]:
