@@ -5,17 +5,23 @@ prediction by hand; the choice among candidates; and ``tune`` choosing by it."""
 import json
 import shlex
 from functools import lru_cache
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from treeopt.cli import main as cli_main
 from treeopt.cli.tune import replay_lines
-from treeopt.decode.drafter import DrafterError, build_drafter
+from treeopt.decode.drafter import Drafter, DrafterError, build_drafter, respec
 from treeopt.decode.engine import generate
 from treeopt.drafters import auto as auto_mod
 from treeopt.drafters.auto import AutoDrafter, candidate_specs
+from treeopt.drafters.datastore import Datastore
 from treeopt.drafters.model import ModelDrafter
-from treeopt.profile.copy import len_auto_spec, sizing_copy
+from treeopt.growmap import load_growmap
+from treeopt.profile import acceptance
+from treeopt.profile.acceptance import greedy_continuation, target_continuation
+from treeopt.profile.copy import len_auto_spec, measuring_copy, sizing_copy
 from treeopt.profile.copytable import CopyTable
 from treeopt.profile.model import Latency, LatencyCurve
 from treeopt.profile.replay import (
@@ -33,7 +39,16 @@ from treeopt.search.api import SearchSettings
 from treeopt.shapes import chain
 from treeopt.testing import tiny_causal_lm
 from treeopt.tree import Tree
-from treeopt.tuning import ADAPTIVE_MARGIN, TUNED_TREE, model_candidates, replay_others
+from treeopt.tuning import (
+    ADAPTIVE_MARGIN,
+    SUFFIX_ALPHAS,
+    TUNED_TREE,
+    decode_args,
+    model_candidates,
+    other_drafters,
+    replay_candidates,
+    replay_others,
+)
 
 PROMPTS = [[40, 41, 42, 43, 40, 41, 42, 43, 40, 41], [7, 8, 9, 7, 8, 9, 7, 8],
            [3, 60, 61, 3, 60, 62, 3, 60]]
@@ -222,8 +237,6 @@ def test_tune_replays_the_draft_models_tree_beside_auto_with_the_model(target, m
     """For a draft model, tune replays its tuned tree, ``auto`` with the model (from the
     acceptance just measured) and the copy drafters alike, and keeps another only when it
     replays faster than the tree (like for like: both timed the model's drafting)."""
-    from types import SimpleNamespace
-
     monkeypatch.setattr(auto_mod, "latency_curve",
                         lambda model, folder, **kw: {1: 10.0, 17: 10.5})
     pair = SimpleNamespace(drafter=ModelDrafter(draft_model(), chain(draft_tokens=4)),
@@ -268,8 +281,6 @@ def test_a_private_copy_never_writes_the_suffix_file_nor_records(target, tmp_pat
 
 def test_suffix_candidates_include_its_alphas_and_their_specs(target):
     """``tune`` replays SuffixDecoding's own budget at several alpha, with the spec of each."""
-    from treeopt.decode.drafter import respec
-    from treeopt.tuning import SUFFIX_ALPHAS, replay_candidates
 
     drafter = build_drafter("suffix:max=24", target=target)
     cands = replay_candidates(drafter, chain(draft_tokens=2), 6, half_table(),
@@ -290,7 +301,6 @@ def test_a_replay_never_sees_outputs_the_drafter_indexed_before(target):
     """``tune`` profiles the same prompts before it replays them: a suffix drafter's global
     trie then holds their continuations. The replay (and the copy-table measurement) start
     from an empty trie, as a fresh run does, so they predict what decoding will do."""
-    from treeopt.profile.copy import measuring_copy
 
     conts = continuations(target, PROMPTS, 16)
     used = build_drafter("suffix:global=4096", target=target)
@@ -312,9 +322,6 @@ def test_len_auto_spec_keeps_the_given_options():
 
 
 def test_greedy_continuations_are_computed_once_per_model():
-    from treeopt.profile import acceptance
-    from treeopt.profile.acceptance import greedy_continuation, target_continuation
-
     model = tiny_causal_lm("llama", seed=3).float().eval()
     calls = []
     hook = model.register_forward_hook(lambda *_: calls.append(1))
@@ -335,10 +342,6 @@ def test_tune_chooses_by_replay_and_its_decode_args_are_exact(tmp_path, capsys, 
     replay reuses the acceptance profile's greedy continuations (one per prompt)."""
     from helpers import char_tokenizer
 
-    from treeopt.cli import main
-    from treeopt.growmap import load_growmap
-    from treeopt.profile import acceptance
-
     computed = []
     real = acceptance.target_continuation
 
@@ -357,7 +360,7 @@ def test_tune_chooses_by_replay_and_its_decode_args_are_exact(tmp_path, capsys, 
                             for i, t in enumerate(["ab ab ab ab ab", "the cat, the cat, the",
                                                    "xyz xyz"])))
     out = tmp_path / "run"
-    assert main(["tune", "--target", str(folder), "--draft", "ngram", "--device", "cpu",
+    assert cli_main(["tune", "--target", str(folder), "--draft", "ngram", "--device", "cpu",
                  "--threads", "1", "--dtype", "float32", "--dataset", str(data),
                  "--prompts", "3", "--max-new-tokens", "16", "--width", "2", "--depth", "2",
                  "--tokens", "1,2,4,8,16", "--context", "8", "--repeats", "1", "--warmup", "0",
@@ -394,10 +397,6 @@ def test_other_drafters_and_their_decode_spec(target, tmp_path):
     """tune replays auto and the copy drafter it does not tune beside the one it tunes
     (capped by a height limit); choosing one answers with that drafter's spec; an ``auto``
     replay starts from fresh statistics and empty global tries of its own."""
-    from types import SimpleNamespace
-
-    from treeopt.tuning import other_drafters, replay_candidates
-
     pair = SimpleNamespace(drafter=build_drafter("ngram", target=target), target=target,
                            tokenizer=None)
     assert [s for s, _ in other_drafters(pair)] == ["auto", "suffix"]
@@ -430,11 +429,6 @@ def test_tuning_a_datastore_replays_auto_with_that_corpus(target, tmp_path):
     """``tune --draft datastore:PATH`` replays ``auto:datastore=(PATH)`` (its decode spec),
     whose candidates include that corpus; a datastore given as an object (no spec) replays
     ``auto`` over the copies alone."""
-    from types import SimpleNamespace
-
-    from treeopt.drafters.datastore import Datastore
-    from treeopt.tuning import other_drafters
-
     path = Datastore.from_token_lists([[40, 41, 42, 43] * 3], max_n=3).save(
         tmp_path / "a store.npz")
     spec = f"datastore:{path}"
@@ -449,8 +443,6 @@ def test_tuning_a_datastore_replays_auto_with_that_corpus(target, tmp_path):
     pair.draft_spec = None
     assert list(dict(other_drafters(pair)))[0] == "auto"
     # tune's "decode with:" line pastes into a shell as it is: parentheses and spaces quoted
-    from treeopt.tuning import decode_args
-
     spec = f"auto:datastore=({path})"
     assert shlex.split(decode_args(spec)) == ["--draft", spec]
     assert shlex.split(decode_args(spec, tmp_path / "t x.pt")) == \
@@ -462,12 +454,6 @@ def test_a_draft_model_is_weighed_against_the_copy_drafters(target):
     """A drafter that runs a model cannot be replayed; tune then replays the model-free
     drafters along the same continuations and keeps the fastest of them when it beats the
     DP's prediction for the draft model (an early exit that never pays, say)."""
-    from types import SimpleNamespace
-
-    from treeopt.decode.drafter import Drafter
-    from treeopt.search.api import SearchSettings
-    from treeopt.tuning import replay_others
-
     prompts = [SimpleNamespace(token_ids=p) for p in PROMPTS]
     pair = SimpleNamespace(drafter=build_drafter("early-exit:1", target=target), target=target,
                            tokenizer=None)
@@ -485,8 +471,6 @@ def test_a_draft_model_is_weighed_against_the_copy_drafters(target):
 
 
 def test_a_height_limit_caps_auto_with_the_model(target):
-    from types import SimpleNamespace
-
     pair = SimpleNamespace(drafter=ModelDrafter(draft_model(), chain(draft_tokens=2)),
                            target=target, tokenizer=None)
     cands = model_candidates(pair, chain(draft_tokens=2), [[0.9], [0.8]], "model:tiny", 2)

@@ -39,13 +39,13 @@ def variants(spec: str, compare: str) -> dict[str, torch.nn.Module]:
     """The variants to time (three for ``linear``, two for ``packing`` and ``attention``):
     name -> model."""
     if compare == "packing":
-        variants = {}
+        models = {}
         for rows in (PACK_ROWS, 16):
             model = load_model(spec, kernels="default")
             if not pack_linear_layers(model, pack_rows=rows):
                 raise SystemExit(f"{spec}: cannot be packed (float32 on a CPU with oneDNN only)")
-            variants[f"packed for {rows} row{'s' if rows > 1 else ''}"] = model
-        return variants
+            models[f"packed for {rows} row{'s' * (rows != 1)}"] = model
+        return models
     if compare == "linear":
         base = load_model(spec, kernels="default")
         packed = load_model(spec, kernels="onednn")
